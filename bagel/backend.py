@@ -1,0 +1,52 @@
+"""Which kernel runs each hot path of the BAGEL model: one config object, threaded through every module.
+
+``"auto"`` picks the fastest backend the inputs allow (Triton / CUDA on GPUs, the reference elsewhere);
+the reference values (``sdpa`` / ``torch`` / ``torch``) are the pure-PyTorch paths that every kernel is
+tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BagelBackendConfig", "ATTENTION_BACKENDS", "MOT_BACKENDS", "PATCH_EMBED_BACKENDS"]
+
+ATTENTION_BACKENDS = ("auto", "triton", "flex", "sdpa")
+MOT_BACKENDS = ("auto", "triton", "torch")
+PATCH_EMBED_BACKENDS = ("auto", "cuda", "torch")
+
+
+@dataclass(frozen=True)
+class BagelBackendConfig:
+    """Backend choice per op family.
+
+    Attributes:
+        attention: packed attention backend, one of ``"auto"``, ``"triton"``, ``"flex"``, ``"sdpa"``
+            (passed to :func:`bagel_kernels.packed_attention`).
+        mot: MoT routed ops (RMSNorm, q/k norm + RoPE, SwiGLU, routed linear), one of ``"auto"``,
+            ``"triton"``, ``"torch"`` (passed as ``backend=`` to :mod:`bagel_kernels.mot`).
+        patch_embed: fused ViT patch embedding, one of ``"auto"``, ``"cuda"``, ``"torch"``.
+        deterministic: ask for bit-reproducible backward passes (no atomics in attention backward).
+    """
+
+    attention: str = "auto"
+    mot: str = "auto"
+    patch_embed: str = "auto"
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        for field, allowed in (
+            ("attention", ATTENTION_BACKENDS),
+            ("mot", MOT_BACKENDS),
+            ("patch_embed", PATCH_EMBED_BACKENDS),
+        ):
+            value = getattr(self, field)
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"{field}={value!r} is not a valid backend; allowed values: {', '.join(map(repr, allowed))}")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic must be a bool, got {self.deterministic!r}")
+
+    @classmethod
+    def reference(cls, deterministic: bool = False) -> BagelBackendConfig:
+        """All pure-PyTorch reference paths: attention ``sdpa``, mot ``torch``, patch_embed ``torch``."""
+        return cls(attention="sdpa", mot="torch", patch_embed="torch", deterministic=deterministic)
