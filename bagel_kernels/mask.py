@@ -214,6 +214,9 @@ class PackedMask:
                 raise ValueError(f"nested_attention_masks[{i}] has dtype {m.dtype}; expected float (0/-inf) or bool")
             vis = vis.detach().to("cpu")
             L = vis.shape[0]
+            if L == 0:  # an empty (pad) sample
+                lens.append(0)
+                continue
             any_row = vis.any(dim=0)
             rows = torch.arange(L).unsqueeze(1).expand(L, L)
             first = torch.where(vis, rows, L).min(dim=0).values
@@ -231,7 +234,8 @@ class PackedMask:
             his.append(torch.where(any_row, hi + offset, offset))
             lens.append(L)
             offset += L
-        mask = cls(torch.cat(los), torch.cat(his), lens)
+        empty = torch.zeros(0, dtype=torch.int64)
+        mask = cls(torch.cat(los) if los else empty, torch.cat(his) if his else empty, lens)
         return mask.to(device) if device is not None else mask
 
     # ------------------------------------------------------------------ utilities
