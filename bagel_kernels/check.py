@@ -1,0 +1,127 @@
+"""Equivalence report: every available attention backend against a float64 dense reference.
+
+    python -m bagel_kernels.check [--device cuda] [--dtype bf16] [--tokens 384] [--seed 0]
+
+Builds random BAGEL-like packs (understanding, text-to-image, edit and interleaved samples plus a pad
+sample) and prints, per backend and case, the max abs and max relative error of the output and of the
+q, k, v gradients. On a CPU-only machine the Triton backend runs under the Triton interpreter.
+Exits non-zero if any error exceeds the tolerance table of ``bagel_kernels.testing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m bagel_kernels.check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--tokens", type=int, default=None, help="approximate tokens per pack (default 384 cpu, 4096 cuda)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backends", default=None, help="comma-separated subset of triton,flex,sdpa")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    from bagel_kernels import BACKENDS, PackedMask, packed_attention
+    from bagel_kernels.reference import attention_reference
+    from bagel_kernels.testing import random_pack, tolerance
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    tokens = args.tokens or (4096 if device.type == "cuda" else 384)
+    backends = args.backends.split(",") if args.backends else list(BACKENDS)
+    tol_name = "tf32" if (dtype == torch.float32 and device.type == "cuda") else dtype
+    fwd_tol, bwd_tol = tolerance(tol_name, "fwd"), tolerance(tol_name, "bwd")
+
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    scale_t = max(tokens // 40, 4)
+    cases = [
+        ("mixed pack, GQA 2, D=64", 4, 2, 64, random_pack(rng, 8, text=(1, scale_t), image=(1, 2 * scale_t), pad=7)),
+        ("edit/t2i pack, GQA 7, D=128", 7, 1, 128, random_pack(rng, 5, kinds=("edit", "t2i"), text=(1, scale_t), image=(1, 2 * scale_t), pad=0)),
+        ("ViT images (all full), D=72", 4, 4, 72, None),
+    ]
+    vit_lens = [rng.randint(1, 3 * scale_t) for _ in range(4)]
+
+    print(f"bagel_kernels.check: device={device} dtype={str(dtype).removeprefix('torch.')} seed={args.seed} "
+          f"torch={torch.__version__} interpret={os.environ.get('TRITON_INTERPRET', '0')}")
+    print(f"tolerances (atol, rtol): fwd {fwd_tol}, grads {bwd_tol}\n")
+    header = f"{'case':32s} {'backend':7s} {'tokens':>6s} {'out abs':>9s} {'out rel':>9s} {'dq abs':>9s} {'dk abs':>9s} {'dv abs':>9s} {'grad rel':>9s} {'ms':>8s}  status"
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    for name, hq, hkv, d, layout in cases:
+        if layout is None:
+            mask = PackedMask.from_splits(vit_lens, vit_lens, ["full"] * len(vit_lens), device=device)
+            T = mask.total_len
+        else:
+            mask = PackedMask.from_splits(*layout.as_tuple(), device=device)
+            T = mask.total_len - (layout.sample_lens[-1] if layout.sample_kinds[-1] == "pad" else 0)
+        q = torch.randn(T, hq, d, device=device, dtype=dtype)
+        k = torch.randn(T, hkv, d, device=device, dtype=dtype)
+        v = torch.randn(T, hkv, d, device=device, dtype=dtype)
+        g = torch.randn(T, hq, d, device=device, dtype=dtype)
+        qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+        ref = attention_reference(qd, kd, vd, mask)
+        rgrads = torch.autograd.grad(ref, (qd, kd, vd), g.double())
+        for be in backends:
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            probe_reasons = BACKENDS[be].reasons(qq, kk, vv, mask)
+            with_grad = not probe_reasons
+            if not with_grad:
+                qq, kk, vv = q, k, v
+                if BACKENDS[be].reasons(q, k, v, mask):
+                    print(f"{name:32s} {be:7s} {T:6d}  skipped: {'; '.join(BACKENDS[be].reasons(q, k, v, mask))}")
+                    continue
+            t0 = time.perf_counter()
+            try:
+                out = packed_attention(qq, kk, vv, mask, backend=be)
+                grads = torch.autograd.grad(out, (qq, kk, vv), g) if with_grad else None
+            except Exception as exc:  # report, keep going: the point is a full table
+                print(f"{name:32s} {be:7s} {T:6d}  ERROR: {type(exc).__name__}: {exc}")
+                failures += 1
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) * 1e3
+            err = (out.detach().double() - ref.detach()).abs()
+            out_abs = float(err.max())
+            out_rel = float((err / (ref.abs() + fwd_tol[0])).max())
+            ok = bool(torch.isfinite(out).all()) and bool((err <= fwd_tol[0] + fwd_tol[1] * ref.abs()).all())
+            cols = [f"{out_abs:9.2e}", f"{out_rel:9.2e}"]
+            if grads is not None:
+                g_abs, g_rel = [], 0.0
+                for a, b in zip(grads, rgrads):
+                    e = (a.double() - b.detach()).abs()
+                    g_abs.append(float(e.max()))
+                    g_rel = max(g_rel, float((e / (b.abs() + bwd_tol[0])).max()))
+                    ok &= bool((e <= bwd_tol[0] + bwd_tol[1] * b.abs()).all())
+                cols += [f"{x:9.2e}" for x in g_abs] + [f"{g_rel:9.2e}"]
+                note = ""
+            else:
+                cols += [f"{'-':>9s}"] * 4
+                note = f" (forward only: {'; '.join(probe_reasons)})"
+            failures += not ok
+            print(f"{name:32s} {be:7s} {T:6d} {' '.join(cols)} {ms:8.1f}  {'ok' if ok else 'FAIL'}{note}")
+    print(f"\n{'all within tolerance' if not failures else f'{failures} result(s) out of tolerance'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
