@@ -1,0 +1,675 @@
+"""Qwen2 language model of BAGEL with Mixture-of-Transformers (MoT) experts, for packed training.
+
+Parameter names equal BAGEL-7B-MoT's ``ema.safetensors`` keys under ``language_model.`` (DESIGN.md
+section 6), so a checkpoint loads by identity. Three layer types, chosen by ``config.layer_module``:
+
+    Qwen2DecoderLayer      dense: one set of weights for every token
+    Qwen2MoEDecoderLayer   only the MLP routed: ``mlp`` (understanding) / ``mlp_moe_gen`` (generation)
+    Qwen2MoTDecoderLayer   everything routed: ``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
+                           ``self_attn.{q,k}_norm``, ``post_attention_layernorm``, ``mlp`` and their
+                           ``*_moe_gen`` siblings; attention itself is shared over the whole pack
+
+Understanding tokens (text + ViT) use the base weights, generation tokens (VAE latents, noised or
+clean) the ``*_moe_gen`` ones; a model with MoE/MoT layers also routes the final ``norm`` /
+``norm_moe_gen``.
+
+How the training forward runs (``forward_train``): instead of gathering and scattering tokens around
+every routed op (upstream BAGEL; kept as the reference in :mod:`bagel.qwen2_reference`), the pack is
+permuted ONCE so that understanding rows form the block ``[0, n_und)`` and generation rows the block
+``[n_und, L)``. Every routed op then works on two contiguous slices (:mod:`bagel_kernels.mot`), the
+attention kernel reads and writes rows through the permutation (``PackedMask.with_row_index``) while
+iterating in pack order so the mask keeps its interval form, and the result is un-permuted once at
+the end.
+
+``config`` is a ``transformers.Qwen2Config`` carrying BAGEL's extra attributes ``qk_norm`` (bool,
+per-head RMSNorm of q and k before RoPE), ``layer_module`` (one of the three names above) and
+``freeze_und`` (bool: no gradient reaches the understanding side, upstream semantics, see
+:class:`Qwen2Model`). Kernels are picked by a :class:`bagel.backend.BagelBackendConfig`.
+
+Shapes: L = tokens of the pack (``sequence_length``), H = hidden size, Hq/Hkv = query/key-value
+heads, D = head dim, I = MLP intermediate size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bagel.backend import BagelBackendConfig
+from bagel_kernels import PackedMask, packed_attention
+
+__all__ = [
+    "LAYER_MODULES",
+    "Qwen2RMSNorm",
+    "Qwen2MLP",
+    "Qwen2RotaryEmbedding",
+    "PackedAttention",
+    "PackedAttentionMoT",
+    "Qwen2DecoderLayer",
+    "Qwen2MoEDecoderLayer",
+    "Qwen2MoTDecoderLayer",
+    "Qwen2Model",
+    "Qwen2ForCausalLM",
+    "PackContext",
+    "config_rope_theta",
+    "config_head_dim",
+    "prepare_routing",
+]
+
+LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoEDecoderLayer", "Qwen2MoTDecoderLayer")
+
+
+def _mot():
+    # imported lazily: bagel_kernels.mot is optional at import time of this module (tests skip without it)
+    from bagel_kernels import mot
+
+    return mot
+
+
+# ---------------------------------------------------------------------------------------------- config
+def config_rope_theta(config) -> float:
+    """RoPE base of a Qwen2Config (transformers 4: ``rope_theta``; 5: ``rope_parameters["rope_theta"]``).
+
+    Raises ValueError for a RoPE scaling type other than the default one (BAGEL uses none)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    for src in (params, scaling):
+        kind = src.get("rope_type", src.get("type", "default")) if isinstance(src, dict) else "default"
+        if kind not in (None, "default"):
+            raise ValueError(f"config rope_type={kind!r} is unsupported: only the default RoPE is implemented")
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = params.get("rope_theta", 10000.0) if isinstance(params, dict) else 10000.0
+    return float(theta)
+
+
+def config_head_dim(config) -> int:
+    """Head dim: ``config.head_dim`` when set, else ``hidden_size // num_attention_heads``."""
+    hd = getattr(config, "head_dim", None)
+    if hd is None:
+        if config.hidden_size % config.num_attention_heads != 0:
+            raise ValueError(
+                f"config.hidden_size={config.hidden_size} is not divisible by num_attention_heads={config.num_attention_heads}"
+            )
+        hd = config.hidden_size // config.num_attention_heads
+    return int(hd)
+
+
+def _validate_config(config) -> None:
+    layer_module = getattr(config, "layer_module", "Qwen2DecoderLayer")
+    if layer_module not in LAYER_MODULES:
+        raise ValueError(f"config.layer_module={layer_module!r} is not one of {LAYER_MODULES}")
+    if config.num_key_value_heads <= 0 or config.num_attention_heads % config.num_key_value_heads != 0:
+        raise ValueError(
+            f"config.num_attention_heads={config.num_attention_heads} must be a multiple of "
+            f"num_key_value_heads={config.num_key_value_heads}"
+        )
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"config.hidden_act={config.hidden_act!r} is unsupported: Qwen2 uses 'silu' (SwiGLU)")
+    if config_head_dim(config) % 2:
+        raise ValueError(f"head dim {config_head_dim(config)} must be even for RoPE")
+    config_rope_theta(config)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class Qwen2RMSNorm(nn.Module):
+    """RMSNorm with Qwen2's numerics: normalise in fp32, cast back, then scale by ``weight``.
+
+    ``forward`` is the plain-torch reference; the model's fast path calls :mod:`bagel_kernels.mot`
+    with ``weight`` and ``variance_epsilon`` instead."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class Qwen2MLP(nn.Module):
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))``, no biases. ``forward`` is the torch reference."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2RotaryEmbedding(nn.Module):
+    """Default RoPE tables, ``inv_freq`` a non-persistent buffer (no checkpoint key).
+
+    ``forward(position_ids [L], dtype) -> (cos, sin)`` each ``[L, D]`` (both halves repeated), computed
+    in fp32 then cast: the reference path. The fast path uses ``bagel_kernels.mot.rope_cos_sin``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.head_dim = config_head_dim(config)
+        self.theta = config_rope_theta(config)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None) -> torch.Tensor:
+        exps = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta**exps)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if inv_freq.device != position_ids.device or inv_freq.is_meta:
+            inv_freq = self._inv_freq(position_ids.device)
+        freqs = position_ids.float()[:, None] * inv_freq.float()[None, :]  # [L, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [L, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class PackedAttention(nn.Module):
+    """Attention weights of a dense (or MoE) layer: ``q/k/v_proj`` (bias), ``o_proj`` (no bias), and
+    ``q_norm``/``k_norm`` (per-head RMSNorm over D) when ``config.qk_norm`` (else ``nn.Identity``, no keys)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config_head_dim(config)
+        self.qk_norm = bool(getattr(config, "qk_norm", False))
+        self.eps = config.rms_norm_eps
+        qd, kvd = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(self.hidden_size, qd, bias=True)
+        self.k_proj = nn.Linear(self.hidden_size, kvd, bias=True)
+        self.v_proj = nn.Linear(self.hidden_size, kvd, bias=True)
+        self.o_proj = nn.Linear(qd, self.hidden_size, bias=False)
+        self.q_norm = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
+        self.k_norm = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
+
+
+class PackedAttentionMoT(PackedAttention):
+    """Attention weights of a MoT layer: those of :class:`PackedAttention` plus the ``*_moe_gen``
+    siblings used by generation tokens."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        qd, kvd = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        self.q_proj_moe_gen = nn.Linear(self.hidden_size, qd, bias=True)
+        self.k_proj_moe_gen = nn.Linear(self.hidden_size, kvd, bias=True)
+        self.v_proj_moe_gen = nn.Linear(self.hidden_size, kvd, bias=True)
+        self.o_proj_moe_gen = nn.Linear(qd, self.hidden_size, bias=False)
+        self.q_norm_moe_gen = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
+        self.k_norm_moe_gen = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
+
+
+# ---------------------------------------------------------------------------------------------- grouped forward
+@dataclass
+class PackContext:
+    """What every layer of one grouped forward shares (built once per forward by :class:`Qwen2Model`).
+
+    Rows ``[0, n_und)`` of the hidden states are understanding tokens, ``[n_und, L)`` generation tokens;
+    ``cos``/``sin`` ``[L, D]`` are in that grouped row order; ``mask`` is the pack's mask truncated to L
+    and carrying the row index (token i of the pack is grouped row ``mask.row_index[i]``), or no row
+    index when the grouped order is the pack order."""
+
+    n_und: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: PackedMask
+    backend: BagelBackendConfig
+    freeze_und: bool = False
+
+
+class _ZeroGradRows(torch.autograd.Function):
+    """Identity forward; the backward zeroes the gradient of rows ``[0, n)``. Equals upstream's
+    ``x[und] = x[und].detach()`` (freeze_und) on grouped rows without a copy in the forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.n = n
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        g = g.clone()
+        g[: ctx.n] = 0
+        return g, None
+
+
+def _freeze_rows(x: torch.Tensor, n: int, active: bool) -> torch.Tensor:
+    if not active or n == 0 or not x.requires_grad:
+        return x
+    return _ZeroGradRows.apply(x, n)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE alone (``qk_norm=False``): ``x * cos + rotate_half(x) * sin``; x [L, h, D], cos/sin [L, D]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+def _qk_norm_rope(attn, q, k, ctx: PackContext, routed: bool):
+    """q [L, Hq, D], k [L, Hkv, D] grouped -> normed (when qk_norm) and rotated q, k."""
+    n = ctx.n_und if routed else q.shape[0]
+    if attn.qk_norm:
+        qg = attn.q_norm_moe_gen.weight if routed else attn.q_norm.weight
+        kg = attn.k_norm_moe_gen.weight if routed else attn.k_norm.weight
+        return _mot().mot_qk_norm_rope(
+            q, k, n, attn.q_norm.weight, qg, attn.k_norm.weight, kg, ctx.cos, ctx.sin, attn.eps, backend=ctx.backend.mot
+        )
+    return _rope(q, ctx.cos, ctx.sin), _rope(k, ctx.cos, ctx.sin)
+
+
+def _norm(x: torch.Tensor, n: int, und: Qwen2RMSNorm, gen: Qwen2RMSNorm | None, backend: str) -> torch.Tensor:
+    """RMSNorm of grouped rows: ``und`` weight on rows [0, n), ``gen`` on the rest (dense: gen=None, n=L)."""
+    if gen is None:
+        return _mot().mot_rms_norm(x, x.shape[0], und.weight, und.weight, und.variance_epsilon, backend=backend)
+    return _mot().mot_rms_norm(x, n, und.weight, gen.weight, und.variance_epsilon, backend=backend)
+
+
+def _linear(x: torch.Tensor, n: int, und: nn.Linear, gen: nn.Linear | None, backend: str) -> torch.Tensor:
+    if gen is None:
+        return F.linear(x, und.weight, und.bias)
+    return _mot().mot_linear(x, n, und.weight, und.bias, gen.weight, gen.bias, backend=backend)
+
+
+def _mlp(x: torch.Tensor, n: int, und: Qwen2MLP, gen: Qwen2MLP | None, backend: str) -> torch.Tensor:
+    g = _linear(x, n, und.gate_proj, None if gen is None else gen.gate_proj, backend)  # [L, I]
+    u = _linear(x, n, und.up_proj, None if gen is None else gen.up_proj, backend)  # [L, I]
+    h = _mot().swiglu(g, u, backend=backend)
+    return _linear(h, n, und.down_proj, None if gen is None else gen.down_proj, backend)  # [L, H]
+
+
+def _attention(attn: PackedAttention, x: torch.Tensor, ctx: PackContext, routed: bool) -> torch.Tensor:
+    """Self-attention sub-block on grouped rows (``x`` already normed): projections, q/k norm + RoPE,
+    shared packed attention (rows read through the mask's row index), output projection."""
+    L = x.shape[0]
+    be = ctx.backend.mot
+    n = ctx.n_und
+
+    def proj(name: str, inp: torch.Tensor) -> torch.Tensor:
+        return _linear(inp, n, getattr(attn, name), getattr(attn, name + "_moe_gen") if routed else None, be)
+
+    q = proj("q_proj", x).view(L, attn.num_heads, attn.head_dim)
+    k = proj("k_proj", x).view(L, attn.num_key_value_heads, attn.head_dim)
+    v = proj("v_proj", x).view(L, attn.num_key_value_heads, attn.head_dim)
+    q, k = _qk_norm_rope(attn, q, k, ctx, routed)
+    frz = ctx.freeze_und and routed
+    q, k, v = (_freeze_rows(t, n, frz) for t in (q, k, v))
+    o = packed_attention(q, k, v, ctx.mask, backend=ctx.backend.attention, deterministic=ctx.backend.deterministic)
+    out = proj("o_proj", o.reshape(L, attn.num_heads * attn.head_dim))  # [L, H]
+    return _freeze_rows(out, n, frz)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class Qwen2DecoderLayer(nn.Module):
+    """Dense pre-norm decoder layer: ``x += attn(norm(x)); x += mlp(norm(x))``."""
+
+    routed_attention = False
+    routed_mlp = False
+
+    def __init__(self, config, layer_idx: int | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.self_attn = self._attention_module(config)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def _attention_module(self, config) -> PackedAttention:
+        return PackedAttention(config)
+
+    def forward_grouped(self, x: torch.Tensor, ctx: PackContext) -> torch.Tensor:
+        """One layer on grouped hidden states ``x`` [L, H] (see :class:`PackContext`)."""
+        be = ctx.backend.mot
+        n = ctx.n_und
+        ra, rm = self.routed_attention, self.routed_mlp
+        h = _norm(x, n, self.input_layernorm, getattr(self, "input_layernorm_moe_gen", None) if ra else None, be)
+        x = x + _attention(self.self_attn, h, ctx, ra)
+        h = _norm(
+            x, n, self.post_attention_layernorm, getattr(self, "post_attention_layernorm_moe_gen", None) if ra else None, be
+        )
+        m = _mlp(h, n, self.mlp, self.mlp_moe_gen if rm else None, be)
+        # upstream detaches the understanding rows of the MLP output in MoT layers only
+        return x + _freeze_rows(m, n, ctx.freeze_und and ra)
+
+    forward = forward_grouped
+
+
+class Qwen2MoEDecoderLayer(Qwen2DecoderLayer):
+    """Only the MLP routed (``mlp`` / ``mlp_moe_gen``); norms and attention shared by all tokens."""
+
+    routed_mlp = True
+
+    def __init__(self, config, layer_idx: int | None = None):
+        super().__init__(config, layer_idx)
+        self.mlp_moe_gen = Qwen2MLP(config)
+
+
+class Qwen2MoTDecoderLayer(Qwen2DecoderLayer):
+    """Everything routed: norms, attention projections and q/k norms, MLP (attention itself shared)."""
+
+    routed_attention = True
+    routed_mlp = True
+
+    def __init__(self, config, layer_idx: int | None = None):
+        super().__init__(config, layer_idx)
+        self.mlp_moe_gen = Qwen2MLP(config)
+        self.input_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def _attention_module(self, config) -> PackedAttention:
+        return PackedAttentionMoT(config)
+
+
+_LAYER_CLASSES = {
+    "Qwen2DecoderLayer": Qwen2DecoderLayer,
+    "Qwen2MoEDecoderLayer": Qwen2MoEDecoderLayer,
+    "Qwen2MoTDecoderLayer": Qwen2MoTDecoderLayer,
+}
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+def _check_index(idx, name: str, L: int, device) -> torch.Tensor:
+    if not isinstance(idx, torch.Tensor):
+        try:
+            idx = torch.as_tensor(idx, dtype=torch.long)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} must be a 1-D integer tensor: {exc}") from None
+    if idx.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(idx.shape)}")
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer indexes, got dtype {idx.dtype}")
+    return idx.to(device=device, dtype=torch.long)
+
+
+def prepare_routing(
+    L: int,
+    packed_und_token_indexes,
+    packed_gen_token_indexes,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated ``(und, gen)`` long index tensors that partition ``range(L)``.
+
+    ``gen`` None or empty means no generation token; ``und`` None means every token not in ``gen``.
+    Raises ValueError naming the argument when the two do not partition the sequence."""
+    gen = (
+        torch.zeros(0, dtype=torch.long, device=device)
+        if packed_gen_token_indexes is None
+        else _check_index(packed_gen_token_indexes, "packed_gen_token_indexes", L, device)
+    )
+    if packed_und_token_indexes is None:
+        keep = torch.ones(L, dtype=torch.bool, device=device)
+        if gen.numel():
+            if bool(((gen < 0) | (gen >= L)).any()):
+                raise ValueError(f"packed_gen_token_indexes has entries outside [0, {L})")
+            keep[gen] = False
+        und = torch.nonzero(keep).flatten()
+    else:
+        und = _check_index(packed_und_token_indexes, "packed_und_token_indexes", L, device)
+    if und.numel() + gen.numel() != L:
+        raise ValueError(
+            f"packed_und_token_indexes ({und.numel()}) and packed_gen_token_indexes ({gen.numel()}) must together "
+            f"cover the sequence of {L} tokens exactly once"
+        )
+    for name, t in (("packed_und_token_indexes", und), ("packed_gen_token_indexes", gen)):
+        if t.numel() and bool(((t < 0) | (t >= L)).any()):
+            raise ValueError(f"{name} has entries outside [0, {L})")
+    counts = torch.bincount(torch.cat([und, gen]), minlength=L)
+    if bool((counts != 1).any()):
+        raise ValueError(
+            "packed_und_token_indexes and packed_gen_token_indexes overlap or repeat an index: "
+            "they must partition range(sequence_length)"
+        )
+    return und, gen
+
+
+def _check_inputs(model: Qwen2Model, packed_sequence, sample_lens, attention_mask, packed_position_ids):
+    cfg = model.config
+    if not isinstance(packed_sequence, torch.Tensor) or packed_sequence.dim() != 2:
+        raise ValueError(
+            f"packed_sequence must be a [sequence_length, hidden] tensor, got "
+            f"{tuple(packed_sequence.shape) if isinstance(packed_sequence, torch.Tensor) else type(packed_sequence).__name__}"
+        )
+    if packed_sequence.shape[1] != cfg.hidden_size:
+        raise ValueError(f"packed_sequence has hidden size {packed_sequence.shape[1]}, the model {cfg.hidden_size}")
+    if not packed_sequence.is_floating_point():
+        raise ValueError(f"packed_sequence must be floating point, got {packed_sequence.dtype}")
+    L = packed_sequence.shape[0]
+    if isinstance(attention_mask, (list, tuple)):
+        attention_mask = PackedMask.from_dense(attention_mask, device=packed_sequence.device)
+    if not isinstance(attention_mask, PackedMask):
+        raise ValueError(
+            f"attention_mask must be a bagel_kernels.PackedMask (or a list of per-sample dense masks), got "
+            f"{type(attention_mask).__name__}"
+        )
+    if attention_mask.row_index is not None:
+        raise ValueError("attention_mask must not carry a row_index: the model attaches its own")
+    if attention_mask.total_len < L:
+        raise ValueError(f"attention_mask covers {attention_mask.total_len} tokens, fewer than packed_sequence's {L}")
+    attention_mask = attention_mask.to(packed_sequence.device)
+    if sample_lens is not None and int(sum(int(s) for s in sample_lens)) != attention_mask.total_len:
+        raise ValueError(f"sample_lens sum to {sum(int(s) for s in sample_lens)} but attention_mask covers {attention_mask.total_len}")
+    if not isinstance(packed_position_ids, torch.Tensor) or packed_position_ids.shape != (L,):
+        raise ValueError(
+            f"packed_position_ids must be a 1-D tensor of {L} positions, got "
+            f"{tuple(packed_position_ids.shape) if isinstance(packed_position_ids, torch.Tensor) else type(packed_position_ids).__name__}"
+        )
+    if packed_position_ids.is_floating_point():
+        raise ValueError(f"packed_position_ids must hold integers, got {packed_position_ids.dtype}")
+    return attention_mask, packed_position_ids.to(packed_sequence.device)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class Qwen2Model(nn.Module):
+    """Embeddings, decoder layers, final norm(s) and the rotary tables.
+
+    ``norm_moe_gen`` exists when the layers are MoE or MoT (upstream: ``"Mo" in layer_module``); such a
+    model then routes the final norm as well.
+
+    ``freeze_und`` (upstream semantics): the understanding rows of the input are detached at entry,
+    every MoT layer detaches the understanding rows of q, k (after q/k norm), v, of the attention
+    block's output and of the MLP output, and the final ``norm`` output of understanding rows is
+    detached. MoE and dense layers ignore the flag. So in a MoT model no gradient reaches any
+    understanding-side parameter (they get zero gradients), while generation-side ones train.
+    """
+
+    def __init__(self, config, backend: BagelBackendConfig | None = None):
+        super().__init__()
+        _validate_config(config)
+        self.config = config
+        self.backend = backend if backend is not None else BagelBackendConfig()
+        self.padding_idx = getattr(config, "pad_token_id", None)
+        self.vocab_size = config.vocab_size
+        self.layer_module = getattr(config, "layer_module", "Qwen2DecoderLayer")
+        self.use_moe = "Mo" in self.layer_module
+        self.freeze_und = bool(getattr(config, "freeze_und", False))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        layer_cls = _LAYER_CLASSES[self.layer_module]
+        self.layers = nn.ModuleList([layer_cls(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.use_moe:
+            self.norm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config)
+        self.head_dim = config_head_dim(config)
+        self.rope_theta = config_rope_theta(config)
+
+    @property
+    def backend(self) -> BagelBackendConfig:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: BagelBackendConfig) -> None:
+        if not isinstance(value, BagelBackendConfig):
+            raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
+        self._backend = value
+
+    def forward_train(
+        self,
+        packed_sequence: torch.Tensor,
+        sample_lens: Sequence[int] | None,
+        attention_mask: PackedMask,
+        packed_position_ids: torch.Tensor,
+        packed_und_token_indexes: torch.Tensor | None = None,
+        packed_gen_token_indexes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See :meth:`Qwen2ForCausalLM.forward_train`."""
+        attention_mask, pos = _check_inputs(self, packed_sequence, sample_lens, attention_mask, packed_position_ids)
+        L = packed_sequence.shape[0]
+        device = packed_sequence.device
+        be = self.backend
+        mot = _mot()
+        need_routing = self.use_moe or (self.freeze_und and packed_und_token_indexes is not None)
+        if need_routing:
+            und, gen = prepare_routing(L, packed_und_token_indexes, packed_gen_token_indexes, device)
+            n_und = und.numel()
+        else:
+            n_und = L
+        mask = attention_mask.truncated(L)
+        if 0 < n_und < L:
+            # group once: understanding rows [0, n_und), generation rows [n_und, L); un-permute at exit
+            perm, inv, n_und = mot.grouped_order(und, gen, L)
+            x = mot.permute_rows(packed_sequence, perm)
+            pos = pos[perm.long()]
+            mask = mask.with_row_index(inv)
+        else:
+            # all rows on one side: the pack order is already grouped
+            perm = inv = None
+            x = packed_sequence
+        if self.freeze_und:
+            x = _freeze_rows(x, n_und, True)
+        cos, sin = mot.rope_cos_sin(pos, self.head_dim, self.rope_theta, x.dtype)  # [L, D] each, grouped order
+        ctx = PackContext(n_und=n_und, cos=cos, sin=sin, mask=mask, backend=be, freeze_und=self.freeze_und)
+        for layer in self.layers:
+            x = layer.forward_grouped(x, ctx)
+        if self.use_moe:
+            x = mot.mot_rms_norm(x, n_und, self.norm.weight, self.norm_moe_gen.weight, self.norm.variance_epsilon, backend=be.mot)
+            x = _freeze_rows(x, n_und, self.freeze_und)
+        else:
+            x = _norm(x, L, self.norm, None, be.mot)
+        if inv is not None:
+            x = mot.permute_rows(x, inv)
+        return x
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.forward_train(*args, **kwargs)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """BAGEL's language model: :class:`Qwen2Model` (``.model``) plus ``lm_head`` (no bias).
+
+    Args:
+        config: ``transformers.Qwen2Config`` with ``qk_norm``, ``layer_module``, ``freeze_und``.
+        backend: kernel choice (default ``BagelBackendConfig()``, i.e. all "auto"); settable later via
+            ``.backend``.
+    """
+
+    def __init__(self, config, backend: BagelBackendConfig | None = None):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config, backend)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    # -------------------------------------------------------------- backend / embeddings
+    @property
+    def backend(self) -> BagelBackendConfig:
+        return self.model.backend
+
+    @backend.setter
+    def backend(self, value: BagelBackendConfig) -> None:
+        self.model.backend = value
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> Qwen2Model:
+        return self.model
+
+    # -------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def _init_module(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, Qwen2RMSNorm):
+            module.weight.fill_(1.0)
+
+    def init_weights(self) -> None:
+        """HF Qwen2 initialisation: Linear/Embedding ~ N(0, initializer_range), biases 0, norms 1."""
+        for m in self.modules():
+            self._init_module(m)
+
+    @torch.no_grad()
+    def init_moe(self) -> None:
+        """Copy every understanding weight into its ``*_moe_gen`` sibling (upstream's stage-2 start
+        from an understanding-only checkpoint)."""
+        params = dict(self.named_parameters())
+        for name, p in params.items():
+            if "moe_gen" in name:
+                p.copy_(params[name.replace("_moe_gen", "")])
+
+    # -------------------------------------------------------------- forward
+    def forward_train(
+        self,
+        packed_sequence: torch.Tensor,
+        sample_lens: Sequence[int] | None,
+        attention_mask: PackedMask,
+        packed_position_ids: torch.Tensor,
+        packed_und_token_indexes: torch.Tensor | None = None,
+        packed_gen_token_indexes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Training forward over one pack; returns the final hidden states ``[L, H]`` (after the final
+        norm, ``norm_moe_gen`` on generation tokens of MoE/MoT models) in the ORIGINAL token order.
+
+        Args:
+            packed_sequence: ``[L, H]`` input embeddings (L = sequence_length).
+            sample_lens: per-sample lengths incl. the pad sample (accepted for upstream compatibility;
+                checked against the mask when given).
+            attention_mask: the pack's :class:`bagel_kernels.PackedMask` with ``total_len >= L`` (rows
+                beyond L are the trailing pad sample), or upstream's list of per-sample dense masks.
+            packed_position_ids: ``[L]`` RoPE positions.
+            packed_und_token_indexes / packed_gen_token_indexes: 1-D indexes partitioning ``range(L)``
+                (text + ViT tokens / VAE tokens). ``gen`` None or empty: an understanding-only pack;
+                ``und`` None: every token not in ``gen``. Ignored by dense models (except freeze_und).
+        """
+        return self.model.forward_train(
+            packed_sequence,
+            sample_lens,
+            attention_mask,
+            packed_position_ids,
+            packed_und_token_indexes,
+            packed_gen_token_indexes,
+        )
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.forward_train(*args, **kwargs)

@@ -1,0 +1,207 @@
+"""Plain-PyTorch reference of BAGEL's Qwen2 MoT training forward, routed the way upstream does it.
+
+Every routed op gathers its tokens (``x[und]``, ``x[gen]``), applies the understanding or generation
+weights, and scatters the result back into a full ``[L, ...]`` tensor; attention runs over the pack
+in its original order. ``freeze_und`` detaches exactly what upstream detaches. RMSNorm, RoPE and the
+SwiGLU MLP are written out in torch here (through the modules' own ``forward``), independent of
+:mod:`bagel_kernels.mot`.
+
+It reads the parameters of a :class:`bagel.qwen2.Qwen2ForCausalLM`, so the same state_dict serves both.
+How to swap it in:
+
+    hidden = forward_train_reference(lm, packed_sequence, sample_lens, mask, position_ids, und, gen)
+    # or construct Qwen2ForCausalLMReference(config) instead of Qwen2ForCausalLM(config): same
+    # parameters and keys, its forward_train runs this reference
+
+Used by the tests (fast path vs reference: outputs and all gradients) and by the benchmark (the
+gather/scatter layer, with any attention backend, to measure what the grouped layout saves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from bagel.backend import BagelBackendConfig
+from bagel.qwen2 import (
+    PackedAttention,
+    Qwen2DecoderLayer,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    _check_inputs,
+    prepare_routing,
+)
+from bagel_kernels import PackedMask, packed_attention
+
+__all__ = ["forward_train_reference", "reference_layer_forward", "apply_rotary", "Qwen2ForCausalLMReference"]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """HF Qwen2 RoPE on packed q [L, Hq, D], k [L, Hkv, D] with cos/sin [L, D]."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+
+def _routed(x: torch.Tensor, und: torch.Tensor, gen: torch.Tensor, f_und, f_gen, out_dim: int | None = None):
+    """Upstream routing: ``out[und] = f_und(x[und]); out[gen] = f_gen(x[gen])`` into a zero tensor."""
+    shape = (x.shape[0], out_dim) if out_dim is not None else x.shape
+    out = x.new_zeros(shape)
+    out[und] = f_und(x[und])
+    out[gen] = f_gen(x[gen])
+    return out
+
+
+def _attention(attn: PackedAttention, x, und, gen, mask, cos, sin, routed: bool, freeze_und: bool, attention: str, det: bool):
+    L = x.shape[0]
+    Hq, Hkv, D = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    if routed:
+        q = _routed(x, und, gen, attn.q_proj, attn.q_proj_moe_gen, Hq * D).view(L, Hq, D)
+        k = _routed(x, und, gen, attn.k_proj, attn.k_proj_moe_gen, Hkv * D).view(L, Hkv, D)
+        v = _routed(x, und, gen, attn.v_proj, attn.v_proj_moe_gen, Hkv * D).view(L, Hkv, D)
+        if freeze_und:
+            v[und] = v[und].detach()
+        q_ = q.new_zeros(q.shape)
+        k_ = k.new_zeros(k.shape)
+        q_[und] = attn.q_norm(q[und])
+        if freeze_und:
+            q_[und] = q_[und].detach()
+        q_[gen] = attn.q_norm_moe_gen(q[gen])
+        k_[und] = attn.k_norm(k[und])
+        if freeze_und:
+            k_[und] = k_[und].detach()
+        k_[gen] = attn.k_norm_moe_gen(k[gen])
+        q, k = q_, k_
+    else:
+        q = attn.q_norm(attn.q_proj(x).view(L, Hq, D))
+        k = attn.k_norm(attn.k_proj(x).view(L, Hkv, D))
+        v = attn.v_proj(x).view(L, Hkv, D)
+    q, k = apply_rotary(q, k, cos, sin)
+    o = packed_attention(q, k, v, mask, backend=attention, deterministic=det).reshape(L, Hq * D)
+    if routed:
+        return _routed(o, und, gen, attn.o_proj, attn.o_proj_moe_gen, attn.hidden_size)
+    return attn.o_proj(o)
+
+
+def reference_layer_forward(
+    layer: Qwen2DecoderLayer,
+    x: torch.Tensor,
+    mask: PackedMask,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    und: torch.Tensor,
+    gen: torch.Tensor,
+    *,
+    freeze_und: bool = False,
+    attention: str = "sdpa",
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """One decoder layer in upstream's gather/scatter form, hidden states ``x`` [L, H] in pack order.
+
+    ``mask`` covers at least L tokens (no row index); cos/sin ``[L, D]`` in pack order; und/gen long
+    index tensors partitioning ``range(L)`` (ignored by dense layers)."""
+    L = x.shape[0]
+    mask = mask.truncated(L)
+    ra, rm = layer.routed_attention, layer.routed_mlp
+    frz = freeze_und and ra  # upstream's MoE and dense layers ignore freeze_und
+    residual = x
+    if ra:
+        h = _routed(x, und, gen, layer.input_layernorm, layer.input_layernorm_moe_gen)
+    else:
+        h = layer.input_layernorm(x)
+    a = _attention(layer.self_attn, h, und, gen, mask, cos, sin, ra, frz, attention, deterministic)
+    if frz:
+        a[und] = a[und].detach()
+    x = residual + a
+    residual = x
+    if ra:
+        m = x.new_zeros(x.shape)
+        m[und] = layer.mlp(layer.post_attention_layernorm(x[und]))
+        if frz:
+            m[und] = m[und].detach()
+        m[gen] = layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(x[gen]))
+    elif rm:
+        h = layer.post_attention_layernorm(x)
+        m = _routed(h, und, gen, layer.mlp, layer.mlp_moe_gen)
+    else:
+        m = layer.mlp(layer.post_attention_layernorm(x))
+    return residual + m
+
+
+def forward_train_reference(
+    lm: Qwen2ForCausalLM | Qwen2Model,
+    packed_sequence: torch.Tensor,
+    sample_lens: Sequence[int] | None,
+    attention_mask: PackedMask,
+    packed_position_ids: torch.Tensor,
+    packed_und_token_indexes: torch.Tensor | None = None,
+    packed_gen_token_indexes: torch.Tensor | None = None,
+    *,
+    attention: str = "sdpa",
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Upstream-style training forward of ``lm``'s decoder; same signature and result as
+    :meth:`Qwen2ForCausalLM.forward_train` (final hidden states ``[L, H]`` in pack order).
+
+    ``attention`` picks the packed_attention backend (default the SDPA reference). The caller's
+    ``packed_sequence`` is not modified (upstream detaches its understanding rows in place)."""
+    model: Qwen2Model = lm.model if isinstance(lm, Qwen2ForCausalLM) else lm
+    mask, pos = _check_inputs(model, packed_sequence, sample_lens, attention_mask, packed_position_ids)
+    L = packed_sequence.shape[0]
+    und, gen = prepare_routing(L, packed_und_token_indexes, packed_gen_token_indexes, packed_sequence.device)
+    mask = mask.truncated(L)
+    freeze = model.freeze_und
+    x = packed_sequence
+    if freeze and (model.use_moe or packed_und_token_indexes is not None):
+        x = x.clone()
+        x[und] = x[und].detach()
+    cos, sin = model.rotary_emb(pos, x.dtype)
+    for layer in model.layers:
+        x = reference_layer_forward(
+            layer, x, mask, cos, sin, und, gen, freeze_und=freeze, attention=attention, deterministic=deterministic
+        )
+    if model.use_moe:
+        out = torch.zeros_like(x)
+        out[und] = model.norm(x[und])
+        if freeze:
+            out[und] = out[und].detach()
+        out[gen] = model.norm_moe_gen(x[gen])
+        return out
+    return model.norm(x)
+
+
+class Qwen2ForCausalLMReference(Qwen2ForCausalLM):
+    """:class:`Qwen2ForCausalLM` whose ``forward_train`` is :func:`forward_train_reference` (same
+    parameters and state_dict keys). The attention backend comes from ``backend.attention``
+    (default ``"sdpa"``); the MoT backend is unused (everything is plain torch)."""
+
+    def __init__(self, config, backend: BagelBackendConfig | None = None):
+        super().__init__(config, backend if backend is not None else BagelBackendConfig.reference())
+
+    def forward_train(
+        self,
+        packed_sequence: torch.Tensor,
+        sample_lens: Sequence[int] | None,
+        attention_mask: PackedMask,
+        packed_position_ids: torch.Tensor,
+        packed_und_token_indexes: torch.Tensor | None = None,
+        packed_gen_token_indexes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        be = self.backend
+        return forward_train_reference(
+            self,
+            packed_sequence,
+            sample_lens,
+            attention_mask,
+            packed_position_ids,
+            packed_und_token_indexes,
+            packed_gen_token_indexes,
+            attention=be.attention,
+            deterministic=be.deterministic,
+        )
+
