@@ -1,0 +1,192 @@
+"""Mask construction: PackedMask.from_splits against FlexAttention's create_block_mask and dense masks.
+
+    python benchmarks/bench_mask.py [--out DIR] [--quick] [--device cpu|cuda]
+
+For realistic BAGEL packs of 4k, 16k and 64k tokens, times building the mask the way each backend
+needs it, and the peak memory of the result:
+
+- ``PackedMask.from_splits`` (interval vectors) plus the block tables the Triton kernels read;
+- FlexAttention ``create_block_mask`` with a mask_mod over the interval vectors, eager and compiled
+  (``_compile=True``), which is what upstream BAGEL pays per batch;
+- upstream's per-sample dense float masks (``prepare_attention_mask_per_sample`` equivalent: one
+  ``[L, L]`` float tensor per sample), and one dense ``[N, N]`` bool mask for the whole pack.
+
+Runs on CPU (the default here) or CUDA. Median wall time of a few repeats after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import threading
+import warnings
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from bagel_kernels import PackedMask  # noqa: E402
+from bagel_kernels.attention import flex_block_mask  # noqa: E402
+from bagel_kernels.testing import realistic_pack  # noqa: E402
+from common import Table, device_info, save_plot  # noqa: E402
+
+
+def _time(fn, device, repeats):
+    fn()  # warm-up (compilation for the compiled variant)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+        del out
+    return statistics.median(times)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_bytes(fn, device):
+    """Peak extra memory while building: CUDA allocator stats on GPU; on CPU the process RSS sampled
+    every 0.5 ms by a thread during the build (torch ops release the GIL), minus the RSS before."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        return peak, _tensor_bytes(out)
+    base = _rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out = fn()
+    peak[0] = max(peak[0], _rss())
+    stop.set()
+    th.join()
+    return peak[0] - base, _tensor_bytes(out)
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(o) for o in obj)
+    if isinstance(obj, PackedMask):
+        n = obj.kv_lo.numel() * 8
+        for bt in obj._tables.values():
+            n += sum(_tensor_bytes(getattr(bt, f)) for f in bt.__dataclass_fields__ if isinstance(getattr(bt, f), torch.Tensor))
+        return n
+    if hasattr(obj, "kv_num_blocks"):  # a flex BlockMask
+        return sum(_tensor_bytes(getattr(obj, f)) for f in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                                                           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+                   if getattr(obj, f, None) is not None)
+    return 0
+
+
+def _dense_per_sample(layout, device):
+    """Upstream's nested masks: one float [L, L] per sample, 0 = attend, -inf = masked."""
+    out = []
+    split_iter = iter(zip(layout.split_lens, layout.attn_modes))
+    for L in layout.sample_lens:
+        m = torch.full((L, L), float("-inf"), device=device).triu_(1).masked_fill_(torch.ones(L, L, dtype=torch.bool, device=device).tril_(), 0.0)
+        start, used = 0, 0
+        while used < L:
+            n, mode = next(split_iter)
+            if mode in ("full", "noise"):
+                m[start : start + n, start : start + n] = 0.0
+            if mode == "noise":
+                m[start + n :, start : start + n] = float("-inf")
+            start += n
+            used += n
+        out.append(m)
+    return out
+
+
+def run(args) -> Table:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sizes = [4096, 16384] if args.quick else [4096, 16384, 65536]
+    repeats = 3 if args.quick else 5
+    table = Table(
+        "Mask construction (time per pack, peak memory of the build)",
+        ["tokens", "method", "median ms", "vs PackedMask", "peak build MiB", "result MiB"],
+    )
+    plot = {}
+    for n in sizes:
+        layout = realistic_pack(n, seed=n)
+        args3 = (layout.sample_lens, layout.split_lens, layout.attn_modes)
+
+        def ours():
+            m = PackedMask.from_splits(*args3, device=device)
+            m.block_tables(128, 64)
+            m.block_tables(64, 128)
+            return m
+
+        methods = [("PackedMask.from_splits + block tables", ours)]
+        methods.append(("flex create_block_mask (eager)", lambda: flex_block_mask(PackedMask.from_splits(*args3, device=device))))
+        if not args.no_compile:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def flex_compiled():
+                m = PackedMask.from_splits(*args3, device=device)
+                lo, hi = m.kv_lo, m.kv_hi
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return create_block_mask(lambda b, h, q, k: (lo[k] <= q) & (q < hi[k]), None, None, n, n, device=device, _compile=True)
+
+            methods.append(("flex create_block_mask (compiled)", flex_compiled))
+        methods.append(("dense per-sample float masks", lambda: _dense_per_sample(layout, device)))
+        if n <= 16384 or device.type == "cuda":
+            methods.append(("dense [N, N] bool", lambda: PackedMask.from_splits(*args3, device=device).to_dense()))
+        base = None
+        for name, fn in methods:
+            try:
+                ms = _time(fn, device, repeats)
+                peak, kept = _peak_bytes(fn, device)
+            except Exception as exc:  # a baseline that cannot run is reported, not fatal
+                table.add([n, name, f"error: {type(exc).__name__}", "", "", ""])
+                continue
+            base = ms if base is None else base
+            table.add([n, name, f"{ms:.2f}", f"{ms / base:.1f}x", f"{max(peak, 0) / 2**20:.1f}", f"{kept / 2**20:.2f}"])
+            plot.setdefault(name, []).append((n, ms))
+    table.note(device_info(device))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        table.write(os.path.join(args.out, "bench_mask.md"))
+        save_plot(os.path.join(args.out, "bench_mask.png"), plot, "tokens per pack", "build time (ms)", "Mask construction", logx=True, logy=True)
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled create_block_mask variant")
+    args = p.parse_args(argv)
+    print(run(args).render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
