@@ -125,7 +125,7 @@ def _dense_per_sample(layout, device):
 
 def run(args) -> Table:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sizes = [4096, 16384] if args.quick else [4096, 16384, 65536]
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [4096, 16384, 65536]
     repeats = 3 if args.quick else 5
     table = Table(
         "Mask construction (time per pack, peak memory of the build)",
@@ -180,7 +180,8 @@ def run(args) -> Table:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--sizes", default=None, help="comma-separated pack sizes (default 4096,16384,65536)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the compiled create_block_mask variant")
     args = p.parse_args(argv)
