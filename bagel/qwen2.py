@@ -168,8 +168,9 @@ class Qwen2RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
-        if inv_freq.device != position_ids.device or inv_freq.is_meta:
-            inv_freq = self._inv_freq(position_ids.device)
+        if inv_freq.dtype != torch.float32 or inv_freq.is_meta:  # cast by model.to(dtype) / never materialised
+            inv_freq = self._inv_freq()
+        inv_freq = inv_freq.to(position_ids.device)
         freqs = position_ids.float()[:, None] * inv_freq.float()[None, :]  # [L, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [L, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -540,7 +541,7 @@ class Qwen2Model(nn.Module):
         if 0 < n_und < L:
             # group once: understanding rows [0, n_und), generation rows [n_und, L); un-permute at exit
             perm, inv, n_und = mot.grouped_order(und, gen, L)
-            x = mot.permute_rows(packed_sequence, perm)
+            x = mot.permute_rows(packed_sequence, perm, backend=be.mot)
             pos = pos[perm.long()]
             mask = mask.with_row_index(inv)
         else:
@@ -559,7 +560,7 @@ class Qwen2Model(nn.Module):
         else:
             x = _norm(x, L, self.norm, None, be.mot)
         if inv is not None:
-            x = mot.permute_rows(x, inv)
+            x = mot.permute_rows(x, inv, backend=be.mot)
         return x
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
