@@ -1,0 +1,592 @@
+"""BAGEL for packed training: ``BagelForUnifiedMultimodal`` (stage 1 understanding CE, stage 2 also
+flow-matching MSE), with the forward signature and methods of the documented BAGEL model API.
+
+Module tree = checkpoint keys. :class:`BagelForUnifiedMultimodal` IS a :class:`BagelModel` (it
+subclasses the container instead of wrapping it), so its ``state_dict()`` keys are exactly
+BAGEL-7B-MoT's ``ema.safetensors`` keys: ``language_model.model.*``, ``language_model.lm_head.*``,
+``vit_model.vision_model.*``, ``connector.fc{1,2}.*``, ``vit_pos_embed.pos_embed`` and, with
+``visual_gen``, ``time_embedder.mlp.{0,2}.*``, ``vae2llm.*``, ``llm2vae.*``, ``latent_pos_embed.pos_embed``.
+
+Forward (one pack, see DESIGN.md section 2):
+
+    text ids -> embed_tokens                                   at packed_text_indexes
+    ViT patches -> SigLIP-NaViT -> connector + vit_pos_embed   at packed_vit_token_indexes
+    VAE latents -> patchify -> x_t = (1 - t) x_0 + t eps,
+        vae2llm(x_t) + time_embedder(t) + latent_pos_embed     at packed_vae_token_indexes
+    -> Qwen2 MoT LM (und = text + ViT tokens, gen = VAE tokens) under the pack's PackedMask
+    -> ce  = cross_entropy(lm_head(h[ce_loss_indexes]), packed_label_ids)   per token
+       mse = (llm2vae(h[mse_loss_indexes]) - (eps - x_0)[t > 0]) ** 2       per element
+
+with ``t = s sigmoid(logit) / (1 + (s - 1) sigmoid(logit))`` (``s = timestep_shift``), a logit of -inf
+marking a clean conditioning image (t = 0, no MSE), and ``eps = torch.randn_like(x_0)`` drawn from the
+global generator as upstream (seed it with ``torch.manual_seed`` for reproducibility).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bagel.backend import BagelBackendConfig
+from bagel.checkpoint import LoadReport, load_checkpoint_into, save_checkpoint
+from bagel.config import BagelConfig
+from bagel.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
+from bagel.qwen2 import Qwen2ForCausalLM
+from bagel.siglip import SiglipVisionModel
+from bagel_kernels import PackedMask
+
+__all__ = [
+    "BagelModel",
+    "BagelForUnifiedMultimodal",
+    "_stage_to_int",
+    "_prepare_config_for_stage",
+    "_convert_patch_embedding_for_packed_vit",
+    "patchify_latents",
+]
+
+logger = logging.getLogger(__name__)
+
+_GEN_INPUTS = (
+    "padded_latent",
+    "patchified_vae_latent_shapes",
+    "packed_latent_position_ids",
+    "packed_vae_token_indexes",
+    "packed_timesteps",
+)
+_VIT_INPUTS = ("packed_vit_tokens", "packed_vit_token_indexes", "packed_vit_position_ids", "vit_token_seqlens")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _stage_to_int(stage: int | str) -> int:
+    """``1`` or ``2`` from ``1``, ``2``, ``"1"``, ``"2"``, ``"stage1"``, ``"stage2"`` (any case); else ValueError."""
+    if isinstance(stage, bool):
+        raise ValueError(f"stage={stage!r}: expected 1, 2, 'stage1' or 'stage2'")
+    if isinstance(stage, int):
+        value = stage
+    elif isinstance(stage, str):
+        s = stage.strip().lower().removeprefix("stage").strip()
+        value = int(s) if s.isdigit() else None
+    else:
+        value = None
+    if value not in (1, 2):
+        raise ValueError(f"unknown BAGEL stage {stage!r}: expected 1, 2, 'stage1' or 'stage2'")
+    return value
+
+
+def _prepare_config_for_stage(config: BagelConfig) -> None:
+    """Apply the stage to ``config`` in place, before the modules are built (idempotent).
+
+    - stage 1: ``visual_gen = False`` and dense ``Qwen2DecoderLayer`` layers (no ``*_moe_gen`` weights:
+      the model holds exactly the understanding subset of the checkpoint);
+    - stage 2: ``visual_gen = True``; layers become ``Qwen2MoTDecoderLayer`` unless MoE/MoT already;
+    - no stage: ``layer_module`` defaults by ``visual_gen``.
+
+    The ViT's ``rope`` flag follows ``vit_rope``. ``vit_select_layer`` is NOT folded into the vision
+    config here: :attr:`BagelConfig.vit_num_layers` applies it when the tower is built, so saving and
+    reloading a config never applies it twice."""
+    tc = config.text_config
+    if config.stage is not None:
+        stage = _stage_to_int(config.stage)
+        config.stage = stage
+        if stage == 1:
+            config.visual_gen = False
+            tc.layer_module = "Qwen2DecoderLayer"
+        else:
+            config.visual_gen = True
+            if getattr(tc, "layer_module", None) not in ("Qwen2MoTDecoderLayer", "Qwen2MoEDecoderLayer"):
+                tc.layer_module = "Qwen2MoTDecoderLayer"
+    elif getattr(tc, "layer_module", None) is None:
+        tc.layer_module = "Qwen2MoTDecoderLayer" if config.visual_gen else "Qwen2DecoderLayer"
+    if config.vision_config is not None:
+        config.vision_config.rope = bool(config.vit_rope)
+    config.validate()
+
+
+def _convert_patch_embedding_for_packed_vit(model: BagelModel, config: BagelConfig) -> None:
+    """Swap the SigLIP Conv2d patch embedding for a Linear ``[hidden, 3*p*p]`` (the checkpoint's layout)
+    that computes the same on BAGEL-patchified pixels (no-op without ``visual_und`` or when done)."""
+    if not config.visual_und:
+        return
+    model.vit_model.vision_model.embeddings.convert_conv2d_to_linear()
+
+
+def patchify_latents(
+    padded_latent: torch.Tensor, shapes: Sequence[tuple[int, int]], p: int
+) -> torch.Tensor:
+    """``[n, C, H, W]`` latents -> ``[sum(h*w), p*p*C]`` tokens, image by image, row-major over the
+    ``h x w`` patch grid, each token ordered (row in patch, column in patch, channel) as upstream."""
+    C = padded_latent.shape[1]
+    out = []
+    for latent, (h, w) in zip(padded_latent, shapes, strict=True):
+        x = latent[:, : h * p, : w * p].reshape(C, h, p, w, p)
+        out.append(torch.einsum("chpwq->hwpqc", x).reshape(h * w, p * p * C))
+    return torch.cat(out, dim=0)
+
+
+def _int_list(values, name: str) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or values.is_floating_point():
+            raise ValueError(f"{name} must be a 1-D sequence of ints")
+        values = values.tolist()
+    try:
+        return [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of ints, got {values!r}") from None
+
+
+def _index(t, name: str, device: torch.device, *, allow_bool_len: int | None = None) -> torch.Tensor:
+    """A 1-D long index tensor on ``device``; with ``allow_bool_len`` a bool mask of that length is
+    accepted and turned into indexes."""
+    if not isinstance(t, torch.Tensor):
+        try:
+            t = torch.as_tensor(t)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} must be a 1-D integer tensor: {exc}") from None
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool:
+        if allow_bool_len is None:
+            raise ValueError(f"{name} must hold integer indexes, got a bool tensor")
+        if t.numel() != allow_bool_len:
+            raise ValueError(f"{name} is a bool mask of {t.numel()} entries, expected sequence_length={allow_bool_len}")
+        return torch.nonzero(t.to(device)).flatten()
+    if t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
+    return t.to(device=device, dtype=torch.long)
+
+
+def _check_range(t: torch.Tensor, name: str, hi: int, what: str) -> None:
+    if t.numel() and bool(((t < 0) | (t >= hi)).any()):
+        raise ValueError(f"{name} has entries outside [0, {hi}) ({what})")
+
+
+# ---------------------------------------------------------------------------------------------- container
+class BagelModel(nn.Module):
+    """Plain container of BAGEL's submodules; attribute names match the checkpoint layout.
+
+    ``language_model`` (Qwen2 MoT LM) always; with ``visual_und`` the ``vit_model`` (SigLIP-NaViT,
+    ``config.vit_num_layers`` layers), ``connector`` and ``vit_pos_embed``; with ``visual_gen`` the
+    ``time_embedder``, ``vae2llm``, ``llm2vae`` (zero-initialised, as upstream) and ``latent_pos_embed``.
+    The VAE itself is not part of the model: ``forward`` takes its latents.
+
+    Args:
+        config: the :class:`BagelConfig` (used as is; see :func:`_prepare_config_for_stage`).
+        backend: kernel choice for every submodule (default: all ``"auto"``).
+        language_model_cls: class of the language model (default :class:`bagel.qwen2.Qwen2ForCausalLM`;
+            e.g. ``bagel.qwen2_reference.Qwen2ForCausalLMReference`` for upstream's gather/scatter
+            routing). Same parameters either way.
+    """
+
+    def __init__(
+        self,
+        config: BagelConfig,
+        backend: BagelBackendConfig | None = None,
+        *,
+        language_model_cls: type[nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, BagelConfig):
+            raise ValueError(f"config must be a BagelConfig, got {type(config).__name__}")
+        backend = BagelBackendConfig() if backend is None else backend
+        if not isinstance(backend, BagelBackendConfig):
+            raise ValueError(f"backend must be a BagelBackendConfig, got {type(backend).__name__}")
+        self.config = config
+        self.hidden_size = config.text_config.hidden_size
+        lm_cls = Qwen2ForCausalLM if language_model_cls is None else language_model_cls
+        self.language_model = lm_cls(config.text_config, backend=backend)
+        if config.visual_und:
+            vc = config.vision_config
+            self.vit_model = SiglipVisionModel(
+                vc, num_layers=config.vit_num_layers, grid_side=config.vit_max_num_patch_per_side, backend=backend
+            )
+            self.connector = MLPconnector(vc.hidden_size, self.hidden_size, config.connector_act)
+            self.vit_pos_embed = PositionEmbedding(config.vit_max_num_patch_per_side, self.hidden_size)
+        if config.visual_gen:
+            self.latent_patch_size = config.latent_patch_size
+            self.latent_channel = config.latent_channels
+            self.patch_latent_dim = config.patch_latent_dim
+            self.timestep_shift = config.timestep_shift
+            self.max_latent_size = config.max_latent_size
+            self.time_embedder = TimestepEmbedder(self.hidden_size)
+            self.vae2llm = nn.Linear(self.patch_latent_dim, self.hidden_size)
+            self.llm2vae = nn.Linear(self.hidden_size, self.patch_latent_dim)
+            self.latent_pos_embed = PositionEmbedding(config.max_latent_size, self.hidden_size)
+            with torch.no_grad():
+                self.llm2vae.weight.zero_()
+                self.llm2vae.bias.zero_()
+        self._backend = backend
+
+    @property
+    def backend(self) -> BagelBackendConfig:
+        """The kernel choice; setting it updates every submodule."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: BagelBackendConfig) -> None:
+        if not isinstance(value, BagelBackendConfig):
+            raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
+        self._backend = value
+        self.language_model.backend = value
+        if self.config.visual_und:
+            self.vit_model.backend = value
+
+
+# ---------------------------------------------------------------------------------------------- model
+class BagelForUnifiedMultimodal(BagelModel):
+    """BAGEL mixed-modal model for packed training: understanding (stage 1) and generation (stage 2).
+
+    ``visual_gen=False`` is the stage-1 understanding-only model (dense decoder layers, CE only);
+    stage 2 adds the MoT ``*_moe_gen`` weights, the flow-matching embedding of VAE latents and the MSE
+    head. ``config.stage`` (1 / 2 / None) is applied by :func:`_prepare_config_for_stage` (in place).
+
+    Args:
+        config: :class:`BagelConfig`.
+        backend: :class:`BagelBackendConfig` (attention / MoT / patch-embedding kernels); default all "auto".
+        language_model_cls: see :class:`BagelModel`.
+    """
+
+    config_class = BagelConfig
+
+    def __init__(
+        self,
+        config: BagelConfig,
+        backend: BagelBackendConfig | None = None,
+        *,
+        language_model_cls: type[nn.Module] | None = None,
+    ) -> None:
+        if not isinstance(config, BagelConfig):
+            raise ValueError(f"config must be a BagelConfig, got {type(config).__name__}")
+        _prepare_config_for_stage(config)
+        super().__init__(config, backend, language_model_cls=language_model_cls)
+        _convert_patch_embedding_for_packed_vit(self, config)
+        self.num_heads = config.text_config.num_attention_heads
+        self.use_moe = "Mo" in config.text_config.layer_module
+        self.load_report: LoadReport | None = None
+
+    # -------------------------------------------------------------- HF-style accessors
+    @classmethod
+    def supports_config(cls, config: Any) -> bool:
+        """True for a BAGEL config (``model_type == "bagel"``, object or dict)."""
+        model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+        return model_type == BagelConfig.model_type
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """(Re)initialise every weight, e.g. after materialising a meta-device model with ``to_empty``:
+        the Qwen2 LM and the SigLIP tower with their HF initialisers, the connector / timestep embedder /
+        vae2llm with PyTorch's Linear default, the position tables with their sin-cos values, llm2vae
+        with zeros. Non-persistent buffers (RoPE inverse frequencies) are recomputed."""
+        lm = self.language_model
+        lm.init_weights()
+        for m in lm.modules():
+            if hasattr(m, "inv_freq") and hasattr(m, "_inv_freq"):
+                m.inv_freq = m._inv_freq(m.inv_freq.device)
+        bagel_linears = []
+        if self.config.visual_und:
+            self.vit_model.init_weights()
+            self.vit_pos_embed.reset_parameters()
+            bagel_linears.append(self.connector)
+        if self.config.visual_gen:
+            self.latent_pos_embed.reset_parameters()
+            bagel_linears += [self.time_embedder, self.vae2llm]
+        for module in bagel_linears:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
+        if self.config.visual_gen:
+            self.llm2vae.weight.zero_()
+            self.llm2vae.bias.zero_()
+
+    # -------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        stage: int | str = 1,
+        strict: bool = False,
+        **kwargs: Any,
+    ) -> BagelForUnifiedMultimodal:
+        """Load a BAGEL checkpoint directory: the config (``config.json``, or upstream's
+        ``llm_config.json`` + ``vit_config.json``) and the weights (``ema.safetensors``).
+
+        Args:
+            pretrained_model_name_or_path: the checkpoint directory.
+            stage: ``1`` / ``"stage1"`` (understanding subset) or ``2`` / ``"stage2"`` (also generation).
+            strict: raise ValueError when a checkpoint key matches no model parameter (VAE keys and
+                generation keys skipped by stage 1 never count).
+            kwargs: ``backend`` (a :class:`BagelBackendConfig`), ``language_model_cls``, ``dtype`` /
+                ``device`` (applied after loading); the rest override :class:`BagelConfig` fields.
+
+        The :class:`bagel.checkpoint.LoadReport` (loaded / missing / unexpected / VAE keys ...) is attached
+        as ``model.load_report`` and summarised in the log."""
+        stage_int = _stage_to_int(stage)
+        backend = kwargs.pop("backend", None)
+        lm_cls = kwargs.pop("language_model_cls", None)
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        device = kwargs.pop("device", None)
+        config = BagelConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        config.stage = stage_int
+        model = cls(config, backend=backend, language_model_cls=lm_cls)
+        report = load_checkpoint_into(model, pretrained_model_name_or_path, stage=stage_int, strict=strict)
+        model.load_report = report
+        logger.info("BagelForUnifiedMultimodal.from_pretrained(%s, stage=%d): %s", pretrained_model_name_or_path, stage_int, report.summary())
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``ema.safetensors`` (the layout :meth:`from_pretrained` reads)."""
+        save_checkpoint(self, save_directory, config=self.config)
+
+    # -------------------------------------------------------------- forward
+    def forward(
+        self,
+        sequence_length: int,
+        packed_text_ids: torch.LongTensor,
+        packed_text_indexes: torch.LongTensor,
+        sample_lens: list[int],
+        packed_position_ids: torch.LongTensor,
+        nested_attention_masks: list[torch.Tensor] | None = None,
+        split_lens: list[int] | None = None,
+        attn_modes: list[str] | None = None,
+        packed_vit_tokens: torch.Tensor | None = None,
+        packed_vit_token_indexes: torch.LongTensor | None = None,
+        packed_vit_position_ids: torch.LongTensor | None = None,
+        vit_token_seqlens: torch.Tensor | None = None,
+        padded_latent: torch.Tensor | None = None,
+        patchified_vae_latent_shapes: list[tuple[int, int]] | None = None,
+        packed_latent_position_ids: torch.LongTensor | None = None,
+        packed_vae_token_indexes: torch.LongTensor | None = None,
+        packed_timesteps: torch.Tensor | None = None,
+        mse_loss_indexes: torch.Tensor | None = None,
+        ce_loss_indexes: torch.Tensor | None = None,
+        packed_label_ids: torch.Tensor | None = None,
+        ce_loss_weights: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Run one packed training forward; returns ``dict(ce=..., mse=...)``.
+
+        ``ce``: ``[n_ce]`` per-token cross entropy at ``ce_loss_indexes`` (None without them);
+        ``ce_loss_weights`` is accepted for pipeline compatibility and not used (weight downstream).
+        ``mse``: ``[n_mse, p*p*C]`` per-element squared error of the predicted velocity against
+        ``noise - clean`` at ``mse_loss_indexes`` (None in stage 1 or without VAE tokens / mse indexes).
+
+        The attention mask comes from ``nested_attention_masks`` (per-sample dense masks) when given,
+        else from ``split_lens`` / ``attn_modes``. ``sum(sample_lens)`` may exceed ``sequence_length`` by
+        a trailing pad sample (flex-style packing). Bad inputs raise ValueError naming the field."""
+        cfg = self.config
+        emb = self.get_input_embeddings()
+        device = emb.weight.device
+        if isinstance(sequence_length, torch.Tensor):
+            sequence_length = int(sequence_length)
+        if not isinstance(sequence_length, int) or isinstance(sequence_length, bool) or sequence_length <= 0:
+            raise ValueError(f"sequence_length must be a positive int, got {sequence_length!r}")
+        L = sequence_length
+        sample_lens = _int_list(sample_lens, "sample_lens")
+        if sum(sample_lens) < L:
+            raise ValueError(f"sum(sample_lens) = {sum(sample_lens)} is less than sequence_length = {L}")
+
+        # ---- attention mask
+        if nested_attention_masks is not None:
+            mask = PackedMask.from_dense(nested_attention_masks, device=device)
+            if list(mask.sample_lens) != sample_lens:
+                raise ValueError(
+                    f"nested_attention_masks have sizes {list(mask.sample_lens)} but sample_lens is {sample_lens}"
+                )
+        else:
+            if split_lens is None or attn_modes is None:
+                raise ValueError("give nested_attention_masks, or split_lens and attn_modes, to build the attention mask")
+            mask = PackedMask.from_splits(sample_lens, split_lens, attn_modes, device=device)
+
+        # ---- which optional inputs are present
+        vit_given = {n: v is not None for n, v in zip(_VIT_INPUTS, (packed_vit_tokens, packed_vit_token_indexes, packed_vit_position_ids, vit_token_seqlens), strict=True)}
+        gen_given = {n: v is not None for n, v in zip(_GEN_INPUTS, (padded_latent, patchified_vae_latent_shapes, packed_latent_position_ids, packed_vae_token_indexes, packed_timesteps), strict=True)}
+        has_vit = any(vit_given.values())
+        has_gen = any(gen_given.values())
+        if has_vit:
+            if not cfg.visual_und:
+                raise ValueError("packed_vit_tokens given but the model has no ViT (visual_und=False)")
+            missing = [n for n, g in vit_given.items() if not g]
+            if missing:
+                raise ValueError(f"ViT inputs incomplete: missing {', '.join(missing)}")
+        if has_gen:
+            if not cfg.visual_gen:
+                raise ValueError(
+                    "the pack has VAE inputs (padded_latent, ...) but the model is stage 1 (visual_gen=False)"
+                )
+            missing = [n for n, g in gen_given.items() if not g]
+            if missing:
+                raise ValueError(f"stage-2 inputs incomplete: missing {', '.join(missing)}")
+        if mse_loss_indexes is not None and not has_gen and _numel(mse_loss_indexes):
+            raise ValueError("mse_loss_indexes given without VAE inputs (padded_latent, packed_vae_token_indexes, ...)")
+
+        # ---- text tokens and the partition of the sequence
+        text_ids = _index(packed_text_ids, "packed_text_ids", device)
+        text_idx = _index(packed_text_indexes, "packed_text_indexes", device)
+        if text_ids.numel() != text_idx.numel():
+            raise ValueError(
+                f"packed_text_ids has {text_ids.numel()} entries but packed_text_indexes {text_idx.numel()}"
+            )
+        _check_range(text_ids, "packed_text_ids", emb.num_embeddings, "vocabulary size")
+        vit_idx = _index(packed_vit_token_indexes, "packed_vit_token_indexes", device) if has_vit else None
+        vae_idx = _index(packed_vae_token_indexes, "packed_vae_token_indexes", device) if has_gen else None
+        self._check_partition(L, text_idx, vit_idx, vae_idx)
+
+        packed_sequence = emb.weight.new_zeros(L, self.hidden_size)
+        packed_sequence = packed_sequence.index_put((text_idx,), emb(text_ids))
+
+        # ---- ViT tokens
+        if has_vit:
+            vit_embed = self._embed_vit(packed_vit_tokens, vit_idx, packed_vit_position_ids, vit_token_seqlens, device)
+            packed_sequence = packed_sequence.index_put((vit_idx,), vit_embed.to(packed_sequence.dtype))
+
+        # ---- VAE latents (flow matching)
+        clean = noise = t = None
+        if has_gen:
+            gen_embed, clean, noise, t = self._embed_latents(
+                padded_latent, patchified_vae_latent_shapes, packed_latent_position_ids, vae_idx, packed_timesteps, device
+            )
+            packed_sequence = packed_sequence.index_put((vae_idx,), gen_embed.to(packed_sequence.dtype))
+
+        # ---- language model
+        extra = {}
+        if self.use_moe:
+            und = text_idx if vit_idx is None else torch.cat([text_idx, vit_idx])
+            extra = dict(packed_und_token_indexes=und, packed_gen_token_indexes=vae_idx)
+        hidden = self.language_model.forward_train(
+            packed_sequence, sample_lens, mask, _index(packed_position_ids, "packed_position_ids", device), **extra
+        )
+
+        # ---- losses
+        ce = None
+        if ce_loss_indexes is not None:
+            if packed_label_ids is None:
+                raise ValueError("ce_loss_indexes given without packed_label_ids")
+            ce_idx = _index(ce_loss_indexes, "ce_loss_indexes", device, allow_bool_len=L)
+            labels = _index(packed_label_ids, "packed_label_ids", device)
+            if labels.numel() != ce_idx.numel():
+                raise ValueError(f"packed_label_ids has {labels.numel()} entries but ce_loss_indexes selects {ce_idx.numel()}")
+            _check_range(ce_idx, "ce_loss_indexes", L, "sequence_length")
+            vocab = self.get_output_embeddings().out_features
+            if labels.numel() and bool((((labels < 0) & (labels != -100)) | (labels >= vocab)).any()):
+                raise ValueError(f"packed_label_ids has entries outside [0, {vocab}) (and not the ignore index -100)")
+            logits = self.language_model.lm_head(hidden[ce_idx])
+            ce = F.cross_entropy(logits, labels, reduction="none")
+        mse = None
+        if has_gen and mse_loss_indexes is not None:
+            mse_idx = _index(mse_loss_indexes, "mse_loss_indexes", device, allow_bool_len=L)
+            has_mse = t > 0
+            if not torch.equal(mse_idx, vae_idx[has_mse]):
+                raise ValueError(
+                    "mse_loss_indexes must list the noised VAE tokens (finite packed_timesteps), in "
+                    "packed_vae_token_indexes order"
+                )
+            preds = self.llm2vae(hidden[mse_idx])
+            target = noise - clean  # flow-matching velocity dx_t/dt, from data to noise
+            mse = (preds - target[has_mse]) ** 2
+        return dict(ce=ce, mse=mse)
+
+    # -------------------------------------------------------------- forward pieces
+    @staticmethod
+    def _check_partition(L: int, text_idx: torch.Tensor, vit_idx, vae_idx) -> None:
+        parts = [("packed_text_indexes", text_idx), ("packed_vit_token_indexes", vit_idx), ("packed_vae_token_indexes", vae_idx)]
+        parts = [(n, t) for n, t in parts if t is not None]
+        total = sum(t.numel() for _, t in parts)
+        if total != L:
+            counts = " + ".join(f"{n} ({t.numel()})" for n, t in parts)
+            raise ValueError(
+                f"{counts} = {total} tokens but sequence_length = {L}: the index sets must partition range(sequence_length)"
+            )
+        for n, t in parts:
+            _check_range(t, n, L, "sequence_length")
+        counts = torch.bincount(torch.cat([t for _, t in parts]), minlength=L)
+        if bool((counts != 1).any()):
+            raise ValueError(
+                "packed_text_indexes, packed_vit_token_indexes and packed_vae_token_indexes overlap: "
+                "they must partition range(sequence_length)"
+            )
+
+    def _embed_vit(self, tokens, vit_idx, pos_ids, seqlens, device) -> torch.Tensor:
+        cfg = self.config
+        emb = self.vit_model.vision_model.embeddings
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != emb.patch_dim:
+            raise ValueError(
+                f"packed_vit_tokens must be [num_patches, {emb.patch_dim}] (3*patch_size**2), got "
+                f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}"
+            )
+        N = tokens.shape[0]
+        pos = _index(pos_ids, "packed_vit_position_ids", device)
+        lens = _int_list(seqlens, "vit_token_seqlens")
+        if pos.numel() != N:
+            raise ValueError(f"packed_vit_position_ids has {pos.numel()} entries but packed_vit_tokens {N} patches")
+        if vit_idx.numel() != N:
+            raise ValueError(f"packed_vit_token_indexes has {vit_idx.numel()} entries but packed_vit_tokens {N} patches")
+        if sum(lens) != N or any(n <= 0 for n in lens):
+            raise ValueError(f"vit_token_seqlens {lens} must be positive and sum to the {N} patches of packed_vit_tokens")
+        grid = cfg.vit_max_num_patch_per_side**2
+        _check_range(pos, "packed_vit_position_ids", grid, "vit_max_num_patch_per_side ** 2")
+        if not emb.use_rope:
+            _check_range(pos, "packed_vit_position_ids", emb.num_positions, "rows of the ViT position_embedding")
+        mask = PackedMask.from_splits(lens, lens, ["full"] * len(lens), device=device)
+        feats = self.vit_model(tokens.to(device), pos, mask=mask)  # [N, E_vit]
+        return self.connector(feats) + self.vit_pos_embed(pos)
+
+    def _embed_latents(self, padded_latent, shapes, pos_ids, vae_idx, timesteps, device):
+        p = self.latent_patch_size
+        C = self.latent_channel
+        if not isinstance(padded_latent, torch.Tensor) or padded_latent.dim() != 4 or padded_latent.shape[1] != C:
+            raise ValueError(
+                f"padded_latent must be [num_images, {C}, H, W] (z_channels={C}), got "
+                f"{tuple(padded_latent.shape) if isinstance(padded_latent, torch.Tensor) else type(padded_latent).__name__}"
+            )
+        try:
+            shapes = [(int(h), int(w)) for h, w in shapes]
+        except (TypeError, ValueError):
+            raise ValueError(f"patchified_vae_latent_shapes must be a list of (h, w) int pairs, got {shapes!r}") from None
+        n_img, _, H, W = padded_latent.shape
+        if len(shapes) != n_img:
+            raise ValueError(f"patchified_vae_latent_shapes has {len(shapes)} entries but padded_latent {n_img} images")
+        for i, (h, w) in enumerate(shapes):
+            if h <= 0 or w <= 0 or h * p > H or w * p > W:
+                raise ValueError(
+                    f"patchified_vae_latent_shapes[{i}] = {(h, w)} does not fit padded_latent of {H}x{W} with latent_patch_size {p}"
+                )
+        n_tok = sum(h * w for h, w in shapes)
+        pos = _index(pos_ids, "packed_latent_position_ids", device)
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.as_tensor(timesteps, dtype=torch.float32)
+        if timesteps.dim() != 1 or not timesteps.is_floating_point():
+            raise ValueError(f"packed_timesteps must be a 1-D float tensor (logits; -inf = clean), got {timesteps.dtype} {tuple(timesteps.shape)}")
+        for name, n in (("packed_vae_token_indexes", vae_idx.numel()), ("packed_latent_position_ids", pos.numel()), ("packed_timesteps", timesteps.numel())):
+            if n != n_tok:
+                raise ValueError(f"{name} has {n} entries but patchified_vae_latent_shapes give {n_tok} latent tokens")
+        _check_range(pos, "packed_latent_position_ids", self.max_latent_size**2, "max_latent_size ** 2")
+        clean = patchify_latents(padded_latent.to(device), shapes, p)  # [n_tok, p*p*C]
+        noise = torch.randn_like(clean)
+        t = torch.sigmoid(timesteps.to(device))
+        s = self.timestep_shift
+        t = s * t / (1 + (s - 1) * t)
+        x_t = (1 - t[:, None]) * clean + t[:, None] * noise
+        w = self.vae2llm.weight
+        embed = self.vae2llm(x_t.to(w.dtype)) + self.time_embedder(t) + self.latent_pos_embed(pos)
+        return embed, clean, noise, t
+
+
+def _numel(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel()
+    try:
+        return len(x)
+    except TypeError:
+        return 1

@@ -1,0 +1,170 @@
+"""bagel.packing: packs built like BAGEL's PackedDataset (hand-computed expectations), masks that follow
+the rule of DESIGN.md sec. 3, flex-style padding, and clear errors."""
+
+import random
+
+import pytest
+import torch
+
+from bagel import BagelConfig
+from bagel.packing import (
+    EditSample,
+    Sample,
+    SpecialTokens,
+    T2ISample,
+    Text,
+    TextSample,
+    UnderstandingSample,
+    VaeImage,
+    VitImage,
+    flattened_position_ids,
+    len2weight,
+    pack_samples,
+    patchify,
+    synthetic_samples,
+)
+from bagel_kernels import PackedMask
+from bagel_kernels.reference import dense_mask_from_rule
+
+CFG = BagelConfig.tiny()  # vocab 128 -> special tokens 124..127; ViT patch 4, grid 8; latent C=4, p=2
+TOK = SpecialTokens.for_config(CFG)
+B, E, SOI, EOI = TOK.bos, TOK.eos, TOK.start_of_image, TOK.end_of_image
+
+
+def test_special_tokens():
+    assert (B, E, SOI, EOI) == (124, 125, 126, 127)
+    assert SpecialTokens.for_config(BagelConfig.bagel_7b_mot(llm_layers=1, vit_layers=1)) == SpecialTokens.qwen2()
+
+
+def test_patchify_order():
+    # token (r, c) of the patch grid holds pixel [ch, r*p + i, c*p + j] at position (i*p + j)*C + ch
+    C, p = 3, 2
+    img = torch.arange(C * 4 * 6, dtype=torch.float32).reshape(C, 4, 6)
+    toks = patchify(img, p)
+    assert toks.shape == (2 * 3, p * p * C)
+    for r in range(2):
+        for c in range(3):
+            for i in range(p):
+                for j in range(p):
+                    for ch in range(C):
+                        assert toks[r * 3 + c, (i * p + j) * C + ch] == img[ch, r * p + i, c * p + j]
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        patchify(torch.zeros(3, 5, 4), 2)
+
+
+def test_flattened_position_ids():
+    assert flattened_position_ids(2, 3, 5).tolist() == [0, 1, 2, 5, 6, 7]
+    # interpolation spreads a coarse grid over the whole max grid: 2 rows of a 4-grid land on rows 0, 2
+    assert flattened_position_ids(2, 2, 4, interpolate=True).tolist() == [0, 2, 8, 10]
+    # a full-size grid is the identity either way
+    assert torch.equal(flattened_position_ids(4, 4, 4, True), flattened_position_ids(4, 4, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        flattened_position_ids(5, 2, 4)
+
+
+def test_len2weight():
+    assert len2weight(4) == 0.5 and len2weight(4, "sample") == 0.25 and len2weight(4, "token") == 1.0
+    assert len2weight(0) == 0.0
+    with pytest.raises(ValueError):
+        len2weight(3, "mean")
+
+
+def test_pack_layout_by_hand():
+    px = torch.randn(3, 8, 4)  # 2x1 patches of 4
+    lat_clean = torch.randn(4, 2, 4)  # 1x2 latent tokens (p=2)
+    lat_noise = torch.randn(4, 4, 2)  # 2x1
+    samples = [
+        TextSample([5, 6]),
+        Sample([VitImage(px), Text([7], loss=True)]),
+        Sample([Text([8]), VaeImage(lat_clean, noised=False), VaeImage(lat_noise, noised=True, timestep=0.5)]),
+    ]
+    b = pack_samples(samples, CFG, max_num_tokens=40)
+    # sample 0: [B 5 6 E] | sample 1: [SOI v v EOI][B 7 E] | sample 2: [B 8 E][SOI l l EOI][SOI n n EOI]
+    assert b["sequence_length"] == 4 + 7 + 11 == 22
+    assert b["sample_lens"] == [4, 7, 11, 18]
+    assert b["split_lens"] == [4, 4, 3, 3, 4, 4, 18]
+    assert b["attn_modes"] == ["causal", "full", "causal", "causal", "full", "noise", "causal"]
+    assert b["packed_text_ids"].tolist() == [B, 5, 6, E, SOI, EOI, B, 7, E, B, 8, E, SOI, EOI, SOI, EOI]
+    assert b["packed_text_indexes"].tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 17, 18, 21]
+    assert b["packed_vit_token_indexes"].tolist() == [5, 6]
+    assert b["packed_vae_token_indexes"].tolist() == [15, 16, 19, 20]
+    # RoPE: text advances per token, an image is one position (+1 after a clean one, +0 after a noised one)
+    assert b["packed_position_ids"].tolist() == [0, 1, 2, 3, 0, 0, 0, 0, 1, 2, 3, 0, 1, 2, 3, 3, 3, 3, 4, 4, 4, 4]
+    # labels: next token of [B, ids...] is [ids..., E]
+    assert b["ce_loss_indexes"].tolist() == [0, 1, 2, 8, 9]
+    assert b["packed_label_ids"].tolist() == [5, 6, E, 7, E]
+    assert torch.allclose(b["ce_loss_weights"], torch.tensor([3**-0.5] * 3 + [2**-0.5] * 2))
+    assert b["mse_loss_indexes"].tolist() == [19, 20]
+    t = b["packed_timesteps"]
+    assert torch.isneginf(t[:2]).all() and torch.equal(t[2:], torch.tensor([0.5, 0.5]))
+    assert b["patchified_vae_latent_shapes"] == [(1, 2), (2, 1)]
+    assert b["padded_latent"].shape == (2, 4, 4, 4)
+    assert torch.equal(b["padded_latent"][0, :, :2, :4], lat_clean) and b["padded_latent"][0, :, 2:].abs().sum() == 0
+    assert b["packed_latent_position_ids"].tolist() == [0, 1, 0, 8]  # max_latent_size 8
+    assert torch.equal(b["packed_vit_tokens"], patchify(px, 4))
+    assert b["packed_vit_position_ids"].tolist() == [0, 8] and b["vit_token_seqlens"].tolist() == [2]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pack_partition_and_mask_rule(seed):
+    kinds = random.Random(seed).choices(["text", "und", "t2i", "edit"], k=5)
+    b = pack_samples(synthetic_samples(kinds, CFG, seed=seed), CFG, max_num_tokens=400, rng=seed)
+    L = b["sequence_length"]
+    idx = [b["packed_text_indexes"]]
+    idx += [b[k] for k in ("packed_vit_token_indexes", "packed_vae_token_indexes") if k in b]
+    assert torch.equal(torch.sort(torch.cat(idx)).values, torch.arange(L))
+    assert sum(b["sample_lens"]) == 400 and b["attn_modes"][-1] == "causal"
+    # splits mask == the rule == the nested per-sample masks of mask_format="nested"
+    mask = PackedMask.from_splits(b["sample_lens"], b["split_lens"], b["attn_modes"])
+    assert torch.equal(mask.to_dense(), dense_mask_from_rule(b["sample_lens"], b["split_lens"], b["attn_modes"]))
+    n = pack_samples(synthetic_samples(kinds, CFG, seed=seed), CFG, mask_format="nested", rng=seed)
+    assert "split_lens" not in n and n["sample_lens"] == b["sample_lens"][:-1]
+    dense = PackedMask.from_dense(n["nested_attention_masks"]).to_dense()
+    assert torch.equal(dense, mask.truncated(L).to_dense())
+    for k in ("packed_text_ids", "packed_position_ids", "packed_timesteps", "ce_loss_indexes"):
+        if k in b:
+            assert torch.equal(b[k], n[k])
+
+
+def test_random_timesteps_seeded():
+    s = [T2ISample([1, 2], torch.randn(4, 4, 4)), T2ISample([3], torch.randn(4, 2, 2))]
+    a = pack_samples(s, CFG, rng=7)["packed_timesteps"]
+    b = pack_samples(s, CFG, rng=7)["packed_timesteps"]
+    c = pack_samples(s, CFG, rng=8)["packed_timesteps"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a[:4].unique().numel() == 1 and a[4:].unique().numel() == 1  # one logit per image
+
+
+def test_convenience_samples():
+    px, lat = torch.randn(3, 8, 8), torch.randn(4, 4, 4)
+    und = UnderstandingSample(px, [1], [2, 3])
+    assert [type(s).__name__ for s in und.segments] == ["VitImage", "Text", "Text"]
+    assert [s.loss for s in und.segments[1:]] == [False, True]
+    edit = EditSample(px, lat, [4], lat)
+    assert [(type(s).__name__, getattr(s, "noised", None)) for s in edit.segments] == [
+        ("VaeImage", False),
+        ("VitImage", None),
+        ("Text", None),
+        ("VaeImage", True),
+    ]
+    b = pack_samples([edit], CFG)
+    assert b["attn_modes"] == ["full", "full", "causal", "noise"]
+
+
+def test_pack_errors():
+    with pytest.raises(ValueError, match="max_num_tokens"):
+        pack_samples([TextSample(list(range(10)))], CFG, max_num_tokens=5)
+    with pytest.raises(ValueError, match="outside"):
+        pack_samples([TextSample([1, 500])], CFG)
+    with pytest.raises(ValueError, match="visual_gen=False"):
+        pack_samples([T2ISample([1], torch.randn(4, 2, 2))], BagelConfig.tiny(visual_gen=False))
+    with pytest.raises(ValueError, match="latent must be"):
+        pack_samples([T2ISample([1], torch.randn(3, 2, 2))], CFG)
+    with pytest.raises(ValueError, match="ViT pixels"):
+        pack_samples([Sample([VitImage(torch.randn(8, 8))])], CFG)
+    with pytest.raises(ValueError, match="segment type"):
+        pack_samples([["hello"]], CFG)
+    with pytest.raises(ValueError, match="mask_format"):
+        pack_samples([TextSample([1])], CFG, mask_format="dense")
+    with pytest.raises(ValueError, match="splits"):
+        pack_samples([TextSample([1])], CFG, max_num_tokens=10, mask_format="nested")
