@@ -457,3 +457,28 @@ def test_gpu_deterministic_backward_is_bitwise_reproducible():
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
     for name in g1:
         assert (g1[name] is None and g2[name] is None) or torch.equal(g1[name], g2[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- benchmark pack
+def test_bench_mot_pack_has_about_half_generation_tokens():
+    """benchmarks/bench_mot.py marks VAE latents (inside noise splits and edit samples' clean VAE image)
+    as generation tokens; its 16k pack must have about half of them, never on image bracket tokens."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_mot
+
+    layout, mask, L, pos, und, gen, seed = bench_mot.build_pack(16384, False, "cpu")
+    assert L == 16384 and und.numel() + gen.numel() == L
+    assert 0.4 <= gen.numel() / L <= 0.6
+    split_of = torch.repeat_interleave(torch.arange(len(layout.split_lens)), torch.tensor(layout.split_lens))
+    starts = torch.tensor([0] + layout.split_lens).cumsum(0)
+    modes = [layout.attn_modes[i] for i in split_of[gen].tolist()]
+    assert all(m in ("noise", "full") for m in modes)
+    s = split_of[gen]
+    assert bool((gen > starts[s]).all()) and bool((gen < starts[s + 1] - 1).all())  # not a bracket token
+    noise_tokens = sum(n - 2 for n, m in zip(layout.split_lens, layout.attn_modes) if m == "noise")
+    assert modes.count("noise") == noise_tokens
+    # positions: every token of an image shares one position, text advances by one
+    assert bool((pos[gen] == pos[gen - 1]).all())

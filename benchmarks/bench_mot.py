@@ -1,0 +1,489 @@
+"""MoT routing: one Qwen2 MoT decoder layer, grouped (ours) vs upstream's gather/scatter vs a dense layer.
+
+    python benchmarks/bench_mot.py [--out DIR] [--quick] [--tokens 16384] [--tiny]
+
+BAGEL-7B shapes (hidden 3584, intermediate 18944, 28 query / 4 KV heads, head_dim 128), bf16, CUDA,
+on a realistic pack (``bagel_kernels.testing.realistic_pack``): generation tokens are the VAE latents
+(inside noise splits, and the clean VAE image of edit samples), everything else (text, ViT patches,
+image bracket tokens) is understanding. Forward+backward median ms of one layer:
+
+    (a) grouped      bagel.qwen2 fast path: rows grouped by expert once, routed ops on two contiguous
+                     slices (mot backend "triton"), Triton attention reading rows through the permutation
+    (b) gather/scat. bagel.qwen2_reference layer: per-op x[und] / x[gen] gather and scatter (upstream),
+                     plain torch ops, the SAME Triton attention in pack order (only routing differs)
+    (c) dense        Qwen2DecoderLayer (one expert) on the same tokens, same kernels: the floor
+
+Goal: (a) >= 1.25x faster than (b) and within 10% of (c). The grouped layout's one-time cost per
+forward (grouping, rows permutation, RoPE tables, un-permute) is timed separately and shown amortised
+over BAGEL-7B's 28 layers. A second table microbenchmarks every ``bagel_kernels.mot`` op (fwd+bwd)
+against its torch backend and against upstream-style gather/scatter in torch.
+
+Without CUDA the script prints "needs CUDA" and exits 0; ``--tiny`` runs the same code on tiny shapes
+on the CPU (Triton under its interpreter) to check the script itself, and its times mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+if "--tiny" in sys.argv:  # the interpreter must be chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+BAGEL_7B = dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28, theta=1e6)
+TINY = dict(hidden=128, inter=256, heads=4, kv_heads=2, layers=28, theta=1e4)
+
+
+# ---------------------------------------------------------------------------------------------- pack
+def gen_flags(layout) -> torch.Tensor:
+    """Bool per token: True for VAE latent tokens (generation), False for text/ViT/brackets.
+
+    Noise splits are VAE images being generated; in edit samples the second full split is the clean VAE
+    image (the first is the ViT image); interleaved samples' images are VAE images. An image split's two
+    bracket tokens are text."""
+    flags = torch.zeros(sum(layout.sample_lens), dtype=torch.bool)
+    pos = 0
+    split_iter = iter(zip(layout.split_lens, layout.attn_modes, strict=True))
+    for kind, slen in zip(layout.sample_kinds, layout.sample_lens, strict=True):
+        used, fulls = 0, 0
+        while used < slen:
+            n, mode = next(split_iter)
+            is_vae = mode == "noise" or (mode == "full" and (kind == "interleaved" or (kind == "edit" and fulls == 1)))
+            fulls += mode == "full"
+            if is_vae and n >= 3:
+                flags[pos + 1 : pos + n - 1] = True
+            pos += n
+            used += n
+        if slen == 0:  # zero-length pad sample: its (empty) split
+            next(split_iter, None)
+    return flags
+
+
+def positions(layout) -> torch.Tensor:
+    """RoPE positions: text advances by one per token, every token of an image shares one position."""
+    out = torch.zeros(sum(layout.sample_lens), dtype=torch.long)
+    start, split_idx = 0, 0
+    for slen in layout.sample_lens:
+        p, used = 0, 0
+        while used < slen:
+            n, mode = layout.split_lens[split_idx], layout.attn_modes[split_idx]
+            split_idx += 1
+            if mode == "causal":
+                out[start : start + n] = torch.arange(p, p + n)
+                p += n
+            else:
+                out[start : start + n] = p
+                p += 1
+            start += n
+            used += n
+        if slen == 0:
+            split_idx += 1
+    return out
+
+
+def build_pack(tokens: int, tiny: bool, device):
+    """(layout, mask, L, positions, und, gen, seed): for realistic packs, the seed among 0..31 whose
+    generation fraction is closest to one half."""
+    import random
+
+    from bagel_kernels import PackedMask
+    from bagel_kernels.testing import random_pack, realistic_pack
+
+    if tiny:
+        layout = random_pack(random.Random(0), 6, text=(2, 12), image=(3, 24), kinds=("und", "t2i", "edit"))
+        seed = 0
+    else:
+        best = None
+        for s in range(32):
+            lay = realistic_pack(tokens, seed=s)
+            frac = float(gen_flags(lay).float().mean())
+            if best is None or abs(frac - 0.5) < abs(best[0] - 0.5):
+                best = (frac, s, lay)
+        _, seed, layout = best
+    flags = gen_flags(layout)
+    mask = PackedMask.from_splits(*layout.as_tuple(), device=device)
+    L = mask.total_len
+    und = torch.nonzero(~flags).flatten().to(device)
+    gen = torch.nonzero(flags).flatten().to(device)
+    return layout, mask, L, positions(layout).to(device), und, gen, seed
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, reps: int, warmup: int) -> float:
+    """Median ms of ``fn()`` over ``reps`` calls after ``warmup`` calls (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(fn, device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    if hasattr(fn, "reset"):
+        fn.reset()  # free the previous call's gradients before taking the baseline
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def fwd_bwd(f, inputs: list[torch.Tensor], params: list[torch.Tensor], dy: torch.Tensor):
+    """A closure running ``f(*inputs)`` forward and backward with gradient ``dy`` (grads reset each call)."""
+
+    def reset():
+        for t in (*inputs, *params):
+            t.grad = None
+
+    def step():
+        reset()
+        out = f(*inputs)
+        if isinstance(out, tuple):
+            torch.autograd.backward(out, dy)
+        else:
+            out.backward(dy)
+
+    step.reset = reset
+    return step
+
+
+# ---------------------------------------------------------------------------------------------- layer benchmark
+def run_layer(args, device, dims, table_rows: list, notes: list):
+    from transformers import Qwen2Config
+
+    from bagel.backend import BagelBackendConfig
+    from bagel.qwen2 import PackContext, Qwen2DecoderLayer, Qwen2MoTDecoderLayer
+    from bagel.qwen2_reference import reference_layer_forward
+    from bagel_kernels import mot
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = Qwen2Config(
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["inter"],
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"],
+        num_hidden_layers=1,
+        rope_theta=dims["theta"],
+        vocab_size=128,
+        qk_norm=True,
+        layer_module="Qwen2MoTDecoderLayer",
+    )
+    D = dims["hidden"] // dims["heads"]
+    layout, mask, L, pos, und, gen, seed = build_pack(args.tokens, args.tiny, device)
+    n_gen = gen.numel()
+    kinds = {k: layout.sample_kinds.count(k) for k in sorted(set(layout.sample_kinds))}
+    notes.append(
+        f"pack: {L} tokens, {len(layout.sample_lens)} samples {kinds} "
+        f"({'random_pack' if args.tiny else 'realistic_pack'} seed {seed}); "
+        f"generation tokens {n_gen} = {n_gen / L:.1%} (VAE latents: noise images and edit samples' clean VAE images)"
+    )
+    fast = BagelBackendConfig(attention="triton", mot="triton")
+    attn_backend = "triton"
+
+    torch.manual_seed(0)
+    mot_layer = Qwen2MoTDecoderLayer(cfg, 0).to(device=device, dtype=dtype)
+    dense_layer = Qwen2DecoderLayer(cfg, 0).to(device=device, dtype=dtype)
+    with torch.no_grad():  # HF-like init: small weights, distinct experts
+        for layer in (mot_layer, dense_layer):
+            for name, p in layer.named_parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.02)
+                elif "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+    x = torch.randn(L, dims["hidden"], device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(L, dims["hidden"], device=device, dtype=dtype)
+
+    # (a) grouped: the one-time entry work is outside the layer (done once per model forward)
+    def entry():
+        perm, inv, n_und = mot.grouped_order(und, gen, L)
+        mask_g = mask.truncated(L).with_row_index(inv)
+        cos, sin = mot.rope_cos_sin(pos[perm.long()], D, dims["theta"], dtype)
+        return perm, inv, n_und, mask_g, cos, sin
+
+    perm, inv, n_und, mask_g, cos_g, sin_g = entry()
+    ctx = PackContext(n_und=n_und, cos=cos_g, sin=sin_g, mask=mask_g, backend=fast)
+    x_g = mot.permute_rows(x.detach(), perm).requires_grad_(True)
+    dy_g = mot.permute_rows(dy, perm)
+    mot_params = list(mot_layer.parameters())
+    grouped = fwd_bwd(lambda t: mot_layer.forward_grouped(t, ctx), [x_g], mot_params, dy_g)
+
+    # (b) upstream gather/scatter with the same attention kernel, pack order
+    cos, sin = mot.rope_cos_sin(pos, D, dims["theta"], dtype)
+    mask_t = mask.truncated(L)
+    reference = fwd_bwd(
+        lambda t: reference_layer_forward(mot_layer, t, mask_t, cos, sin, und, gen, attention=attn_backend), [x], mot_params, dy
+    )
+
+    # (c) dense layer, same kernels, same tokens, pack order (no row index)
+    ctx_dense = PackContext(n_und=L, cos=cos, sin=sin, mask=mask_t, backend=fast)
+    dense = fwd_bwd(lambda t: dense_layer.forward_grouped(t, ctx_dense), [x], list(dense_layer.parameters()), dy)
+
+    # sanity: (a) and (b) compute the same layer
+    with torch.no_grad():
+        ya = mot.permute_rows(mot_layer.forward_grouped(x_g, ctx), inv)
+        yb = reference_layer_forward(mot_layer, x, mask_t, cos, sin, und, gen, attention=attn_backend)
+        rel = float((ya.float() - yb.float()).abs().max() / yb.float().abs().max())
+    notes.append(f"grouped vs gather/scatter layer output: max |diff| / max |ref| = {rel:.2e} ({dtype})")
+
+    # the grouped layout's one-time cost per model forward: entry + x permute + final un-permute (fwd+bwd)
+    def once():
+        perm_, inv_, _, _, _, _ = entry()
+        xx = mot.permute_rows(x, perm_)
+        mot.permute_rows(xx, inv_).backward(dy)
+        x.grad = None
+
+    reps, warm = args.reps, args.warmup
+    t_a = time_ms(grouped, device, reps, warm)
+    t_b = time_ms(reference, device, reps, warm)
+    t_c = time_ms(dense, device, reps, warm)
+    t_once = time_ms(once, device, reps, warm)
+    m_a, m_b, m_c = (peak_mib(f, device) for f in (grouped, reference, dense))
+    per_layer_once = t_once / dims["layers"]
+    t_a_tot = t_a + per_layer_once
+    table_rows += [
+        ("(a) grouped MoT layer (ours)", t_a, m_a, f"{t_b / t_a:.2f}x", f"{t_a / t_c - 1:+.1%}"),
+        (f"(a') + one-time grouping / {dims['layers']} layers", t_a_tot, float("nan"), f"{t_b / t_a_tot:.2f}x", f"{t_a_tot / t_c - 1:+.1%}"),
+        ("(b) gather/scatter MoT layer (upstream routing)", t_b, m_b, "1.00x", f"{t_b / t_c - 1:+.1%}"),
+        ("(c) dense layer (floor)", t_c, m_c, f"{t_b / t_c:.2f}x", "+0.0%"),
+    ]
+    notes.append(f"one-time grouping per forward (grouped_order + mask row index + RoPE tables + permute in/out, fwd+bwd): {t_once:.3f} ms")
+    goal_a = t_b / t_a_tot >= 1.25
+    goal_c = t_a_tot / t_c <= 1.10
+    notes.append(
+        f"goals: (a') >= 1.25x faster than (b): {'MET' if goal_a else 'NOT MET'} ({t_b / t_a_tot:.2f}x); "
+        f"(a') within 10% of (c): {'MET' if goal_c else 'NOT MET'} ({t_a_tot / t_c - 1:+.1%})"
+    )
+    if args.upstream_flex and device.type == "cuda":
+        flex_ref = fwd_bwd(
+            lambda t: reference_layer_forward(mot_layer, t, mask_t, cos, sin, und, gen, attention="flex"), [x], mot_params, dy
+        )
+        t_f = time_ms(flex_ref, device, reps, warm)
+        table_rows.append(("(u) gather/scatter + FlexAttention (upstream-like)", t_f, peak_mib(flex_ref, device), f"{t_b / t_f:.2f}x", f"{t_f / t_c - 1:+.1%}"))
+    return dict(a=t_a, a_tot=t_a_tot, b=t_b, c=t_c, L=L, n_gen=n_gen, und=und, gen=gen, perm=perm, n_und=n_und, D=D, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- op benchmarks
+def _rms(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _scatter2(x, und, gen, f_und, f_gen, out_shape):
+    out = x.new_zeros(out_shape)
+    out[und] = f_und(x[und])
+    out[gen] = f_gen(x[gen])
+    return out
+
+
+def run_ops(args, device, dims, info, rows: list):
+    import torch.nn.functional as F
+
+    from bagel.qwen2_reference import apply_rotary
+    from bagel_kernels import mot
+
+    L, n, dtype, D = info["L"], info["n_und"], info["dtype"], info["D"]
+    und, gen, perm = info["und"], info["gen"], info["perm"]
+    H, I, Hq, Hkv = dims["hidden"], dims["inter"], dims["heads"], dims["kv_heads"]
+    eps = 1e-6
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, scale=1.0, grad=True):
+        t = (torch.randn(*shape, device=device, generator=g) * scale).to(dtype)
+        return t.requires_grad_(grad)
+
+    cos, sin = mot.rope_cos_sin(torch.arange(L, device=device), D, dims["theta"], dtype)
+
+    cases = []
+    # RMSNorm over the hidden size
+    x, w1, w2 = rnd(L, H), rnd(H, scale=0.1), rnd(H, scale=0.1)
+    dy = rnd(L, H, grad=False)
+    cases.append((
+        f"mot_rms_norm [{L}, {H}]",
+        lambda b: fwd_bwd(lambda t: mot.mot_rms_norm(t, n, w1, w2, eps, backend=b), [x], [w1, w2], dy),
+        fwd_bwd(lambda t: _scatter2(t, und, gen, lambda u: _rms(u, w1, eps), lambda v: _rms(v, w2, eps), t.shape), [x], [w1, w2], dy),
+    ))
+    # q/k per-head RMSNorm + RoPE
+    q, k = rnd(L, Hq, D), rnd(L, Hkv, D)
+    qw1, qw2, kw1, kw2 = (rnd(D, scale=0.1) for _ in range(4))
+    dq, dk = rnd(L, Hq, D, grad=False), rnd(L, Hkv, D, grad=False)
+
+    def qk_gs(qq, kk):
+        q_ = _scatter2(qq, und, gen, lambda u: _rms(u, qw1, eps), lambda v: _rms(v, qw2, eps), qq.shape)
+        k_ = _scatter2(kk, und, gen, lambda u: _rms(u, kw1, eps), lambda v: _rms(v, kw2, eps), kk.shape)
+        return apply_rotary(q_, k_, cos, sin)
+
+    cases.append((
+        f"mot_qk_norm_rope q [{L}, {Hq}, {D}], k [{L}, {Hkv}, {D}]",
+        lambda b: fwd_bwd(
+            lambda a, c: mot.mot_qk_norm_rope(a, c, n, qw1, qw2, kw1, kw2, cos, sin, eps, backend=b), [q, k], [qw1, qw2, kw1, kw2], (dq, dk)
+        ),
+        fwd_bwd(qk_gs, [q, k], [qw1, qw2, kw1, kw2], (dq, dk)),
+    ))
+    # SwiGLU (not routed: the gather/scatter column is plain torch)
+    gt, up = rnd(L, I), rnd(L, I)
+    dh = rnd(L, I, grad=False)
+    cases.append((
+        f"swiglu [{L}, {I}]",
+        lambda b: fwd_bwd(lambda a, c: mot.swiglu(a, c, backend=b), [gt, up], [], dh),
+        fwd_bwd(lambda a, c: F.silu(a) * c, [gt, up], [], dh),
+    ))
+    # routed linear: the q projection (bias) and the MLP gate projection
+    for name, out_f, bias in (("q_proj", Hq * D, True), ("gate_proj", I, False)):
+        xx = rnd(L, H)
+        wa, wb = rnd(out_f, H, scale=H**-0.5), rnd(out_f, H, scale=H**-0.5)
+        ba, bb = (rnd(out_f, scale=0.1), rnd(out_f, scale=0.1)) if bias else (None, None)
+        ps = [p for p in (wa, wb, ba, bb) if p is not None]
+        dyo = rnd(L, out_f, grad=False)
+        cases.append((
+            f"mot_linear {name} [{L}, {H}] -> {out_f}",
+            lambda b, xx=xx, wa=wa, wb=wb, ba=ba, bb=bb, ps=ps, dyo=dyo: fwd_bwd(
+                lambda t: mot.mot_linear(t, n, wa, ba, wb, bb, backend=b), [xx], ps, dyo
+            ),
+            fwd_bwd(
+                lambda t, wa=wa, wb=wb, ba=ba, bb=bb, out_f=out_f: _scatter2(
+                    t, und, gen, lambda u: F.linear(u, wa, ba), lambda v: F.linear(v, wb, bb), (t.shape[0], out_f)
+                ),
+                [xx], ps, dyo,
+            ),
+        ))
+    # row permutation (the grouped layout pays it once per forward, not per op)
+    xp = rnd(L, H)
+    dyp = rnd(L, H, grad=False)
+    cases.append((
+        f"permute_rows [{L}, {H}]",
+        lambda b: fwd_bwd(lambda t: mot.permute_rows(t, perm), [xp], [], dyp)
+        if b == "triton"
+        else fwd_bwd(lambda t: t[perm], [xp], [], dyp),
+        None,
+    ))
+
+    for name, make, gather_scatter in cases:
+        t_tri = time_ms(make("triton"), device, args.reps, args.warmup)
+        t_torch = time_ms(make("torch"), device, args.reps, args.warmup)
+        t_gs = time_ms(gather_scatter, device, args.reps, args.warmup) if gather_scatter is not None else float("nan")
+        rows.append((name, t_tri, t_torch, t_gs))
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _plot(path, layer_rows, op_rows):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+    names = [r[0].split(" ")[0] for r in layer_rows]
+    ax1.bar(names, [r[1] for r in layer_rows], color=["tab:green", "tab:olive", "tab:red", "tab:gray", "tab:purple"][: len(layer_rows)])
+    ax1.set_ylabel("fwd+bwd ms (median)")
+    ax1.set_title("one MoT decoder layer")
+    for i, r in enumerate(layer_rows):
+        ax1.text(i, r[1], f"{r[1]:.1f}", ha="center", va="bottom", fontsize=8)
+    labels = [r[0].split(" ")[0] + ("\n" + r[0].split(" ")[1] if r[0].startswith("mot_linear") else "") for r in op_rows]
+    xs = range(len(op_rows))
+    wdt = 0.27
+    for j, (lab, col) in enumerate((("triton (grouped)", 1), ("torch (grouped)", 2), ("torch gather/scatter", 3))):
+        ax2.bar([i + (j - 1) * wdt for i in xs], [r[col] for r in op_rows], width=wdt, label=lab)
+    ax2.set_xticks(list(xs))
+    ax2.set_xticklabels(labels, fontsize=7)
+    ax2.set_ylabel("fwd+bwd ms (median)")
+    ax2.set_title("bagel_kernels.mot ops")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> str:
+    from common import Table, device_info
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dims = TINY if args.tiny else BAGEL_7B
+    layer_rows: list = []
+    notes: list = []
+    t0 = time.perf_counter()
+    info = run_layer(args, device, dims, layer_rows, notes)
+    op_rows: list = []
+    run_ops(args, device, dims, info, op_rows)
+
+    shape = "tiny CPU shapes (interpreter: times are meaningless)" if args.tiny else "BAGEL-7B shapes, bf16"
+    t1 = Table(
+        f"MoT decoder layer, fwd+bwd, {info['L']} tokens, {shape}",
+        ["variant", "ms (median)", "peak MiB", "speed-up vs (b)", "vs dense (c)"],
+    )
+    for name, ms, mib, sp, vs in layer_rows:
+        t1.add([name, f"{ms:.3f}", "-" if mib != mib else f"{mib:.0f}", sp, vs])
+    for note in notes:
+        t1.note(note)
+    t1.note(device_info(device))
+    t1.note(f"median of {args.reps} timed calls after {args.warmup} warm-up calls; {time.perf_counter() - t0:.0f} s for the whole script")
+    t2 = Table(
+        "bagel_kernels.mot ops, fwd+bwd ms (median)",
+        ["op", "triton", "torch backend", "torch gather/scatter (upstream)", "triton speed-up vs gather/scatter"],
+    )
+    for name, a, b, c in op_rows:
+        t2.add([name, f"{a:.3f}", f"{b:.3f}", "-" if c != c else f"{c:.3f}", "-" if c != c else f"{c / a:.2f}x"])
+    t2.note("permute_rows: the torch column is x[perm] (its backward an index_put); the grouped layout pays it once per forward")
+    text = t1.render() + "\n" + t2.render()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_mot.md"), "w") as f:
+            f.write(text)
+        _plot(os.path.join(args.out, "bench_mot.png"), layer_rows, op_rows)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="directory for bench_mot.md and bench_mot.png")
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--tokens", type=int, default=16384, help="pack size (realistic_pack)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (Triton interpreter): checks the script only")
+    p.add_argument("--upstream-flex", action="store_true", help="also time gather/scatter + FlexAttention (compiles: +30-60 s)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.reps, args.warmup = 1, 1
+    elif not torch.cuda.is_available():
+        print("bench_mot: needs CUDA (BAGEL-7B shapes in bf16); no GPU here, nothing measured. Use --tiny to check the script on CPU.")
+        return 0
+    else:
+        args.reps, args.warmup = (5, 2) if args.quick else (15, 3)
+    print(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
