@@ -1,0 +1,457 @@
+"""Fused ViT patch embedding: patchify + linear + bias + absolute position embedding in one kernel.
+
+    out[n] = patch[n] @ weight.T + bias + pos_table[pos_ids[n]]
+
+Shapes (N = patches, K = C * p * p, E = hidden size, P = rows of the position table):
+    patches      [N, K]          packed patches in BAGEL's patchify order (see :func:`patchify`)
+    images       [B, C, H, W]    padded image batch (raw-image entry); H, W need not be multiples of p
+    patch_coords [N, 3]          int (image index, patch row, patch col) of each patch
+    weight       [E, K]          nn.Linear layout (BAGEL's converted SigLIP ``patch_embedding``)
+    bias         [E] or None
+    pos_table    [P, E] or None  e.g. SigLIP's ``position_embedding.weight``
+    pos_ids      [N] int or None BAGEL's flattened ids ``row * max_num_patches_per_side + col``
+    out          [N, E]          dtype of the inputs
+
+Backends (``backend=``):
+    "cuda"     the compiled CUDA kernel (``torch.ops.bagel_kernels_ext.fused_patch_embed``): a tiled GEMM
+               on tensor cores (fp16/bf16, fp32 accumulate) or in exact fp32, patchify gathered in the A-tile
+               load, bias and position row added in the epilogue
+    "cpu_ext"  the same op's CPU kernel (fp32/fp16/bf16, fp32 accumulate)
+    "torch"    the unfused PyTorch path (:func:`patch_embed_reference`): patchify + ``F.linear`` + embedding add
+    "auto"     the extension when it is built and has a kernel for the tensors' device, else "torch"
+               (warning once; :func:`extension_status` and :func:`last_backend` say what ran and why)
+
+The extension (``bagel_kernels/_C*.so``, built by ``pip install --no-build-isolation -e .``) is loaded on
+first use, never at import. Its op is registered with ``torch.library``: a fake implementation for
+``torch.compile`` / meta tensors and an autograd formula (gradients for weight, bias, the position table
+and the pixels; the backward is plain torch ops: ``grad.T @ patches``, ``grad.sum(0)``, an embedding
+backward, ``grad @ weight``).
+
+Index checks: with ``check_indices=True`` (default) out-of-range ``pos_ids`` / ``patch_coords`` raise
+ValueError before any kernel runs (on CUDA that costs one device-to-host sync). With
+``check_indices=False`` there is no sync (CUDA graphs, overlap) and the kernels write a NaN row for an
+out-of-range id instead of reading out of bounds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BACKENDS",
+    "ExtensionStatus",
+    "extension_status",
+    "last_backend",
+    "fused_patch_embed",
+    "fused_patch_embed_images",
+    "patchify",
+    "patchify_images",
+    "image_patch_coords",
+    "patch_embed_reference",
+    "patch_embed_images_reference",
+]
+
+BACKENDS = ("auto", "cuda", "cpu_ext", "torch")
+_OP_NAME = "bagel_kernels_ext::fused_patch_embed"
+_EXT_MODULE = "bagel_kernels._C"
+_EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REF_DTYPES = _EXT_DTYPES + (torch.float64,)  # float64: the torch path only (references, gradcheck)
+
+
+# ------------------------------------------------------------------------------------------ reference
+def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """BAGEL's ``data.data_utils.patchify``: one image ``[C, H, W]`` (H, W multiples of p) ->
+    ``[(H/p) * (W/p), p * p * C]``; patches row-major over the grid, each vector ordered
+    (pixel row, pixel col, channel) with the channel fastest."""
+    p = patch_size
+    c, h, w = image.shape
+    if h % p or w % p:
+        raise ValueError(f"image of size {h}x{w} is not a multiple of patch_size={p}")
+    x = image.reshape(c, h // p, p, w // p, p)  # [C, h, p, w, p]
+    x = torch.einsum("chpwq->hwpqc", x)  # [h, w, p, p, C]
+    return x.reshape(-1, p * p * c)
+
+
+def _patch_grid_view(images: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, H//p, W//p, p, p, C]`` view of ``images`` (no copy): element ``[b, r, c, pi, pj, ch]`` is
+    ``images[b, ch, r*p + pi, c*p + pj]``."""
+    B, C, H, W = images.shape
+    sB, sC, sH, sW = images.stride()
+    return images.as_strided(
+        (B, H // p, W // p, p, p, C), (sB, p * sH, p * sW, sH, sW, sC), images.storage_offset()
+    )
+
+
+def patchify_images(images: torch.Tensor, patch_coords: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Gather the patches named by ``patch_coords`` ``[N, 3]`` = (image, patch row, patch col) from a
+    padded batch ``[B, C, H, W]`` -> ``[N, C * p * p]`` in BAGEL's patchify order (one gather)."""
+    p = patch_size
+    grid = _patch_grid_view(images, p)  # [B, Hp, Wp, p, p, C]
+    coords = patch_coords.long()
+    patches = grid[coords[:, 0], coords[:, 1], coords[:, 2]]  # [N, p, p, C]
+    return patches.reshape(patches.shape[0], -1)
+
+
+def image_patch_coords(
+    image_sizes: list[tuple[int, int]], patch_size: int, max_num_patches_per_side: int | None = None, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(patch_coords [N, 3], pos_ids [N])`` for images of ``(height, width)`` pixels placed at index
+    0, 1, ... of a padded batch, all their patches in BAGEL's order (image by image, row-major);
+    ``pos_ids`` are BAGEL's flattened ids ``row * max_num_patches_per_side + col``
+    (``get_flattened_position_ids_extrapolate``; default side: the largest grid side)."""
+    grids = [(h // patch_size, w // patch_size) for h, w in image_sizes]
+    side = max_num_patches_per_side if max_num_patches_per_side is not None else max([max(g) for g in grids] + [1])
+    coords, ids = [], []
+    for b, (gh, gw) in enumerate(grids):
+        if gw > side:
+            raise ValueError(f"image {b} has {gw} patches per row, more than max_num_patches_per_side={side}")
+        r = torch.arange(gh).repeat_interleave(gw)
+        c = torch.arange(gw).repeat(gh)
+        coords.append(torch.stack([torch.full_like(r, b), r, c], dim=1))
+        ids.append(r * side + c)
+    if not coords:
+        return torch.zeros(0, 3, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat(coords).to(device), torch.cat(ids).to(device)
+
+
+def patch_embed_reference(
+    patches: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pos_table: torch.Tensor | None = None,
+    pos_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The unfused PyTorch path: ``F.linear(patches, weight, bias) + F.embedding(pos_ids, pos_table)``."""
+    out = F.linear(patches, weight, bias)
+    if pos_table is not None:
+        out = out + F.embedding(pos_ids.long(), pos_table)
+    return out
+
+
+def patch_embed_images_reference(
+    images: torch.Tensor,
+    patch_coords: torch.Tensor,
+    patch_size: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pos_table: torch.Tensor | None = None,
+    pos_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unfused PyTorch path from raw images: :func:`patchify_images` then :func:`patch_embed_reference`."""
+    return patch_embed_reference(patchify_images(images, patch_coords, patch_size), weight, bias, pos_table, pos_ids)
+
+
+# ------------------------------------------------------------------------------------------ extension
+@dataclass(frozen=True)
+class ExtensionStatus:
+    """Whether the compiled op is usable: ``loaded`` (the library is loaded and the op registered),
+    ``cpu`` / ``cuda`` (a kernel for that device is registered), ``path`` of the library, and
+    ``reason``: why it is absent or which kernel is missing ("" when everything is there)."""
+
+    loaded: bool
+    cpu: bool
+    cuda: bool
+    path: str | None
+    reason: str
+
+
+_lock = threading.Lock()
+_status: ExtensionStatus | None = None
+_last: tuple[str, str] = ("none", "fused_patch_embed has not been called yet")
+_warned: set[str] = set()
+
+
+def _op_exists() -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(_OP_NAME, "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def _has_kernel(key: str) -> bool:
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, key))
+
+
+def _load() -> ExtensionStatus:
+    if os.environ.get("BAGEL_KERNELS_DISABLE_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
+        return ExtensionStatus(False, False, False, None, "disabled by BAGEL_KERNELS_DISABLE_EXT=1")
+    path = None
+    if not _op_exists():
+        try:
+            spec = importlib.util.find_spec(_EXT_MODULE)
+        except (ImportError, ValueError) as exc:
+            spec = None
+            why = repr(exc)
+        else:
+            why = ""
+        if spec is None or spec.origin is None:
+            return ExtensionStatus(
+                False, False, False, None,
+                f"{_EXT_MODULE} is not built {why}(install with `pip install --no-build-isolation -e .` "
+                "with torch present; BAGEL_KERNELS_SKIP_EXT=1 or a missing compiler skip it)",
+            )
+        path = spec.origin
+        try:
+            torch.ops.load_library(path)
+        except Exception as exc:  # e.g. built against another torch: undefined symbols
+            return ExtensionStatus(False, False, False, path, f"loading {path} failed: {exc}")
+        if not _op_exists():
+            return ExtensionStatus(False, False, False, path, f"{path} loaded but did not register {_OP_NAME}")
+    _register_python_parts()
+    cpu, cuda = _has_kernel("CPU"), _has_kernel("CUDA")
+    missing = [] if cuda else ["no CUDA kernel (built without CUDA: torch without CUDA or no toolkit at build time)"]
+    if not cpu:
+        missing.append("no CPU kernel")
+    return ExtensionStatus(True, cpu, cuda, path, "; ".join(missing))
+
+
+def extension_status() -> ExtensionStatus:
+    """Load the extension if not done yet (no compilation, ever) and report what is usable and why not."""
+    global _status
+    if _status is None:
+        with _lock:
+            if _status is None:
+                _status = _load()
+    return _status
+
+
+def last_backend() -> tuple[str, str]:
+    """``(backend, reason)`` of the most recent :func:`fused_patch_embed` / :func:`fused_patch_embed_images`
+    call (under ``torch.compile``: of the most recent trace)."""
+    return _last
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str, dtype_name: str) -> str:
+    """Backend that runs for these arguments; records it for :func:`last_backend`. Evaluated eagerly
+    (also while torch.compile traces), so loading and warnings stay out of compiled graphs."""
+    global _last
+    st = extension_status()
+    ext_dtype = dtype_name in ("float32", "float16", "bfloat16")
+    if backend == "torch":
+        _last = ("torch", "requested")
+        return "torch"
+    if backend in ("cuda", "cpu_ext"):
+        want = "cuda" if backend == "cuda" else "cpu"
+        if device_type != want:
+            raise ValueError(f"backend={backend!r} needs {want} tensors, got {device_type} tensors")
+        if not (st.cuda if want == "cuda" else st.cpu):
+            raise ValueError(f"backend={backend!r} is not available: {st.reason or 'extension not loaded'}")
+        if not ext_dtype:
+            raise ValueError(f"backend={backend!r} supports float32, float16 and bfloat16, got {dtype_name}")
+        _last = (backend, "requested")
+        return backend
+    # auto
+    if device_type == "cuda" and st.cuda and ext_dtype:
+        _last = ("cuda", "auto: CUDA extension kernel")
+        return "cuda"
+    if device_type == "cpu" and st.cpu and ext_dtype:
+        _last = ("cpu_ext", "auto: CPU extension kernel")
+        return "cpu_ext"
+    if not ext_dtype:
+        why = f"auto: {dtype_name} is not supported by the extension"
+    elif device_type not in ("cpu", "cuda"):
+        why = f"auto: no extension kernel for {device_type} tensors"
+    else:
+        why = f"auto: extension unavailable for {device_type}: {st.reason or 'no kernel for this device'}"
+    _last = ("torch", why)
+    if why not in _warned and ext_dtype:
+        _warned.add(why)
+        warnings.warn(f"fused_patch_embed falls back to the unfused torch path ({why})", RuntimeWarning, stacklevel=3)
+    return "torch"
+
+
+# --------------------------------------------------------------------------- torch.library: fake + autograd
+def _fake(input, weight, bias, pos_table, pos_ids, patch_coords, patch_size, check_indices):
+    n = patch_coords.shape[0] if patch_coords is not None else input.shape[0]
+    return input.new_empty((n, weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, pos_table, pos_ids, patch_coords, patch_size, check_indices = inputs
+    ctx.save_for_backward(input, weight, pos_ids, patch_coords)
+    ctx.patch_size = patch_size
+    ctx.table_rows = pos_table.shape[0] if pos_table is not None else 0
+
+
+def _embedding_grad(grad: torch.Tensor, pos_ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """``d(pos_table)`` of ``out = ... + pos_table[pos_ids]``: rows summed per id, in float32."""
+    if grad.device.type == "cuda":  # sort-based segment sums accumulating in float32, as F.embedding's backward
+        return torch.ops.aten.embedding_dense_backward(grad, pos_ids.long(), rows, -1, False)
+    acc = torch.zeros(rows, grad.shape[1], dtype=torch.float32, device=grad.device)
+    return acc.index_add_(0, pos_ids.long(), grad.float()).to(grad.dtype)
+
+
+def _backward(ctx, grad):
+    input, weight, pos_ids, patch_coords = ctx.saved_tensors
+    need_input, need_weight, need_bias, need_table = ctx.needs_input_grad[:4]
+    images = patch_coords is not None
+    grad_input = grad_weight = grad_bias = grad_table = None
+    if need_weight:
+        a = patchify_images(input, patch_coords, ctx.patch_size) if images else input  # [N, K]
+        grad_weight = grad.t().mm(a.to(grad.dtype))  # [E, K]
+    if need_bias:
+        grad_bias = grad.sum(0)
+    if need_table:
+        grad_table = _embedding_grad(grad, pos_ids, ctx.table_rows)
+    if need_input:
+        gp = grad.mm(weight)  # [N, K]
+        if images:
+            p = ctx.patch_size
+            grad_input = torch.zeros_like(input, memory_format=torch.contiguous_format)
+            view = _patch_grid_view(grad_input, p)  # [B, Hp, Wp, p, p, C]
+            c = patch_coords.long()
+            view.index_put_((c[:, 0], c[:, 1], c[:, 2]), gp.reshape(-1, p, p, input.shape[1]), accumulate=True)
+        else:
+            grad_input = gp
+    return grad_input, grad_weight, grad_bias, grad_table, None, None, None, None
+
+
+_registered = False
+
+
+def _register_python_parts() -> None:
+    """Fake implementation and autograd formula of the C++ op (the op's ``set_python_module`` points here)."""
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake(_OP_NAME, _fake)
+    torch.library.register_autograd(_OP_NAME, _backward, setup_context=_setup_context)
+    _registered = True
+
+
+# ------------------------------------------------------------------------------------------ public API
+def _is_int(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.int32, torch.int64)
+
+
+def _validate(
+    n: int, k_input: int, device: torch.device, dtype: torch.dtype, weight, bias, pos_table, pos_ids
+) -> None:
+    """ValueError naming the argument for every shape/dtype/device mismatch (no data-dependent checks)."""
+    if dtype not in _REF_DTYPES:
+        raise ValueError(f"pixels must be float32, float16 or bfloat16 (float64: backend='torch' only), got {dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("pos_table", pos_table)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the pixels are on {device}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but the pixels have {dtype} (one dtype for all)")
+    if weight is None or weight.dim() != 2 or weight.shape[1] != k_input:
+        raise ValueError(
+            f"weight must be [hidden, {k_input}] (C*p*p inputs per patch), got "
+            f"{None if weight is None else list(weight.shape)}"
+        )
+    hidden = weight.shape[0]
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != hidden):
+        raise ValueError(f"bias must be [hidden={hidden}], got {list(bias.shape)}")
+    if (pos_table is None) != (pos_ids is None):
+        raise ValueError("pos_table and pos_ids must be given together (one of them is None)")
+    if pos_table is not None:
+        if pos_table.dim() != 2 or pos_table.shape[1] != hidden:
+            raise ValueError(f"pos_table must be [P, hidden={hidden}], got {list(pos_table.shape)}")
+        if not isinstance(pos_ids, torch.Tensor) or not _is_int(pos_ids):
+            raise ValueError(f"pos_ids must be an int32/int64 tensor, got {getattr(pos_ids, 'dtype', type(pos_ids))}")
+        if pos_ids.device != device:
+            raise ValueError(f"pos_ids is on {pos_ids.device} but the pixels are on {device}")
+        if pos_ids.dim() != 1 or pos_ids.shape[0] != n:
+            raise ValueError(f"pos_ids must be [N={n}], got {list(pos_ids.shape)}")
+
+
+def _check_ranges_torch(pos_table, pos_ids, images=None, patch_coords=None, patch_size=0) -> None:
+    """Data-dependent index checks for the torch path (the extension does its own, in C++)."""
+    if torch.compiler.is_compiling():
+        return
+    if pos_ids is not None and pos_ids.numel():
+        lo, hi = int(pos_ids.min()), int(pos_ids.max())
+        if lo < 0 or hi >= pos_table.shape[0]:
+            raise ValueError(f"pos_ids must lie in [0, {pos_table.shape[0]}) (rows of pos_table), got [{lo}, {hi}]")
+    if patch_coords is not None and patch_coords.numel():
+        B, _, H, W = images.shape
+        lo = patch_coords.min(0).values.tolist()
+        hi = patch_coords.max(0).values.tolist()
+        for j, (what, limit) in enumerate((("image index", B), ("patch row", H // patch_size), ("patch col", W // patch_size))):
+            if lo[j] < 0 or hi[j] >= limit:
+                raise ValueError(f"patch_coords[:, {j}] ({what}) must lie in [0, {limit}), got [{lo[j]}, {hi[j]}]")
+
+
+def fused_patch_embed(
+    patches: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pos_table: torch.Tensor | None = None,
+    pos_ids: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """``patches @ weight.T + bias (+ pos_table[pos_ids])`` in one kernel -> ``[N, E]``.
+
+    patches ``[N, C*p*p]`` (BAGEL's patchify order), weight ``[E, C*p*p]``, bias ``[E]`` or None,
+    pos_table ``[P, E]`` and pos_ids ``[N]`` (int32/int64), both or neither. One floating dtype for all
+    (float32/float16/bfloat16; float64 with backend="torch"), one device. Differentiable in patches,
+    weight, bias and pos_table. See the module docstring for ``backend`` and ``check_indices``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if not isinstance(patches, torch.Tensor) or patches.dim() != 2:
+        raise ValueError(f"patches must be a 2-D tensor [N, C*p*p], got {getattr(patches, 'shape', type(patches))}")
+    _validate(patches.shape[0], patches.shape[1], patches.device, patches.dtype, weight, bias, pos_table, pos_ids)
+    which = _resolve(backend, patches.device.type, str(patches.dtype).removeprefix("torch."))
+    if which == "torch":
+        if check_indices:
+            _check_ranges_torch(pos_table, pos_ids)
+        return patch_embed_reference(patches, weight, bias, pos_table, pos_ids)
+    return torch.ops.bagel_kernels_ext.fused_patch_embed(patches, weight, bias, pos_table, pos_ids, None, 0, check_indices)
+
+
+def fused_patch_embed_images(
+    images: torch.Tensor,
+    patch_coords: torch.Tensor,
+    patch_size: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pos_table: torch.Tensor | None = None,
+    pos_ids: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """Like :func:`fused_patch_embed` but patchifies inside the kernel: patch ``n`` is the ``p x p``
+    window at patch row ``patch_coords[n, 1]``, patch col ``patch_coords[n, 2]`` of image
+    ``patch_coords[n, 0]`` of the padded batch ``images [B, C, H, W]`` (pixels beyond the last whole
+    patch are never read). Equals ``fused_patch_embed(patchify_images(images, patch_coords, p), ...)``;
+    with every patch of an image in order it equals BAGEL's :func:`patchify` of that image."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a 4-D tensor [B, C, H, W], got {getattr(images, 'shape', type(images))}")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if not isinstance(patch_coords, torch.Tensor) or not _is_int(patch_coords) or patch_coords.dim() != 2 or patch_coords.shape[1] != 3:
+        raise ValueError(
+            "patch_coords must be an int32/int64 tensor [N, 3] (image, patch row, patch col), got "
+            f"{getattr(patch_coords, 'dtype', type(patch_coords))} {list(getattr(patch_coords, 'shape', []))}"
+        )
+    if patch_coords.device != images.device:
+        raise ValueError(f"patch_coords is on {patch_coords.device} but images are on {images.device}")
+    C = images.shape[1]
+    _validate(patch_coords.shape[0], C * patch_size * patch_size, images.device, images.dtype, weight, bias, pos_table, pos_ids)
+    which = _resolve(backend, images.device.type, str(images.dtype).removeprefix("torch."))
+    if which == "torch":
+        if check_indices:
+            _check_ranges_torch(pos_table, pos_ids, images, patch_coords, patch_size)
+        return patch_embed_images_reference(images, patch_coords, patch_size, weight, bias, pos_table, pos_ids)
+    return torch.ops.bagel_kernels_ext.fused_patch_embed(
+        images, weight, bias, pos_table, pos_ids, patch_coords, patch_size, check_indices
+    )

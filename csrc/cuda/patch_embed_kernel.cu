@@ -1,0 +1,624 @@
+// CUDA kernels of bagel_kernels_ext::fused_patch_embed.
+//
+//   out[n, h] = sum_k A[n, k] * weight[h, k] + bias[h] + pos_table[pos_ids[n], h]
+//
+// A is the packed patch matrix [N, K] or is gathered from a padded image batch [B, C, H, W] while
+// the A tile is loaded (patch_coords[n] = (image, patch row, patch col), BAGEL's patchify order,
+// see ../patch_embed.h), so patchify costs no extra pass over memory. The bias and the
+// position-table row are added in the epilogue, on the float32 accumulator, with one rounding.
+//
+// Two kernels:
+//   * pe_mma_kernel   float16 / bfloat16 on sm_80+: 128x128x32 block tile, 8 warps of 64x32,
+//                     tensor cores through ldmatrix + mma.sync.m16n8k16 (float32 accumulate),
+//                     double-buffered shared memory fed by register prefetch (which allows the
+//                     gather and any row alignment).
+//   * pe_simt_kernel  float32 (exact float32 FMA, no TF32), and every dtype on older GPUs or when
+//                     BAGEL_KERNELS_PATCH_EMBED_KERNEL=simt: 64x64x16 block tile, 4x4 per thread.
+//
+// Out-of-range ids cannot fault: the launcher checks them first (check_indices=true), and the
+// kernels write a NaN row for any id outside its range instead of reading out of bounds.
+#include "../patch_embed.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace bagel_kernels_ext {
+namespace {
+
+struct Params {
+  const void* input;       // patches [N, lda] (unit inner stride) or images [B, C, H, W] contiguous
+  const void* weight;      // [hidden, K] contiguous
+  const void* bias;        // [hidden] or nullptr
+  const void* table;       // [P, hidden] contiguous or nullptr
+  const int64_t* pos_ids;  // [N] or nullptr
+  const int64_t* coords;   // [N, 3] or nullptr
+  void* out;               // [N, hidden] contiguous
+  int64_t N, K, hidden, P;
+  int64_t lda;
+  int64_t B, C, H, W, p, Hp, Wp;
+  int vec_a;     // A rows may be read 4 elements (8 bytes) at a time
+  int vec_b;     // weight rows may be read 4 elements at a time
+  int pair_out;  // bias, table rows and out rows may be accessed 2 elements (4 bytes) at a time
+};
+
+__device__ __forceinline__ float nan_f() {
+  return __int_as_float(0x7fffffff);
+}
+
+// Source of row n: element k of its patch lives at input + base + (IMAGES ? koff[k] : k).
+template <bool IMAGES>
+__device__ __forceinline__ bool row_source(const Params& P, int64_t n, int64_t& base) {
+  if (IMAGES) {
+    const int64_t b = P.coords[3 * n], r = P.coords[3 * n + 1], c = P.coords[3 * n + 2];
+    base = ((b * P.C) * P.H + r * P.p) * P.W + c * P.p;
+    return b >= 0 && b < P.B && r >= 0 && r < P.Hp && c >= 0 && c < P.Wp;
+  } else {
+    base = n * P.lda;
+    return true;
+  }
+}
+
+// Whether row n's ids are in range, and its position-table row (0 without a table).
+template <bool IMAGES>
+__device__ __forceinline__ bool row_valid(const Params& P, int64_t n, int64_t& pos) {
+  int64_t base;
+  bool ok = row_source<IMAGES>(P, n, base);
+  pos = 0;
+  if (P.table != nullptr) {
+    pos = P.pos_ids[n];
+    ok = ok && pos >= 0 && pos < P.P;
+  }
+  return ok;
+}
+
+__device__ __forceinline__ void fill_koff(const Params& P, int* koff) {
+  for (int64_t k = threadIdx.x; k < P.K; k += blockDim.x) {
+    const int64_t q = k / P.C;
+    const int64_t c = k - q * P.C;
+    const int64_t pi = q / P.p;
+    const int64_t pj = q - pi * P.p;
+    koff[k] = static_cast<int>((c * P.H + pi) * P.W + pj);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element types for the tensor-core kernel: raw 16-bit storage, float conversion, the mma opcode.
+struct Bf16 {
+  using scalar = __nv_bfloat16;
+  static __device__ __forceinline__ float to_float(uint16_t v) {
+    return __bfloat162float(__ushort_as_bfloat16(v));
+  }
+  static __device__ __forceinline__ uint16_t from_float(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+  }
+};
+
+struct Fp16 {
+  using scalar = __half;
+  static __device__ __forceinline__ float to_float(uint16_t v) {
+    return __half2float(__ushort_as_half(v));
+  }
+  static __device__ __forceinline__ uint16_t from_float(float v) {
+    return __half_as_ushort(__float2half_rn(v));
+  }
+  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+  }
+};
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* smem_ptr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+__device__ __forceinline__ uint2 pack4(uint16_t v0, uint16_t v1, uint16_t v2, uint16_t v3) {
+  return make_uint2(static_cast<uint32_t>(v0) | (static_cast<uint32_t>(v1) << 16),
+                    static_cast<uint32_t>(v2) | (static_cast<uint32_t>(v3) << 16));
+}
+
+constexpr int MMA_BM = 128;
+constexpr int MMA_BN = 128;
+constexpr int MMA_BK = 32;
+constexpr int MMA_LDS = MMA_BK + 8;  // padded row (80 bytes): conflict-free ldmatrix, 16-byte aligned rows
+constexpr int MMA_THREADS = 256;
+
+// Each thread moves a 4-element chunk of 4 rows per operand tile: chunk column (tid % 8) * 4,
+// rows tid / 8 + 32 * i. A warp reads 4 rows x 64 contiguous bytes per load instruction.
+template <typename Tr, bool IMAGES>
+__global__ void __launch_bounds__(MMA_THREADS) pe_mma_kernel(const Params P) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ __align__(16) uint16_t As[2][MMA_BM][MMA_LDS];
+  __shared__ __align__(16) uint16_t Bs[2][MMA_BN][MMA_LDS];
+  extern __shared__ int koff[];  // [K], images only
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int64_t n_tiles = (P.hidden + MMA_BN - 1) / MMA_BN;
+  // Consecutive blocks share one row tile (its A rows stay in L2); the weight is small and L2-resident.
+  const int64_t m0 = (static_cast<int64_t>(blockIdx.x) / n_tiles) * MMA_BM;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) % n_tiles) * MMA_BN;
+
+  if (IMAGES) {
+    fill_koff(P, koff);
+    __syncthreads();
+  }
+
+  const uint16_t* __restrict__ A = static_cast<const uint16_t*>(P.input);
+  const uint16_t* __restrict__ Wt = static_cast<const uint16_t*>(P.weight);
+  const int kq = (tid & 7) * 4;
+  const int rq = tid >> 3;
+
+  int64_t a_base[4];
+  bool a_ok[4];
+  bool b_ok[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = m0 + rq + 32 * i;
+    a_base[i] = 0;
+    a_ok[i] = row < P.N && row_source<IMAGES>(P, row, a_base[i]);
+    b_ok[i] = n0 + rq + 32 * i < P.hidden;
+  }
+
+  uint2 ra[4], rb[4];
+  auto load_tile = [&](int64_t k0) {
+    const int64_t k = k0 + kq;
+    if (IMAGES) {
+      int off[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        off[j] = (k + j < P.K) ? koff[k + j] : -1;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        uint16_t v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          v[j] = (a_ok[i] && off[j] >= 0) ? A[a_base[i] + off[j]] : uint16_t(0);
+        }
+        ra[i] = pack4(v[0], v[1], v[2], v[3]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (!a_ok[i] || k >= P.K) {
+          ra[i] = make_uint2(0u, 0u);
+        } else if (P.vec_a) {
+          ra[i] = *reinterpret_cast<const uint2*>(A + a_base[i] + k);
+        } else {
+          const uint16_t* src = A + a_base[i] + k;
+          ra[i] = pack4(src[0], k + 1 < P.K ? src[1] : uint16_t(0), k + 2 < P.K ? src[2] : uint16_t(0),
+                        k + 3 < P.K ? src[3] : uint16_t(0));
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (!b_ok[i] || k >= P.K) {
+        rb[i] = make_uint2(0u, 0u);
+      } else {
+        const uint16_t* src = Wt + (n0 + rq + 32 * i) * P.K + k;
+        if (P.vec_b) {
+          rb[i] = *reinterpret_cast<const uint2*>(src);
+        } else {
+          rb[i] = pack4(src[0], k + 1 < P.K ? src[1] : uint16_t(0), k + 2 < P.K ? src[2] : uint16_t(0),
+                        k + 3 < P.K ? src[3] : uint16_t(0));
+        }
+      }
+    }
+  };
+  auto store_tile = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      *reinterpret_cast<uint2*>(&As[buf][rq + 32 * i][kq]) = ra[i];
+      *reinterpret_cast<uint2*>(&Bs[buf][rq + 32 * i][kq]) = rb[i];
+    }
+  };
+
+  const int wm = warp >> 2;  // warp row: 64 rows each
+  const int wn = warp & 3;   // warp column: 32 columns each
+  float acc[4][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+
+  const int64_t k_tiles = (P.K + MMA_BK - 1) / MMA_BK;
+  if (k_tiles > 0) {
+    load_tile(0);
+    store_tile(0);
+  }
+  __syncthreads();
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    const int buf = static_cast<int>(kt & 1);
+    const bool has_next = kt + 1 < k_tiles;
+    if (has_next) {
+      load_tile((kt + 1) * MMA_BK);  // in flight while the tensor cores work on this tile
+    }
+#pragma unroll
+    for (int ks = 0; ks < MMA_BK; ks += 16) {
+      uint32_t af[4][4];
+      uint32_t bfr[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        // ldmatrix x4: lanes 0-15 address rows 0-15 at k, lanes 16-31 rows 0-15 at k+8, giving the
+        // m16n8k16 A fragment {rows 0-7 k0-7, rows 8-15 k0-7, rows 0-7 k8-15, rows 8-15 k8-15}.
+        ldmatrix_x4(af[mi], &As[buf][wm * 64 + mi * 16 + (lane & 15)][ks + (lane >> 4) * 8]);
+      }
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        // Weight rows are the columns of B (k contiguous): matrices {n0-7 k0-7, n0-7 k8-15,
+        // n8-15 k0-7, n8-15 k8-15} = the two B fragments of two adjacent n8 tiles.
+        uint32_t r[4];
+        ldmatrix_x4(r, &Bs[buf][wn * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8][ks + ((lane >> 3) & 1) * 8]);
+        bfr[2 * nj][0] = r[0];
+        bfr[2 * nj][1] = r[1];
+        bfr[2 * nj + 1][0] = r[2];
+        bfr[2 * nj + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) Tr::mma(acc[mi][ni], af[mi], bfr[ni]);
+    }
+    if (has_next) {
+      store_tile(buf ^ 1);  // buf ^ 1 was last read before the previous barrier
+    }
+    __syncthreads();
+  }
+
+  // Epilogue: accumulator element e of tile (mi, ni) sits at row g (+8 for e >= 2), column 2t + (e & 1).
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const uint16_t* __restrict__ bias = static_cast<const uint16_t*>(P.bias);
+  const uint16_t* __restrict__ table = static_cast<const uint16_t*>(P.table);
+  uint16_t* __restrict__ out = static_cast<uint16_t*>(P.out);
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = m0 + wm * 64 + mi * 16 + g + half * 8;
+      if (row >= P.N) {
+        continue;
+      }
+      int64_t pos;
+      const bool ok = row_valid<IMAGES>(P, row, pos);
+      const uint16_t* trow = table != nullptr ? table + pos * P.hidden : nullptr;
+      uint16_t* orow = out + row * P.hidden;
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int64_t col = n0 + wn * 32 + ni * 8 + 2 * t;
+        if (col >= P.hidden) {
+          continue;
+        }
+        const bool two = col + 1 < P.hidden;
+        float v0 = acc[mi][ni][2 * half];
+        float v1 = acc[mi][ni][2 * half + 1];
+        if (!ok) {
+          v0 = nan_f();
+          v1 = nan_f();
+        } else if (P.pair_out) {  // hidden even: col even, col + 1 in range, 4-byte aligned pairs
+          if (bias != nullptr) {
+            const uint32_t bb = *reinterpret_cast<const uint32_t*>(bias + col);
+            v0 += Tr::to_float(static_cast<uint16_t>(bb & 0xffffu));
+            v1 += Tr::to_float(static_cast<uint16_t>(bb >> 16));
+          }
+          if (trow != nullptr) {
+            const uint32_t tt = *reinterpret_cast<const uint32_t*>(trow + col);
+            v0 += Tr::to_float(static_cast<uint16_t>(tt & 0xffffu));
+            v1 += Tr::to_float(static_cast<uint16_t>(tt >> 16));
+          }
+        } else {
+          if (bias != nullptr) {
+            v0 += Tr::to_float(bias[col]);
+            if (two) v1 += Tr::to_float(bias[col + 1]);
+          }
+          if (trow != nullptr) {
+            v0 += Tr::to_float(trow[col]);
+            if (two) v1 += Tr::to_float(trow[col + 1]);
+          }
+        }
+        if (P.pair_out) {
+          *reinterpret_cast<uint32_t*>(orow + col) =
+              static_cast<uint32_t>(Tr::from_float(v0)) | (static_cast<uint32_t>(Tr::from_float(v1)) << 16);
+        } else {
+          orow[col] = Tr::from_float(v0);
+          if (two) orow[col + 1] = Tr::from_float(v1);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // the launcher only picks this kernel on sm_80+
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMT kernel: float32 math for every dtype.
+constexpr int S_BM = 64;
+constexpr int S_BN = 64;
+constexpr int S_BK = 16;
+constexpr int S_THREADS = 256;
+
+template <typename scalar_t, bool IMAGES>
+__global__ void __launch_bounds__(S_THREADS) pe_simt_kernel(const Params P) {
+  __shared__ float As[S_BK][S_BM + 4];
+  __shared__ float Bs[S_BK][S_BN + 4];
+  __shared__ int64_t row_base[S_BM];  // -1: row out of range or invalid coordinates
+  extern __shared__ int koff[];       // [K], images only
+
+  const int tid = threadIdx.x;
+  const int tx = tid & 15;
+  const int ty = tid >> 4;
+  const int64_t n_tiles = (P.hidden + S_BN - 1) / S_BN;
+  const int64_t m0 = (static_cast<int64_t>(blockIdx.x) / n_tiles) * S_BM;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) % n_tiles) * S_BN;
+  const scalar_t* __restrict__ A = static_cast<const scalar_t*>(P.input);
+  const scalar_t* __restrict__ Wt = static_cast<const scalar_t*>(P.weight);
+
+  if (IMAGES) {
+    fill_koff(P, koff);
+  }
+  for (int r = tid; r < S_BM; r += S_THREADS) {
+    int64_t base = -1;
+    const int64_t row = m0 + r;
+    if (!(row < P.N && row_source<IMAGES>(P, row, base))) {
+      base = -1;
+    }
+    row_base[r] = base;
+  }
+  __syncthreads();
+
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+  for (int64_t k0 = 0; k0 < P.K; k0 += S_BK) {
+#pragma unroll
+    for (int e = tid; e < S_BM * S_BK; e += S_THREADS) {
+      const int r = e / S_BK;
+      const int kk = e % S_BK;
+      const int64_t k = k0 + kk;
+      const int64_t base = row_base[r];
+      float av = 0.f;
+      if (base >= 0 && k < P.K) {
+        av = static_cast<float>(A[base + (IMAGES ? static_cast<int64_t>(koff[k]) : k)]);
+      }
+      As[kk][r] = av;
+      float bv = 0.f;
+      if (n0 + r < P.hidden && k < P.K) {
+        bv = static_cast<float>(Wt[(n0 + r) * P.K + k]);
+      }
+      Bs[kk][r] = bv;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < S_BK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+  const scalar_t* __restrict__ bias = static_cast<const scalar_t*>(P.bias);
+  const scalar_t* __restrict__ table = static_cast<const scalar_t*>(P.table);
+  scalar_t* __restrict__ out = static_cast<scalar_t*>(P.out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = m0 + ty + 16 * i;
+    if (row >= P.N) {
+      continue;
+    }
+    int64_t pos;
+    const bool ok = row_valid<IMAGES>(P, row, pos);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = n0 + tx + 16 * j;
+      if (col >= P.hidden) {
+        continue;
+      }
+      float v = acc[i][j];
+      if (!ok) {
+        v = nan_f();
+      } else {
+        if (bias != nullptr) v += static_cast<float>(bias[col]);
+        if (table != nullptr) v += static_cast<float>(table[pos * P.hidden + col]);
+      }
+      out[row * P.hidden + col] = static_cast<scalar_t>(v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+bool aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+int compute_capability_major(int device) {
+  static int cache[128] = {0};  // 0: not queried yet (a benign race: every writer stores the same value)
+  if (device < 0 || device >= 128) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    return major;
+  }
+  if (cache[device] == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    cache[device] = major;
+  }
+  return cache[device];
+}
+
+// BAGEL_KERNELS_PATCH_EMBED_KERNEL=simt forces the SIMT kernel (a debugging and fallback switch).
+bool force_simt() {
+  const char* v = std::getenv("BAGEL_KERNELS_PATCH_EMBED_KERNEL");
+  return v != nullptr && std::strcmp(v, "simt") == 0;
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, int64_t blocks, int threads, size_t smem_dynamic, size_t smem_static, int device,
+            const Params& P, cudaStream_t stream) {
+  if (smem_dynamic + smem_static > 48 * 1024) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TORCH_CHECK_VALUE(smem_dynamic + smem_static <= static_cast<size_t>(optin), "fused_patch_embed: C*p*p=", P.K,
+                      " inputs per patch need ", smem_dynamic + smem_static,
+                      " bytes of shared memory with images input; this GPU allows ", optin);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_dynamic)));
+  }
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "fused_patch_embed: too many tiles (", blocks, ")");
+  kernel<<<static_cast<unsigned int>(blocks), threads, smem_dynamic, stream>>>(P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor fused_patch_embed_cuda(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& pos_table,
+    const std::optional<at::Tensor>& pos_ids,
+    const std::optional<at::Tensor>& patch_coords,
+    int64_t patch_size,
+    bool check_indices) {
+  const PatchEmbedShape s =
+      check_patch_embed_args(input, weight, bias, pos_table, pos_ids, patch_coords, patch_size, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (check_indices) {
+    check_patch_embed_indices(s, pos_ids, patch_coords);
+  }
+  at::Tensor out = at::empty({s.N, s.hidden}, input.options());
+  if (s.N == 0 || s.hidden == 0) {
+    return out;
+  }
+  at::Tensor in = input;
+  if (s.images || in.stride(1) != 1 || in.stride(0) < s.K) {
+    in = in.contiguous();
+  }
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = s.has_bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor table = s.has_table ? pos_table->contiguous() : at::Tensor();
+  const at::Tensor ids = s.has_table ? pos_ids->to(at::kLong).contiguous() : at::Tensor();
+  const at::Tensor coords = s.images ? patch_coords->to(at::kLong).contiguous() : at::Tensor();
+
+  Params P;
+  P.input = in.data_ptr();
+  P.weight = w.data_ptr();
+  P.bias = s.has_bias ? b.data_ptr() : nullptr;
+  P.table = s.has_table ? table.data_ptr() : nullptr;
+  P.pos_ids = s.has_table ? ids.data_ptr<int64_t>() : nullptr;
+  P.coords = s.images ? coords.data_ptr<int64_t>() : nullptr;
+  P.out = out.data_ptr();
+  P.N = s.N;
+  P.K = s.K;
+  P.hidden = s.hidden;
+  P.P = s.P;
+  P.lda = s.images ? 0 : in.stride(0);
+  P.B = s.B;
+  P.C = s.C;
+  P.H = s.H;
+  P.W = s.W;
+  P.p = s.p;
+  P.Hp = s.Hp;
+  P.Wp = s.Wp;
+  const size_t esize = in.element_size();
+  P.vec_a = !s.images && s.K % 4 == 0 && P.lda % 4 == 0 && aligned(P.input, 4 * esize);
+  P.vec_b = s.K % 4 == 0 && aligned(P.weight, 4 * esize);
+  P.pair_out = s.hidden % 2 == 0 && aligned(P.out, 2 * esize) && (P.bias == nullptr || aligned(P.bias, 2 * esize)) &&
+               (P.table == nullptr || aligned(P.table, 2 * esize));
+
+  const int device = input.get_device();
+  const int cc_major = compute_capability_major(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const size_t koff_bytes = s.images ? static_cast<size_t>(s.K) * sizeof(int) : 0;
+  const bool half_kind = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+
+  if (half_kind && cc_major >= 8 && !force_simt()) {
+    const int64_t blocks = ((s.N + MMA_BM - 1) / MMA_BM) * ((s.hidden + MMA_BN - 1) / MMA_BN);
+    const size_t smem_static = 2 * 2 * MMA_BM * MMA_LDS * sizeof(uint16_t);
+    if (input.scalar_type() == at::kBFloat16) {
+      if (s.images) {
+        launch(pe_mma_kernel<Bf16, true>, blocks, MMA_THREADS, koff_bytes, smem_static, device, P, stream);
+      } else {
+        launch(pe_mma_kernel<Bf16, false>, blocks, MMA_THREADS, 0, smem_static, device, P, stream);
+      }
+    } else {
+      if (s.images) {
+        launch(pe_mma_kernel<Fp16, true>, blocks, MMA_THREADS, koff_bytes, smem_static, device, P, stream);
+      } else {
+        launch(pe_mma_kernel<Fp16, false>, blocks, MMA_THREADS, 0, smem_static, device, P, stream);
+      }
+    }
+    return out;
+  }
+
+  const int64_t blocks = ((s.N + S_BM - 1) / S_BM) * ((s.hidden + S_BN - 1) / S_BN);
+  const size_t smem_static = (S_BK * (S_BM + 4) + S_BK * (S_BN + 4)) * sizeof(float) + S_BM * sizeof(int64_t);
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (s.images) {
+      launch(pe_simt_kernel<scalar_t, true>, blocks, S_THREADS, koff_bytes, smem_static, device, P, stream);
+    } else {
+      launch(pe_simt_kernel<scalar_t, false>, blocks, S_THREADS, 0, smem_static, device, P, stream);
+    }
+  };
+  switch (input.scalar_type()) {
+    case at::kFloat:
+      run(float{});
+      break;
+    case at::kHalf:
+      run(at::Half{});
+      break;
+    default:  // bfloat16 (the argument check admits no other dtype)
+      run(at::BFloat16{});
+      break;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace bagel_kernels_ext
+
+TORCH_LIBRARY_IMPL(bagel_kernels_ext, CUDA, m) {
+  m.impl("fused_patch_embed", &bagel_kernels_ext::fused_patch_embed_cuda);
+}
