@@ -1,0 +1,737 @@
+"""MoT expert routing: the per-expert ops of BAGEL's Mixture-of-Transformers LLM on a grouped pack.
+
+Every token of a pack belongs to one of two experts: understanding (text + ViT tokens, base weights)
+or generation (VAE latent tokens, ``*_moe_gen`` weights). The model permutes the pack once at entry
+(:func:`grouped_order`, :func:`permute_rows`) so that understanding tokens are rows ``[0, n_und)`` and
+generation tokens rows ``[n_und, N)`` of every activation; each routed op then takes the split point
+``n_und`` (``0 <= n_und <= N``) and serves both experts in one launch, or two GEMMs writing into one
+output, with no per-layer gather/scatter.
+
+Shapes (N tokens, H hidden, I intermediate, Hq/Hkv heads, D head dim):
+
+    op                 inputs                                     output
+    mot_rms_norm       x [N, H], weight_und/gen [H]               [N, H]
+    mot_qk_norm_rope   q [N, Hq, D], k [N, Hkv, D], 4 weights [D],  ([N, Hq, D], [N, Hkv, D])
+                       cos, sin [N, D]
+    swiglu             gate, up [N, I]                            [N, I]
+    mot_linear         x [N, Hin], weight_und/gen [Hout, Hin],    [N, Hout]
+                       bias_und/gen [Hout] or None
+    permute_rows       x [N, ...], index [N] (a permutation)      [N, ...] = x[index]
+    rope_cos_sin       position_ids [N] int                       (cos, sin) [N, D]
+    grouped_order      und_indexes, gen_indexes, total            (perm, inv_perm, n_und)
+
+Backends (``backend=``): ``"triton"`` (our kernels; on CPU only under ``TRITON_INTERPRET=1``),
+``"torch"`` (plain PyTorch on the two contiguous slices, autograd by torch) and ``"auto"`` (triton on
+CUDA when the inputs fit the kernels, torch otherwise). :func:`mot_linear` has no Triton kernel: its
+``"auto"``/``"triton"`` path is the custom op running two BLAS GEMMs into one preallocated output.
+The ``*_reference`` functions are the plain per-expert gather/scatter formulation (what upstream BAGEL
+does every layer); tests and benchmarks compare against them.
+
+Dtypes: fp16, bf16, fp32 (the torch backend and the references also take fp64). Norm weights may
+have another float dtype than the activations; the output then has the promoted dtype, as
+``weight * x.to(input_dtype)`` gives in Qwen2RMSNorm. Every op is differentiable in every floating
+input (weights may be frozen / ``requires_grad=False``). Bad input raises ``ValueError`` naming the
+argument.
+
+Every Triton path is a ``torch.library.custom_op`` in the ``bagel_kernels`` namespace with a fake
+(meta) implementation and a registered autograd formula whose backward is again a custom op, so
+``torch.compile(fullgraph=True)`` traces through without graph breaks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "mot_rms_norm",
+    "mot_qk_norm_rope",
+    "rope_cos_sin",
+    "swiglu",
+    "mot_linear",
+    "permute_rows",
+    "grouped_order",
+    "mot_rms_norm_reference",
+    "mot_qk_norm_rope_reference",
+    "swiglu_reference",
+    "mot_linear_reference",
+    "permute_rows_reference",
+    "qwen2_rms_norm",
+    "rotate_half",
+    "sm90_compile_specs",
+    "BACKENDS",
+]
+
+BACKENDS = ("auto", "triton", "torch")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TORCH_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+_MAX_ROW_BLOCK = 32768  # widest row the single-tile kernels hold (= mot_triton.MAX_ROW_BLOCK)
+
+try:  # triton is optional (Linux only); its absence only removes the "triton" backend
+    import triton  # noqa: F401
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    _HAS_TRITON = False
+
+
+# ============================================================================================ validation
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_tensor(name: str, t, dims: int | None = None, dtypes=_TORCH_DTYPES) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: {names}")
+
+
+def _check_same_device(ref_name: str, ref: Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_n_und(n_und, N) -> None:
+    if isinstance(n_und, bool) or not isinstance(n_und, (int, torch.SymInt)):
+        raise ValueError(f"n_und must be an int, got {type(n_und).__name__}")
+    if n_und < 0 or n_und > N:
+        raise ValueError(f"n_und={n_und} is outside [0, N={N}]")
+
+
+def _check_weight(name: str, w, shape: tuple, ref: Tensor) -> None:
+    _check_tensor(name, w, dims=len(shape))
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(w.shape)}")
+    _check_same_device("x", ref, **{name: w})
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def _resolve_backend(backend, device: torch.device, dtype: torch.dtype, kernel_ok: bool = True) -> str:
+    """"triton" or "torch". ``kernel_ok`` False: the inputs exceed what the kernels take."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        usable = _HAS_TRITON and device.type == "cuda" and dtype in _KERNEL_DTYPES and kernel_ok
+        return "triton" if usable else "torch"
+    if backend == "triton":
+        if not _HAS_TRITON:
+            raise ValueError("backend='triton' needs the triton package, which is not installed")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                f"backend='triton' runs on CUDA devices (got {device.type}); set TRITON_INTERPRET=1 before "
+                "importing triton to interpret the kernels on CPU, or use backend='torch'"
+            )
+        if dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"backend='triton' takes fp16, bf16 or fp32 inputs, got {dtype}; use backend='torch'")
+        if not kernel_ok:
+            raise ValueError(f"backend='triton': rows wider than {_MAX_ROW_BLOCK} elements are unsupported; use backend='torch'")
+    return backend
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    """t with a unit stride in its last dimension (kernels take any other strides)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _norm_out_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(x_dtype, w_dtype)
+
+
+def _empty_grad(ref: Tensor) -> Tensor:
+    return ref.new_empty((0,))
+
+
+# ============================================================================================ plain torch math
+def qwen2_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """Qwen2RMSNorm over the last dim: ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)``."""
+    x32 = x.to(torch.float32) if x.dtype != torch.float64 else x
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dim (Qwen2's rotary convention)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [M, heads, D], cos/sin [M, D] (cast to x's dtype, as Qwen2 hands them over)."""
+    c = cos.to(x.dtype)[:, None, :]
+    s = sin.to(x.dtype)[:, None, :]
+    return x * c + rotate_half(x) * s
+
+
+def _swiglu_math(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+# ============================================================================================ references
+def mot_rms_norm_reference(x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-expert gather -> Qwen2RMSNorm -> scatter, the way upstream BAGEL routes every layer."""
+    N, H = x.shape
+    out = x.new_zeros((N, H), dtype=_norm_out_dtype(x.dtype, weight_und.dtype))
+    for idx, w in ((torch.arange(0, n_und, device=x.device), weight_und), (torch.arange(n_und, N, device=x.device), weight_gen)):
+        out[idx] = qwen2_rms_norm(x[idx], w, eps).to(out.dtype)
+    return out
+
+
+def mot_qk_norm_rope_reference(
+    q: Tensor, k: Tensor, n_und: int, q_weight_und: Tensor, q_weight_gen: Tensor, k_weight_und: Tensor,
+    k_weight_gen: Tensor, cos: Tensor, sin: Tensor, eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Per expert: gather the tokens, Qwen2RMSNorm per head, rotary with the tokens' cos/sin, scatter."""
+    N = q.shape[0]
+    dt = _norm_out_dtype(q.dtype, q_weight_und.dtype)
+    qo = q.new_zeros(q.shape, dtype=dt)
+    ko = k.new_zeros(k.shape, dtype=dt)
+    und = torch.arange(0, n_und, device=q.device)
+    gen = torch.arange(n_und, N, device=q.device)
+    for idx, wq, wk in ((und, q_weight_und, k_weight_und), (gen, q_weight_gen, k_weight_gen)):
+        qo[idx] = _rope(qwen2_rms_norm(q[idx], wq, eps), cos[idx], sin[idx]).to(dt)
+        ko[idx] = _rope(qwen2_rms_norm(k[idx], wk, eps), cos[idx], sin[idx]).to(dt)
+    return qo, ko
+
+
+def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` (Qwen2MLP's activation)."""
+    return _swiglu_math(gate, up)
+
+
+def mot_linear_reference(
+    x: Tensor, n_und: int, weight_und: Tensor, bias_und: Tensor | None, weight_gen: Tensor, bias_gen: Tensor | None
+) -> Tensor:
+    """Per-expert gather -> ``F.linear`` -> scatter."""
+    N = x.shape[0]
+    out = x.new_zeros((N, weight_und.shape[0]))
+    for idx, w, b in ((torch.arange(0, n_und, device=x.device), weight_und, bias_und), (torch.arange(n_und, N, device=x.device), weight_gen, bias_gen)):
+        out[idx] = F.linear(x[idx], w, b)
+    return out
+
+
+def permute_rows_reference(x: Tensor, index: Tensor) -> Tensor:
+    return x[index.long()]
+
+
+# ============================================================================================ rms norm
+@torch.library.custom_op("bagel_kernels::mot_rms_norm", mutates_args=())
+def _mot_rms_norm_op(x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor, eps: float) -> Tensor:
+    from .mot_triton import rms_norm_fwd
+
+    w = torch.stack((weight_und, weight_gen))
+    return rms_norm_fwd(_unit_last(x), n_und, w, eps, _norm_out_dtype(x.dtype, weight_und.dtype))
+
+
+@_mot_rms_norm_op.register_fake
+def _(x, n_und, weight_und, weight_gen, eps):
+    return x.new_empty(x.shape, dtype=_norm_out_dtype(x.dtype, weight_und.dtype))
+
+
+@torch.library.custom_op("bagel_kernels::mot_rms_norm_backward", mutates_args=())
+def _mot_rms_norm_bwd_op(
+    dy: Tensor, x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    from .mot_triton import rms_norm_bwd
+
+    w = torch.stack((weight_und, weight_gen))
+    dx, dwu, dwg = rms_norm_bwd(_unit_last(dy), _unit_last(x), n_und, w, eps)
+    return dx, dwu.to(weight_und.dtype), dwg.to(weight_gen.dtype)
+
+
+@_mot_rms_norm_bwd_op.register_fake
+def _(dy, x, n_und, weight_und, weight_gen, eps):
+    return torch.empty_like(x), torch.empty_like(weight_und), torch.empty_like(weight_gen)
+
+
+def _rms_setup(ctx, inputs, output):
+    x, n_und, weight_und, weight_gen, eps = inputs
+    ctx.save_for_backward(x, weight_und, weight_gen)
+    ctx.n_und, ctx.eps = n_und, eps
+
+
+def _rms_backward(ctx, dy):
+    x, wu, wg = ctx.saved_tensors
+    dx, dwu, dwg = torch.ops.bagel_kernels.mot_rms_norm_backward(dy, x, ctx.n_und, wu, wg, ctx.eps)
+    need = ctx.needs_input_grad
+    return dx if need[0] else None, None, dwu if need[2] else None, dwg if need[3] else None, None
+
+
+_mot_rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+def mot_rms_norm(
+    x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor, eps: float = 1e-6, *, backend: str = "auto"
+) -> Tensor:
+    """Routed Qwen2RMSNorm: rows ``< n_und`` use ``weight_und``, rows ``>= n_und`` use ``weight_gen``.
+
+    ``y = weight * (x32 * rsqrt(mean(x32^2, -1) + eps)).to(x.dtype)`` per row, fp32 statistics.
+    x: ``[N, H]`` (any row stride); weights ``[H]``, same dtype as each other. Output ``[N, H]`` in
+    ``promote_types(x.dtype, weight.dtype)``. One launch for both experts."""
+    _check_tensor("x", x, dims=2)
+    N, H = x.shape
+    _check_n_und(n_und, N)
+    _check_weight("weight_und", weight_und, (H,), x)
+    _check_weight("weight_gen", weight_gen, (H,), x)
+    if weight_gen.dtype != weight_und.dtype:
+        raise ValueError(f"weight_gen has dtype {weight_gen.dtype} but weight_und has {weight_und.dtype}")
+    _check_eps(eps)
+    be = _resolve_backend(backend, x.device, x.dtype, H <= _MAX_ROW_BLOCK)
+    if be == "triton":
+        return _mot_rms_norm_op(x, n_und, weight_und, weight_gen, float(eps))
+    dt = _norm_out_dtype(x.dtype, weight_und.dtype)
+    return torch.cat((qwen2_rms_norm(x[:n_und], weight_und, eps), qwen2_rms_norm(x[n_und:], weight_gen, eps))).to(dt)
+
+
+# ============================================================================================ q/k norm + rope
+@torch.library.custom_op("bagel_kernels::mot_qk_norm_rope", mutates_args=())
+def _mot_qk_norm_rope_op(
+    q: Tensor, k: Tensor, n_und: int, q_weight_und: Tensor, q_weight_gen: Tensor, k_weight_und: Tensor,
+    k_weight_gen: Tensor, cos: Tensor, sin: Tensor, eps: float,
+) -> tuple[Tensor, Tensor]:
+    from .mot_triton import qk_norm_rope_fwd
+
+    wq = torch.stack((q_weight_und, q_weight_gen))
+    wk = torch.stack((k_weight_und, k_weight_gen))
+    return qk_norm_rope_fwd(
+        _unit_last(q), _unit_last(k), n_und, wq, wk, _unit_last(cos), _unit_last(sin), eps,
+        _norm_out_dtype(q.dtype, q_weight_und.dtype),
+    )
+
+
+@_mot_qk_norm_rope_op.register_fake
+def _(q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps):
+    dt = _norm_out_dtype(q.dtype, q_weight_und.dtype)
+    return q.new_empty(q.shape, dtype=dt), k.new_empty(k.shape, dtype=dt)
+
+
+@torch.library.custom_op("bagel_kernels::mot_qk_norm_rope_backward", mutates_args=())
+def _mot_qk_norm_rope_bwd_op(
+    dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, n_und: int, q_weight_und: Tensor, q_weight_gen: Tensor,
+    k_weight_und: Tensor, k_weight_gen: Tensor, cos: Tensor, sin: Tensor, eps: float, need_cos_sin: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .mot_triton import qk_norm_rope_bwd
+
+    wq = torch.stack((q_weight_und, q_weight_gen))
+    wk = torch.stack((k_weight_und, k_weight_gen))
+    dq, dk, dqwu, dqwg, dkwu, dkwg, dcos, dsin = qk_norm_rope_bwd(
+        _unit_last(dq_out), _unit_last(dk_out), _unit_last(q), _unit_last(k), n_und, wq, wk,
+        _unit_last(cos), _unit_last(sin), eps, need_cos_sin,
+    )
+    wdt = q_weight_und.dtype
+    return dq, dk, dqwu.to(wdt), dqwg.to(wdt), dkwu.to(wdt), dkwg.to(wdt), dcos.to(cos.dtype), dsin.to(sin.dtype)
+
+
+@_mot_qk_norm_rope_bwd_op.register_fake
+def _(dq_out, dk_out, q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps, need_cos_sin):
+    cs = cos.shape if need_cos_sin else (0,)
+    return (
+        torch.empty_like(q), torch.empty_like(k),
+        *(torch.empty_like(w) for w in (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)),
+        cos.new_empty(cs), sin.new_empty(cs),
+    )
+
+
+def _qk_setup(ctx, inputs, output):
+    q, k, n_und, qwu, qwg, kwu, kwg, cos, sin, eps = inputs
+    ctx.save_for_backward(q, k, qwu, qwg, kwu, kwg, cos, sin)
+    ctx.n_und, ctx.eps = n_und, eps
+
+
+def _qk_backward(ctx, dq_out, dk_out):
+    q, k, qwu, qwg, kwu, kwg, cos, sin = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_cs = bool(need[7] or need[8])
+    dq, dk, dqwu, dqwg, dkwu, dkwg, dcos, dsin = torch.ops.bagel_kernels.mot_qk_norm_rope_backward(
+        dq_out, dk_out, q, k, ctx.n_und, qwu, qwg, kwu, kwg, cos, sin, ctx.eps, need_cs
+    )
+    grads = (dq, dk, None, dqwu, dqwg, dkwu, dkwg, dcos, dsin, None)
+    return tuple(g if i not in (2, 9) and need[i] else None for i, g in enumerate(grads))
+
+
+_mot_qk_norm_rope_op.register_autograd(_qk_backward, setup_context=_qk_setup)
+
+
+def mot_qk_norm_rope(
+    q: Tensor, k: Tensor, n_und: int, q_weight_und: Tensor, q_weight_gen: Tensor, k_weight_und: Tensor,
+    k_weight_gen: Tensor, cos: Tensor, sin: Tensor, eps: float = 1e-6, *, backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Routed per-head Qwen2RMSNorm of q and k followed by Qwen2 rotary embedding, fused.
+
+    ``n = qwen2_rms_norm(x_head, weight_expert)`` over D, then ``out = n * cos + rotate_half(n) * sin``
+    with cos/sin cast to the output dtype first (as Qwen2's rotary embedding hands them over).
+    q: ``[N, Hq, D]``, k: ``[N, Hkv, D]`` (any row/head strides), D even; the four weights ``[D]`` of one
+    dtype; cos, sin: ``[N, D]`` per token, in the grouped row order (any float dtype, e.g. from
+    :func:`rope_cos_sin`). Returns ``(q_out, k_out)`` in ``promote_types(q.dtype, weight.dtype)``.
+    One launch covers q and k of both experts, forward and backward."""
+    _check_tensor("q", q, dims=3)
+    _check_tensor("k", k, dims=3)
+    N, HQ, D = q.shape
+    if k.shape[0] != N:
+        raise ValueError(f"k has {k.shape[0]} tokens but q has {N}")
+    if k.shape[2] != D:
+        raise ValueError(f"k head dim {k.shape[2]} differs from q head dim {D}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype}")
+    if D % 2 != 0:
+        raise ValueError(f"head dim (q.shape[2]) must be even for rotary embedding, got {D}")
+    _check_same_device("q", q, k=k)
+    _check_n_und(n_und, N)
+    names = ("q_weight_und", "q_weight_gen", "k_weight_und", "k_weight_gen")
+    weights = (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)
+    for name, w in zip(names, weights):
+        _check_weight(name, w, (D,), q)
+        if w.dtype != q_weight_und.dtype:
+            raise ValueError(f"{name} has dtype {w.dtype} but q_weight_und has {q_weight_und.dtype}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_tensor(name, t, dims=2)
+        if tuple(t.shape) != (N, D):
+            raise ValueError(f"{name} must have shape (N, head_dim) = {(N, D)}, got {tuple(t.shape)}")
+        _check_same_device("q", q, **{name: t})
+    _check_eps(eps)
+    kernel_ok = max(_next_pow2(HQ), _next_pow2(k.shape[1])) * D <= _MAX_ROW_BLOCK
+    be = _resolve_backend(backend, q.device, q.dtype, kernel_ok)
+    if be == "triton":
+        return _mot_qk_norm_rope_op(q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, float(eps))
+    dt = _norm_out_dtype(q.dtype, q_weight_und.dtype)
+    outs = []
+    for x, wu, wg in ((q, q_weight_und, q_weight_gen), (k, k_weight_und, k_weight_gen)):
+        n = torch.cat((qwen2_rms_norm(x[:n_und], wu, eps), qwen2_rms_norm(x[n_und:], wg, eps))).to(dt)
+        outs.append(_rope(n, cos, sin))
+    return outs[0], outs[1]
+
+
+def _next_pow2(n: int) -> int:  # triton.next_power_of_2 without importing triton
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+# ============================================================================================ rotary tables
+def rope_cos_sin(
+    position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """cos, sin ``[N, head_dim]`` for integer ``position_ids [N]``, computed exactly as transformers'
+    ``Qwen2RotaryEmbedding`` (default rope type): ``inv_freq = 1 / theta**(arange(0, D, 2) / D)`` built
+    on the CPU in fp32 (where the HF module builds its buffer), ``freqs = pos.float() * inv_freq``,
+    ``emb = cat(freqs, freqs)``, then ``cos``/``sin`` in fp32, cast to ``dtype``."""
+    if not isinstance(position_ids, Tensor) or position_ids.dim() != 1:
+        raise ValueError("position_ids must be a 1-D integer tensor")
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise ValueError(f"position_ids must hold integers, got dtype {position_ids.dtype}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ValueError(f"theta must be a positive number, got {theta!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    inv_freq = inv_freq.to(position_ids.device)
+    freqs = position_ids[:, None].float() * inv_freq[None, :]  # [N, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# ============================================================================================ swiglu
+@torch.library.custom_op("bagel_kernels::swiglu", mutates_args=())
+def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+    from .mot_triton import swiglu_fwd
+
+    return swiglu_fwd(_unit_last(gate), _unit_last(up))
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("bagel_kernels::swiglu_backward", mutates_args=())
+def _swiglu_bwd_op(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    from .mot_triton import swiglu_bwd
+
+    return swiglu_bwd(_unit_last(dy), _unit_last(gate), _unit_last(up))
+
+
+@_swiglu_bwd_op.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dg, du = torch.ops.bagel_kernels.swiglu_backward(dy, gate, up)
+    need = ctx.needs_input_grad
+    return dg if need[0] else None, du if need[1] else None
+
+
+_swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:
+    """``silu(gate) * up`` elementwise, computed in fp32 and stored in the inputs' dtype.
+
+    gate, up: ``[N, I]`` of one dtype (any row stride, e.g. the two halves of a fused gate/up
+    projection); output ``[N, I]`` contiguous. The backward recomputes ``silu`` (nothing extra saved)."""
+    _check_tensor("gate", gate, dims=2)
+    _check_tensor("up", up, dims=2)
+    if up.shape != gate.shape:
+        raise ValueError(f"up has shape {tuple(up.shape)} but gate has {tuple(gate.shape)}")
+    if up.dtype != gate.dtype:
+        raise ValueError(f"up has dtype {up.dtype} but gate has {gate.dtype}")
+    _check_same_device("gate", gate, up=up)
+    be = _resolve_backend(backend, gate.device, gate.dtype)
+    if be == "triton":
+        return _swiglu_op(gate, up)
+    return _swiglu_math(gate, up)
+
+
+# ============================================================================================ routed linear
+def _mm_into(out: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> None:
+    """out = a @ b (+ bias), written in place (out is a contiguous row slice of a larger buffer)."""
+    if a.shape[0] == 0:
+        return
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+
+
+@torch.library.custom_op("bagel_kernels::mot_linear", mutates_args=())
+def _mot_linear_op(
+    x: Tensor, n_und: int, weight_und: Tensor, bias_und: Tensor | None, weight_gen: Tensor, bias_gen: Tensor | None
+) -> Tensor:
+    out = x.new_empty((x.shape[0], weight_und.shape[0]))
+    _mm_into(out[:n_und], x[:n_und], weight_und.t(), bias_und)
+    _mm_into(out[n_und:], x[n_und:], weight_gen.t(), bias_gen)
+    return out
+
+
+@_mot_linear_op.register_fake
+def _(x, n_und, weight_und, bias_und, weight_gen, bias_gen):
+    return x.new_empty((x.shape[0], weight_und.shape[0]))
+
+
+@torch.library.custom_op("bagel_kernels::mot_linear_backward", mutates_args=())
+def _mot_linear_bwd_op(
+    dy: Tensor, x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor,
+    need_dx: bool, need_dw_und: bool, need_dw_gen: bool, need_db_und: bool, need_db_gen: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients the flags ask for (the others come back as empty ``[0]`` tensors)."""
+    dx, dwu, dwg, dbu, dbg = (_empty_grad(x) for _ in range(5))
+    dyu, dyg = dy[:n_und], dy[n_und:]
+    if need_dx:
+        dx = x.new_empty(x.shape)
+        _mm_into(dx[:n_und], dyu, weight_und, None)
+        _mm_into(dx[n_und:], dyg, weight_gen, None)
+    if need_dw_und:
+        dwu = torch.mm(dyu.t(), x[:n_und]) if n_und > 0 else torch.zeros_like(weight_und)
+    if need_dw_gen:
+        dwg = torch.mm(dyg.t(), x[n_und:]) if n_und < x.shape[0] else torch.zeros_like(weight_gen)
+    if need_db_und:
+        dbu = dyu.sum(0, dtype=torch.float32).to(dy.dtype)
+    if need_db_gen:
+        dbg = dyg.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, dwu, dwg, dbu, dbg
+
+
+@_mot_linear_bwd_op.register_fake
+def _(dy, x, n_und, weight_und, weight_gen, need_dx, need_dw_und, need_dw_gen, need_db_und, need_db_gen):
+    e = lambda: x.new_empty((0,))
+    hout = weight_und.shape[0]
+    return (
+        x.new_empty(x.shape) if need_dx else e(),
+        weight_und.new_empty(weight_und.shape) if need_dw_und else e(),
+        weight_gen.new_empty(weight_gen.shape) if need_dw_gen else e(),
+        dy.new_empty((hout,)) if need_db_und else e(),
+        dy.new_empty((hout,)) if need_db_gen else e(),
+    )
+
+
+def _linear_setup(ctx, inputs, output):
+    x, n_und, wu, bu, wg, bg = inputs
+    ctx.save_for_backward(x, wu, wg)
+    ctx.n_und = n_und
+
+
+def _linear_backward(ctx, dy):
+    x, wu, wg = ctx.saved_tensors
+    need = ctx.needs_input_grad  # x, n_und, wu, bu, wg, bg
+    dx, dwu, dwg, dbu, dbg = torch.ops.bagel_kernels.mot_linear_backward(
+        dy, x, ctx.n_und, wu, wg, bool(need[0]), bool(need[2]), bool(need[4]), bool(need[3]), bool(need[5])
+    )
+    return (
+        dx if need[0] else None, None, dwu if need[2] else None, dbu if need[3] else None,
+        dwg if need[4] else None, dbg if need[5] else None,
+    )
+
+
+_mot_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def mot_linear(
+    x: Tensor, n_und: int, weight_und: Tensor, bias_und: Tensor | None, weight_gen: Tensor, bias_gen: Tensor | None,
+    *, backend: str = "auto",
+) -> Tensor:
+    """Routed linear: rows ``< n_und``: ``x @ weight_und.T + bias_und``, rows ``>= n_und`` with the gen
+    weights. x ``[N, Hin]``; weights ``[Hout, Hin]``; biases ``[Hout]`` or None; all of x's dtype.
+
+    ``"auto"``/``"triton"``: one custom op doing two GEMMs on the contiguous slices straight into one
+    preallocated output (no cat, no gather/scatter); backward likewise (dx into one buffer, dW/db per
+    expert, only the gradients autograd asks for). ``"torch"``: two ``F.linear`` and a ``cat``."""
+    _check_tensor("x", x, dims=2)
+    N, Hin = x.shape
+    _check_n_und(n_und, N)
+    _check_tensor("weight_und", weight_und, dims=2)
+    Hout = weight_und.shape[0]
+    for name, w in (("weight_und", weight_und), ("weight_gen", weight_gen)):
+        _check_weight(name, w, (Hout, Hin), x)
+        if w.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {w.dtype} but x has {x.dtype}")
+    for name, b in (("bias_und", bias_und), ("bias_gen", bias_gen)):
+        if b is not None:
+            _check_weight(name, b, (Hout,), x)
+            if b.dtype != x.dtype:
+                raise ValueError(f"{name} has dtype {b.dtype} but x has {x.dtype}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return torch.cat((F.linear(x[:n_und], weight_und, bias_und), F.linear(x[n_und:], weight_gen, bias_gen)))
+    return _mot_linear_op(x, n_und, weight_und, bias_und, weight_gen, bias_gen)
+
+
+# ============================================================================================ permutation
+def _check_permutation(index: Tensor, N: int, name: str = "index") -> None:
+    seen = torch.zeros(N, dtype=torch.int32, device=index.device)
+    in_range = bool(((index >= 0) & (index < N)).all()) if N > 0 else True
+    if in_range and N > 0:
+        seen.index_add_(0, index.long(), torch.ones_like(index, dtype=torch.int32))
+    if not in_range or not bool((seen == 1).all()):
+        raise ValueError(f"{name} is not a permutation of range({N})")
+
+
+def _rows2d(x: Tensor) -> Tensor:
+    return _unit_last(x.reshape(x.shape[0], -1))
+
+
+@torch.library.custom_op("bagel_kernels::permute_rows", mutates_args=())
+def _permute_rows_op(x: Tensor, index: Tensor, check: bool) -> Tensor:
+    from .mot_triton import permute_rows_launch
+
+    if check:
+        _check_permutation(index, x.shape[0])
+    return permute_rows_launch(_rows2d(x), index.contiguous(), scatter=False).view(x.shape)
+
+
+@_permute_rows_op.register_fake
+def _(x, index, check):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("bagel_kernels::scatter_rows", mutates_args=())
+def _scatter_rows_op(x: Tensor, index: Tensor) -> Tensor:
+    """y[index[i]] = x[i] (the inverse of permute_rows; index trusted to be a permutation)."""
+    from .mot_triton import permute_rows_launch
+
+    return permute_rows_launch(_rows2d(x), index.contiguous(), scatter=True).view(x.shape)
+
+
+@_scatter_rows_op.register_fake
+def _(x, index):
+    return x.new_empty(x.shape)
+
+
+def _perm_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _permute_backward(ctx, dy):
+    (index,) = ctx.saved_tensors
+    return torch.ops.bagel_kernels.scatter_rows(dy, index), None, None
+
+
+def _scatter_backward(ctx, dy):
+    (index,) = ctx.saved_tensors
+    return torch.ops.bagel_kernels.permute_rows(dy, index, False), None
+
+
+_permute_rows_op.register_autograd(_permute_backward, setup_context=_perm_setup)
+_scatter_rows_op.register_autograd(_scatter_backward, setup_context=_perm_setup)
+
+
+def permute_rows(x: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:
+    """``x[index]`` along dim 0 for a permutation ``index`` (int32/int64 ``[N]``); the backward
+    scatters the gradient back by ``index``. x: ``[N, ...]``. The permutation is checked on the
+    device (one host sync), inside the op so compiled graphs stay whole."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor with at least one dimension")
+    if not isinstance(index, Tensor) or index.dim() != 1:
+        raise ValueError("index must be a 1-D integer tensor")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"index must be int32 or int64, got {index.dtype}")
+    if index.shape[0] != x.shape[0]:
+        raise ValueError(f"index has {index.shape[0]} entries but x has {x.shape[0]} rows")
+    _check_same_device("x", x, index=index)
+    if backend == "auto" and x.dtype not in _KERNEL_DTYPES:
+        be = "torch"  # e.g. integer rows: plain indexing
+    else:
+        be = _resolve_backend(backend, x.device, x.dtype)
+    if be == "triton":
+        return _permute_rows_op(x, index, True)
+    if not torch.compiler.is_compiling():
+        _check_permutation(index, x.shape[0])
+    return x.index_select(0, index)
+
+
+def grouped_order(und_indexes: Tensor, gen_indexes: Tensor, total: int) -> tuple[Tensor, Tensor, int]:
+    """From upstream's ``packed_und_token_indexes`` / ``packed_gen_token_indexes`` (disjoint, together
+    a partition of ``range(total)``) -> ``(perm, inv_perm, n_und)``, int64 on the indexes' device.
+
+    ``grouped = x[perm]`` puts the understanding tokens first, in the order given (upstream's are
+    ascending, i.e. pack order), then the generation tokens; ``x = grouped[inv_perm]``. ``inv_perm``
+    is the attention kernel's ``row_index``: token ``i`` of the pack lives at grouped row
+    ``inv_perm[i]``. Checked on the device (one host sync)."""
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise ValueError(f"total must be a non-negative int, got {total!r}")
+    for name, t in (("und_indexes", und_indexes), ("gen_indexes", gen_indexes)):
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D integer tensor")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
+    _check_same_device("und_indexes", und_indexes, gen_indexes=gen_indexes)
+    n_und = und_indexes.numel()
+    if n_und + gen_indexes.numel() != total:
+        raise ValueError(
+            f"und_indexes ({n_und}) and gen_indexes ({gen_indexes.numel()}) must together hold total={total} tokens"
+        )
+    perm = torch.cat((und_indexes, gen_indexes)).long()
+    try:
+        _check_permutation(perm, total, "und_indexes + gen_indexes")
+    except ValueError:
+        raise ValueError(
+            f"und_indexes and gen_indexes must be disjoint and together cover range({total}) exactly"
+        ) from None
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(total, device=perm.device)
+    return perm, inv, n_und
+
+
+# ============================================================================================ compile specs
+def sm90_compile_specs():
+    """``(name, jit_fn, signature, constexprs)`` of every MoT kernel for fp16 and bf16 (see
+    :func:`bagel_kernels.mot_triton.sm90_compile_specs`)."""
+    from .mot_triton import sm90_compile_specs as specs
+
+    return specs()

@@ -1,0 +1,571 @@
+"""Triton kernels and launchers of the MoT routed ops (see :mod:`bagel_kernels.mot` for the public API).
+
+Layout convention: the pack is grouped by expert, rows ``[0, n_und)`` are understanding tokens and
+rows ``[n_und, N)`` generation tokens. The two experts' weights are stacked into one ``[2, ...]``
+tensor so that one launch serves both: a row picks its expert with ``row >= n_und``.
+
+Every kernel loads, upcasts to fp32 at once, computes in fp32 and stores in the output dtype (the
+Triton interpreter gets bf16 arithmetic wrong, and fp32 math is what the GPU does anyway).
+Row offsets are 64-bit (``row.to(tl.int64) * stride``).
+
+Backward kernels give each program a contiguous run of rows inside ONE expert segment (programs
+``[0, P_und)`` cover ``[0, n_und)``, programs ``[P_und, P)`` cover ``[n_und, N)``); each program
+accumulates its weight-gradient partial sum in fp32 registers and writes one row of a ``[P, ...]``
+buffer, which torch reduces per expert afterwards. No atomics: the backward is deterministic.
+
+Launchers here trust their inputs (shapes, dtypes, unit last-dim stride); validation lives in
+:mod:`bagel_kernels.mot`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "rms_norm_fwd",
+    "rms_norm_bwd",
+    "qk_norm_rope_fwd",
+    "qk_norm_rope_bwd",
+    "swiglu_fwd",
+    "swiglu_bwd",
+    "permute_rows_launch",
+    "MAX_ROW_BLOCK",
+    "sm90_compile_specs",
+]
+
+# Widest row (next power of two) the single-tile row kernels keep in registers.
+MAX_ROW_BLOCK = 32768
+# Elements a program handles per tile in the memory-bound kernels (rows x columns).
+_TILE_ELEMS = 4096
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs of the persistent backward kernels: a few waves on a GPU, a handful when interpreting."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 8
+
+
+def _num_warps(elems: int) -> int:
+    if elems >= 16384:
+        return 16
+    if elems >= 4096:
+        return 8
+    if elems >= 1024:
+        return 4
+    return 2
+
+
+def _segment_split(N: int, n_und: int, target: int) -> tuple[int, int, int]:
+    """(rows_per_program, programs_und, programs_total) so that no program straddles n_und."""
+    rpp = max(1, triton.cdiv(N, max(1, target)))
+    p_und = triton.cdiv(n_und, rpp)
+    p_gen = triton.cdiv(N - n_und, rpp)
+    return rpp, p_und, p_und + p_gen
+
+
+@triton.jit
+def _segment_bounds(pid, N, n_und, rows_per_prog, progs_und):
+    """Row range [start, end) and expert (0 und, 1 gen) of backward program ``pid``."""
+    is_gen = pid >= progs_und
+    seg_start = tl.where(is_gen, n_und, 0)
+    seg_end = tl.where(is_gen, N, n_und)
+    local = tl.where(is_gen, pid - progs_und, pid)
+    start = seg_start + local * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, seg_end)
+    return start, end, is_gen.to(tl.int32)
+
+
+# ============================================================================================ RMSNorm
+@triton.jit
+def _mot_rms_norm_fwd_kernel(
+    X, W, Y,  # X [N, H] (row stride), W [2, H] contiguous (und, gen), Y [N, H] contiguous
+    N, H, n_und, stride_x, stride_y, eps,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_H)
+    rmask = rows < N
+    cmask = cols < H
+    m = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+    # Qwen2RMSNorm: normalise in fp32, cast to the input dtype, then multiply by the weight
+    xh = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    expert = (rows >= n_und).to(tl.int32)
+    w = tl.load(W + expert[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], (xh * w).to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mot_rms_norm_bwd_kernel(
+    X, W, DY, DX, DWP,  # DWP [P, H] fp32 per-program weight-gradient partials
+    N, H, n_und, stride_x, stride_dy, stride_dx, rows_per_prog, progs_und, eps,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    start, end, expert = _segment_bounds(pid, N, n_und, rows_per_prog, progs_und)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    w = tl.load(W + expert * H + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        m = (rows < end)[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+        xh = x * rstd[:, None]
+        dw += tl.sum(dy * xh.to(X.dtype.element_ty).to(tl.float32), axis=0)
+        g = dy * w[None, :]
+        c = tl.sum(g * xh, axis=1) / H
+        dx = (g - xh * c[:, None]) * rstd[:, None]
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+    tl.store(DWP + pid.to(tl.int64) * H + cols, dw, mask=cmask)
+
+
+def _row_blocks(N: int, H: int) -> tuple[int, int]:
+    BLOCK_H = triton.next_power_of_2(max(H, 1))
+    BLOCK_M = max(1, min(_TILE_ELEMS // BLOCK_H, triton.next_power_of_2(max(N, 1))))
+    return BLOCK_M, BLOCK_H
+
+
+def rms_norm_fwd(x: torch.Tensor, n_und: int, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [N, H] (unit column stride), w [2, H] contiguous -> y [N, H] in out_dtype."""
+    N, H = x.shape
+    y = torch.empty((N, H), dtype=out_dtype, device=x.device)
+    if N == 0 or H == 0:
+        return y
+    BLOCK_M, BLOCK_H = _row_blocks(N, H)
+    grid = (triton.cdiv(N, BLOCK_M),)
+    _mot_rms_norm_fwd_kernel[grid](
+        x, w, y, N, H, n_und, x.stride(0), y.stride(0), eps,
+        BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=_num_warps(BLOCK_M * BLOCK_H),
+    )
+    return y
+
+
+def rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, n_und: int, w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx [N, H] in x.dtype, dw_und [H] fp32, dw_gen [H] fp32."""
+    N, H = x.shape
+    dx = torch.empty((N, H), dtype=x.dtype, device=x.device)
+    rpp, p_und, P = _segment_split(N, n_und, _target_programs(x.device))
+    if N == 0 or H == 0:
+        z = torch.zeros((H,), dtype=torch.float32, device=x.device)
+        return dx, z, z.clone()
+    BLOCK_M, BLOCK_H = _row_blocks(min(N, rpp), H)
+    dwp = torch.empty((P, H), dtype=torch.float32, device=x.device)
+    _mot_rms_norm_bwd_kernel[(P,)](
+        x, w, dy, dx, dwp, N, H, n_und, x.stride(0), dy.stride(0), dx.stride(0), rpp, p_und, eps,
+        BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=_num_warps(BLOCK_M * BLOCK_H),
+    )
+    return dx, dwp[:p_und].sum(0), dwp[p_und:].sum(0)
+
+
+# ============================================================================================ q/k RMSNorm + RoPE
+@triton.jit
+def _load_cos_sin(COS, SIN, row64, stride_cr, stride_sr, HALF, OUT_DTYPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The token's cos/sin halves, rounded to the output dtype (Qwen2's rotary embedding hands them
+    over in the activations' dtype), as fp32."""
+    cols = tl.arange(0, BLOCK_HALF)
+    cm = cols < HALF
+    pc = COS + row64 * stride_cr + cols
+    ps = SIN + row64 * stride_sr + cols
+    c1 = tl.load(pc, mask=cm, other=0.0).to(OUT_DTYPE).to(tl.float32)
+    c2 = tl.load(pc + HALF, mask=cm, other=0.0).to(OUT_DTYPE).to(tl.float32)
+    s1 = tl.load(ps, mask=cm, other=0.0).to(OUT_DTYPE).to(tl.float32)
+    s2 = tl.load(ps + HALF, mask=cm, other=0.0).to(OUT_DTYPE).to(tl.float32)
+    return c1, c2, s1, s2
+
+
+@triton.jit
+def _norm_rope_fwd_heads(
+    X, Y, W, row64, stride_xr, stride_xh, stride_yr, stride_yh, NH, HALF, D,
+    c1, c2, s1, s2, eps,
+    BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """One token's heads [NH, D] as two halves [NH, D/2]: per-head RMSNorm with W [D], then rotary."""
+    heads = tl.arange(0, BLOCK_NH)
+    cols = tl.arange(0, BLOCK_HALF)
+    cm = cols < HALF
+    m = (heads < NH)[:, None] & cm[None, :]
+    px = X + row64 * stride_xr + heads[:, None] * stride_xh + cols[None, :]
+    x1 = tl.load(px, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(px + HALF, mask=m, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+    w1 = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+    w2 = tl.load(W + HALF + cols, mask=cm, other=0.0).to(tl.float32)
+    # the normed head is a materialised tensor in Qwen2 (input dtype, then weight * -> output dtype)
+    n1 = ((x1 * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32) * w1[None, :]).to(Y.dtype.element_ty)
+    n2 = ((x2 * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32) * w2[None, :]).to(Y.dtype.element_ty)
+    n1 = n1.to(tl.float32)
+    n2 = n2.to(tl.float32)
+    # rotate_half(n) = [-n2, n1]
+    o1 = n1 * c1[None, :] - n2 * s1[None, :]
+    o2 = n2 * c2[None, :] + n1 * s2[None, :]
+    py = Y + row64 * stride_yr + heads[:, None] * stride_yh + cols[None, :]
+    tl.store(py, o1.to(Y.dtype.element_ty), mask=m)
+    tl.store(py + HALF, o2.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mot_qk_norm_rope_fwd_kernel(
+    Q, K, WQ, WK, COS, SIN, QO, KO,  # WQ, WK [2, D] contiguous (und, gen); COS, SIN [N, D] (row stride)
+    N, HQ, HK, D, n_und,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_cr, stride_sr,
+    stride_qor, stride_qoh, stride_kor, stride_koh, eps,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    HALF = D // 2
+    c1, c2, s1, s2 = _load_cos_sin(COS, SIN, row64, stride_cr, stride_sr, HALF, QO.dtype.element_ty, BLOCK_HALF)
+    woff = (row >= n_und).to(tl.int32) * D
+    _norm_rope_fwd_heads(Q, QO, WQ + woff, row64, stride_qr, stride_qh, stride_qor, stride_qoh, HQ, HALF, D,
+                         c1, c2, s1, s2, eps, BLOCK_HQ, BLOCK_HALF)
+    _norm_rope_fwd_heads(K, KO, WK + woff, row64, stride_kr, stride_kh, stride_kor, stride_koh, HK, HALF, D,
+                         c1, c2, s1, s2, eps, BLOCK_HK, BLOCK_HALF)
+
+
+@triton.jit
+def _norm_rope_bwd_heads(
+    X, DY, DX, W, row64, stride_xr, stride_xh, stride_dyr, stride_dyh, stride_dxr, stride_dxh,
+    NH, HALF, D, c1, c2, s1, s2, eps,
+    BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """Backward of one token's heads. Returns (dw1, dw2, dcos1, dcos2, dsin1, dsin2), each [BLOCK_HALF]
+    fp32 summed over the heads."""
+    heads = tl.arange(0, BLOCK_NH)
+    cols = tl.arange(0, BLOCK_HALF)
+    cm = cols < HALF
+    m = (heads < NH)[:, None] & cm[None, :]
+    px = X + row64 * stride_xr + heads[:, None] * stride_xh + cols[None, :]
+    pdy = DY + row64 * stride_dyr + heads[:, None] * stride_dyh + cols[None, :]
+    x1 = tl.load(px, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(px + HALF, mask=m, other=0.0).to(tl.float32)
+    dy1 = tl.load(pdy, mask=m, other=0.0).to(tl.float32)
+    dy2 = tl.load(pdy + HALF, mask=m, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+    w1 = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+    w2 = tl.load(W + HALF + cols, mask=cm, other=0.0).to(tl.float32)
+    xh1 = x1 * rstd[:, None]
+    xh2 = x2 * rstd[:, None]
+    xr1 = xh1.to(X.dtype.element_ty).to(tl.float32)
+    xr2 = xh2.to(X.dtype.element_ty).to(tl.float32)
+    # the forward's normed head, rounded to the output dtype (that of the incoming gradient)
+    n1 = (xr1 * w1[None, :]).to(DY.dtype.element_ty).to(tl.float32)
+    n2 = (xr2 * w2[None, :]).to(DY.dtype.element_ty).to(tl.float32)
+    # o1 = n1 c1 - n2 s1 ; o2 = n2 c2 + n1 s2
+    dc1 = tl.sum(dy1 * n1, axis=0)
+    dc2 = tl.sum(dy2 * n2, axis=0)
+    ds1 = -tl.sum(dy1 * n2, axis=0)
+    ds2 = tl.sum(dy2 * n1, axis=0)
+    dn1 = dy1 * c1[None, :] + dy2 * s2[None, :]
+    dn2 = dy2 * c2[None, :] - dy1 * s1[None, :]
+    dw1 = tl.sum(dn1 * xr1, axis=0)
+    dw2 = tl.sum(dn2 * xr2, axis=0)
+    g1 = dn1 * w1[None, :]
+    g2 = dn2 * w2[None, :]
+    c = (tl.sum(g1 * xh1, axis=1) + tl.sum(g2 * xh2, axis=1)) / D
+    dx1 = (g1 - xh1 * c[:, None]) * rstd[:, None]
+    dx2 = (g2 - xh2 * c[:, None]) * rstd[:, None]
+    pdx = DX + row64 * stride_dxr + heads[:, None] * stride_dxh + cols[None, :]
+    tl.store(pdx, dx1.to(DX.dtype.element_ty), mask=m)
+    tl.store(pdx + HALF, dx2.to(DX.dtype.element_ty), mask=m)
+    return dw1, dw2, dc1, dc2, ds1, ds2
+
+
+@triton.jit
+def _mot_qk_norm_rope_bwd_kernel(
+    Q, K, WQ, WK, COS, SIN, DQO, DKO, DQ, DK, DWQP, DWKP, DCOS, DSIN,
+    N, HQ, HK, D, n_und, rows_per_prog, progs_und,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_cr, stride_sr,
+    stride_dqor, stride_dqoh, stride_dkor, stride_dkoh,
+    stride_dqr, stride_dqh, stride_dkr, stride_dkh, eps,
+    NEED_DCS: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    start, end, expert = _segment_bounds(pid, N, n_und, rows_per_prog, progs_und)
+    HALF = D // 2
+    cols = tl.arange(0, BLOCK_HALF)
+    cm = cols < HALF
+    woff = expert * D
+    dwq1 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    dwq2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    dwk1 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    dwk2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    for i in range(0, end - start):
+        row64 = (start + i).to(tl.int64)  # (the interpreter hands loop variables over as Python ints)
+        c1, c2, s1, s2 = _load_cos_sin(COS, SIN, row64, stride_cr, stride_sr, HALF, DQO.dtype.element_ty, BLOCK_HALF)
+        a1, a2, qc1, qc2, qs1, qs2 = _norm_rope_bwd_heads(
+            Q, DQO, DQ, WQ + woff, row64, stride_qr, stride_qh, stride_dqor, stride_dqoh, stride_dqr, stride_dqh,
+            HQ, HALF, D, c1, c2, s1, s2, eps, BLOCK_HQ, BLOCK_HALF)
+        b1, b2, kc1, kc2, ks1, ks2 = _norm_rope_bwd_heads(
+            K, DKO, DK, WK + woff, row64, stride_kr, stride_kh, stride_dkor, stride_dkoh, stride_dkr, stride_dkh,
+            HK, HALF, D, c1, c2, s1, s2, eps, BLOCK_HK, BLOCK_HALF)
+        dwq1 += a1
+        dwq2 += a2
+        dwk1 += b1
+        dwk2 += b2
+        if NEED_DCS:  # DCOS, DSIN [N, D] fp32 contiguous
+            tl.store(DCOS + row64 * D + cols, qc1 + kc1, mask=cm)
+            tl.store(DCOS + row64 * D + HALF + cols, qc2 + kc2, mask=cm)
+            tl.store(DSIN + row64 * D + cols, qs1 + ks1, mask=cm)
+            tl.store(DSIN + row64 * D + HALF + cols, qs2 + ks2, mask=cm)
+    p64 = pid.to(tl.int64) * D
+    tl.store(DWQP + p64 + cols, dwq1, mask=cm)
+    tl.store(DWQP + p64 + HALF + cols, dwq2, mask=cm)
+    tl.store(DWKP + p64 + cols, dwk1, mask=cm)
+    tl.store(DWKP + p64 + HALF + cols, dwk2, mask=cm)
+
+
+def _qk_blocks(HQ: int, HK: int, D: int) -> tuple[int, int, int, int]:
+    BLOCK_HQ = triton.next_power_of_2(max(HQ, 1))
+    BLOCK_HK = triton.next_power_of_2(max(HK, 1))
+    BLOCK_HALF = triton.next_power_of_2(max(D // 2, 1))
+    return BLOCK_HQ, BLOCK_HK, BLOCK_HALF, _num_warps(2 * max(BLOCK_HQ, BLOCK_HK) * BLOCK_HALF)
+
+
+
+def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
+    """q [N, HQ, D], k [N, HK, D] (unit last stride), wq/wk [2, D] contiguous, cos/sin [N, D] (unit last
+    stride) -> (q_out, k_out) contiguous in out_dtype."""
+    N, HQ, D = q.shape
+    HK = k.shape[1]
+    qo = torch.empty((N, HQ, D), dtype=out_dtype, device=q.device)
+    ko = torch.empty((N, HK, D), dtype=out_dtype, device=q.device)
+    if N == 0 or D == 0:
+        return qo, ko
+    BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(HQ, HK, D)
+    _mot_qk_norm_rope_fwd_kernel[(N,)](
+        q, k, wq, wk, cos, sin, qo, ko, N, HQ, HK, D, n_und,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), eps,
+        BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=nw,
+    )
+    return qo, ko
+
+
+def qk_norm_rope_bwd(dqo, dko, q, k, n_und, wq, wk, cos, sin, eps, need_dcs: bool):
+    """dqo/dko: gradients of the outputs (their dtype is the forward's output dtype).
+    -> dq [N, HQ, D] (q.dtype), dk, dwq_und, dwq_gen, dwk_und, dwk_gen [D] fp32, dcos/dsin [N, D] fp32 (or [0])."""
+    N, HQ, D = q.shape
+    HK = k.shape[1]
+    dev = q.device
+    dq = torch.empty((N, HQ, D), dtype=q.dtype, device=dev)
+    dk = torch.empty((N, HK, D), dtype=k.dtype, device=dev)
+    shape_cs = (N, D) if need_dcs else (0,)
+    dcos = torch.empty(shape_cs, dtype=torch.float32, device=dev)
+    dsin = torch.empty(shape_cs, dtype=torch.float32, device=dev)
+    rpp, p_und, P = _segment_split(N, n_und, _target_programs(dev))
+    if N == 0 or D == 0:
+        z = [torch.zeros((D,), dtype=torch.float32, device=dev) for _ in range(4)]
+        return dq, dk, *z, dcos, dsin
+    dwqp = torch.empty((P, D), dtype=torch.float32, device=dev)
+    dwkp = torch.empty((P, D), dtype=torch.float32, device=dev)
+    BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(HQ, HK, D)
+    _mot_qk_norm_rope_bwd_kernel[(P,)](
+        q, k, wq, wk, cos, sin, dqo, dko, dq, dk, dwqp, dwkp, dcos, dsin,
+        N, HQ, HK, D, n_und, rpp, p_und,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        dqo.stride(0), dqo.stride(1), dko.stride(0), dko.stride(1),
+        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), eps,
+        NEED_DCS=need_dcs,
+        BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=nw,
+    )
+    return (dq, dk, dwqp[:p_und].sum(0), dwqp[p_und:].sum(0), dwkp[:p_und].sum(0), dwkp[p_und:].sum(0),
+            dcos, dsin)
+
+
+# ============================================================================================ SwiGLU
+@triton.jit
+def _swiglu_fwd_kernel(
+    G, U, Y, N, I, stride_g, stride_u, stride_y,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = (rows < N)[:, None] & (cols < I)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    g = tl.load(G + rows64 * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    G, U, DY, DG, DU, N, I, stride_g, stride_u, stride_dy, stride_dg, stride_du,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = (rows < N)[:, None] & (cols < I)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    g = tl.load(G + rows64 * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    dg = dy * u * sig * (1.0 + g * (1.0 - sig))
+    du = dy * silu
+    tl.store(DG + rows64 * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty), mask=m)
+    tl.store(DU + rows64 * stride_du + cols[None, :], du.to(DU.dtype.element_ty), mask=m)
+
+
+def _swiglu_blocks(N: int, I: int) -> tuple[int, int, tuple[int, int], int]:
+    BLOCK_N = min(triton.next_power_of_2(max(I, 1)), 2048)
+    BLOCK_M = max(1, min(2048 // BLOCK_N, triton.next_power_of_2(max(N, 1))))
+    grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(I, BLOCK_N))
+    return BLOCK_M, BLOCK_N, grid, _num_warps(BLOCK_M * BLOCK_N)
+
+
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    N, I = gate.shape
+    y = torch.empty((N, I), dtype=gate.dtype, device=gate.device)
+    if N == 0 or I == 0:
+        return y
+    BLOCK_M, BLOCK_N, grid, nw = _swiglu_blocks(N, I)
+    _swiglu_fwd_kernel[grid](
+        gate, up, y, N, I, gate.stride(0), up.stride(0), y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=nw
+    )
+    return y
+
+
+def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    N, I = gate.shape
+    dg = torch.empty((N, I), dtype=gate.dtype, device=gate.device)
+    du = torch.empty((N, I), dtype=up.dtype, device=up.device)
+    if N == 0 or I == 0:
+        return dg, du
+    BLOCK_M, BLOCK_N, grid, nw = _swiglu_blocks(N, I)
+    _swiglu_bwd_kernel[grid](
+        gate, up, dy, dg, du, N, I, gate.stride(0), up.stride(0), dy.stride(0), dg.stride(0), du.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=nw,
+    )
+    return dg, du
+
+
+# ============================================================================================ row permutation
+@triton.jit
+def _permute_rows_kernel(
+    X, IDX, Y, N, C, stride_x, stride_y,
+    SCATTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """SCATTER=False: Y[i] = X[IDX[i]] (gather). SCATTER=True: Y[IDX[i]] = X[i]."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < N
+    m = rmask[:, None] & (cols < C)[None, :]
+    idx = tl.load(IDX + rows, mask=rmask, other=0).to(tl.int64)
+    if SCATTER:
+        src = rows.to(tl.int64)
+        dst = idx
+    else:
+        src = idx
+        dst = rows.to(tl.int64)
+    v = tl.load(X + src[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+    tl.store(Y + dst[:, None] * stride_y + cols[None, :], v, mask=m)
+
+
+def permute_rows_launch(x: torch.Tensor, index: torch.Tensor, scatter: bool) -> torch.Tensor:
+    """x [N, C] (unit column stride), index [N] int32/int64 contiguous, a permutation (trusted)."""
+    N, C = x.shape
+    y = torch.empty((N, C), dtype=x.dtype, device=x.device)
+    if N == 0 or C == 0:
+        return y
+    BLOCK_C = min(triton.next_power_of_2(C), 1024)
+    BLOCK_M = max(1, min(_TILE_ELEMS // BLOCK_C, triton.next_power_of_2(N)))
+    grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(C, BLOCK_C))
+    _permute_rows_kernel[grid](
+        x, index, y, N, C, x.stride(0), y.stride(0),
+        SCATTER=scatter, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_M * BLOCK_C),
+    )
+    return y
+
+
+# ============================================================================================ AOT compile specs
+def sm90_compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, int]]]:
+    """``(name, jit_fn, signature, constexprs)`` for every kernel here, fp16 and bf16, at BAGEL-7B sizes
+    (hidden 3584, head_dim 128 with 28/4 heads, intermediate 18944) plus a small odd size.
+
+    For ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))``.
+    Constexpr arguments appear in ``constexprs`` and, typed ``"constexpr"``, in ``signature`` (triton
+    3.x's ASTSource wants every argument in the signature)."""
+    specs: list[tuple[str, object, dict[str, str], dict[str, int]]] = []
+
+    def add(name, fn, sig, consts):
+        full = dict(sig)
+        full.update({k: "constexpr" for k in consts})
+        specs.append((name, fn, full, dict(consts)))
+
+    for dt in ("fp16", "bf16"):
+        p = "*" + dt
+        for H in (3584, 97):
+            BM, BH = _row_blocks(32768, H)
+            add(f"mot_rms_norm_fwd[{dt},H={H}]", _mot_rms_norm_fwd_kernel,
+                {"X": p, "W": p, "Y": p, "N": "i32", "H": "i32", "n_und": "i32", "stride_x": "i32",
+                 "stride_y": "i32", "eps": "fp32"},
+                {"BLOCK_M": BM, "BLOCK_H": BH})
+            BM, BH = _row_blocks(64, H)
+            add(f"mot_rms_norm_bwd[{dt},H={H}]", _mot_rms_norm_bwd_kernel,
+                {"X": p, "W": p, "DY": p, "DX": p, "DWP": "*fp32", "N": "i32", "H": "i32", "n_und": "i32",
+                 "stride_x": "i32", "stride_dy": "i32", "stride_dx": "i32", "rows_per_prog": "i32",
+                 "progs_und": "i32", "eps": "fp32"},
+                {"BLOCK_M": BM, "BLOCK_H": BH})
+        for HQ, HK, D in ((28, 4, 128), (3, 1, 72)):
+            BHQ, BHK, BHALF, _ = _qk_blocks(HQ, HK, D)
+            blocks = {"BLOCK_HQ": BHQ, "BLOCK_HK": BHK, "BLOCK_HALF": BHALF}
+            add(f"mot_qk_norm_rope_fwd[{dt},D={D}]", _mot_qk_norm_rope_fwd_kernel,
+                {"Q": p, "K": p, "WQ": p, "WK": p, "COS": "*fp32", "SIN": "*fp32", "QO": p, "KO": p,
+                 "N": "i32", "HQ": "i32", "HK": "i32", "D": "i32", "n_und": "i32",
+                 "stride_qr": "i32", "stride_qh": "i32", "stride_kr": "i32", "stride_kh": "i32",
+                 "stride_cr": "i32", "stride_sr": "i32", "stride_qor": "i32", "stride_qoh": "i32",
+                 "stride_kor": "i32", "stride_koh": "i32", "eps": "fp32"},
+                blocks)
+            for need in (0, 1):
+                add(f"mot_qk_norm_rope_bwd[{dt},D={D},dcs={need}]", _mot_qk_norm_rope_bwd_kernel,
+                    {"Q": p, "K": p, "WQ": p, "WK": p, "COS": "*fp32", "SIN": "*fp32", "DQO": p, "DKO": p,
+                     "DQ": p, "DK": p, "DWQP": "*fp32", "DWKP": "*fp32", "DCOS": "*fp32", "DSIN": "*fp32",
+                     "N": "i32", "HQ": "i32", "HK": "i32", "D": "i32", "n_und": "i32",
+                     "rows_per_prog": "i32", "progs_und": "i32",
+                     "stride_qr": "i32", "stride_qh": "i32", "stride_kr": "i32", "stride_kh": "i32",
+                     "stride_cr": "i32", "stride_sr": "i32", "stride_dqor": "i32", "stride_dqoh": "i32",
+                     "stride_dkor": "i32", "stride_dkoh": "i32", "stride_dqr": "i32", "stride_dqh": "i32",
+                     "stride_dkr": "i32", "stride_dkh": "i32", "eps": "fp32"},
+                    {"NEED_DCS": need, **blocks})
+        for I in (18944, 200):
+            BM, BN, _, _ = _swiglu_blocks(32768, I)
+            add(f"swiglu_fwd[{dt},I={I}]", _swiglu_fwd_kernel,
+                {"G": p, "U": p, "Y": p, "N": "i32", "I": "i32", "stride_g": "i32", "stride_u": "i32",
+                 "stride_y": "i32"},
+                {"BLOCK_M": BM, "BLOCK_N": BN})
+            add(f"swiglu_bwd[{dt},I={I}]", _swiglu_bwd_kernel,
+                {"G": p, "U": p, "DY": p, "DG": p, "DU": p, "N": "i32", "I": "i32", "stride_g": "i32",
+                 "stride_u": "i32", "stride_dy": "i32", "stride_dg": "i32", "stride_du": "i32"},
+                {"BLOCK_M": BM, "BLOCK_N": BN})
+        for scatter in (0, 1):
+            add(f"permute_rows[{dt},scatter={scatter}]", _permute_rows_kernel,
+                {"X": p, "IDX": "*i64", "Y": p, "N": "i32", "C": "i32", "stride_x": "i32", "stride_y": "i32"},
+                {"SCATTER": scatter, "BLOCK_M": 1, "BLOCK_C": 1024})
+    return specs
