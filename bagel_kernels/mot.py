@@ -252,7 +252,7 @@ def _mot_rms_norm_bwd_op(
 
 @_mot_rms_norm_bwd_op.register_fake
 def _(dy, x, n_und, weight_und, weight_gen, eps):
-    return torch.empty_like(x), torch.empty_like(weight_und), torch.empty_like(weight_gen)
+    return x.new_empty(x.shape), weight_und.new_empty(weight_und.shape), weight_gen.new_empty(weight_gen.shape)
 
 
 def _rms_setup(ctx, inputs, output):
@@ -337,8 +337,8 @@ def _mot_qk_norm_rope_bwd_op(
 def _(dq_out, dk_out, q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps, need_cos_sin):
     cs = cos.shape if need_cos_sin else (0,)
     return (
-        torch.empty_like(q), torch.empty_like(k),
-        *(torch.empty_like(w) for w in (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)),
+        q.new_empty(q.shape), k.new_empty(k.shape),
+        *(w.new_empty(w.shape) for w in (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)),
         cos.new_empty(cs), sin.new_empty(cs),
     )
 
@@ -537,9 +537,9 @@ def _mot_linear_bwd_op(
         _mm_into(dx[:n_und], dyu, weight_und, None)
         _mm_into(dx[n_und:], dyg, weight_gen, None)
     if need_dw_und:
-        dwu = torch.mm(dyu.t(), x[:n_und]) if n_und > 0 else torch.zeros_like(weight_und)
+        dwu = torch.mm(dyu.t(), x[:n_und]) if n_und > 0 else weight_und.new_zeros(weight_und.shape)
     if need_dw_gen:
-        dwg = torch.mm(dyg.t(), x[n_und:]) if n_und < x.shape[0] else torch.zeros_like(weight_gen)
+        dwg = torch.mm(dyg.t(), x[n_und:]) if n_und < x.shape[0] else weight_gen.new_zeros(weight_gen.shape)
     if need_db_und:
         dbu = dyu.sum(0, dtype=torch.float32).to(dy.dtype)
     if need_db_gen:
@@ -614,11 +614,12 @@ def mot_linear(
 
 # ============================================================================================ permutation
 def _check_permutation(index: Tensor, N: int, name: str = "index") -> None:
-    seen = torch.zeros(N, dtype=torch.int32, device=index.device)
-    in_range = bool(((index >= 0) & (index < N)).all()) if N > 0 else True
-    if in_range and N > 0:
-        seen.index_add_(0, index.long(), torch.ones_like(index, dtype=torch.int32))
-    if not in_range or not bool((seen == 1).all()):
+    """index (length N) is a permutation iff all entries are in range and every row is hit."""
+    if N == 0:
+        return
+    seen = torch.zeros(N, dtype=torch.bool, device=index.device)
+    seen[index.long().clamp(0, N - 1)] = True
+    if not bool(((index >= 0) & (index < N)).all() & seen.all()):  # one host sync
         raise ValueError(f"{name} is not a permutation of range({N})")
 
 
@@ -729,9 +730,11 @@ def grouped_order(und_indexes: Tensor, gen_indexes: Tensor, total: int) -> tuple
 
 
 # ============================================================================================ compile specs
-def sm90_compile_specs():
-    """``(name, jit_fn, signature, constexprs)`` of every MoT kernel for fp16 and bf16 (see
-    :func:`bagel_kernels.mot_triton.sm90_compile_specs`)."""
-    from .mot_triton import sm90_compile_specs as specs
+def sm90_compile_specs() -> list[tuple]:
+    """``(name, jit_fn, signature, constexprs, options)`` of every MoT kernel for fp16 and bf16, in
+    the format of :mod:`bagel_kernels.compile_check` (signature lists constexpr arguments as
+    ``"constexpr"``; options carry the launch ``num_warps``). See
+    :func:`bagel_kernels.mot_triton.kernel_compile_specs`."""
+    from .mot_triton import kernel_compile_specs
 
-    return specs()
+    return kernel_compile_specs()

@@ -35,7 +35,7 @@ __all__ = [
     "swiglu_bwd",
     "permute_rows_launch",
     "MAX_ROW_BLOCK",
-    "sm90_compile_specs",
+    "kernel_compile_specs",
 ]
 
 # Widest row (next power of two) the single-tile row kernels keep in registers.
@@ -183,7 +183,9 @@ def rms_norm_bwd(
 
 # ============================================================================================ q/k RMSNorm + RoPE
 @triton.jit
-def _load_cos_sin(COS, SIN, row64, stride_cr, stride_sr, HALF, OUT_DTYPE: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _load_cos_sin(
+    COS, SIN, row64, stride_cr, stride_sr, HALF: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
     """The token's cos/sin halves, rounded to the output dtype (Qwen2's rotary embedding hands them
     over in the activations' dtype), as fp32."""
     cols = tl.arange(0, BLOCK_HALF)
@@ -199,7 +201,7 @@ def _load_cos_sin(COS, SIN, row64, stride_cr, stride_sr, HALF, OUT_DTYPE: tl.con
 
 @triton.jit
 def _norm_rope_fwd_heads(
-    X, Y, W, row64, stride_xr, stride_xh, stride_yr, stride_yh, NH, HALF, D,
+    X, Y, W, row64, stride_xr, stride_xh, stride_yr, stride_yh, NH, HALF: tl.constexpr, D: tl.constexpr,
     c1, c2, s1, s2, eps,
     BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
@@ -230,14 +232,14 @@ def _norm_rope_fwd_heads(
 @triton.jit
 def _mot_qk_norm_rope_fwd_kernel(
     Q, K, WQ, WK, COS, SIN, QO, KO,  # WQ, WK [2, D] contiguous (und, gen); COS, SIN [N, D] (row stride)
-    N, HQ, HK, D, n_und,
+    N, HQ, HK, n_und,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_cr, stride_sr,
     stride_qor, stride_qoh, stride_kor, stride_koh, eps,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    HALF = D // 2
+    HALF: tl.constexpr = D // 2
     c1, c2, s1, s2 = _load_cos_sin(COS, SIN, row64, stride_cr, stride_sr, HALF, QO.dtype.element_ty, BLOCK_HALF)
     woff = (row >= n_und).to(tl.int32) * D
     _norm_rope_fwd_heads(Q, QO, WQ + woff, row64, stride_qr, stride_qh, stride_qor, stride_qoh, HQ, HALF, D,
@@ -249,7 +251,7 @@ def _mot_qk_norm_rope_fwd_kernel(
 @triton.jit
 def _norm_rope_bwd_heads(
     X, DY, DX, W, row64, stride_xr, stride_xh, stride_dyr, stride_dyh, stride_dxr, stride_dxh,
-    NH, HALF, D, c1, c2, s1, s2, eps,
+    NH, HALF: tl.constexpr, D: tl.constexpr, c1, c2, s1, s2, eps,
     BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """Backward of one token's heads. Returns (dw1, dw2, dcos1, dcos2, dsin1, dsin2), each [BLOCK_HALF]
@@ -297,16 +299,16 @@ def _norm_rope_bwd_heads(
 @triton.jit
 def _mot_qk_norm_rope_bwd_kernel(
     Q, K, WQ, WK, COS, SIN, DQO, DKO, DQ, DK, DWQP, DWKP, DCOS, DSIN,
-    N, HQ, HK, D, n_und, rows_per_prog, progs_und,
+    N, HQ, HK, n_und, rows_per_prog, progs_und,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_cr, stride_sr,
     stride_dqor, stride_dqoh, stride_dkor, stride_dkoh,
     stride_dqr, stride_dqh, stride_dkr, stride_dkh, eps,
-    NEED_DCS: tl.constexpr,
+    D: tl.constexpr, NEED_DCS: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     start, end, expert = _segment_bounds(pid, N, n_und, rows_per_prog, progs_und)
-    HALF = D // 2
+    HALF: tl.constexpr = D // 2
     cols = tl.arange(0, BLOCK_HALF)
     cm = cols < HALF
     woff = expert * D
@@ -358,10 +360,10 @@ def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
         return qo, ko
     BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(HQ, HK, D)
     _mot_qk_norm_rope_fwd_kernel[(N,)](
-        q, k, wq, wk, cos, sin, qo, ko, N, HQ, HK, D, n_und,
+        q, k, wq, wk, cos, sin, qo, ko, N, HQ, HK, n_und,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), eps,
-        BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=nw,
+        D=D, BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=nw,
     )
     return qo, ko
 
@@ -386,11 +388,11 @@ def qk_norm_rope_bwd(dqo, dko, q, k, n_und, wq, wk, cos, sin, eps, need_dcs: boo
     BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(HQ, HK, D)
     _mot_qk_norm_rope_bwd_kernel[(P,)](
         q, k, wq, wk, cos, sin, dqo, dko, dq, dk, dwqp, dwkp, dcos, dsin,
-        N, HQ, HK, D, n_und, rpp, p_und,
+        N, HQ, HK, n_und, rpp, p_und,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         dqo.stride(0), dqo.stride(1), dko.stride(0), dko.stride(1),
         dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), eps,
-        NEED_DCS=need_dcs,
+        D=D, NEED_DCS=need_dcs,
         BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=nw,
     )
     return (dq, dk, dwqp[:p_und].sum(0), dwqp[p_und:].sum(0), dwkp[:p_und].sum(0), dwkp[p_und:].sum(0),
@@ -505,67 +507,79 @@ def permute_rows_launch(x: torch.Tensor, index: torch.Tensor, scatter: bool) -> 
 
 
 # ============================================================================================ AOT compile specs
-def sm90_compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, int]]]:
-    """``(name, jit_fn, signature, constexprs)`` for every kernel here, fp16 and bf16, at BAGEL-7B sizes
-    (hidden 3584, head_dim 128 with 28/4 heads, intermediate 18944) plus a small odd size.
+def kernel_compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, int], dict]]:
+    """``(name, jit_fn, signature, constexprs, options)`` for every kernel here, fp16 and bf16, at
+    BAGEL-7B sizes (hidden 3584, head_dim 128 with 28/4 heads, intermediate 18944) plus a small odd
+    size, with the launchers' block sizes and ``num_warps`` (format of :mod:`bagel_kernels.compile_check`;
+    published as :func:`bagel_kernels.mot.sm90_compile_specs`).
 
     For ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))``.
     Constexpr arguments appear in ``constexprs`` and, typed ``"constexpr"``, in ``signature`` (triton
     3.x's ASTSource wants every argument in the signature)."""
-    specs: list[tuple[str, object, dict[str, str], dict[str, int]]] = []
+    specs: list[tuple[str, object, dict[str, str], dict[str, int], dict]] = []
 
-    def add(name, fn, sig, consts):
+    def add(name, fn, sig, consts, num_warps, aligned):
+        """aligned: the sizes are multiples of 16, so at run time Triton specialises the strides and
+        the integer sizes named in ``aligned`` as divisible by 16 (what makes loads vectorise)."""
         full = dict(sig)
         full.update({k: "constexpr" for k in consts})
-        specs.append((name, fn, full, dict(consts)))
+        div = [a for a, t in sig.items() if t.startswith("*")]
+        if aligned:
+            div += [a for a in sig if a.startswith("stride")] + list(aligned)
+        specs.append((name, fn, full, dict(consts), {"num_warps": num_warps, "divisible_by_16": div}))
 
     for dt in ("fp16", "bf16"):
         p = "*" + dt
         for H in (3584, 97):
+            al = ("H",) if H % 16 == 0 else ()
             BM, BH = _row_blocks(32768, H)
             add(f"mot_rms_norm_fwd[{dt},H={H}]", _mot_rms_norm_fwd_kernel,
                 {"X": p, "W": p, "Y": p, "N": "i32", "H": "i32", "n_und": "i32", "stride_x": "i32",
                  "stride_y": "i32", "eps": "fp32"},
-                {"BLOCK_M": BM, "BLOCK_H": BH})
+                {"BLOCK_M": BM, "BLOCK_H": BH}, _num_warps(BM * BH), al)
             BM, BH = _row_blocks(64, H)
             add(f"mot_rms_norm_bwd[{dt},H={H}]", _mot_rms_norm_bwd_kernel,
                 {"X": p, "W": p, "DY": p, "DX": p, "DWP": "*fp32", "N": "i32", "H": "i32", "n_und": "i32",
                  "stride_x": "i32", "stride_dy": "i32", "stride_dx": "i32", "rows_per_prog": "i32",
                  "progs_und": "i32", "eps": "fp32"},
-                {"BLOCK_M": BM, "BLOCK_H": BH})
+                {"BLOCK_M": BM, "BLOCK_H": BH}, _num_warps(BM * BH), al)
         for HQ, HK, D in ((28, 4, 128), (3, 1, 72)):
-            BHQ, BHK, BHALF, _ = _qk_blocks(HQ, HK, D)
-            blocks = {"BLOCK_HQ": BHQ, "BLOCK_HK": BHK, "BLOCK_HALF": BHALF}
+            BHQ, BHK, BHALF, nw = _qk_blocks(HQ, HK, D)
+            consts = {"D": D, "BLOCK_HQ": BHQ, "BLOCK_HK": BHK, "BLOCK_HALF": BHALF}
+            al = ("HQ",) if D % 16 == 0 else ()  # strides are multiples of D
             add(f"mot_qk_norm_rope_fwd[{dt},D={D}]", _mot_qk_norm_rope_fwd_kernel,
                 {"Q": p, "K": p, "WQ": p, "WK": p, "COS": "*fp32", "SIN": "*fp32", "QO": p, "KO": p,
-                 "N": "i32", "HQ": "i32", "HK": "i32", "D": "i32", "n_und": "i32",
+                 "N": "i32", "HQ": "i32", "HK": "i32", "n_und": "i32",
                  "stride_qr": "i32", "stride_qh": "i32", "stride_kr": "i32", "stride_kh": "i32",
                  "stride_cr": "i32", "stride_sr": "i32", "stride_qor": "i32", "stride_qoh": "i32",
                  "stride_kor": "i32", "stride_koh": "i32", "eps": "fp32"},
-                blocks)
+                consts, nw, al)
             for need in (0, 1):
                 add(f"mot_qk_norm_rope_bwd[{dt},D={D},dcs={need}]", _mot_qk_norm_rope_bwd_kernel,
                     {"Q": p, "K": p, "WQ": p, "WK": p, "COS": "*fp32", "SIN": "*fp32", "DQO": p, "DKO": p,
                      "DQ": p, "DK": p, "DWQP": "*fp32", "DWKP": "*fp32", "DCOS": "*fp32", "DSIN": "*fp32",
-                     "N": "i32", "HQ": "i32", "HK": "i32", "D": "i32", "n_und": "i32",
+                     "N": "i32", "HQ": "i32", "HK": "i32", "n_und": "i32",
                      "rows_per_prog": "i32", "progs_und": "i32",
                      "stride_qr": "i32", "stride_qh": "i32", "stride_kr": "i32", "stride_kh": "i32",
                      "stride_cr": "i32", "stride_sr": "i32", "stride_dqor": "i32", "stride_dqoh": "i32",
                      "stride_dkor": "i32", "stride_dkoh": "i32", "stride_dqr": "i32", "stride_dqh": "i32",
                      "stride_dkr": "i32", "stride_dkh": "i32", "eps": "fp32"},
-                    {"NEED_DCS": need, **blocks})
+                    {**consts, "NEED_DCS": need}, nw, al)
         for I in (18944, 200):
-            BM, BN, _, _ = _swiglu_blocks(32768, I)
+            al = ("I",) if I % 16 == 0 else ()
+            BM, BN, _, nw = _swiglu_blocks(32768, I)
             add(f"swiglu_fwd[{dt},I={I}]", _swiglu_fwd_kernel,
                 {"G": p, "U": p, "Y": p, "N": "i32", "I": "i32", "stride_g": "i32", "stride_u": "i32",
                  "stride_y": "i32"},
-                {"BLOCK_M": BM, "BLOCK_N": BN})
+                {"BLOCK_M": BM, "BLOCK_N": BN}, nw, al)
             add(f"swiglu_bwd[{dt},I={I}]", _swiglu_bwd_kernel,
                 {"G": p, "U": p, "DY": p, "DG": p, "DU": p, "N": "i32", "I": "i32", "stride_g": "i32",
                  "stride_u": "i32", "stride_dy": "i32", "stride_dg": "i32", "stride_du": "i32"},
-                {"BLOCK_M": BM, "BLOCK_N": BN})
+                {"BLOCK_M": BM, "BLOCK_N": BN}, nw, al)
         for scatter in (0, 1):
+            BLOCK_C = 1024
+            BM = _TILE_ELEMS // BLOCK_C
             add(f"permute_rows[{dt},scatter={scatter}]", _permute_rows_kernel,
                 {"X": p, "IDX": "*i64", "Y": p, "N": "i32", "C": "i32", "stride_x": "i32", "stride_y": "i32"},
-                {"SCATTER": scatter, "BLOCK_M": 1, "BLOCK_C": 1024})
+                {"SCATTER": scatter, "BLOCK_M": BM, "BLOCK_C": BLOCK_C}, _num_warps(BM * BLOCK_C), ("C",))
     return specs

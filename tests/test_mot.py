@@ -459,12 +459,14 @@ def test_sm90_compile_specs_cover_every_kernel():
 
     specs = mot.sm90_compile_specs()
     kernels = {getattr(mot_triton, n) for n in dir(mot_triton) if n.startswith("_") and n.endswith("_kernel")}
-    assert {fn for _, fn, _, _ in specs} == kernels
-    for name, fn, sig, consts in specs:
+    assert {spec[1] for spec in specs} == kernels
+    assert len({spec[0] for spec in specs}) == len(specs)
+    for name, fn, sig, consts, options in specs:
         assert set(sig) == set(fn.arg_names), name
-        assert all(sig[c] == "constexpr" for c in consts), name
+        assert {a for a, t in sig.items() if t == "constexpr"} == set(consts), name
+        assert options["num_warps"] in (2, 4, 8, 16), name
         for dt in ("fp16", "bf16"):
-            assert any(dt in n and f is fn for n, f, _, _ in specs), (name, dt)
+            assert any(dt in s[0] and s[1] is fn for s in specs), (name, dt)
 
 
 # ============================================================================================ GPU
