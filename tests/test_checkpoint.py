@@ -1,0 +1,208 @@
+"""Checkpoint I/O: config round trips, random tiny checkpoints (config.json + ema.safetensors, and
+upstream's llm_config.json + vit_config.json layout) loaded back bit for bit in both stages, key
+classification, strict mode, VAE keys, Conv2d patch weights, missing keys and shape errors."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bagel import BagelBackendConfig, BagelConfig, BagelForUnifiedMultimodal, Qwen2ForCausalLMReference
+from bagel.checkpoint import classify_key, find_weight_files, load_checkpoint_into, read_safetensors_header, save_checkpoint
+
+REF = dict(backend=BagelBackendConfig.reference(), language_model_cls=Qwen2ForCausalLMReference)
+
+
+def random_model(cfg=None, seed=0) -> BagelForUnifiedMultimodal:
+    model = BagelForUnifiedMultimodal(BagelConfig.tiny() if cfg is None else cfg, **REF)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))  # frozen pos tables too: the load must copy them
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bagel_tiny")
+    model = random_model()
+    vae = {"encoder.conv_in.weight": torch.randn(8, 3, 3, 3), "decoder.conv_out.bias": torch.randn(3)}
+    save_checkpoint(model, path, config=model.config, extra_tensors=vae)
+    return path, model.state_dict()
+
+
+def test_config_round_trip(tmp_path):
+    cfg = BagelConfig.tiny(timestep_shift=2.5, vit_rope=True, interpolate_pos=True, max_latent_size=6)
+    cfg.save_pretrained(tmp_path)
+    for _ in range(2):  # reload twice: nothing (vit_select_layer in particular) is applied again
+        back = BagelConfig.from_pretrained(tmp_path)
+        assert back.to_dict() == cfg.to_dict()
+        back.save_pretrained(tmp_path)
+    assert back.vision_config.num_hidden_layers == 3 and back.vit_num_layers == 2
+    assert back.llm_config is back.text_config and back.vit_config is back.vision_config
+    assert back.text_config.layer_module == "Qwen2MoTDecoderLayer" and back.text_config.qk_norm is True
+    assert back.vision_config.rope is True and back.vae_config == {"z_channels": 4, "downsample": 8}
+    assert BagelConfig.from_pretrained(tmp_path, visual_gen=False).visual_gen is False
+    assert json.load(open(tmp_path / "config.json"))["model_type"] == "bagel"
+
+
+def test_config_aliases_and_dicts():
+    cfg = BagelConfig.tiny()
+    d = cfg.to_dict()
+    a = BagelConfig(llm_config=d["text_config"], vit_config=d["vision_config"], vae_config=d["vae_config"])
+    b = BagelConfig(text_config=d["text_config"], vision_config=d["vision_config"], vae_config=d["vae_config"])
+    assert a.to_dict() == b.to_dict()
+    assert a.text_config.hidden_size == 64 and a.vision_config.hidden_size == 48
+    with pytest.raises(ValueError, match="llm_config or text_config"):
+        BagelConfig(llm_config=d["text_config"], text_config=dict(d["text_config"]))
+    with pytest.raises(ValueError, match="layer_module"):
+        BagelConfig(llm_config=dict(d["text_config"], layer_module="Qwen3Layer"))
+    with pytest.raises(ValueError, match="z_channels"):
+        BagelConfig(vae_config={"downsample": 8})
+    big = BagelConfig.bagel_7b_mot()
+    tc, vc = big.text_config, big.vision_config
+    assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads) == (3584, 28, 28, 4)
+    assert (tc.intermediate_size, tc.vocab_size, vc.hidden_size, vc.num_attention_heads) == (18944, 152064, 1152, 16)
+    assert big.vit_num_layers == 26 and vc.num_hidden_layers == 27 and big.latent_channels == 16
+
+
+def test_key_classification_covers_the_model():
+    model = random_model()
+    kinds = {k: classify_key(k) for k in model.state_dict()}
+    assert "unknown" not in kinds.values(), [k for k, v in kinds.items() if v == "unknown"]
+    gen = {k for k, v in kinds.items() if v == "gen"}
+    assert all("moe_gen" in k or k.split(".")[0] in ("time_embedder", "vae2llm", "llm2vae", "latent_pos_embed") for k in gen)
+    stage1 = BagelForUnifiedMultimodal(BagelConfig.tiny(stage=1), **REF)
+    assert set(stage1.state_dict()) == {k for k, v in kinds.items() if v == "und"}
+    assert classify_key("encoder.down.0.block.0.conv1.weight") == "vae"
+    assert classify_key("decoder.up.1.conv.bias") == "vae"
+    assert classify_key("language_model.model.layers.3.mlp.gate_up_proj.weight") == "unknown"
+    assert classify_key("foo.bar") == "unknown"
+
+
+@pytest.mark.parametrize("stage", [2, "stage2"])
+def test_load_stage2_bit_identical(ckpt, stage):
+    path, sd = ckpt
+    model = BagelForUnifiedMultimodal.from_pretrained(path, stage=stage, strict=True, **REF)
+    got = model.state_dict()
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+    r = model.load_report
+    assert not r.missing and not r.unexpected and not r.skipped_by_stage
+    assert sorted(r.vae) == ["decoder.conv_out.bias", "encoder.conv_in.weight"]
+    assert len(r.loaded) == len(sd)
+
+
+def test_load_stage1_understanding_subset(ckpt):
+    path, sd = ckpt
+    model = BagelForUnifiedMultimodal.from_pretrained(path, stage=1, strict=True, **REF)
+    assert model.config.visual_gen is False and model.config.stage == 1
+    got = model.state_dict()
+    assert set(got) == {k for k in sd if classify_key(k) == "und"}
+    for k, v in got.items():
+        assert torch.equal(v, sd[k]), k
+    r = model.load_report
+    assert not r.missing and not r.unexpected
+    assert set(r.skipped_by_stage) == {k for k in sd if classify_key(k) == "gen"}
+
+
+def test_upstream_layout(ckpt, tmp_path):
+    """llm_config.json + vit_config.json next to ema.safetensors, no BAGEL config.json (a Qwen2 config.json
+    of the tokenizer side is ignored); max_latent_size / vit grid come from the table shapes."""
+    path, sd = ckpt
+    cfg = BagelConfig.from_pretrained(path)
+    with open(tmp_path / "llm_config.json", "w") as f:
+        json.dump(cfg.text_config.to_dict(), f)
+    with open(tmp_path / "vit_config.json", "w") as f:
+        json.dump(cfg.vision_config.to_dict(), f)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"model_type": "qwen2", "hidden_size": 7}, f)
+    os.link(path / "ema.safetensors", tmp_path / "ema.safetensors")
+    up = BagelConfig.from_pretrained(tmp_path)
+    assert up.max_latent_size == cfg.max_latent_size == 8 and up.vit_max_num_patch_per_side == 8
+    assert up.visual_gen and up.vit_num_layers == 2
+    model = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, strict=True, vae_config=cfg.vae_config, **REF)
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="llm_config.json"):
+        BagelConfig.from_pretrained(tmp_path / "..")
+
+
+def test_strict_unknown_keys(ckpt, tmp_path):
+    path, sd = ckpt
+    tensors = load_file(path / "ema.safetensors")
+    tensors["foo.bar"] = torch.zeros(2)
+    tensors["vit_model.vision_model.encoder.layers.2.mlp.fc1.bias"] = torch.zeros(96)  # a layer the model lacks
+    save_file(tensors, tmp_path / "ema.safetensors")
+    BagelConfig.from_pretrained(path).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="strict=True: 2 checkpoint key"):
+        BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, strict=True, **REF)
+    model = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, **REF)
+    assert sorted(model.load_report.unexpected) == ["foo.bar", "vit_model.vision_model.encoder.layers.2.mlp.fc1.bias"]
+    assert torch.equal(model.state_dict()["connector.fc1.weight"], sd["connector.fc1.weight"])
+
+
+def test_strict_failure_leaves_model_untouched(ckpt, tmp_path):
+    path, _ = ckpt
+    tensors = load_file(path / "ema.safetensors")
+    tensors["foo.bar"] = torch.zeros(2)
+    save_file(tensors, tmp_path / "ema.safetensors")
+    model = random_model(seed=7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="match no model parameter"):
+        load_checkpoint_into(model, tmp_path, stage=2, strict=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_missing_keys_conv_weight_and_shape_errors(ckpt, tmp_path):
+    path, sd = ckpt
+    tensors = load_file(path / "ema.safetensors")
+    del tensors["connector.fc2.bias"]
+    key = "vit_model.vision_model.embeddings.patch_embedding.weight"
+    E, p = 48, 4
+    conv = tensors[key].reshape(E, p, p, 3).permute(0, 3, 1, 2).contiguous()  # HF SigLIP Conv2d layout
+    tensors[key] = conv
+    save_file(tensors, tmp_path / "ema.safetensors")
+    BagelConfig.from_pretrained(path).save_pretrained(tmp_path)
+    model = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, **REF)
+    r = model.load_report
+    assert r.missing == ["connector.fc2.bias"] and r.converted == [key]
+    assert torch.equal(model.state_dict()[key], sd[key])
+    tensors["connector.fc2.bias"] = torch.zeros(5)
+    save_file(tensors, tmp_path / "ema.safetensors")
+    with pytest.raises(ValueError, match="connector.fc2.bias.*shape"):
+        BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, **REF)
+
+
+def test_weight_files_and_errors(ckpt, tmp_path):
+    path, _ = ckpt
+    assert find_weight_files(path) == [str(path / "ema.safetensors")]
+    header = read_safetensors_header(str(path / "ema.safetensors"))
+    assert header["latent_pos_embed.pos_embed"]["shape"] == [64, 64]
+    with pytest.raises(ValueError, match="ema.safetensors"):
+        find_weight_files(tmp_path)
+    # sharded layout via an index file
+    tensors = load_file(path / "ema.safetensors")
+    keys = sorted(tensors)
+    half = len(keys) // 2
+    shards = {"a.safetensors": keys[:half], "b.safetensors": keys[half:]}
+    for name, ks in shards.items():
+        save_file({k: tensors[k] for k in ks}, tmp_path / name)
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
+    BagelConfig.from_pretrained(path).save_pretrained(tmp_path)
+    model = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, strict=True, **REF)
+    assert not model.load_report.missing and len(model.load_report.files) == 2
+    with pytest.raises(ValueError, match="stage"):
+        BagelForUnifiedMultimodal.from_pretrained(path, stage=3)
+
+
+def test_save_pretrained_and_dtype(tmp_path):
+    model = random_model(seed=3)
+    model.save_pretrained(tmp_path)
+    back = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, dtype=torch.bfloat16, **REF)
+    assert back.language_model.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(back.language_model.lm_head.weight, model.language_model.lm_head.weight.to(torch.bfloat16))
