@@ -122,7 +122,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < N
     rows_q = _load_rows(ROW_IDX, offs_m, row_ok, HAS_ROW_IDX)
-    q = _load_tile(Q + h * stride_qh, rows_q, row_ok, offs_d, stride_qt, D, D_PAD, LOWP_DOT)
+    q = _load_tile(Q + h.to(tl.int64) * stride_qh, rows_q, row_ok, offs_d, stride_qt, D, D_PAD, LOWP_DOT)
 
     # finite start for the running max: a fully masked tile then gives exp2(-inf - m) = 0, never NaN
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -137,8 +137,8 @@ def _attn_fwd_kernel(
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         rows_k = _load_rows(ROW_IDX, offs_n, col_ok, HAS_ROW_IDX)
-        k = _load_tile(K + hk * stride_kh, rows_k, col_ok, offs_d, stride_kt, D, D_PAD, LOWP_DOT)
-        v = _load_tile(V + hk * stride_vh, rows_k, col_ok, offs_d, stride_vt, D, D_PAD, LOWP_DOT)
+        k = _load_tile(K + hk.to(tl.int64) * stride_kh, rows_k, col_ok, offs_d, stride_kt, D, D_PAD, LOWP_DOT)
+        v = _load_tile(V + hk.to(tl.int64) * stride_vh, rows_k, col_ok, offs_d, stride_vt, D, D_PAD, LOWP_DOT)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], log2 domain
         if full == 0:
             lo = tl.load(KV_LO + offs_n, mask=col_ok, other=2147483647)
@@ -159,7 +159,7 @@ def _attn_fwd_kernel(
     acc = acc / tl.where(alive, l_i, 1.0)[:, None]
     lse = tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), float("inf"))
     tl.store(LSE + h.to(tl.int64) * N + offs_m, lse, mask=row_ok)
-    _store_tile(O + h * stride_oh, rows_q, row_ok, offs_d, stride_ot, acc, D, D_PAD)
+    _store_tile(O + h.to(tl.int64) * stride_oh, rows_q, row_ok, offs_d, stride_ot, acc, D, D_PAD)
 
 
 @triton.jit
@@ -175,8 +175,8 @@ def _attn_bwd_delta_kernel(
     offs_d = tl.arange(0, D_PAD)
     ok = offs < N
     rows = _load_rows(ROW_IDX, offs, ok, HAS_ROW_IDX)
-    o = _load_tile(O + h * stride_oh, rows, ok, offs_d, stride_ot, D, D_PAD, False)
-    do = _load_tile(DO + h * stride_doh, rows, ok, offs_d, stride_dot, D, D_PAD, False)
+    o = _load_tile(O + h.to(tl.int64) * stride_oh, rows, ok, offs_d, stride_ot, D, D_PAD, False)
+    do = _load_tile(DO + h.to(tl.int64) * stride_doh, rows, ok, offs_d, stride_dot, D, D_PAD, False)
     tl.store(DELTA + h.to(tl.int64) * N + offs, tl.sum(o * do, 1), mask=ok)
 
 
@@ -197,8 +197,8 @@ def _attn_bwd_dkdv_program(
     offs_d = tl.arange(0, D_PAD)
     col_ok = offs_n < N
     rows_k = _load_rows(ROW_IDX, offs_n, col_ok, HAS_ROW_IDX)
-    k = _load_tile(K + hk * stride_kh, rows_k, col_ok, offs_d, stride_kt, D, D_PAD, LOWP_DOT)
-    v = _load_tile(V + hk * stride_vh, rows_k, col_ok, offs_d, stride_vt, D, D_PAD, LOWP_DOT)
+    k = _load_tile(K + hk.to(tl.int64) * stride_kh, rows_k, col_ok, offs_d, stride_kt, D, D_PAD, LOWP_DOT)
+    v = _load_tile(V + hk.to(tl.int64) * stride_vh, rows_k, col_ok, offs_d, stride_vt, D, D_PAD, LOWP_DOT)
     lo = tl.load(KV_LO + offs_n, mask=col_ok, other=2147483647)
     hi = tl.load(KV_HI + offs_n, mask=col_ok, other=0)
     max_lo = tl.load(KV_MAX_LO + n)
@@ -216,8 +216,8 @@ def _attn_bwd_dkdv_program(
         offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
         rows_q = _load_rows(ROW_IDX, offs_m, row_ok, HAS_ROW_IDX)
-        q = _load_tile(Q + h * stride_qh, rows_q, row_ok, offs_d, stride_qt, D, D_PAD, LOWP_DOT)
-        do = _load_tile(DO + h * stride_doh, rows_q, row_ok, offs_d, stride_dot, D, D_PAD, LOWP_DOT)
+        q = _load_tile(Q + h.to(tl.int64) * stride_qh, rows_q, row_ok, offs_d, stride_qt, D, D_PAD, LOWP_DOT)
+        do = _load_tile(DO + h.to(tl.int64) * stride_doh, rows_q, row_ok, offs_d, stride_dot, D, D_PAD, LOWP_DOT)
         # lse = +inf for rows beyond the pack and rows that see nothing: their P is exactly 0
         lse = tl.load(LSE + h.to(tl.int64) * N + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + h.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
@@ -238,8 +238,8 @@ def _attn_bwd_dkdv_program(
         else:
             dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)
 
-    _store_tile(DK + hk * stride_dkh, rows_k, col_ok, offs_d, stride_dkt, dk * sm_scale, D, D_PAD)
-    _store_tile(DV + hk * stride_dvh, rows_k, col_ok, offs_d, stride_dvt, dv, D, D_PAD)
+    _store_tile(DK + hk.to(tl.int64) * stride_dkh, rows_k, col_ok, offs_d, stride_dkt, dk * sm_scale, D, D_PAD)
+    _store_tile(DV + hk.to(tl.int64) * stride_dvh, rows_k, col_ok, offs_d, stride_dvt, dv, D, D_PAD)
 
 
 @triton.jit
@@ -260,8 +260,8 @@ def _attn_bwd_dq_program(
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < N
     rows_q = _load_rows(ROW_IDX, offs_m, row_ok, HAS_ROW_IDX)
-    q = _load_tile(Q + h * stride_qh, rows_q, row_ok, offs_d, stride_qt, D, D_PAD, LOWP_DOT)
-    do = _load_tile(DO + h * stride_doh, rows_q, row_ok, offs_d, stride_dot, D, D_PAD, LOWP_DOT)
+    q = _load_tile(Q + h.to(tl.int64) * stride_qh, rows_q, row_ok, offs_d, stride_qt, D, D_PAD, LOWP_DOT)
+    do = _load_tile(DO + h.to(tl.int64) * stride_doh, rows_q, row_ok, offs_d, stride_dot, D, D_PAD, LOWP_DOT)
     lse = tl.load(LSE + h.to(tl.int64) * N + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + h.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
 
@@ -274,8 +274,8 @@ def _attn_bwd_dq_program(
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         rows_k = _load_rows(ROW_IDX, offs_n, col_ok, HAS_ROW_IDX)
-        k = _load_tile(K + hk * stride_kh, rows_k, col_ok, offs_d, stride_kt, D, D_PAD, LOWP_DOT)
-        v = _load_tile(V + hk * stride_vh, rows_k, col_ok, offs_d, stride_vt, D, D_PAD, LOWP_DOT)
+        k = _load_tile(K + hk.to(tl.int64) * stride_kh, rows_k, col_ok, offs_d, stride_kt, D, D_PAD, LOWP_DOT)
+        v = _load_tile(V + hk.to(tl.int64) * stride_vh, rows_k, col_ok, offs_d, stride_vt, D, D_PAD, LOWP_DOT)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
         p = tl.math.exp2(s - lse[:, None])
         if full == 0:
@@ -290,7 +290,7 @@ def _attn_bwd_dq_program(
         else:
             dq = tl.dot(ds, k, dq, input_precision=DOT_PREC)
 
-    _store_tile(DQ + h * stride_dqh, rows_q, row_ok, offs_d, stride_dqt, dq * sm_scale, D, D_PAD)
+    _store_tile(DQ + h.to(tl.int64) * stride_dqh, rows_q, row_ok, offs_d, stride_dqt, dq * sm_scale, D, D_PAD)
 
 
 @triton.jit

@@ -1,0 +1,457 @@
+"""Triton packed attention (``bagel_kernels.attention_triton``) against the float64 dense reference.
+
+CPU: the kernels run under TRITON_INTERPRET=1 (set by conftest) in fp32 and fp16 on packs of a few
+hundred tokens, with the interpreter tile config (fwd 64x32, dK/dV 32x64, dQ 64x32: different on
+purpose) and a few other tile shapes. GPU (``@pytest.mark.gpu``): bf16, 16k/64k packs, int64 offsets.
+Tolerances: ``bagel_kernels.testing.tolerance`` (one table per dtype and direction).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from bagel_kernels import PackedMask, packed_attention
+from bagel_kernels.attention_triton import (
+    AttnConfig,
+    _launch_bwd,
+    _launch_fwd,
+    _packed_attention_bwd,
+    _packed_attention_fwd,
+    default_config,
+    prepare_mask,
+    triton_packed_attention,
+)
+from bagel_kernels.reference import attention_reference
+from bagel_kernels.testing import random_pack, realistic_pack, tolerance
+
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _make_qkv(n, hq, hkv, d, dtype, device="cpu", *, nan_pad=False, layout="contiguous"):
+    """Random q, k, v (leaf tensors with grad). ``nan_pad``: views into NaN-filled buffers with extra
+    rows beyond ``n`` and extra columns beyond ``d``, so a stray read shows up as NaN.
+    ``layout="heads_first"``: q/k/v are [H, N, D] buffers transposed to [N, H, D]."""
+    out = []
+    for h in (hq, hkv, hkv):
+        val = torch.randn(n, h, d, device=device).to(dtype)
+        if nan_pad:
+            buf = torch.full((n + 7, h, d + 8), float("nan"), device=device, dtype=dtype)
+            buf[:n, :, :d] = val
+            t = buf[:n, :, :d]
+        elif layout == "heads_first":
+            t = val.transpose(0, 1).contiguous().transpose(0, 1)
+        else:
+            t = val
+        out.append(t.requires_grad_())
+    return out
+
+
+def _reference(q, k, v, mask, scale=None, grad_out=None):
+    """float64 output and (dq, dk, dv) of the dense reference for grad_out."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, mask, softmax_scale=scale)
+    ref.backward(grad_out.double())
+    return ref.detach(), (q64.grad, k64.grad, v64.grad)
+
+
+def _close(actual, expected, dtype, direction, what):
+    atol, rtol = tolerance(dtype, direction)
+    assert not torch.isnan(actual).any(), f"{what}: NaN in the result"
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_against_reference(q, k, v, mask, dtype, *, scale=None, config=None, seed=0):
+    """Forward and all three gradients of the Triton kernels vs the float64 reference."""
+    out = triton_packed_attention(q, k, v, mask, scale, config=config)
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref, (rdq, rdk, rdv) = _reference(q, k, v, mask, scale, grad_out)
+    _close(out, ref, dtype, "fwd", "out")
+    _close(dq, rdq, dtype, "bwd", "dq")
+    _close(dk, rdk, dtype, "bwd", "dk")
+    _close(dv, rdv, dtype, "bwd", "dv")
+    return out, (dq, dk, dv)
+
+
+def _mask(layout) -> PackedMask:
+    return PackedMask.from_splits(*layout.as_tuple())
+
+
+# ------------------------------------------------------------------------------------------ random packs
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_packs(dtype, seed):
+    rng = random.Random(seed)
+    mask = _mask(random_pack(rng, rng.randint(2, 6), text=(1, 40), image=(1, 60)))
+    q, k, v = _make_qkv(mask.total_len, 4, 2, 64, dtype)
+    _check_against_reference(q, k, v, mask, dtype, seed=seed)
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,d",
+    [(3, 3, 32), (4, 2, 32), (7, 1, 32), (2, 1, 64), (2, 1, 72), (2, 2, 128)],
+    ids=["gqa1", "gqa2", "gqa7", "d64", "d72", "d128"],
+)
+def test_gqa_and_head_dims(hq, hkv, d):
+    rng = random.Random(10 + d + hq)
+    mask = _mask(random_pack(rng, 3, text=(1, 30), image=(1, 40)))
+    q, k, v = _make_qkv(mask.total_len, hq, hkv, d, torch.float32)
+    _check_against_reference(q, k, v, mask, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        AttnConfig(16, 16, 16, 16, 16, 16),
+        AttnConfig(32, 64, 64, 32, 32, 64),
+        AttnConfig(128, 128, 128, 128, 128, 128),
+    ],
+    ids=["16x16", "swapped", "one-block"],
+)
+def test_tile_shapes(config):
+    """Other tile shapes, incl. tiles larger than the pack (every row in one partial block)."""
+    rng = random.Random(5)
+    mask = _mask(random_pack(rng, 4, text=(1, 20), image=(1, 30)))
+    q, k, v = _make_qkv(mask.total_len, 2, 1, 16, torch.float32)
+    _check_against_reference(q, k, v, mask, torch.float32, config=config)
+
+
+def test_mid_size_pack_fp16_gqa7_d72():
+    """A ~300-400 token pack of edit/interleaved samples with the SigLIP head dim and GQA 7."""
+    rng = random.Random(21)
+    mask = _mask(random_pack(rng, 3, kinds=("edit", "interleaved"), text=(1, 30), image=(10, 50)))
+    assert 150 <= mask.total_len <= 600
+    q, k, v = _make_qkv(mask.total_len, 7, 1, 72, torch.float16)
+    _check_against_reference(q, k, v, mask, torch.float16)
+
+
+def test_bf16_under_interpreter():
+    """bf16 is loaded and upcast at once, so even the interpreter computes it right."""
+    mask = _mask(random_pack(random.Random(7), 3, text=(1, 30), image=(1, 40)))
+    q, k, v = _make_qkv(mask.total_len, 2, 1, 32, torch.bfloat16)
+    _check_against_reference(q, k, v, mask, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------ edge cases
+EDGE_LAYOUTS = {
+    # one-token splits of every mode, including back-to-back noise splits
+    "one_token_splits": ([9, 4], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                         ["causal", "full", "noise", "noise", "causal", "full", "full", "noise", "causal",
+                          "noise", "full", "causal", "noise"]),
+    # a single sample of 97 tokens (not a multiple of any tile)
+    "single_sample": ([97], [20, 40, 2, 35], ["causal", "full", "causal", "noise"]),
+    # every sample is one noise image (a row of a noise split sees only its split)
+    "all_noise": ([30, 45, 22], [30, 45, 22], ["noise", "noise", "noise"]),
+    # one full image covering the pack: every tile full
+    "all_full": ([70], [70], ["full"]),
+    # plain causal text samples
+    "text_only": ([33, 1, 64], [33, 1, 64], ["causal", "causal", "causal"]),
+}
+
+
+@pytest.mark.parametrize("name", list(EDGE_LAYOUTS))
+def test_edge_layouts(name):
+    sample_lens, split_lens, modes = EDGE_LAYOUTS[name]
+    mask = PackedMask.from_splits(sample_lens, split_lens, modes)
+    q, k, v = _make_qkv(mask.total_len, 2, 1, 32, torch.float32)
+    _check_against_reference(q, k, v, mask, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_pad_sample_truncated(dtype):
+    """T < total_len (flex-style pad sample): the dispatcher truncates, we see only T rows."""
+    layout = random_pack(random.Random(11), 3, text=(1, 30), image=(1, 40), pad=23)
+    mask = _mask(layout)
+    T = mask.total_len - 23
+    q, k, v = _make_qkv(T, 4, 2, 32, dtype)
+    out = packed_attention(q, k, v, mask, backend="triton")
+    grad_out = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref, (rdq, rdk, rdv) = _reference(q, k, v, mask, None, grad_out)
+    _close(out, ref, dtype, "fwd", "out")
+    for a, b, n in ((dq, rdq, "dq"), (dk, rdk, "dk"), (dv, rdv, "dv")):
+        _close(a, b, dtype, "bwd", n)
+
+
+def test_dead_rows_from_dense():
+    """Rows that see no key (strictly causal nested masks): zero output, zero gradients, no NaN."""
+    lens = [6, 9, 5]
+    masks = [torch.tril(torch.ones(n, n, dtype=torch.bool), diagonal=-1) for n in lens]
+    masks[1][:, :] = masks[1] | torch.eye(9, dtype=torch.bool)  # this sample has no dead row
+    mask = PackedMask.from_dense(masks)
+    q, k, v = _make_qkv(mask.total_len, 2, 1, 16, torch.float32)
+    out, (dq, _, _) = _check_against_reference(q, k, v, mask, torch.float32, config=AttnConfig(16, 16, 16, 16, 16, 16))
+    dead = [0, 15]  # first rows of samples 0 and 2
+    assert torch.equal(out[dead], torch.zeros_like(out[dead]))
+    assert torch.equal(dq[dead], torch.zeros_like(dq[dead]))
+
+
+def test_nan_padded_inputs():
+    """q/k/v are views into NaN-filled buffers (rows beyond T, columns beyond D): no stray read."""
+    mask = _mask(random_pack(random.Random(12), 3, text=(1, 30), image=(1, 40)))
+    q, k, v = _make_qkv(mask.total_len, 2, 1, 40, torch.float32, nan_pad=True)
+    _check_against_reference(q, k, v, mask, torch.float32)
+
+
+def test_non_contiguous_inputs():
+    """Heads-first buffers seen as [N, H, D], and a head dim with stride 2 (copied by the launcher)."""
+    mask = _mask(random_pack(random.Random(13), 3, text=(1, 30), image=(1, 40)))
+    n = mask.total_len
+    q, _, v = _make_qkv(n, 4, 2, 32, torch.float32, layout="heads_first")
+    k = torch.randn(n, 2, 64)[..., ::2].requires_grad_()
+    assert not q.is_contiguous() and k.stride(-1) == 2
+    _check_against_reference(q, k, v, mask, torch.float32)
+
+
+def test_nan_filled_output_buffers():
+    """The launchers write every element of out, lse, dq, dk, dv (NaN-filled before)."""
+    mask = _mask(random_pack(random.Random(14), 4, text=(1, 30), image=(1, 40)))
+    n, hq, hkv, d = mask.total_len, 4, 2, 24
+    cfg = default_config("cpu", torch.float32, d)
+    fwd_t, bwd_t = prepare_mask(mask, cfg)
+    q, k, v = (t.detach() for t in _make_qkv(n, hq, hkv, d, torch.float32))
+    out = torch.full((n, hq, d), float("nan"))
+    lse = torch.full((hq, n), float("nan"))
+    _launch_fwd(q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, d**-0.5, cfg.blocks(), cfg.launch(), out, lse)
+    assert not out.isnan().any() and not lse.isnan().any()
+    do = torch.randn(n, hq, d)
+    grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
+    _launch_bwd(do, q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, d**-0.5, cfg.blocks(), cfg.launch(), *grads)
+    for gr in grads:
+        assert not gr.isnan().any()
+    ref, rgrads = _reference(q, k, v, mask, None, do)
+    _close(out, ref, torch.float32, "fwd", "out")
+    for a, b in zip(grads, rgrads, strict=True):
+        _close(a, b, torch.float32, "bwd", "grad")
+
+
+def test_softmax_scale():
+    mask = _mask(random_pack(random.Random(15), 3, text=(1, 30), image=(1, 40)))
+    q, k, v = _make_qkv(mask.total_len, 2, 2, 32, torch.float32)
+    _check_against_reference(q, k, v, mask, torch.float32, scale=0.37)
+
+
+def test_row_index_permutation():
+    """Rows addressed through mask.row_index equal the un-permuted result, moved to row_index[i]."""
+    mask = _mask(random_pack(random.Random(16), 4, text=(1, 30), image=(1, 40)))
+    n = mask.total_len
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    pmask = mask.with_row_index(perm.to(torch.int32))
+    q, k, v = _make_qkv(n, 4, 2, 32, torch.float32)
+    out = triton_packed_attention(q, k, v, mask)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    def scatter(t):  # token i -> row perm[i]
+        return torch.empty_like(t).index_copy(0, perm, t)
+
+    qp, kp, vp = (scatter(t.detach()).requires_grad_() for t in (q, k, v))
+    out_p = packed_attention(qp, kp, vp, pmask, backend="triton")
+    grads_p = torch.autograd.grad(out_p, (qp, kp, vp), scatter(grad_out))
+    atol, rtol = tolerance(torch.float32, "fwd")
+    torch.testing.assert_close(out_p[perm], out, atol=atol, rtol=rtol)
+    atol, rtol = tolerance(torch.float32, "bwd")
+    for a, b in zip(grads_p, grads, strict=True):
+        torch.testing.assert_close(a[perm], b, atol=atol, rtol=rtol)
+
+
+def test_deterministic_bit_identical():
+    mask = _mask(random_pack(random.Random(17), 4, text=(1, 30), image=(1, 40)))
+    q, k, v = _make_qkv(mask.total_len, 4, 1, 32, torch.float16)
+    grad_out = torch.randn(mask.total_len, 4, 32).half()
+    runs = []
+    for _ in range(2):
+        out = packed_attention(q, k, v, mask, backend="triton", deterministic=True)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sum_backward_stride0_grad():
+    """``out.sum().backward()`` hands the backward an expanded (stride 0) gradient."""
+    mask = _mask(random_pack(random.Random(18), 3, text=(1, 30), image=(1, 40)))
+    q, k, v = _make_qkv(mask.total_len, 2, 1, 32, torch.float32)
+    triton_packed_attention(q, k, v, mask).sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    attention_reference(q64, k64, v64, mask).sum().backward()
+    for a, b in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        _close(a, b, torch.float32, "bwd", "grad of sum")
+
+
+def test_empty_pack():
+    mask = PackedMask.from_splits([0], [0], ["causal"])
+    q, k, v = _make_qkv(0, 2, 1, 16, torch.float32)
+    out = triton_packed_attention(q, k, v, mask)
+    assert out.shape == (0, 2, 16)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_raise_value_error():
+    mask = PackedMask.from_splits([10], [10], ["causal"])
+    q = torch.randn(10, 2, 16)
+    kv = torch.randn(10, 1, 16)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        triton_packed_attention(q, torch.randn(10, 3, 16), torch.randn(10, 3, 16), mask)
+    with pytest.raises(ValueError, match="dtype"):
+        triton_packed_attention(q.double(), kv.double(), kv.double(), mask)
+    with pytest.raises(ValueError, match="head dim"):
+        triton_packed_attention(torch.randn(10, 1, 300), torch.randn(10, 1, 300), torch.randn(10, 1, 300), mask)
+    with pytest.raises(ValueError, match="total_len"):
+        triton_packed_attention(q[:9], kv[:9], kv[:9], mask)
+    with pytest.raises(ValueError, match="PackedMask"):
+        triton_packed_attention(q, kv, kv, mask.to_dense())
+    with pytest.raises(ValueError, match="scale"):
+        triton_packed_attention(q, kv, kv, mask, float("nan"))
+    cfg = default_config("cpu", torch.float32, 16)
+    fwd_t, bwd_t = prepare_mask(PackedMask.from_splits([300], [300], ["causal"]), cfg)
+    with pytest.raises(ValueError, match="fwd_tables"):
+        _packed_attention_fwd(q, kv, kv, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch())
+    with pytest.raises(ValueError, match="power of two"):
+        triton_packed_attention(q, kv, kv, mask, config=AttnConfig(block_m=48))
+
+
+# ------------------------------------------------------------------------------------------ torch.library
+def _op_args(n=40, hq=2, hkv=1, d=16):
+    mask = _mask(random_pack(random.Random(19), 3, text=(1, 8), image=(1, 10)))
+    mask = mask.truncated(min(n, mask.total_len))
+    n = mask.total_len
+    cfg = AttnConfig(16, 16, 16, 16, 16, 16)
+    fwd_t, bwd_t = prepare_mask(mask, cfg)
+    q, k, v = _make_qkv(n, hq, hkv, d, torch.float32)
+    return mask, cfg, fwd_t, bwd_t, q, k, v
+
+
+def test_opcheck_fwd():
+    mask, cfg, fwd_t, bwd_t, q, k, v = _op_args()
+    args = (q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch())
+    torch.library.opcheck(_packed_attention_fwd, args)
+
+
+def test_opcheck_fwd_row_index():
+    mask, cfg, fwd_t, bwd_t, q, k, v = _op_args()
+    ridx = torch.randperm(mask.total_len).to(torch.int32)
+    args = (q, k, v, mask.kv_lo, mask.kv_hi, ridx, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch())
+    torch.library.opcheck(_packed_attention_fwd, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_opcheck_bwd():
+    mask, cfg, fwd_t, bwd_t, q, k, v = _op_args()
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = _packed_attention_fwd(q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch())
+    do = torch.randn_like(out)
+    args = (do, q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, 0.25, cfg.blocks(), cfg.launch())
+    torch.library.opcheck(_packed_attention_bwd, args)
+
+
+def test_torch_compile_fullgraph():
+    layout = random_pack(random.Random(20), 3, text=(1, 20), image=(1, 30), pad=6)
+    mask = _mask(layout)
+    T = mask.total_len - 6
+    q, k, v = _make_qkv(T, 4, 2, 16, torch.float32)
+
+    def step(q, k, v):
+        return packed_attention(q, k, v, mask, backend="triton").square().sum()
+
+    eager = step(q, k, v)  # builds and caches the block tables (data-dependent shapes stay eager)
+    ge = torch.autograd.grad(eager, (q, k, v))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    gc = torch.autograd.grad(loss, (q, k, v))
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(gc, ge, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+gpu = pytest.mark.gpu
+
+
+def _sdpa_fp32(q, k, v, mask, grad_out):
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = packed_attention(q32, k32, v32, mask, backend="sdpa")
+    ref.backward(grad_out.float())
+    return ref.detach(), (q32.grad, k32.grad, v32.grad)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "dtype,hq,hkv,d",
+    [(torch.bfloat16, 28, 4, 128), (torch.bfloat16, 16, 16, 72), (torch.float16, 8, 2, 64)],
+    ids=["bf16-qwen", "bf16-siglip", "fp16-d64"],
+)
+def test_gpu_random_packs(dtype, hq, hkv, d):
+    rng = random.Random(hq + d)
+    mask = PackedMask.from_splits(*random_pack(rng, 6, text=(1, 100), image=(1, 300)).as_tuple(), device="cuda")
+    q, k, v = _make_qkv(mask.total_len, hq, hkv, d, dtype, device="cuda")
+    _check_against_reference(q, k, v, mask, dtype)
+
+
+@gpu
+def test_gpu_fp32_exact_dots():
+    mask = PackedMask.from_splits(*random_pack(random.Random(3), 6, text=(1, 200), image=(1, 500)).as_tuple(), device="cuda")
+    q, k, v = _make_qkv(mask.total_len, 4, 2, 128, torch.float32, device="cuda")
+    _check_against_reference(q, k, v, mask, torch.float32)
+
+
+@gpu
+@pytest.mark.parametrize("tokens", [16384, 65536])
+def test_gpu_large_realistic_pack(tokens):
+    """16k and 64k realistic packs, bf16, vs the per-sample SDPA backend in fp32; with a row_index
+    on the 64k pack (the MoT layout); deterministic reruns bit-identical."""
+    mask = PackedMask.from_splits(*realistic_pack(tokens, seed=tokens).as_tuple(), device="cuda")
+    n = mask.total_len
+    q, k, v = _make_qkv(n, 28, 4, 128, torch.bfloat16, device="cuda")
+    grad_out = torch.randn(n, 28, 128, device="cuda", dtype=torch.bfloat16)
+    if tokens == 65536:
+        perm = torch.randperm(n, device="cuda")
+        mask_p = mask.with_row_index(perm.to(torch.int32))
+
+        def scatter(t):
+            return torch.empty_like(t).index_copy(0, perm, t)
+
+        qp, kp, vp = (scatter(t.detach()).requires_grad_() for t in (q, k, v))
+        out_p = packed_attention(qp, kp, vp, mask_p, backend="triton")
+        gp = torch.autograd.grad(out_p, (qp, kp, vp), scatter(grad_out))
+        out, grads = out_p[perm], tuple(g[perm] for g in gp)
+    else:
+        out = packed_attention(q, k, v, mask, backend="triton", deterministic=True)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        out2 = packed_attention(q, k, v, mask, backend="triton", deterministic=True)
+        grads2 = torch.autograd.grad(out2, (q, k, v), grad_out)
+        assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
+    ref, rgrads = _sdpa_fp32(q, k, v, mask, grad_out)
+    _close(out, ref, torch.bfloat16, "fwd", "out")
+    for a, b, nme in zip(grads, rgrads, ("dq", "dk", "dv"), strict=True):
+        _close(a, b, torch.bfloat16, "bwd", nme)
+
+
+@gpu
+def test_gpu_int64_offsets():
+    """A pack whose q has more than 2**31 elements: row * stride must be computed in 64 bits.
+    Short text samples keep it cheap; the last samples are checked one by one."""
+    hq, hkv, d, seg = 32, 1, 128, 256
+    n = ((2**31) // (hq * d) // seg + 2) * seg  # q elements > 2**31
+    mask = PackedMask.from_splits([seg] * (n // seg), [seg] * (n // seg), ["causal"] * (n // seg), device="cuda")
+    q = torch.randn(n, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
+    assert q.numel() > 2**31
+    q.requires_grad_()
+    out = triton_packed_attention(q, k, v, mask)
+    grad_out = torch.randn_like(out)
+    (dq,) = torch.autograd.grad(out, (q,), grad_out)
+    for s in (0, n // seg - 1):
+        sl = slice(s * seg, (s + 1) * seg)
+        sub = PackedMask.from_splits([seg], [seg], ["causal"], device="cuda")
+        qs = q.detach()[sl].double().requires_grad_()
+        ref = attention_reference(qs, k[sl], v[sl], sub)
+        (rdq,) = torch.autograd.grad(ref, (qs,), grad_out[sl].double())
+        _close(out[sl], ref, torch.bfloat16, "fwd", f"out of sample {s}")
+        _close(dq[sl], rdq, torch.bfloat16, "bwd", f"dq of sample {s}")
