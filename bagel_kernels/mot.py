@@ -119,7 +119,7 @@ def _check_eps(eps) -> None:
 
 
 def _resolve_backend(backend, device: torch.device, dtype: torch.dtype, kernel_ok: bool = True) -> str:
-    """"triton" or "torch". ``kernel_ok`` False: the inputs exceed what the kernels take."""
+    """ "triton" or "torch". ``kernel_ok`` False: the inputs exceed what the kernels take."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -134,9 +134,13 @@ def _resolve_backend(backend, device: torch.device, dtype: torch.dtype, kernel_o
                 "importing triton to interpret the kernels on CPU, or use backend='torch'"
             )
         if dtype not in _KERNEL_DTYPES:
-            raise ValueError(f"backend='triton' takes fp16, bf16 or fp32 inputs, got {dtype}; use backend='torch'")
+            raise ValueError(
+                f"backend='triton' takes fp16, bf16 or fp32 inputs, got {dtype}; use backend='torch'"
+            )
         if not kernel_ok:
-            raise ValueError(f"backend='triton': rows wider than {_MAX_ROW_BLOCK} elements are unsupported; use backend='torch'")
+            raise ValueError(
+                f"backend='triton': rows wider than {_MAX_ROW_BLOCK} elements are unsupported; use backend='torch'"
+            )
     return backend
 
 
@@ -179,18 +183,31 @@ def _swiglu_math(gate: Tensor, up: Tensor) -> Tensor:
 
 
 # ============================================================================================ references
-def mot_rms_norm_reference(x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor, eps: float = 1e-6) -> Tensor:
+def mot_rms_norm_reference(
+    x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor, eps: float = 1e-6
+) -> Tensor:
     """Per-expert gather -> Qwen2RMSNorm -> scatter, the way upstream BAGEL routes every layer."""
     N, H = x.shape
     out = x.new_zeros((N, H), dtype=_norm_out_dtype(x.dtype, weight_und.dtype))
-    for idx, w in ((torch.arange(0, n_und, device=x.device), weight_und), (torch.arange(n_und, N, device=x.device), weight_gen)):
+    for idx, w in (
+        (torch.arange(0, n_und, device=x.device), weight_und),
+        (torch.arange(n_und, N, device=x.device), weight_gen),
+    ):
         out[idx] = qwen2_rms_norm(x[idx], w, eps).to(out.dtype)
     return out
 
 
 def mot_qk_norm_rope_reference(
-    q: Tensor, k: Tensor, n_und: int, q_weight_und: Tensor, q_weight_gen: Tensor, k_weight_und: Tensor,
-    k_weight_gen: Tensor, cos: Tensor, sin: Tensor, eps: float = 1e-6,
+    q: Tensor,
+    k: Tensor,
+    n_und: int,
+    q_weight_und: Tensor,
+    q_weight_gen: Tensor,
+    k_weight_und: Tensor,
+    k_weight_gen: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
     """Per expert: gather the tokens, Qwen2RMSNorm per head, rotary with the tokens' cos/sin, scatter."""
     N = q.shape[0]
@@ -211,12 +228,20 @@ def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def mot_linear_reference(
-    x: Tensor, n_und: int, weight_und: Tensor, bias_und: Tensor | None, weight_gen: Tensor, bias_gen: Tensor | None
+    x: Tensor,
+    n_und: int,
+    weight_und: Tensor,
+    bias_und: Tensor | None,
+    weight_gen: Tensor,
+    bias_gen: Tensor | None,
 ) -> Tensor:
     """Per-expert gather -> ``F.linear`` -> scatter."""
     N = x.shape[0]
     out = x.new_zeros((N, weight_und.shape[0]))
-    for idx, w, b in ((torch.arange(0, n_und, device=x.device), weight_und, bias_und), (torch.arange(n_und, N, device=x.device), weight_gen, bias_gen)):
+    for idx, w, b in (
+        (torch.arange(0, n_und, device=x.device), weight_und, bias_und),
+        (torch.arange(n_und, N, device=x.device), weight_gen, bias_gen),
+    ):
         out[idx] = F.linear(x[idx], w, b)
     return out
 
@@ -252,7 +277,11 @@ def _mot_rms_norm_bwd_op(
 
 @_mot_rms_norm_bwd_op.register_fake
 def _(dy, x, n_und, weight_und, weight_gen, eps):
-    return x.new_empty(x.shape), weight_und.new_empty(weight_und.shape), weight_gen.new_empty(weight_gen.shape)
+    return (
+        x.new_empty(x.shape),
+        weight_und.new_empty(weight_und.shape),
+        weight_gen.new_empty(weight_gen.shape),
+    )
 
 
 def _rms_setup(ctx, inputs, output):
@@ -291,21 +320,38 @@ def mot_rms_norm(
     if be == "triton":
         return _mot_rms_norm_op(x, n_und, weight_und, weight_gen, float(eps))
     dt = _norm_out_dtype(x.dtype, weight_und.dtype)
-    return torch.cat((qwen2_rms_norm(x[:n_und], weight_und, eps), qwen2_rms_norm(x[n_und:], weight_gen, eps))).to(dt)
+    return torch.cat(
+        (qwen2_rms_norm(x[:n_und], weight_und, eps), qwen2_rms_norm(x[n_und:], weight_gen, eps))
+    ).to(dt)
 
 
 # ============================================================================================ q/k norm + rope
 @torch.library.custom_op("bagel_kernels::mot_qk_norm_rope", mutates_args=())
 def _mot_qk_norm_rope_op(
-    q: Tensor, k: Tensor, n_und: int, q_weight_und: Tensor, q_weight_gen: Tensor, k_weight_und: Tensor,
-    k_weight_gen: Tensor, cos: Tensor, sin: Tensor, eps: float,
+    q: Tensor,
+    k: Tensor,
+    n_und: int,
+    q_weight_und: Tensor,
+    q_weight_gen: Tensor,
+    k_weight_und: Tensor,
+    k_weight_gen: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    eps: float,
 ) -> tuple[Tensor, Tensor]:
     from .mot_triton import qk_norm_rope_fwd
 
     wq = torch.stack((q_weight_und, q_weight_gen))
     wk = torch.stack((k_weight_und, k_weight_gen))
     return qk_norm_rope_fwd(
-        _unit_last(q), _unit_last(k), n_und, wq, wk, _unit_last(cos), _unit_last(sin), eps,
+        _unit_last(q),
+        _unit_last(k),
+        n_und,
+        wq,
+        wk,
+        _unit_last(cos),
+        _unit_last(sin),
+        eps,
         _norm_out_dtype(q.dtype, q_weight_und.dtype),
     )
 
@@ -318,28 +364,73 @@ def _(q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, 
 
 @torch.library.custom_op("bagel_kernels::mot_qk_norm_rope_backward", mutates_args=())
 def _mot_qk_norm_rope_bwd_op(
-    dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, n_und: int, q_weight_und: Tensor, q_weight_gen: Tensor,
-    k_weight_und: Tensor, k_weight_gen: Tensor, cos: Tensor, sin: Tensor, eps: float, need_cos_sin: bool,
+    dq_out: Tensor,
+    dk_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    n_und: int,
+    q_weight_und: Tensor,
+    q_weight_gen: Tensor,
+    k_weight_und: Tensor,
+    k_weight_gen: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    eps: float,
+    need_cos_sin: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .mot_triton import qk_norm_rope_bwd
 
     wq = torch.stack((q_weight_und, q_weight_gen))
     wk = torch.stack((k_weight_und, k_weight_gen))
     dq, dk, dqwu, dqwg, dkwu, dkwg, dcos, dsin = qk_norm_rope_bwd(
-        _unit_last(dq_out), _unit_last(dk_out), _unit_last(q), _unit_last(k), n_und, wq, wk,
-        _unit_last(cos), _unit_last(sin), eps, need_cos_sin,
+        _unit_last(dq_out),
+        _unit_last(dk_out),
+        _unit_last(q),
+        _unit_last(k),
+        n_und,
+        wq,
+        wk,
+        _unit_last(cos),
+        _unit_last(sin),
+        eps,
+        need_cos_sin,
     )
     wdt = q_weight_und.dtype
-    return dq, dk, dqwu.to(wdt), dqwg.to(wdt), dkwu.to(wdt), dkwg.to(wdt), dcos.to(cos.dtype), dsin.to(sin.dtype)
+    return (
+        dq,
+        dk,
+        dqwu.to(wdt),
+        dqwg.to(wdt),
+        dkwu.to(wdt),
+        dkwg.to(wdt),
+        dcos.to(cos.dtype),
+        dsin.to(sin.dtype),
+    )
 
 
 @_mot_qk_norm_rope_bwd_op.register_fake
-def _(dq_out, dk_out, q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps, need_cos_sin):
+def _(
+    dq_out,
+    dk_out,
+    q,
+    k,
+    n_und,
+    q_weight_und,
+    q_weight_gen,
+    k_weight_und,
+    k_weight_gen,
+    cos,
+    sin,
+    eps,
+    need_cos_sin,
+):
     cs = cos.shape if need_cos_sin else (0,)
     return (
-        q.new_empty(q.shape), k.new_empty(k.shape),
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
         *(w.new_empty(w.shape) for w in (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)),
-        cos.new_empty(cs), sin.new_empty(cs),
+        cos.new_empty(cs),
+        sin.new_empty(cs),
     )
 
 
@@ -364,8 +455,18 @@ _mot_qk_norm_rope_op.register_autograd(_qk_backward, setup_context=_qk_setup)
 
 
 def mot_qk_norm_rope(
-    q: Tensor, k: Tensor, n_und: int, q_weight_und: Tensor, q_weight_gen: Tensor, k_weight_und: Tensor,
-    k_weight_gen: Tensor, cos: Tensor, sin: Tensor, eps: float = 1e-6, *, backend: str = "auto",
+    q: Tensor,
+    k: Tensor,
+    n_und: int,
+    q_weight_und: Tensor,
+    q_weight_gen: Tensor,
+    k_weight_und: Tensor,
+    k_weight_gen: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    eps: float = 1e-6,
+    *,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Routed per-head Qwen2RMSNorm of q and k followed by Qwen2 rotary embedding, fused.
 
@@ -390,7 +491,7 @@ def mot_qk_norm_rope(
     _check_n_und(n_und, N)
     names = ("q_weight_und", "q_weight_gen", "k_weight_und", "k_weight_gen")
     weights = (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)
-    for name, w in zip(names, weights):
+    for name, w in zip(names, weights, strict=True):
         _check_weight(name, w, (D,), q)
         if w.dtype != q_weight_und.dtype:
             raise ValueError(f"{name} has dtype {w.dtype} but q_weight_und has {q_weight_und.dtype}")
@@ -403,7 +504,9 @@ def mot_qk_norm_rope(
     kernel_ok = max(_next_pow2(HQ), _next_pow2(k.shape[1])) * D <= _MAX_ROW_BLOCK
     be = _resolve_backend(backend, q.device, q.dtype, kernel_ok)
     if be == "triton":
-        return _mot_qk_norm_rope_op(q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, float(eps))
+        return _mot_qk_norm_rope_op(
+            q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, float(eps)
+        )
     dt = _norm_out_dtype(q.dtype, q_weight_und.dtype)
     outs = []
     for x, wu, wg in ((q, q_weight_und, q_weight_gen), (k, k_weight_und, k_weight_gen)):
@@ -511,7 +614,12 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> None:
 
 @torch.library.custom_op("bagel_kernels::mot_linear", mutates_args=())
 def _mot_linear_op(
-    x: Tensor, n_und: int, weight_und: Tensor, bias_und: Tensor | None, weight_gen: Tensor, bias_gen: Tensor | None
+    x: Tensor,
+    n_und: int,
+    weight_und: Tensor,
+    bias_und: Tensor | None,
+    weight_gen: Tensor,
+    bias_gen: Tensor | None,
 ) -> Tensor:
     out = x.new_empty((x.shape[0], weight_und.shape[0]))
     _mm_into(out[:n_und], x[:n_und], weight_und.t(), bias_und)
@@ -526,8 +634,16 @@ def _(x, n_und, weight_und, bias_und, weight_gen, bias_gen):
 
 @torch.library.custom_op("bagel_kernels::mot_linear_backward", mutates_args=())
 def _mot_linear_bwd_op(
-    dy: Tensor, x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor,
-    need_dx: bool, need_dw_und: bool, need_dw_gen: bool, need_db_und: bool, need_db_gen: bool,
+    dy: Tensor,
+    x: Tensor,
+    n_und: int,
+    weight_und: Tensor,
+    weight_gen: Tensor,
+    need_dx: bool,
+    need_dw_und: bool,
+    need_dw_gen: bool,
+    need_db_und: bool,
+    need_db_gen: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients the flags ask for (the others come back as empty ``[0]`` tensors)."""
     dx, dwu, dwg, dbu, dbg = (_empty_grad(x) for _ in range(5))
@@ -573,8 +689,12 @@ def _linear_backward(ctx, dy):
         dy, x, ctx.n_und, wu, wg, bool(need[0]), bool(need[2]), bool(need[4]), bool(need[3]), bool(need[5])
     )
     return (
-        dx if need[0] else None, None, dwu if need[2] else None, dbu if need[3] else None,
-        dwg if need[4] else None, dbg if need[5] else None,
+        dx if need[0] else None,
+        None,
+        dwu if need[2] else None,
+        dbu if need[3] else None,
+        dwg if need[4] else None,
+        dbg if need[5] else None,
     )
 
 
@@ -582,8 +702,14 @@ _mot_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 def mot_linear(
-    x: Tensor, n_und: int, weight_und: Tensor, bias_und: Tensor | None, weight_gen: Tensor, bias_gen: Tensor | None,
-    *, backend: str = "auto",
+    x: Tensor,
+    n_und: int,
+    weight_und: Tensor,
+    bias_und: Tensor | None,
+    weight_gen: Tensor,
+    bias_gen: Tensor | None,
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """Routed linear: rows ``< n_und``: ``x @ weight_und.T + bias_und``, rows ``>= n_und`` with the gen
     weights. x ``[N, Hin]``; weights ``[Hout, Hin]``; biases ``[Hout]`` or None; all of x's dtype.
@@ -608,7 +734,9 @@ def mot_linear(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
-        return torch.cat((F.linear(x[:n_und], weight_und, bias_und), F.linear(x[n_und:], weight_gen, bias_gen)))
+        return torch.cat(
+            (F.linear(x[:n_und], weight_und, bias_und), F.linear(x[n_und:], weight_gen, bias_gen))
+        )
     return _mot_linear_op(x, n_und, weight_und, bias_und, weight_gen, bias_gen)
 
 

@@ -48,7 +48,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -93,9 +93,17 @@ def _segment_bounds(pid, N, n_und, rows_per_prog, progs_und):
 # ============================================================================================ RMSNorm
 @triton.jit
 def _mot_rms_norm_fwd_kernel(
-    X, W, Y,  # X [N, H] (row stride), W [2, H] contiguous (und, gen), Y [N, H] contiguous
-    N, H, n_und, stride_x, stride_y, eps,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    X,
+    W,
+    Y,  # X [N, H] (row stride), W [2, H] contiguous (und, gen), Y [N, H] contiguous
+    N,
+    H,
+    n_und,
+    stride_x,
+    stride_y,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,9 +123,22 @@ def _mot_rms_norm_fwd_kernel(
 
 @triton.jit
 def _mot_rms_norm_bwd_kernel(
-    X, W, DY, DX, DWP,  # DWP [P, H] fp32 per-program weight-gradient partials
-    N, H, n_und, stride_x, stride_dy, stride_dx, rows_per_prog, progs_und, eps,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    X,
+    W,
+    DY,
+    DX,
+    DWP,  # DWP [P, H] fp32 per-program weight-gradient partials
+    N,
+    H,
+    n_und,
+    stride_x,
+    stride_dy,
+    stride_dx,
+    rows_per_prog,
+    progs_und,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     start, end, expert = _segment_bounds(pid, N, n_und, rows_per_prog, progs_und)
@@ -147,7 +168,9 @@ def _row_blocks(N: int, H: int) -> tuple[int, int]:
     return BLOCK_M, BLOCK_H
 
 
-def rms_norm_fwd(x: torch.Tensor, n_und: int, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+def rms_norm_fwd(
+    x: torch.Tensor, n_und: int, w: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
     """x [N, H] (unit column stride), w [2, H] contiguous -> y [N, H] in out_dtype."""
     N, H = x.shape
     y = torch.empty((N, H), dtype=out_dtype, device=x.device)
@@ -156,8 +179,18 @@ def rms_norm_fwd(x: torch.Tensor, n_und: int, w: torch.Tensor, eps: float, out_d
     BLOCK_M, BLOCK_H = _row_blocks(N, H)
     grid = (triton.cdiv(N, BLOCK_M),)
     _mot_rms_norm_fwd_kernel[grid](
-        x, w, y, N, H, n_und, x.stride(0), y.stride(0), eps,
-        BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=_num_warps(BLOCK_M * BLOCK_H),
+        x,
+        w,
+        y,
+        N,
+        H,
+        n_und,
+        x.stride(0),
+        y.stride(0),
+        eps,
+        BLOCK_M=BLOCK_M,
+        BLOCK_H=BLOCK_H,
+        num_warps=_num_warps(BLOCK_M * BLOCK_H),
     )
     return y
 
@@ -175,8 +208,23 @@ def rms_norm_bwd(
     BLOCK_M, BLOCK_H = _row_blocks(min(N, rpp), H)
     dwp = torch.empty((P, H), dtype=torch.float32, device=x.device)
     _mot_rms_norm_bwd_kernel[(P,)](
-        x, w, dy, dx, dwp, N, H, n_und, x.stride(0), dy.stride(0), dx.stride(0), rpp, p_und, eps,
-        BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=_num_warps(BLOCK_M * BLOCK_H),
+        x,
+        w,
+        dy,
+        dx,
+        dwp,
+        N,
+        H,
+        n_und,
+        x.stride(0),
+        dy.stride(0),
+        dx.stride(0),
+        rpp,
+        p_und,
+        eps,
+        BLOCK_M=BLOCK_M,
+        BLOCK_H=BLOCK_H,
+        num_warps=_num_warps(BLOCK_M * BLOCK_H),
     )
     return dx, dwp[:p_und].sum(0), dwp[p_und:].sum(0)
 
@@ -184,7 +232,14 @@ def rms_norm_bwd(
 # ============================================================================================ q/k RMSNorm + RoPE
 @triton.jit
 def _load_cos_sin(
-    COS, SIN, row64, stride_cr, stride_sr, HALF: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_HALF: tl.constexpr
+    COS,
+    SIN,
+    row64,
+    stride_cr,
+    stride_sr,
+    HALF: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     """The token's cos/sin halves, rounded to the output dtype (Qwen2's rotary embedding hands them
     over in the activations' dtype), as fp32."""
@@ -201,9 +256,24 @@ def _load_cos_sin(
 
 @triton.jit
 def _norm_rope_fwd_heads(
-    X, Y, W, row64, stride_xr, stride_xh, stride_yr, stride_yh, NH, HALF: tl.constexpr, D: tl.constexpr,
-    c1, c2, s1, s2, eps,
-    BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    X,
+    Y,
+    W,
+    row64,
+    stride_xr,
+    stride_xh,
+    stride_yr,
+    stride_yh,
+    NH,
+    HALF: tl.constexpr,
+    D: tl.constexpr,
+    c1,
+    c2,
+    s1,
+    s2,
+    eps,
+    BLOCK_NH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     """One token's heads [NH, D] as two halves [NH, D/2]: per-head RMSNorm with W [D], then rotary."""
     heads = tl.arange(0, BLOCK_NH)
@@ -231,28 +301,106 @@ def _norm_rope_fwd_heads(
 
 @triton.jit
 def _mot_qk_norm_rope_fwd_kernel(
-    Q, K, WQ, WK, COS, SIN, QO, KO,  # WQ, WK [2, D] contiguous (und, gen); COS, SIN [N, D] (row stride)
-    N, HQ, HK, n_und,
-    stride_qr, stride_qh, stride_kr, stride_kh, stride_cr, stride_sr,
-    stride_qor, stride_qoh, stride_kor, stride_koh, eps,
-    D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    Q,
+    K,
+    WQ,
+    WK,
+    COS,
+    SIN,
+    QO,
+    KO,  # WQ, WK [2, D] contiguous (und, gen); COS, SIN [N, D] (row stride)
+    N,
+    HQ,
+    HK,
+    n_und,
+    stride_qr,
+    stride_qh,
+    stride_kr,
+    stride_kh,
+    stride_cr,
+    stride_sr,
+    stride_qor,
+    stride_qoh,
+    stride_kor,
+    stride_koh,
+    eps,
+    D: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     HALF: tl.constexpr = D // 2
-    c1, c2, s1, s2 = _load_cos_sin(COS, SIN, row64, stride_cr, stride_sr, HALF, QO.dtype.element_ty, BLOCK_HALF)
+    c1, c2, s1, s2 = _load_cos_sin(
+        COS, SIN, row64, stride_cr, stride_sr, HALF, QO.dtype.element_ty, BLOCK_HALF
+    )
     woff = (row >= n_und).to(tl.int32) * D
-    _norm_rope_fwd_heads(Q, QO, WQ + woff, row64, stride_qr, stride_qh, stride_qor, stride_qoh, HQ, HALF, D,
-                         c1, c2, s1, s2, eps, BLOCK_HQ, BLOCK_HALF)
-    _norm_rope_fwd_heads(K, KO, WK + woff, row64, stride_kr, stride_kh, stride_kor, stride_koh, HK, HALF, D,
-                         c1, c2, s1, s2, eps, BLOCK_HK, BLOCK_HALF)
+    _norm_rope_fwd_heads(
+        Q,
+        QO,
+        WQ + woff,
+        row64,
+        stride_qr,
+        stride_qh,
+        stride_qor,
+        stride_qoh,
+        HQ,
+        HALF,
+        D,
+        c1,
+        c2,
+        s1,
+        s2,
+        eps,
+        BLOCK_HQ,
+        BLOCK_HALF,
+    )
+    _norm_rope_fwd_heads(
+        K,
+        KO,
+        WK + woff,
+        row64,
+        stride_kr,
+        stride_kh,
+        stride_kor,
+        stride_koh,
+        HK,
+        HALF,
+        D,
+        c1,
+        c2,
+        s1,
+        s2,
+        eps,
+        BLOCK_HK,
+        BLOCK_HALF,
+    )
 
 
 @triton.jit
 def _norm_rope_bwd_heads(
-    X, DY, DX, W, row64, stride_xr, stride_xh, stride_dyr, stride_dyh, stride_dxr, stride_dxh,
-    NH, HALF: tl.constexpr, D: tl.constexpr, c1, c2, s1, s2, eps,
-    BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    X,
+    DY,
+    DX,
+    W,
+    row64,
+    stride_xr,
+    stride_xh,
+    stride_dyr,
+    stride_dyh,
+    stride_dxr,
+    stride_dxh,
+    NH,
+    HALF: tl.constexpr,
+    D: tl.constexpr,
+    c1,
+    c2,
+    s1,
+    s2,
+    eps,
+    BLOCK_NH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     """Backward of one token's heads. Returns (dw1, dw2, dcos1, dcos2, dsin1, dsin2), each [BLOCK_HALF]
     fp32 summed over the heads."""
@@ -298,13 +446,46 @@ def _norm_rope_bwd_heads(
 
 @triton.jit
 def _mot_qk_norm_rope_bwd_kernel(
-    Q, K, WQ, WK, COS, SIN, DQO, DKO, DQ, DK, DWQP, DWKP, DCOS, DSIN,
-    N, HQ, HK, n_und, rows_per_prog, progs_und,
-    stride_qr, stride_qh, stride_kr, stride_kh, stride_cr, stride_sr,
-    stride_dqor, stride_dqoh, stride_dkor, stride_dkoh,
-    stride_dqr, stride_dqh, stride_dkr, stride_dkh, eps,
-    D: tl.constexpr, NEED_DCS: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    Q,
+    K,
+    WQ,
+    WK,
+    COS,
+    SIN,
+    DQO,
+    DKO,
+    DQ,
+    DK,
+    DWQP,
+    DWKP,
+    DCOS,
+    DSIN,
+    N,
+    HQ,
+    HK,
+    n_und,
+    rows_per_prog,
+    progs_und,
+    stride_qr,
+    stride_qh,
+    stride_kr,
+    stride_kh,
+    stride_cr,
+    stride_sr,
+    stride_dqor,
+    stride_dqoh,
+    stride_dkor,
+    stride_dkoh,
+    stride_dqr,
+    stride_dqh,
+    stride_dkr,
+    stride_dkh,
+    eps,
+    D: tl.constexpr,
+    NEED_DCS: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     start, end, expert = _segment_bounds(pid, N, n_und, rows_per_prog, progs_und)
@@ -318,13 +499,55 @@ def _mot_qk_norm_rope_bwd_kernel(
     dwk2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     for i in range(0, end - start):
         row64 = (start + i).to(tl.int64)  # (the interpreter hands loop variables over as Python ints)
-        c1, c2, s1, s2 = _load_cos_sin(COS, SIN, row64, stride_cr, stride_sr, HALF, DQO.dtype.element_ty, BLOCK_HALF)
+        c1, c2, s1, s2 = _load_cos_sin(
+            COS, SIN, row64, stride_cr, stride_sr, HALF, DQO.dtype.element_ty, BLOCK_HALF
+        )
         a1, a2, qc1, qc2, qs1, qs2 = _norm_rope_bwd_heads(
-            Q, DQO, DQ, WQ + woff, row64, stride_qr, stride_qh, stride_dqor, stride_dqoh, stride_dqr, stride_dqh,
-            HQ, HALF, D, c1, c2, s1, s2, eps, BLOCK_HQ, BLOCK_HALF)
+            Q,
+            DQO,
+            DQ,
+            WQ + woff,
+            row64,
+            stride_qr,
+            stride_qh,
+            stride_dqor,
+            stride_dqoh,
+            stride_dqr,
+            stride_dqh,
+            HQ,
+            HALF,
+            D,
+            c1,
+            c2,
+            s1,
+            s2,
+            eps,
+            BLOCK_HQ,
+            BLOCK_HALF,
+        )
         b1, b2, kc1, kc2, ks1, ks2 = _norm_rope_bwd_heads(
-            K, DKO, DK, WK + woff, row64, stride_kr, stride_kh, stride_dkor, stride_dkoh, stride_dkr, stride_dkh,
-            HK, HALF, D, c1, c2, s1, s2, eps, BLOCK_HK, BLOCK_HALF)
+            K,
+            DKO,
+            DK,
+            WK + woff,
+            row64,
+            stride_kr,
+            stride_kh,
+            stride_dkor,
+            stride_dkoh,
+            stride_dkr,
+            stride_dkh,
+            HK,
+            HALF,
+            D,
+            c1,
+            c2,
+            s1,
+            s2,
+            eps,
+            BLOCK_HK,
+            BLOCK_HALF,
+        )
         dwq1 += a1
         dwq2 += a2
         dwk1 += b1
@@ -348,7 +571,6 @@ def _qk_blocks(HQ: int, HK: int, D: int) -> tuple[int, int, int, int]:
     return BLOCK_HQ, BLOCK_HK, BLOCK_HALF, _num_warps(2 * max(BLOCK_HQ, BLOCK_HK) * BLOCK_HALF)
 
 
-
 def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
     """q [N, HQ, D], k [N, HK, D] (unit last stride), wq/wk [2, D] contiguous, cos/sin [N, D] (unit last
     stride) -> (q_out, k_out) contiguous in out_dtype."""
@@ -360,10 +582,34 @@ def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
         return qo, ko
     BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(HQ, HK, D)
     _mot_qk_norm_rope_fwd_kernel[(N,)](
-        q, k, wq, wk, cos, sin, qo, ko, N, HQ, HK, n_und,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), eps,
-        D=D, BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=nw,
+        q,
+        k,
+        wq,
+        wk,
+        cos,
+        sin,
+        qo,
+        ko,
+        N,
+        HQ,
+        HK,
+        n_und,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        qo.stride(0),
+        qo.stride(1),
+        ko.stride(0),
+        ko.stride(1),
+        eps,
+        D=D,
+        BLOCK_HQ=BLOCK_HQ,
+        BLOCK_HK=BLOCK_HK,
+        BLOCK_HALF=BLOCK_HALF,
+        num_warps=nw,
     )
     return qo, ko
 
@@ -387,27 +633,77 @@ def qk_norm_rope_bwd(dqo, dko, q, k, n_und, wq, wk, cos, sin, eps, need_dcs: boo
     dwkp = torch.empty((P, D), dtype=torch.float32, device=dev)
     BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(HQ, HK, D)
     _mot_qk_norm_rope_bwd_kernel[(P,)](
-        q, k, wq, wk, cos, sin, dqo, dko, dq, dk, dwqp, dwkp, dcos, dsin,
-        N, HQ, HK, n_und, rpp, p_und,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        dqo.stride(0), dqo.stride(1), dko.stride(0), dko.stride(1),
-        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), eps,
-        D=D, NEED_DCS=need_dcs,
-        BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=nw,
+        q,
+        k,
+        wq,
+        wk,
+        cos,
+        sin,
+        dqo,
+        dko,
+        dq,
+        dk,
+        dwqp,
+        dwkp,
+        dcos,
+        dsin,
+        N,
+        HQ,
+        HK,
+        n_und,
+        rpp,
+        p_und,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        dqo.stride(0),
+        dqo.stride(1),
+        dko.stride(0),
+        dko.stride(1),
+        dq.stride(0),
+        dq.stride(1),
+        dk.stride(0),
+        dk.stride(1),
+        eps,
+        D=D,
+        NEED_DCS=need_dcs,
+        BLOCK_HQ=BLOCK_HQ,
+        BLOCK_HK=BLOCK_HK,
+        BLOCK_HALF=BLOCK_HALF,
+        num_warps=nw,
     )
-    return (dq, dk, dwqp[:p_und].sum(0), dwqp[p_und:].sum(0), dwkp[:p_und].sum(0), dwkp[p_und:].sum(0),
-            dcos, dsin)
+    return (
+        dq,
+        dk,
+        dwqp[:p_und].sum(0),
+        dwqp[p_und:].sum(0),
+        dwkp[:p_und].sum(0),
+        dwkp[p_und:].sum(0),
+        dcos,
+        dsin,
+    )
 
 
 # ============================================================================================ SwiGLU
 @triton.jit
 def _swiglu_fwd_kernel(
-    G, U, Y, N, I, stride_g, stride_u, stride_y,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    G,
+    U,
+    Y,
+    N,
+    INTER,
+    stride_g,
+    stride_u,
+    stride_y,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = (rows < N)[:, None] & (cols < I)[None, :]
+    m = (rows < N)[:, None] & (cols < INTER)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     g = tl.load(G + rows64 * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
     u = tl.load(U + rows64 * stride_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -417,12 +713,24 @@ def _swiglu_fwd_kernel(
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    G, U, DY, DG, DU, N, I, stride_g, stride_u, stride_dy, stride_dg, stride_du,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    G,
+    U,
+    DY,
+    DG,
+    DU,
+    N,
+    INTER,
+    stride_g,
+    stride_u,
+    stride_dy,
+    stride_dg,
+    stride_du,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = (rows < N)[:, None] & (cols < I)[None, :]
+    m = (rows < N)[:, None] & (cols < INTER)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     g = tl.load(G + rows64 * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
     u = tl.load(U + rows64 * stride_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -435,35 +743,58 @@ def _swiglu_bwd_kernel(
     tl.store(DU + rows64 * stride_du + cols[None, :], du.to(DU.dtype.element_ty), mask=m)
 
 
-def _swiglu_blocks(N: int, I: int) -> tuple[int, int, tuple[int, int], int]:
-    BLOCK_N = min(triton.next_power_of_2(max(I, 1)), 2048)
+def _swiglu_blocks(N: int, INTER: int) -> tuple[int, int, tuple[int, int], int]:
+    BLOCK_N = min(triton.next_power_of_2(max(INTER, 1)), 2048)
     BLOCK_M = max(1, min(2048 // BLOCK_N, triton.next_power_of_2(max(N, 1))))
-    grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(I, BLOCK_N))
+    grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(INTER, BLOCK_N))
     return BLOCK_M, BLOCK_N, grid, _num_warps(BLOCK_M * BLOCK_N)
 
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    N, I = gate.shape
-    y = torch.empty((N, I), dtype=gate.dtype, device=gate.device)
-    if N == 0 or I == 0:
+    N, INTER = gate.shape
+    y = torch.empty((N, INTER), dtype=gate.dtype, device=gate.device)
+    if N == 0 or INTER == 0:
         return y
-    BLOCK_M, BLOCK_N, grid, nw = _swiglu_blocks(N, I)
+    BLOCK_M, BLOCK_N, grid, nw = _swiglu_blocks(N, INTER)
     _swiglu_fwd_kernel[grid](
-        gate, up, y, N, I, gate.stride(0), up.stride(0), y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=nw
+        gate,
+        up,
+        y,
+        N,
+        INTER,
+        gate.stride(0),
+        up.stride(0),
+        y.stride(0),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        num_warps=nw,
     )
     return y
 
 
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    N, I = gate.shape
-    dg = torch.empty((N, I), dtype=gate.dtype, device=gate.device)
-    du = torch.empty((N, I), dtype=up.dtype, device=up.device)
-    if N == 0 or I == 0:
+    N, INTER = gate.shape
+    dg = torch.empty((N, INTER), dtype=gate.dtype, device=gate.device)
+    du = torch.empty((N, INTER), dtype=up.dtype, device=up.device)
+    if N == 0 or INTER == 0:
         return dg, du
-    BLOCK_M, BLOCK_N, grid, nw = _swiglu_blocks(N, I)
+    BLOCK_M, BLOCK_N, grid, nw = _swiglu_blocks(N, INTER)
     _swiglu_bwd_kernel[grid](
-        gate, up, dy, dg, du, N, I, gate.stride(0), up.stride(0), dy.stride(0), dg.stride(0), du.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=nw,
+        gate,
+        up,
+        dy,
+        dg,
+        du,
+        N,
+        INTER,
+        gate.stride(0),
+        up.stride(0),
+        dy.stride(0),
+        dg.stride(0),
+        du.stride(0),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        num_warps=nw,
     )
     return dg, du
 
@@ -471,8 +802,16 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
 # ============================================================================================ row permutation
 @triton.jit
 def _permute_rows_kernel(
-    X, IDX, Y, N, C, stride_x, stride_y,
-    SCATTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    X,
+    IDX,
+    Y,
+    N,
+    C,
+    stride_x,
+    stride_y,
+    SCATTER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """SCATTER=False: Y[i] = X[IDX[i]] (gather). SCATTER=True: Y[IDX[i]] = X[i]."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -500,8 +839,17 @@ def permute_rows_launch(x: torch.Tensor, index: torch.Tensor, scatter: bool) -> 
     BLOCK_M = max(1, min(_TILE_ELEMS // BLOCK_C, triton.next_power_of_2(N)))
     grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(C, BLOCK_C))
     _permute_rows_kernel[grid](
-        x, index, y, N, C, x.stride(0), y.stride(0),
-        SCATTER=scatter, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_M * BLOCK_C),
+        x,
+        index,
+        y,
+        N,
+        C,
+        x.stride(0),
+        y.stride(0),
+        SCATTER=scatter,
+        BLOCK_M=BLOCK_M,
+        BLOCK_C=BLOCK_C,
+        num_warps=_num_warps(BLOCK_M * BLOCK_C),
     )
     return y
 
@@ -533,53 +881,179 @@ def kernel_compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, 
         for H in (3584, 97):
             al = ("H",) if H % 16 == 0 else ()
             BM, BH = _row_blocks(32768, H)
-            add(f"mot_rms_norm_fwd[{dt},H={H}]", _mot_rms_norm_fwd_kernel,
-                {"X": p, "W": p, "Y": p, "N": "i32", "H": "i32", "n_und": "i32", "stride_x": "i32",
-                 "stride_y": "i32", "eps": "fp32"},
-                {"BLOCK_M": BM, "BLOCK_H": BH}, _num_warps(BM * BH), al)
+            add(
+                f"mot_rms_norm_fwd[{dt},H={H}]",
+                _mot_rms_norm_fwd_kernel,
+                {
+                    "X": p,
+                    "W": p,
+                    "Y": p,
+                    "N": "i32",
+                    "H": "i32",
+                    "n_und": "i32",
+                    "stride_x": "i32",
+                    "stride_y": "i32",
+                    "eps": "fp32",
+                },
+                {"BLOCK_M": BM, "BLOCK_H": BH},
+                _num_warps(BM * BH),
+                al,
+            )
             BM, BH = _row_blocks(64, H)
-            add(f"mot_rms_norm_bwd[{dt},H={H}]", _mot_rms_norm_bwd_kernel,
-                {"X": p, "W": p, "DY": p, "DX": p, "DWP": "*fp32", "N": "i32", "H": "i32", "n_und": "i32",
-                 "stride_x": "i32", "stride_dy": "i32", "stride_dx": "i32", "rows_per_prog": "i32",
-                 "progs_und": "i32", "eps": "fp32"},
-                {"BLOCK_M": BM, "BLOCK_H": BH}, _num_warps(BM * BH), al)
+            add(
+                f"mot_rms_norm_bwd[{dt},H={H}]",
+                _mot_rms_norm_bwd_kernel,
+                {
+                    "X": p,
+                    "W": p,
+                    "DY": p,
+                    "DX": p,
+                    "DWP": "*fp32",
+                    "N": "i32",
+                    "H": "i32",
+                    "n_und": "i32",
+                    "stride_x": "i32",
+                    "stride_dy": "i32",
+                    "stride_dx": "i32",
+                    "rows_per_prog": "i32",
+                    "progs_und": "i32",
+                    "eps": "fp32",
+                },
+                {"BLOCK_M": BM, "BLOCK_H": BH},
+                _num_warps(BM * BH),
+                al,
+            )
         for HQ, HK, D in ((28, 4, 128), (3, 1, 72)):
             BHQ, BHK, BHALF, nw = _qk_blocks(HQ, HK, D)
             consts = {"D": D, "BLOCK_HQ": BHQ, "BLOCK_HK": BHK, "BLOCK_HALF": BHALF}
             al = ("HQ",) if D % 16 == 0 else ()  # strides are multiples of D
-            add(f"mot_qk_norm_rope_fwd[{dt},D={D}]", _mot_qk_norm_rope_fwd_kernel,
-                {"Q": p, "K": p, "WQ": p, "WK": p, "COS": "*fp32", "SIN": "*fp32", "QO": p, "KO": p,
-                 "N": "i32", "HQ": "i32", "HK": "i32", "n_und": "i32",
-                 "stride_qr": "i32", "stride_qh": "i32", "stride_kr": "i32", "stride_kh": "i32",
-                 "stride_cr": "i32", "stride_sr": "i32", "stride_qor": "i32", "stride_qoh": "i32",
-                 "stride_kor": "i32", "stride_koh": "i32", "eps": "fp32"},
-                consts, nw, al)
+            add(
+                f"mot_qk_norm_rope_fwd[{dt},D={D}]",
+                _mot_qk_norm_rope_fwd_kernel,
+                {
+                    "Q": p,
+                    "K": p,
+                    "WQ": p,
+                    "WK": p,
+                    "COS": "*fp32",
+                    "SIN": "*fp32",
+                    "QO": p,
+                    "KO": p,
+                    "N": "i32",
+                    "HQ": "i32",
+                    "HK": "i32",
+                    "n_und": "i32",
+                    "stride_qr": "i32",
+                    "stride_qh": "i32",
+                    "stride_kr": "i32",
+                    "stride_kh": "i32",
+                    "stride_cr": "i32",
+                    "stride_sr": "i32",
+                    "stride_qor": "i32",
+                    "stride_qoh": "i32",
+                    "stride_kor": "i32",
+                    "stride_koh": "i32",
+                    "eps": "fp32",
+                },
+                consts,
+                nw,
+                al,
+            )
             for need in (0, 1):
-                add(f"mot_qk_norm_rope_bwd[{dt},D={D},dcs={need}]", _mot_qk_norm_rope_bwd_kernel,
-                    {"Q": p, "K": p, "WQ": p, "WK": p, "COS": "*fp32", "SIN": "*fp32", "DQO": p, "DKO": p,
-                     "DQ": p, "DK": p, "DWQP": "*fp32", "DWKP": "*fp32", "DCOS": "*fp32", "DSIN": "*fp32",
-                     "N": "i32", "HQ": "i32", "HK": "i32", "n_und": "i32",
-                     "rows_per_prog": "i32", "progs_und": "i32",
-                     "stride_qr": "i32", "stride_qh": "i32", "stride_kr": "i32", "stride_kh": "i32",
-                     "stride_cr": "i32", "stride_sr": "i32", "stride_dqor": "i32", "stride_dqoh": "i32",
-                     "stride_dkor": "i32", "stride_dkoh": "i32", "stride_dqr": "i32", "stride_dqh": "i32",
-                     "stride_dkr": "i32", "stride_dkh": "i32", "eps": "fp32"},
-                    {**consts, "NEED_DCS": need}, nw, al)
-        for I in (18944, 200):
-            al = ("I",) if I % 16 == 0 else ()
-            BM, BN, _, nw = _swiglu_blocks(32768, I)
-            add(f"swiglu_fwd[{dt},I={I}]", _swiglu_fwd_kernel,
-                {"G": p, "U": p, "Y": p, "N": "i32", "I": "i32", "stride_g": "i32", "stride_u": "i32",
-                 "stride_y": "i32"},
-                {"BLOCK_M": BM, "BLOCK_N": BN}, nw, al)
-            add(f"swiglu_bwd[{dt},I={I}]", _swiglu_bwd_kernel,
-                {"G": p, "U": p, "DY": p, "DG": p, "DU": p, "N": "i32", "I": "i32", "stride_g": "i32",
-                 "stride_u": "i32", "stride_dy": "i32", "stride_dg": "i32", "stride_du": "i32"},
-                {"BLOCK_M": BM, "BLOCK_N": BN}, nw, al)
+                add(
+                    f"mot_qk_norm_rope_bwd[{dt},D={D},dcs={need}]",
+                    _mot_qk_norm_rope_bwd_kernel,
+                    {
+                        "Q": p,
+                        "K": p,
+                        "WQ": p,
+                        "WK": p,
+                        "COS": "*fp32",
+                        "SIN": "*fp32",
+                        "DQO": p,
+                        "DKO": p,
+                        "DQ": p,
+                        "DK": p,
+                        "DWQP": "*fp32",
+                        "DWKP": "*fp32",
+                        "DCOS": "*fp32",
+                        "DSIN": "*fp32",
+                        "N": "i32",
+                        "HQ": "i32",
+                        "HK": "i32",
+                        "n_und": "i32",
+                        "rows_per_prog": "i32",
+                        "progs_und": "i32",
+                        "stride_qr": "i32",
+                        "stride_qh": "i32",
+                        "stride_kr": "i32",
+                        "stride_kh": "i32",
+                        "stride_cr": "i32",
+                        "stride_sr": "i32",
+                        "stride_dqor": "i32",
+                        "stride_dqoh": "i32",
+                        "stride_dkor": "i32",
+                        "stride_dkoh": "i32",
+                        "stride_dqr": "i32",
+                        "stride_dqh": "i32",
+                        "stride_dkr": "i32",
+                        "stride_dkh": "i32",
+                        "eps": "fp32",
+                    },
+                    {**consts, "NEED_DCS": need},
+                    nw,
+                    al,
+                )
+        for INTER in (18944, 200):
+            al = ("INTER",) if INTER % 16 == 0 else ()
+            BM, BN, _, nw = _swiglu_blocks(32768, INTER)
+            add(
+                f"swiglu_fwd[{dt},I={INTER}]",
+                _swiglu_fwd_kernel,
+                {
+                    "G": p,
+                    "U": p,
+                    "Y": p,
+                    "N": "i32",
+                    "INTER": "i32",
+                    "stride_g": "i32",
+                    "stride_u": "i32",
+                    "stride_y": "i32",
+                },
+                {"BLOCK_M": BM, "BLOCK_N": BN},
+                nw,
+                al,
+            )
+            add(
+                f"swiglu_bwd[{dt},I={INTER}]",
+                _swiglu_bwd_kernel,
+                {
+                    "G": p,
+                    "U": p,
+                    "DY": p,
+                    "DG": p,
+                    "DU": p,
+                    "N": "i32",
+                    "INTER": "i32",
+                    "stride_g": "i32",
+                    "stride_u": "i32",
+                    "stride_dy": "i32",
+                    "stride_dg": "i32",
+                    "stride_du": "i32",
+                },
+                {"BLOCK_M": BM, "BLOCK_N": BN},
+                nw,
+                al,
+            )
         for scatter in (0, 1):
             BLOCK_C = 1024
             BM = _TILE_ELEMS // BLOCK_C
-            add(f"permute_rows[{dt},scatter={scatter}]", _permute_rows_kernel,
+            add(
+                f"permute_rows[{dt},scatter={scatter}]",
+                _permute_rows_kernel,
                 {"X": p, "IDX": "*i64", "Y": p, "N": "i32", "C": "i32", "stride_x": "i32", "stride_y": "i32"},
-                {"SCATTER": scatter, "BLOCK_M": BM, "BLOCK_C": BLOCK_C}, _num_warps(BM * BLOCK_C), ("C",))
+                {"SCATTER": scatter, "BLOCK_M": BM, "BLOCK_C": BLOCK_C},
+                _num_warps(BM * BLOCK_C),
+                ("C",),
+            )
     return specs

@@ -44,11 +44,13 @@ def f64(ts):
 
 def assert_close(actual, expected, dtype, direction, what=""):
     atol, rtol = tolerance(dtype, direction)
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def check_grads(inputs, inputs64, dtype, names):
-    for name, t, r in zip(names, inputs, inputs64):
+    for name, t, r in zip(names, inputs, inputs64, strict=False):  # names may run longer
         if t.requires_grad:
             assert t.grad is not None, f"no gradient for {name}"
             assert torch.isfinite(t.grad).all(), f"non-finite gradient for {name}"
@@ -109,7 +111,7 @@ def test_mot_rms_norm_backward_is_deterministic():
     wu, wg = torch.randn(64, device=DEV), torch.randn(64, device=DEV)
     g = torch.randn(N, 64, device=DEV)
     outs = [torch.ops.bagel_kernels.mot_rms_norm_backward(g, x, 17, wu, wg, 1e-6) for _ in range(2)]
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
 
 
@@ -162,7 +164,9 @@ def test_mot_qk_norm_rope_frozen_weights_and_constant_tables():
     ins64 = f64([q, k, wqu, wqg, wku, wkg])
     qr, kr = mot.mot_qk_norm_rope_reference(*ins64[:2], 8, *ins64[2:], cos.double(), sin.double())
     (qr.sum() + kr.pow(2).sum()).backward()
-    check_grads([q, k, wqg, wkg], [ins64[0], ins64[1], ins64[3], ins64[5]], torch.float32, ["q", "k", "wqg", "wkg"])
+    check_grads(
+        [q, k, wqg, wkg], [ins64[0], ins64[1], ins64[3], ins64[5]], torch.float32, ["q", "k", "wqg", "wkg"]
+    )
 
 
 # ============================================================================================ rope tables
@@ -172,7 +176,9 @@ def test_rope_cos_sin_matches_transformers(head_dim, theta):
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
     heads = 4
-    cfg = Qwen2Config(hidden_size=heads * head_dim, num_attention_heads=heads, head_dim=head_dim, rope_theta=theta)
+    cfg = Qwen2Config(
+        hidden_size=heads * head_dim, num_attention_heads=heads, head_dim=head_dim, rope_theta=theta
+    )
     rot = Qwen2RotaryEmbedding(cfg)
     pos = torch.cat((torch.arange(0, 50), torch.randint(0, 40000, (50,)), torch.tensor([32767, 0, 7])))
     for dtype in (torch.float32, torch.bfloat16):
@@ -183,7 +189,9 @@ def test_rope_cos_sin_matches_transformers(head_dim, theta):
 
 
 # ============================================================================================ swiglu
-@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.float16), ("torch", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "backend,dtype", [("triton", torch.float32), ("triton", torch.float16), ("torch", torch.bfloat16)]
+)
 def test_swiglu(backend, dtype):
     inter = 200
     gu = nan_view((N, 2 * inter), dtype, extra_cols=7, scale=2.0)  # fused gate/up projection output
@@ -227,9 +235,13 @@ def test_mot_linear(dtype, n_und, backend, bias):
     y.backward(g)
     ins = [x, wu, wg] + [b for b in (bu, bg) if b is not None]
     ins64 = f64(ins)
-    m = {id(t): t64 for t, t64 in zip(ins, ins64)}
+    m = {id(t): t64 for t, t64 in zip(ins, ins64, strict=True)}
     ref = mot.mot_linear_reference(
-        m[id(x)], n_und, m[id(wu)], m.get(id(bu)) if bu is not None else None, m[id(wg)],
+        m[id(x)],
+        n_und,
+        m[id(wu)],
+        m.get(id(bu)) if bu is not None else None,
+        m[id(wg)],
         m.get(id(bg)) if bg is not None else None,
     )
     assert_close(y, ref, dtype, "fwd", "y")
@@ -244,7 +256,9 @@ def test_mot_linear_frozen_und_skips_its_gradient():
     y = mot.mot_linear(x, 10, wu, None, wg, None)
     y.pow(2).sum().backward()
     assert wu.grad is None and wg.grad is not None and x.grad is not None
-    dx, dwu, dwg, dbu, dbg = torch.ops.bagel_kernels.mot_linear_backward(y, x, 10, wu, wg, True, False, True, False, False)
+    dx, dwu, dwg, dbu, dbg = torch.ops.bagel_kernels.mot_linear_backward(
+        y, x, 10, wu, wg, True, False, True, False, False
+    )
     assert dwu.numel() == 0 and dbu.numel() == 0 and dbg.numel() == 0
     torch.testing.assert_close(dwg, y[10:].t() @ x[10:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dx, torch.cat((y[:10] @ wu, y[10:] @ wg)), atol=1e-5, rtol=1e-5)
@@ -326,8 +340,16 @@ def _bad_calls():
         ("k has 5 tokens", lambda: mot.mot_qk_norm_rope(q, k[:5], 3, wd, wd, wd, wd, cs, cs)),
         ("k head dim", lambda: mot.mot_qk_norm_rope(q, k[..., :4], 3, wd, wd, wd, wd, cs, cs)),
         ("k has dtype", lambda: mot.mot_qk_norm_rope(q, k.half(), 3, wd, wd, wd, wd, cs, cs)),
-        ("must be even", lambda: mot.mot_qk_norm_rope(q[..., :7], k[..., :7], 3, wd[:7], wd[:7], wd[:7], wd[:7], cs[:, :7], cs[:, :7])),
-        ("k_weight_gen must have shape", lambda: mot.mot_qk_norm_rope(q, k, 3, wd, wd, wd, torch.ones(4), cs, cs)),
+        (
+            "must be even",
+            lambda: mot.mot_qk_norm_rope(
+                q[..., :7], k[..., :7], 3, wd[:7], wd[:7], wd[:7], wd[:7], cs[:, :7], cs[:, :7]
+            ),
+        ),
+        (
+            "k_weight_gen must have shape",
+            lambda: mot.mot_qk_norm_rope(q, k, 3, wd, wd, wd, torch.ones(4), cs, cs),
+        ),
         ("q_weight_gen has dtype", lambda: mot.mot_qk_norm_rope(q, k, 3, wd, wd.double(), wd, wd, cs, cs)),
         ("cos must have shape", lambda: mot.mot_qk_norm_rope(q, k, 3, wd, wd, wd, wd, cs[:5], cs)),
         ("sin must have 2", lambda: mot.mot_qk_norm_rope(q, k, 3, wd, wd, wd, wd, cs, cs[None])),
@@ -347,6 +369,16 @@ def _bad_calls():
         ("position_ids must hold integers", lambda: mot.rope_cos_sin(torch.arange(4.0), 8, 1e4)),
         ("theta", lambda: mot.rope_cos_sin(torch.arange(4), 8, 0.0)),
         ("backend='triton' takes fp16", lambda: mot.swiglu(g.double(), g.double(), backend="triton")),
+        ("weight_und is on meta", lambda: mot.mot_rms_norm(x, 3, w.to("meta"), w)),
+        ("cos is on meta", lambda: mot.mot_qk_norm_rope(q, k, 3, wd, wd, wd, wd, cs.to("meta"), cs)),
+        ("k is on meta", lambda: mot.mot_qk_norm_rope(q, k.to("meta"), 3, wd, wd, wd, wd, cs, cs)),
+        ("up is on meta", lambda: mot.swiglu(g, g.to("meta"))),
+        ("bias_und is on meta", lambda: mot.mot_linear(x, 2, lw, torch.ones(4, device="meta"), lw, None)),
+        ("index is on meta", lambda: mot.permute_rows(x, torch.arange(6, device="meta"))),
+        (
+            "gen_indexes is on meta",
+            lambda: mot.grouped_order(torch.arange(3), torch.arange(3, 6, device="meta"), 6),
+        ),
     ]
 
 
@@ -390,15 +422,47 @@ def _opcheck_cases():
     ops = torch.ops.bagel_kernels
     return [
         ("mot_rms_norm", ops.mot_rms_norm, (x, 3, w[0], w[1], 1e-6)),
-        ("mot_rms_norm_backward", ops.mot_rms_norm_backward, (torch.randn(n, h), x.detach(), 3, w[0].detach(), w[1].detach(), 1e-6)),
+        (
+            "mot_rms_norm_backward",
+            ops.mot_rms_norm_backward,
+            (torch.randn(n, h), x.detach(), 3, w[0].detach(), w[1].detach(), 1e-6),
+        ),
         ("mot_qk_norm_rope", ops.mot_qk_norm_rope, (q, k, 4, *wd, cos, sin, 1e-6)),
-        ("mot_qk_norm_rope_backward", ops.mot_qk_norm_rope_backward,
-         (torch.randn(n, 2, d), torch.randn(n, 1, d), q.detach(), k.detach(), 4, *[t.detach() for t in wd], cos, sin, 1e-6, True)),
+        (
+            "mot_qk_norm_rope_backward",
+            ops.mot_qk_norm_rope_backward,
+            (
+                torch.randn(n, 2, d),
+                torch.randn(n, 1, d),
+                q.detach(),
+                k.detach(),
+                4,
+                *[t.detach() for t in wd],
+                cos,
+                sin,
+                1e-6,
+                True,
+            ),
+        ),
         ("swiglu", ops.swiglu, (gate, up)),
         ("swiglu_backward", ops.swiglu_backward, (torch.randn(n, 20), gate.detach(), up.detach())),
         ("mot_linear", ops.mot_linear, (x, 2, lw[0], None, lw[1], lb)),
-        ("mot_linear_backward", ops.mot_linear_backward,
-         (torch.randn(n, 5), x.detach(), 2, lw[0].detach(), lw[1].detach(), True, True, False, False, True)),
+        (
+            "mot_linear_backward",
+            ops.mot_linear_backward,
+            (
+                torch.randn(n, 5),
+                x.detach(),
+                2,
+                lw[0].detach(),
+                lw[1].detach(),
+                True,
+                True,
+                False,
+                False,
+                True,
+            ),
+        ),
         ("permute_rows", ops.permute_rows, (x, perm, True)),
         ("scatter_rows", ops.scatter_rows, (x, perm)),
     ]
@@ -415,7 +479,9 @@ def _mini_layer(x, n_und, p, cos, sin, backend):
     qkv = mot.mot_linear(h, n_und, p["qkv_u"], p["qkv_b"], p["qkv_g"], p["qkv_b"], backend=backend)
     q = qkv[:, :32].view(-1, 2, 16)
     k = qkv[:, 32:48].view(-1, 1, 16)
-    q, k = mot.mot_qk_norm_rope(q, k, n_und, p["qn_u"], p["qn_g"], p["kn_u"], p["kn_g"], cos, sin, backend=backend)
+    q, k = mot.mot_qk_norm_rope(
+        q, k, n_und, p["qn_u"], p["qn_g"], p["kn_u"], p["kn_g"], cos, sin, backend=backend
+    )
     a = q.flatten(1) + k.flatten(1).repeat(1, 2)
     gu = mot.mot_linear(a, n_und, p["gu_u"], None, p["gu_g"], None, backend=backend)
     return mot.swiglu(gu[:, :24], gu[:, 24:], backend=backend)
@@ -429,8 +495,19 @@ def test_torch_compile_fullgraph_matches_eager():
     def r(*s):
         return (torch.randn(*s, generator=gen) * 0.3).to(DEV).requires_grad_()
 
-    p = {"ln_u": r(hid), "ln_g": r(hid), "qkv_u": r(64, hid), "qkv_g": r(64, hid), "qkv_b": r(64),
-         "qn_u": r(16), "qn_g": r(16), "kn_u": r(16), "kn_g": r(16), "gu_u": r(48, 32), "gu_g": r(48, 32)}
+    p = {
+        "ln_u": r(hid),
+        "ln_g": r(hid),
+        "qkv_u": r(64, hid),
+        "qkv_g": r(64, hid),
+        "qkv_b": r(64),
+        "qn_u": r(16),
+        "qn_g": r(16),
+        "kn_u": r(16),
+        "kn_g": r(16),
+        "gu_u": r(48, 32),
+        "gu_g": r(48, 32),
+    }
     x = r(n, hid)
     perm = torch.randperm(n, device=DEV)
     cos, sin = mot.rope_cos_sin(torch.arange(n, device=DEV)[perm], 16, 1e4)
@@ -446,7 +523,7 @@ def test_torch_compile_fullgraph_matches_eager():
     out = compiled(x)
     g_comp = torch.autograd.grad(out, params)
     torch.testing.assert_close(out, eager)
-    for a, b in zip(g_comp, g_eager):
+    for a, b in zip(g_comp, g_eager, strict=True):
         torch.testing.assert_close(a, b)
     # and the torch backend agrees with the kernels on the whole layer
     ref = _mini_layer(mot.permute_rows(x, perm, backend="torch"), 7, p, cos, sin, "torch").pow(2).sum()
@@ -499,7 +576,9 @@ def test_gpu_bf16_bagel_shapes(n_und):
     gq, gk = torch.randn_like(qo), torch.randn_like(ko)
     ((qo * gq).float().sum() + (ko * gk).float().sum()).backward()
     ins64 = f64([q, k, *ws])
-    qr, kr = mot.mot_qk_norm_rope_reference(*ins64[:2], n_und, *ins64[2:], cos.to(dt).double(), sin.to(dt).double())
+    qr, kr = mot.mot_qk_norm_rope_reference(
+        *ins64[:2], n_und, *ins64[2:], cos.to(dt).double(), sin.to(dt).double()
+    )
     assert_close(qo, qr, dt, "fwd", "q_out")
     assert_close(ko, kr, dt, "fwd", "k_out")
     ((qr * gq.double()).sum() + (kr * gk.double()).sum()).backward()
@@ -529,6 +608,7 @@ def test_gpu_permute_rows_and_linear():
     w = [torch.randn(512, 3584, dtype=torch.bfloat16, device="cuda") / 60 for _ in range(2)]
     b = torch.randn(512, dtype=torch.bfloat16, device="cuda")
     out = mot.mot_linear(x.detach(), 9000, w[0], b, w[1], None)
-    ref = torch.cat((torch.nn.functional.linear(x[:9000], w[0], b), torch.nn.functional.linear(x[9000:], w[1])))
+    ref = torch.cat(
+        (torch.nn.functional.linear(x[:9000], w[0], b), torch.nn.functional.linear(x[9000:], w[1]))
+    )
     torch.testing.assert_close(out, ref.detach())
-
