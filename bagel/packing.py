@@ -45,6 +45,7 @@ __all__ = [
     "T2ISample",
     "EditSample",
     "pack_samples",
+    "sample_num_tokens",
     "patchify",
     "flattened_position_ids",
     "len2weight",
@@ -242,6 +243,22 @@ def _segments(sample: Any) -> list[Segment]:
         if not isinstance(s, (Text, VitImage, VaeImage)):
             raise ValueError(f"unknown segment type {type(s).__name__}; use Text, VitImage or VaeImage")
     return segs
+
+
+def sample_num_tokens(sample: Any, config) -> int:
+    """Tokens ``sample`` takes in a pack (bos/eos and image bracket tokens included), without packing it:
+    text ``len(ids) + 2``, a ViT image ``(H/p)*(W/p) + 2``, a VAE latent ``h*w + 2``."""
+    n = 0
+    for seg in _segments(sample):
+        if isinstance(seg, Text):
+            n += len(seg.ids) + 2
+        elif isinstance(seg, VitImage):
+            p = config.vision_config.patch_size
+            n += (seg.pixels.shape[-2] // p) * (seg.pixels.shape[-1] // p) + 2
+        else:
+            p = config.latent_patch_size
+            n += (seg.latent.shape[-2] // p) * (seg.latent.shape[-1] // p) + 2
+    return n
 
 
 # ---------------------------------------------------------------------------------------------- packing

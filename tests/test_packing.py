@@ -21,6 +21,7 @@ from bagel.packing import (
     len2weight,
     pack_samples,
     patchify,
+    sample_num_tokens,
     synthetic_samples,
 )
 from bagel_kernels import PackedMask
@@ -110,6 +111,7 @@ def test_pack_partition_and_mask_rule(seed):
     kinds = random.Random(seed).choices(["text", "und", "t2i", "edit"], k=5)
     b = pack_samples(synthetic_samples(kinds, CFG, seed=seed), CFG, max_num_tokens=400, rng=seed)
     L = b["sequence_length"]
+    assert L == sum(sample_num_tokens(s, CFG) for s in synthetic_samples(kinds, CFG, seed=seed))
     idx = [b["packed_text_indexes"]]
     idx += [b[k] for k in ("packed_vit_token_indexes", "packed_vae_token_indexes") if k in b]
     assert torch.equal(torch.sort(torch.cat(idx)).values, torch.arange(L))
