@@ -251,6 +251,12 @@ def test_backend_combination_matches_reference(stage2_batch, stage2_reference, a
     out, grads = run(model, stage2_batch)
     assert_out_close(out, ref_out)
     assert_grads_close(grads, ref_grads)
+    if patch_embed == "auto":  # the fused op ran whenever its extension has a kernel for this device
+        from bagel_kernels import patch_embed as pe
+
+        st = pe.extension_status()
+        if st.cpu:
+            assert pe.last_backend()[0] == "cpu_ext", pe.last_backend()
 
 
 def test_reference_lm_and_grouped_lm_same_parameters():
