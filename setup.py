@@ -77,14 +77,23 @@ def _configure():
     torch_cuda = torch.version.cuda is not None
     cuda_home = cpp_extension.CUDA_HOME
     with_cuda = force_cuda or (torch_cuda and cuda_home is not None)
-    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     why = (
         "BAGEL_KERNELS_FORCE_CUDA=1" if force_cuda
         else "torch has CUDA and the toolkit was found" if with_cuda
         else "torch has no CUDA" if not torch_cuda
         else "CUDA toolkit not found (set CUDA_HOME)"
     )
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    try:
+        ext = _make_extension(cpp_extension, with_cuda)
+    except Exception as exc:  # e.g. CUDAExtension without a CUDA_HOME (forced on a CPU torch)
+        if not with_cuda:
+            raise
+        with_cuda = False
+        why = f"cannot set up a CUDA extension: {exc}"
+        ext = _make_extension(cpp_extension, cuda=False)
+
     _log("build configuration:")
     _log(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
     _log(f"  extension {EXT_NAME}: CPU kernel yes; CUDA kernel {'yes' if with_cuda else 'no'} ({why})")
@@ -96,28 +105,29 @@ def _configure():
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
     class TolerantBuildExt(base):
-        """Builds the extension; on failure retries CPU-only (after a CUDA failure), then gives up with
-        a warning so that the pure-Python package still installs."""
+        """Builds the extension; after a failed CUDA build retries with the CPU kernel only, and after a
+        failed CPU build gives up with a warning so that the pure-Python package still installs."""
 
-        def build_extension(self, ext):
+        _bagel_failed = False
+
+        def run(self):
+            nonlocal with_cuda
+            inplace = self.inplace  # setuptools clears it during run(); an exception leaves it cleared
             try:
-                super().build_extension(ext)
+                super().run()
                 return
             except Exception:
                 err = traceback.format_exc()
             if with_cuda:
                 _log(f"building the CUDA extension failed:\n{err}\nretrying with the CPU kernel only")
-                cpu_ext = _make_extension(cpp_extension, cuda=False)
-                ext.sources = cpu_ext.sources
-                ext.extra_compile_args = cpu_ext.extra_compile_args
-                ext.library_dirs = cpu_ext.library_dirs
-                ext.libraries = cpu_ext.libraries
-                ext.include_dirs = cpu_ext.include_dirs
-                ext.define_macros = cpu_ext.define_macros
-                ext.extra_link_args = cpu_ext.extra_link_args
+                with_cuda = False
+                for e in self.extensions:
+                    e.__dict__.update(vars(_make_extension(cpp_extension, cuda=False)))
+                self.compiler = None  # build_ext.run makes a fresh compiler object
+                self.inplace = inplace
                 try:
-                    super().build_extension(ext)
-                    _log("built the CPU-only extension (no CUDA kernel)")
+                    super().run()
+                    _log("built the extension with the CPU kernel only (no CUDA kernel)")
                     return
                 except Exception:
                     err = traceback.format_exc()
@@ -128,16 +138,12 @@ def _configure():
 
         def get_outputs(self):
             # A failed build produced no file: do not let the (editable) wheel ask for it.
-            if getattr(self, "_bagel_failed", False):
-                return []
-            return super().get_outputs()
+            return [] if self._bagel_failed else super().get_outputs()
 
         def get_output_mapping(self):
-            if getattr(self, "_bagel_failed", False):
-                return {}
-            return super().get_output_mapping()
+            return {} if self._bagel_failed else super().get_output_mapping()
 
-    return [_make_extension(cpp_extension, with_cuda)], {"build_ext": TolerantBuildExt}
+    return [ext], {"build_ext": TolerantBuildExt}
 
 
 ext_modules, cmdclass = _configure()
