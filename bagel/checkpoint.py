@@ -224,15 +224,27 @@ def load_checkpoint_into(
     loaded = set(report.loaded)
     report.missing = [k for k in targets if k not in loaded]
     if report.missing:
-        logger.warning("BAGEL checkpoint %s: %d model key(s) missing, e.g. %s", path, len(report.missing), report.missing[:5])
+        logger.warning(
+            "BAGEL checkpoint %s: %d model key(s) missing, e.g. %s",
+            path,
+            len(report.missing),
+            report.missing[:5],
+        )
     if report.unexpected:
         logger.warning(
-            "BAGEL checkpoint %s: %d key(s) match no parameter, e.g. %s", path, len(report.unexpected), report.unexpected[:5]
+            "BAGEL checkpoint %s: %d key(s) match no parameter, e.g. %s",
+            path,
+            len(report.unexpected),
+            report.unexpected[:5],
         )
     if report.vae:
         logger.info("BAGEL checkpoint %s: %d VAE key(s) recognised and not loaded", path, len(report.vae))
     if report.skipped_by_stage:
-        logger.info("BAGEL checkpoint %s: %d generation key(s) skipped for stage 1", path, len(report.skipped_by_stage))
+        logger.info(
+            "BAGEL checkpoint %s: %d generation key(s) skipped for stage 1",
+            path,
+            len(report.skipped_by_stage),
+        )
     return report
 
 

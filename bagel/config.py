@@ -64,7 +64,9 @@ def _coerce_vision_config(cfg: Any, vit_rope: bool) -> SiglipVisionConfig | None
         cfg.pop("transformers_version", None)
         cfg = SiglipVisionConfig(**cfg)
     elif not isinstance(cfg, SiglipVisionConfig):
-        raise ValueError(f"vit_config/vision_config must be a dict or a SiglipVisionConfig, got {type(cfg).__name__}")
+        raise ValueError(
+            f"vit_config/vision_config must be a dict or a SiglipVisionConfig, got {type(cfg).__name__}"
+        )
     cfg.rope = bool(vit_rope)
     return cfg
 
@@ -199,11 +201,15 @@ class BagelConfig(PretrainedConfig):
                     f"vit_config.hidden_size={vc.hidden_size} is not divisible by num_attention_heads={vc.num_attention_heads}"
                 )
             if self.vit_max_num_patch_per_side < 1:
-                raise ValueError(f"vit_max_num_patch_per_side={self.vit_max_num_patch_per_side} must be positive")
+                raise ValueError(
+                    f"vit_max_num_patch_per_side={self.vit_max_num_patch_per_side} must be positive"
+                )
         if self.visual_gen:
             for key in ("z_channels", "downsample"):
                 if not isinstance(self.vae_config.get(key), int) or self.vae_config[key] < 1:
-                    raise ValueError(f"vae_config[{key!r}] must be a positive int, got {self.vae_config.get(key)!r}")
+                    raise ValueError(
+                        f"vae_config[{key!r}] must be a positive int, got {self.vae_config.get(key)!r}"
+                    )
             if self.latent_patch_size < 1:
                 raise ValueError(f"latent_patch_size={self.latent_patch_size} must be positive")
             if self.max_latent_size < 1:

@@ -47,7 +47,9 @@ class PositionEmbedding(nn.Module):
         super().__init__()
         self.max_num_patch_per_side = int(max_num_patch_per_side)
         self.hidden_size = int(hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(self.max_num_patch_per_side**2, self.hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(
+            torch.zeros(self.max_num_patch_per_side**2, self.hidden_size), requires_grad=False
+        )
         self.reset_parameters()
 
     @torch.no_grad()

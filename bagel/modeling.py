@@ -59,7 +59,12 @@ _GEN_INPUTS = (
     "packed_vae_token_indexes",
     "packed_timesteps",
 )
-_VIT_INPUTS = ("packed_vit_tokens", "packed_vit_token_indexes", "packed_vit_position_ids", "vit_token_seqlens")
+_VIT_INPUTS = (
+    "packed_vit_tokens",
+    "packed_vit_token_indexes",
+    "packed_vit_position_ids",
+    "vit_token_seqlens",
+)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -116,9 +121,7 @@ def _convert_patch_embedding_for_packed_vit(model: BagelModel, config: BagelConf
     model.vit_model.vision_model.embeddings.convert_conv2d_to_linear()
 
 
-def patchify_latents(
-    padded_latent: torch.Tensor, shapes: Sequence[tuple[int, int]], p: int
-) -> torch.Tensor:
+def patchify_latents(padded_latent: torch.Tensor, shapes: Sequence[tuple[int, int]], p: int) -> torch.Tensor:
     """``[n, C, H, W]`` latents -> ``[sum(h*w), p*p*C]`` tokens, image by image, row-major over the
     ``h x w`` patch grid, each token ordered (row in patch, column in patch, channel) as upstream."""
     C = padded_latent.shape[1]
@@ -154,16 +157,13 @@ def _index(t, name: str, device: torch.device, *, allow_bool_len: int | None = N
         if allow_bool_len is None:
             raise ValueError(f"{name} must hold integer indexes, got a bool tensor")
         if t.numel() != allow_bool_len:
-            raise ValueError(f"{name} is a bool mask of {t.numel()} entries, expected sequence_length={allow_bool_len}")
+            raise ValueError(
+                f"{name} is a bool mask of {t.numel()} entries, expected sequence_length={allow_bool_len}"
+            )
         return torch.nonzero(t.to(device)).flatten()
     if t.is_floating_point() or t.is_complex():
         raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
     return t.to(device=device, dtype=torch.long)
-
-
-def _check_range(t: torch.Tensor, name: str, hi: int, what: str) -> None:
-    if t.numel() and bool(((t < 0) | (t >= hi)).any()):
-        raise ValueError(f"{name} has entries outside [0, {hi}) ({what})")
 
 
 # ---------------------------------------------------------------------------------------------- container
@@ -203,7 +203,10 @@ class BagelModel(nn.Module):
         if config.visual_und:
             vc = config.vision_config
             self.vit_model = SiglipVisionModel(
-                vc, num_layers=config.vit_num_layers, grid_side=config.vit_max_num_patch_per_side, backend=backend
+                vc,
+                num_layers=config.vit_num_layers,
+                grid_side=config.vit_max_num_patch_per_side,
+                backend=backend,
             )
             self.connector = MLPconnector(vc.hidden_size, self.hidden_size, config.connector_act)
             self.vit_pos_embed = PositionEmbedding(config.vit_max_num_patch_per_side, self.hidden_size)
@@ -273,7 +276,9 @@ class BagelForUnifiedMultimodal(BagelModel):
     @classmethod
     def supports_config(cls, config: Any) -> bool:
         """True for a BAGEL config (``model_type == "bagel"``, object or dict)."""
-        model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+        model_type = (
+            config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+        )
         return model_type == BagelConfig.model_type
 
     def get_input_embeddings(self) -> nn.Module:
@@ -341,7 +346,12 @@ class BagelForUnifiedMultimodal(BagelModel):
         model = cls(config, backend=backend, language_model_cls=lm_cls)
         report = load_checkpoint_into(model, pretrained_model_name_or_path, stage=stage_int, strict=strict)
         model.load_report = report
-        logger.info("BagelForUnifiedMultimodal.from_pretrained(%s, stage=%d): %s", pretrained_model_name_or_path, stage_int, report.summary())
+        logger.info(
+            "BagelForUnifiedMultimodal.from_pretrained(%s, stage=%d): %s",
+            pretrained_model_name_or_path,
+            stage_int,
+            report.summary(),
+        )
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model
@@ -406,12 +416,34 @@ class BagelForUnifiedMultimodal(BagelModel):
                 )
         else:
             if split_lens is None or attn_modes is None:
-                raise ValueError("give nested_attention_masks, or split_lens and attn_modes, to build the attention mask")
+                raise ValueError(
+                    "give nested_attention_masks, or split_lens and attn_modes, to build the attention mask"
+                )
             mask = PackedMask.from_splits(sample_lens, split_lens, attn_modes, device=device)
 
         # ---- which optional inputs are present
-        vit_given = {n: v is not None for n, v in zip(_VIT_INPUTS, (packed_vit_tokens, packed_vit_token_indexes, packed_vit_position_ids, vit_token_seqlens), strict=True)}
-        gen_given = {n: v is not None for n, v in zip(_GEN_INPUTS, (padded_latent, patchified_vae_latent_shapes, packed_latent_position_ids, packed_vae_token_indexes, packed_timesteps), strict=True)}
+        vit_given = {
+            n: v is not None
+            for n, v in zip(
+                _VIT_INPUTS,
+                (packed_vit_tokens, packed_vit_token_indexes, packed_vit_position_ids, vit_token_seqlens),
+                strict=True,
+            )
+        }
+        gen_given = {
+            n: v is not None
+            for n, v in zip(
+                _GEN_INPUTS,
+                (
+                    padded_latent,
+                    patchified_vae_latent_shapes,
+                    packed_latent_position_ids,
+                    packed_vae_token_indexes,
+                    packed_timesteps,
+                ),
+                strict=True,
+            )
+        }
         has_vit = any(vit_given.values())
         has_gen = any(gen_given.values())
         if has_vit:
@@ -429,33 +461,86 @@ class BagelForUnifiedMultimodal(BagelModel):
             if missing:
                 raise ValueError(f"stage-2 inputs incomplete: missing {', '.join(missing)}")
         if mse_loss_indexes is not None and not has_gen and _numel(mse_loss_indexes):
-            raise ValueError("mse_loss_indexes given without VAE inputs (padded_latent, packed_vae_token_indexes, ...)")
+            raise ValueError(
+                "mse_loss_indexes given without VAE inputs (padded_latent, packed_vae_token_indexes, ...)"
+            )
 
-        # ---- text tokens and the partition of the sequence
+        # ---- validate everything up front: host checks raise at once, device checks are collected
+        # and read back in ONE synchronisation before any heavy kernel is queued
+        checks = _DeviceChecks()
         text_ids = _index(packed_text_ids, "packed_text_ids", device)
         text_idx = _index(packed_text_indexes, "packed_text_indexes", device)
         if text_ids.numel() != text_idx.numel():
             raise ValueError(
                 f"packed_text_ids has {text_ids.numel()} entries but packed_text_indexes {text_idx.numel()}"
             )
-        _check_range(text_ids, "packed_text_ids", emb.num_embeddings, "vocabulary size")
-        vit_idx = _index(packed_vit_token_indexes, "packed_vit_token_indexes", device) if has_vit else None
-        vae_idx = _index(packed_vae_token_indexes, "packed_vae_token_indexes", device) if has_gen else None
-        self._check_partition(L, text_idx, vit_idx, vae_idx)
+        checks.in_range(text_ids, "packed_text_ids", emb.num_embeddings, "vocabulary size")
+        pos_ids = _index(packed_position_ids, "packed_position_ids", device)
+        vit = (
+            self._prepare_vit(
+                packed_vit_tokens,
+                packed_vit_token_indexes,
+                packed_vit_position_ids,
+                vit_token_seqlens,
+                device,
+                checks,
+            )
+            if has_vit
+            else None
+        )
+        gen = (
+            self._prepare_latents(
+                padded_latent,
+                patchified_vae_latent_shapes,
+                packed_latent_position_ids,
+                packed_vae_token_indexes,
+                packed_timesteps,
+                device,
+                checks,
+            )
+            if has_gen
+            else None
+        )
+        vit_idx = vit["idx"] if vit else None
+        vae_idx = gen["idx"] if gen else None
+        _check_partition(L, text_idx, vit_idx, vae_idx, checks)
+        ce_idx = labels = None
+        if ce_loss_indexes is not None:
+            if packed_label_ids is None:
+                raise ValueError("ce_loss_indexes given without packed_label_ids")
+            ce_idx = _index(ce_loss_indexes, "ce_loss_indexes", device, allow_bool_len=L)
+            labels = _index(packed_label_ids, "packed_label_ids", device)
+            if labels.numel() != ce_idx.numel():
+                raise ValueError(
+                    f"packed_label_ids has {labels.numel()} entries but ce_loss_indexes selects {ce_idx.numel()}"
+                )
+            checks.in_range(ce_idx, "ce_loss_indexes", L, "sequence_length")
+            vocab = self.get_output_embeddings().out_features
+            checks.add(
+                ((labels < 0) & (labels != -100)) | (labels >= vocab),
+                f"packed_label_ids has entries outside [0, {vocab}) (and not the ignore index -100)",
+            )
+        mse_idx = mse_rows = None
+        if gen is not None and mse_loss_indexes is not None:
+            mse_idx = _index(mse_loss_indexes, "mse_loss_indexes", device, allow_bool_len=L)
+            mse_rows = _mse_rows(L, mse_idx, gen["idx"], gen["t"] > 0, checks)
+        checks.raise_first()
 
+        # ---- embeddings of the pack
         packed_sequence = emb.weight.new_zeros(L, self.hidden_size)
         packed_sequence = packed_sequence.index_put((text_idx,), emb(text_ids))
-
-        # ---- ViT tokens
-        if has_vit:
-            vit_embed = self._embed_vit(packed_vit_tokens, vit_idx, packed_vit_position_ids, vit_token_seqlens, device)
+        if vit is not None:
+            feats = self.vit_model(vit["tokens"], vit["pos"], mask=vit["mask"])  # [N, E_vit]
+            vit_embed = self.connector(feats) + self.vit_pos_embed(vit["pos"])
             packed_sequence = packed_sequence.index_put((vit_idx,), vit_embed.to(packed_sequence.dtype))
-
-        # ---- VAE latents (flow matching)
-        clean = noise = t = None
-        if has_gen:
-            gen_embed, clean, noise, t = self._embed_latents(
-                padded_latent, patchified_vae_latent_shapes, packed_latent_position_ids, vae_idx, packed_timesteps, device
+        if gen is not None:
+            clean = patchify_latents(gen["latent"], gen["shapes"], self.latent_patch_size)  # [n_vae, p*p*C]
+            noise = torch.randn_like(clean)
+            t = gen["t"]
+            x_t = (1 - t[:, None]) * clean + t[:, None] * noise
+            w = self.vae2llm.weight
+            gen_embed = (
+                self.vae2llm(x_t.to(w.dtype)) + self.time_embedder(t) + self.latent_pos_embed(gen["pos"])
             )
             packed_sequence = packed_sequence.index_put((vae_idx,), gen_embed.to(packed_sequence.dtype))
 
@@ -464,60 +549,22 @@ class BagelForUnifiedMultimodal(BagelModel):
         if self.use_moe:
             und = text_idx if vit_idx is None else torch.cat([text_idx, vit_idx])
             extra = dict(packed_und_token_indexes=und, packed_gen_token_indexes=vae_idx)
-        hidden = self.language_model.forward_train(
-            packed_sequence, sample_lens, mask, _index(packed_position_ids, "packed_position_ids", device), **extra
-        )
+        hidden = self.language_model.forward_train(packed_sequence, sample_lens, mask, pos_ids, **extra)
 
         # ---- losses
         ce = None
-        if ce_loss_indexes is not None:
-            if packed_label_ids is None:
-                raise ValueError("ce_loss_indexes given without packed_label_ids")
-            ce_idx = _index(ce_loss_indexes, "ce_loss_indexes", device, allow_bool_len=L)
-            labels = _index(packed_label_ids, "packed_label_ids", device)
-            if labels.numel() != ce_idx.numel():
-                raise ValueError(f"packed_label_ids has {labels.numel()} entries but ce_loss_indexes selects {ce_idx.numel()}")
-            _check_range(ce_idx, "ce_loss_indexes", L, "sequence_length")
-            vocab = self.get_output_embeddings().out_features
-            if labels.numel() and bool((((labels < 0) & (labels != -100)) | (labels >= vocab)).any()):
-                raise ValueError(f"packed_label_ids has entries outside [0, {vocab}) (and not the ignore index -100)")
+        if ce_idx is not None:
             logits = self.language_model.lm_head(hidden[ce_idx])
             ce = F.cross_entropy(logits, labels, reduction="none")
         mse = None
-        if has_gen and mse_loss_indexes is not None:
-            mse_idx = _index(mse_loss_indexes, "mse_loss_indexes", device, allow_bool_len=L)
-            has_mse = t > 0
-            if not torch.equal(mse_idx, vae_idx[has_mse]):
-                raise ValueError(
-                    "mse_loss_indexes must list the noised VAE tokens (finite packed_timesteps), in "
-                    "packed_vae_token_indexes order"
-                )
+        if mse_idx is not None:
             preds = self.llm2vae(hidden[mse_idx])
             target = noise - clean  # flow-matching velocity dx_t/dt, from data to noise
-            mse = (preds - target[has_mse]) ** 2
+            mse = (preds - target.index_select(0, mse_rows)) ** 2  # = target[t > 0], without a sync
         return dict(ce=ce, mse=mse)
 
-    # -------------------------------------------------------------- forward pieces
-    @staticmethod
-    def _check_partition(L: int, text_idx: torch.Tensor, vit_idx, vae_idx) -> None:
-        parts = [("packed_text_indexes", text_idx), ("packed_vit_token_indexes", vit_idx), ("packed_vae_token_indexes", vae_idx)]
-        parts = [(n, t) for n, t in parts if t is not None]
-        total = sum(t.numel() for _, t in parts)
-        if total != L:
-            counts = " + ".join(f"{n} ({t.numel()})" for n, t in parts)
-            raise ValueError(
-                f"{counts} = {total} tokens but sequence_length = {L}: the index sets must partition range(sequence_length)"
-            )
-        for n, t in parts:
-            _check_range(t, n, L, "sequence_length")
-        counts = torch.bincount(torch.cat([t for _, t in parts]), minlength=L)
-        if bool((counts != 1).any()):
-            raise ValueError(
-                "packed_text_indexes, packed_vit_token_indexes and packed_vae_token_indexes overlap: "
-                "they must partition range(sequence_length)"
-            )
-
-    def _embed_vit(self, tokens, vit_idx, pos_ids, seqlens, device) -> torch.Tensor:
+    # -------------------------------------------------------------- input preparation
+    def _prepare_vit(self, tokens, idx, pos_ids, seqlens, device, checks: _DeviceChecks) -> dict:
         cfg = self.config
         emb = self.vit_model.vision_model.embeddings
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != emb.patch_dim:
@@ -526,26 +573,39 @@ class BagelForUnifiedMultimodal(BagelModel):
                 f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}"
             )
         N = tokens.shape[0]
+        idx = _index(idx, "packed_vit_token_indexes", device)
         pos = _index(pos_ids, "packed_vit_position_ids", device)
         lens = _int_list(seqlens, "vit_token_seqlens")
         if pos.numel() != N:
-            raise ValueError(f"packed_vit_position_ids has {pos.numel()} entries but packed_vit_tokens {N} patches")
-        if vit_idx.numel() != N:
-            raise ValueError(f"packed_vit_token_indexes has {vit_idx.numel()} entries but packed_vit_tokens {N} patches")
+            raise ValueError(
+                f"packed_vit_position_ids has {pos.numel()} entries but packed_vit_tokens {N} patches"
+            )
+        if idx.numel() != N:
+            raise ValueError(
+                f"packed_vit_token_indexes has {idx.numel()} entries but packed_vit_tokens {N} patches"
+            )
         if sum(lens) != N or any(n <= 0 for n in lens):
-            raise ValueError(f"vit_token_seqlens {lens} must be positive and sum to the {N} patches of packed_vit_tokens")
-        grid = cfg.vit_max_num_patch_per_side**2
-        _check_range(pos, "packed_vit_position_ids", grid, "vit_max_num_patch_per_side ** 2")
-        if not emb.use_rope:
-            _check_range(pos, "packed_vit_position_ids", emb.num_positions, "rows of the ViT position_embedding")
+            raise ValueError(
+                f"vit_token_seqlens {lens} must be positive and sum to the {N} patches of packed_vit_tokens"
+            )
+        limit = cfg.vit_max_num_patch_per_side**2
+        what = "vit_max_num_patch_per_side ** 2"
+        if not emb.use_rope and emb.num_positions < limit:
+            limit, what = emb.num_positions, "rows of the ViT position_embedding"
+        checks.in_range(pos, "packed_vit_position_ids", limit, what)
         mask = PackedMask.from_splits(lens, lens, ["full"] * len(lens), device=device)
-        feats = self.vit_model(tokens.to(device), pos, mask=mask)  # [N, E_vit]
-        return self.connector(feats) + self.vit_pos_embed(pos)
+        return dict(tokens=tokens.to(device), idx=idx, pos=pos, mask=mask)
 
-    def _embed_latents(self, padded_latent, shapes, pos_ids, vae_idx, timesteps, device):
+    def _prepare_latents(
+        self, padded_latent, shapes, pos_ids, idx, timesteps, device, checks: _DeviceChecks
+    ) -> dict:
         p = self.latent_patch_size
         C = self.latent_channel
-        if not isinstance(padded_latent, torch.Tensor) or padded_latent.dim() != 4 or padded_latent.shape[1] != C:
+        if (
+            not isinstance(padded_latent, torch.Tensor)
+            or padded_latent.dim() != 4
+            or padded_latent.shape[1] != C
+        ):
             raise ValueError(
                 f"padded_latent must be [num_images, {C}, H, W] (z_channels={C}), got "
                 f"{tuple(padded_latent.shape) if isinstance(padded_latent, torch.Tensor) else type(padded_latent).__name__}"
@@ -553,34 +613,113 @@ class BagelForUnifiedMultimodal(BagelModel):
         try:
             shapes = [(int(h), int(w)) for h, w in shapes]
         except (TypeError, ValueError):
-            raise ValueError(f"patchified_vae_latent_shapes must be a list of (h, w) int pairs, got {shapes!r}") from None
+            raise ValueError(
+                f"patchified_vae_latent_shapes must be a list of (h, w) int pairs, got {shapes!r}"
+            ) from None
         n_img, _, H, W = padded_latent.shape
         if len(shapes) != n_img:
-            raise ValueError(f"patchified_vae_latent_shapes has {len(shapes)} entries but padded_latent {n_img} images")
+            raise ValueError(
+                f"patchified_vae_latent_shapes has {len(shapes)} entries but padded_latent {n_img} images"
+            )
         for i, (h, w) in enumerate(shapes):
             if h <= 0 or w <= 0 or h * p > H or w * p > W:
                 raise ValueError(
                     f"patchified_vae_latent_shapes[{i}] = {(h, w)} does not fit padded_latent of {H}x{W} with latent_patch_size {p}"
                 )
         n_tok = sum(h * w for h, w in shapes)
+        idx = _index(idx, "packed_vae_token_indexes", device)
         pos = _index(pos_ids, "packed_latent_position_ids", device)
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.as_tensor(timesteps, dtype=torch.float32)
         if timesteps.dim() != 1 or not timesteps.is_floating_point():
-            raise ValueError(f"packed_timesteps must be a 1-D float tensor (logits; -inf = clean), got {timesteps.dtype} {tuple(timesteps.shape)}")
-        for name, n in (("packed_vae_token_indexes", vae_idx.numel()), ("packed_latent_position_ids", pos.numel()), ("packed_timesteps", timesteps.numel())):
+            raise ValueError(
+                f"packed_timesteps must be a 1-D float tensor (logits; -inf = clean), got {timesteps.dtype} {tuple(timesteps.shape)}"
+            )
+        for name, n in (
+            ("packed_vae_token_indexes", idx.numel()),
+            ("packed_latent_position_ids", pos.numel()),
+            ("packed_timesteps", timesteps.numel()),
+        ):
             if n != n_tok:
-                raise ValueError(f"{name} has {n} entries but patchified_vae_latent_shapes give {n_tok} latent tokens")
-        _check_range(pos, "packed_latent_position_ids", self.max_latent_size**2, "max_latent_size ** 2")
-        clean = patchify_latents(padded_latent.to(device), shapes, p)  # [n_tok, p*p*C]
-        noise = torch.randn_like(clean)
+                raise ValueError(
+                    f"{name} has {n} entries but patchified_vae_latent_shapes give {n_tok} latent tokens"
+                )
+        checks.in_range(pos, "packed_latent_position_ids", self.max_latent_size**2, "max_latent_size ** 2")
         t = torch.sigmoid(timesteps.to(device))
         s = self.timestep_shift
-        t = s * t / (1 + (s - 1) * t)
-        x_t = (1 - t[:, None]) * clean + t[:, None] * noise
-        w = self.vae2llm.weight
-        embed = self.vae2llm(x_t.to(w.dtype)) + self.time_embedder(t) + self.latent_pos_embed(pos)
-        return embed, clean, noise, t
+        t = s * t / (1 + (s - 1) * t)  # shifted flow-matching time in [0, 1]; 0 for clean (-inf) tokens
+        return dict(latent=padded_latent.to(device), shapes=shapes, idx=idx, pos=pos, t=t)
+
+
+class _DeviceChecks:
+    """Device-side input checks read back in one synchronisation: ``add(bad_mask_or_flag, message)``,
+    then ``raise_first()`` raises ValueError with the first failing check's message."""
+
+    def __init__(self) -> None:
+        self.flags: list[torch.Tensor] = []
+        self.messages: list[str] = []
+
+    def add(self, bad: torch.Tensor, message: str) -> None:
+        if bad.numel():
+            self.flags.append(bad.any().reshape(1))
+            self.messages.append(message)
+
+    def in_range(self, t: torch.Tensor, name: str, hi: int, what: str) -> None:
+        self.add((t < 0) | (t >= hi), f"{name} has entries outside [0, {hi}) ({what})")
+
+    def raise_first(self) -> None:
+        if not self.flags:
+            return
+        bad = torch.cat([f.to(self.flags[0].device) for f in self.flags]).tolist()
+        for b, message in zip(bad, self.messages, strict=True):
+            if b:
+                raise ValueError(message)
+
+
+def _check_partition(L: int, text_idx: torch.Tensor, vit_idx, vae_idx, checks: _DeviceChecks) -> None:
+    parts = [
+        ("packed_text_indexes", text_idx),
+        ("packed_vit_token_indexes", vit_idx),
+        ("packed_vae_token_indexes", vae_idx),
+    ]
+    parts = [(n, t) for n, t in parts if t is not None]
+    total = sum(t.numel() for _, t in parts)
+    if total != L:
+        counts = " + ".join(f"{n} ({t.numel()})" for n, t in parts)
+        raise ValueError(
+            f"{counts} = {total} tokens but sequence_length = {L}: the index sets must partition range(sequence_length)"
+        )
+    for n, t in parts:
+        checks.in_range(t, n, L, "sequence_length")
+    allidx = torch.cat([t for _, t in parts]).clamp(0, L - 1)  # out-of-range entries are reported above
+    counts = torch.bincount(allidx, minlength=L)
+    checks.add(
+        counts != 1,
+        "packed_text_indexes, packed_vit_token_indexes and packed_vae_token_indexes overlap: "
+        "they must partition range(sequence_length)",
+    )
+
+
+def _mse_rows(
+    L: int, mse_idx: torch.Tensor, vae_idx: torch.Tensor, noised: torch.Tensor, checks: _DeviceChecks
+) -> torch.Tensor:
+    """Rows of the VAE token list that ``mse_loss_indexes`` select, checking (without a sync) that they
+    are exactly the noised VAE tokens in ``packed_vae_token_indexes`` order (upstream pairs
+    ``hidden[mse_loss_indexes]`` with ``target[t > 0]``)."""
+    msg = "mse_loss_indexes must list the noised VAE tokens (finite packed_timesteps), in packed_vae_token_indexes order"
+    checks.in_range(mse_idx, "mse_loss_indexes", L, "sequence_length")
+    safe = mse_idx.clamp(0, L - 1)
+    rank = torch.full((L,), -1, dtype=torch.long, device=vae_idx.device)
+    rank[vae_idx.clamp(0, L - 1)] = torch.arange(vae_idx.numel(), device=vae_idx.device)
+    rows = rank[safe]  # position of each MSE token in the VAE token list (-1: not a VAE token)
+    n_noised = noised.sum()
+    checks.add((n_noised != mse_idx.numel()).reshape(1), msg)
+    if rows.numel():
+        checks.add(rows < 0, msg)
+        checks.add(~noised[rows.clamp_min(0)], msg)
+        if rows.numel() > 1:
+            checks.add(rows[1:] <= rows[:-1], msg)
+    return rows.clamp_min(0)
 
 
 def _numel(x) -> int:

@@ -28,7 +28,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -111,7 +111,7 @@ class VaeImage:
     timestep: float | None = None
 
 
-Segment = Union[Text, VitImage, VaeImage]
+Segment = Text | VitImage | VaeImage
 
 
 @dataclass
@@ -192,7 +192,9 @@ def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
     return torch.einsum("chpwq->hwpqc", x).reshape(-1, p * p * c)
 
 
-def flattened_position_ids(num_h: int, num_w: int, max_num_patches_per_side: int, interpolate: bool = False) -> torch.Tensor:
+def flattened_position_ids(
+    num_h: int, num_w: int, max_num_patches_per_side: int, interpolate: bool = False
+) -> torch.Tensor:
     """Flattened ids ``row * max_side + col`` of a ``num_h x num_w`` patch grid on a ``max_side``-wide grid.
 
     Extrapolation (default) keeps rows/columns as they are; interpolation maps the grid onto the whole
@@ -236,7 +238,9 @@ def _segments(sample: Any) -> list[Segment]:
     elif hasattr(sample, "segments"):
         segs = list(sample.segments)
     else:
-        raise ValueError(f"a sample must be a list of segments or have .segments, got {type(sample).__name__}")
+        raise ValueError(
+            f"a sample must be a list of segments or have .segments, got {type(sample).__name__}"
+        )
     if not segs:
         raise ValueError("a sample has no segments")
     for s in segs:
@@ -302,7 +306,9 @@ def pack_samples(
     vocab = int(config.text_config.vocab_size)
     for name in ("bos", "eos", "start_of_image", "end_of_image"):
         if not 0 <= getattr(tok, name) < vocab:
-            raise ValueError(f"special_tokens.{name}={getattr(tok, name)} is outside the vocabulary [0, {vocab})")
+            raise ValueError(
+                f"special_tokens.{name}={getattr(tok, name)} is outside the vocabulary [0, {vocab})"
+            )
     vit_p = config.vision_config.patch_size if config.visual_und else None
     vit_side = config.vit_max_num_patch_per_side
     lat_p = config.latent_patch_size
@@ -366,7 +372,9 @@ def pack_samples(
                     raise ValueError(f"samples[{si}] has a ViT image but the config has visual_und=False")
                 px = seg.pixels
                 if px.dim() != 3 or px.shape[0] != config.vision_config.num_channels:
-                    raise ValueError(f"samples[{si}] ViT pixels must be [{config.vision_config.num_channels}, H, W], got {tuple(px.shape)}")
+                    raise ValueError(
+                        f"samples[{si}] ViT pixels must be [{config.vision_config.num_channels}, H, W], got {tuple(px.shape)}"
+                    )
                 toks = patchify(px.float(), vit_p)
                 nh, nw = px.shape[1] // vit_p, px.shape[2] // vit_p
                 text_ids.append(tok.start_of_image)
@@ -385,7 +393,9 @@ def pack_samples(
                 mode = "full"
             else:  # VaeImage
                 if not config.visual_gen:
-                    raise ValueError(f"samples[{si}] has a VAE image but the config has visual_gen=False (stage 1)")
+                    raise ValueError(
+                        f"samples[{si}] has a VAE image but the config has visual_gen=False (stage 1)"
+                    )
                 lat = seg.latent
                 C = config.latent_channels
                 if lat.dim() != 3 or lat.shape[0] != C or lat.shape[1] % lat_p or lat.shape[2] % lat_p:
@@ -468,7 +478,13 @@ def pack_samples(
         out["ce_loss_weights"] = torch.tensor(ce_w, dtype=torch.float32)
     if device is not None:
         out = {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else [m.to(device) for m in v] if k == "nested_attention_masks" else v)
+            k: (
+                v.to(device)
+                if isinstance(v, torch.Tensor)
+                else [m.to(device) for m in v]
+                if k == "nested_attention_masks"
+                else v
+            )
             for k, v in out.items()
         }
     return out
@@ -503,7 +519,12 @@ def synthetic_sample(
 
     def latent() -> torch.Tensor:
         p = config.latent_patch_size
-        return torch.randn(config.latent_channels, rng.randint(*latent_side) * p, rng.randint(*latent_side) * p, generator=gen)
+        return torch.randn(
+            config.latent_channels,
+            rng.randint(*latent_side) * p,
+            rng.randint(*latent_side) * p,
+            generator=gen,
+        )
 
     if kind == "text":
         return TextSample(text())

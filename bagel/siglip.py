@@ -84,7 +84,9 @@ def vit_rope_cos_sin(
     Returns ``cos_h, sin_h, cos_w, sin_w``, each ``[N, head_dim // 2]`` (both halves repeated), computed
     in fp32 from row ``id // grid_side`` and column ``id % grid_side`` and cast to ``dtype``."""
     dim = head_dim // 2
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=position_ids.device).float() / dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=position_ids.device).float() / dim)
+    )
     ids = position_ids.long()
     out = []
     for coord in (ids // grid_side, ids % grid_side):
@@ -118,7 +120,11 @@ class SiglipVisionEmbeddings(nn.Module):
         self.patch_size = config.patch_size
         self.num_channels = config.num_channels
         self.patch_embedding: nn.Module = nn.Conv2d(
-            config.num_channels, self.embed_dim, kernel_size=self.patch_size, stride=self.patch_size, padding="valid"
+            config.num_channels,
+            self.embed_dim,
+            kernel_size=self.patch_size,
+            stride=self.patch_size,
+            padding="valid",
         )
         self.num_patches_per_side = config.image_size // config.patch_size
         self.num_positions = self.num_patches_per_side**2
@@ -143,7 +149,9 @@ class SiglipVisionEmbeddings(nn.Module):
         linear.bias.copy_(conv.bias)
         self.patch_embedding = linear
 
-    def forward(self, packed_pixel_values: torch.Tensor, packed_flattened_position_ids: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(
+        self, packed_pixel_values: torch.Tensor, packed_flattened_position_ids: torch.Tensor, backend: str
+    ) -> torch.Tensor:
         pe = self.patch_embedding
         if not isinstance(pe, nn.Linear):
             raise ValueError("the patch embedding is still a Conv2d: call convert_conv2d_to_linear() first")
@@ -162,21 +170,27 @@ class SiglipAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
         if self.head_dim * self.num_heads != self.embed_dim:
-            raise ValueError(f"vit hidden_size={self.embed_dim} is not divisible by num_attention_heads={self.num_heads}")
+            raise ValueError(
+                f"vit hidden_size={self.embed_dim} is not divisible by num_attention_heads={self.num_heads}"
+            )
         self.scale = self.head_dim**-0.5
         self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
-    def forward(self, x: torch.Tensor, mask: PackedMask, backend: BagelBackendConfig, rope=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: PackedMask, backend: BagelBackendConfig, rope=None
+    ) -> torch.Tensor:
         N = x.shape[0]
         q = self.q_proj(x).view(N, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(N, self.num_heads, self.head_dim)
         v = self.v_proj(x).view(N, self.num_heads, self.head_dim)
         if rope is not None:
             q, k = _rope_2d(q, rope), _rope_2d(k, rope)
-        o = packed_attention(q, k, v, mask, self.scale, backend=backend.attention, deterministic=backend.deterministic)
+        o = packed_attention(
+            q, k, v, mask, self.scale, backend=backend.attention, deterministic=backend.deterministic
+        )
         return self.out_proj(o.reshape(N, self.embed_dim))
 
 
@@ -201,7 +215,9 @@ class SiglipEncoderLayer(nn.Module):
         self.mlp = SiglipMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: PackedMask, backend: BagelBackendConfig, rope=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: PackedMask, backend: BagelBackendConfig, rope=None
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), mask, backend, rope)
         return x + self.mlp(self.layer_norm2(x))
 
@@ -211,7 +227,9 @@ class SiglipEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([SiglipEncoderLayer(config) for _ in range(num_layers)])
 
-    def forward(self, x: torch.Tensor, mask: PackedMask, backend: BagelBackendConfig, rope=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: PackedMask, backend: BagelBackendConfig, rope=None
+    ) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, mask, backend, rope)
         return x
@@ -255,7 +273,13 @@ class SiglipVisionModel(nn.Module):
         backend: kernel choice (settable later through ``.backend``).
     """
 
-    def __init__(self, config, num_layers: int | None = None, grid_side: int | None = None, backend: BagelBackendConfig | None = None):
+    def __init__(
+        self,
+        config,
+        num_layers: int | None = None,
+        grid_side: int | None = None,
+        backend: BagelBackendConfig | None = None,
+    ):
         super().__init__()
         self.config = config
         n = config.num_hidden_layers if num_layers is None else int(num_layers)
@@ -292,7 +316,12 @@ class SiglipVisionModel(nn.Module):
         if not emb.use_rope:
             nn.init.normal_(emb.position_embedding.weight, std=1.0 / math.sqrt(emb.embed_dim))
         for layer in vm.encoder.layers:
-            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.out_proj):
+            for lin in (
+                layer.self_attn.q_proj,
+                layer.self_attn.k_proj,
+                layer.self_attn.v_proj,
+                layer.self_attn.out_proj,
+            ):
                 nn.init.xavier_uniform_(lin.weight)
                 nn.init.zeros_(lin.bias)
             for lin in (layer.mlp.fc1, layer.mlp.fc2):
@@ -316,6 +345,13 @@ class SiglipVisionModel(nn.Module):
         if mask is None:
             if vit_token_seqlens is None:
                 raise ValueError("vit_token_seqlens is required (patches per image)")
-            lens = [int(v) for v in (vit_token_seqlens.tolist() if isinstance(vit_token_seqlens, torch.Tensor) else vit_token_seqlens)]
+            lens = [
+                int(v)
+                for v in (
+                    vit_token_seqlens.tolist()
+                    if isinstance(vit_token_seqlens, torch.Tensor)
+                    else vit_token_seqlens
+                )
+            ]
             mask = PackedMask.from_splits(lens, lens, ["full"] * len(lens), device=packed_pixel_values.device)
         return self.vision_model(packed_pixel_values, packed_flattened_position_ids, mask, self.backend)

@@ -104,7 +104,12 @@ def realistic_samples(total_tokens: int, config: BagelConfig, seed: int, tiny: b
             s = T2ISample(text(), latent(lat_sides))
         else:
             src = latent(lat_sides[:-1] if len(lat_sides) > 1 else lat_sides)
-            s = EditSample(pixels(edit_vit), src, text(text_r[0], max(text_r[0], text_r[1] // 4)), torch.randn(src.shape, generator=gen))
+            s = EditSample(
+                pixels(edit_vit),
+                src,
+                text(text_r[0], max(text_r[0], text_r[1] // 4)),
+                torch.randn(src.shape, generator=gen),
+            )
         n = sample_num_tokens(s, config)
         if used + n > total_tokens:
             misses += 1  # like upstream's buffer: try other samples before closing the pack
@@ -201,7 +206,15 @@ def run(args) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     table = Table(
         f"BAGEL training step (fwd+bwd), {'tiny CPU model (interpreter: times are meaningless)' if args.tiny else 'BAGEL-7B-MoT shapes cut to 2 LLM + 2 ViT layers, bf16'}",
-        ["pack", "variant", "step ms (median)", "tokens/s", "speed-up vs upstream-eq.", "peak GiB", "loss rel. diff"],
+        [
+            "pack",
+            "variant",
+            "step ms (median)",
+            "tokens/s",
+            "speed-up vs upstream-eq.",
+            "peak GiB",
+            "loss rel. diff",
+        ],
     )
     series: dict[str, list] = {v[0]: [] for v in variants}
     for size in sizes:
@@ -209,7 +222,9 @@ def run(args) -> str:
         batch = pack_samples(samples, cfg, max_num_tokens=size, rng=0, device=device)
         batch["padded_latent"] = batch["padded_latent"].to(dtype)
         batch["packed_vit_tokens"] = batch["packed_vit_tokens"].to(dtype)
-        table.note(f"{size // 1024 if size >= 1024 else size}{'k' if size >= 1024 else ''} pack: {describe(batch)}")
+        table.note(
+            f"{size // 1024 if size >= 1024 else size}{'k' if size >= 1024 else ''} pack: {describe(batch)}"
+        )
         L = batch["sequence_length"]
         base_ms = base_loss = None
         for variant in variants:
@@ -220,14 +235,18 @@ def run(args) -> str:
                 loss = seeded_loss(step)
                 ms, peak = time_step(step, device, reps, warmup)
             except Exception as exc:  # record and go on: one failing backend must not hide the others
-                table.add([f"{size}", name, "failed", "-", "-", "-", f"{type(exc).__name__}: {str(exc)[:120]}"])
+                table.add(
+                    [f"{size}", name, "failed", "-", "-", "-", f"{type(exc).__name__}: {str(exc)[:120]}"]
+                )
                 continue
             finally:
                 model.zero_grad(set_to_none=True)
             if base_ms is None and name == "upstream-equivalent":
                 base_ms, base_loss = ms, loss
             speed = f"{base_ms / ms:.2f}x" if base_ms else "-"
-            rel = f"{abs(loss - base_loss) / max(abs(base_loss), 1e-12):.1e}" if base_loss is not None else "-"
+            rel = (
+                f"{abs(loss - base_loss) / max(abs(base_loss), 1e-12):.1e}" if base_loss is not None else "-"
+            )
             peak_s = "-" if peak != peak else f"{peak / 1024:.1f}"
             table.add([f"{size}", name, f"{ms:.1f}", f"{L / ms * 1e3:,.0f}", speed, peak_s, rel])
             series[name].append((size, L / ms * 1e3))
@@ -235,8 +254,12 @@ def run(args) -> str:
         "upstream-equivalent: FlexAttention (block mask built per batch) + per-op gather/scatter routing in the LM; "
         "its ViT uses our Triton varlen kernel in place of upstream's flash-attn varlen call"
     )
-    table.note(f"{n_params / 1e9:.2f} B parameters; tokens/s counts the real tokens (sequence_length), not the pad")
-    table.note(f"median of {reps} timed steps after {warmup} warm-up steps (plus one seeded step for the loss check)")
+    table.note(
+        f"{n_params / 1e9:.2f} B parameters; tokens/s counts the real tokens (sequence_length), not the pad"
+    )
+    table.note(
+        f"median of {reps} timed steps after {warmup} warm-up steps (plus one seeded step for the loss check)"
+    )
     table.note(device_info(device))
     table.note(f"{time.perf_counter() - t_start:.0f} s for the whole script")
     text = table.render()
@@ -258,11 +281,17 @@ def run(args) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="directory for bench_model.md and bench_model.png")
-    p.add_argument("--quick", action="store_true", help="fewer variants and timed steps (~60-90 s on an H100)")
-    p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (script check; times meaningless)")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer variants and timed steps (~60-90 s on an H100)"
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help="tiny model on the CPU (script check; times meaningless)"
+    )
     args = p.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
-        print("bench_model: needs CUDA (BAGEL-7B-shaped bf16 training step); nothing measured. Use --tiny to check the script on CPU.")
+        print(
+            "bench_model: needs CUDA (BAGEL-7B-shaped bf16 training step); nothing measured. Use --tiny to check the script on CPU."
+        )
         return 0
     print(run(args))
     return 0

@@ -10,7 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bagel import BagelBackendConfig, BagelConfig, BagelForUnifiedMultimodal, Qwen2ForCausalLMReference
-from bagel.checkpoint import classify_key, find_weight_files, load_checkpoint_into, read_safetensors_header, save_checkpoint
+from bagel.checkpoint import (
+    classify_key,
+    find_weight_files,
+    load_checkpoint_into,
+    read_safetensors_header,
+    save_checkpoint,
+)
 
 REF = dict(backend=BagelBackendConfig.reference(), language_model_cls=Qwen2ForCausalLMReference)
 
@@ -52,7 +58,9 @@ def test_config_aliases_and_dicts():
     cfg = BagelConfig.tiny()
     d = cfg.to_dict()
     a = BagelConfig(llm_config=d["text_config"], vit_config=d["vision_config"], vae_config=d["vae_config"])
-    b = BagelConfig(text_config=d["text_config"], vision_config=d["vision_config"], vae_config=d["vae_config"])
+    b = BagelConfig(
+        text_config=d["text_config"], vision_config=d["vision_config"], vae_config=d["vae_config"]
+    )
     assert a.to_dict() == b.to_dict()
     assert a.text_config.hidden_size == 64 and a.vision_config.hidden_size == 48
     with pytest.raises(ValueError, match="llm_config or text_config"):
@@ -63,8 +71,18 @@ def test_config_aliases_and_dicts():
         BagelConfig(vae_config={"downsample": 8})
     big = BagelConfig.bagel_7b_mot()
     tc, vc = big.text_config, big.vision_config
-    assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads) == (3584, 28, 28, 4)
-    assert (tc.intermediate_size, tc.vocab_size, vc.hidden_size, vc.num_attention_heads) == (18944, 152064, 1152, 16)
+    assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads) == (
+        3584,
+        28,
+        28,
+        4,
+    )
+    assert (tc.intermediate_size, tc.vocab_size, vc.hidden_size, vc.num_attention_heads) == (
+        18944,
+        152064,
+        1152,
+        16,
+    )
     assert big.vit_num_layers == 26 and vc.num_hidden_layers == 27 and big.latent_channels == 16
 
 
@@ -73,7 +91,10 @@ def test_key_classification_covers_the_model():
     kinds = {k: classify_key(k) for k in model.state_dict()}
     assert "unknown" not in kinds.values(), [k for k, v in kinds.items() if v == "unknown"]
     gen = {k for k, v in kinds.items() if v == "gen"}
-    assert all("moe_gen" in k or k.split(".")[0] in ("time_embedder", "vae2llm", "llm2vae", "latent_pos_embed") for k in gen)
+    assert all(
+        "moe_gen" in k or k.split(".")[0] in ("time_embedder", "vae2llm", "llm2vae", "latent_pos_embed")
+        for k in gen
+    )
     stage1 = BagelForUnifiedMultimodal(BagelConfig.tiny(stage=1), **REF)
     assert set(stage1.state_dict()) == {k for k, v in kinds.items() if v == "und"}
     assert classify_key("encoder.down.0.block.0.conv1.weight") == "vae"
@@ -124,7 +145,9 @@ def test_upstream_layout(ckpt, tmp_path):
     up = BagelConfig.from_pretrained(tmp_path)
     assert up.max_latent_size == cfg.max_latent_size == 8 and up.vit_max_num_patch_per_side == 8
     assert up.visual_gen and up.vit_num_layers == 2
-    model = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, strict=True, vae_config=cfg.vae_config, **REF)
+    model = BagelForUnifiedMultimodal.from_pretrained(
+        tmp_path, stage=2, strict=True, vae_config=cfg.vae_config, **REF
+    )
     for k, v in sd.items():
         assert torch.equal(model.state_dict()[k], v), k
     with pytest.raises(ValueError, match="llm_config.json"):
@@ -135,13 +158,18 @@ def test_strict_unknown_keys(ckpt, tmp_path):
     path, sd = ckpt
     tensors = load_file(path / "ema.safetensors")
     tensors["foo.bar"] = torch.zeros(2)
-    tensors["vit_model.vision_model.encoder.layers.2.mlp.fc1.bias"] = torch.zeros(96)  # a layer the model lacks
+    tensors["vit_model.vision_model.encoder.layers.2.mlp.fc1.bias"] = torch.zeros(
+        96
+    )  # a layer the model lacks
     save_file(tensors, tmp_path / "ema.safetensors")
     BagelConfig.from_pretrained(path).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="strict=True: 2 checkpoint key"):
         BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, strict=True, **REF)
     model = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, **REF)
-    assert sorted(model.load_report.unexpected) == ["foo.bar", "vit_model.vision_model.encoder.layers.2.mlp.fc1.bias"]
+    assert sorted(model.load_report.unexpected) == [
+        "foo.bar",
+        "vit_model.vision_model.encoder.layers.2.mlp.fc1.bias",
+    ]
     assert torch.equal(model.state_dict()["connector.fc1.weight"], sd["connector.fc1.weight"])
 
 
@@ -205,4 +233,6 @@ def test_save_pretrained_and_dtype(tmp_path):
     model.save_pretrained(tmp_path)
     back = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, dtype=torch.bfloat16, **REF)
     assert back.language_model.lm_head.weight.dtype == torch.bfloat16
-    assert torch.equal(back.language_model.lm_head.weight, model.language_model.lm_head.weight.to(torch.bfloat16))
+    assert torch.equal(
+        back.language_model.lm_head.weight, model.language_model.lm_head.weight.to(torch.bfloat16)
+    )

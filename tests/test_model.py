@@ -11,7 +11,6 @@ Tolerances (fp32 on CPU, tiny model):
   softmax is invariant to a per-query constant) and are pure rounding noise (~1e-9).
 """
 
-import math
 import os
 
 import numpy as np
@@ -25,13 +24,7 @@ from bagel import (
     BagelForUnifiedMultimodal,
     BagelModel,
     Qwen2ForCausalLMReference,
-    Sample,
     T2ISample,
-    Text,
-    TextSample,
-    UnderstandingSample,
-    VaeImage,
-    VitImage,
     pack_samples,
     synthetic_samples,
 )
@@ -39,7 +32,6 @@ from bagel.embeddings import get_2d_sincos_pos_embed
 from bagel.modeling import _convert_patch_embedding_for_packed_vit, _prepare_config_for_stage, _stage_to_int
 from bagel.packing import patchify
 from bagel.siglip import SiglipVisionEmbeddings, vit_rope_cos_sin
-from bagel_kernels import PackedMask
 from bagel_kernels.reference import dense_mask_from_rule
 from bagel_kernels.testing import tolerance
 
@@ -166,14 +158,20 @@ def test_siglip_tower_matches_hf():
     vc = cfg.vision_config.to_dict()
     vc.pop("rope", None)
     vc.update(vision_use_head=False)
-    hf_cfg = type(cfg.vision_config)(**{k: v for k, v in vc.items() if k not in ("model_type", "transformers_version")})
+    hf_cfg = type(cfg.vision_config)(
+        **{k: v for k, v in vc.items() if k not in ("model_type", "transformers_version")}
+    )
     hf_cfg._attn_implementation = "eager"
     hf = HFSiglip(hf_cfg).eval()
     ours = {k.removeprefix("vision_model."): v for k, v in model.vit_model.state_dict().items()}
     E, p = cfg.vision_config.hidden_size, cfg.vision_config.patch_size
-    ours["embeddings.patch_embedding.weight"] = ours["embeddings.patch_embedding.weight"].reshape(E, p, p, 3).permute(0, 3, 1, 2)
+    ours["embeddings.patch_embedding.weight"] = (
+        ours["embeddings.patch_embedding.weight"].reshape(E, p, p, 3).permute(0, 3, 1, 2)
+    )
     hf_sd = hf.state_dict()
-    mapped = {k: ours[k.removeprefix("vision_model.")] for k in hf_sd if k.removeprefix("vision_model.") in ours}
+    mapped = {
+        k: ours[k.removeprefix("vision_model.")] for k in hf_sd if k.removeprefix("vision_model.") in ours
+    }
     missing = [k for k in hf_sd if k not in mapped and "encoder.layers.2." not in k]
     assert not missing, missing
     hf.load_state_dict(mapped, strict=False)
@@ -196,7 +194,9 @@ def upstream_forward(model: BagelForUnifiedMultimodal, b: dict) -> dict:
     packed = seq.new_zeros(b["sequence_length"], model.hidden_size)
     packed[b["packed_text_indexes"]] = seq
     feats = model.vit_model(b["packed_vit_tokens"], b["packed_vit_position_ids"], b["vit_token_seqlens"])
-    packed[b["packed_vit_token_indexes"]] = model.connector(feats) + model.vit_pos_embed(b["packed_vit_position_ids"])
+    packed[b["packed_vit_token_indexes"]] = model.connector(feats) + model.vit_pos_embed(
+        b["packed_vit_position_ids"]
+    )
     p, C = model.latent_patch_size, model.latent_channel
     lat = []
     for latent, (h, w) in zip(b["padded_latent"], b["patchified_vae_latent_shapes"], strict=True):
@@ -207,7 +207,9 @@ def upstream_forward(model: BagelForUnifiedMultimodal, b: dict) -> dict:
     t = torch.sigmoid(b["packed_timesteps"])
     t = model.timestep_shift * t / (1 + (model.timestep_shift - 1) * t)
     x = (1 - t[:, None]) * clean + t[:, None] * noise
-    packed[b["packed_vae_token_indexes"]] = model.vae2llm(x) + model.time_embedder(t) + model.latent_pos_embed(b["packed_latent_position_ids"])
+    packed[b["packed_vae_token_indexes"]] = (
+        model.vae2llm(x) + model.time_embedder(t) + model.latent_pos_embed(b["packed_latent_position_ids"])
+    )
     sl = b["sample_lens"]
     rule = dense_mask_from_rule(sl, b["split_lens"], b["attn_modes"])  # the rule, written independently
     masks, s = [], 0
@@ -218,7 +220,9 @@ def upstream_forward(model: BagelForUnifiedMultimodal, b: dict) -> dict:
     hidden = lm.forward_train(packed, sl, masks, b["packed_position_ids"], und, b["packed_vae_token_indexes"])
     preds = model.llm2vae(hidden[b["mse_loss_indexes"]])
     mse = (preds - (noise - clean)[t > 0]) ** 2
-    ce = nn.functional.cross_entropy(lm.lm_head(hidden[b["ce_loss_indexes"]]), b["packed_label_ids"], reduction="none")
+    ce = nn.functional.cross_entropy(
+        lm.lm_head(hidden[b["ce_loss_indexes"]]), b["packed_label_ids"], reduction="none"
+    )
     return dict(ce=ce, mse=mse)
 
 
@@ -243,10 +247,16 @@ def test_backend_combination_matches_reference(stage2_batch, stage2_reference, a
     """The grouped-routing model on (attention, mot, patch_embed) kernels vs the all-reference model:
     ce, mse and the gradient of every parameter (patch_embed "auto" is the fused op when installed)."""
     pytest.importorskip("bagel_kernels.mot")
-    if "triton" in (attention, mot) and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if (
+        "triton" in (attention, mot)
+        and not torch.cuda.is_available()
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     state, ref_out, ref_grads = stage2_reference
-    model = BagelForUnifiedMultimodal(BagelConfig.tiny(), backend=BagelBackendConfig(attention, mot, patch_embed))
+    model = BagelForUnifiedMultimodal(
+        BagelConfig.tiny(), backend=BagelBackendConfig(attention, mot, patch_embed)
+    )
     model.load_state_dict(state)
     out, grads = run(model, stage2_batch)
     assert_out_close(out, ref_out)
@@ -287,12 +297,17 @@ def test_stage1_model_understanding_only():
     model = BagelForUnifiedMultimodal(cfg, backend=REF, language_model_cls=Qwen2ForCausalLMReference)
     assert not cfg.visual_gen and cfg.text_config.layer_module == "Qwen2DecoderLayer"
     names = [n for n, _ in model.named_parameters()]
-    assert not any("moe_gen" in n or n.split(".")[0] in ("time_embedder", "vae2llm", "llm2vae") for n in names)
+    assert not any(
+        "moe_gen" in n or n.split(".")[0] in ("time_embedder", "vae2llm", "llm2vae") for n in names
+    )
     randomize_(model, 0)
     batch = pack_samples(synthetic_samples(["und", "text", "und"], cfg, seed=2), cfg, max_num_tokens=120)
     out, grads = run(model, batch)
     assert out["mse"] is None and out["ce"].shape == (batch["ce_loss_indexes"].numel(),)
-    assert torch.isfinite(out["ce"]).all() and grads["vit_model.vision_model.post_layernorm.weight"].abs().sum() > 0
+    assert (
+        torch.isfinite(out["ce"]).all()
+        and grads["vit_model.vision_model.post_layernorm.weight"].abs().sum() > 0
+    )
     gen = pack_samples([T2ISample([1, 2], torch.randn(4, 4, 4))], BagelConfig.tiny(), rng=0)
     with pytest.raises(ValueError, match="stage 1"):
         model(**gen)
@@ -332,11 +347,15 @@ def test_initialize_weights_after_meta_materialisation(stage2_batch):
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     model.initialize_weights()
-    fresh = BagelForUnifiedMultimodal(BagelConfig.tiny(), backend=REF, language_model_cls=Qwen2ForCausalLMReference)
+    fresh = BagelForUnifiedMultimodal(
+        BagelConfig.tiny(), backend=REF, language_model_cls=Qwen2ForCausalLMReference
+    )
     for name in ("vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed"):
         assert torch.equal(model.state_dict()[name], fresh.state_dict()[name])
     assert model.llm2vae.weight.abs().sum() == 0 and model.llm2vae.bias.abs().sum() == 0
-    assert torch.equal(model.language_model.model.rotary_emb.inv_freq, fresh.language_model.model.rotary_emb.inv_freq)
+    assert torch.equal(
+        model.language_model.model.rotary_emb.inv_freq, fresh.language_model.model.rotary_emb.inv_freq
+    )
     assert (model.language_model.model.layers[0].input_layernorm.weight == 1).all()
     std = model.language_model.model.layers[0].mlp.up_proj.weight.std().item()
     assert abs(std - cfg.text_config.initializer_range) < 0.005
@@ -347,7 +366,10 @@ def test_initialize_weights_after_meta_materialisation(stage2_batch):
     model2 = BagelForUnifiedMultimodal(cfg, backend=REF, language_model_cls=Qwen2ForCausalLMReference)
     torch.manual_seed(0)
     model2.initialize_weights()
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True)
+    )
 
 
 def test_accessors_and_backend_setter():
@@ -384,7 +406,10 @@ def test_vit_rope_variant_runs():
     assert not any("rope" in k for k in model.state_dict())
     batch = pack_samples(synthetic_samples(["und", "edit"], cfg, seed=4), cfg, rng=0)
     out, grads = run(model, batch)
-    assert torch.isfinite(out["ce"]).all() and grads["vit_model.vision_model.encoder.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+    assert (
+        torch.isfinite(out["ce"]).all()
+        and grads["vit_model.vision_model.encoder.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -394,25 +419,58 @@ def _mutations(b: dict) -> list[tuple[str, dict, str]]:
     t[0] = b["packed_vit_token_indexes"][0]
     out = [
         ("overlap", dict(packed_text_indexes=t), "partition"),
-        ("gap", dict(packed_text_indexes=b["packed_text_indexes"][:-1], packed_text_ids=b["packed_text_ids"][:-1]), "partition"),
+        (
+            "gap",
+            dict(
+                packed_text_indexes=b["packed_text_indexes"][:-1], packed_text_ids=b["packed_text_ids"][:-1]
+            ),
+            "partition",
+        ),
         ("out of range", dict(packed_vae_token_indexes=b["packed_vae_token_indexes"] + L), "outside"),
-        ("sample_lens short", dict(sample_lens=[L - 1], split_lens=[L - 1], attn_modes=["causal"]), "sum\\(sample_lens\\)"),
+        (
+            "sample_lens short",
+            dict(sample_lens=[L - 1], split_lens=[L - 1], attn_modes=["causal"]),
+            "sum\\(sample_lens\\)",
+        ),
         ("missing stage-2 input", dict(packed_timesteps=None), "packed_timesteps"),
         ("missing vit input", dict(vit_token_seqlens=None), "vit_token_seqlens"),
         ("no mask", dict(split_lens=None), "split_lens"),
         ("vit token width", dict(packed_vit_tokens=b["packed_vit_tokens"][:, :-1]), "packed_vit_tokens"),
         ("vit seqlens", dict(vit_token_seqlens=b["vit_token_seqlens"] + 1), "vit_token_seqlens"),
         ("latent channels", dict(padded_latent=b["padded_latent"][:, :3]), "padded_latent"),
-        ("latent shapes", dict(patchified_vae_latent_shapes=[(99, 1)] * len(b["patchified_vae_latent_shapes"])), "patchified_vae_latent_shapes"),
+        (
+            "latent shapes",
+            dict(patchified_vae_latent_shapes=[(99, 1)] * len(b["patchified_vae_latent_shapes"])),
+            "patchified_vae_latent_shapes",
+        ),
         ("timesteps count", dict(packed_timesteps=b["packed_timesteps"][:-1]), "packed_timesteps"),
         ("float indexes", dict(packed_text_indexes=b["packed_text_indexes"].float()), "packed_text_indexes"),
         ("token id", dict(packed_text_ids=b["packed_text_ids"] + 1000), "packed_text_ids"),
         ("labels without indexes", dict(packed_label_ids=None), "packed_label_ids"),
         ("label count", dict(packed_label_ids=b["packed_label_ids"][:-1]), "packed_label_ids"),
         ("label range", dict(packed_label_ids=b["packed_label_ids"] + 1000), "packed_label_ids"),
-        ("mse indexes", dict(mse_loss_indexes=b["mse_loss_indexes"].flip(0)), "mse_loss_indexes"),
-        ("vit position ids", dict(packed_vit_position_ids=b["packed_vit_position_ids"] + 1000), "packed_vit_position_ids"),
-        ("latent position ids", dict(packed_latent_position_ids=b["packed_latent_position_ids"] + 1000), "packed_latent_position_ids"),
+        ("mse order", dict(mse_loss_indexes=b["mse_loss_indexes"].flip(0)), "mse_loss_indexes"),
+        ("mse count", dict(mse_loss_indexes=b["mse_loss_indexes"][:-1]), "mse_loss_indexes"),
+        (
+            "mse clean tokens",
+            dict(mse_loss_indexes=b["packed_vae_token_indexes"][: b["mse_loss_indexes"].numel()]),
+            "mse_loss_indexes",
+        ),
+        (
+            "mse text tokens",
+            dict(mse_loss_indexes=b["packed_text_indexes"][: b["mse_loss_indexes"].numel()]),
+            "mse_loss_indexes",
+        ),
+        (
+            "vit position ids",
+            dict(packed_vit_position_ids=b["packed_vit_position_ids"] + 1000),
+            "packed_vit_position_ids",
+        ),
+        (
+            "latent position ids",
+            dict(packed_latent_position_ids=b["packed_latent_position_ids"] + 1000),
+            "packed_latent_position_ids",
+        ),
         ("position ids", dict(packed_position_ids=b["packed_position_ids"][:-1]), "packed_position_ids"),
         ("bad mode", dict(attn_modes=["bidirectional"] + b["attn_modes"][1:]), "attn_modes"),
         ("sequence_length", dict(sequence_length=0), "sequence_length"),
@@ -438,19 +496,48 @@ def test_gpu_bf16_auto_backends_match_reference():
     model with the same weights, on a ~1.5k-token pack of a wider tiny model. bf16 tolerances: outputs
     within tolerance("bfloat16", "fwd") of each other after averaging, gradients within 5% relative L2."""
     torch.manual_seed(0)
-    cfg = BagelConfig.tiny(llm_hidden=256, llm_heads=4, llm_kv_heads=2, vit_hidden=144, vit_heads=2, vit_grid=16, max_latent_size=16)
+    cfg = BagelConfig.tiny(
+        llm_hidden=256,
+        llm_heads=4,
+        llm_kv_heads=2,
+        vit_hidden=144,
+        vit_heads=2,
+        vit_grid=16,
+        max_latent_size=16,
+    )
     ref = reference_model(cfg).cuda().to(torch.bfloat16)
-    fast = BagelForUnifiedMultimodal(BagelConfig.tiny(llm_hidden=256, llm_heads=4, llm_kv_heads=2, vit_hidden=144, vit_heads=2, vit_grid=16, max_latent_size=16))
+    fast = BagelForUnifiedMultimodal(
+        BagelConfig.tiny(
+            llm_hidden=256,
+            llm_heads=4,
+            llm_kv_heads=2,
+            vit_hidden=144,
+            vit_heads=2,
+            vit_grid=16,
+            max_latent_size=16,
+        )
+    )
     fast.load_state_dict(ref.state_dict())
     fast = fast.cuda().to(torch.bfloat16)
-    samples = synthetic_samples(["und", "t2i", "edit", "und", "t2i", "text"] * 2, cfg, seed=0, text_len=(8, 64), vit_side=(4, 16), latent_side=(4, 16))
+    samples = synthetic_samples(
+        ["und", "t2i", "edit", "und", "t2i", "text"] * 2,
+        cfg,
+        seed=0,
+        text_len=(8, 64),
+        vit_side=(4, 16),
+        latent_side=(4, 16),
+    )
     batch = pack_samples(samples, cfg, rng=0, device="cuda")
     batch["padded_latent"] = batch["padded_latent"].to(torch.bfloat16)
     o_ref, g_ref = run(ref, batch)
     o, g = run(fast, batch)
     atol, rtol = tolerance("bfloat16", "fwd")
     for k in ("ce", "mse"):
-        assert abs(o[k].float().mean().item() - o_ref[k].float().mean().item()) <= atol + rtol * abs(o_ref[k].float().mean().item())
+        assert abs(o[k].float().mean().item() - o_ref[k].float().mean().item()) <= atol + rtol * abs(
+            o_ref[k].float().mean().item()
+        )
     for name, g0 in g_ref.items():
         rel = (g[name].float() - g0.float()).norm() / (g0.float().norm() + 1e-12)
-        assert rel < 5e-2 or g0.float().norm() < 1e-3 * max(x.float().norm() for x in g_ref.values()), f"{name}: rel L2 {rel:.3e}"
+        assert rel < 5e-2 or g0.float().norm() < 1e-3 * max(x.float().norm() for x in g_ref.values()), (
+            f"{name}: rel L2 {rel:.3e}"
+        )

@@ -34,7 +34,10 @@ B, E, SOI, EOI = TOK.bos, TOK.eos, TOK.start_of_image, TOK.end_of_image
 
 def test_special_tokens():
     assert (B, E, SOI, EOI) == (124, 125, 126, 127)
-    assert SpecialTokens.for_config(BagelConfig.bagel_7b_mot(llm_layers=1, vit_layers=1)) == SpecialTokens.qwen2()
+    assert (
+        SpecialTokens.for_config(BagelConfig.bagel_7b_mot(llm_layers=1, vit_layers=1))
+        == SpecialTokens.qwen2()
+    )
 
 
 def test_patchify_order():
@@ -77,7 +80,9 @@ def test_pack_layout_by_hand():
     samples = [
         TextSample([5, 6]),
         Sample([VitImage(px), Text([7], loss=True)]),
-        Sample([Text([8]), VaeImage(lat_clean, noised=False), VaeImage(lat_noise, noised=True, timestep=0.5)]),
+        Sample(
+            [Text([8]), VaeImage(lat_clean, noised=False), VaeImage(lat_noise, noised=True, timestep=0.5)]
+        ),
     ]
     b = pack_samples(samples, CFG, max_num_tokens=40)
     # sample 0: [B 5 6 E] | sample 1: [SOI v v EOI][B 7 E] | sample 2: [B 8 E][SOI l l EOI][SOI n n EOI]
@@ -90,7 +95,30 @@ def test_pack_layout_by_hand():
     assert b["packed_vit_token_indexes"].tolist() == [5, 6]
     assert b["packed_vae_token_indexes"].tolist() == [15, 16, 19, 20]
     # RoPE: text advances per token, an image is one position (+1 after a clean one, +0 after a noised one)
-    assert b["packed_position_ids"].tolist() == [0, 1, 2, 3, 0, 0, 0, 0, 1, 2, 3, 0, 1, 2, 3, 3, 3, 3, 4, 4, 4, 4]
+    assert b["packed_position_ids"].tolist() == [
+        0,
+        1,
+        2,
+        3,
+        0,
+        0,
+        0,
+        0,
+        1,
+        2,
+        3,
+        0,
+        1,
+        2,
+        3,
+        3,
+        3,
+        3,
+        4,
+        4,
+        4,
+        4,
+    ]
     # labels: next token of [B, ids...] is [ids..., E]
     assert b["ce_loss_indexes"].tolist() == [0, 1, 2, 8, 9]
     assert b["packed_label_ids"].tolist() == [5, 6, E, 7, E]
@@ -100,7 +128,10 @@ def test_pack_layout_by_hand():
     assert torch.isneginf(t[:2]).all() and torch.equal(t[2:], torch.tensor([0.5, 0.5]))
     assert b["patchified_vae_latent_shapes"] == [(1, 2), (2, 1)]
     assert b["padded_latent"].shape == (2, 4, 4, 4)
-    assert torch.equal(b["padded_latent"][0, :, :2, :4], lat_clean) and b["padded_latent"][0, :, 2:].abs().sum() == 0
+    assert (
+        torch.equal(b["padded_latent"][0, :, :2, :4], lat_clean)
+        and b["padded_latent"][0, :, 2:].abs().sum() == 0
+    )
     assert b["packed_latent_position_ids"].tolist() == [0, 1, 0, 8]  # max_latent_size 8
     assert torch.equal(b["packed_vit_tokens"], patchify(px, 4))
     assert b["packed_vit_position_ids"].tolist() == [0, 8] and b["vit_token_seqlens"].tolist() == [2]
@@ -118,7 +149,9 @@ def test_pack_partition_and_mask_rule(seed):
     assert sum(b["sample_lens"]) == 400 and b["attn_modes"][-1] == "causal"
     # splits mask == the rule == the nested per-sample masks of mask_format="nested"
     mask = PackedMask.from_splits(b["sample_lens"], b["split_lens"], b["attn_modes"])
-    assert torch.equal(mask.to_dense(), dense_mask_from_rule(b["sample_lens"], b["split_lens"], b["attn_modes"]))
+    assert torch.equal(
+        mask.to_dense(), dense_mask_from_rule(b["sample_lens"], b["split_lens"], b["attn_modes"])
+    )
     n = pack_samples(synthetic_samples(kinds, CFG, seed=seed), CFG, mask_format="nested", rng=seed)
     assert "split_lens" not in n and n["sample_lens"] == b["sample_lens"][:-1]
     dense = PackedMask.from_dense(n["nested_attention_masks"]).to_dense()
