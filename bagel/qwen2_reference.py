@@ -61,9 +61,13 @@ def _attention(attn: PackedAttention, x, und, gen, mask, cos, sin, routed: bool,
     L = x.shape[0]
     Hq, Hkv, D = attn.num_heads, attn.num_key_value_heads, attn.head_dim
     if routed:
-        q = _routed(x, und, gen, attn.q_proj, attn.q_proj_moe_gen, Hq * D).view(L, Hq, D)
-        k = _routed(x, und, gen, attn.k_proj, attn.k_proj_moe_gen, Hkv * D).view(L, Hkv, D)
-        v = _routed(x, und, gen, attn.v_proj, attn.v_proj_moe_gen, Hkv * D).view(L, Hkv, D)
+        # one gather per expert feeds the three projections, each scattered into a zero tensor
+        x_und, x_gen = x[und], x[gen]
+        q, k, v = x.new_zeros((L, Hq * D)), x.new_zeros((L, Hkv * D)), x.new_zeros((L, Hkv * D))
+        for out, name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):
+            out[und] = getattr(attn, name)(x_und)
+            out[gen] = getattr(attn, name + "_moe_gen")(x_gen)
+        q, k, v = q.view(L, Hq, D), k.view(L, Hkv, D), v.view(L, Hkv, D)
         if freeze_und:
             v[und] = v[und].detach()
         q_ = q.new_zeros(q.shape)
@@ -157,7 +161,7 @@ def forward_train_reference(
     mask = mask.truncated(L)
     freeze = model.freeze_und
     x = packed_sequence
-    if freeze and (model.use_moe or packed_und_token_indexes is not None):
+    if freeze:  # (a dense model given no indexes: every token is understanding, as in upstream)
         x = x.clone()
         x[und] = x[und].detach()
     cos, sin = model.rotary_emb(pos, x.dtype)
