@@ -70,6 +70,13 @@ def _num_warps(elems: int) -> int:
     return 2
 
 
+def _bwd_warps(fwd_warps: int) -> int:
+    """Warps of the persistent backward kernels: twice the forward's for the same tile, which halves
+    the registers per thread (ptxas, sm_90, bf16: qk bwd 160 -> 87, rms bwd 101 -> 58) and keeps
+    more warps resident per SM."""
+    return min(2 * fwd_warps, 16)
+
+
 def _segment_split(N: int, n_und: int, target: int) -> tuple[int, int, int]:
     """(rows_per_program, programs_und, programs_total) so that no program straddles n_und."""
     rpp = max(1, triton.cdiv(N, max(1, target)))
@@ -224,339 +231,202 @@ def rms_norm_bwd(
         eps,
         BLOCK_M=BLOCK_M,
         BLOCK_H=BLOCK_H,
-        num_warps=_num_warps(BLOCK_M * BLOCK_H),
+        num_warps=_bwd_warps(_num_warps(BLOCK_M * BLOCK_H)),
     )
     return dx, dwp[:p_und].sum(0), dwp[p_und:].sum(0)
 
 
 # ============================================================================================ q/k RMSNorm + RoPE
+# Tiles are [BLOCK_T tokens, BLOCK_NH heads, BLOCK_HALF]: the head dim is handled as its two rotary
+# halves, so rotate_half is plain arithmetic on registers. At BAGEL-7B sizes (28 q heads, D=128) a
+# token fills a tile (BLOCK_T=1); small head counts take several tokens per program.
 @triton.jit
 def _load_cos_sin(
     COS,
     SIN,
-    row64,
+    rows64,
+    rmask,
     stride_cr,
     stride_sr,
     HALF: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    """The token's cos/sin halves, rounded to the output dtype (Qwen2's rotary embedding hands them
-    over in the activations' dtype), as fp32."""
+    """The tokens' cos/sin halves [BLOCK_T, 1, BLOCK_HALF] as fp32, rounded to the output dtype first
+    (Qwen2's rotary embedding hands them over in the activations' dtype)."""
     cols = tl.arange(0, BLOCK_HALF)
-    cm = cols < HALF
-    pc = COS + row64 * stride_cr + cols
-    ps = SIN + row64 * stride_sr + cols
-    c1 = tl.load(pc, mask=cm, other=0.0).to(OUT_DTYPE).to(tl.float32)
-    c2 = tl.load(pc + HALF, mask=cm, other=0.0).to(OUT_DTYPE).to(tl.float32)
-    s1 = tl.load(ps, mask=cm, other=0.0).to(OUT_DTYPE).to(tl.float32)
-    s2 = tl.load(ps + HALF, mask=cm, other=0.0).to(OUT_DTYPE).to(tl.float32)
-    return c1, c2, s1, s2
+    m = rmask[:, None] & (cols < HALF)[None, :]
+    pc = COS + rows64[:, None] * stride_cr + cols[None, :]
+    ps = SIN + rows64[:, None] * stride_sr + cols[None, :]
+    c1 = tl.load(pc, mask=m, other=0.0).to(OUT_DTYPE).to(tl.float32)
+    c2 = tl.load(pc + HALF, mask=m, other=0.0).to(OUT_DTYPE).to(tl.float32)
+    s1 = tl.load(ps, mask=m, other=0.0).to(OUT_DTYPE).to(tl.float32)
+    s2 = tl.load(ps + HALF, mask=m, other=0.0).to(OUT_DTYPE).to(tl.float32)
+    return c1[:, None, :], c2[:, None, :], s1[:, None, :], s2[:, None, :]
+
+
+@triton.jit
+def _head_tile(
+    rows64,
+    rmask,
+    NH,
+    stride_r,
+    stride_h,
+    HALF: tl.constexpr,
+    BLOCK_NH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Offsets [BLOCK_T, BLOCK_NH, BLOCK_HALF] of the first halves of the tokens' heads, and their mask."""
+    heads = tl.arange(0, BLOCK_NH)
+    cols = tl.arange(0, BLOCK_HALF)
+    offs = rows64[:, None, None] * stride_r + heads[None, :, None] * stride_h + cols[None, None, :]
+    m = rmask[:, None, None] & (heads < NH)[None, :, None] & (cols < HALF)[None, None, :]
+    return offs, m
 
 
 @triton.jit
 def _norm_rope_fwd_heads(
-    X,
-    Y,
-    W,
-    row64,
-    stride_xr,
-    stride_xh,
-    stride_yr,
-    stride_yh,
-    NH,
-    HALF: tl.constexpr,
-    D: tl.constexpr,
-    c1,
-    c2,
-    s1,
-    s2,
-    eps,
-    BLOCK_NH: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
-    """One token's heads [NH, D] as two halves [NH, D/2]: per-head RMSNorm with W [D], then rotary."""
-    heads = tl.arange(0, BLOCK_NH)
+    X, Y, W, rows64, rmask, expert, stride_xr, stride_xh, stride_yr, stride_yh, NH,
+    c1, c2, s1, s2, eps,
+    D: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    """Per-head RMSNorm of the tokens' heads with their expert's weight (W [2, D]), then rotary."""
+    HALF: tl.constexpr = D // 2
+    ox, m = _head_tile(rows64, rmask, NH, stride_xr, stride_xh, HALF, BLOCK_NH, BLOCK_HALF)
+    x1 = tl.load(X + ox, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(X + ox + HALF, mask=m, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / D + eps)[:, :, None]
     cols = tl.arange(0, BLOCK_HALF)
-    cm = cols < HALF
-    m = (heads < NH)[:, None] & cm[None, :]
-    px = X + row64 * stride_xr + heads[:, None] * stride_xh + cols[None, :]
-    x1 = tl.load(px, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(px + HALF, mask=m, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
-    w1 = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
-    w2 = tl.load(W + HALF + cols, mask=cm, other=0.0).to(tl.float32)
+    wm = rmask[:, None] & (cols < HALF)[None, :]
+    pw = W + expert[:, None] * D + cols[None, :]
+    w1 = tl.load(pw, mask=wm, other=0.0).to(tl.float32)[:, None, :]
+    w2 = tl.load(pw + HALF, mask=wm, other=0.0).to(tl.float32)[:, None, :]
     # the normed head is a materialised tensor in Qwen2 (input dtype, then weight * -> output dtype)
-    n1 = ((x1 * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32) * w1[None, :]).to(Y.dtype.element_ty)
-    n2 = ((x2 * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32) * w2[None, :]).to(Y.dtype.element_ty)
-    n1 = n1.to(tl.float32)
-    n2 = n2.to(tl.float32)
+    n1 = ((x1 * rstd).to(X.dtype.element_ty).to(tl.float32) * w1).to(Y.dtype.element_ty).to(tl.float32)
+    n2 = ((x2 * rstd).to(X.dtype.element_ty).to(tl.float32) * w2).to(Y.dtype.element_ty).to(tl.float32)
     # rotate_half(n) = [-n2, n1]
-    o1 = n1 * c1[None, :] - n2 * s1[None, :]
-    o2 = n2 * c2[None, :] + n1 * s2[None, :]
-    py = Y + row64 * stride_yr + heads[:, None] * stride_yh + cols[None, :]
-    tl.store(py, o1.to(Y.dtype.element_ty), mask=m)
-    tl.store(py + HALF, o2.to(Y.dtype.element_ty), mask=m)
+    o1 = n1 * c1 - n2 * s1
+    o2 = n2 * c2 + n1 * s2
+    oy, _ = _head_tile(rows64, rmask, NH, stride_yr, stride_yh, HALF, BLOCK_NH, BLOCK_HALF)
+    tl.store(Y + oy, o1.to(Y.dtype.element_ty), mask=m)
+    tl.store(Y + oy + HALF, o2.to(Y.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _mot_qk_norm_rope_fwd_kernel(
-    Q,
-    K,
-    WQ,
-    WK,
-    COS,
-    SIN,
-    QO,
-    KO,  # WQ, WK [2, D] contiguous (und, gen); COS, SIN [N, D] (row stride)
-    N,
-    HQ,
-    HK,
-    n_und,
-    stride_qr,
-    stride_qh,
-    stride_kr,
-    stride_kh,
-    stride_cr,
-    stride_sr,
-    stride_qor,
-    stride_qoh,
-    stride_kor,
-    stride_koh,
-    eps,
-    D: tl.constexpr,
-    BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr,
+    Q, K, WQ, WK, COS, SIN, QO, KO,  # WQ, WK [2, D] contiguous (und, gen); COS, SIN [N, D] (row stride)
+    N, HQ, HK, n_und,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_cr, stride_sr,
+    stride_qor, stride_qoh, stride_kor, stride_koh, eps,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
-):
-    row = tl.program_id(0)
-    row64 = row.to(tl.int64)
-    HALF: tl.constexpr = D // 2
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    expert = (rows >= n_und).to(tl.int32)
     c1, c2, s1, s2 = _load_cos_sin(
-        COS, SIN, row64, stride_cr, stride_sr, HALF, QO.dtype.element_ty, BLOCK_HALF
+        COS, SIN, rows64, rmask, stride_cr, stride_sr, D // 2, QO.dtype.element_ty, BLOCK_HALF
     )
-    woff = (row >= n_und).to(tl.int32) * D
-    _norm_rope_fwd_heads(
-        Q,
-        QO,
-        WQ + woff,
-        row64,
-        stride_qr,
-        stride_qh,
-        stride_qor,
-        stride_qoh,
-        HQ,
-        HALF,
-        D,
-        c1,
-        c2,
-        s1,
-        s2,
-        eps,
-        BLOCK_HQ,
-        BLOCK_HALF,
-    )
-    _norm_rope_fwd_heads(
-        K,
-        KO,
-        WK + woff,
-        row64,
-        stride_kr,
-        stride_kh,
-        stride_kor,
-        stride_koh,
-        HK,
-        HALF,
-        D,
-        c1,
-        c2,
-        s1,
-        s2,
-        eps,
-        BLOCK_HK,
-        BLOCK_HALF,
-    )
+    _norm_rope_fwd_heads(Q, QO, WQ, rows64, rmask, expert, stride_qr, stride_qh, stride_qor, stride_qoh, HQ,
+                         c1, c2, s1, s2, eps, D, BLOCK_HQ, BLOCK_HALF)  # fmt: skip
+    _norm_rope_fwd_heads(K, KO, WK, rows64, rmask, expert, stride_kr, stride_kh, stride_kor, stride_koh, HK,
+                         c1, c2, s1, s2, eps, D, BLOCK_HK, BLOCK_HALF)  # fmt: skip
 
 
 @triton.jit
 def _norm_rope_bwd_heads(
-    X,
-    DY,
-    DX,
-    W,
-    row64,
-    stride_xr,
-    stride_xh,
-    stride_dyr,
-    stride_dyh,
-    stride_dxr,
-    stride_dxh,
-    NH,
-    HALF: tl.constexpr,
-    D: tl.constexpr,
-    c1,
-    c2,
-    s1,
-    s2,
-    eps,
-    BLOCK_NH: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
-    """Backward of one token's heads. Returns (dw1, dw2, dcos1, dcos2, dsin1, dsin2), each [BLOCK_HALF]
-    fp32 summed over the heads."""
-    heads = tl.arange(0, BLOCK_NH)
+    X, DY, DX, W, rows64, rmask, stride_xr, stride_xh, stride_dyr, stride_dyh, stride_dxr, stride_dxh,
+    NH, c1, c2, s1, s2, eps,
+    D: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    """Backward for the tokens' heads (one expert, weight W [D]). Writes dx; returns the weight
+    gradient halves [BLOCK_HALF] (summed over tokens and heads) and the cos/sin gradient halves
+    [BLOCK_T, BLOCK_HALF] (summed over heads)."""
+    HALF: tl.constexpr = D // 2
+    ox, m = _head_tile(rows64, rmask, NH, stride_xr, stride_xh, HALF, BLOCK_NH, BLOCK_HALF)
+    ody, _ = _head_tile(rows64, rmask, NH, stride_dyr, stride_dyh, HALF, BLOCK_NH, BLOCK_HALF)
+    x1 = tl.load(X + ox, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(X + ox + HALF, mask=m, other=0.0).to(tl.float32)
+    dy1 = tl.load(DY + ody, mask=m, other=0.0).to(tl.float32)
+    dy2 = tl.load(DY + ody + HALF, mask=m, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / D + eps)[:, :, None]
     cols = tl.arange(0, BLOCK_HALF)
     cm = cols < HALF
-    m = (heads < NH)[:, None] & cm[None, :]
-    px = X + row64 * stride_xr + heads[:, None] * stride_xh + cols[None, :]
-    pdy = DY + row64 * stride_dyr + heads[:, None] * stride_dyh + cols[None, :]
-    x1 = tl.load(px, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(px + HALF, mask=m, other=0.0).to(tl.float32)
-    dy1 = tl.load(pdy, mask=m, other=0.0).to(tl.float32)
-    dy2 = tl.load(pdy + HALF, mask=m, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
-    w1 = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
-    w2 = tl.load(W + HALF + cols, mask=cm, other=0.0).to(tl.float32)
-    xh1 = x1 * rstd[:, None]
-    xh2 = x2 * rstd[:, None]
+    w1 = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)[None, None, :]
+    w2 = tl.load(W + HALF + cols, mask=cm, other=0.0).to(tl.float32)[None, None, :]
+    xh1 = x1 * rstd
+    xh2 = x2 * rstd
     xr1 = xh1.to(X.dtype.element_ty).to(tl.float32)
     xr2 = xh2.to(X.dtype.element_ty).to(tl.float32)
     # the forward's normed head, rounded to the output dtype (that of the incoming gradient)
-    n1 = (xr1 * w1[None, :]).to(DY.dtype.element_ty).to(tl.float32)
-    n2 = (xr2 * w2[None, :]).to(DY.dtype.element_ty).to(tl.float32)
+    n1 = (xr1 * w1).to(DY.dtype.element_ty).to(tl.float32)
+    n2 = (xr2 * w2).to(DY.dtype.element_ty).to(tl.float32)
     # o1 = n1 c1 - n2 s1 ; o2 = n2 c2 + n1 s2
-    dc1 = tl.sum(dy1 * n1, axis=0)
-    dc2 = tl.sum(dy2 * n2, axis=0)
-    ds1 = -tl.sum(dy1 * n2, axis=0)
-    ds2 = tl.sum(dy2 * n1, axis=0)
-    dn1 = dy1 * c1[None, :] + dy2 * s2[None, :]
-    dn2 = dy2 * c2[None, :] - dy1 * s1[None, :]
-    dw1 = tl.sum(dn1 * xr1, axis=0)
-    dw2 = tl.sum(dn2 * xr2, axis=0)
-    g1 = dn1 * w1[None, :]
-    g2 = dn2 * w2[None, :]
-    c = (tl.sum(g1 * xh1, axis=1) + tl.sum(g2 * xh2, axis=1)) / D
-    dx1 = (g1 - xh1 * c[:, None]) * rstd[:, None]
-    dx2 = (g2 - xh2 * c[:, None]) * rstd[:, None]
-    pdx = DX + row64 * stride_dxr + heads[:, None] * stride_dxh + cols[None, :]
-    tl.store(pdx, dx1.to(DX.dtype.element_ty), mask=m)
-    tl.store(pdx + HALF, dx2.to(DX.dtype.element_ty), mask=m)
+    dc1 = tl.sum(dy1 * n1, axis=1)
+    dc2 = tl.sum(dy2 * n2, axis=1)
+    ds1 = -tl.sum(dy1 * n2, axis=1)
+    ds2 = tl.sum(dy2 * n1, axis=1)
+    dn1 = dy1 * c1 + dy2 * s2
+    dn2 = dy2 * c2 - dy1 * s1
+    dw1 = tl.sum(tl.sum(dn1 * xr1, axis=1), axis=0)
+    dw2 = tl.sum(tl.sum(dn2 * xr2, axis=1), axis=0)
+    g1 = dn1 * w1
+    g2 = dn2 * w2
+    c = ((tl.sum(g1 * xh1, axis=2) + tl.sum(g2 * xh2, axis=2)) / D)[:, :, None]
+    dx1 = (g1 - xh1 * c) * rstd
+    dx2 = (g2 - xh2 * c) * rstd
+    odx, _ = _head_tile(rows64, rmask, NH, stride_dxr, stride_dxh, HALF, BLOCK_NH, BLOCK_HALF)
+    tl.store(DX + odx, dx1.to(DX.dtype.element_ty), mask=m)
+    tl.store(DX + odx + HALF, dx2.to(DX.dtype.element_ty), mask=m)
     return dw1, dw2, dc1, dc2, ds1, ds2
 
 
 @triton.jit
 def _mot_qk_norm_rope_bwd_kernel(
-    Q,
-    K,
-    WQ,
-    WK,
-    COS,
-    SIN,
-    DQO,
-    DKO,
-    DQ,
-    DK,
-    DWQP,
-    DWKP,
-    DCOS,
-    DSIN,
-    N,
-    HQ,
-    HK,
-    n_und,
-    rows_per_prog,
-    progs_und,
-    stride_qr,
-    stride_qh,
-    stride_kr,
-    stride_kh,
-    stride_cr,
-    stride_sr,
-    stride_dqor,
-    stride_dqoh,
-    stride_dkor,
-    stride_dkoh,
-    stride_dqr,
-    stride_dqh,
-    stride_dkr,
-    stride_dkh,
-    eps,
-    D: tl.constexpr,
-    NEED_DCS: tl.constexpr,
-    BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
+    Q, K, WQ, WK, COS, SIN, DQO, DKO, DQ, DK, DWQP, DWKP, DCOS, DSIN,
+    N, HQ, HK, n_und, rows_per_prog, progs_und,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_cr, stride_sr,
+    stride_dqor, stride_dqoh, stride_dkor, stride_dkoh,
+    stride_dqr, stride_dqh, stride_dkr, stride_dkh, eps,
+    D: tl.constexpr, NEED_DCS: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     start, end, expert = _segment_bounds(pid, N, n_und, rows_per_prog, progs_und)
     HALF: tl.constexpr = D // 2
     cols = tl.arange(0, BLOCK_HALF)
     cm = cols < HALF
-    woff = expert * D
     dwq1 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     dwq2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     dwk1 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     dwk2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-    for i in range(0, end - start):
-        row64 = (start + i).to(tl.int64)  # (the interpreter hands loop variables over as Python ints)
+    for r0 in range(start, end, BLOCK_T):
+        rows = r0 + tl.arange(0, BLOCK_T)
+        rmask = rows < end
+        rows64 = rows.to(tl.int64)
         c1, c2, s1, s2 = _load_cos_sin(
-            COS, SIN, row64, stride_cr, stride_sr, HALF, DQO.dtype.element_ty, BLOCK_HALF
+            COS, SIN, rows64, rmask, stride_cr, stride_sr, HALF, DQO.dtype.element_ty, BLOCK_HALF
         )
         a1, a2, qc1, qc2, qs1, qs2 = _norm_rope_bwd_heads(
-            Q,
-            DQO,
-            DQ,
-            WQ + woff,
-            row64,
-            stride_qr,
-            stride_qh,
-            stride_dqor,
-            stride_dqoh,
-            stride_dqr,
-            stride_dqh,
-            HQ,
-            HALF,
-            D,
-            c1,
-            c2,
-            s1,
-            s2,
-            eps,
-            BLOCK_HQ,
-            BLOCK_HALF,
-        )
+            Q, DQO, DQ, WQ + expert * D, rows64, rmask, stride_qr, stride_qh, stride_dqor, stride_dqoh,
+            stride_dqr, stride_dqh, HQ, c1, c2, s1, s2, eps, D, BLOCK_HQ, BLOCK_HALF,
+        )  # fmt: skip
         b1, b2, kc1, kc2, ks1, ks2 = _norm_rope_bwd_heads(
-            K,
-            DKO,
-            DK,
-            WK + woff,
-            row64,
-            stride_kr,
-            stride_kh,
-            stride_dkor,
-            stride_dkoh,
-            stride_dkr,
-            stride_dkh,
-            HK,
-            HALF,
-            D,
-            c1,
-            c2,
-            s1,
-            s2,
-            eps,
-            BLOCK_HK,
-            BLOCK_HALF,
-        )
+            K, DKO, DK, WK + expert * D, rows64, rmask, stride_kr, stride_kh, stride_dkor, stride_dkoh,
+            stride_dkr, stride_dkh, HK, c1, c2, s1, s2, eps, D, BLOCK_HK, BLOCK_HALF,
+        )  # fmt: skip
         dwq1 += a1
         dwq2 += a2
         dwk1 += b1
         dwk2 += b2
         if NEED_DCS:  # DCOS, DSIN [N, D] fp32 contiguous
-            tl.store(DCOS + row64 * D + cols, qc1 + kc1, mask=cm)
-            tl.store(DCOS + row64 * D + HALF + cols, qc2 + kc2, mask=cm)
-            tl.store(DSIN + row64 * D + cols, qs1 + ks1, mask=cm)
-            tl.store(DSIN + row64 * D + HALF + cols, qs2 + ks2, mask=cm)
+            m2 = rmask[:, None] & cm[None, :]
+            o2 = rows64[:, None] * D + cols[None, :]
+            tl.store(DCOS + o2, qc1 + kc1, mask=m2)
+            tl.store(DCOS + o2 + HALF, qc2 + kc2, mask=m2)
+            tl.store(DSIN + o2, qs1 + ks1, mask=m2)
+            tl.store(DSIN + o2 + HALF, qs2 + ks2, mask=m2)
     p64 = pid.to(tl.int64) * D
     tl.store(DWQP + p64 + cols, dwq1, mask=cm)
     tl.store(DWQP + p64 + HALF + cols, dwq2, mask=cm)
@@ -564,11 +434,14 @@ def _mot_qk_norm_rope_bwd_kernel(
     tl.store(DWKP + p64 + HALF + cols, dwk2, mask=cm)
 
 
-def _qk_blocks(HQ: int, HK: int, D: int) -> tuple[int, int, int, int]:
+def _qk_blocks(N: int, HQ: int, HK: int, D: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, num_warps) for up to N tokens per program."""
     BLOCK_HQ = triton.next_power_of_2(max(HQ, 1))
     BLOCK_HK = triton.next_power_of_2(max(HK, 1))
     BLOCK_HALF = triton.next_power_of_2(max(D // 2, 1))
-    return BLOCK_HQ, BLOCK_HK, BLOCK_HALF, _num_warps(2 * max(BLOCK_HQ, BLOCK_HK) * BLOCK_HALF)
+    per_token = 2 * max(BLOCK_HQ, BLOCK_HK) * BLOCK_HALF
+    BLOCK_T = max(1, min(_TILE_ELEMS // per_token, triton.next_power_of_2(max(N, 1))))
+    return BLOCK_T, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, _num_warps(BLOCK_T * per_token)
 
 
 def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
@@ -580,37 +453,13 @@ def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
     ko = torch.empty((N, HK, D), dtype=out_dtype, device=q.device)
     if N == 0 or D == 0:
         return qo, ko
-    BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(HQ, HK, D)
-    _mot_qk_norm_rope_fwd_kernel[(N,)](
-        q,
-        k,
-        wq,
-        wk,
-        cos,
-        sin,
-        qo,
-        ko,
-        N,
-        HQ,
-        HK,
-        n_und,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        cos.stride(0),
-        sin.stride(0),
-        qo.stride(0),
-        qo.stride(1),
-        ko.stride(0),
-        ko.stride(1),
-        eps,
-        D=D,
-        BLOCK_HQ=BLOCK_HQ,
-        BLOCK_HK=BLOCK_HK,
-        BLOCK_HALF=BLOCK_HALF,
-        num_warps=nw,
-    )
+    BLOCK_T, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(N, HQ, HK, D)
+    _mot_qk_norm_rope_fwd_kernel[(triton.cdiv(N, BLOCK_T),)](
+        q, k, wq, wk, cos, sin, qo, ko, N, HQ, HK, n_und,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), eps,
+        D=D, BLOCK_T=BLOCK_T, BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=nw,
+    )  # fmt: skip
     return qo, ko
 
 
@@ -631,60 +480,19 @@ def qk_norm_rope_bwd(dqo, dko, q, k, n_und, wq, wk, cos, sin, eps, need_dcs: boo
         return dq, dk, *z, dcos, dsin
     dwqp = torch.empty((P, D), dtype=torch.float32, device=dev)
     dwkp = torch.empty((P, D), dtype=torch.float32, device=dev)
-    BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(HQ, HK, D)
+    BLOCK_T, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(min(N, rpp), HQ, HK, D)
     _mot_qk_norm_rope_bwd_kernel[(P,)](
-        q,
-        k,
-        wq,
-        wk,
-        cos,
-        sin,
-        dqo,
-        dko,
-        dq,
-        dk,
-        dwqp,
-        dwkp,
-        dcos,
-        dsin,
-        N,
-        HQ,
-        HK,
-        n_und,
-        rpp,
-        p_und,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        cos.stride(0),
-        sin.stride(0),
-        dqo.stride(0),
-        dqo.stride(1),
-        dko.stride(0),
-        dko.stride(1),
-        dq.stride(0),
-        dq.stride(1),
-        dk.stride(0),
-        dk.stride(1),
-        eps,
-        D=D,
-        NEED_DCS=need_dcs,
-        BLOCK_HQ=BLOCK_HQ,
-        BLOCK_HK=BLOCK_HK,
-        BLOCK_HALF=BLOCK_HALF,
-        num_warps=nw,
-    )
+        q, k, wq, wk, cos, sin, dqo, dko, dq, dk, dwqp, dwkp, dcos, dsin,
+        N, HQ, HK, n_und, rpp, p_und,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        dqo.stride(0), dqo.stride(1), dko.stride(0), dko.stride(1),
+        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), eps,
+        D=D, NEED_DCS=need_dcs, BLOCK_T=BLOCK_T,
+        BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=_bwd_warps(nw),
+    )  # fmt: skip
     return (
-        dq,
-        dk,
-        dwqp[:p_und].sum(0),
-        dwqp[p_und:].sum(0),
-        dwkp[:p_und].sum(0),
-        dwkp[p_und:].sum(0),
-        dcos,
-        dsin,
-    )
+        dq, dk, dwqp[:p_und].sum(0), dwqp[p_und:].sum(0), dwkp[:p_und].sum(0), dwkp[p_und:].sum(0), dcos, dsin,
+    )  # fmt: skip
 
 
 # ============================================================================================ SwiGLU
@@ -920,12 +728,12 @@ def kernel_compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, 
                     "eps": "fp32",
                 },
                 {"BLOCK_M": BM, "BLOCK_H": BH},
-                _num_warps(BM * BH),
+                _bwd_warps(_num_warps(BM * BH)),
                 al,
             )
         for HQ, HK, D in ((28, 4, 128), (3, 1, 72)):
-            BHQ, BHK, BHALF, nw = _qk_blocks(HQ, HK, D)
-            consts = {"D": D, "BLOCK_HQ": BHQ, "BLOCK_HK": BHK, "BLOCK_HALF": BHALF}
+            BT, BHQ, BHK, BHALF, nw = _qk_blocks(32768, HQ, HK, D)
+            consts = {"D": D, "BLOCK_T": BT, "BLOCK_HQ": BHQ, "BLOCK_HK": BHK, "BLOCK_HALF": BHALF}
             al = ("HQ",) if D % 16 == 0 else ()  # strides are multiples of D
             add(
                 f"mot_qk_norm_rope_fwd[{dt},D={D}]",
@@ -1001,7 +809,7 @@ def kernel_compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, 
                         "eps": "fp32",
                     },
                     {**consts, "NEED_DCS": need},
-                    nw,
+                    _bwd_warps(nw),
                     al,
                 )
         for INTER in (18944, 200):

@@ -546,6 +546,74 @@ def test_sm90_compile_specs_cover_every_kernel():
             assert any(dt in s[0] and s[1] is fn for s in specs), (name, dt)
 
 
+# ============================================================================================ low precision at scale
+def _run(fn, inputs, grads):
+    """Outputs and input gradients of ``fn(*inputs)`` for output gradients ``grads``."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+
+def _check_lowp_rule(name, fn_kernel, fn_torch, fn_ref, inputs, grads):
+    """flash-attention's rule: against a float64 reference, the kernel's error (outputs and every
+    input gradient) is at most twice that of the same math run by PyTorch in the low precision.
+    Weight gradients sum over thousands of rows, so a fixed absolute tolerance does not fit them."""
+    got = _run(fn_kernel, inputs, grads)
+    low = _run(fn_torch, inputs, grads)
+    ref = _run(fn_ref, [t.double() for t in inputs], [g.double() for g in grads])
+    for i, (a, b, r) in enumerate(zip(got, low, ref, strict=True)):
+        assert torch.isfinite(a).all(), f"{name}[{i}]: non-finite"
+        ek = (a.double() - r).abs().max().item()
+        et = (b.double() - r).abs().max().item()
+        assert ek <= 2 * et + 1e-6 * r.abs().max().item(), (
+            f"{name}[{i}]: kernel error {ek:.3g} > 2 x torch {et:.3g}"
+        )
+
+
+def _lowp_cases(device, dtype, n, n_und, hid, inter, hq, hkv, d):
+    g = torch.Generator(device="cpu").manual_seed(n_und)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dtype)
+
+    x, dy = r(n, hid), r(n, hid)
+    wu, wg = r(hid, scale=0.5, shift=1.0), r(hid, scale=0.5, shift=1.0)
+    _check_lowp_rule(
+        "mot_rms_norm",
+        lambda *a: mot.mot_rms_norm(a[0], n_und, a[1], a[2], backend="triton"),
+        lambda *a: mot.mot_rms_norm(a[0], n_und, a[1], a[2], backend="torch"),
+        lambda *a: mot.mot_rms_norm_reference(a[0], n_und, a[1], a[2]),
+        [x, wu, wg],
+        [dy],
+    )
+    q, k = r(n, hq, d), r(n, hkv, d)
+    ws = [r(d, scale=0.3, shift=1.0) for _ in range(4)]
+    cos, sin = mot.rope_cos_sin(torch.randint(0, 8192, (n,), generator=g).to(device), d, 1e6, dtype=dtype)
+    _check_lowp_rule(
+        "mot_qk_norm_rope",
+        lambda *a: mot.mot_qk_norm_rope(a[0], a[1], n_und, *a[2:], cos, sin, backend="triton"),
+        lambda *a: mot.mot_qk_norm_rope(a[0], a[1], n_und, *a[2:], cos, sin, backend="torch"),
+        lambda *a: mot.mot_qk_norm_rope_reference(a[0], a[1], n_und, *a[2:], cos.double(), sin.double()),
+        [q, k, *ws],
+        [r(n, hq, d), r(n, hkv, d)],
+    )
+    _check_lowp_rule(
+        "swiglu",
+        lambda a, b: mot.swiglu(a, b, backend="triton"),
+        lambda a, b: mot.swiglu(a, b, backend="torch"),
+        mot.swiglu_reference,
+        [r(n, inter, scale=2.0), r(n, inter)],
+        [r(n, inter)],
+    )
+
+
+def test_fp16_kernels_within_twice_torch_error():
+    """The low-precision rule on CPU (fp16 through the interpreter) with a hundred-odd rows."""
+    _lowp_cases(DEV, torch.float16, 130, 61, hid=512, inter=384, hq=4, hkv=2, d=128)
+
+
 # ============================================================================================ GPU
 gpu = pytest.mark.gpu
 
@@ -553,47 +621,21 @@ gpu = pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("n_und", [0, 5000, 8192])
 def test_gpu_bf16_bagel_shapes(n_und):
-    """bf16 kernels at BAGEL-7B widths against the fp64 references and the torch backend."""
-    n, hid, inter, hq, hkv, d = 8192, 3584, 18944, 28, 4, 128
+    """bf16 kernels at BAGEL-7B widths: within twice the error of PyTorch's bf16 math, and close to
+    the fp64 reference elementwise where no long sum is involved."""
+    _lowp_cases("cuda", torch.bfloat16, 8192, n_und, hid=3584, inter=18944, hq=28, hkv=4, d=128)
+    n, hid = 8192, 3584
     dt = torch.bfloat16
     x = leaf(nan_view((n, hid), dt, device="cuda"))
-    wu, wg = leaf(torch.randn(hid, dtype=dt, device="cuda")), leaf(torch.randn(hid, dtype=dt, device="cuda"))
-    y = mot.mot_rms_norm(x, n_und, wu, wg)
+    wu, wg = torch.randn(hid, dtype=dt, device="cuda"), torch.randn(hid, dtype=dt, device="cuda")
+    y = mot.mot_rms_norm(x, n_und, wu, wg)  # strided input with NaN beside it
     g = torch.randn_like(y)
     y.backward(g)
-    ins64 = f64([x, wu, wg])
-    ref = mot.mot_rms_norm_reference(ins64[0], n_und, ins64[1], ins64[2])
+    x64 = x.detach().double().requires_grad_()
+    ref = mot.mot_rms_norm_reference(x64, n_und, wu.double(), wg.double())
     assert_close(y, ref, dt, "fwd", "rms y")
     ref.backward(g.double())
-    check_grads([x, wu, wg], ins64, dt, ["x", "wu", "wg"])
-
-    qkv = nan_view((n, (hq + 2 * hkv) * d), dt, device="cuda")
-    q = qkv[:, : hq * d].view(n, hq, d).detach().requires_grad_()
-    k = qkv[:, hq * d : (hq + hkv) * d].view(n, hkv, d).detach().requires_grad_()
-    ws = [leaf(1 + 0.3 * torch.randn(d, dtype=dt, device="cuda")) for _ in range(4)]
-    cos, sin = mot.rope_cos_sin(torch.randint(0, 8192, (n,), device="cuda"), d, 1e6)
-    qo, ko = mot.mot_qk_norm_rope(q, k, n_und, *ws, cos, sin)
-    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
-    ((qo * gq).float().sum() + (ko * gk).float().sum()).backward()
-    ins64 = f64([q, k, *ws])
-    qr, kr = mot.mot_qk_norm_rope_reference(
-        *ins64[:2], n_und, *ins64[2:], cos.to(dt).double(), sin.to(dt).double()
-    )
-    assert_close(qo, qr, dt, "fwd", "q_out")
-    assert_close(ko, kr, dt, "fwd", "k_out")
-    ((qr * gq.double()).sum() + (kr * gk.double()).sum()).backward()
-    check_grads([q, k, *ws], ins64, dt, ["q", "k", "wqu", "wqg", "wku", "wkg"])
-
-    gate = leaf(torch.randn(n, inter, dtype=dt, device="cuda"))
-    up = leaf(torch.randn(n, inter, dtype=dt, device="cuda"))
-    y = mot.swiglu(gate, up)
-    g = torch.randn_like(y)
-    y.backward(g)
-    ins64 = f64([gate, up])
-    ref = mot.swiglu_reference(*ins64)
-    assert_close(y, ref, dt, "fwd", "swiglu")
-    ref.backward(g.double())
-    check_grads([gate, up], ins64, dt, ["gate", "up"])
+    assert_close(x.grad, x64.grad, dt, "bwd", "rms dx")
 
 
 @gpu
