@@ -331,8 +331,9 @@ class BagelForUnifiedMultimodal(BagelModel):
             stage: ``1`` / ``"stage1"`` (understanding subset) or ``2`` / ``"stage2"`` (also generation).
             strict: raise ValueError when a checkpoint key matches no model parameter (VAE keys and
                 generation keys skipped by stage 1 never count).
-            kwargs: ``backend`` (a :class:`BagelBackendConfig`), ``language_model_cls``, ``dtype`` /
-                ``device`` (applied after loading); the rest override :class:`BagelConfig` fields.
+            kwargs: ``backend`` (a :class:`BagelBackendConfig`), ``language_model_cls``, ``dtype`` and
+                ``device`` (where the weights are materialised; default float32 on the CPU); the rest
+                override :class:`BagelConfig` fields.
 
         The :class:`bagel.checkpoint.LoadReport` (loaded / missing / unexpected / VAE keys ...) is attached
         as ``model.load_report`` and summarised in the log."""
@@ -343,7 +344,14 @@ class BagelForUnifiedMultimodal(BagelModel):
         device = kwargs.pop("device", None)
         config = BagelConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
         config.stage = stage_int
-        model = cls(config, backend=backend, language_model_cls=lm_cls)
+        # built on the meta device and materialised once, directly on `device` in `dtype` (no fp32 copy
+        # of a 14B-parameter model on the host); weights the checkpoint lacks keep initialize_weights()
+        with torch.device("meta"):
+            model = cls(config, backend=backend, language_model_cls=lm_cls)
+        model.to_empty(device=torch.device("cpu") if device is None else device)
+        if dtype is not None:
+            model.to(dtype)
+        model.initialize_weights()
         report = load_checkpoint_into(model, pretrained_model_name_or_path, stage=stage_int, strict=strict)
         model.load_report = report
         logger.info(
@@ -352,8 +360,6 @@ class BagelForUnifiedMultimodal(BagelModel):
             stage_int,
             report.summary(),
         )
-        if dtype is not None or device is not None:
-            model.to(device=device, dtype=dtype)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

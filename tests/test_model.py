@@ -345,8 +345,12 @@ def test_initialize_weights_after_meta_materialisation(stage2_batch):
     with torch.device("meta"):
         model = BagelForUnifiedMultimodal(cfg, backend=REF, language_model_cls=Qwen2ForCausalLMReference)
     model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.fill_(float("nan"))  # whatever initialize_weights leaves untouched shows up
     torch.manual_seed(0)
     model.initialize_weights()
+    assert all(torch.isfinite(t).all() for t in list(model.parameters()) + list(model.buffers()))
     fresh = BagelForUnifiedMultimodal(
         BagelConfig.tiny(), backend=REF, language_model_cls=Qwen2ForCausalLMReference
     )
