@@ -42,7 +42,9 @@ class BagelBackendConfig:
         ):
             value = getattr(self, field)
             if not isinstance(value, str) or value not in allowed:
-                raise ValueError(f"{field}={value!r} is not a valid backend; allowed values: {', '.join(map(repr, allowed))}")
+                raise ValueError(
+                    f"{field}={value!r} is not a valid backend; allowed values: {', '.join(map(repr, allowed))}"
+                )
         if not isinstance(self.deterministic, bool):
             raise ValueError(f"deterministic must be a bool, got {self.deterministic!r}")
 

@@ -80,7 +80,9 @@ def config_rope_theta(config) -> float:
     for src in (params, scaling):
         kind = src.get("rope_type", src.get("type", "default")) if isinstance(src, dict) else "default"
         if kind not in (None, "default"):
-            raise ValueError(f"config rope_type={kind!r} is unsupported: only the default RoPE is implemented")
+            raise ValueError(
+                f"config rope_type={kind!r} is unsupported: only the default RoPE is implemented"
+            )
     theta = getattr(config, "rope_theta", None)
     if theta is None:
         theta = params.get("rope_theta", 10000.0) if isinstance(params, dict) else 10000.0
@@ -109,7 +111,9 @@ def _validate_config(config) -> None:
             f"num_key_value_heads={config.num_key_value_heads}"
         )
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"config.hidden_act={config.hidden_act!r} is unsupported: Qwen2 uses 'silu' (SwiGLU)")
+        raise ValueError(
+            f"config.hidden_act={config.hidden_act!r} is unsupported: Qwen2 uses 'silu' (SwiGLU)"
+        )
     if config_head_dim(config) % 2:
         raise ValueError(f"head dim {config_head_dim(config)} must be even for RoPE")
     config_rope_theta(config)
@@ -168,7 +172,8 @@ class Qwen2RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
-        if inv_freq.dtype != torch.float32 or inv_freq.is_meta:  # cast by model.to(dtype) / never materialised
+        # recompute when model.to(dtype) cast the buffer or it was never materialised (meta device)
+        if inv_freq.dtype != torch.float32 or inv_freq.is_meta:
             inv_freq = self._inv_freq()
         inv_freq = inv_freq.to(position_ids.device)
         freqs = position_ids.float()[:, None] * inv_freq.float()[None, :]  # [L, D/2]
@@ -266,7 +271,17 @@ def _qk_norm_rope(attn, q, k, ctx: PackContext, routed: bool):
         qg = attn.q_norm_moe_gen.weight if routed else attn.q_norm.weight
         kg = attn.k_norm_moe_gen.weight if routed else attn.k_norm.weight
         return _mot().mot_qk_norm_rope(
-            q, k, n, attn.q_norm.weight, qg, attn.k_norm.weight, kg, ctx.cos, ctx.sin, attn.eps, backend=ctx.backend.mot
+            q,
+            k,
+            n,
+            attn.q_norm.weight,
+            qg,
+            attn.k_norm.weight,
+            kg,
+            ctx.cos,
+            ctx.sin,
+            attn.eps,
+            backend=ctx.backend.mot,
         )
     return _rope(q, ctx.cos, ctx.sin), _rope(k, ctx.cos, ctx.sin)
 
@@ -274,7 +289,9 @@ def _qk_norm_rope(attn, q, k, ctx: PackContext, routed: bool):
 def _norm(x: torch.Tensor, n: int, und: Qwen2RMSNorm, gen: Qwen2RMSNorm | None, backend: str) -> torch.Tensor:
     """RMSNorm of grouped rows: ``und`` weight on rows [0, n), ``gen`` on the rest (dense: gen=None, n=L)."""
     if gen is None:
-        return _mot().mot_rms_norm(x, x.shape[0], und.weight, und.weight, und.variance_epsilon, backend=backend)
+        return _mot().mot_rms_norm(
+            x, x.shape[0], und.weight, und.weight, und.variance_epsilon, backend=backend
+        )
     return _mot().mot_rms_norm(x, n, und.weight, gen.weight, und.variance_epsilon, backend=backend)
 
 
@@ -307,7 +324,9 @@ def _attention(attn: PackedAttention, x: torch.Tensor, ctx: PackContext, routed:
     q, k = _qk_norm_rope(attn, q, k, ctx, routed)
     frz = ctx.freeze_und and routed
     q, k, v = (_freeze_rows(t, n, frz) for t in (q, k, v))
-    o = packed_attention(q, k, v, ctx.mask, backend=ctx.backend.attention, deterministic=ctx.backend.deterministic)
+    o = packed_attention(
+        q, k, v, ctx.mask, backend=ctx.backend.attention, deterministic=ctx.backend.deterministic
+    )
     out = proj("o_proj", o.reshape(L, attn.num_heads * attn.head_dim))  # [L, H]
     return _freeze_rows(out, n, frz)
 
@@ -336,10 +355,16 @@ class Qwen2DecoderLayer(nn.Module):
         be = ctx.backend.mot
         n = ctx.n_und
         ra, rm = self.routed_attention, self.routed_mlp
-        h = _norm(x, n, self.input_layernorm, getattr(self, "input_layernorm_moe_gen", None) if ra else None, be)
+        h = _norm(
+            x, n, self.input_layernorm, getattr(self, "input_layernorm_moe_gen", None) if ra else None, be
+        )
         x = x + _attention(self.self_attn, h, ctx, ra)
         h = _norm(
-            x, n, self.post_attention_layernorm, getattr(self, "post_attention_layernorm_moe_gen", None) if ra else None, be
+            x,
+            n,
+            self.post_attention_layernorm,
+            getattr(self, "post_attention_layernorm_moe_gen", None) if ra else None,
+            be,
         )
         m = _mlp(h, n, self.mlp, self.mlp_moe_gen if rm else None, be)
         # upstream detaches the understanding rows of the MLP output in MoT layers only
@@ -444,7 +469,9 @@ def _check_inputs(model: Qwen2Model, packed_sequence, sample_lens, attention_mas
             f"{tuple(packed_sequence.shape) if isinstance(packed_sequence, torch.Tensor) else type(packed_sequence).__name__}"
         )
     if packed_sequence.shape[1] != cfg.hidden_size:
-        raise ValueError(f"packed_sequence has hidden size {packed_sequence.shape[1]}, the model {cfg.hidden_size}")
+        raise ValueError(
+            f"packed_sequence has hidden size {packed_sequence.shape[1]}, the model {cfg.hidden_size}"
+        )
     if not packed_sequence.is_floating_point():
         raise ValueError(f"packed_sequence must be floating point, got {packed_sequence.dtype}")
     L = packed_sequence.shape[0]
@@ -458,10 +485,14 @@ def _check_inputs(model: Qwen2Model, packed_sequence, sample_lens, attention_mas
     if attention_mask.row_index is not None:
         raise ValueError("attention_mask must not carry a row_index: the model attaches its own")
     if attention_mask.total_len < L:
-        raise ValueError(f"attention_mask covers {attention_mask.total_len} tokens, fewer than packed_sequence's {L}")
+        raise ValueError(
+            f"attention_mask covers {attention_mask.total_len} tokens, fewer than packed_sequence's {L}"
+        )
     attention_mask = attention_mask.to(packed_sequence.device)
     if sample_lens is not None and int(sum(int(s) for s in sample_lens)) != attention_mask.total_len:
-        raise ValueError(f"sample_lens sum to {sum(int(s) for s in sample_lens)} but attention_mask covers {attention_mask.total_len}")
+        raise ValueError(
+            f"sample_lens sum to {sum(int(s) for s in sample_lens)} but attention_mask covers {attention_mask.total_len}"
+        )
     if not isinstance(packed_position_ids, torch.Tensor) or packed_position_ids.shape != (L,):
         raise ValueError(
             f"packed_position_ids must be a 1-D tensor of {L} positions, got "
@@ -526,7 +557,9 @@ class Qwen2Model(nn.Module):
         packed_gen_token_indexes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See :meth:`Qwen2ForCausalLM.forward_train`."""
-        attention_mask, pos = _check_inputs(self, packed_sequence, sample_lens, attention_mask, packed_position_ids)
+        attention_mask, pos = _check_inputs(
+            self, packed_sequence, sample_lens, attention_mask, packed_position_ids
+        )
         L = packed_sequence.shape[0]
         device = packed_sequence.device
         be = self.backend
@@ -550,12 +583,20 @@ class Qwen2Model(nn.Module):
             x = packed_sequence
         if self.freeze_und:
             x = _freeze_rows(x, n_und, True)
-        cos, sin = mot.rope_cos_sin(pos, self.head_dim, self.rope_theta, x.dtype)  # [L, D] each, grouped order
+        # [L, D] each, in grouped row order
+        cos, sin = mot.rope_cos_sin(pos, self.head_dim, self.rope_theta, x.dtype)
         ctx = PackContext(n_und=n_und, cos=cos, sin=sin, mask=mask, backend=be, freeze_und=self.freeze_und)
         for layer in self.layers:
             x = layer.forward_grouped(x, ctx)
         if self.use_moe:
-            x = mot.mot_rms_norm(x, n_und, self.norm.weight, self.norm_moe_gen.weight, self.norm.variance_epsilon, backend=be.mot)
+            x = mot.mot_rms_norm(
+                x,
+                n_und,
+                self.norm.weight,
+                self.norm_moe_gen.weight,
+                self.norm.variance_epsilon,
+                backend=be.mot,
+            )
             x = _freeze_rows(x, n_und, self.freeze_und)
         else:
             x = _norm(x, L, self.norm, None, be.mot)

@@ -57,7 +57,19 @@ def _routed(x: torch.Tensor, und: torch.Tensor, gen: torch.Tensor, f_und, f_gen,
     return out
 
 
-def _attention(attn: PackedAttention, x, und, gen, mask, cos, sin, routed: bool, freeze_und: bool, attention: str, det: bool):
+def _attention(
+    attn: PackedAttention,
+    x,
+    und,
+    gen,
+    mask,
+    cos,
+    sin,
+    routed: bool,
+    freeze_und: bool,
+    attention: str,
+    det: bool,
+):
     L = x.shape[0]
     Hq, Hkv, D = attn.num_heads, attn.num_key_value_heads, attn.head_dim
     if routed:
@@ -167,7 +179,16 @@ def forward_train_reference(
     cos, sin = model.rotary_emb(pos, x.dtype)
     for layer in model.layers:
         x = reference_layer_forward(
-            layer, x, mask, cos, sin, und, gen, freeze_und=freeze, attention=attention, deterministic=deterministic
+            layer,
+            x,
+            mask,
+            cos,
+            sin,
+            und,
+            gen,
+            freeze_und=freeze,
+            attention=attention,
+            deterministic=deterministic,
         )
     if model.use_moe:
         out = torch.zeros_like(x)
@@ -208,4 +229,3 @@ class Qwen2ForCausalLMReference(Qwen2ForCausalLM):
             attention=be.attention,
             deterministic=be.deterministic,
         )
-

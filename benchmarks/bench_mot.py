@@ -57,7 +57,9 @@ def gen_flags(layout) -> torch.Tensor:
         used, fulls = 0, 0
         while used < slen:
             n, mode = next(split_iter)
-            is_vae = mode == "noise" or (mode == "full" and (kind == "interleaved" or (kind == "edit" and fulls == 1)))
+            is_vae = mode == "noise" or (
+                mode == "full" and (kind == "interleaved" or (kind == "edit" and fulls == 1))
+            )
             fulls += mode == "full"
             if is_vae and n >= 3:
                 flags[pos + 1 : pos + n - 1] = True
@@ -242,12 +244,17 @@ def run_layer(args, device, dims, table_rows: list, notes: list):
     cos, sin = mot.rope_cos_sin(pos, D, dims["theta"], dtype)
     mask_t = mask.truncated(L)
     reference = fwd_bwd(
-        lambda t: reference_layer_forward(mot_layer, t, mask_t, cos, sin, und, gen, attention=attn_backend), [x], mot_params, dy
+        lambda t: reference_layer_forward(mot_layer, t, mask_t, cos, sin, und, gen, attention=attn_backend),
+        [x],
+        mot_params,
+        dy,
     )
 
     # (c) dense layer, same kernels, same tokens, pack order (no row index)
     ctx_dense = PackContext(n_und=L, cos=cos, sin=sin, mask=mask_t, backend=fast)
-    dense = fwd_bwd(lambda t: dense_layer.forward_grouped(t, ctx_dense), [x], list(dense_layer.parameters()), dy)
+    dense = fwd_bwd(
+        lambda t: dense_layer.forward_grouped(t, ctx_dense), [x], list(dense_layer.parameters()), dy
+    )
 
     # sanity: (a) and (b) compute the same layer
     with torch.no_grad():
@@ -273,11 +280,19 @@ def run_layer(args, device, dims, table_rows: list, notes: list):
     t_a_tot = t_a + per_layer_once
     table_rows += [
         ("(a) grouped MoT layer (ours)", t_a, m_a, f"{t_b / t_a:.2f}x", f"{t_a / t_c - 1:+.1%}"),
-        (f"(a') + one-time grouping / {dims['layers']} layers", t_a_tot, float("nan"), f"{t_b / t_a_tot:.2f}x", f"{t_a_tot / t_c - 1:+.1%}"),
+        (
+            f"(a') + one-time grouping / {dims['layers']} layers",
+            t_a_tot,
+            float("nan"),
+            f"{t_b / t_a_tot:.2f}x",
+            f"{t_a_tot / t_c - 1:+.1%}",
+        ),
         ("(b) gather/scatter MoT layer (upstream routing)", t_b, m_b, "1.00x", f"{t_b / t_c - 1:+.1%}"),
         ("(c) dense layer (floor)", t_c, m_c, f"{t_b / t_c:.2f}x", "+0.0%"),
     ]
-    notes.append(f"one-time grouping per forward (grouped_order + mask row index + RoPE tables + permute in/out, fwd+bwd): {t_once:.3f} ms")
+    notes.append(
+        f"one-time grouping per forward (grouped_order + mask row index + RoPE tables + permute in/out, fwd+bwd): {t_once:.3f} ms"
+    )
     goal_a = t_b / t_a_tot >= 1.25
     goal_c = t_a_tot / t_c <= 1.10
     notes.append(
@@ -286,11 +301,35 @@ def run_layer(args, device, dims, table_rows: list, notes: list):
     )
     if args.upstream_flex and device.type == "cuda":
         flex_ref = fwd_bwd(
-            lambda t: reference_layer_forward(mot_layer, t, mask_t, cos, sin, und, gen, attention="flex"), [x], mot_params, dy
+            lambda t: reference_layer_forward(mot_layer, t, mask_t, cos, sin, und, gen, attention="flex"),
+            [x],
+            mot_params,
+            dy,
         )
         t_f = time_ms(flex_ref, device, reps, warm)
-        table_rows.append(("(u) gather/scatter + FlexAttention (upstream-like)", t_f, peak_mib(flex_ref, device), f"{t_b / t_f:.2f}x", f"{t_f / t_c - 1:+.1%}"))
-    return dict(a=t_a, a_tot=t_a_tot, b=t_b, c=t_c, L=L, n_gen=n_gen, und=und, gen=gen, perm=perm, n_und=n_und, D=D, dtype=dtype)
+        table_rows.append(
+            (
+                "(u) gather/scatter + FlexAttention (upstream-like)",
+                t_f,
+                peak_mib(flex_ref, device),
+                f"{t_b / t_f:.2f}x",
+                f"{t_f / t_c - 1:+.1%}",
+            )
+        )
+    return dict(
+        a=t_a,
+        a_tot=t_a_tot,
+        b=t_b,
+        c=t_c,
+        L=L,
+        n_gen=n_gen,
+        und=und,
+        gen=gen,
+        perm=perm,
+        n_und=n_und,
+        D=D,
+        dtype=dtype,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- op benchmarks
@@ -314,7 +353,7 @@ def run_ops(args, device, dims, info, rows: list):
 
     L, n, dtype, D = info["L"], info["n_und"], info["dtype"], info["D"]
     und, gen, perm = info["und"], info["gen"], info["perm"]
-    H, I, Hq, Hkv = dims["hidden"], dims["inter"], dims["heads"], dims["kv_heads"]
+    H, inter, Hq, Hkv = dims["hidden"], dims["inter"], dims["heads"], dims["kv_heads"]
     eps = 1e-6
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -328,11 +367,20 @@ def run_ops(args, device, dims, info, rows: list):
     # RMSNorm over the hidden size
     x, w1, w2 = rnd(L, H), rnd(H, scale=0.1), rnd(H, scale=0.1)
     dy = rnd(L, H, grad=False)
-    cases.append((
-        f"mot_rms_norm [{L}, {H}]",
-        lambda b: fwd_bwd(lambda t: mot.mot_rms_norm(t, n, w1, w2, eps, backend=b), [x], [w1, w2], dy),
-        fwd_bwd(lambda t: _scatter2(t, und, gen, lambda u: _rms(u, w1, eps), lambda v: _rms(v, w2, eps), t.shape), [x], [w1, w2], dy),
-    ))
+    cases.append(
+        (
+            f"mot_rms_norm [{L}, {H}]",
+            lambda b: fwd_bwd(lambda t: mot.mot_rms_norm(t, n, w1, w2, eps, backend=b), [x], [w1, w2], dy),
+            fwd_bwd(
+                lambda t: _scatter2(
+                    t, und, gen, lambda u: _rms(u, w1, eps), lambda v: _rms(v, w2, eps), t.shape
+                ),
+                [x],
+                [w1, w2],
+                dy,
+            ),
+        )
+    )
     # q/k per-head RMSNorm + RoPE
     q, k = rnd(L, Hq, D), rnd(L, Hkv, D)
     qw1, qw2, kw1, kw2 = (rnd(D, scale=0.1) for _ in range(4))
@@ -343,55 +391,79 @@ def run_ops(args, device, dims, info, rows: list):
         k_ = _scatter2(kk, und, gen, lambda u: _rms(u, kw1, eps), lambda v: _rms(v, kw2, eps), kk.shape)
         return apply_rotary(q_, k_, cos, sin)
 
-    cases.append((
-        f"mot_qk_norm_rope q [{L}, {Hq}, {D}], k [{L}, {Hkv}, {D}]",
-        lambda b: fwd_bwd(
-            lambda a, c: mot.mot_qk_norm_rope(a, c, n, qw1, qw2, kw1, kw2, cos, sin, eps, backend=b), [q, k], [qw1, qw2, kw1, kw2], (dq, dk)
-        ),
-        fwd_bwd(qk_gs, [q, k], [qw1, qw2, kw1, kw2], (dq, dk)),
-    ))
+    cases.append(
+        (
+            f"mot_qk_norm_rope q [{L}, {Hq}, {D}], k [{L}, {Hkv}, {D}]",
+            lambda b: fwd_bwd(
+                lambda a, c: mot.mot_qk_norm_rope(a, c, n, qw1, qw2, kw1, kw2, cos, sin, eps, backend=b),
+                [q, k],
+                [qw1, qw2, kw1, kw2],
+                (dq, dk),
+            ),
+            fwd_bwd(qk_gs, [q, k], [qw1, qw2, kw1, kw2], (dq, dk)),
+        )
+    )
     # SwiGLU (not routed: the gather/scatter column is plain torch)
-    gt, up = rnd(L, I), rnd(L, I)
-    dh = rnd(L, I, grad=False)
-    cases.append((
-        f"swiglu [{L}, {I}]",
-        lambda b: fwd_bwd(lambda a, c: mot.swiglu(a, c, backend=b), [gt, up], [], dh),
-        fwd_bwd(lambda a, c: F.silu(a) * c, [gt, up], [], dh),
-    ))
+    gt, up = rnd(L, inter), rnd(L, inter)
+    dh = rnd(L, inter, grad=False)
+    cases.append(
+        (
+            f"swiglu [{L}, {inter}]",
+            lambda b: fwd_bwd(lambda a, c: mot.swiglu(a, c, backend=b), [gt, up], [], dh),
+            fwd_bwd(lambda a, c: F.silu(a) * c, [gt, up], [], dh),
+        )
+    )
     # routed linear: the q projection (bias) and the MLP gate projection
-    for name, out_f, bias in (("q_proj", Hq * D, True), ("gate_proj", I, False)):
+    for name, out_f, bias in (("q_proj", Hq * D, True), ("gate_proj", inter, False)):
         xx = rnd(L, H)
         wa, wb = rnd(out_f, H, scale=H**-0.5), rnd(out_f, H, scale=H**-0.5)
         ba, bb = (rnd(out_f, scale=0.1), rnd(out_f, scale=0.1)) if bias else (None, None)
         ps = [p for p in (wa, wb, ba, bb) if p is not None]
         dyo = rnd(L, out_f, grad=False)
-        cases.append((
-            f"mot_linear {name} [{L}, {H}] -> {out_f}",
-            lambda b, xx=xx, wa=wa, wb=wb, ba=ba, bb=bb, ps=ps, dyo=dyo: fwd_bwd(
-                lambda t: mot.mot_linear(t, n, wa, ba, wb, bb, backend=b), [xx], ps, dyo
-            ),
-            fwd_bwd(
-                lambda t, wa=wa, wb=wb, ba=ba, bb=bb, out_f=out_f: _scatter2(
-                    t, und, gen, lambda u: F.linear(u, wa, ba), lambda v: F.linear(v, wb, bb), (t.shape[0], out_f)
+        cases.append(
+            (
+                f"mot_linear {name} [{L}, {H}] -> {out_f}",
+                lambda b, xx=xx, wa=wa, wb=wb, ba=ba, bb=bb, ps=ps, dyo=dyo: fwd_bwd(
+                    lambda t: mot.mot_linear(t, n, wa, ba, wb, bb, backend=b), [xx], ps, dyo
                 ),
-                [xx], ps, dyo,
-            ),
-        ))
+                fwd_bwd(
+                    lambda t, wa=wa, wb=wb, ba=ba, bb=bb, out_f=out_f: _scatter2(
+                        t,
+                        und,
+                        gen,
+                        lambda u: F.linear(u, wa, ba),
+                        lambda v: F.linear(v, wb, bb),
+                        (t.shape[0], out_f),
+                    ),
+                    [xx],
+                    ps,
+                    dyo,
+                ),
+            )
+        )
     # row permutation (the grouped layout pays it once per forward, not per op)
     xp = rnd(L, H)
     dyp = rnd(L, H, grad=False)
-    cases.append((
-        f"permute_rows [{L}, {H}]",
-        lambda b: fwd_bwd(lambda t: mot.permute_rows(t, perm), [xp], [], dyp)
-        if b == "triton"
-        else fwd_bwd(lambda t: t[perm], [xp], [], dyp),
-        None,
-    ))
+    cases.append(
+        (
+            f"permute_rows [{L}, {H}]",
+            lambda b: (
+                fwd_bwd(lambda t: mot.permute_rows(t, perm), [xp], [], dyp)
+                if b == "triton"
+                else fwd_bwd(lambda t: t[perm], [xp], [], dyp)
+            ),
+            None,
+        )
+    )
 
     for name, make, gather_scatter in cases:
         t_tri = time_ms(make("triton"), device, args.reps, args.warmup)
         t_torch = time_ms(make("torch"), device, args.reps, args.warmup)
-        t_gs = time_ms(gather_scatter, device, args.reps, args.warmup) if gather_scatter is not None else float("nan")
+        t_gs = (
+            time_ms(gather_scatter, device, args.reps, args.warmup)
+            if gather_scatter is not None
+            else float("nan")
+        )
         rows.append((name, t_tri, t_torch, t_gs))
 
 
@@ -406,15 +478,24 @@ def _plot(path, layer_rows, op_rows):
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
     names = [r[0].split(" ")[0] for r in layer_rows]
-    ax1.bar(names, [r[1] for r in layer_rows], color=["tab:green", "tab:olive", "tab:red", "tab:gray", "tab:purple"][: len(layer_rows)])
+    ax1.bar(
+        names,
+        [r[1] for r in layer_rows],
+        color=["tab:green", "tab:olive", "tab:red", "tab:gray", "tab:purple"][: len(layer_rows)],
+    )
     ax1.set_ylabel("fwd+bwd ms (median)")
     ax1.set_title("one MoT decoder layer")
     for i, r in enumerate(layer_rows):
         ax1.text(i, r[1], f"{r[1]:.1f}", ha="center", va="bottom", fontsize=8)
-    labels = [r[0].split(" ")[0] + ("\n" + r[0].split(" ")[1] if r[0].startswith("mot_linear") else "") for r in op_rows]
+    labels = [
+        r[0].split(" ")[0] + ("\n" + r[0].split(" ")[1] if r[0].startswith("mot_linear") else "")
+        for r in op_rows
+    ]
     xs = range(len(op_rows))
     wdt = 0.27
-    for j, (lab, col) in enumerate((("triton (grouped)", 1), ("torch (grouped)", 2), ("torch gather/scatter", 3))):
+    for j, (lab, col) in enumerate(
+        (("triton (grouped)", 1), ("torch (grouped)", 2), ("torch gather/scatter", 3))
+    ):
         ax2.bar([i + (j - 1) * wdt for i in xs], [r[col] for r in op_rows], width=wdt, label=lab)
     ax2.set_xticks(list(xs))
     ax2.set_xticklabels(labels, fontsize=7)
@@ -448,14 +529,26 @@ def run(args) -> str:
     for note in notes:
         t1.note(note)
     t1.note(device_info(device))
-    t1.note(f"median of {args.reps} timed calls after {args.warmup} warm-up calls; {time.perf_counter() - t0:.0f} s for the whole script")
+    t1.note(
+        f"median of {args.reps} timed calls after {args.warmup} warm-up calls; {time.perf_counter() - t0:.0f} s for the whole script"
+    )
     t2 = Table(
         "bagel_kernels.mot ops, fwd+bwd ms (median)",
-        ["op", "triton", "torch backend", "torch gather/scatter (upstream)", "triton speed-up vs gather/scatter"],
+        [
+            "op",
+            "triton",
+            "torch backend",
+            "torch gather/scatter (upstream)",
+            "triton speed-up vs gather/scatter",
+        ],
     )
     for name, a, b, c in op_rows:
-        t2.add([name, f"{a:.3f}", f"{b:.3f}", "-" if c != c else f"{c:.3f}", "-" if c != c else f"{c / a:.2f}x"])
-    t2.note("permute_rows: the torch column is x[perm] (its backward an index_put); the grouped layout pays it once per forward")
+        t2.add(
+            [name, f"{a:.3f}", f"{b:.3f}", "-" if c != c else f"{c:.3f}", "-" if c != c else f"{c / a:.2f}x"]
+        )
+    t2.note(
+        "permute_rows: the torch column is x[perm] (its backward an index_put); the grouped layout pays it once per forward"
+    )
     text = t1.render() + "\n" + t2.render()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -470,14 +563,24 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="directory for bench_mot.md and bench_mot.png")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--tokens", type=int, default=16384, help="pack size (realistic_pack)")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (Triton interpreter): checks the script only")
-    p.add_argument("--upstream-flex", action="store_true", help="also time gather/scatter + FlexAttention (compiles: +30-60 s)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny shapes on the CPU (Triton interpreter): checks the script only",
+    )
+    p.add_argument(
+        "--upstream-flex",
+        action="store_true",
+        help="also time gather/scatter + FlexAttention (compiles: +30-60 s)",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.reps, args.warmup = 1, 1
     elif not torch.cuda.is_available():
-        print("bench_mot: needs CUDA (BAGEL-7B shapes in bf16); no GPU here, nothing measured. Use --tiny to check the script on CPU.")
+        print(
+            "bench_mot: needs CUDA (BAGEL-7B shapes in bf16); no GPU here, nothing measured. Use --tiny to check the script on CPU."
+        )
         return 0
     else:
         args.reps, args.warmup = (5, 2) if args.quick else (15, 3)

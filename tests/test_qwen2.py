@@ -21,7 +21,9 @@ from bagel.backend import BagelBackendConfig
 from bagel_kernels import PackedMask
 from bagel_kernels.testing import random_pack, tolerance
 
-mot = pytest.importorskip("bagel_kernels.mot", reason="bagel_kernels.mot (MoT routed ops) is not in the tree yet")
+mot = pytest.importorskip(
+    "bagel_kernels.mot", reason="bagel_kernels.mot (MoT routed ops) is not in the tree yet"
+)
 
 from bagel.qwen2 import LAYER_MODULES, Qwen2ForCausalLM  # noqa: E402
 from bagel.qwen2_reference import Qwen2ForCausalLMReference, forward_train_reference  # noqa: E402
@@ -171,7 +173,12 @@ def test_backend_config_validates():
     assert BagelBackendConfig() == BagelBackendConfig("auto", "auto", "auto", False)
     ref = BagelBackendConfig.reference()
     assert (ref.attention, ref.mot, ref.patch_embed) == ("sdpa", "torch", "torch")
-    for field, bad in (("attention", "flash"), ("mot", "cuda"), ("patch_embed", "triton"), ("attention", None)):
+    for field, bad in (
+        ("attention", "flash"),
+        ("mot", "cuda"),
+        ("patch_embed", "triton"),
+        ("attention", None),
+    ):
         with pytest.raises(ValueError, match=field) as exc:
             BagelBackendConfig(**{field: bad})
         assert "auto" in str(exc.value)  # the message lists the allowed values
@@ -216,7 +223,9 @@ def test_state_dict_keys_match_bagel_checkpoint(layer_module, qk_norm):
     assert lm.get_input_embeddings() is lm.model.embed_tokens
     assert lm.get_output_embeddings() is lm.lm_head
     # HF-style init: norms 1, biases 0
-    assert bool((sd["model.norm.weight"] == 1).all()) and not bool(sd["model.layers.0.self_attn.q_proj.bias"].any())
+    assert bool((sd["model.norm.weight"] == 1).all()) and not bool(
+        sd["model.layers.0.self_attn.q_proj.bias"].any()
+    )
     # the reference model has the same keys
     assert set(Qwen2ForCausalLMReference(make_config(layer_module, qk_norm=qk_norm)).state_dict()) == set(sd)
 
@@ -276,8 +285,12 @@ def test_mot_with_equal_experts_equals_dense(impl):
     x = torch.randn(L, HIDDEN)
     with torch.no_grad():
         if impl == "reference":
-            got = forward_train_reference(copy.deepcopy(mot_lm).double(), x.double(), layout.sample_lens, mask, pos, und, gen)
-            want = forward_train_reference(copy.deepcopy(dense).double(), x.double(), layout.sample_lens, mask, pos)
+            got = forward_train_reference(
+                copy.deepcopy(mot_lm).double(), x.double(), layout.sample_lens, mask, pos, und, gen
+            )
+            want = forward_train_reference(
+                copy.deepcopy(dense).double(), x.double(), layout.sample_lens, mask, pos
+            )
             torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
         else:
             want = dense.forward_train(x, layout.sample_lens, mask, pos)
@@ -338,7 +351,9 @@ def test_without_qk_norm_matches_reference(mot_backend):
 def test_routing_edge_cases(case):
     gen_kind, und_arg, gen_arg, mot_backend = case
     lm = make_model(make_config(), BagelBackendConfig(attention="sdpa", mot=mot_backend))
-    layout, mask, L, pos, und, gen = make_pack(seed=7, num_samples=4, pad=0, gen=gen_kind, small=mot_backend == "triton")
+    layout, mask, L, pos, und, gen = make_pack(
+        seed=7, num_samples=4, pad=0, gen=gen_kind, small=mot_backend == "triton"
+    )
     compare(lm, layout, mask, L, pos, und, gen, und_arg=und_arg, gen_arg=gen_arg)
 
 
@@ -352,7 +367,9 @@ def test_routing_edge_cases(case):
     ],
 )
 def test_freeze_und(layer_module, attention, mot_backend):
-    lm = make_model(make_config(layer_module, freeze_und=True), BagelBackendConfig(attention=attention, mot=mot_backend))
+    lm = make_model(
+        make_config(layer_module, freeze_und=True), BagelBackendConfig(attention=attention, mot=mot_backend)
+    )
     layout, mask, L, pos, und, gen = make_pack(seed=8, small=mot_backend == "triton")
     grads = compare(lm, layout, mask, L, pos, und, gen)
     for name, g in grads.items():
@@ -389,8 +406,12 @@ def test_bad_inputs_raise():
 
     def call(**kw):
         args = dict(
-            packed_sequence=x, sample_lens=sl, attention_mask=mask, packed_position_ids=pos,
-            packed_und_token_indexes=und, packed_gen_token_indexes=gen,
+            packed_sequence=x,
+            sample_lens=sl,
+            attention_mask=mask,
+            packed_position_ids=pos,
+            packed_und_token_indexes=und,
+            packed_gen_token_indexes=gen,
         )
         args.update(kw)
         return lm.forward_train(**args)
@@ -431,8 +452,12 @@ def test_gpu_bf16_fast_backends_match_reference(layer_module):
     fast = copy.deepcopy(lm).to(torch.bfloat16)
     x = torch.randn(L, cfg.hidden_size, device=dev)
     w = torch.randn(L, cfg.hidden_size, device=dev)
-    y, dx, g = run(lambda t: fast.forward_train(t, layout.sample_lens, mask, pos, und, gen), fast, x.bfloat16(), w)
-    yr, dxr, gr = run(lambda t: forward_train_reference(ref, t, layout.sample_lens, mask, pos, und, gen), ref, x, w)
+    y, dx, g = run(
+        lambda t: fast.forward_train(t, layout.sample_lens, mask, pos, und, gen), fast, x.bfloat16(), w
+    )
+    yr, dxr, gr = run(
+        lambda t: forward_train_reference(ref, t, layout.sample_lens, mask, pos, und, gen), ref, x, w
+    )
     atol, rtol = tolerance(torch.bfloat16, "fwd")
     # outputs are O(1)-O(10) after the final norm with random weights: compare relative to their scale
     scale = yr.abs().max()
@@ -442,7 +467,9 @@ def test_gpu_bf16_fast_backends_match_reference(layer_module):
         if gr[name] is None:
             continue
         s = gr[name].abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(g[name].float() / s, gr[name] / s, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            g[name].float() / s, gr[name] / s, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}"
+        )
     s = dxr.abs().max()
     torch.testing.assert_close(dx.float() / s, dxr / s, atol=atol, rtol=rtol)
 
@@ -450,7 +477,9 @@ def test_gpu_bf16_fast_backends_match_reference(layer_module):
 @pytest.mark.gpu
 def test_gpu_deterministic_backward_is_bitwise_reproducible():
     dev = torch.device("cuda")
-    lm = make_model(make_config(), BagelBackendConfig(attention="triton", mot="triton", deterministic=True)).to(dev)
+    lm = make_model(
+        make_config(), BagelBackendConfig(attention="triton", mot="triton", deterministic=True)
+    ).to(dev)
     layout, mask, L, pos, und, gen = make_pack(seed=12, num_samples=16)
     mask, pos, und, gen = mask.to(dev), pos.to(dev), und.to(dev), gen.to(dev)
     x = torch.randn(L, HIDDEN, device=dev)
@@ -470,7 +499,9 @@ def test_bench_mot_pack_has_about_half_generation_tokens():
     import os
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    )
     import bench_mot
 
     layout, mask, L, pos, und, gen, seed = bench_mot.build_pack(16384, False, "cpu")
@@ -482,7 +513,9 @@ def test_bench_mot_pack_has_about_half_generation_tokens():
     assert all(m in ("noise", "full") for m in modes)
     s = split_of[gen]
     assert bool((gen > starts[s]).all()) and bool((gen < starts[s + 1] - 1).all())  # not a bracket token
-    noise_tokens = sum(n - 2 for n, m in zip(layout.split_lens, layout.attn_modes) if m == "noise")
+    noise_tokens = sum(
+        n - 2 for n, m in zip(layout.split_lens, layout.attn_modes, strict=True) if m == "noise"
+    )
     assert modes.count("noise") == noise_tokens
     # positions: every token of an image shares one position, text advances by one
     assert bool((pos[gen] == pos[gen - 1]).all())
