@@ -139,14 +139,19 @@ def _attn_fwd_kernel(
         rows_k = _load_rows(ROW_IDX, offs_n, col_ok, HAS_ROW_IDX)
         k = _load_tile(K + hk.to(tl.int64) * stride_kh, rows_k, col_ok, offs_d, stride_kt, D, D_PAD, LOWP_DOT)
         v = _load_tile(V + hk.to(tl.int64) * stride_vh, rows_k, col_ok, offs_d, stride_vt, D, D_PAD, LOWP_DOT)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], log2 domain
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BM, BN], unscaled
         if full == 0:
             lo = tl.load(KV_LO + offs_n, mask=col_ok, other=2147483647)
             hi = tl.load(KV_HI + offs_n, mask=col_ok, other=0)
             vis = (lo[None, :] <= offs_m[:, None]) & (offs_m[:, None] < hi[None, :])
-            s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+            s = tl.where(vis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+        else:
+            # full tile: max of the raw scores times the (non-negative) scale, so that scaling and
+            # subtracting the max fuse into one FMA per score
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -223,8 +228,8 @@ def _attn_bwd_dkdv_program(
         delta = tl.load(DELTA + h.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
         p_t = tl.math.exp2(s_t - lse[None, :])
-        full = (max_lo <= m * BLOCK_M) & (min_hi >= tl.minimum((m + 1) * BLOCK_M, N))
-        if not full:
+        partial = (max_lo > m * BLOCK_M) | (min_hi < tl.minimum((m + 1) * BLOCK_M, N))
+        if partial:
             vis = (lo[:, None] <= offs_m[None, :]) & (offs_m[None, :] < hi[:, None])
             p_t = tl.where(vis, p_t, 0.0)
         if LOWP_DOT:
@@ -642,8 +647,8 @@ def triton_packed_attention(
     if N >= _INT32_MAX // 2:
         raise ValueError(f"q has {N} tokens, beyond the int32 token indices of the kernels")
     scale = D**-0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"softmax scale must be finite, got {scale}")
+    if not (math.isfinite(scale) and scale >= 0.0):
+        raise ValueError(f"softmax_scale must be finite and non-negative for the Triton backend, got {scale}")
     cfg = config if config is not None else default_config(q.device, q.dtype, D)
     fwd_tables, bwd_tables = prepare_mask(mask, cfg)
     out, _lse = _packed_attention_fwd(

@@ -230,10 +230,11 @@ def test_nan_filled_output_buffers():
         _close(a, b, torch.float32, "bwd", "grad")
 
 
-def test_softmax_scale():
+@pytest.mark.parametrize("scale", [0.37, 0.0, 2.5])
+def test_softmax_scale(scale):
     mask = _mask(random_pack(random.Random(15), 3, text=(1, 30), image=(1, 40)))
     q, k, v = _make_qkv(mask.total_len, 2, 2, 32, torch.float32)
-    _check_against_reference(q, k, v, mask, torch.float32, scale=0.37)
+    _check_against_reference(q, k, v, mask, torch.float32, scale=scale)
 
 
 def test_row_index_permutation():
@@ -309,6 +310,8 @@ def test_bad_inputs_raise_value_error():
         triton_packed_attention(q, kv, kv, mask.to_dense())
     with pytest.raises(ValueError, match="scale"):
         triton_packed_attention(q, kv, kv, mask, float("nan"))
+    with pytest.raises(ValueError, match="scale"):
+        triton_packed_attention(q, kv, kv, mask, -0.5)
     cfg = default_config("cpu", torch.float32, 16)
     fwd_t, bwd_t = prepare_mask(PackedMask.from_splits([300], [300], ["causal"]), cfg)
     with pytest.raises(ValueError, match="fwd_tables"):
