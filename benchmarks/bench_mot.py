@@ -212,8 +212,9 @@ def run_layer(args, device, dims, table_rows: list, notes: list):
     attn_backend = "triton"
 
     torch.manual_seed(0)
-    mot_layer = Qwen2MoTDecoderLayer(cfg, 0).to(device=device, dtype=dtype)
-    dense_layer = Qwen2DecoderLayer(cfg, 0).to(device=device, dtype=dtype)
+    with torch.device(device):  # build on the device: initialising 700M parameters on the CPU takes seconds
+        mot_layer = Qwen2MoTDecoderLayer(cfg, 0).to(dtype=dtype)
+        dense_layer = Qwen2DecoderLayer(cfg, 0).to(dtype=dtype)
     with torch.no_grad():  # HF-like init: small weights, distinct experts
         for layer in (mot_layer, dense_layer):
             for name, p in layer.named_parameters():

@@ -47,13 +47,21 @@ needs_triton_attention = pytest.mark.skipif(
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-def make_config(layer_module="Qwen2MoTDecoderLayer", qk_norm=True, freeze_und=False, layers=2) -> Qwen2Config:
+def make_config(
+    layer_module="Qwen2MoTDecoderLayer",
+    qk_norm=True,
+    freeze_und=False,
+    layers=2,
+    hidden=HIDDEN,
+    heads=HEADS,
+    inter=INTER,
+) -> Qwen2Config:
     return Qwen2Config(
         vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTER,
+        hidden_size=hidden,
+        intermediate_size=inter,
         num_hidden_layers=layers,
-        num_attention_heads=HEADS,
+        num_attention_heads=heads,
         num_key_value_heads=KV_HEADS,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
@@ -442,9 +450,7 @@ def test_bad_inputs_raise():
 def test_gpu_bf16_fast_backends_match_reference(layer_module):
     """CUDA, bf16, fast backends ("auto": Triton) vs the fp32 reference on the same weights."""
     dev = torch.device("cuda")
-    cfg = make_config(layer_module)
-    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size = 8, 2, 8 * 64  # head_dim 64
-    cfg.intermediate_size = 1024
+    cfg = make_config(layer_module, hidden=8 * 64, heads=8, inter=1024)  # head_dim 64, GQA 4
     lm = make_model(cfg, BagelBackendConfig()).to(dev)
     layout, mask, L, pos, und, gen = make_pack(seed=11, num_samples=24)
     mask, pos, und, gen = mask.to(dev), pos.to(dev), und.to(dev), gen.to(dev)
