@@ -11,7 +11,9 @@
 //   * pe_mma_kernel   float16 / bfloat16 on sm_80+: 128x128x32 block tile, 8 warps of 64x32,
 //                     tensor cores through ldmatrix + mma.sync.m16n8k16 (float32 accumulate),
 //                     double-buffered shared memory fed by register prefetch (which allows the
-//                     gather and any row alignment).
+//                     gather and any row alignment). From images, the launcher permutes the weight
+//                     to (channel, pixel row, pixel col padded to a multiple of 4) so the A-tile
+//                     gather reads runs of adjacent pixels rather than single channel values.
 //   * pe_simt_kernel  float32 (exact float32 FMA, no TF32), and every dtype on older GPUs or when
 //                     BAGEL_KERNELS_PATCH_EMBED_KERNEL=simt: 64x64x16 block tile, 4x4 per thread.
 //
@@ -43,10 +45,12 @@ struct Params {
   const int64_t* pos_ids;  // [N] or nullptr
   const int64_t* coords;   // [N, 3] or nullptr
   void* out;               // [N, hidden] contiguous
-  int64_t N, K, hidden, P;
+  int64_t N, K, hidden, P;  // K: inputs per patch as the kernel's weight sees them (see pe_mma_kernel)
   int64_t lda;
   int64_t B, C, H, W, p, Hp, Wp;
-  int vec_a;     // A rows may be read 4 elements (8 bytes) at a time
+  int64_t pp;    // mma kernel, images: pixel runs of one patch row padded to pp = round_up(p, 4)
+  int vec_a;     // patches: A rows may be read 4 elements (8 bytes) at a time;
+                 // images (mma kernel): pixels may be read in aligned pairs (4 bytes)
   int vec_b;     // weight rows may be read 4 elements at a time
   int pair_out;  // bias, table rows and out rows may be accessed 2 elements (4 bytes) at a time
 };
@@ -81,6 +85,7 @@ __device__ __forceinline__ bool row_valid(const Params& P, int64_t n, int64_t& p
   return ok;
 }
 
+// SIMT kernel, images: koff[k] = offset of element k of a patch (BAGEL order) from its top-left pixel.
 __device__ __forceinline__ void fill_koff(const Params& P, int* koff) {
   for (int64_t k = threadIdx.x; k < P.K; k += blockDim.x) {
     const int64_t q = k / P.C;
@@ -140,6 +145,22 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* smem_ptr) {
 #endif
 }
 
+// mma kernel, images: the kernel's K axis is (channel c, pixel row pi, pixel col pj padded to pp), so
+// every aligned group of 4 k is up to 4 adjacent pixels of one image row. chunk[k / 4] packs the group's
+// offset from the patch's top-left pixel (<< 3) with its count of real pixels (1..4; the rest is padding,
+// whose weight columns are zero).
+__device__ __forceinline__ void fill_chunks(const Params& P, int* chunk) {
+  for (int64_t g = threadIdx.x; g < P.K / 4; g += blockDim.x) {
+    const int64_t k = 4 * g;
+    const int64_t q = k / P.pp;  // c * p + pi
+    const int64_t pj = k - q * P.pp;
+    const int64_t c = q / P.p;
+    const int64_t pi = q - c * P.p;
+    const int64_t valid = P.p - pj < 4 ? P.p - pj : 4;
+    chunk[g] = static_cast<int>((((c * P.H + pi) * P.W + pj) << 3) | valid);
+  }
+}
+
 __device__ __forceinline__ uint2 pack4(uint16_t v0, uint16_t v1, uint16_t v2, uint16_t v3) {
   return make_uint2(static_cast<uint32_t>(v0) | (static_cast<uint32_t>(v1) << 16),
                     static_cast<uint32_t>(v2) | (static_cast<uint32_t>(v3) << 16));
@@ -153,12 +174,14 @@ constexpr int MMA_THREADS = 256;
 
 // Each thread moves a 4-element chunk of 4 rows per operand tile: chunk column (tid % 8) * 4,
 // rows tid / 8 + 32 * i. A warp reads 4 rows x 64 contiguous bytes per load instruction.
+// With images, the weight arrives permuted and zero-padded to [hidden, C * p * pp] (launcher), so that
+// a chunk is a run of adjacent pixels (two 4-byte loads) instead of 4 scattered channel values.
 template <typename Tr, bool IMAGES>
 __global__ void __launch_bounds__(MMA_THREADS) pe_mma_kernel(const Params P) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __shared__ __align__(16) uint16_t As[2][MMA_BM][MMA_LDS];
   __shared__ __align__(16) uint16_t Bs[2][MMA_BN][MMA_LDS];
-  extern __shared__ int koff[];  // [K], images only
+  extern __shared__ int chunk[];  // [K / 4], images only
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -169,7 +192,7 @@ __global__ void __launch_bounds__(MMA_THREADS) pe_mma_kernel(const Params P) {
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) % n_tiles) * MMA_BN;
 
   if (IMAGES) {
-    fill_koff(P, koff);
+    fill_chunks(P, chunk);
     __syncthreads();
   }
 
@@ -193,19 +216,25 @@ __global__ void __launch_bounds__(MMA_THREADS) pe_mma_kernel(const Params P) {
   auto load_tile = [&](int64_t k0) {
     const int64_t k = k0 + kq;
     if (IMAGES) {
-      int off[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        off[j] = (k + j < P.K) ? koff[k + j] : -1;
-      }
+      const int code = k < P.K ? chunk[k >> 2] : 0;  // K is a multiple of 4 here
+      const int64_t off = code >> 3;
+      const int nv = code & 7;  // 0 beyond K: zeros
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        uint16_t v[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          v[j] = (a_ok[i] && off[j] >= 0) ? A[a_base[i] + off[j]] : uint16_t(0);
+        if (!a_ok[i] || nv == 0) {
+          ra[i] = make_uint2(0u, 0u);
+        } else {
+          const uint16_t* src = A + a_base[i] + off;
+          if (P.vec_a) {  // even element offsets: aligned pixel pairs
+            const uint32_t lo = nv >= 2 ? *reinterpret_cast<const uint32_t*>(src) : static_cast<uint32_t>(src[0]);
+            const uint32_t hi = nv >= 4 ? *reinterpret_cast<const uint32_t*>(src + 2)
+                                        : (nv == 3 ? static_cast<uint32_t>(src[2]) : 0u);
+            ra[i] = make_uint2(lo, hi);
+          } else {
+            ra[i] = pack4(src[0], nv > 1 ? src[1] : uint16_t(0), nv > 2 ? src[2] : uint16_t(0),
+                          nv > 3 ? src[3] : uint16_t(0));
+          }
         }
-        ra[i] = pack4(v[0], v[1], v[2], v[3]);
       }
     } else {
 #pragma unroll
@@ -567,24 +596,41 @@ at::Tensor fused_patch_embed_cuda(
   P.pair_out = s.hidden % 2 == 0 && aligned(P.out, 2 * esize) && (P.bias == nullptr || aligned(P.bias, 2 * esize)) &&
                (P.table == nullptr || aligned(P.table, 2 * esize));
 
+  P.pp = 0;
   const int device = input.get_device();
   const int cc_major = compute_capability_major(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const size_t koff_bytes = s.images ? static_cast<size_t>(s.K) * sizeof(int) : 0;
   const bool half_kind = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  // The chunk table packs an image offset into 28 bits: larger single images take the SIMT kernel.
+  const bool chunk_fits = !s.images || s.C * s.H * s.W < (int64_t(1) << 28);
 
-  if (half_kind && cc_major >= 8 && !force_simt()) {
+  if (half_kind && cc_major >= 8 && chunk_fits && !force_simt()) {
     const int64_t blocks = ((s.N + MMA_BM - 1) / MMA_BM) * ((s.hidden + MMA_BN - 1) / MMA_BN);
     const size_t smem_static = 2 * 2 * MMA_BM * MMA_LDS * sizeof(uint16_t);
+    at::Tensor w_img;
+    size_t chunk_bytes = 0;
+    if (s.images) {
+      // weight [hidden, (pi, pj, c)] -> [hidden, (c, pi, pj padded to pp)], zeros in the padding.
+      const int64_t pp = (s.p + 3) / 4 * 4;
+      w_img = at::constant_pad_nd(w.view({s.hidden, s.p, s.p, s.C}).permute({0, 3, 1, 2}), {0, pp - s.p}, 0)
+                  .contiguous()
+                  .view({s.hidden, s.C * s.p * pp});
+      P.weight = w_img.data_ptr();
+      P.K = s.C * s.p * pp;
+      P.pp = pp;
+      P.vec_a = s.W % 2 == 0 && s.p % 2 == 0 && aligned(P.input, 2 * esize);
+      P.vec_b = aligned(P.weight, 4 * esize);
+      chunk_bytes = static_cast<size_t>(P.K / 4) * sizeof(int);
+    }
     if (input.scalar_type() == at::kBFloat16) {
       if (s.images) {
-        launch(pe_mma_kernel<Bf16, true>, blocks, MMA_THREADS, koff_bytes, smem_static, device, P, stream);
+        launch(pe_mma_kernel<Bf16, true>, blocks, MMA_THREADS, chunk_bytes, smem_static, device, P, stream);
       } else {
         launch(pe_mma_kernel<Bf16, false>, blocks, MMA_THREADS, 0, smem_static, device, P, stream);
       }
     } else {
       if (s.images) {
-        launch(pe_mma_kernel<Fp16, true>, blocks, MMA_THREADS, koff_bytes, smem_static, device, P, stream);
+        launch(pe_mma_kernel<Fp16, true>, blocks, MMA_THREADS, chunk_bytes, smem_static, device, P, stream);
       } else {
         launch(pe_mma_kernel<Fp16, false>, blocks, MMA_THREADS, 0, smem_static, device, P, stream);
       }
@@ -592,6 +638,7 @@ at::Tensor fused_patch_embed_cuda(
     return out;
   }
 
+  const size_t koff_bytes = s.images ? static_cast<size_t>(s.K) * sizeof(int) : 0;
   const int64_t blocks = ((s.N + S_BM - 1) / S_BM) * ((s.hidden + S_BN - 1) / S_BN);
   const size_t smem_static = (S_BK * (S_BM + 4) + S_BK * (S_BN + 4)) * sizeof(float) + S_BM * sizeof(int64_t);
   auto run = [&](auto tag) {
