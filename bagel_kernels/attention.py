@@ -65,8 +65,10 @@ def _sdpa_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) 
 _FLEX_COMPILED: dict = {}
 
 
-def flex_block_mask(mask: PackedMask, block_size: int = 128):
-    """FlexAttention BlockMask whose mask_mod reads the interval vectors (built per call)."""
+def flex_block_mask(mask: PackedMask, block_size: int = 128, compile: bool | None = None):
+    """FlexAttention BlockMask whose mask_mod reads the interval vectors (built per call).
+
+    ``compile`` (default: on CUDA) builds it with ``_compile=True``, as upstream BAGEL training does."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     lo, hi = mask.kv_lo, mask.kv_hi
@@ -75,7 +77,9 @@ def flex_block_mask(mask: PackedMask, block_size: int = 128):
         return (lo[kv_idx] <= q_idx) & (q_idx < hi[kv_idx])
 
     N = mask.total_len
-    return create_block_mask(mask_mod, None, None, N, N, device=mask.device, BLOCK_SIZE=block_size)
+    if compile is None:
+        compile = mask.device.type == "cuda"
+    return create_block_mask(mask_mod, None, None, N, N, device=mask.device, BLOCK_SIZE=block_size, _compile=compile)
 
 
 def _flex_fn(device: torch.device) -> Callable:
