@@ -42,6 +42,7 @@ mask's tables exist (:func:`prepare_mask` builds them ahead, outside the compile
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import astuple, dataclass
@@ -461,6 +462,11 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensor's GPU, not on whichever device is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _kernel_flags(q: torch.Tensor) -> dict:
     if q.device.type != "cuda" and not _interpreting():
         raise ValueError(f"the Triton attention kernels need a CUDA device or TRITON_INTERPRET=1 (q is on {q.device})")
@@ -478,16 +484,17 @@ def _launch_fwd(q, k, v, kv_lo, kv_hi, row_index, fwd_tables, scale, blocks, lau
     bm, bn = blocks[0], blocks[1]
     flags = _kernel_flags(q)
     grid = (triton.cdiv(N, bm) * Hq,)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        kv_lo, kv_hi, row_index if row_index is not None else kv_lo,
-        q_kv_ptr, q_kv_idx, q_kv_full, m_order,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        N, scale * _LOG2E,
-        HQ=Hq, GROUP=Hq // Hkv, D=D, D_PAD=_pad_dim(D), BLOCK_M=bm, BLOCK_N=bn,
-        HAS_ROW_IDX=row_index is not None, **flags,
-        num_warps=launch[0], num_stages=launch[1],
-    )  # fmt: skip
+    with _device_guard(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse,
+            kv_lo, kv_hi, row_index if row_index is not None else kv_lo,
+            q_kv_ptr, q_kv_idx, q_kv_full, m_order,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            N, scale * _LOG2E,
+            HQ=Hq, GROUP=Hq // Hkv, D=D, D_PAD=_pad_dim(D), BLOCK_M=bm, BLOCK_N=bn,
+            HAS_ROW_IDX=row_index is not None, **flags,
+            num_warps=launch[0], num_stages=launch[1],
+        )  # fmt: skip
 
 
 def _launch_bwd(do, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dq, dk, dv) -> None:
@@ -499,29 +506,30 @@ def _launch_bwd(do, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scal
     flags = _kernel_flags(q)
     D_PAD = _pad_dim(D)
     ridx = row_index if row_index is not None else kv_lo
-    delta = torch.empty((Hq, N), dtype=torch.float32, device=q.device)
-    block = 64
-    _attn_bwd_delta_kernel[(triton.cdiv(N, block), Hq)](
-        out, do, delta, ridx,
-        out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        N, D=D, D_PAD=D_PAD, BLOCK=block, HAS_ROW_IDX=row_index is not None,
-    )  # fmt: skip
-    kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order, q_kv_ptr, q_kv_idx, q_kv_full, m_order = bwd_tables
-    _, _, bm1, bn1, bm2, bn2 = blocks
-    num_dkdv = triton.cdiv(N, bn1) * Hkv
-    num_dq = triton.cdiv(N, bm2) * Hq
-    _attn_bwd_kernel[(num_dkdv + num_dq,)](
-        q, k, v, do, dq, dk, dv, lse, delta,
-        kv_lo, kv_hi, ridx,
-        kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order,
-        q_kv_ptr, q_kv_idx, q_kv_full, m_order,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        N, num_dkdv, scale * _LOG2E, scale,
-        HQ=Hq, HKV=Hkv, D=D, D_PAD=D_PAD, BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2,
-        HAS_ROW_IDX=row_index is not None, **flags,
-        num_warps=launch[2], num_stages=launch[3],
-    )  # fmt: skip
+    with _device_guard(q):
+        delta = torch.empty((Hq, N), dtype=torch.float32, device=q.device)
+        block = 64
+        _attn_bwd_delta_kernel[(triton.cdiv(N, block), Hq)](
+            out, do, delta, ridx,
+            out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+            N, D=D, D_PAD=D_PAD, BLOCK=block, HAS_ROW_IDX=row_index is not None,
+        )  # fmt: skip
+        kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order, q_kv_ptr, q_kv_idx, q_kv_full, m_order = bwd_tables
+        _, _, bm1, bn1, bm2, bn2 = blocks
+        num_dkdv = triton.cdiv(N, bn1) * Hkv
+        num_dq = triton.cdiv(N, bm2) * Hq
+        _attn_bwd_kernel[(num_dkdv + num_dq,)](
+            q, k, v, do, dq, dk, dv, lse, delta,
+            kv_lo, kv_hi, ridx,
+            kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order,
+            q_kv_ptr, q_kv_idx, q_kv_full, m_order,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            N, num_dkdv, scale * _LOG2E, scale,
+            HQ=Hq, HKV=Hkv, D=D, D_PAD=D_PAD, BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2,
+            HAS_ROW_IDX=row_index is not None, **flags,
+            num_warps=launch[2], num_stages=launch[3],
+        )  # fmt: skip
 
 
 # ================================================================================================ custom ops
