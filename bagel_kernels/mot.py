@@ -40,6 +40,7 @@ Every Triton path is a ``torch.library.custom_op`` in the ``bagel_kernels`` name
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -70,12 +71,9 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TORCH_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 _MAX_ROW_BLOCK = 32768  # widest row the single-tile kernels hold (= mot_triton.MAX_ROW_BLOCK)
 
-try:  # triton is optional (Linux only); its absence only removes the "triton" backend
-    import triton  # noqa: F401
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    _HAS_TRITON = False
+# triton is optional (Linux only); its absence only removes the "triton" backend. Looked up, not
+# imported: the kernels module is imported on first use, after TRITON_INTERPRET has been decided.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 # ============================================================================================ validation
@@ -106,11 +104,11 @@ def _check_n_und(n_und, N) -> None:
         raise ValueError(f"n_und={n_und} is outside [0, N={N}]")
 
 
-def _check_weight(name: str, w, shape: tuple, ref: Tensor) -> None:
+def _check_weight(name: str, w, shape: tuple, ref: Tensor, ref_name: str = "x") -> None:
     _check_tensor(name, w, dims=len(shape))
     if tuple(w.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(w.shape)}")
-    _check_same_device("x", ref, **{name: w})
+    _check_same_device(ref_name, ref, **{name: w})
 
 
 def _check_eps(eps) -> None:
@@ -492,7 +490,7 @@ def mot_qk_norm_rope(
     names = ("q_weight_und", "q_weight_gen", "k_weight_und", "k_weight_gen")
     weights = (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)
     for name, w in zip(names, weights, strict=True):
-        _check_weight(name, w, (D,), q)
+        _check_weight(name, w, (D,), q, "q")
         if w.dtype != q_weight_und.dtype:
             raise ValueError(f"{name} has dtype {w.dtype} but q_weight_und has {q_weight_und.dtype}")
     for name, t in (("cos", cos), ("sin", sin)):
@@ -520,6 +518,19 @@ def _next_pow2(n: int) -> int:  # triton.next_power_of_2 without importing trito
 
 
 # ============================================================================================ rotary tables
+_INV_FREQ: dict[tuple[int, float, torch.device], Tensor] = {}
+
+
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+    """HF's default-rope ``inv_freq`` (computed on the CPU in fp32, as the module's buffer is), cached
+    per device so that a training step pays no host-to-device copy (and no sync) for it."""
+    key = (head_dim, theta, device)
+    if key not in _INV_FREQ:
+        exps = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+        _INV_FREQ[key] = (1.0 / (theta**exps)).to(device)
+    return _INV_FREQ[key]
+
+
 def rope_cos_sin(
     position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
@@ -537,8 +548,7 @@ def rope_cos_sin(
         raise ValueError(f"theta must be a positive number, got {theta!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
-    inv_freq = inv_freq.to(position_ids.device)
+    inv_freq = _inv_freq(head_dim, float(theta), position_ids.device)
     freqs = position_ids[:, None].float() * inv_freq[None, :]  # [N, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)

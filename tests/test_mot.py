@@ -106,12 +106,22 @@ def test_mot_rms_norm_fp32_weights_promote_and_frozen_und():
     check_grads([x, wg], [ins64[0], ins64[2]], torch.float16, ["x", "weight_gen"])
 
 
-def test_mot_rms_norm_backward_is_deterministic():
+def test_backward_is_deterministic():
     x = nan_view((N, 64), torch.float32)
     wu, wg = torch.randn(64, device=DEV), torch.randn(64, device=DEV)
     g = torch.randn(N, 64, device=DEV)
     outs = [torch.ops.bagel_kernels.mot_rms_norm_backward(g, x, 17, wu, wg, 1e-6) for _ in range(2)]
+    q, k = torch.randn(N, 3, 16, device=DEV), torch.randn(N, 1, 16, device=DEV)
+    ws = [torch.randn(16, device=DEV) for _ in range(4)]
+    cos, sin = mot.rope_cos_sin(torch.arange(N, device=DEV), 16, 1e4)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    qk = [
+        torch.ops.bagel_kernels.mot_qk_norm_rope_backward(gq, gk, q, k, 17, *ws, cos, sin, 1e-6, True)
+        for _ in range(2)
+    ]
     for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(*qk, strict=True):
         assert torch.equal(a, b)
 
 
