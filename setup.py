@@ -69,8 +69,10 @@ def _configure():
         import torch
         from torch.utils import cpp_extension
     except Exception as exc:  # no torch at build time (e.g. an isolated build): install pure Python
-        _log(f"torch is not importable at build time ({exc!r}): building no compiled extension. "
-             "Install torch first, then `pip install --no-build-isolation .` to build it.")
+        _log(
+            f"torch is not importable at build time ({exc!r}): building no compiled extension. "
+            "Install torch first, then `pip install --no-build-isolation .` to build it."
+        )
         return [], {}
 
     force_cuda = _flag("BAGEL_KERNELS_FORCE_CUDA")
@@ -78,9 +80,12 @@ def _configure():
     cuda_home = cpp_extension.CUDA_HOME
     with_cuda = force_cuda or (torch_cuda and cuda_home is not None)
     why = (
-        "BAGEL_KERNELS_FORCE_CUDA=1" if force_cuda
-        else "torch has CUDA and the toolkit was found" if with_cuda
-        else "torch has no CUDA" if not torch_cuda
+        "BAGEL_KERNELS_FORCE_CUDA=1"
+        if force_cuda
+        else "torch has CUDA and the toolkit was found"
+        if with_cuda
+        else "torch has no CUDA"
+        if not torch_cuda
         else "CUDA toolkit not found (set CUDA_HOME)"
     )
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -99,8 +104,10 @@ def _configure():
     _log(f"  extension {EXT_NAME}: CPU kernel yes; CUDA kernel {'yes' if with_cuda else 'no'} ({why})")
     if with_cuda:
         _log(f"  CUDA_HOME={cuda_home}  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-    _log(f"  MAX_JOBS={os.environ.get('MAX_JOBS', '(default)')}  "
-         f"BAGEL_KERNELS_REQUIRE_EXT={'1' if _flag('BAGEL_KERNELS_REQUIRE_EXT') else '0'}")
+    _log(
+        f"  MAX_JOBS={os.environ.get('MAX_JOBS', '(default)')}  "
+        f"BAGEL_KERNELS_REQUIRE_EXT={'1' if _flag('BAGEL_KERNELS_REQUIRE_EXT') else '0'}"
+    )
 
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)
 

@@ -100,14 +100,21 @@ def patchify_images(images: torch.Tensor, patch_coords: torch.Tensor, patch_size
 
 
 def image_patch_coords(
-    image_sizes: list[tuple[int, int]], patch_size: int, max_num_patches_per_side: int | None = None, device=None
+    image_sizes: list[tuple[int, int]],
+    patch_size: int,
+    max_num_patches_per_side: int | None = None,
+    device=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(patch_coords [N, 3], pos_ids [N])`` for images of ``(height, width)`` pixels placed at index
     0, 1, ... of a padded batch, all their patches in BAGEL's order (image by image, row-major);
     ``pos_ids`` are BAGEL's flattened ids ``row * max_num_patches_per_side + col``
     (``get_flattened_position_ids_extrapolate``; default side: the largest grid side)."""
     grids = [(h // patch_size, w // patch_size) for h, w in image_sizes]
-    side = max_num_patches_per_side if max_num_patches_per_side is not None else max([max(g) for g in grids] + [1])
+    side = (
+        max_num_patches_per_side
+        if max_num_patches_per_side is not None
+        else max([max(g) for g in grids] + [1])
+    )
     coords, ids = [], []
     for b, (gh, gw) in enumerate(grids):
         if gw > side:
@@ -117,7 +124,9 @@ def image_patch_coords(
         coords.append(torch.stack([torch.full_like(r, b), r, c], dim=1))
         ids.append(r * side + c)
     if not coords:
-        return torch.zeros(0, 3, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device)
+        return torch.zeros(0, 3, dtype=torch.long, device=device), torch.zeros(
+            0, dtype=torch.long, device=device
+        )
     return torch.cat(coords).to(device), torch.cat(ids).to(device)
 
 
@@ -145,7 +154,9 @@ def patch_embed_images_reference(
     pos_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unfused PyTorch path from raw images: :func:`patchify_images` then :func:`patch_embed_reference`."""
-    return patch_embed_reference(patchify_images(images, patch_coords, patch_size), weight, bias, pos_table, pos_ids)
+    return patch_embed_reference(
+        patchify_images(images, patch_coords, patch_size), weight, bias, pos_table, pos_ids
+    )
 
 
 # ------------------------------------------------------------------------------------------ extension
@@ -194,7 +205,10 @@ def _load() -> ExtensionStatus:
             why = ""
         if spec is None or spec.origin is None:
             return ExtensionStatus(
-                False, False, False, None,
+                False,
+                False,
+                False,
+                None,
                 f"{_EXT_MODULE} is not built {why}(install with `pip install --no-build-isolation -e .` "
                 "with torch present; BAGEL_KERNELS_SKIP_EXT=1 or a missing compiler skip it)",
             )
@@ -204,10 +218,16 @@ def _load() -> ExtensionStatus:
         except Exception as exc:  # e.g. built against another torch: undefined symbols
             return ExtensionStatus(False, False, False, path, f"loading {path} failed: {exc}")
         if not _op_exists():
-            return ExtensionStatus(False, False, False, path, f"{path} loaded but did not register {_OP_NAME}")
+            return ExtensionStatus(
+                False, False, False, path, f"{path} loaded but did not register {_OP_NAME}"
+            )
     _register_python_parts()
     cpu, cuda = _has_kernel("CPU"), _has_kernel("CUDA")
-    missing = [] if cuda else ["no CUDA kernel (built without CUDA: torch without CUDA or no toolkit at build time)"]
+    missing = (
+        []
+        if cuda
+        else ["no CUDA kernel (built without CUDA: torch without CUDA or no toolkit at build time)"]
+    )
     if not cpu:
         missing.append("no CPU kernel")
     return ExtensionStatus(True, cpu, cuda, path, "; ".join(missing))
@@ -265,7 +285,9 @@ def _resolve(backend: str, device_type: str, dtype_name: str) -> str:
     _last = ("torch", why)
     if why not in _warned and ext_dtype:
         _warned.add(why)
-        warnings.warn(f"fused_patch_embed falls back to the unfused torch path ({why})", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"fused_patch_embed falls back to the unfused torch path ({why})", RuntimeWarning, stacklevel=3
+        )
     return "torch"
 
 
@@ -284,7 +306,8 @@ def _setup_context(ctx, inputs, output):
 
 def _embedding_grad(grad: torch.Tensor, pos_ids: torch.Tensor, rows: int) -> torch.Tensor:
     """``d(pos_table)`` of ``out = ... + pos_table[pos_ids]``: rows summed per id, in float32."""
-    if grad.device.type == "cuda":  # sort-based segment sums accumulating in float32, as F.embedding's backward
+    if grad.device.type == "cuda":
+        # F.embedding's own backward: sort-based segment sums, accumulated in float32, deterministic
         return torch.ops.aten.embedding_dense_backward(grad, pos_ids.long(), rows, -1, False)
     acc = torch.zeros(rows, grad.shape[1], dtype=torch.float32, device=grad.device)
     return acc.index_add_(0, pos_ids.long(), grad.float()).to(grad.dtype)
@@ -309,7 +332,9 @@ def _backward(ctx, grad):
             grad_input = torch.zeros_like(input, memory_format=torch.contiguous_format)
             view = _patch_grid_view(grad_input, p)  # [B, Hp, Wp, p, p, C]
             c = patch_coords.long()
-            view.index_put_((c[:, 0], c[:, 1], c[:, 2]), gp.reshape(-1, p, p, input.shape[1]), accumulate=True)
+            view.index_put_(
+                (c[:, 0], c[:, 1], c[:, 2]), gp.reshape(-1, p, p, input.shape[1]), accumulate=True
+            )
         else:
             grad_input = gp
     return grad_input, grad_weight, grad_bias, grad_table, None, None, None, None
@@ -338,7 +363,9 @@ def _validate(
 ) -> None:
     """ValueError naming the argument for every shape/dtype/device mismatch (no data-dependent checks)."""
     if dtype not in _REF_DTYPES:
-        raise ValueError(f"pixels must be float32, float16 or bfloat16 (float64: backend='torch' only), got {dtype}")
+        raise ValueError(
+            f"pixels must be float32, float16 or bfloat16 (float64: backend='torch' only), got {dtype}"
+        )
     for name, t in (("weight", weight), ("bias", bias), ("pos_table", pos_table)):
         if t is None:
             continue
@@ -362,7 +389,9 @@ def _validate(
         if pos_table.dim() != 2 or pos_table.shape[1] != hidden:
             raise ValueError(f"pos_table must be [P, hidden={hidden}], got {list(pos_table.shape)}")
         if not isinstance(pos_ids, torch.Tensor) or not _is_int(pos_ids):
-            raise ValueError(f"pos_ids must be an int32/int64 tensor, got {getattr(pos_ids, 'dtype', type(pos_ids))}")
+            raise ValueError(
+                f"pos_ids must be an int32/int64 tensor, got {getattr(pos_ids, 'dtype', type(pos_ids))}"
+            )
         if pos_ids.device != device:
             raise ValueError(f"pos_ids is on {pos_ids.device} but the pixels are on {device}")
         if pos_ids.dim() != 1 or pos_ids.shape[0] != n:
@@ -376,14 +405,20 @@ def _check_ranges_torch(pos_table, pos_ids, images=None, patch_coords=None, patc
     if pos_ids is not None and pos_ids.numel():
         lo, hi = int(pos_ids.min()), int(pos_ids.max())
         if lo < 0 or hi >= pos_table.shape[0]:
-            raise ValueError(f"pos_ids must lie in [0, {pos_table.shape[0]}) (rows of pos_table), got [{lo}, {hi}]")
+            raise ValueError(
+                f"pos_ids must lie in [0, {pos_table.shape[0]}) (rows of pos_table), got [{lo}, {hi}]"
+            )
     if patch_coords is not None and patch_coords.numel():
         B, _, H, W = images.shape
         lo = patch_coords.min(0).values.tolist()
         hi = patch_coords.max(0).values.tolist()
-        for j, (what, limit) in enumerate((("image index", B), ("patch row", H // patch_size), ("patch col", W // patch_size))):
+        for j, (what, limit) in enumerate(
+            (("image index", B), ("patch row", H // patch_size), ("patch col", W // patch_size))
+        ):
             if lo[j] < 0 or hi[j] >= limit:
-                raise ValueError(f"patch_coords[:, {j}] ({what}) must lie in [0, {limit}), got [{lo[j]}, {hi[j]}]")
+                raise ValueError(
+                    f"patch_coords[:, {j}] ({what}) must lie in [0, {limit}), got [{lo[j]}, {hi[j]}]"
+                )
 
 
 def fused_patch_embed(
@@ -405,14 +440,20 @@ def fused_patch_embed(
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if not isinstance(patches, torch.Tensor) or patches.dim() != 2:
-        raise ValueError(f"patches must be a 2-D tensor [N, C*p*p], got {getattr(patches, 'shape', type(patches))}")
-    _validate(patches.shape[0], patches.shape[1], patches.device, patches.dtype, weight, bias, pos_table, pos_ids)
+        raise ValueError(
+            f"patches must be a 2-D tensor [N, C*p*p], got {getattr(patches, 'shape', type(patches))}"
+        )
+    _validate(
+        patches.shape[0], patches.shape[1], patches.device, patches.dtype, weight, bias, pos_table, pos_ids
+    )
     which = _resolve(backend, patches.device.type, str(patches.dtype).removeprefix("torch."))
     if which == "torch":
         if check_indices:
             _check_ranges_torch(pos_table, pos_ids)
         return patch_embed_reference(patches, weight, bias, pos_table, pos_ids)
-    return torch.ops.bagel_kernels_ext.fused_patch_embed(patches, weight, bias, pos_table, pos_ids, None, 0, check_indices)
+    return torch.ops.bagel_kernels_ext.fused_patch_embed(
+        patches, weight, bias, pos_table, pos_ids, None, 0, check_indices
+    )
 
 
 def fused_patch_embed_images(
@@ -435,10 +476,17 @@ def fused_patch_embed_images(
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a 4-D tensor [B, C, H, W], got {getattr(images, 'shape', type(images))}")
+        raise ValueError(
+            f"images must be a 4-D tensor [B, C, H, W], got {getattr(images, 'shape', type(images))}"
+        )
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    if not isinstance(patch_coords, torch.Tensor) or not _is_int(patch_coords) or patch_coords.dim() != 2 or patch_coords.shape[1] != 3:
+    if (
+        not isinstance(patch_coords, torch.Tensor)
+        or not _is_int(patch_coords)
+        or patch_coords.dim() != 2
+        or patch_coords.shape[1] != 3
+    ):
         raise ValueError(
             "patch_coords must be an int32/int64 tensor [N, 3] (image, patch row, patch col), got "
             f"{getattr(patch_coords, 'dtype', type(patch_coords))} {list(getattr(patch_coords, 'shape', []))}"
@@ -446,12 +494,23 @@ def fused_patch_embed_images(
     if patch_coords.device != images.device:
         raise ValueError(f"patch_coords is on {patch_coords.device} but images are on {images.device}")
     C = images.shape[1]
-    _validate(patch_coords.shape[0], C * patch_size * patch_size, images.device, images.dtype, weight, bias, pos_table, pos_ids)
+    _validate(
+        patch_coords.shape[0],
+        C * patch_size * patch_size,
+        images.device,
+        images.dtype,
+        weight,
+        bias,
+        pos_table,
+        pos_ids,
+    )
     which = _resolve(backend, images.device.type, str(images.dtype).removeprefix("torch."))
     if which == "torch":
         if check_indices:
             _check_ranges_torch(pos_table, pos_ids, images, patch_coords, patch_size)
-        return patch_embed_images_reference(images, patch_coords, patch_size, weight, bias, pos_table, pos_ids)
+        return patch_embed_images_reference(
+            images, patch_coords, patch_size, weight, bias, pos_table, pos_ids
+        )
     return torch.ops.bagel_kernels_ext.fused_patch_embed(
         images, weight, bias, pos_table, pos_ids, patch_coords, patch_size, check_indices
     )

@@ -32,7 +32,9 @@ def _ext_cuda() -> bool:
     return torch.cuda.is_available() and pe.extension_status().cuda
 
 
-needs_cpu_ext = pytest.mark.skipif(not _ext_cpu(), reason=f"extension CPU kernel absent: {pe.extension_status().reason}")
+needs_cpu_ext = pytest.mark.skipif(
+    not _ext_cpu(), reason=f"extension CPU kernel absent: {pe.extension_status().reason}"
+)
 CPU_BACKENDS = [pytest.param("cpu_ext", marks=needs_cpu_ext), "torch"]
 
 
@@ -65,7 +67,9 @@ def make_images(sizes, C, p, dtype, device="cpu", pad=(0, 0), seed=1):
 
 def close(actual, expected, dtype, direction, name):
     atol, rtol = tolerance(dtype, direction)
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}"
+    )
 
 
 def reference64(x, w, b, t, ids):
@@ -137,7 +141,9 @@ def test_gradients_match_reference(backend, dtype, N, K, E, table):
     ref, leaves = reference64(x, w, b, t, ids)
     ref.backward(dy.double())
     close(out, ref, dtype, "fwd", "out")
-    for name, ours, theirs in zip(("patches", "weight", "bias", "pos_table"), (x, w, b, t), leaves):
+    for name, ours, theirs in zip(
+        ("patches", "weight", "bias", "pos_table"), (x, w, b, t), leaves, strict=True
+    ):
         if ours is None:
             continue
         assert ours.grad is not None and ours.grad.dtype == dtype, name
@@ -165,7 +171,9 @@ def _loop_patchify(image: torch.Tensor, p: int) -> torch.Tensor:
     rows = []
     for r in range(H // p):
         for c in range(W // p):
-            rows.append([image[ch, r * p + i, c * p + j] for i in range(p) for j in range(p) for ch in range(C)])
+            rows.append(
+                [image[ch, r * p + i, c * p + j] for i in range(p) for j in range(p) for ch in range(C)]
+            )
     return torch.tensor(rows, dtype=image.dtype)
 
 
@@ -225,7 +233,9 @@ def test_images_entry_gradients(backend, dtype):
     ref = pe.patch_embed_images_reference(leaves[0], coords, p, leaves[1], leaves[2], leaves[3], ids)
     ref.backward(dy.double())
     close(out, ref, dtype, "fwd", "out")
-    for name, ours, theirs in zip(("images", "weight", "bias", "pos_table"), (images, w, b, t), leaves):
+    for name, ours, theirs in zip(
+        ("images", "weight", "bias", "pos_table"), (images, w, b, t), leaves, strict=True
+    ):
         close(ours.grad, theirs.grad, dtype, "bwd", f"grad {name}")
 
 
@@ -278,7 +288,9 @@ def test_bad_images_input_raises(backend):
     _, w, b, t, _ = make_inputs(1, C * p * p, E, torch.float32, table_rows=int(ids.max()) + 1)
 
     def call(**change):
-        kw = dict(images=images, patch_coords=coords, patch_size=p, weight=w, bias=b, pos_table=t, pos_ids=ids)
+        kw = dict(
+            images=images, patch_coords=coords, patch_size=p, weight=w, bias=b, pos_table=t, pos_ids=ids
+        )
         kw.update(change)
         return pe.fused_patch_embed_images(**kw, backend=backend)
 
@@ -366,7 +378,7 @@ def test_torch_compile_traces(compile_backend):
     loss_ref = f(x, w, b, t, ids, images, coords, t2)
     grads_ref = torch.autograd.grad(loss_ref, params)
     torch.testing.assert_close(loss, loss_ref)
-    for g, gr in zip(grads, grads_ref):
+    for g, gr in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, gr)
 
 
@@ -423,13 +435,29 @@ def test_import_does_not_load_extension():
     assert res.returncode == 0 and res.stdout.strip() == "absent", res.stdout + res.stderr
 
 
-@pytest.mark.skipif(os.environ.get("CI", "").lower() != "true", reason="CI=true only: the build must not go missing silently")
+@pytest.mark.skipif(
+    os.environ.get("CI", "").lower() != "true", reason="CI=true only: the build must not go missing silently"
+)
 def test_ci_extension_is_built_and_loaded():
     st = pe.extension_status()
     assert st.loaded and st.cpu, f"CI=true but the CPU extension is not usable: {st}"
     x, w, b, t, ids = make_inputs(4, 12, 8, torch.float32, table_rows=3)
     pe.fused_patch_embed(x, w, b, t, ids)
     assert pe.last_backend()[0] == "cpu_ext"
+
+
+@needs_cpu_ext
+def test_benchmark_script_tiny(tmp_path):
+    """benchmarks/bench_patch_embed.py runs end to end (CPU, tiny shapes; no timing asserted)."""
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    )
+    import bench_patch_embed
+
+    assert bench_patch_embed.main(["--tiny", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "bench_patch_embed.md").read_text()
+    assert text.count("fused (images, no sync)") == len(bench_patch_embed.TINY_CASES)
+    assert (tmp_path / "bench_patch_embed.png").exists()
 
 
 # ------------------------------------------------------------------------------------------------- GPU
@@ -472,10 +500,14 @@ def test_gpu_forward_and_gradients(monkeypatch, kernel, dtype, N, K, E, table):
     ref, leaves = reference64(x, w, b, t, ids)
     ref.backward(dy.double())
     close(out, ref, dtype, "fwd", "out")
-    for name, ours, theirs in zip(("patches", "weight", "bias", "pos_table"), (x, w, b, t), leaves):
+    for name, ours, theirs in zip(
+        ("patches", "weight", "bias", "pos_table"), (x, w, b, t), leaves, strict=True
+    ):
         if ours is not None:
             close(ours.grad, theirs.grad, dtype, "bwd", f"grad {name}")
-    again = pe.fused_patch_embed(x.detach(), w.detach(), b.detach(), None if t is None else t.detach(), ids, backend="cuda")
+    again = pe.fused_patch_embed(
+        x.detach(), w.detach(), b.detach(), None if t is None else t.detach(), ids, backend="cuda"
+    )
     torch.testing.assert_close(again, out.detach(), atol=0, rtol=0)  # deterministic forward
 
 
@@ -488,9 +520,13 @@ def test_gpu_images_entry(monkeypatch, kernel, dtype):
     if kernel == "simt":
         monkeypatch.setenv("BAGEL_KERNELS_PATCH_EMBED_KERNEL", "simt")
     p, C, E = 14, 3, 1152
-    images, coords, ids = make_images([(224, 448), (434, 224), (100, 60)], C, p, dtype, device="cuda", pad=(3, 5))
+    images, coords, ids = make_images(
+        [(224, 448), (434, 224), (100, 60)], C, p, dtype, device="cuda", pad=(3, 5)
+    )
     images.requires_grad_(True)
-    _, w, b, t, _ = make_inputs(1, C * p * p, E, dtype, device="cuda", table_rows=int(ids.max()) + 1, grad=True)
+    _, w, b, t, _ = make_inputs(
+        1, C * p * p, E, dtype, device="cuda", table_rows=int(ids.max()) + 1, grad=True
+    )
     _fill_cache_with_nan()
     out = pe.fused_patch_embed_images(images, coords, p, w, b, t, ids, backend="cuda")
     patches = pe.patchify_images(images.detach(), coords, p)
@@ -502,7 +538,9 @@ def test_gpu_images_entry(monkeypatch, kernel, dtype):
     ref = pe.patch_embed_images_reference(leaves[0], coords, p, leaves[1], leaves[2], leaves[3], ids)
     ref.backward(dy.double())
     close(out, ref, dtype, "fwd", "out")
-    for name, ours, theirs in zip(("images", "weight", "bias", "pos_table"), (images, w, b, t), leaves):
+    for name, ours, theirs in zip(
+        ("images", "weight", "bias", "pos_table"), (images, w, b, t), leaves, strict=True
+    ):
         close(ours.grad, theirs.grad, dtype, "bwd", f"grad {name}")
 
 
@@ -542,5 +580,5 @@ def test_gpu_opcheck_and_compile():
     loss_ref = f(x, w, b, t)
     grads_ref = torch.autograd.grad(loss_ref, (w, b, t))
     torch.testing.assert_close(loss, loss_ref, atol=1e-2, rtol=1e-3)
-    for g, gr in zip(grads, grads_ref):
+    for g, gr in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, gr, atol=1e-2, rtol=1e-2)
