@@ -6,7 +6,11 @@ tensor so that one launch serves both: a row picks its expert with ``row >= n_un
 
 Every kernel loads, upcasts to fp32 at once, computes in fp32 and stores in the output dtype (the
 Triton interpreter gets bf16 arithmetic wrong, and fp32 math is what the GPU does anyway).
-Row offsets are 64-bit (``row.to(tl.int64) * stride``).
+Row offsets are 64-bit (``row.to(tl.int64) * stride``). Rows may have any stride; the last dim
+must have stride 1 (the public functions make it so).
+
+q/k tiles are ``[tokens, heads, D/2]``: the head dim is held as its two rotary halves, so
+``rotate_half`` is register arithmetic, and q and k of both experts go through one launch.
 
 Backward kernels give each program a contiguous run of rows inside ONE expert segment (programs
 ``[0, P_und)`` cover ``[0, n_und)``, programs ``[P_und, P)`` cover ``[n_und, N)``); each program
@@ -20,7 +24,6 @@ Launchers here trust their inputs (shapes, dtypes, unit last-dim stride); valida
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -42,10 +45,6 @@ __all__ = [
 MAX_ROW_BLOCK = 32768
 # Elements a program handles per tile in the memory-bound kernels (rows x columns).
 _TILE_ELEMS = 4096
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
