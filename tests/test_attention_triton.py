@@ -137,6 +137,17 @@ def test_bf16_under_interpreter():
     _check_against_reference(q, k, v, mask, torch.bfloat16)
 
 
+def test_gpu_code_path_under_interpreter(monkeypatch):
+    """The GPU branches (fp16 operands straight into tl.dot, P and dS cast to fp16 before their
+    dots) run here too: fp16 matmuls are right in the interpreter, unlike bf16."""
+    import bagel_kernels.attention_triton as at
+
+    monkeypatch.setattr(at, "_kernel_flags", lambda q: {"LOWP_DOT": True, "DOT_PREC": "tf32"})
+    mask = _mask(random_pack(random.Random(22), 4, text=(1, 30), image=(1, 50)))
+    q, k, v = _make_qkv(mask.total_len, 4, 2, 64, torch.float16)
+    _check_against_reference(q, k, v, mask, torch.float16)
+
+
 # ------------------------------------------------------------------------------------------ edge cases
 EDGE_LAYOUTS = {
     # one-token splits of every mode, including back-to-back noise splits
