@@ -82,7 +82,9 @@ def _load_rows(ROW_IDX, offs, ok, HAS_ROW_IDX: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(base, rows, row_ok, offs_d, stride_t, D: tl.constexpr, D_PAD: tl.constexpr, LOWP_DOT: tl.constexpr):
+def _load_tile(
+    base, rows, row_ok, offs_d, stride_t, D: tl.constexpr, D_PAD: tl.constexpr, LOWP_DOT: tl.constexpr
+):
     """``[len(rows), D_PAD]`` tile; rows beyond the pack and padded columns read as 0."""
     ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
     if D == D_PAD:
@@ -105,12 +107,12 @@ def _store_tile(base, rows, row_ok, offs_d, stride_t, x, D: tl.constexpr, D_PAD:
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, Out, LSE,
     KV_LO, KV_HI, ROW_IDX,
     Q_KV_PTR, Q_KV_IDX, Q_KV_FULL, M_ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    N, qk_scale,
-    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    N, qk_scale, HQ, GROUP,
+    D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROW_IDX: tl.constexpr, LOWP_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -165,12 +167,12 @@ def _attn_fwd_kernel(
     acc = acc / tl.where(alive, l_i, 1.0)[:, None]
     lse = tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), float("inf"))
     tl.store(LSE + h.to(tl.int64) * N + offs_m, lse, mask=row_ok)
-    _store_tile(O + h.to(tl.int64) * stride_oh, rows_q, row_ok, offs_d, stride_ot, acc, D, D_PAD)
+    _store_tile(Out + h.to(tl.int64) * stride_oh, rows_q, row_ok, offs_d, stride_ot, acc, D, D_PAD)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O, DO, DELTA, ROW_IDX,
+    Out, DO, DELTA, ROW_IDX,
     stride_ot, stride_oh, stride_dot, stride_doh,
     N,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_ROW_IDX: tl.constexpr,
@@ -181,7 +183,7 @@ def _attn_bwd_delta_kernel(
     offs_d = tl.arange(0, D_PAD)
     ok = offs < N
     rows = _load_rows(ROW_IDX, offs, ok, HAS_ROW_IDX)
-    o = _load_tile(O + h.to(tl.int64) * stride_oh, rows, ok, offs_d, stride_ot, D, D_PAD, False)
+    o = _load_tile(Out + h.to(tl.int64) * stride_oh, rows, ok, offs_d, stride_ot, D, D_PAD, False)
     do = _load_tile(DO + h.to(tl.int64) * stride_doh, rows, ok, offs_d, stride_dot, D, D_PAD, False)
     tl.store(DELTA + h.to(tl.int64) * N + offs, tl.sum(o * do, 1), mask=ok)
 
@@ -192,8 +194,8 @@ def _attn_bwd_dkdv_program(
     KV_LO, KV_HI, ROW_IDX, KV_Q_START, KV_Q_END, KV_MAX_LO, KV_MIN_HI, N_ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    N, qk_scale, sm_scale,
-    HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    N, qk_scale, sm_scale, HKV, GROUP,
+    D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROW_IDX: tl.constexpr, LOWP_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -223,7 +225,9 @@ def _attn_bwd_dkdv_program(
         row_ok = offs_m < N
         rows_q = _load_rows(ROW_IDX, offs_m, row_ok, HAS_ROW_IDX)
         q = _load_tile(Q + h.to(tl.int64) * stride_qh, rows_q, row_ok, offs_d, stride_qt, D, D_PAD, LOWP_DOT)
-        do = _load_tile(DO + h.to(tl.int64) * stride_doh, rows_q, row_ok, offs_d, stride_dot, D, D_PAD, LOWP_DOT)
+        do = _load_tile(
+            DO + h.to(tl.int64) * stride_doh, rows_q, row_ok, offs_d, stride_dot, D, D_PAD, LOWP_DOT
+        )
         # lse = +inf for rows beyond the pack and rows that see nothing: their P is exactly 0
         lse = tl.load(LSE + h.to(tl.int64) * N + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + h.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
@@ -244,7 +248,9 @@ def _attn_bwd_dkdv_program(
         else:
             dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)
 
-    _store_tile(DK + hk.to(tl.int64) * stride_dkh, rows_k, col_ok, offs_d, stride_dkt, dk * sm_scale, D, D_PAD)
+    _store_tile(
+        DK + hk.to(tl.int64) * stride_dkh, rows_k, col_ok, offs_d, stride_dkt, dk * sm_scale, D, D_PAD
+    )
     _store_tile(DV + hk.to(tl.int64) * stride_dvh, rows_k, col_ok, offs_d, stride_dvt, dv, D, D_PAD)
 
 
@@ -254,8 +260,8 @@ def _attn_bwd_dq_program(
     KV_LO, KV_HI, ROW_IDX, Q_KV_PTR, Q_KV_IDX, Q_KV_FULL, M_ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
-    N, qk_scale, sm_scale,
-    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    N, qk_scale, sm_scale, HQ, GROUP,
+    D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROW_IDX: tl.constexpr, LOWP_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -307,8 +313,8 @@ def _attn_bwd_kernel(
     Q_KV_PTR, Q_KV_IDX, Q_KV_FULL, M_ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    N, NUM_DKDV, qk_scale, sm_scale,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    N, NUM_DKDV, qk_scale, sm_scale, HQ, HKV,
+    D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     HAS_ROW_IDX: tl.constexpr, LOWP_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -321,8 +327,8 @@ def _attn_bwd_kernel(
             KV_LO, KV_HI, ROW_IDX, KV_Q_START, KV_Q_END, KV_MAX_LO, KV_MIN_HI, N_ORDER,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
             stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-            N, qk_scale, sm_scale,
-            HKV, HQ // HKV, D, D_PAD, BLOCK_M1, BLOCK_N1, HAS_ROW_IDX, LOWP_DOT, DOT_PREC,
+            N, qk_scale, sm_scale, HKV, HQ // HKV,
+            D, D_PAD, BLOCK_M1, BLOCK_N1, HAS_ROW_IDX, LOWP_DOT, DOT_PREC,
         )  # fmt: skip
     else:
         _attn_bwd_dq_program(
@@ -330,8 +336,8 @@ def _attn_bwd_kernel(
             KV_LO, KV_HI, ROW_IDX, Q_KV_PTR, Q_KV_IDX, Q_KV_FULL, M_ORDER,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
             stride_dqt, stride_dqh,
-            N, qk_scale, sm_scale,
-            HQ, HQ // HKV, D, D_PAD, BLOCK_M2, BLOCK_N2, HAS_ROW_IDX, LOWP_DOT, DOT_PREC,
+            N, qk_scale, sm_scale, HQ, HQ // HKV,
+            D, D_PAD, BLOCK_M2, BLOCK_N2, HAS_ROW_IDX, LOWP_DOT, DOT_PREC,
         )  # fmt: skip
 
 
@@ -370,7 +376,7 @@ def _pad_dim(d: int) -> int:
 # configuration PyTorch's FlexAttention uses on H100 (fwd 128x64, 8 warps, 3 stages; bwd 64x128 for
 # dK/dV and 128x64 for dQ, 8 warps, 3 stages), the baseline to beat. Every entry was compiled for
 # sm_90 here (``python -m bagel_kernels.compile_check``) and checked with ptxas to fit the 227 KiB
-# of shared memory without register spills (a few dozen bytes remain in the row-index backward).
+# of shared memory without register spills (a few dozen bytes remain in the D=128 backward).
 # fp32 runs exact ``ieee`` dots (no tensor cores): correctness, not speed, is its purpose.
 _GPU_CONFIGS: dict[tuple[bool, int], AttnConfig] = {
     (False, 16): AttnConfig(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
@@ -378,10 +384,10 @@ _GPU_CONFIGS: dict[tuple[bool, int], AttnConfig] = {
     (False, 64): AttnConfig(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
     (False, 128): AttnConfig(128, 64, 64, 128, 128, 64, 8, 3, 8, 3),
     (False, 256): AttnConfig(64, 32, 32, 64, 64, 32, 4, 3, 8, 2),
-    (True, 16): AttnConfig(128, 32, 16, 32, 32, 16, 4, 3, 4, 1),
-    (True, 32): AttnConfig(128, 32, 16, 32, 32, 16, 4, 3, 4, 1),
-    (True, 64): AttnConfig(128, 32, 16, 32, 32, 16, 4, 3, 4, 1),
-    (True, 128): AttnConfig(32, 64, 16, 32, 32, 16, 4, 3, 4, 1),
+    (True, 16): AttnConfig(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
+    (True, 32): AttnConfig(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
+    (True, 64): AttnConfig(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
+    (True, 128): AttnConfig(32, 64, 16, 32, 32, 16, 8, 3, 4, 1),
     (True, 256): AttnConfig(32, 32, 32, 32, 32, 32, 4, 2, 8, 1),
 }
 # Interpreter (CPU tests): small tiles keep a few-hundred-token pack fast; forward, dK/dV and dQ
@@ -437,21 +443,29 @@ def prepare_mask(mask: PackedMask, config: AttnConfig) -> tuple[list[torch.Tenso
 # ================================================================================================ launchers
 def _check_tables(n: int, blocks: list[int], fwd_tables=None, bwd_tables=None) -> None:
     bm, bn, bm1, bn1, bm2, bn2 = blocks
-    for name, b in zip(("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2"), blocks, strict=True):
+    for name, b in zip(
+        ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2"), blocks, strict=True
+    ):
         if b < 1 or b & (b - 1):
             raise ValueError(f"{name}={b} must be a positive power of two")
     if fwd_tables is not None:
         if len(fwd_tables) != 4:
             raise ValueError(f"fwd_tables must hold 4 tensors, got {len(fwd_tables)}")
         if fwd_tables[0].numel() != triton.cdiv(n, bm) + 1 or fwd_tables[3].numel() != triton.cdiv(n, bm):
-            raise ValueError(f"fwd_tables were built for another pack length or block_m (N={n}, block_m={bm})")
+            raise ValueError(
+                f"fwd_tables were built for another pack length or block_m (N={n}, block_m={bm})"
+            )
     if bwd_tables is not None:
         if len(bwd_tables) != 9:
             raise ValueError(f"bwd_tables must hold 9 tensors, got {len(bwd_tables)}")
         if any(t.numel() != triton.cdiv(n, bn1) for t in bwd_tables[:5]):
-            raise ValueError(f"bwd_tables were built for another pack length or block_n1 (N={n}, block_n1={bn1})")
+            raise ValueError(
+                f"bwd_tables were built for another pack length or block_n1 (N={n}, block_n1={bn1})"
+            )
         if bwd_tables[5].numel() != triton.cdiv(n, bm2) + 1 or bwd_tables[8].numel() != triton.cdiv(n, bm2):
-            raise ValueError(f"bwd_tables were built for another pack length or block_m2 (N={n}, block_m2={bm2})")
+            raise ValueError(
+                f"bwd_tables were built for another pack length or block_m2 (N={n}, block_m2={bm2})"
+            )
     for t in list(fwd_tables or []) + list(bwd_tables or []):
         if t.dtype != torch.int32:
             raise ValueError(f"block tables must be int32, got {t.dtype}")
@@ -469,7 +483,9 @@ def _device_guard(t: torch.Tensor):
 
 def _kernel_flags(q: torch.Tensor) -> dict:
     if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"the Triton attention kernels need a CUDA device or TRITON_INTERPRET=1 (q is on {q.device})")
+        raise ValueError(
+            f"the Triton attention kernels need a CUDA device or TRITON_INTERPRET=1 (q is on {q.device})"
+        )
     lowp = not _interpreting()
     return {"LOWP_DOT": lowp, "DOT_PREC": "ieee" if (q.dtype == torch.float32 or not lowp) else "tf32"}
 
@@ -497,7 +513,9 @@ def _launch_fwd(q, k, v, kv_lo, kv_hi, row_index, fwd_tables, scale, blocks, lau
         )  # fmt: skip
 
 
-def _launch_bwd(do, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dq, dk, dv) -> None:
+def _launch_bwd(
+    do, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dq, dk, dv
+) -> None:
     """Writes ``dq``, ``dk``, ``dv``."""
     N, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -514,7 +532,9 @@ def _launch_bwd(do, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scal
             out.stride(0), out.stride(1), do.stride(0), do.stride(1),
             N, D=D, D_PAD=D_PAD, BLOCK=block, HAS_ROW_IDX=row_index is not None,
         )  # fmt: skip
-        kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order, q_kv_ptr, q_kv_idx, q_kv_full, m_order = bwd_tables
+        kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order, q_kv_ptr, q_kv_idx, q_kv_full, m_order = (
+            bwd_tables
+        )
         _, _, bm1, bn1, bm2, bn2 = blocks
         num_dkdv = triton.cdiv(N, bn1) * Hkv
         num_dq = triton.cdiv(N, bm2) * Hq
@@ -589,7 +609,9 @@ def _packed_attention_bwd(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _launch_bwd(grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dq, dk, dv)
+    _launch_bwd(
+        grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dq, dk, dv
+    )
     return dq, dk, dv
 
 
@@ -645,7 +667,9 @@ def triton_packed_attention(
             raise ValueError(f"{name} is on {t.device} but the mask is on {mask.device}")
     N, Hq, D = q.shape
     if k.shape != v.shape or k.shape[0] != N or k.shape[2] != D or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"k/v must be [N, Hkv, D] like q in dtype and N, D: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"k/v must be [N, Hkv, D] like q in dtype and N, D: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if k.shape[1] == 0 or Hq % k.shape[1]:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
     if not 0 < D <= 256:
@@ -660,7 +684,17 @@ def triton_packed_attention(
     cfg = config if config is not None else default_config(q.device, q.dtype, D)
     fwd_tables, bwd_tables = prepare_mask(mask, cfg)
     out, _lse = _packed_attention_fwd(
-        q, k, v, mask.kv_lo, mask.kv_hi, mask.row_index, fwd_tables, bwd_tables, scale, cfg.blocks(), cfg.launch()
+        q,
+        k,
+        v,
+        mask.kv_lo,
+        mask.kv_hi,
+        mask.row_index,
+        fwd_tables,
+        bwd_tables,
+        scale,
+        cfg.blocks(),
+        cfg.launch(),
     )
     return out
 
@@ -672,36 +706,63 @@ def sm90_compile_specs() -> list[tuple]:
     Covers the GPU configurations of ``_GPU_CONFIGS`` the model uses (D=128 Qwen2, D=72 SigLIP, D=64,
     D=256) in fp16/bf16 and fp32, with and without a row index."""
     specs = []
-    cases = [  # (dtype, head dim, row index, Hq, Hkv)
-        (torch.bfloat16, 128, False, 28, 4),  # Qwen2 7B
-        (torch.bfloat16, 128, True, 28, 4),  # Qwen2 7B with the MoT row permutation
-        (torch.bfloat16, 72, False, 16, 16),  # SigLIP
-        (torch.float16, 64, True, 8, 2),
-        (torch.bfloat16, 256, False, 4, 4),
-        (torch.float32, 64, False, 2, 1),
-        (torch.float32, 128, False, 4, 2),
-        (torch.float32, 256, True, 4, 4),
+    cases = [  # (dtype, head dim, row index); head counts are runtime arguments
+        (torch.bfloat16, 128, False),  # Qwen2 7B
+        (torch.bfloat16, 128, True),  # Qwen2 7B with the MoT row permutation
+        (torch.bfloat16, 72, False),  # SigLIP
+        (torch.float16, 64, True),
+        (torch.bfloat16, 256, False),
+        (torch.float32, 64, False),
+        (torch.float32, 128, False),
+        (torch.float32, 256, True),
     ]
     tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    for dtype, d, ridx, hq, hkv in cases:
+    for dtype, d, ridx in cases:
         cfg = _GPU_CONFIGS[(dtype == torch.float32, _pad_dim(d))]
         t = tname[dtype]
-        flags = {"LOWP_DOT": True, "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32", "HAS_ROW_IDX": ridx}
+        flags = {
+            "LOWP_DOT": True,
+            "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32",
+            "HAS_ROW_IDX": ridx,
+        }
         tag = f"{t}_d{d}{'_ridx' if ridx else ''}"
-        sig = {n: f"*{t}" for n in ("Q", "K", "V", "O")}
+        sig = {n: f"*{t}" for n in ("Q", "K", "V", "Out")}
         sig |= {"LSE": "*fp32", "KV_LO": "*i32", "KV_HI": "*i32", "ROW_IDX": "*i32"}
         sig |= {n: "*i32" for n in ("Q_KV_PTR", "Q_KV_IDX", "Q_KV_FULL", "M_ORDER")}
-        sig |= {n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh", "N")}
-        sig |= {"qk_scale": "fp32"}
-        const = dict(HQ=hq, GROUP=hq // hkv, D=d, D_PAD=_pad_dim(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
+        sig |= {
+            n: "i32"
+            for n in (
+                "stride_qt",
+                "stride_qh",
+                "stride_kt",
+                "stride_kh",
+                "stride_vt",
+                "stride_vh",
+                "stride_ot",
+                "stride_oh",
+                "N",
+            )
+        }
+        sig |= {"qk_scale": "fp32", "HQ": "i32", "GROUP": "i32"}
+        const = dict(D=d, D_PAD=_pad_dim(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
         sig |= {c: "constexpr" for c in const}
-        specs.append((f"attn_fwd_{tag}", _attn_fwd_kernel, sig, const, {"num_warps": cfg.fwd_warps, "num_stages": cfg.fwd_stages}))
+        specs.append(
+            (
+                f"attn_fwd_{tag}",
+                _attn_fwd_kernel,
+                sig,
+                const,
+                {"num_warps": cfg.fwd_warps, "num_stages": cfg.fwd_stages},
+            )
+        )
 
-        sig = {"O": f"*{t}", "DO": f"*{t}", "DELTA": "*fp32", "ROW_IDX": "*i32"}
+        sig = {"Out": f"*{t}", "DO": f"*{t}", "DELTA": "*fp32", "ROW_IDX": "*i32"}
         sig |= {n: "i32" for n in ("stride_ot", "stride_oh", "stride_dot", "stride_doh", "N")}
         const = dict(D=d, D_PAD=_pad_dim(d), BLOCK=64, HAS_ROW_IDX=ridx)
         sig |= {c: "constexpr" for c in const}
-        specs.append((f"attn_bwd_delta_{tag}", _attn_bwd_delta_kernel, sig, const, {"num_warps": 4, "num_stages": 1}))
+        specs.append(
+            (f"attn_bwd_delta_{tag}", _attn_bwd_delta_kernel, sig, const, {"num_warps": 4, "num_stages": 1})
+        )
 
         sig = {n: f"*{t}" for n in ("Q", "K", "V", "DO", "DQ", "DK", "DV")}
         sig |= {"LSE": "*fp32", "DELTA": "*fp32"}
@@ -709,11 +770,19 @@ def sm90_compile_specs() -> list[tuple]:
         sig |= {n: "*i32" for n in names + ("Q_KV_PTR", "Q_KV_IDX", "Q_KV_FULL", "M_ORDER")}
         strides = [f"stride_{a}{b}" for a in ("q", "k", "v", "do", "dq", "dk", "dv") for b in ("t", "h")]
         sig |= {n: "i32" for n in strides + ["N", "NUM_DKDV"]}
-        sig |= {"qk_scale": "fp32", "sm_scale": "fp32"}
+        sig |= {"qk_scale": "fp32", "sm_scale": "fp32", "HQ": "i32", "HKV": "i32"}
         const = dict(
-            HQ=hq, HKV=hkv, D=d, D_PAD=_pad_dim(d),
+            D=d, D_PAD=_pad_dim(d),
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, **flags,
         )  # fmt: skip
         sig |= {c: "constexpr" for c in const}
-        specs.append((f"attn_bwd_{tag}", _attn_bwd_kernel, sig, const, {"num_warps": cfg.bwd_warps, "num_stages": cfg.bwd_stages}))
+        specs.append(
+            (
+                f"attn_bwd_{tag}",
+                _attn_bwd_kernel,
+                sig,
+                const,
+                {"num_warps": cfg.bwd_warps, "num_stages": cfg.bwd_stages},
+            )
+        )
     return specs

@@ -87,7 +87,9 @@ def collect_specs(modules: list[str]) -> tuple[list[tuple], list[str], list[str]
             if len(spec) == 4:
                 spec = (*spec, {})
             if len(spec) != 5:
-                errors.append(f"FAIL {name}: a spec must be (name, jit_fn, signature, constexprs[, options]), got {len(spec)} items")
+                errors.append(
+                    f"FAIL {name}: a spec must be (name, jit_fn, signature, constexprs[, options]), got {len(spec)} items"
+                )
                 continue
             specs.append((f"{short}:{spec[0]}", *spec[1:]))
     return specs, notes, errors
@@ -108,7 +110,9 @@ def _ast_source(fn, signature: dict, constexprs: dict, divisible: list[str] | No
         raise ValueError(f"constexpr arguments {unset} of {fn.__name__} have no value")
     sig = {a: signature[a] for a in order}
     if divisible is None:
-        divisible = [a for a in order if sig[a].startswith("*") or (a.startswith("stride") and sig[a] != "constexpr")]
+        divisible = [
+            a for a in order if sig[a].startswith("*") or (a.startswith("stride") and sig[a] != "constexpr")
+        ]
     attrs = {(order.index(a),): [["tt.divisibility", 16]] for a in divisible}
     try:
         return triton.compiler.ASTSource(fn, sig, dict(constexprs), attrs)
@@ -152,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("compile_check: unset TRITON_INTERPRET; the interpreter replaces the kernels that must be compiled")
+        print(
+            "compile_check: unset TRITON_INTERPRET; the interpreter replaces the kernels that must be compiled"
+        )
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a 3.9 warning, keeps the 3.6 default
 
@@ -182,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.perf_counter() - t0
         if shared is not None and shared > SM90_MAX_SHARED:
             failures += 1
-            print(f"FAIL {name}: needs {shared} B of shared memory, sm_90 allows {SM90_MAX_SHARED} ({dt:.1f} s)")
+            print(
+                f"FAIL {name}: needs {shared} B of shared memory, sm_90 allows {SM90_MAX_SHARED} ({dt:.1f} s)"
+            )
             continue
         extra = f"shared={shared} B" if shared is not None else "shared=?"
         print(f"OK   {name} ({extra}, {dt:.1f} s)")

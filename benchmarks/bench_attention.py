@@ -87,15 +87,37 @@ def vit_layout(total: int, seed: int, lo: int = 700, hi: int = 4900) -> PackLayo
 
 def build_cases(quick: bool) -> list[Case]:
     if not CUDA:  # smoke run: tiny shapes, the interpreter is slow
-        small = PackLayout([100, 60, 96], [20, 50, 30, 10, 50, 40, 56], ["causal", "full", "causal", "causal", "noise", "causal", "noise"], ["und", "t2i", "t2i"])
+        small = PackLayout(
+            [100, 60, 96],
+            [20, 50, 30, 10, 50, 40, 56],
+            ["causal", "full", "causal", "causal", "noise", "causal", "noise"],
+            ["und", "t2i", "t2i"],
+        )
         return [
-            Case("llm-256 (cpu smoke)", small, 4, 2, 64, backends=("triton", "triton+ridx", "sdpa-loop", "dense-causal")),
-            Case("vit-256 (cpu smoke)", vit_layout(256, 0, 40, 120), 4, 4, 72, backends=("triton", "sdpa-loop", "dense-causal")),
+            Case(
+                "llm-256 (cpu smoke)",
+                small,
+                4,
+                2,
+                64,
+                backends=("triton", "triton+ridx", "sdpa-loop", "dense-causal"),
+            ),
+            Case(
+                "vit-256 (cpu smoke)",
+                vit_layout(256, 0, 40, 120),
+                4,
+                4,
+                72,
+                backends=("triton", "sdpa-loop", "dense-causal"),
+            ),
         ]
     sizes = [4096, 8192, 16384] + ([] if quick else [32768])
     cases = [Case(f"llm-{n // 1024}k", realistic_pack(n, seed=n), 28, 4, 128) for n in sizes]
     vit_backends = tuple(b for b in BACKENDS if b != "triton+ridx")
-    cases += [Case(f"vit-{n // 1024}k", vit_layout(n, seed=n), 16, 16, 72, backends=vit_backends) for n in (8192, 16384)]
+    cases += [
+        Case(f"vit-{n // 1024}k", vit_layout(n, seed=n), 16, 16, 72, backends=vit_backends)
+        for n in (8192, 16384)
+    ]
     return cases
 
 
@@ -231,11 +253,11 @@ def bench_case(case: Case, dtype: torch.dtype, device: str) -> list[Row]:
         try:
             fn = make_fn(backend, case, q, k, v)
 
-            def fwd():
+            def fwd(fn=fn):
                 with torch.no_grad():
                     fn(q, k, v)
 
-            def fwd_bwd():
+            def fwd_bwd(fn=fn):
                 q.grad = k.grad = v.grad = None
                 fn(q, k, v).backward(grad)
 
@@ -279,7 +301,10 @@ def correctness_check(dtype: torch.dtype, device: str) -> str:
         ok &= good
         lines.append(f"{what} max|err|={err:.2e} ({'ok' if good else 'FAIL'}, atol={atol}, rtol={rtol})")
     verdict = "PASS" if ok else "FAIL"
-    return f"correctness (triton {str(dtype)[6:]} vs sdpa fp32, {n} tokens, Hq={hq}, Hkv={hkv}, D={d}): {verdict}: " + "; ".join(lines)
+    return (
+        f"correctness (triton {str(dtype)[6:]} vs sdpa fp32, {n} tokens, Hq={hq}, Hkv={hkv}, D={d}): {verdict}: "
+        + "; ".join(lines)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -308,12 +333,18 @@ def _speedup(rows: list[Row], row: Row, attr: str) -> str:
 
 def _run_header(args, dtype) -> list[str]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except Exception:
         commit = "?"
     import triton
 
-    card = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    card = (
+        torch.cuda.get_device_name()
+        if CUDA
+        else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    )
     return [
         f"- card: {card}",
         f"- torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
@@ -379,7 +410,9 @@ def write_plot(path: str, rows: list[Row], title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="packed attention benchmark (see module docstring)")
-    ap.add_argument("--out", default="benchmarks/results", help="output directory for bench_attention.md/.png")
+    ap.add_argument(
+        "--out", default="benchmarks/results", help="output directory for bench_attention.md/.png"
+    )
     ap.add_argument("--quick", action="store_true", help="skip the 32k pack")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -61,7 +61,9 @@ def _reference(q, k, v, mask, scale=None, grad_out=None):
 def _close(actual, expected, dtype, direction, what):
     atol, rtol = tolerance(dtype, direction)
     assert not torch.isnan(actual).any(), f"{what}: NaN in the result"
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def _check_against_reference(q, k, v, mask, dtype, *, scale=None, config=None, seed=0):
@@ -151,9 +153,25 @@ def test_gpu_code_path_under_interpreter(monkeypatch):
 # ------------------------------------------------------------------------------------------ edge cases
 EDGE_LAYOUTS = {
     # one-token splits of every mode, including back-to-back noise splits
-    "one_token_splits": ([9, 4], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-                         ["causal", "full", "noise", "noise", "causal", "full", "full", "noise", "causal",
-                          "noise", "full", "causal", "noise"]),
+    "one_token_splits": (
+        [9, 4],
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        [
+            "causal",
+            "full",
+            "noise",
+            "noise",
+            "causal",
+            "full",
+            "full",
+            "noise",
+            "causal",
+            "noise",
+            "full",
+            "causal",
+            "noise",
+        ],
+    ),
     # a single sample of 97 tokens (not a multiple of any tile)
     "single_sample": ([97], [20, 40, 2, 35], ["causal", "full", "causal", "noise"]),
     # every sample is one noise image (a row of a noise split sees only its split)
@@ -196,7 +214,9 @@ def test_dead_rows_from_dense():
     masks[1][:, :] = masks[1] | torch.eye(9, dtype=torch.bool)  # this sample has no dead row
     mask = PackedMask.from_dense(masks)
     q, k, v = _make_qkv(mask.total_len, 2, 1, 16, torch.float32)
-    out, (dq, _, _) = _check_against_reference(q, k, v, mask, torch.float32, config=AttnConfig(16, 16, 16, 16, 16, 16))
+    out, (dq, _, _) = _check_against_reference(
+        q, k, v, mask, torch.float32, config=AttnConfig(16, 16, 16, 16, 16, 16)
+    )
     dead = [0, 15]  # first rows of samples 0 and 2
     assert torch.equal(out[dead], torch.zeros_like(out[dead]))
     assert torch.equal(dq[dead], torch.zeros_like(dq[dead]))
@@ -232,7 +252,22 @@ def test_nan_filled_output_buffers():
     assert not out.isnan().any() and not lse.isnan().any()
     do = torch.randn(n, hq, d)
     grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
-    _launch_bwd(do, q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, d**-0.5, cfg.blocks(), cfg.launch(), *grads)
+    _launch_bwd(
+        do,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask.kv_lo,
+        mask.kv_hi,
+        None,
+        bwd_t,
+        d**-0.5,
+        cfg.blocks(),
+        cfg.launch(),
+        *grads,
+    )
     for gr in grads:
         assert not gr.isnan().any()
     ref, rgrads = _reference(q, k, v, mask, None, do)
@@ -314,7 +349,9 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="dtype"):
         triton_packed_attention(q.double(), kv.double(), kv.double(), mask)
     with pytest.raises(ValueError, match="head dim"):
-        triton_packed_attention(torch.randn(10, 1, 300), torch.randn(10, 1, 300), torch.randn(10, 1, 300), mask)
+        triton_packed_attention(
+            torch.randn(10, 1, 300), torch.randn(10, 1, 300), torch.randn(10, 1, 300), mask
+        )
     with pytest.raises(ValueError, match="total_len"):
         triton_packed_attention(q[:9], kv[:9], kv[:9], mask)
     with pytest.raises(ValueError, match="PackedMask"):
@@ -326,7 +363,9 @@ def test_bad_inputs_raise_value_error():
     cfg = default_config("cpu", torch.float32, 16)
     fwd_t, bwd_t = prepare_mask(PackedMask.from_splits([300], [300], ["causal"]), cfg)
     with pytest.raises(ValueError, match="fwd_tables"):
-        _packed_attention_fwd(q, kv, kv, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch())
+        _packed_attention_fwd(
+            q, kv, kv, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch()
+        )
     with pytest.raises(ValueError, match="power of two"):
         triton_packed_attention(q, kv, kv, mask, config=AttnConfig(block_m=48))
 
@@ -352,13 +391,19 @@ def test_opcheck_fwd_row_index():
     mask, cfg, fwd_t, bwd_t, q, k, v = _op_args()
     ridx = torch.randperm(mask.total_len).to(torch.int32)
     args = (q, k, v, mask.kv_lo, mask.kv_hi, ridx, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch())
-    torch.library.opcheck(_packed_attention_fwd, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        _packed_attention_fwd,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 def test_opcheck_bwd():
     mask, cfg, fwd_t, bwd_t, q, k, v = _op_args()
     q, k, v = (t.detach() for t in (q, k, v))
-    out, lse = _packed_attention_fwd(q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch())
+    out, lse = _packed_attention_fwd(
+        q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch()
+    )
     do = torch.randn_like(out)
     args = (do, q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, 0.25, cfg.blocks(), cfg.launch())
     torch.library.opcheck(_packed_attention_bwd, args)
@@ -402,14 +447,18 @@ def _sdpa_fp32(q, k, v, mask, grad_out):
 )
 def test_gpu_random_packs(dtype, hq, hkv, d):
     rng = random.Random(hq + d)  # at most ~3.6k tokens: the float64 dense reference stays < ~15 GB
-    mask = PackedMask.from_splits(*random_pack(rng, 4, text=(1, 80), image=(1, 250)).as_tuple(), device="cuda")
+    mask = PackedMask.from_splits(
+        *random_pack(rng, 4, text=(1, 80), image=(1, 250)).as_tuple(), device="cuda"
+    )
     q, k, v = _make_qkv(mask.total_len, hq, hkv, d, dtype, device="cuda")
     _check_against_reference(q, k, v, mask, dtype)
 
 
 @gpu
 def test_gpu_fp32_exact_dots():
-    mask = PackedMask.from_splits(*random_pack(random.Random(3), 4, text=(1, 80), image=(1, 250)).as_tuple(), device="cuda")
+    mask = PackedMask.from_splits(
+        *random_pack(random.Random(3), 4, text=(1, 80), image=(1, 250)).as_tuple(), device="cuda"
+    )
     q, k, v = _make_qkv(mask.total_len, 4, 2, 128, torch.float32, device="cuda")
     _check_against_reference(q, k, v, mask, torch.float32)
 
@@ -452,7 +501,9 @@ def test_gpu_int64_offsets():
     Short text samples keep it cheap; the last samples are checked one by one."""
     hq, hkv, d, seg = 32, 1, 128, 256
     n = ((2**31) // (hq * d) // seg + 2) * seg  # q elements > 2**31
-    mask = PackedMask.from_splits([seg] * (n // seg), [seg] * (n // seg), ["causal"] * (n // seg), device="cuda")
+    mask = PackedMask.from_splits(
+        [seg] * (n // seg), [seg] * (n // seg), ["causal"] * (n // seg), device="cuda"
+    )
     q = torch.randn(n, hq, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
