@@ -37,9 +37,10 @@ code that runs, every pointer argument and every integer argument whose name sta
 A module that does not exist yet, or has no ``sm90_compile_specs``, is skipped with a note.
 Modules are imported by name, so add new ones to :data:`MODULES` (or pass ``--module``).
 
-API notes: Triton >= 3.2 takes ``ASTSource(fn, signature, constexprs)`` with constexprs inside the
-signature (checked on 3.9; 3.6 has the same form); Triton 3.0/3.1 wanted the constexprs left out
-of the signature and keyed by index, which :func:`_ast_source` falls back to.
+API notes: recent Triton takes ``ASTSource(fn, signature, constexprs, attrs)`` with constexprs inside
+the signature and ``attrs = {(arg_index,): [["tt.divisibility", 16]]}`` (checked on 3.9, the CPU/CI
+version; 3.3+ use the same form as far as we know). Older releases wanted the constexprs out of the
+signature and keyed by index, which :func:`_ast_source` falls back to (without the hints).
 """
 
 from __future__ import annotations
