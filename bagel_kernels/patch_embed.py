@@ -514,3 +514,7 @@ def fused_patch_embed_images(
     return torch.ops.bagel_kernels_ext.fused_patch_embed(
         images, weight, bias, pos_table, pos_ids, patch_coords, patch_size, check_indices
     )
+
+
+if _op_exists():  # the library was loaded by other means (torch.ops.load_library): attach fake + autograd now
+    _register_python_parts()
