@@ -123,14 +123,14 @@ void check_patch_embed_indices(
   // min and max of every index column gathered into one small tensor: one copy to the host.
   std::vector<at::Tensor> parts;
   if (s.has_table) {
-    auto ids = pos_ids->to(at::kLong);
-    parts.push_back(ids.min().reshape({1}));
-    parts.push_back(ids.max().reshape({1}));
+    auto mm = at::aminmax(pos_ids->to(at::kLong));
+    parts.push_back(std::get<0>(mm).reshape({1}));
+    parts.push_back(std::get<1>(mm).reshape({1}));
   }
   if (s.images) {
-    auto pc = patch_coords->to(at::kLong);
-    parts.push_back(std::get<0>(pc.min(0)));
-    parts.push_back(std::get<0>(pc.max(0)));
+    auto mm = at::aminmax(patch_coords->to(at::kLong), /*dim=*/0);
+    parts.push_back(std::get<0>(mm));
+    parts.push_back(std::get<1>(mm));
   }
   const at::Tensor host = at::cat(parts).cpu();
   const int64_t* v = host.data_ptr<int64_t>();
