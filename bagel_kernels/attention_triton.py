@@ -23,6 +23,9 @@ permutation of the blocks, so the ragged tail of a packed batch does not idle th
                            dQ programs = (query block, q head) iterate the CSR list like the forward.
                            Fullness of a dK/dV tile comes from ``kv_max_lo``/``kv_min_hi``.
 
+The softmax scale must be >= 0: full tiles take the row max of the unscaled scores and scale it,
+which fuses scaling and max subtraction into one FMA per score.
+
 No atomics anywhere, so every pass is deterministic (bit-identical across runs); ``deterministic``
 is accepted for the dispatcher's contract and changes nothing. No dense mask is ever built.
 
