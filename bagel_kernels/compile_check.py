@@ -54,7 +54,7 @@ import traceback
 
 __all__ = ["MODULES", "SM90_MAX_SHARED", "collect_specs", "compile_spec", "main"]
 
-MODULES = ["bagel_kernels.attention_triton", "bagel_kernels.mot", "bagel_kernels.mot_triton"]
+MODULES = ["bagel_kernels.attention_triton", "bagel_kernels.mot"]  # mot re-exports the specs of mot_triton
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on H100/H200 (227 KiB)
 
 

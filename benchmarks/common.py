@@ -37,6 +37,8 @@ class Table:
 
 
 def git_commit() -> str:
+    if os.environ.get("BAGEL_COMMIT"):  # set by gpu_check.sh callers whose copy of the tree has no .git
+        return os.environ["BAGEL_COMMIT"][:12]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True, stderr=subprocess.DEVNULL).strip()
