@@ -35,9 +35,15 @@ def _bench_dir() -> str:
 def bench_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bagel-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--full", action="store_true", help="long variants (default: --quick where a benchmark has it)")
-    p.add_argument("--out", default=None, help="folder for the tables and plots (default: a temporary folder)")
-    p.add_argument("--only", default=None, help="comma-separated subset of: " + ",".join(CPU_BENCHES + GPU_BENCHES))
+    p.add_argument(
+        "--full", action="store_true", help="long variants (default: --quick where a benchmark has it)"
+    )
+    p.add_argument(
+        "--out", default=None, help="folder for the tables and plots (default: a temporary folder)"
+    )
+    p.add_argument(
+        "--only", default=None, help="comma-separated subset of: " + ",".join(CPU_BENCHES + GPU_BENCHES)
+    )
     args = p.parse_args(argv)
 
     import torch

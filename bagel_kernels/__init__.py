@@ -1,11 +1,19 @@
 """bagel-kernels: packed varlen attention and MoT routing kernels for training BAGEL."""
 
-from .mask import ATTN_MODES, BlockTables, PackedMask
-from .attention import BACKENDS, available_backends, packed_attention
-
 from . import mot  # noqa: E402  (the MoT routed ops; imports no Triton until a kernel runs)
+from .attention import BACKENDS, available_backends, packed_attention
+from .mask import ATTN_MODES, BlockTables, PackedMask
 
-__all__ = ["ATTN_MODES", "BACKENDS", "BlockTables", "PackedMask", "available_backends", "packed_attention", "mot", "fused_patch_embed"]
+__all__ = [
+    "ATTN_MODES",
+    "BACKENDS",
+    "BlockTables",
+    "PackedMask",
+    "available_backends",
+    "packed_attention",
+    "mot",
+    "fused_patch_embed",
+]
 __version__ = "0.1.0"
 
 

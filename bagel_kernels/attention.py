@@ -79,7 +79,9 @@ def flex_block_mask(mask: PackedMask, block_size: int = 128, compile: bool | Non
     N = mask.total_len
     if compile is None:
         compile = mask.device.type == "cuda"
-    return create_block_mask(mask_mod, None, None, N, N, device=mask.device, BLOCK_SIZE=block_size, _compile=compile)
+    return create_block_mask(
+        mask_mod, None, None, N, N, device=mask.device, BLOCK_SIZE=block_size, _compile=compile
+    )
 
 
 def _flex_fn(device: torch.device) -> Callable:
@@ -128,7 +130,9 @@ def _triton_reasons(q, k, v, mask) -> list[str]:
     except ImportError as exc:
         return [f"the Triton kernels cannot be imported ({exc})"]
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return [f"Triton runs on CUDA devices (got {q.device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"]
+        return [
+            f"Triton runs on CUDA devices (got {q.device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
+        ]
     if q.dtype == torch.float64:
         return ["float64 is for the reference backends only"]
     return []
@@ -186,7 +190,9 @@ def _validate(q, k, v, mask) -> None:
         if t.dim() != 3:
             raise ValueError(f"{name} must be [T, heads, head_dim], got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: fp16, bf16, fp32 (fp64 on the reference backends)")
+            raise ValueError(
+                f"{name} has dtype {t.dtype}; supported: fp16, bf16, fp32 (fp64 on the reference backends)"
+            )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -237,7 +243,9 @@ def packed_attention(
     """
     _validate(q, k, v, mask)
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}")
+        raise ValueError(
+            f"unknown attention backend {backend!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}"
+        )
     T = q.shape[0]
     if T < mask.total_len:
         mask = mask.truncated(T)
@@ -261,6 +269,13 @@ def packed_attention(
     idx = mask.row_index
     if idx is not None and not be.handles_row_index:
         gidx = idx.long()
-        out = be.forward(q.index_select(0, gidx), k.index_select(0, gidx), v.index_select(0, gidx), mask, scale, deterministic)
+        out = be.forward(
+            q.index_select(0, gidx),
+            k.index_select(0, gidx),
+            v.index_select(0, gidx),
+            mask,
+            scale,
+            deterministic,
+        )
         return torch.empty_like(out).index_copy(0, gidx, out)
     return be.forward(q, k, v, mask, scale, deterministic)

@@ -20,8 +20,12 @@ import time
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bagel_kernels.check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--tokens", type=int, default=None, help="approximate tokens per pack (default 384 cpu, 4096 cuda)")
+    p.add_argument(
+        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu"
+    )
+    p.add_argument(
+        "--tokens", type=int, default=None, help="approximate tokens per pack (default 384 cpu, 4096 cuda)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backends", default=None, help="comma-separated subset of triton,flex,sdpa")
     return p.parse_args(argv)
@@ -53,14 +57,28 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     scale_t = max(tokens // 40, 4)
     cases = [
-        ("mixed pack, GQA 2, D=64", 4, 2, 64, random_pack(rng, 8, text=(1, scale_t), image=(1, 2 * scale_t), pad=7)),
-        ("edit/t2i pack, GQA 7, D=128", 7, 1, 128, random_pack(rng, 5, kinds=("edit", "t2i"), text=(1, scale_t), image=(1, 2 * scale_t), pad=0)),
+        (
+            "mixed pack, GQA 2, D=64",
+            4,
+            2,
+            64,
+            random_pack(rng, 8, text=(1, scale_t), image=(1, 2 * scale_t), pad=7),
+        ),
+        (
+            "edit/t2i pack, GQA 7, D=128",
+            7,
+            1,
+            128,
+            random_pack(rng, 5, kinds=("edit", "t2i"), text=(1, scale_t), image=(1, 2 * scale_t), pad=0),
+        ),
         ("ViT images (all full), D=72", 4, 4, 72, None),
     ]
     vit_lens = [rng.randint(1, 3 * scale_t) for _ in range(4)]
 
-    print(f"bagel_kernels.check: device={device} dtype={str(dtype).removeprefix('torch.')} seed={args.seed} "
-          f"torch={torch.__version__} interpret={os.environ.get('TRITON_INTERPRET', '0')}")
+    print(
+        f"bagel_kernels.check: device={device} dtype={str(dtype).removeprefix('torch.')} seed={args.seed} "
+        f"torch={torch.__version__} interpret={os.environ.get('TRITON_INTERPRET', '0')}"
+    )
     print(f"tolerances (atol, rtol): fwd {fwd_tol}, grads {bwd_tol}\n")
     header = f"{'case':32s} {'backend':7s} {'tokens':>6s} {'out abs':>9s} {'out rel':>9s} {'dq abs':>9s} {'dk abs':>9s} {'dv abs':>9s} {'grad rel':>9s} {'ms':>8s}  status"
     print(header)
@@ -87,7 +105,9 @@ def main(argv=None) -> int:
             if not with_grad:
                 qq, kk, vv = q, k, v
                 if BACKENDS[be].reasons(q, k, v, mask):
-                    print(f"{name:32s} {be:7s} {T:6d}  skipped: {'; '.join(BACKENDS[be].reasons(q, k, v, mask))}")
+                    print(
+                        f"{name:32s} {be:7s} {T:6d}  skipped: {'; '.join(BACKENDS[be].reasons(q, k, v, mask))}"
+                    )
                     continue
             t0 = time.perf_counter()
             try:
@@ -107,7 +127,7 @@ def main(argv=None) -> int:
             cols = [f"{out_abs:9.2e}", f"{out_rel:9.2e}"]
             if grads is not None:
                 g_abs, g_rel = [], 0.0
-                for a, b in zip(grads, rgrads):
+                for a, b in zip(grads, rgrads, strict=True):
                     e = (a.double() - b.detach()).abs()
                     g_abs.append(float(e.max()))
                     g_rel = max(g_rel, float((e / (b.abs() + bwd_tol[0])).max()))

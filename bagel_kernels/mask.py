@@ -36,7 +36,9 @@ _BIG = np.iinfo(np.int32).max
 def _as_int_list(values, name: str) -> list[int]:
     if isinstance(values, torch.Tensor):
         if values.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D sequence of ints, got a tensor of shape {tuple(values.shape)}")
+            raise ValueError(
+                f"{name} must be a 1-D sequence of ints, got a tensor of shape {tuple(values.shape)}"
+            )
         if values.is_floating_point() or values.is_complex():
             raise ValueError(f"{name} must hold integers, got dtype {values.dtype}")
         values = values.tolist()
@@ -91,7 +93,9 @@ class BlockTables:
         kinds = torch.zeros(self.num_m, self.num_n, dtype=torch.int8, device=self.q_kv_idx.device)
         counts = (self.q_kv_ptr[1:] - self.q_kv_ptr[:-1]).long()
         rows = torch.repeat_interleave(torch.arange(self.num_m, device=counts.device), counts)
-        kinds[rows, self.q_kv_idx.long()] = torch.where(self.q_kv_full.bool(), TILE_FULL, TILE_PARTIAL).to(torch.int8)
+        kinds[rows, self.q_kv_idx.long()] = torch.where(self.q_kv_full.bool(), TILE_FULL, TILE_PARTIAL).to(
+            torch.int8
+        )
         return kinds
 
 
@@ -109,13 +113,17 @@ class PackedMask:
 
     def __init__(self, kv_lo: torch.Tensor, kv_hi: torch.Tensor, sample_lens: Sequence[int]):
         if kv_lo.shape != kv_hi.shape or kv_lo.dim() != 1:
-            raise ValueError(f"kv_lo and kv_hi must be 1-D of equal length, got {tuple(kv_lo.shape)} and {tuple(kv_hi.shape)}")
+            raise ValueError(
+                f"kv_lo and kv_hi must be 1-D of equal length, got {tuple(kv_lo.shape)} and {tuple(kv_hi.shape)}"
+            )
         self.kv_lo = kv_lo.to(torch.int32).contiguous()
         self.kv_hi = kv_hi.to(torch.int32).contiguous()
         self.sample_lens = tuple(int(s) for s in sample_lens)
         self.total_len = int(sum(self.sample_lens))
         if self.total_len != self.kv_lo.numel():
-            raise ValueError(f"sample_lens sum to {self.total_len} but the interval vectors have {self.kv_lo.numel()} entries")
+            raise ValueError(
+                f"sample_lens sum to {self.total_len} but the interval vectors have {self.kv_lo.numel()} entries"
+            )
         self.row_index: torch.Tensor | None = None
         self._tables: dict = {}
         self._truncated: dict = {}
@@ -170,7 +178,9 @@ class PackedMask:
         lens = np.asarray(split_lens, dtype=np.int64)
         mode_id = np.asarray([ATTN_MODES.index(m) for m in attn_modes], dtype=np.int64)
         # sample end of each split: the first sample end >= split end (zero-length splits handled alike)
-        split_sample_end = sample_ends[np.searchsorted(sample_ends, split_ends, side="left")] if total else split_ends
+        split_sample_end = (
+            sample_ends[np.searchsorted(sample_ends, split_ends, side="left")] if total else split_ends
+        )
         tok = np.arange(total, dtype=np.int64)
         t_mode = np.repeat(mode_id, lens)
         t_start = np.repeat(split_starts, lens)
@@ -182,7 +192,9 @@ class PackedMask:
         return mask.to(device) if device is not None else mask
 
     @classmethod
-    def from_dense(cls, masks: Sequence[torch.Tensor], device: torch.device | str | None = None) -> PackedMask:
+    def from_dense(
+        cls, masks: Sequence[torch.Tensor], device: torch.device | str | None = None
+    ) -> PackedMask:
         """Build the mask from per-sample dense masks ``[L, L]`` (query rows, key columns): float with
         0 = attend and -inf = masked (upstream's ``nested_attention_masks``), or bool with True = attend.
         Each key column's visible rows must be contiguous (true of every BAGEL mask)."""
@@ -198,7 +210,9 @@ class PackedMask:
             if m.dim() == 4 and m.shape[0] == 1 and m.shape[1] == 1:
                 m = m[0, 0]
             if m.dim() != 2 or m.shape[0] != m.shape[1]:
-                raise ValueError(f"nested_attention_masks[{i}] must be square [L, L], got shape {tuple(m.shape)}")
+                raise ValueError(
+                    f"nested_attention_masks[{i}] must be square [L, L], got shape {tuple(m.shape)}"
+                )
             if m.dtype == torch.bool:
                 vis = m
             elif m.is_floating_point():
@@ -211,7 +225,9 @@ class PackedMask:
                     )
                 vis = finite0
             else:
-                raise ValueError(f"nested_attention_masks[{i}] has dtype {m.dtype}; expected float (0/-inf) or bool")
+                raise ValueError(
+                    f"nested_attention_masks[{i}] has dtype {m.dtype}; expected float (0/-inf) or bool"
+                )
             vis = vis.detach().to("cpu")
             L = vis.shape[0]
             if L == 0:  # an empty (pad) sample
@@ -251,7 +267,9 @@ class PackedMask:
         return out if self.row_index is None else out.with_row_index(self.row_index.to(device))
 
     def __repr__(self) -> str:
-        return f"PackedMask(total_len={self.total_len}, samples={len(self.sample_lens)}, device={self.device})"
+        return (
+            f"PackedMask(total_len={self.total_len}, samples={len(self.sample_lens)}, device={self.device})"
+        )
 
     def to_dense(self) -> torch.Tensor:
         """``[N, N]`` bool, True where query row may attend key column. O(N^2): references and tests only."""
@@ -309,7 +327,9 @@ class PackedMask:
         if row_index.is_floating_point() or row_index.dtype == torch.bool:
             raise ValueError(f"row_index must hold integers, got dtype {row_index.dtype}")
         if row_index.numel() != self.total_len:
-            raise ValueError(f"row_index has {row_index.numel()} entries but the mask has total_len={self.total_len}")
+            raise ValueError(
+                f"row_index has {row_index.numel()} entries but the mask has total_len={self.total_len}"
+            )
         if row_index.device != self.device:
             raise ValueError(f"row_index is on {row_index.device} but the mask is on {self.device}")
         seen = torch.zeros(self.total_len, dtype=torch.bool, device=self.device)

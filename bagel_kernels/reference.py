@@ -14,13 +14,19 @@ from .mask import PackedMask
 __all__ = ["dense_mask_from_rule", "attention_reference"]
 
 
-def dense_mask_from_rule(sample_lens: Sequence[int], split_lens: Sequence[int], attn_modes: Sequence[str]) -> torch.Tensor:
+def dense_mask_from_rule(
+    sample_lens: Sequence[int], split_lens: Sequence[int], attn_modes: Sequence[str]
+) -> torch.Tensor:
     """``[N, N]`` bool mask written directly from the rule of DESIGN.md section 3 (independent of the
     interval form): within a sample, q sees k iff (q >= k or same full/noise split) and not (k in a
     noise split and q outside it); never across samples."""
     N = int(sum(sample_lens))
-    sample_id = torch.repeat_interleave(torch.arange(len(sample_lens)), torch.tensor(list(sample_lens), dtype=torch.long))
-    split_id = torch.repeat_interleave(torch.arange(len(split_lens)), torch.tensor(list(split_lens), dtype=torch.long))
+    sample_id = torch.repeat_interleave(
+        torch.arange(len(sample_lens)), torch.tensor(list(sample_lens), dtype=torch.long)
+    )
+    split_id = torch.repeat_interleave(
+        torch.arange(len(split_lens)), torch.tensor(list(split_lens), dtype=torch.long)
+    )
     mode = [attn_modes[i] for i in split_id.tolist()]
     is_noise = torch.tensor([m == "noise" for m in mode], dtype=torch.bool)
     is_block = torch.tensor([m in ("full", "noise") for m in mode], dtype=torch.bool)

@@ -14,7 +14,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["PackLayout", "random_sample", "random_pack", "realistic_pack", "SAMPLE_KINDS", "TOLERANCES", "tolerance"]
+__all__ = [
+    "PackLayout",
+    "random_sample",
+    "random_pack",
+    "realistic_pack",
+    "SAMPLE_KINDS",
+    "TOLERANCES",
+    "tolerance",
+]
 
 SAMPLE_KINDS = ("und", "t2i", "edit", "interleaved", "text")
 
@@ -34,7 +42,9 @@ class PackLayout:
         return self.sample_lens, self.split_lens, self.attn_modes
 
 
-def random_sample(rng: random.Random, kind: str, text: tuple[int, int], image: tuple[int, int]) -> list[tuple[int, str]]:
+def random_sample(
+    rng: random.Random, kind: str, text: tuple[int, int], image: tuple[int, int]
+) -> list[tuple[int, str]]:
     """Splits ``[(length, mode)]`` of one sample of ``kind``; text/image give (min, max) lengths (images
     include their two bracket tokens)."""
 
@@ -101,7 +111,11 @@ def realistic_pack(total_tokens: int, seed: int = 0, *, pad_to: int | None = Non
     while True:
         kind = rng.choice(("und", "und", "t2i", "t2i", "edit"))
         if kind == "und":
-            splits = [(rng.randint(*text), "causal"), (rng.randint(700, 4900) + 2, "full"), (rng.randint(*text), "causal")]
+            splits = [
+                (rng.randint(*text), "causal"),
+                (rng.randint(700, 4900) + 2, "full"),
+                (rng.randint(*text), "causal"),
+            ]
         elif kind == "t2i":
             splits = [(rng.randint(*text), "causal"), (rng.choice([1024, 1600, 2304, 4096]) + 2, "noise")]
         else:

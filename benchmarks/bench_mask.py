@@ -22,8 +22,8 @@ import os
 import statistics
 import sys
 import threading
-import warnings
 import time
+import warnings
 
 import torch
 
@@ -31,10 +31,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+from common import Table, device_info, save_plot  # noqa: E402
+
 from bagel_kernels import PackedMask  # noqa: E402
 from bagel_kernels.attention import flex_block_mask  # noqa: E402
 from bagel_kernels.testing import realistic_pack  # noqa: E402
-from common import Table, device_info, save_plot  # noqa: E402
 
 
 def _time(fn, device, repeats):
@@ -95,21 +96,40 @@ def _tensor_bytes(obj) -> int:
     if isinstance(obj, PackedMask):
         n = obj.kv_lo.numel() * 8
         for bt in obj._tables.values():
-            n += sum(_tensor_bytes(getattr(bt, f)) for f in bt.__dataclass_fields__ if isinstance(getattr(bt, f), torch.Tensor))
+            n += sum(
+                _tensor_bytes(getattr(bt, f))
+                for f in bt.__dataclass_fields__
+                if isinstance(getattr(bt, f), torch.Tensor)
+            )
         return n
     if hasattr(obj, "kv_num_blocks"):  # a flex BlockMask
-        return sum(_tensor_bytes(getattr(obj, f)) for f in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-                                                           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
-                   if getattr(obj, f, None) is not None)
+        return sum(
+            _tensor_bytes(getattr(obj, f))
+            for f in (
+                "kv_num_blocks",
+                "kv_indices",
+                "full_kv_num_blocks",
+                "full_kv_indices",
+                "q_num_blocks",
+                "q_indices",
+                "full_q_num_blocks",
+                "full_q_indices",
+            )
+            if getattr(obj, f, None) is not None
+        )
     return 0
 
 
 def _dense_per_sample(layout, device):
     """Upstream's nested masks: one float [L, L] per sample, 0 = attend, -inf = masked."""
     out = []
-    split_iter = iter(zip(layout.split_lens, layout.attn_modes))
+    split_iter = iter(zip(layout.split_lens, layout.attn_modes, strict=True))
     for L in layout.sample_lens:
-        m = torch.full((L, L), float("-inf"), device=device).triu_(1).masked_fill_(torch.ones(L, L, dtype=torch.bool, device=device).tril_(), 0.0)
+        m = (
+            torch.full((L, L), float("-inf"), device=device)
+            .triu_(1)
+            .masked_fill_(torch.ones(L, L, dtype=torch.bool, device=device).tril_(), 0.0)
+        )
         start, used = 0, 0
         while used < L:
             n, mode = next(split_iter)
@@ -123,6 +143,36 @@ def _dense_per_sample(layout, device):
     return out
 
 
+def _methods(layout, device, with_compile: bool) -> list[tuple[str, object]]:
+    """``[(name, build)]``: each ``build()`` makes the mask of ``layout`` the way one backend needs it."""
+    args3 = (layout.sample_lens, layout.split_lens, layout.attn_modes)
+    n = layout.total_len
+
+    def ours():
+        m = PackedMask.from_splits(*args3, device=device)
+        m.block_tables(128, 64)
+        m.block_tables(64, 128)
+        return m
+
+    def flex(compile: bool):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return flex_block_mask(PackedMask.from_splits(*args3, device=device), compile=compile)
+
+    methods = [
+        ("PackedMask.from_splits + block tables", ours),
+        ("flex create_block_mask (eager)", lambda: flex(False)),
+    ]
+    if with_compile:
+        methods.append(("flex create_block_mask (compiled)", lambda: flex(True)))
+    methods.append(("dense per-sample float masks", lambda: _dense_per_sample(layout, device)))
+    if n <= 16384 or device.type == "cuda":
+        methods.append(
+            ("dense [N, N] bool", lambda: PackedMask.from_splits(*args3, device=device).to_dense())
+        )
+    return methods
+
+
 def run(args) -> Table:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [4096, 16384, 65536]
@@ -134,30 +184,7 @@ def run(args) -> Table:
     plot = {}
     for n in sizes:
         layout = realistic_pack(n, seed=n)
-        args3 = (layout.sample_lens, layout.split_lens, layout.attn_modes)
-
-        def ours():
-            m = PackedMask.from_splits(*args3, device=device)
-            m.block_tables(128, 64)
-            m.block_tables(64, 128)
-            return m
-
-        methods = [("PackedMask.from_splits + block tables", ours)]
-        methods.append(("flex create_block_mask (eager)", lambda: flex_block_mask(PackedMask.from_splits(*args3, device=device))))
-        if not args.no_compile:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            def flex_compiled():
-                m = PackedMask.from_splits(*args3, device=device)
-                lo, hi = m.kv_lo, m.kv_hi
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    return create_block_mask(lambda b, h, q, k: (lo[k] <= q) & (q < hi[k]), None, None, n, n, device=device, _compile=True)
-
-            methods.append(("flex create_block_mask (compiled)", flex_compiled))
-        methods.append(("dense per-sample float masks", lambda: _dense_per_sample(layout, device)))
-        if n <= 16384 or device.type == "cuda":
-            methods.append(("dense [N, N] bool", lambda: PackedMask.from_splits(*args3, device=device).to_dense()))
+        methods = _methods(layout, device, with_compile=not args.no_compile)
         base = None
         for name, fn in methods:
             try:
@@ -167,13 +194,30 @@ def run(args) -> Table:
                 table.add([n, name, f"error: {type(exc).__name__}", "", "", ""])
                 continue
             base = ms if base is None else base
-            table.add([n, name, f"{ms:.2f}", f"{ms / base:.1f}x", f"{max(peak, 0) / 2**20:.1f}", f"{kept / 2**20:.2f}"])
+            table.add(
+                [
+                    n,
+                    name,
+                    f"{ms:.2f}",
+                    f"{ms / base:.1f}x",
+                    f"{max(peak, 0) / 2**20:.1f}",
+                    f"{kept / 2**20:.2f}",
+                ]
+            )
             plot.setdefault(name, []).append((n, ms))
     table.note(device_info(device))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         table.write(os.path.join(args.out, "bench_mask.md"))
-        save_plot(os.path.join(args.out, "bench_mask.png"), plot, "tokens per pack", "build time (ms)", "Mask construction", logx=True, logy=True)
+        save_plot(
+            os.path.join(args.out, "bench_mask.png"),
+            plot,
+            "tokens per pack",
+            "build time (ms)",
+            "Mask construction",
+            logx=True,
+            logy=True,
+        )
     return table
 
 

@@ -25,7 +25,12 @@ class Table:
         self.notes.append(text)
 
     def render(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines = [
+            f"### {self.title}",
+            "",
+            "| " + " | ".join(self.columns) + " |",
+            "|" + "---|" * len(self.columns),
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in self.rows]
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
@@ -41,7 +46,9 @@ def git_commit() -> str:
         return os.environ["BAGEL_COMMIT"][:12]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True, stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except Exception:
         return "unknown"
 
@@ -73,7 +80,7 @@ def save_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str, log
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in series.items():
         if pts:
-            xs, ys = zip(*pts)
+            xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", label=name)
     if logx:
         ax.set_xscale("log", base=2)

@@ -49,7 +49,7 @@ def test_sdpa_matches_reference(hq, hkv, d):
     out, grads, g = _fwd_bwd("sdpa", q, k, v, mask)
     ref, rgrads = _reference(q, k, v, mask, g)
     _check(out, ref, torch.float32, "fwd")
-    for a, b in zip(grads, rgrads):
+    for a, b in zip(grads, rgrads, strict=True):
         _check(a, b, torch.float32, "bwd")
 
 
@@ -62,7 +62,7 @@ def test_sdpa_low_precision(dtype):
     ref, rgrads = _reference(q, k, v, mask, g)
     assert out.dtype == dtype
     _check(out, ref, dtype, "fwd")
-    for a, b in zip(grads, rgrads):
+    for a, b in zip(grads, rgrads, strict=True):
         _check(a, b, dtype, "bwd")
 
 
@@ -88,7 +88,7 @@ def test_dead_rows_are_zero_with_zero_grads():
     assert torch.all(grads[0][0] == 0)
     ref, rgrads = _reference(q, k, v, mask, g)
     _check(out, ref, torch.float32, "fwd")
-    for a, b in zip(grads, rgrads):
+    for a, b in zip(grads, rgrads, strict=True):
         _check(a, b, torch.float32, "bwd")
     fout = packed_attention(q.detach(), k.detach(), v.detach(), mask, backend="flex")
     _check(fout, ref, torch.float32, "fwd")
@@ -102,7 +102,7 @@ def test_row_index_permutation(backend):
     q, k, v = _inputs(T, 4, 2, 32, torch.float32, requires_grad=False)
     inv = torch.randperm(T)  # token i lives at row inv[i]
     grouped = [torch.empty_like(t) for t in (q, k, v)]
-    for src, dst in zip((q, k, v), grouped):
+    for src, dst in zip((q, k, v), grouped, strict=True):
         dst[inv] = src
     out = packed_attention(*grouped, mask.with_row_index(inv), backend=backend)
     ref = attention_reference(q, k, v, mask)
@@ -159,5 +159,5 @@ def test_flex_and_sdpa_gpu_gradients(dtype):
         out, grads, g = _fwd_bwd(backend, q, k, v, mask)
         ref, rgrads = _reference(q, k, v, mask, g)
         _check(out, ref, dtype, "fwd")
-        for a, b in zip(grads, rgrads):
+        for a, b in zip(grads, rgrads, strict=True):
             _check(a, b, dtype, "bwd")

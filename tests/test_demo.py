@@ -21,7 +21,9 @@ def test_demo_data_packs_to_the_budget():
 
 
 def test_demo_trains_a_few_steps(tmp_path):
-    args = _parser().parse_args(["--steps", "4", "--tokens", "256", "--out", str(tmp_path), "--device", "cpu"])
+    args = _parser().parse_args(
+        ["--steps", "4", "--tokens", "256", "--out", str(tmp_path), "--device", "cpu"]
+    )
     result = train(args)
     rows = list(csv.DictReader(open(tmp_path / "losses.csv")))
     assert len(rows) == 4 and set(rows[0]) >= {"step", "ce", "mse", "tokens"}
