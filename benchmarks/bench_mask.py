@@ -191,7 +191,7 @@ def run(args) -> Table:
                 ms = _time(fn, device, repeats)
                 peak, kept = _peak_bytes(fn, device)
             except Exception as exc:  # a baseline that cannot run is reported, not fatal
-                table.add([n, name, f"error: {type(exc).__name__}", "", "", ""])
+                table.add([n, name, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", "", "", ""])
                 continue
             base = ms if base is None else base
             table.add(
@@ -206,6 +206,11 @@ def run(args) -> Table:
             )
             plot.setdefault(name, []).append((n, ms))
     table.note(device_info(device))
+    table.note(
+        "peak build MiB: on CUDA the allocator's peak; on CPU the growth of the process RSS during one build "
+        "after warm-up (memory the allocator kept from earlier builds is not counted: a lower bound). "
+        "result MiB: what the built mask keeps."
+    )
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         table.write(os.path.join(args.out, "bench_mask.md"))
