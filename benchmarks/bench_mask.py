@@ -191,7 +191,9 @@ def run(args) -> Table:
                 ms = _time(fn, device, repeats)
                 peak, kept = _peak_bytes(fn, device)
             except Exception as exc:  # a baseline that cannot run is reported, not fatal
-                table.add([n, name, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", "", "", ""])
+                table.add(
+                    [n, name, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", "", "", ""]
+                )
                 continue
             base = ms if base is None else base
             table.add(

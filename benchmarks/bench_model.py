@@ -45,6 +45,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from common import sync  # noqa: E402
+
 from bagel import (  # noqa: E402
     BagelBackendConfig,
     BagelConfig,
@@ -134,9 +136,6 @@ def describe(batch: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def set_variant(model: BagelForUnifiedMultimodal, variant, cpu: bool) -> None:
@@ -165,7 +164,7 @@ def time_step(step, device, reps: int, warmup: int) -> tuple[float, float]:
     """(median ms, peak MiB above the baseline) of ``step``."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -173,7 +172,7 @@ def time_step(step, device, reps: int, warmup: int) -> tuple[float, float]:
     for _ in range(reps):
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else float("nan")
     return statistics.median(times), peak

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -38,6 +37,8 @@ if "--tiny" in sys.argv:  # the interpreter must be chosen before triton is impo
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
+
+from common import sync, time_ms  # noqa: E402
 
 BAGEL_7B = dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28, theta=1e6)
 TINY = dict(hidden=128, inter=256, heads=4, kv_heads=2, layers=28, theta=1e4)
@@ -120,30 +121,6 @@ def build_pack(tokens: int, tiny: bool, device):
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, device, reps: int, warmup: int) -> float:
-    """Median ms of ``fn()`` over ``reps`` calls after ``warmup`` calls (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def peak_mib(fn, device) -> float:
@@ -151,11 +128,11 @@ def peak_mib(fn, device) -> float:
         return float("nan")
     if hasattr(fn, "reset"):
         fn.reset()  # free the previous call's gradients before taking the baseline
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     fn()
-    _sync(device)
+    sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 

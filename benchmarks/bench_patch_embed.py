@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import Table, device_info, save_plot  # noqa: E402
+from common import Table, device_info, save_plot, time_ms  # noqa: E402
 
 from bagel_kernels import patch_embed as pe  # noqa: E402
 
@@ -45,32 +43,6 @@ TINY = dict(patch=4, channels=3, hidden=64, side=8)
 FULL_CASES = [(4, 224), (16, 224), (4, 448), (8, 448), (16, 448), (4, 980), (8, 980), (16, 980), (8, "mixed")]
 QUICK_CASES = [(4, 224), (8, 448), (16, 980), (8, "mixed")]
 TINY_CASES = [(2, 16), (3, "mixed")]
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device, reps: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in ms (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def time_path(f, params, dy, device, reps: int, warmup: int) -> tuple[float, float]:
