@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from bagel.backend import BagelBackendConfig
@@ -530,6 +531,8 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         layer_cls = _LAYER_CLASSES[self.layer_module]
         self.layers = nn.ModuleList([layer_cls(config, i) for i in range(config.num_hidden_layers)])
+        # recompute each decoder layer in backward (bagel.distributed.apply_fsdp2 turns it on)
+        self.gradient_checkpointing = False
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if self.use_moe:
             self.norm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -587,7 +590,11 @@ class Qwen2Model(nn.Module):
         cos, sin = mot.rope_cos_sin(pos, self.head_dim, self.rope_theta, x.dtype)
         ctx = PackContext(n_und=n_und, cos=cos, sin=sin, mask=mask, backend=be, freeze_und=self.freeze_und)
         for layer in self.layers:
-            x = layer.forward_grouped(x, ctx)
+            # through __call__ so that module hooks (FSDP2's unshard/reshard) run
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
         if self.use_moe:
             x = mot.mot_rms_norm(
                 x,

@@ -23,6 +23,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -226,12 +227,16 @@ class SiglipEncoder(nn.Module):
     def __init__(self, config, num_layers: int):
         super().__init__()
         self.layers = nn.ModuleList([SiglipEncoderLayer(config) for _ in range(num_layers)])
+        self.gradient_checkpointing = False  # recompute each layer in backward
 
     def forward(
         self, x: torch.Tensor, mask: PackedMask, backend: BagelBackendConfig, rope=None
     ) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, mask, backend, rope)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, backend, rope, use_reentrant=False)
+            else:
+                x = layer(x, mask, backend, rope)
         return x
 
 
