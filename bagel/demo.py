@@ -34,12 +34,33 @@ import torch
 
 WORDS = (
     # captions: image, region, colour, brightness
-    "hopper", "pack", "logo", "terrain", "bathymetry",
-    "top", "bottom", "left", "right", "centre",
-    "red", "green", "blue", "grey",
-    "dark", "light",
+    "hopper",
+    "pack",
+    "logo",
+    "terrain",
+    "bathymetry",
+    "top",
+    "bottom",
+    "left",
+    "right",
+    "centre",
+    "red",
+    "green",
+    "blue",
+    "grey",
+    "dark",
+    "light",
     # prompts and instructions
-    "describe", "draw", "flip", "darken", "mirror", "a", "the", "image", "of", "part",
+    "describe",
+    "draw",
+    "flip",
+    "darken",
+    "mirror",
+    "a",
+    "the",
+    "image",
+    "of",
+    "part",
 )
 
 
@@ -53,7 +74,11 @@ def _load_images() -> dict[str, np.ndarray]:
     from matplotlib import image as mpimg
 
     images = {}
-    for name, fname in (("hopper", "grace_hopper.jpg"), ("pack", "Minduka_Present_Blue_Pack.png"), ("logo", "logo2.png")):
+    for name, fname in (
+        ("hopper", "grace_hopper.jpg"),
+        ("pack", "Minduka_Present_Blue_Pack.png"),
+        ("logo", "logo2.png"),
+    ):
         with cbook.get_sample_data(fname, asfileobj=True) as f:
             arr = mpimg.imread(f, format=fname.rsplit(".", 1)[1])
         arr = np.asarray(arr, dtype=np.float32)
@@ -62,7 +87,10 @@ def _load_images() -> dict[str, np.ndarray]:
         if arr.ndim == 2:
             arr = np.stack([arr] * 3, axis=-1)
         images[name] = arr[..., :3]
-    for name, fname, key, cmap in (("terrain", "jacksboro_fault_dem.npz", "elevation", "gist_earth"), ("bathymetry", "topobathy.npz", "topo", "terrain")):
+    for name, fname, key, cmap in (
+        ("terrain", "jacksboro_fault_dem.npz", "elevation", "gist_earth"),
+        ("bathymetry", "topobathy.npz", "topo", "terrain"),
+    ):
         data = np.load(cbook.get_sample_data(fname, asfileobj=False))
         z = np.asarray(data[key], dtype=np.float32)
         z = (z - z.min()) / max(float(z.max() - z.min()), 1e-6)
@@ -78,11 +106,15 @@ class DemoData:
 
         self.config = config
         self.rng = random.Random(seed)
-        self.images = {k: torch.from_numpy(v).permute(2, 0, 1).contiguous() for k, v in _load_images().items()}
+        self.images = {
+            k: torch.from_numpy(v).permute(2, 0, 1).contiguous() for k, v in _load_images().items()
+        }
         self.names = list(self.images)
         tok = SpecialTokens.for_config(config)
         if len(WORDS) >= min(tok.bos, tok.eos, tok.start_of_image, tok.end_of_image):
-            raise ValueError(f"vocab_size={config.text_config.vocab_size} is too small for the demo's {len(WORDS)} words")
+            raise ValueError(
+                f"vocab_size={config.text_config.vocab_size} is too small for the demo's {len(WORDS)} words"
+            )
         self.word = {w: i for i, w in enumerate(WORDS)}
         self.vit_patch = config.vision_config.patch_size
         self.lat_patch = config.latent_patch_size
@@ -106,7 +138,9 @@ class DemoData:
         ch, cw = int(H * frac), int(W * frac)
         y, x = self.rng.randint(0, H - ch), self.rng.randint(0, W - cw)
         crop = img[:, y : y + ch, x : x + cw]
-        crop = torch.nn.functional.interpolate(crop[None], size=(side, side), mode="bilinear", align_corners=False)[0]
+        crop = torch.nn.functional.interpolate(
+            crop[None], size=(side, side), mode="bilinear", align_corners=False
+        )[0]
         cy, cx = (y + ch / 2) / H, (x + cw / 2) / W
         if abs(cy - 0.5) < 0.12 and abs(cx - 0.5) < 0.12:
             region = "centre"
@@ -115,7 +149,9 @@ class DemoData:
         else:
             region = "left" if cx < 0.5 else "right"
         mean = crop.mean(dim=(1, 2))
-        colour = "grey" if float(mean.max() - mean.min()) < 0.06 else ("red", "green", "blue")[int(mean.argmax())]
+        colour = (
+            "grey" if float(mean.max() - mean.min()) < 0.06 else ("red", "green", "blue")[int(mean.argmax())]
+        )
         light = "light" if float(mean.mean()) > 0.5 else "dark"
         return crop, f"{name} {region} {colour} {light}"
 
@@ -150,7 +186,9 @@ class DemoData:
                 break
         if not samples:
             raise ValueError(f"--tokens {tokens} is too small for one sample")
-        return pack_samples(samples, self.config, max_num_tokens=tokens, rng=self.rng.randrange(2**31), device=device)
+        return pack_samples(
+            samples, self.config, max_num_tokens=tokens, rng=self.rng.randrange(2**31), device=device
+        )
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -187,11 +225,14 @@ def _plot(path: str, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def train(args) -> dict:
+def train(args, rank: int = 0, world: int = 1, device: torch.device | None = None) -> dict:
+    """Train on one process, or as rank ``rank`` of ``world`` (process group already initialised: the
+    model is sharded with FSDP2, each rank packs its own batches, rank 0 reports)."""
     from bagel import BagelBackendConfig, BagelConfig, BagelForUnifiedMultimodal
 
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    if device is None:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = BagelBackendConfig(attention=args.attention, mot=args.mot, patch_embed=args.patch_embed)
     config = BagelConfig.tiny(
         visual_gen=True,
@@ -203,15 +244,27 @@ def train(args) -> dict:
     model = BagelForUnifiedMultimodal(config, backend=backend).to(device)
     model.initialize_weights()
     model.train()
-    data = DemoData(config, seed=args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    if world > 1:
+        from bagel.distributed import apply_fsdp2
+
+        apply_fsdp2(model)
+    data = DemoData(config, seed=args.seed + 1000 * rank)  # each rank its own batches
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+        ),
+    )
     os.makedirs(args.out, exist_ok=True)
     rows = []
     tokens_done, t_train = 0, 0.0
-    print(
-        f"bagel-demo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, device {device}, "
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(
+        f"bagel-demo: {n_params / 1e6:.2f} M parameters, device {device}"
+        f"{f' x {world} processes (FSDP2)' if world > 1 else ''}, "
         f"backends attention={backend.attention} mot={backend.mot} patch_embed={backend.patch_embed}, "
         f"{args.steps} steps of {args.tokens}-token packs",
         flush=True,
@@ -231,26 +284,75 @@ def train(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_train += time.perf_counter() - t0
-        tokens_done += int(batch["sequence_length"])
-        rows.append({"step": step, "ce": ce.item(), "mse": mse.item(), "tokens": int(batch["sequence_length"]), "lr": sched.get_last_lr()[0]})
+        n_tok = int(batch["sequence_length"])
+        vals = torch.tensor([ce.item(), mse.item(), float(n_tok)], dtype=torch.float64)
+        if world > 1:  # the curves show the mean over ranks; tokens count all ranks
+            vals = _all_reduce(vals, device, "sum") / torch.tensor([world, world, 1.0], dtype=torch.float64)
+        tokens_done += int(vals[2])
+        rows.append(
+            {
+                "step": step,
+                "ce": float(vals[0]),
+                "mse": float(vals[1]),
+                "tokens": int(vals[2]),
+                "lr": sched.get_last_lr()[0],
+            }
+        )
         if not (math.isfinite(rows[-1]["ce"]) and math.isfinite(rows[-1]["mse"])):
             raise RuntimeError(f"non-finite loss at step {step}: ce={rows[-1]['ce']} mse={rows[-1]['mse']}")
-        if step % max(1, args.steps // 100) == 0 or step == args.steps:
+        if rank == 0 and (step % max(1, args.steps // 100) == 0 or step == args.steps):
             _progress(step, args.steps, rows[-1]["ce"], rows[-1]["mse"], tokens_done / max(t_train, 1e-9))
-    with open(os.path.join(args.out, "losses.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    _plot(os.path.join(args.out, "losses.png"), rows)
+    if world > 1:  # the slowest rank sets the pace
+        t_train = float(_all_reduce(torch.tensor([t_train], dtype=torch.float64), device, "max")[0])
     k = max(1, min(20, len(rows) // 5))
     first = {key: float(np.mean([r[key] for r in rows[:k]])) for key in ("ce", "mse")}
     last = {key: float(np.mean([r[key] for r in rows[-k:]])) for key in ("ce", "mse")}
     tps = tokens_done / max(t_train, 1e-9)
-    print(f"ce  {first['ce']:.4f} -> {last['ce']:.4f} (mean of first / last {k} steps)")
-    print(f"mse {first['mse']:.4f} -> {last['mse']:.4f}")
-    print(f"wrote {os.path.join(args.out, 'losses.csv')} and {os.path.join(args.out, 'losses.png')}")
-    print(f"trained {args.steps} steps, {tokens_done} tokens in {t_train:.1f} s of training: {tps:,.0f} tokens/s")
+    if rank == 0:
+        with open(os.path.join(args.out, "losses.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        _plot(os.path.join(args.out, "losses.png"), rows)
+    log(f"ce  {first['ce']:.4f} -> {last['ce']:.4f} (mean of first / last {k} steps)")
+    log(f"mse {first['mse']:.4f} -> {last['mse']:.4f}")
+    log(f"wrote {os.path.join(args.out, 'losses.csv')} and {os.path.join(args.out, 'losses.png')}")
+    log(
+        f"trained {args.steps} steps, {tokens_done} tokens in {t_train:.1f} s of training: {tps:,.0f} tokens/s"
+    )
     return {"first": first, "last": last, "tokens_per_s": tps, "rows": rows}
+
+
+def _all_reduce(t: torch.Tensor, device: torch.device, op: str) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.to(device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.cpu()
+
+
+def _worker(rank: int, world: int, port: int, args) -> None:
+    """One process of ``bagel-demo --nproc N`` (a torchrun-style environment on one machine)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    _run_distributed(args)
+
+
+def _run_distributed(args) -> dict:
+    from bagel.distributed import cleanup, init_distributed
+
+    rank, world, device = init_distributed()
+    if args.device == "cpu":
+        device = torch.device("cpu")
+    try:
+        return train(args, rank, world, device)
+    finally:
+        cleanup()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -266,6 +368,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine (FSDP2; gloo on CPU, nccl on GPUs); under torchrun it is implied",
+    )
     return p
 
 
@@ -273,7 +381,23 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.steps < 1 or args.tokens < 16:
         raise SystemExit("bagel-demo: --steps must be >= 1 and --tokens >= 16")
-    train(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: this process is one rank
+        _run_distributed(args)
+    elif args.nproc > 1:
+        import socket
+
+        import torch.multiprocessing as mp
+
+        if torch.cuda.is_available() and args.device != "cpu" and args.nproc > torch.cuda.device_count():
+            raise SystemExit(
+                f"bagel-demo: --nproc {args.nproc} exceeds the {torch.cuda.device_count()} visible GPUs"
+            )
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_worker, args=(args.nproc, port, args), nprocs=args.nproc)
+    else:
+        train(args)
     return 0
 
 

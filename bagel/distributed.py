@@ -53,12 +53,12 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a BAGEL model (LLM layers, then ViT encoder layers when present)."""
+def decoder_layers(model: nn.Module, vit: bool = True) -> list[nn.Module]:
+    """The decoder layers of a BAGEL model (LLM layers, then, with ``vit``, the ViT encoder layers)."""
     layers = list(model.language_model.model.layers)
-    vit = getattr(model, "vit_model", None)
-    if vit is not None:
-        layers += list(vit.vision_model.encoder.layers)
+    tower = getattr(model, "vit_model", None)
+    if vit and tower is not None:
+        layers += list(tower.vision_model.encoder.layers)
     return layers
 
 
@@ -69,9 +69,16 @@ def apply_fsdp2(
     activation_checkpointing: bool = True,
     reshard_after_forward: bool = True,
     mp_policy=None,
+    shard_vit_layers: bool = False,
 ) -> nn.Module:
-    """Shard ``model`` in place with FSDP2: one unit per LLM / ViT decoder layer plus the root (the
-    embeddings, connector, heads and final norms). ``activation_checkpointing`` recomputes every decoder
+    """Shard ``model`` in place with FSDP2: one unit per LLM decoder layer plus the root (the
+    embeddings, connector, heads, final norms and, by default, the ViT).
+
+    Every rank must run every FSDP unit in every step (each unit's all-gather is a collective). The LLM
+    layers always run; the ViT runs only on packs that hold images, and each rank packs its own
+    batches, so by default the ViT stays in the root unit, whose gathers happen on every rank.
+    ``shard_vit_layers=True`` gives each ViT layer its own unit (less memory at the root's gather)
+    and is safe only when every rank's pack holds at least one image in every step. ``activation_checkpointing`` recomputes every decoder
     layer in backward (non-reentrant ``torch.utils.checkpoint``; the pack context and the
     :class:`bagel_kernels.PackedMask` pass through as ordinary Python objects). ``mp_policy``: an
     ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 parameters, fp32 reduction). Build the
@@ -89,7 +96,12 @@ def apply_fsdp2(
     vit = getattr(model, "vit_model", None)
     if vit is not None:
         vit.vision_model.encoder.gradient_checkpointing = activation_checkpointing
-    for layer in decoder_layers(model):
+    # parameters outside the per-layer units get a (zero) gradient on every rank, used by its pack or
+    # not: FSDP2 reduce-scatters only existing gradients, so they must exist everywhere
+    model.zero_grad_prefixes = ("language_model.model.layers.",) + (
+        ("vit_model.vision_model.encoder.layers.",) if shard_vit_layers else ()
+    )
+    for layer in decoder_layers(model, vit=shard_vit_layers):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model

@@ -271,6 +271,12 @@ class BagelForUnifiedMultimodal(BagelModel):
         self.num_heads = config.text_config.num_attention_heads
         self.use_moe = "Mo" in config.text_config.layer_module
         self.load_report: LoadReport | None = None
+        # Parameter-name prefixes whose parameters every training forward ties into its losses with
+        # weight zero, so that each gets a (zero) gradient even when the pack does not use it (no image
+        # for the ViT, no generation tokens, no CE tokens). FSDP2 reduce-scatters only the gradients that
+        # exist, so ranks packing different sample kinds would otherwise disagree on the collective's
+        # size. Set by bagel.distributed.apply_fsdp2 to the root unit's parameters; None: off.
+        self.zero_grad_prefixes: tuple[str, ...] | None = None
 
     # -------------------------------------------------------------- HF-style accessors
     @classmethod
@@ -567,6 +573,16 @@ class BagelForUnifiedMultimodal(BagelModel):
             preds = self.llm2vae(hidden[mse_idx])
             target = noise - clean  # flow-matching velocity dx_t/dt, from data to noise
             mse = (preds - target.index_select(0, mse_rows)) ** 2  # = target[t > 0], without a sync
+        if self.zero_grad_prefixes is not None and self.training and torch.is_grad_enabled():
+            touch = sum(
+                p.sum()
+                for n, p in self.named_parameters()
+                if p.requires_grad and not n.startswith(self.zero_grad_prefixes)
+            )
+            if ce is not None:
+                ce = ce + 0.0 * touch
+            elif mse is not None:
+                mse = mse + 0.0 * touch
         return dict(ce=ce, mse=mse)
 
     # -------------------------------------------------------------- input preparation
