@@ -41,7 +41,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from bagel.backend import BagelBackendConfig
-from bagel_kernels import PackedMask, packed_attention
+from bagel_kernels import PackedMask
+from bagel_kernels.attention import packed_attention, prepare_attention
 
 __all__ = [
     "LAYER_MODULES",
@@ -550,7 +551,7 @@ class Qwen2Model(nn.Module):
             raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
         self._backend = value
 
-    def forward_train(
+    def prepare_pack(
         self,
         packed_sequence: torch.Tensor,
         sample_lens: Sequence[int] | None,
@@ -558,8 +559,11 @@ class Qwen2Model(nn.Module):
         packed_position_ids: torch.Tensor,
         packed_und_token_indexes: torch.Tensor | None = None,
         packed_gen_token_indexes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """See :meth:`Qwen2ForCausalLM.forward_train`."""
+    ) -> tuple[torch.Tensor, PackContext, torch.Tensor | None]:
+        """The once-per-pack part of the forward, run eagerly: validation, grouping by expert, the
+        mask with its row index and kernel tables, RoPE tables. Returns ``(x, ctx, inv)``: grouped
+        hidden states, the :class:`PackContext` every layer reads, and the un-permutation (or None).
+        :meth:`decode` then holds only tensor work (the part worth ``torch.compile``)."""
         attention_mask, pos = _check_inputs(
             self, packed_sequence, sample_lens, attention_mask, packed_position_ids
         )
@@ -582,13 +586,22 @@ class Qwen2Model(nn.Module):
             mask = mask.with_row_index(inv)
         else:
             # all rows on one side: the pack order is already grouped
-            perm = inv = None
+            inv = None
             x = packed_sequence
-        if self.freeze_und:
-            x = _freeze_rows(x, n_und, True)
+        prepare_attention(mask, device, x.dtype, self.head_dim, be.attention)
         # [L, D] each, in grouped row order
         cos, sin = mot.rope_cos_sin(pos, self.head_dim, self.rope_theta, x.dtype)
         ctx = PackContext(n_und=n_und, cos=cos, sin=sin, mask=mask, backend=be, freeze_und=self.freeze_und)
+        return x, ctx, inv
+
+    def decode(self, x: torch.Tensor, ctx: PackContext) -> torch.Tensor:
+        """Every decoder layer and the final norm(s) on grouped hidden states (no host syncs, no
+        data-dependent Python: ``torch.compile(fullgraph=True)`` traces it)."""
+        mot = _mot()
+        be = ctx.backend
+        n_und = ctx.n_und
+        if self.freeze_und:
+            x = _freeze_rows(x, n_und, True)
         for layer in self.layers:
             # through __call__ so that module hooks (FSDP2's unshard/reshard) run
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -606,9 +619,30 @@ class Qwen2Model(nn.Module):
             )
             x = _freeze_rows(x, n_und, self.freeze_und)
         else:
-            x = _norm(x, L, self.norm, None, be.mot)
+            x = _norm(x, x.shape[0], self.norm, None, be.mot)
+        return x
+
+    def forward_train(
+        self,
+        packed_sequence: torch.Tensor,
+        sample_lens: Sequence[int] | None,
+        attention_mask: PackedMask,
+        packed_position_ids: torch.Tensor,
+        packed_und_token_indexes: torch.Tensor | None = None,
+        packed_gen_token_indexes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See :meth:`Qwen2ForCausalLM.forward_train`: :meth:`prepare_pack`, :meth:`decode`, un-permute."""
+        x, ctx, inv = self.prepare_pack(
+            packed_sequence,
+            sample_lens,
+            attention_mask,
+            packed_position_ids,
+            packed_und_token_indexes,
+            packed_gen_token_indexes,
+        )
+        x = self.decode(x, ctx)
         if inv is not None:
-            x = mot.permute_rows(x, inv, backend=be.mot)
+            x = _mot().permute_rows(x, inv, backend=ctx.backend.mot)
         return x
 
     def forward(self, *args, **kwargs) -> torch.Tensor:

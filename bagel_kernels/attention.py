@@ -26,7 +26,14 @@ import torch.nn.functional as F
 
 from .mask import PackedMask
 
-__all__ = ["packed_attention", "available_backends", "BACKENDS", "MAX_HEAD_DIM", "flex_block_mask"]
+__all__ = [
+    "packed_attention",
+    "prepare_attention",
+    "available_backends",
+    "BACKENDS",
+    "MAX_HEAD_DIM",
+    "flex_block_mask",
+]
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # fp64: references only
@@ -43,10 +50,10 @@ def _sdpa_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) 
         L = e - s
         r = torch.arange(L, device=q.device, dtype=torch.int32)[:, None]
         vis = ((mask.kv_lo[s:e] - s)[None, :] <= r) & (r < (mask.kv_hi[s:e] - s)[None, :])  # [L, L]
+        # rows that see no key: attend a dummy key, then zero the row (SDPA would give NaN); no
+        # branch on the data, so the loop has no host sync and traces under torch.compile
         dead = ~vis.any(dim=1)
-        any_dead = bool(dead.any())
-        if any_dead:  # rows that see no key: compute on a dummy row, then zero (SDPA would give NaN)
-            vis = vis | dead[:, None]
+        vis = vis | dead[:, None]
         o = F.scaled_dot_product_attention(
             q[s:e].transpose(0, 1).unsqueeze(0),  # [1, Hq, L, D]
             k[s:e].transpose(0, 1).unsqueeze(0),
@@ -55,8 +62,7 @@ def _sdpa_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) 
             scale=scale,
             enable_gqa=gqa,
         )[0].transpose(0, 1)  # [L, Hq, D]
-        if any_dead:
-            o = o.masked_fill(dead[:, None, None], 0.0)
+        o = o.masked_fill(dead[:, None, None], 0.0)
         outs.append(o)
     return torch.cat(outs, dim=0)
 
@@ -179,6 +185,30 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         if name not in seen and not BACKENDS[name].reasons(probe, probe, probe, m):
             seen.append(name)
     return seen
+
+
+def prepare_attention(
+    mask: PackedMask, device: torch.device, dtype: torch.dtype, head_dim: int, backend: str = "auto"
+) -> str:
+    """Build now what ``backend`` derives from ``mask`` (Triton block tables and launch orders, the
+    FlexAttention block mask), cached on the mask, so that a ``torch.compile`` region calling
+    :func:`packed_attention` with this mask only reads them (building them has data-dependent
+    shapes). Returns the backend that "auto" resolves to for such inputs."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {backend!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}"
+        )
+    probe = torch.empty(1, 1, head_dim, device=device, dtype=dtype)
+    if backend == "auto":
+        order = _AUTO_ORDER.get(torch.device(device).type, _AUTO_DEFAULT)
+        backend = next((n for n in order if not BACKENDS[n].reasons(probe, probe, probe, mask)), order[-1])
+    if backend == "triton" and not BACKENDS["triton"].reasons(probe, probe, probe, mask):
+        from .attention_triton import default_config, prepare_mask
+
+        prepare_mask(mask, default_config(probe.device, dtype, head_dim))
+    elif backend == "flex" and "flex" not in mask._cache:
+        mask._cache["flex"] = flex_block_mask(mask)
+    return backend
 
 
 def _validate(q, k, v, mask) -> None:
