@@ -49,7 +49,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
 
 
 def cleanup() -> None:
+    """Leave the process group, once every rank has arrived (a rank tearing gloo down while another
+    still works can abort the other)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
