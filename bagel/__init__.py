@@ -4,7 +4,7 @@ checkpoint I/O) running on the kernels of :mod:`bagel_kernels`."""
 from .backend import BagelBackendConfig
 from .checkpoint import LoadReport
 from .config import BagelConfig
-from .modeling import BagelForUnifiedMultimodal, BagelModel
+from .modeling import BagelForUnifiedMultimodal, BagelModel, PreparedPack
 from .packing import (
     EditSample,
     Sample,
@@ -28,6 +28,7 @@ __all__ = [
     "BagelConfig",
     "BagelModel",
     "BagelForUnifiedMultimodal",
+    "PreparedPack",
     "LoadReport",
     "Qwen2ForCausalLM",
     "Qwen2Model",

@@ -20,6 +20,15 @@ Forward (one pack, see DESIGN.md section 2):
 with ``t = s sigmoid(logit) / (1 + (s - 1) sigmoid(logit))`` (``s = timestep_shift``), a logit of -inf
 marking a clean conditioning image (t = 0, no MSE), and ``eps = torch.randn_like(x_0)`` drawn from the
 global generator as upstream (seed it with ``torch.manual_seed`` for reproducibility).
+
+``forward(**batch)`` is ``forward_prepared(prepare_pack(**batch))``: ``prepare_pack`` does everything
+that depends on the data in Python or needs a host sync (validation, masks from the split lists,
+grouping by expert, kernel block tables, patchifying, drawing the noise) and returns a
+:class:`PreparedPack`; ``forward_prepared`` is the model body from embeddings to losses, tensor work
+and custom ops only, which ``torch.compile(fullgraph=True, dynamic=True)`` traces::
+
+    body = torch.compile(model.forward_prepared, fullgraph=True, dynamic=True)
+    losses = body(model.prepare_pack(**batch))
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,13 +47,15 @@ from bagel.backend import BagelBackendConfig
 from bagel.checkpoint import LoadReport, load_checkpoint_into, save_checkpoint
 from bagel.config import BagelConfig
 from bagel.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
-from bagel.qwen2 import Qwen2ForCausalLM
+from bagel.qwen2 import PackContext, Qwen2ForCausalLM
 from bagel.siglip import SiglipVisionModel
 from bagel_kernels import PackedMask
+from bagel_kernels.attention import prepare_attention
 
 __all__ = [
     "BagelModel",
     "BagelForUnifiedMultimodal",
+    "PreparedPack",
     "_stage_to_int",
     "_prepare_config_for_stage",
     "_convert_patch_embedding_for_packed_vit",
@@ -166,6 +178,42 @@ def _index(t, name: str, device: torch.device, *, allow_bool_len: int | None = N
     return t.to(device=device, dtype=torch.long)
 
 
+@dataclass
+class PreparedPack:
+    """One pack made ready by :meth:`BagelForUnifiedMultimodal.prepare_pack` for
+    :meth:`BagelForUnifiedMultimodal.forward_prepared`: tensors on the model's device, ints and
+    prepared masks only. ``*_rows`` are rows of the hidden states in the language model's (grouped)
+    row order; fields of absent inputs are None.
+
+    Shapes: L = sequence_length, N = ViT patches, V = VAE latent tokens, P = p*p*C latent patch size.
+    """
+
+    sequence_length: int
+    text_ids: torch.Tensor  # [n_text] token ids
+    text_rows: torch.Tensor  # [n_text]
+    lm: PackContext | None = None  # the grouped LM's context (bagel.qwen2.Qwen2Model.prepare_context)
+    lm_args: tuple | None = None  # else the arguments after packed_sequence of the LM's forward_train
+    ce_rows: torch.Tensor | None = None  # [n_ce]
+    labels: torch.Tensor | None = None  # [n_ce]
+    vit_tokens: torch.Tensor | None = None  # [N, 3*p*p] patchified pixels
+    vit_pos: torch.Tensor | None = None  # [N] flattened 2-D patch ids
+    vit_mask: PackedMask | None = None  # one full split per image, kernel tables built
+    vit_rows: torch.Tensor | None = None  # [N]; None with vit_tokens set: a stand-in tied in with weight 0
+    clean: torch.Tensor | None = None  # [V, P] patchified clean latents
+    noise: torch.Tensor | None = None  # [V, P] flow-matching noise
+    t: torch.Tensor | None = None  # [V] shifted flow-matching time (0 = clean conditioning image)
+    vae_pos: torch.Tensor | None = None  # [V] latent position ids
+    vae_rows: torch.Tensor | None = None  # [V]
+    mse_rows: torch.Tensor | None = None  # [n_mse]
+    mse_target_rows: torch.Tensor | None = None  # [n_mse] rows of clean/noise the MSE compares against
+
+
+def _grouped_lm(lm: nn.Module) -> bool:
+    """Whether ``lm.forward_train`` is :class:`Qwen2ForCausalLM`'s own (prepare_context + decode),
+    which the model may then call in two parts; subclasses with their own forward_train are called whole."""
+    return isinstance(lm, Qwen2ForCausalLM) and type(lm).forward_train is Qwen2ForCausalLM.forward_train
+
+
 # ---------------------------------------------------------------------------------------------- container
 class BagelModel(nn.Module):
     """Plain container of BAGEL's submodules; attribute names match the checkpoint layout.
@@ -277,6 +325,10 @@ class BagelForUnifiedMultimodal(BagelModel):
         # exist, so ranks packing different sample kinds would otherwise disagree on the collective's
         # size. Set by bagel.distributed.apply_fsdp2 to the root unit's parameters; None: off.
         self.zero_grad_prefixes: tuple[str, ...] | None = None
+        # Run the ViT on a one-patch stand-in, tied into the losses with weight zero, when a pack has no
+        # image: under FSDP2 with one unit per ViT layer every rank must run every unit (each unit's
+        # all-gather is a collective). Set by bagel.distributed.apply_fsdp2.
+        self.vit_stand_in = False
 
     # -------------------------------------------------------------- HF-style accessors
     @classmethod
@@ -406,10 +458,77 @@ class BagelForUnifiedMultimodal(BagelModel):
 
         The attention mask comes from ``nested_attention_masks`` (per-sample dense masks) when given,
         else from ``split_lens`` / ``attn_modes``. ``sum(sample_lens)`` may exceed ``sequence_length`` by
-        a trailing pad sample (flex-style packing). Bad inputs raise ValueError naming the field."""
+        a trailing pad sample (flex-style packing). Bad inputs raise ValueError naming the field.
+
+        Runs in two parts: :meth:`prepare_pack` (eager, once per pack: validation, masks, grouping,
+        noise) and :meth:`forward_prepared` (the tensor work from embeddings to losses, which
+        ``torch.compile(fullgraph=True)`` traces)."""
+        return self._forward_prepared(
+            self.prepare_pack(
+                sequence_length=sequence_length,
+                packed_text_ids=packed_text_ids,
+                packed_text_indexes=packed_text_indexes,
+                sample_lens=sample_lens,
+                packed_position_ids=packed_position_ids,
+                nested_attention_masks=nested_attention_masks,
+                split_lens=split_lens,
+                attn_modes=attn_modes,
+                packed_vit_tokens=packed_vit_tokens,
+                packed_vit_token_indexes=packed_vit_token_indexes,
+                packed_vit_position_ids=packed_vit_position_ids,
+                vit_token_seqlens=vit_token_seqlens,
+                padded_latent=padded_latent,
+                patchified_vae_latent_shapes=patchified_vae_latent_shapes,
+                packed_latent_position_ids=packed_latent_position_ids,
+                packed_vae_token_indexes=packed_vae_token_indexes,
+                packed_timesteps=packed_timesteps,
+                mse_loss_indexes=mse_loss_indexes,
+                ce_loss_indexes=ce_loss_indexes,
+                packed_label_ids=packed_label_ids,
+                ce_loss_weights=ce_loss_weights,
+            )
+        )
+
+    def prepare_pack(
+        self,
+        sequence_length: int,
+        packed_text_ids: torch.LongTensor,
+        packed_text_indexes: torch.LongTensor,
+        sample_lens: list[int],
+        packed_position_ids: torch.LongTensor,
+        nested_attention_masks: list[torch.Tensor] | None = None,
+        split_lens: list[int] | None = None,
+        attn_modes: list[str] | None = None,
+        packed_vit_tokens: torch.Tensor | None = None,
+        packed_vit_token_indexes: torch.LongTensor | None = None,
+        packed_vit_position_ids: torch.LongTensor | None = None,
+        vit_token_seqlens: torch.Tensor | None = None,
+        padded_latent: torch.Tensor | None = None,
+        patchified_vae_latent_shapes: list[tuple[int, int]] | None = None,
+        packed_latent_position_ids: torch.LongTensor | None = None,
+        packed_vae_token_indexes: torch.LongTensor | None = None,
+        packed_timesteps: torch.Tensor | None = None,
+        mse_loss_indexes: torch.Tensor | None = None,
+        ce_loss_indexes: torch.Tensor | None = None,
+        packed_label_ids: torch.Tensor | None = None,
+        ce_loss_weights: torch.Tensor | None = None,
+    ) -> PreparedPack:
+        """The once-per-pack part of :meth:`forward` (same arguments), run eagerly.
+
+        Validates every input (host checks at once, device checks read back in one synchronisation),
+        builds the attention masks with the tables their kernels read (the pack's and the ViT's), the
+        language model's grouping by expert (:meth:`bagel.qwen2.Qwen2Model.prepare_context`), the hidden
+        state row of every token in that grouped order, the patchified clean latents, the flow-matching
+        times and the noise (drawn here from the global generator). The result holds only tensors,
+        ints and the prepared masks, so :meth:`forward_prepared` has no host sync and no Python that
+        depends on the data; prepare the next pack while the current one trains if you like.
+
+        Under FSDP2 (:func:`bagel.distributed.apply_fsdp2`) a pack without an image gets a one-patch
+        stand-in for the ViT (``vit_stand_in``), so that every rank runs every ViT layer's unit."""
         cfg = self.config
         emb = self.get_input_embeddings()
         device = emb.weight.device
+        dtype = emb.weight.dtype
         if isinstance(sequence_length, torch.Tensor):
             sequence_length = int(sequence_length)
         if not isinstance(sequence_length, int) or isinstance(sequence_length, bool) or sequence_length <= 0:
@@ -538,51 +657,129 @@ class BagelForUnifiedMultimodal(BagelModel):
             mse_rows = _mse_rows(L, mse_idx, gen["idx"], gen["t"] > 0, checks)
         checks.raise_first()
 
-        # ---- embeddings of the pack
-        packed_sequence = emb.weight.new_zeros(L, self.hidden_size)
-        packed_sequence = packed_sequence.index_put((text_idx,), emb(text_ids))
+        # ---- the language model's grouping; hidden-state rows of every token in its row order
+        und = text_idx if vit_idx is None else torch.cat([text_idx, vit_idx])
+        lm_ctx = lm_args = None
+        if _grouped_lm(self.language_model):
+            lm_ctx = self.language_model.model.prepare_context(
+                L,
+                sample_lens,
+                mask,
+                pos_ids,
+                und if self.use_moe else None,
+                vae_idx if self.use_moe else None,
+                device=device,
+                dtype=dtype,
+            )
+            rows = lm_ctx.inv.long() if lm_ctx.inv is not None else None
+        else:  # a language model with its own forward_train (e.g. the gather/scatter reference)
+            extra = (und, vae_idx) if self.use_moe else (None, None)
+            lm_args = (sample_lens, mask, pos_ids, *extra)
+            rows = None
+
+        def row(idx):
+            return idx if idx is None or rows is None else rows[idx]
+
+        prepared = PreparedPack(
+            sequence_length=L,
+            text_ids=text_ids,
+            text_rows=row(text_idx),
+            lm=lm_ctx,
+            lm_args=lm_args,
+            ce_rows=row(ce_idx),
+            labels=labels,
+        )
         if vit is not None:
-            feats = self.vit_model(vit["tokens"], vit["pos"], mask=vit["mask"])  # [N, E_vit]
-            vit_embed = self.connector(feats) + self.vit_pos_embed(vit["pos"])
-            packed_sequence = packed_sequence.index_put((vit_idx,), vit_embed.to(packed_sequence.dtype))
+            prepared.vit_tokens, prepared.vit_pos, prepared.vit_mask = vit["tokens"], vit["pos"], vit["mask"]
+            prepared.vit_rows = row(vit_idx)
+        elif cfg.visual_und and self.vit_stand_in:
+            emb_vit = self.vit_model.vision_model.embeddings
+            prepared.vit_tokens = torch.zeros(1, emb_vit.patch_dim, device=device)
+            prepared.vit_pos = torch.zeros(1, dtype=torch.long, device=device)
+            prepared.vit_mask = PackedMask.from_splits([1], [1], ["full"], device=device)
+        if prepared.vit_mask is not None:
+            vc = cfg.vision_config
+            vit_dtype = self.vit_model.vision_model.embeddings.patch_embedding.weight.dtype
+            prepare_attention(
+                prepared.vit_mask,
+                device,
+                vit_dtype,
+                vc.hidden_size // vc.num_attention_heads,
+                self.backend.attention,
+            )
         if gen is not None:
             clean = patchify_latents(gen["latent"], gen["shapes"], self.latent_patch_size)  # [n_vae, p*p*C]
-            noise = torch.randn_like(clean)
-            t = gen["t"]
+            prepared.clean = clean
+            prepared.noise = torch.randn_like(clean)
+            prepared.t = gen["t"]
+            prepared.vae_pos = gen["pos"]
+            prepared.vae_rows = row(vae_idx)
+            if mse_idx is not None:
+                prepared.mse_rows = row(mse_idx)
+                prepared.mse_target_rows = mse_rows
+        return prepared
+
+    def forward_prepared(self, pack: PreparedPack) -> dict[str, torch.Tensor | None]:
+        """The model body of :meth:`forward` on a pack made by :meth:`prepare_pack`: embeddings (text,
+        ViT, noised latents), the language model's decoder stack, heads and losses; returns
+        ``dict(ce=..., mse=...)`` as :meth:`forward` does. Only tensor work and custom ops: with the
+        grouped language model it traces with ``torch.compile(fullgraph=True)``, and one compiled graph
+        serves packs of every length (``dynamic=True``)."""
+        return self._forward_prepared(pack)
+
+    def _forward_prepared(self, pack: PreparedPack) -> dict[str, torch.Tensor | None]:
+        # (forward calls this one: under FSDP2 the public forward_prepared is wrapped with the root
+        # unit's hooks, which forward has already run)
+        emb = self.get_input_embeddings()
+        L = pack.sequence_length
+        tie = None  # outputs computed only so that their parameters get a (zero) gradient
+        x = emb.weight.new_zeros(L, self.hidden_size)  # [L, H], rows in the language model's order
+        x = x.index_put((pack.text_rows,), emb(pack.text_ids))
+        if pack.vit_tokens is not None:
+            feats = self.vit_model(pack.vit_tokens, pack.vit_pos, mask=pack.vit_mask)  # [N, E_vit]
+            vit_embed = self.connector(feats) + self.vit_pos_embed(pack.vit_pos)  # [N, H]
+            if pack.vit_rows is None:  # the FSDP2 stand-in
+                tie = vit_embed.sum()
+            else:
+                x = x.index_put((pack.vit_rows,), vit_embed.to(x.dtype))
+        clean, noise = pack.clean, pack.noise
+        if clean is not None:
+            t = pack.t
             x_t = (1 - t[:, None]) * clean + t[:, None] * noise
             w = self.vae2llm.weight
             gen_embed = (
-                self.vae2llm(x_t.to(w.dtype)) + self.time_embedder(t) + self.latent_pos_embed(gen["pos"])
+                self.vae2llm(x_t.to(w.dtype)) + self.time_embedder(t) + self.latent_pos_embed(pack.vae_pos)
             )
-            packed_sequence = packed_sequence.index_put((vae_idx,), gen_embed.to(packed_sequence.dtype))
+            x = x.index_put((pack.vae_rows,), gen_embed.to(x.dtype))
 
         # ---- language model
-        extra = {}
-        if self.use_moe:
-            und = text_idx if vit_idx is None else torch.cat([text_idx, vit_idx])
-            extra = dict(packed_und_token_indexes=und, packed_gen_token_indexes=vae_idx)
-        hidden = self.language_model.forward_train(packed_sequence, sample_lens, mask, pos_ids, **extra)
+        if pack.lm is not None:
+            hidden = self.language_model.model.decode(x, pack.lm)  # grouped rows
+        else:
+            hidden = self.language_model.forward_train(x, *pack.lm_args)  # pack order
 
         # ---- losses
         ce = None
-        if ce_idx is not None:
-            logits = self.language_model.lm_head(hidden[ce_idx])
-            ce = F.cross_entropy(logits, labels, reduction="none")
+        if pack.ce_rows is not None:
+            logits = self.language_model.lm_head(hidden[pack.ce_rows])
+            ce = F.cross_entropy(logits, pack.labels, reduction="none")
         mse = None
-        if mse_idx is not None:
-            preds = self.llm2vae(hidden[mse_idx])
+        if pack.mse_rows is not None:
+            preds = self.llm2vae(hidden[pack.mse_rows])
             target = noise - clean  # flow-matching velocity dx_t/dt, from data to noise
-            mse = (preds - target.index_select(0, mse_rows)) ** 2  # = target[t > 0], without a sync
+            mse = (preds - target.index_select(0, pack.mse_target_rows)) ** 2  # = target[t > 0], no sync
         if self.zero_grad_prefixes is not None and self.training and torch.is_grad_enabled():
             touch = sum(
                 p.sum()
                 for n, p in self.named_parameters()
                 if p.requires_grad and not n.startswith(self.zero_grad_prefixes)
             )
+            tie = touch if tie is None else tie + touch
+        if tie is not None:
             if ce is not None:
-                ce = ce + 0.0 * touch
+                ce = ce + 0.0 * tie
             elif mse is not None:
-                mse = mse + 0.0 * touch
+                mse = mse + 0.0 * tie
         return dict(ce=ce, mse=mse)
 
     # -------------------------------------------------------------- input preparation

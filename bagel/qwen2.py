@@ -19,7 +19,11 @@ permuted ONCE so that understanding rows form the block ``[0, n_und)`` and gener
 ``[n_und, L)``. Every routed op then works on two contiguous slices (:mod:`bagel_kernels.mot`), the
 attention kernel reads and writes rows through the permutation (``PackedMask.with_row_index``) while
 iterating in pack order so the mask keeps its interval form, and the result is un-permuted once at
-the end.
+the end. It runs in two parts: :meth:`Qwen2Model.prepare_context` (eager, once per pack: validation,
+grouping, the mask's row index and kernel tables, RoPE tables; returns a :class:`PackContext`) and
+:meth:`Qwen2Model.decode` (every decoder layer and the final norms: tensor work and custom ops only,
+traced by ``torch.compile(fullgraph=True)``). ``BagelForUnifiedMultimodal`` embeds its tokens straight
+into the grouped row order and reads its loss rows from it, so it never un-permutes.
 
 ``config`` is a ``transformers.Qwen2Config`` carrying BAGEL's extra attributes ``qk_norm`` (bool,
 per-head RMSNorm of q and k before RoPE), ``layer_module`` (one of the three names above) and
@@ -235,6 +239,10 @@ class PackContext:
     mask: PackedMask
     backend: BagelBackendConfig
     freeze_und: bool = False
+    # grouped row -> token (``perm``) and token -> grouped row (``inv``, = ``mask.row_index``); None
+    # when the grouped order is the pack order
+    perm: torch.Tensor | None = None
+    inv: torch.Tensor | None = None
 
 
 class _ZeroGradRows(torch.autograd.Function):
@@ -464,6 +472,14 @@ def prepare_routing(
 
 
 def _check_inputs(model: Qwen2Model, packed_sequence, sample_lens, attention_mask, packed_position_ids):
+    """Validate the LM's inputs; returns the normalised ``(mask, position_ids)``."""
+    _check_sequence(model, packed_sequence)
+    return _check_context_inputs(
+        packed_sequence.shape[0], packed_sequence.device, sample_lens, attention_mask, packed_position_ids
+    )
+
+
+def _check_sequence(model: Qwen2Model, packed_sequence) -> None:
     cfg = model.config
     if not isinstance(packed_sequence, torch.Tensor) or packed_sequence.dim() != 2:
         raise ValueError(
@@ -476,9 +492,12 @@ def _check_inputs(model: Qwen2Model, packed_sequence, sample_lens, attention_mas
         )
     if not packed_sequence.is_floating_point():
         raise ValueError(f"packed_sequence must be floating point, got {packed_sequence.dtype}")
-    L = packed_sequence.shape[0]
+
+
+def _check_context_inputs(L: int, device, sample_lens, attention_mask, packed_position_ids):
+    """Validate and normalise the mask / positions of a pack of ``L`` tokens (see _check_inputs)."""
     if isinstance(attention_mask, (list, tuple)):
-        attention_mask = PackedMask.from_dense(attention_mask, device=packed_sequence.device)
+        attention_mask = PackedMask.from_dense(attention_mask, device=device)
     if not isinstance(attention_mask, PackedMask):
         raise ValueError(
             f"attention_mask must be a bagel_kernels.PackedMask (or a list of per-sample dense masks), got "
@@ -488,9 +507,9 @@ def _check_inputs(model: Qwen2Model, packed_sequence, sample_lens, attention_mas
         raise ValueError("attention_mask must not carry a row_index: the model attaches its own")
     if attention_mask.total_len < L:
         raise ValueError(
-            f"attention_mask covers {attention_mask.total_len} tokens, fewer than packed_sequence's {L}"
+            f"attention_mask covers {attention_mask.total_len} tokens, fewer than the sequence's {L}"
         )
-    attention_mask = attention_mask.to(packed_sequence.device)
+    attention_mask = attention_mask.to(device)
     if sample_lens is not None and int(sum(int(s) for s in sample_lens)) != attention_mask.total_len:
         raise ValueError(
             f"sample_lens sum to {sum(int(s) for s in sample_lens)} but attention_mask covers {attention_mask.total_len}"
@@ -502,7 +521,7 @@ def _check_inputs(model: Qwen2Model, packed_sequence, sample_lens, attention_mas
         )
     if packed_position_ids.is_floating_point():
         raise ValueError(f"packed_position_ids must hold integers, got {packed_position_ids.dtype}")
-    return attention_mask, packed_position_ids.to(packed_sequence.device)
+    return attention_mask, packed_position_ids.to(device)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -551,24 +570,26 @@ class Qwen2Model(nn.Module):
             raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
         self._backend = value
 
-    def prepare_pack(
+    def prepare_context(
         self,
-        packed_sequence: torch.Tensor,
+        sequence_length: int,
         sample_lens: Sequence[int] | None,
         attention_mask: PackedMask,
         packed_position_ids: torch.Tensor,
         packed_und_token_indexes: torch.Tensor | None = None,
         packed_gen_token_indexes: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, PackContext, torch.Tensor | None]:
-        """The once-per-pack part of the forward, run eagerly: validation, grouping by expert, the
-        mask with its row index and kernel tables, RoPE tables. Returns ``(x, ctx, inv)``: grouped
-        hidden states, the :class:`PackContext` every layer reads, and the un-permutation (or None).
-        :meth:`decode` then holds only tensor work (the part worth ``torch.compile``)."""
-        attention_mask, pos = _check_inputs(
-            self, packed_sequence, sample_lens, attention_mask, packed_position_ids
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> PackContext:
+        """The once-per-pack part of the forward that needs no hidden states, run eagerly: validation
+        (host syncs), grouping by expert (``ctx.perm`` / ``ctx.inv``), the mask truncated to the
+        sequence with its row index and the kernels' block tables, RoPE tables in grouped row order.
+        Everything :meth:`decode` reads, so that :meth:`decode` holds only tensor work."""
+        L = int(sequence_length)
+        attention_mask, pos = _check_context_inputs(
+            L, device, sample_lens, attention_mask, packed_position_ids
         )
-        L = packed_sequence.shape[0]
-        device = packed_sequence.device
         be = self.backend
         mot = _mot()
         need_routing = self.use_moe or (self.freeze_und and packed_und_token_indexes is not None)
@@ -578,21 +599,54 @@ class Qwen2Model(nn.Module):
         else:
             n_und = L
         mask = attention_mask.truncated(L)
+        perm = inv = None
         if 0 < n_und < L:
             # group once: understanding rows [0, n_und), generation rows [n_und, L); un-permute at exit
             perm, inv, n_und = mot.grouped_order(und, gen, L)
-            x = mot.permute_rows(packed_sequence, perm, backend=be.mot)
             pos = pos[perm.long()]
             mask = mask.with_row_index(inv)
-        else:
-            # all rows on one side: the pack order is already grouped
-            inv = None
-            x = packed_sequence
-        prepare_attention(mask, device, x.dtype, self.head_dim, be.attention)
+        # else: all rows on one side, the pack order is already grouped
+        prepare_attention(mask, device, dtype, self.head_dim, be.attention)
         # [L, D] each, in grouped row order
-        cos, sin = mot.rope_cos_sin(pos, self.head_dim, self.rope_theta, x.dtype)
-        ctx = PackContext(n_und=n_und, cos=cos, sin=sin, mask=mask, backend=be, freeze_und=self.freeze_und)
-        return x, ctx, inv
+        cos, sin = mot.rope_cos_sin(pos, self.head_dim, self.rope_theta, dtype)
+        return PackContext(
+            n_und=n_und,
+            cos=cos,
+            sin=sin,
+            mask=mask,
+            backend=be,
+            freeze_und=self.freeze_und,
+            perm=perm,
+            inv=inv,
+        )
+
+    def prepare_pack(
+        self,
+        packed_sequence: torch.Tensor,
+        sample_lens: Sequence[int] | None,
+        attention_mask: PackedMask,
+        packed_position_ids: torch.Tensor,
+        packed_und_token_indexes: torch.Tensor | None = None,
+        packed_gen_token_indexes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, PackContext, torch.Tensor | None]:
+        """:meth:`prepare_context` for ``packed_sequence`` ``[L, H]``, then its rows grouped by expert.
+        Returns ``(x, ctx, inv)``: grouped hidden states, the :class:`PackContext` every layer reads,
+        and the un-permutation (``ctx.inv``, or None)."""
+        _check_sequence(self, packed_sequence)
+        ctx = self.prepare_context(
+            packed_sequence.shape[0],
+            sample_lens,
+            attention_mask,
+            packed_position_ids,
+            packed_und_token_indexes,
+            packed_gen_token_indexes,
+            device=packed_sequence.device,
+            dtype=packed_sequence.dtype,
+        )
+        x = packed_sequence
+        if ctx.perm is not None:
+            x = _mot().permute_rows(packed_sequence, ctx.perm, backend=ctx.backend.mot)
+        return x, ctx, ctx.inv
 
     def decode(self, x: torch.Tensor, ctx: PackContext) -> torch.Tensor:
         """Every decoder layer and the final norm(s) on grouped hidden states (no host syncs, no

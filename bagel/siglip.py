@@ -189,9 +189,9 @@ class SiglipAttention(nn.Module):
         v = self.v_proj(x).view(N, self.num_heads, self.head_dim)
         if rope is not None:
             q, k = _rope_2d(q, rope), _rope_2d(k, rope)
-        o = packed_attention(
-            q, k, v, mask, self.scale, backend=backend.attention, deterministic=backend.deterministic
-        )
+        # softmax scale left to its default, head_dim ** -0.5 (= self.scale): a float attribute passed
+        # in would become a symbolic float under torch.compile(dynamic=True) and break the graph
+        o = packed_attention(q, k, v, mask, backend=backend.attention, deterministic=backend.deterministic)
         return self.out_proj(o.reshape(N, self.embed_dim))
 
 

@@ -12,6 +12,7 @@ the device, that accepts the inputs, and a refusal lists every backend's reasons
     triton   cuda (cpu*)  fp16, bf16, fp32     our FlashAttention-2 style kernels (*CPU only under TRITON_INTERPRET=1)
     flex     cuda, cpu    fp16, bf16, fp32+    FlexAttention, block mask from the interval vectors (built once per mask)
     sdpa     any          fp16, bf16, fp32+    reference: per-sample SDPA with the sample's dense mask
+                                               (inside torch.compile: one SDPA over the pack's dense mask)
     (+ float64 too, for references)
 """
 
@@ -41,6 +42,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # fp64:
 
 # ---------------------------------------------------------------------------------------------- sdpa
 def _sdpa_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _sdpa_dense(q, k, v, mask, scale)
     T, Hq, D = q.shape
     gqa = Hq != k.shape[1]
     outs = []
@@ -65,6 +68,28 @@ def _sdpa_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) 
         o = o.masked_fill(dead[:, None, None], 0.0)
         outs.append(o)
     return torch.cat(outs, dim=0)
+
+
+def _sdpa_dense(q, k, v, mask: PackedMask, scale: float) -> torch.Tensor:
+    """The sdpa backend inside a ``torch.compile`` region: ONE SDPA call over the whole pack with the
+    dense ``[T, T]`` mask computed in the graph from the interval vectors. The per-sample loop above
+    reads ``mask.sample_lens`` in Python, so a compiled graph would specialise on (and recompile for)
+    every pack's sample layout; this form depends only on tensors, so one graph serves every pack.
+    Memory is O(T^2) per head (it is the reference backend; use triton for long packs)."""
+    T = q.shape[0]
+    r = torch.arange(T, device=q.device, dtype=torch.int32)[:, None]
+    vis = (mask.kv_lo[None, :] <= r) & (r < mask.kv_hi[None, :])  # [T, T]
+    dead = ~vis.any(dim=1)  # rows that see no key: a dummy key, then zeroed (as in the loop)
+    vis = vis | dead[:, None]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # [1, Hq, T, D]
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=vis,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )[0].transpose(0, 1)  # [T, Hq, D]
+    return o.masked_fill(dead[:, None, None], 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- flex
