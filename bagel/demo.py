@@ -346,9 +346,7 @@ def _worker(rank: int, world: int, port: int, args) -> None:
 def _run_distributed(args) -> dict:
     from bagel.distributed import cleanup, init_distributed
 
-    rank, world, device = init_distributed()
-    if args.device == "cpu":
-        device = torch.device("cpu")
+    rank, world, device = init_distributed(device=args.device)
     try:
         return train(args, rank, world, device)
     finally:

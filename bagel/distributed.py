@@ -26,24 +26,33 @@ from torch import nn
 __all__ = ["init_distributed", "apply_fsdp2", "cleanup", "decoder_layers"]
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+def init_distributed(
+    backend: str | None = None, timeout_s: float = 600.0, device: torch.device | str | None = None
+) -> tuple[int, int, torch.device]:
     """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). ``backend`` defaults to nccl when CUDA is
-    available, else gloo. Returns ``(rank, world_size, device)``; a no-op returning ``(0, 1, device)``
-    when ``WORLD_SIZE`` is unset or 1."""
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
+
+    ``device`` defaults to GPU ``LOCAL_RANK`` when CUDA is available, else the CPU (``"cuda"`` without
+    an index also means GPU ``LOCAL_RANK``); ``backend`` defaults to nccl for a CUDA device, else
+    gloo. ``timeout_s`` bounds every collective, so a rank that stops answering fails the others
+    instead of hanging them. Returns ``(rank, world_size, device)``; with ``WORLD_SIZE`` unset or 1
+    no group is created and ``(0, 1, device)`` comes back."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
+    if device is None:
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if world <= 1:
         return 0, 1, device
     if not dist.is_initialized():
         dist.init_process_group(
-            backend or ("nccl" if cuda else "gloo"),
+            backend or ("nccl" if device.type == "cuda" else "gloo"),
             timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if cuda else None,
+            device_id=device if device.type == "cuda" else None,
         )
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -72,21 +81,32 @@ def apply_fsdp2(
     activation_checkpointing: bool = True,
     reshard_after_forward: bool = True,
     mp_policy=None,
-    shard_vit_layers: bool = False,
+    shard_vit_layers: bool = True,
 ) -> nn.Module:
-    """Shard ``model`` in place with FSDP2: one unit per LLM decoder layer plus the root (the
-    embeddings, connector, heads, final norms and, by default, the ViT).
+    """Shard a :class:`bagel.BagelForUnifiedMultimodal` in place with FSDP2: one unit per LLM decoder
+    layer, one per ViT encoder layer, and the root (embeddings, patch embedding, connector, timestep
+    embedder, heads, final norms).
 
-    Every rank must run every FSDP unit in every step (each unit's all-gather is a collective). The LLM
-    layers always run; the ViT runs only on packs that hold images, and each rank packs its own
-    batches, so by default the ViT stays in the root unit, whose gathers happen on every rank.
-    ``shard_vit_layers=True`` gives each ViT layer its own unit (less memory at the root's gather)
-    and is safe only when every rank's pack holds at least one image in every step. ``activation_checkpointing`` recomputes every decoder
-    layer in backward (non-reentrant ``torch.utils.checkpoint``; the pack context and the
-    :class:`bagel_kernels.PackedMask` pass through as ordinary Python objects). ``mp_policy``: an
-    ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 parameters, fp32 reduction). Build the
-    optimizer after this call: it must see the sharded parameters."""
-    from torch.distributed.fsdp import fully_shard
+    Every rank must run every unit in every step (each unit's all-gather and reduce-scatter is a
+    collective), while each rank packs its own batches: a pack may hold no image, no generation token
+    or no CE token. So the model is told to (1) run the ViT on a one-patch stand-in when its pack has
+    no image (``model.vit_stand_in``) and (2) tie every parameter outside the per-layer units into its
+    losses with weight zero (``model.zero_grad_prefixes``): every rank then runs every unit and
+    produces every gradient, and the reduce-scatter (mean over ranks) sees the same tensors everywhere;
+    both add exact zeros to the gradients. The LLM layers always run (their generation-expert weights
+    get zero gradients from a pack without generation tokens). ``shard_vit_layers=False`` keeps the ViT
+    in the root unit instead (no stand-in needed).
+
+    ``activation_checkpointing`` recomputes every decoder layer (LLM and ViT) in backward, with
+    non-reentrant ``torch.utils.checkpoint`` around the layer's ``__call__`` (so FSDP2's hooks run inside
+    it); the pack context and its :class:`bagel_kernels.PackedMask` (kernel tables built once per pack
+    by ``prepare_pack``) pass through as ordinary Python objects and are only read in the recomputation.
+    ``mesh``: a 1-D ``DeviceMesh`` (default: all ranks). ``mp_policy``: a
+    ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 parameters, fp32 reduction); call the model
+    as ``model(**batch)`` then, so that the pack is prepared in the compute dtype.
+    ``model.forward_prepared`` is registered as a forward method (it runs the root unit's hooks too).
+    Build the optimizer after this call: it must see the sharded parameters."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     if not dist.is_initialized():
         raise ValueError("apply_fsdp2 needs an initialised process group (call init_distributed first)")
@@ -99,12 +119,13 @@ def apply_fsdp2(
     vit = getattr(model, "vit_model", None)
     if vit is not None:
         vit.vision_model.encoder.gradient_checkpointing = activation_checkpointing
-    # parameters outside the per-layer units get a (zero) gradient on every rank, used by its pack or
-    # not: FSDP2 reduce-scatters only existing gradients, so they must exist everywhere
+    shard_vit_layers = shard_vit_layers and vit is not None
+    model.vit_stand_in = shard_vit_layers
     model.zero_grad_prefixes = ("language_model.model.layers.",) + (
         ("vit_model.vision_model.encoder.layers.",) if shard_vit_layers else ()
     )
     for layer in decoder_layers(model, vit=shard_vit_layers):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    register_fsdp_forward_method(model, "forward_prepared")
     return model

@@ -1,11 +1,16 @@
 """FSDP2 data parallelism on CPU (gloo, 2 ranks) against the same steps run in one process.
 
-Each rank trains the tiny BAGEL on its own pack; FSDP2's reduce-scatter averages the gradients, so the
-single-process reference computes both packs' gradients, averages them and takes the same optimizer step.
-Losses and all updated parameters (gathered with ``full_tensor``) must agree within fp32 round-off of a
-different summation order (atol 2e-5, rtol 1e-4). The optimizer is SGD with momentum, linear in the
-gradients: Adam would divide near-zero gradients by their own magnitude and turn round-off into
-parameter differences of the order of the learning rate.
+Each rank trains the tiny BAGEL (stage 2) on its own pack, with one FSDP2 unit per LLM and ViT decoder
+layer plus the root and activation checkpointing of every layer; FSDP2's reduce-scatter averages the
+gradients, so the single-process reference computes both packs' gradients, averages them and takes the
+same optimizer step. The packs differ in kind on purpose: a rank without an image (the ViT runs on its
+stand-in) and a rank without generation tokens (no MSE). Losses and all updated parameters (gathered
+with ``full_tensor``) must agree within fp32 round-off of a different summation order (atol 2e-5,
+rtol 1e-4). The optimizer is SGD with momentum, linear in the gradients: Adam would divide near-zero
+gradients by their own magnitude and turn round-off into parameter differences of the order of the
+learning rate.
+
+Every multi-process run has a bounded wall time: a hang fails the test instead of blocking CI.
 """
 
 from __future__ import annotations
@@ -38,9 +43,13 @@ def _model(backend: BagelBackendConfig) -> BagelForUnifiedMultimodal:
     return model
 
 
+# sample kinds per (rank, step): rank 1's first pack has no image (the ViT's units still run, on the
+# stand-in), rank 0's second pack has no generation token (no MSE, zero gradients for the gen expert)
+KINDS = {(0, 0): ["und", "t2i"], (1, 0): ["t2i", "text"], (0, 1): ["und", "text"], (1, 1): ["edit", "text"]}
+
+
 def _batch(config, rank: int, step: int):
-    # rank 1's first pack has no image for the ViT: FSDP2 must not wait for a collective it skips
-    kinds = [["und", "t2i"], ["t2i", "text"] if step == 0 else ["edit", "text"]][rank % 2]
+    kinds = KINDS[rank % 2, step]
     torch.manual_seed(100 * step + rank)  # the flow-matching noise
     samples = synthetic_samples(kinds, config, seed=10 * step + rank)
     return pack_samples(samples, config, max_num_tokens=200, rng=step)
@@ -49,7 +58,7 @@ def _batch(config, rank: int, step: int):
 def _loss(model, batch):
     torch.manual_seed(1000 + batch["sequence_length"])
     out = model(**batch)
-    return out["ce"].mean() + out["mse"].mean()
+    return sum(v.mean() for v in out.values() if v is not None)
 
 
 def _worker(rank: int, port: int, backend: BagelBackendConfig, result_path: str) -> None:
@@ -60,11 +69,18 @@ def _worker(rank: int, port: int, backend: BagelBackendConfig, result_path: str)
         WORLD_SIZE=str(WORLD),
         LOCAL_RANK=str(rank),
     )
-    from bagel.distributed import apply_fsdp2, cleanup, init_distributed
+    from torch.distributed.fsdp import FSDPModule
+
+    from bagel.distributed import apply_fsdp2, cleanup, decoder_layers, init_distributed
 
     init_distributed(timeout_s=120)
     model = _model(backend)
     apply_fsdp2(model, activation_checkpointing=True)
+    layers = decoder_layers(model)
+    assert len(layers) == 2 * 2 and all(isinstance(m, FSDPModule) for m in layers + [model])
+    calls = {"llm": 0, "vit": 0}  # forward calls of one LLM and one ViT layer: 2 per step = recomputed
+    layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("llm", calls["llm"] + 1))
+    layers[-1].register_forward_pre_hook(lambda *a: calls.__setitem__("vit", calls["vit"] + 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     losses = []
     for step in range(STEPS):
@@ -75,9 +91,12 @@ def _worker(rank: int, port: int, backend: BagelBackendConfig, result_path: str)
         losses.append(loss.item())
     full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     gathered = [None] * WORLD
-    torch.distributed.all_gather_object(gathered, losses)
+    torch.distributed.all_gather_object(gathered, (losses, calls))
     if rank == 0:
-        torch.save({"losses": gathered, "params": full}, result_path)
+        torch.save(
+            {"losses": [g[0] for g in gathered], "calls": [g[1] for g in gathered], "params": full},
+            result_path,
+        )
     cleanup()
 
 
@@ -124,6 +143,9 @@ def _spawn(backend, tmp_path, timeout_s=240):
 )
 def test_fsdp2_matches_single_process(backend, tmp_path):
     got = _spawn(backend, tmp_path)
+    # activation checkpointing: every layer ran twice per step (forward + recomputation), on every
+    # rank, the ViT layers included on the rank whose pack has no image
+    assert got["calls"] == [{"llm": 2 * STEPS, "vit": 2 * STEPS}] * WORLD
     ref_losses, ref_params = _single_process(backend)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses), atol=ATOL, rtol=RTOL)
     assert set(got["params"]) == set(ref_params)
@@ -163,25 +185,53 @@ def test_activation_checkpointing_keeps_gradients():
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
 
 
-def test_demo_runs_on_two_processes(tmp_path):
+def test_stand_in_and_zero_ties_give_every_parameter_a_gradient_and_change_nothing():
+    """What apply_fsdp2 switches on, in one process: on a pack without an image or generation tokens,
+    the ViT stand-in and the weight-zero ties leave losses and gradients exactly as they were, and
+    every trainable parameter gets a gradient (zero where the pack does not use it)."""
+    backend = BagelBackendConfig.reference()
+    batch = pack_samples(synthetic_samples(["text", "text"], BagelConfig.tiny(), seed=3), BagelConfig.tiny())
+    runs = []
+    for tie in (False, True):
+        model = _model(backend)
+        if tie:
+            model.vit_stand_in = True
+            model.zero_grad_prefixes = (
+                "language_model.model.layers.",
+                "vit_model.vision_model.encoder.layers.",
+            )
+        loss = _loss(model, batch)
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss0, g0), (loss1, g1) = runs
+    assert torch.equal(loss0, loss1)
+    assert all(g is not None for g in g1.values())
+    assert any(g is None for g in g0.values())  # the plain run leaves the ViT and heads without one
+    for name, g in g1.items():
+        assert torch.equal(g, g0[name] if g0[name] is not None else torch.zeros_like(g)), name
+
+
+@pytest.mark.parametrize("launch", ["nproc", "torchrun"])
+def test_demo_runs_on_two_processes(launch, tmp_path):
+    """``bagel-demo --nproc 2`` (spawned workers) and ``torchrun --standalone --nproc-per-node 2 -m
+    bagel.demo``: 3 steps; rank 0 alone reports and writes the CSV, whose token counts (and the final
+    tokens/s line) sum both ranks' packs."""
+    import re
     import subprocess
     import sys
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "bagel.demo",
-        "--nproc",
-        "2",
-        "--steps",
-        "3",
-        "--tokens",
-        "256",
-        "--device",
-        "cpu",
-    ]
-    res = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=240)
+    args = ["--steps", "3", "--tokens", "256", "--device", "cpu", "--out", str(tmp_path)]
+    if launch == "nproc":
+        cmd = [sys.executable, "-m", "bagel.demo", "--nproc", "2", *args]
+    else:
+        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        cmd = [*run, "-m", "bagel.demo", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "x 2 processes (FSDP2)" in res.stdout and "tokens/s" in res.stdout
-    rows = (tmp_path / "losses.csv").read_text().strip().splitlines()
-    assert len(rows) == 4  # header + 3 steps, written once (by rank 0)
+    assert res.stdout.count("bagel-demo:") == 1 and "x 2 processes (FSDP2)" in res.stdout
+    rows = [line.split(",") for line in (tmp_path / "losses.csv").read_text().strip().splitlines()]
+    assert len(rows) == 4 and rows[0][3] == "tokens"  # header + 3 steps, written once (by rank 0)
+    tokens = [int(r[3]) for r in rows[1:]]
+    assert all(t > 256 for t in tokens)  # two packs of at most 256 tokens each, summed over the ranks
+    done = re.search(r"trained 3 steps, (\d+) tokens in .* tokens/s", res.stdout)
+    assert done and int(done.group(1)) == sum(tokens)
