@@ -4,7 +4,8 @@ Each rank trains the tiny BAGEL (stage 2) on its own pack, with one FSDP2 unit p
 layer plus the root and activation checkpointing of every layer; FSDP2's reduce-scatter averages the
 gradients, so the single-process reference computes both packs' gradients, averages them and takes the
 same optimizer step. The packs differ in kind on purpose: a rank without an image (the ViT runs on its
-stand-in) and a rank without generation tokens (no MSE). Losses and all updated parameters (gathered
+stand-in) and a rank without generation tokens (no MSE). The reference-backend run calls
+``model(**batch)``, the Triton one ``model.forward_prepared(model.prepare_pack(**batch))``. Losses and all updated parameters (gathered
 with ``full_tensor``) must agree within fp32 round-off of a different summation order (atol 2e-5,
 rtol 1e-4). The optimizer is SGD with momentum, linear in the gradients: Adam would divide near-zero
 gradients by their own magnitude and turn round-off into parameter differences of the order of the
@@ -55,13 +56,15 @@ def _batch(config, rank: int, step: int):
     return pack_samples(samples, config, max_num_tokens=200, rng=step)
 
 
-def _loss(model, batch):
+def _loss(model, batch, prepared: bool = False):
+    """Mean CE + mean MSE of one pack; ``prepared``: through ``forward_prepared(prepare_pack(...))``
+    (a forward method of the FSDP2 root too) instead of ``model(**batch)``."""
     torch.manual_seed(1000 + batch["sequence_length"])
-    out = model(**batch)
+    out = model.forward_prepared(model.prepare_pack(**batch)) if prepared else model(**batch)
     return sum(v.mean() for v in out.values() if v is not None)
 
 
-def _worker(rank: int, port: int, backend: BagelBackendConfig, result_path: str) -> None:
+def _worker(rank: int, port: int, backend: BagelBackendConfig, prepared: bool, result_path: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -84,7 +87,7 @@ def _worker(rank: int, port: int, backend: BagelBackendConfig, result_path: str)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     losses = []
     for step in range(STEPS):
-        loss = _loss(model, _batch(model.config, rank, step))
+        loss = _loss(model, _batch(model.config, rank, step), prepared)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -119,10 +122,10 @@ def _single_process(backend: BagelBackendConfig):
     return losses, dict(model.named_parameters())
 
 
-def _spawn(backend, tmp_path, timeout_s=240):
+def _spawn(backend, prepared, tmp_path, timeout_s=240):
     path = str(tmp_path / "fsdp_result.pt")
     ctx = mp.start_processes(
-        _worker, args=(_free_port(), backend, path), nprocs=WORLD, start_method="spawn", join=False
+        _worker, args=(_free_port(), backend, prepared, path), nprocs=WORLD, start_method="spawn", join=False
     )
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1):
@@ -134,15 +137,15 @@ def _spawn(backend, tmp_path, timeout_s=240):
 
 
 @pytest.mark.parametrize(
-    "backend",
+    "backend,prepared",
     [
-        BagelBackendConfig.reference(),
-        BagelBackendConfig(attention="triton", mot="triton", patch_embed="torch"),
+        (BagelBackendConfig.reference(), False),
+        (BagelBackendConfig(attention="triton", mot="triton", patch_embed="torch"), True),
     ],
-    ids=["reference", "triton"],
+    ids=["reference", "triton-prepared"],
 )
-def test_fsdp2_matches_single_process(backend, tmp_path):
-    got = _spawn(backend, tmp_path)
+def test_fsdp2_matches_single_process(backend, prepared, tmp_path):
+    got = _spawn(backend, prepared, tmp_path)
     # activation checkpointing: every layer ran twice per step (forward + recomputation), on every
     # rank, the ViT layers included on the rank whose pack has no image
     assert got["calls"] == [{"llm": 2 * STEPS, "vit": 2 * STEPS}] * WORLD
