@@ -612,10 +612,22 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:
 
 
 # ============================================================================================ routed linear
+def _gemm_rows(a: Tensor) -> Tensor:
+    """``a`` as a GEMM's left operand. PyTorch's CPU bf16 GEMM (the AMX/oneDNN path, seen with torch 2.13
+    on Xeons with amx_bf16) reads past the row end of a row-strided operand whose width is not a multiple
+    of its block and multiplies what it finds there by zero: finite neighbours vanish, but a NaN or Inf
+    beside the view (a padded buffer, the next projection's columns) turns whole output rows into NaN. A
+    contiguous copy there keeps the result a function of the view alone; elsewhere ``a`` is used as is."""
+    if a.device.type == "cpu" and a.dtype == torch.bfloat16 and not a.is_contiguous():
+        return a.contiguous()
+    return a
+
+
 def _mm_into(out: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> None:
     """out = a @ b (+ bias), written in place (out is a contiguous row slice of a larger buffer)."""
     if a.shape[0] == 0:
         return
+    a = _gemm_rows(a)
     if bias is None:
         torch.mm(a, b, out=out)
     else:
@@ -744,6 +756,7 @@ def mot_linear(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
+        x = _gemm_rows(x)
         return torch.cat(
             (F.linear(x[:n_und], weight_und, bias_und), F.linear(x[n_und:], weight_gen, bias_gen))
         )
