@@ -19,6 +19,7 @@ Block tables for tiled kernels are derived from these vectors in O(N + tiles).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,23 +34,47 @@ TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
 _BIG = np.iinfo(np.int32).max
 
 
+def _as_int(value, name: str) -> int:
+    """``value`` as a Python int, refusing anything that is not an integer already: bools, floats
+    (integral ones too: ``2.0`` is refused, so that ``2.5`` can never be truncated by accident),
+    strings, and non-integer tensors. Accepts ints, numpy integers and one-element integer tensors."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an int, got the bool {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise ValueError(
+                f"{name} must be an int, got a {value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        return int(value.item())
+    if isinstance(value, (float, np.floating, str, bytes)):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+
+
 def _as_int_list(values, name: str) -> list[int]:
+    """A 1-D sequence of ints (list/tuple of ints, integer numpy array or tensor) as a list of Python
+    ints; every element goes through :func:`_as_int` (no float, bool or string is coerced)."""
     if isinstance(values, torch.Tensor):
         if values.dim() != 1:
             raise ValueError(
                 f"{name} must be a 1-D sequence of ints, got a tensor of shape {tuple(values.shape)}"
             )
-        if values.is_floating_point() or values.is_complex():
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
             raise ValueError(f"{name} must hold integers, got dtype {values.dtype}")
-        values = values.tolist()
-    try:
-        out = [int(v) for v in values]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a sequence of ints: {exc}") from None
-    for v, raw in zip(out, values, strict=True):
-        if isinstance(raw, float) and raw != v:
-            raise ValueError(f"{name} must hold integers, got {raw!r}")
-    return out
+        return [int(v) for v in values.tolist()]
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            raise ValueError(
+                f"{name} must be a 1-D sequence of ints, got a numpy array of dtype {values.dtype} "
+                f"and shape {values.shape}"
+            )
+        return [int(v) for v in values.tolist()]
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of ints, got {type(values).__name__}")
+    return [_as_int(v, f"{name}[{i}]") for i, v in enumerate(values)]
 
 
 @dataclass(frozen=True)
@@ -106,28 +131,91 @@ class PackedMask:
         kv_lo, kv_hi: int32 ``[total_len]``; key ``k`` is seen by queries ``kv_lo[k] <= q < kv_hi[k]``.
         sample_lens: tuple of per-sample token counts (the trailing pad sample included).
         total_len: ``sum(sample_lens)``.
+        row_index: None, or (after :meth:`with_row_index`) int32 ``[total_len]``: token ``i`` lives at
+            row ``row_index[i]`` of the attention inputs. Reading it returns a copy.
 
     Build with :meth:`from_splits` (``split_lens``/``attn_modes``) or :meth:`from_dense` (upstream's
     ``nested_attention_masks``). ``to_dense()`` materialises ``[N, N]`` booleans for references only.
+
+    The constructor ``PackedMask(kv_lo, kv_hi, sample_lens)`` takes the interval vectors directly and
+    validates what every backend relies on (O(N), one host sync): integer tensors (no float, no bool;
+    values compared in int64, so nothing wraps), one per key, and for every key ``k`` of a sample
+    ``[s, e)``: ``s <= kv_lo[k] <= kv_hi[k] <= e``. An interval never leaves its sample (the per-sample
+    sdpa backend and the tiled backends would otherwise disagree) and never leaves ``[0, total_len]``
+    (the block tables index tiles by it). An empty interval is ``kv_lo == kv_hi``. The interval need
+    not contain the key itself: masks built from splits always do (so the query rows of a key block
+    are one contiguous range, DESIGN.md section 3), ``from_dense`` accepts any column-contiguous mask,
+    and the kernels iterate a superset range, in which tiles may be empty, so they do not depend on it.
+    The vectors are copied: later changes to the caller's tensors do not reach the mask.
     """
 
     def __init__(self, kv_lo: torch.Tensor, kv_hi: torch.Tensor, sample_lens: Sequence[int]):
+        for name, t in (("kv_lo", kv_lo), ("kv_hi", kv_hi)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a 1-D integer tensor, got {type(t).__name__}")
+            if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+                raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
         if kv_lo.shape != kv_hi.shape or kv_lo.dim() != 1:
             raise ValueError(
                 f"kv_lo and kv_hi must be 1-D of equal length, got {tuple(kv_lo.shape)} and {tuple(kv_hi.shape)}"
             )
-        self.kv_lo = kv_lo.to(torch.int32).contiguous()
-        self.kv_hi = kv_hi.to(torch.int32).contiguous()
-        self.sample_lens = tuple(int(s) for s in sample_lens)
-        self.total_len = int(sum(self.sample_lens))
-        if self.total_len != self.kv_lo.numel():
+        if kv_lo.device != kv_hi.device:
+            raise ValueError(f"kv_lo is on {kv_lo.device} but kv_hi is on {kv_hi.device}")
+        lens = _as_int_list(sample_lens, "sample_lens")
+        if not lens:
+            raise ValueError("sample_lens is empty: a pack needs at least one sample")
+        if any(n < 0 for n in lens):
+            raise ValueError(f"sample_lens has a negative length: {lens}")
+        total = sum(lens)
+        if total >= _BIG:
+            raise ValueError(f"sample_lens sum to {total}, beyond the int32 range of the interval vectors")
+        if total != kv_lo.numel():
             raise ValueError(
-                f"sample_lens sum to {self.total_len} but the interval vectors have {self.kv_lo.numel()} entries"
+                f"sample_lens sum to {total} but the interval vectors have {kv_lo.numel()} entries"
             )
-        self.row_index: torch.Tensor | None = None
+        if total:
+            dev = kv_lo.device
+            lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
+            ends_t = torch.cumsum(lens_t, 0)
+            s = torch.repeat_interleave(ends_t - lens_t, lens_t, output_size=total)  # sample start per key
+            e = torch.repeat_interleave(ends_t, lens_t, output_size=total)  # sample end per key
+            lo, hi = kv_lo.long(), kv_hi.long()
+            bad = (lo < s) | (lo > hi) | (hi > e)
+            if bool(bad.any()):  # the one host sync of a valid mask
+                k = int(torch.nonzero(bad)[0])
+                raise ValueError(
+                    f"kv_lo/kv_hi of key {k} give the query interval [{int(lo[k])}, {int(hi[k])}), which is not "
+                    f"inside the key's sample [{int(s[k])}, {int(e[k])}); every key needs "
+                    "sample_start <= kv_lo <= kv_hi <= sample_end"
+                )
+        self._init(
+            kv_lo.to(torch.int32, copy=True).contiguous(),
+            kv_hi.to(torch.int32, copy=True).contiguous(),
+            tuple(lens),
+        )
+
+    def _init(self, kv_lo: torch.Tensor, kv_hi: torch.Tensor, sample_lens: tuple[int, ...]) -> None:
+        self.kv_lo = kv_lo
+        self.kv_hi = kv_hi
+        self.sample_lens = sample_lens
+        self.total_len = int(sum(sample_lens))
+        self._row_index: torch.Tensor | None = None
         self._tables: dict = {}
         self._truncated: dict = {}
         self._cache: dict = {}  # per-backend derived objects (e.g. a FlexAttention block mask)
+
+    @classmethod
+    def _trusted(cls, kv_lo: torch.Tensor, kv_hi: torch.Tensor, sample_lens: Sequence[int]) -> PackedMask:
+        """A mask from vectors that are valid by construction (int32, owned, inside their samples):
+        the builders below use it and skip the constructor's O(N) check."""
+        out = cls.__new__(cls)
+        out._init(kv_lo.to(torch.int32).contiguous(), kv_hi.to(torch.int32).contiguous(), tuple(sample_lens))
+        return out
+
+    @property
+    def row_index(self) -> torch.Tensor | None:
+        """int32 ``[total_len]`` or None. A copy: the tensor the kernels read cannot be changed through it."""
+        return None if self._row_index is None else self._row_index.clone()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -188,7 +276,9 @@ class PackedMask:
         t_sample_end = np.repeat(split_sample_end, lens)
         lo = np.where(t_mode == 0, tok, t_start)
         hi = np.where(t_mode == 2, t_end, t_sample_end)
-        mask = cls(torch.from_numpy(lo.astype(np.int32)), torch.from_numpy(hi.astype(np.int32)), sample_lens)
+        mask = cls._trusted(
+            torch.from_numpy(lo.astype(np.int32)), torch.from_numpy(hi.astype(np.int32)), sample_lens
+        )
         return mask.to(device) if device is not None else mask
 
     @classmethod
@@ -251,7 +341,7 @@ class PackedMask:
             lens.append(L)
             offset += L
         empty = torch.zeros(0, dtype=torch.int64)
-        mask = cls(torch.cat(los) if los else empty, torch.cat(his) if his else empty, lens)
+        mask = cls._trusted(torch.cat(los) if los else empty, torch.cat(his) if his else empty, lens)
         return mask.to(device) if device is not None else mask
 
     # ------------------------------------------------------------------ utilities
@@ -263,8 +353,10 @@ class PackedMask:
         device = torch.device(device)
         if device == self.device:
             return self
-        out = PackedMask(self.kv_lo.to(device), self.kv_hi.to(device), self.sample_lens)
-        return out if self.row_index is None else out.with_row_index(self.row_index.to(device))
+        out = PackedMask._trusted(self.kv_lo.to(device), self.kv_hi.to(device), self.sample_lens)
+        if self._row_index is not None:
+            out._row_index = self._row_index.to(device)  # validated here already, owned by the copy
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -285,12 +377,12 @@ class PackedMask:
         """The mask restricted to the first ``length`` tokens (pad rows of flex-style packing dropped).
 
         Raises ValueError when a query before ``length`` would need a key at or after it."""
-        length = int(length)
+        length = _as_int(length, "length")
         if length == self.total_len:
             return self
         if length < 0 or length > self.total_len:
             raise ValueError(f"sequence length {length} is outside [0, total_len={self.total_len}]")
-        if self.row_index is not None:
+        if self._row_index is not None:
             raise ValueError("truncate the mask before attaching a row_index (with_row_index)")
         if length in self._truncated:
             return self._truncated[length]
@@ -310,9 +402,10 @@ class PackedMask:
             e = min(int(e), length)
             lens.append(max(e - start, 0))
             start = max(start, e)
-        lo = self.kv_lo[:length]
-        hi = torch.minimum(self.kv_hi[:length], torch.tensor(length, dtype=torch.int32, device=self.device))
-        out = PackedMask(lo, torch.maximum(hi, lo), lens)
+        # keys before the cut seen only by rows after it get an empty interval inside their sample
+        hi = torch.clamp(self.kv_hi[:length], max=length)
+        lo = torch.minimum(self.kv_lo[:length], hi)
+        out = PackedMask._trusted(lo, hi, lens)
         self._truncated[length] = out
         return out
 
@@ -321,10 +414,11 @@ class PackedMask:
 
         Used by the MoT model, which keeps its hidden states grouped by expert: the attention kernel
         reads and writes rows through this permutation while iterating in mask order. Validated once
-        here (a permutation of ``range(total_len)``), so kernels can trust it."""
+        here (a permutation of ``range(total_len)``), so kernels can trust it: the mask keeps its own
+        copy (a caller reusing its buffer changes nothing) and hands out copies only."""
         if not isinstance(row_index, torch.Tensor) or row_index.dim() != 1:
             raise ValueError("row_index must be a 1-D integer tensor")
-        if row_index.is_floating_point() or row_index.dtype == torch.bool:
+        if row_index.is_floating_point() or row_index.is_complex() or row_index.dtype == torch.bool:
             raise ValueError(f"row_index must hold integers, got dtype {row_index.dtype}")
         if row_index.numel() != self.total_len:
             raise ValueError(
@@ -332,15 +426,16 @@ class PackedMask:
             )
         if row_index.device != self.device:
             raise ValueError(f"row_index is on {row_index.device} but the mask is on {self.device}")
+        # copy first, then validate the copy (in its own dtype, so an int64 beyond int32 cannot wrap)
+        idx = row_index.detach().clone()
         seen = torch.zeros(self.total_len, dtype=torch.bool, device=self.device)
-        in_range = bool(((row_index >= 0) & (row_index < self.total_len)).all())
-        if in_range:
-            seen[row_index.long()] = True
-        if not in_range or not bool(seen.all()):
+        seen[idx.long().clamp(0, max(self.total_len - 1, 0))] = True
+        ok = ((idx >= 0) & (idx < self.total_len)).all() & seen.all()
+        if not bool(ok):  # one host sync
             raise ValueError("row_index is not a permutation of range(total_len)")
         out = PackedMask.__new__(PackedMask)
         out.__dict__.update(self.__dict__)
-        out.row_index = row_index.to(torch.int32).contiguous()
+        out._row_index = idx.to(torch.int32).contiguous()
         out._truncated = {}
         return out
 

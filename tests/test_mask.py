@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,109 @@ def test_num_visible_pairs():
     layout = next(_random_layouts(1, seed=5))
     mask = PackedMask.from_splits(*layout.as_tuple())
     assert mask.num_visible_pairs() == int(mask.to_dense().sum())
+
+
+# ------------------------------------------------------------------------------ hostile input (issue 13)
+def test_row_index_is_owned_by_the_mask():
+    """The mask keeps its own copy of the permutation it validated: reusing the caller's buffer, or
+    writing into what ``mask.row_index`` hands out, changes nothing the kernels read."""
+    mask = PackedMask.from_splits([5, 3], [2, 3, 3], ["causal", "full", "causal"])
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    buf = perm.clone()  # int32 and contiguous: nothing forces a conversion copy
+    pmask = mask.with_row_index(buf)
+    buf.fill_(10**6)  # the caller reuses its buffer
+    assert torch.equal(pmask.row_index, perm)
+    pmask.row_index.fill_(10**6)  # what the mask hands out is a copy
+    assert torch.equal(pmask.row_index, perm)
+    # and attention through the mask still reads and writes the right rows (sdpa: no stray reads possible)
+    from bagel_kernels import packed_attention
+
+    q, k, v = (torch.randn(8, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    inv = torch.argsort(perm.long())
+    want = packed_attention(q, k, v, mask, backend="sdpa")
+    got = packed_attention(q[inv], k[inv], v[inv], pmask, backend="sdpa")
+    torch.testing.assert_close(got[perm.long()], want)
+
+
+def test_row_index_int64_beyond_int32_does_not_wrap():
+    mask = PackedMask.from_splits([4], [4], ["causal"])
+    idx = torch.tensor([0, 1, 2, 3 + 2**32])  # wraps to 3 in int32
+    with pytest.raises(ValueError, match="permutation"):
+        mask.with_row_index(idx)
+
+
+def _iv(*xs, dtype=torch.int32):
+    return torch.tensor(xs, dtype=dtype)
+
+
+def test_constructor_accepts_valid_intervals_and_copies_them():
+    m = PackedMask.from_splits([3, 2], [3, 2], ["causal", "full"])
+    lo, hi = m.kv_lo.clone(), m.kv_hi.clone()
+    own = PackedMask(lo, hi, [3, 2])
+    assert torch.equal(own.to_dense(), m.to_dense())
+    lo.fill_(0)  # the caller's tensors are not the mask's
+    assert torch.equal(own.kv_lo, m.kv_lo)
+    # int64 and empty intervals (kv_lo == kv_hi, e.g. a key nobody sees) are fine
+    e = PackedMask(_iv(0, 1, 1, dtype=torch.int64), _iv(3, 1, 3, dtype=torch.int64), (3,))
+    assert e.kv_lo.dtype == torch.int32 and not e.to_dense()[:, 1].any()
+
+
+@pytest.mark.parametrize(
+    "lo, hi, lens, needle",
+    [
+        (_iv(0, 1, 2, 3), _iv(4, 4, 4, 4), [2, 2], "not inside the key's sample"),  # keys 0, 1 reach sample 2
+        (_iv(0, 1, 1, 2), _iv(2, 2, 4, 4), [2, 2], "not inside the key's sample"),  # key 2 seen from sample 1
+        (_iv(0, 1, 2), _iv(3, 3, 4), [3], "not inside"),  # beyond total_len
+        (_iv(-1, 1, 2), _iv(3, 3, 3), [3], "not inside"),  # negative
+        (_iv(0, 2, 2), _iv(3, 1, 3), [3], "not inside"),  # kv_lo > kv_hi
+        (_iv(0, 1, 2, dtype=torch.int64), _iv(3, 3, 2**32 + 4, dtype=torch.int64), [3], "not inside"),  # no wrap
+        (torch.tensor([0.0, 1.0, 2.0]), _iv(3, 3, 3), [3], "kv_lo must hold integers"),
+        (_iv(0, 1, 2), torch.tensor([3.0, 3.0, 4.7]), [3], "kv_hi must hold integers"),  # 4.7 not truncated
+        (_iv(0, 1, 2), torch.tensor([True, True, True]), [3], "kv_hi must hold integers"),
+        ([0, 1, 2], _iv(3, 3, 3), [3], "kv_lo must be a 1-D integer tensor"),
+        (_iv(0, 1, 2), _iv(3, 3, 3), [4], "sum to 4"),
+        (_iv(0, 1, 2), _iv(3, 3, 3), [1.5, 1.5], "sample_lens"),
+        (_iv(0, 1, 2), _iv(3, 3, 3), [], "empty"),
+        (_iv(0, 1, 2), _iv(3, 3, 3), [True, 2], "bool"),
+    ],
+)
+def test_constructor_validates_intervals(lo, hi, lens, needle):
+    with pytest.raises(ValueError, match=needle):
+        PackedMask(lo, hi, lens)
+
+
+def test_constructor_checks_scale_linearly_with_one_sync():
+    # a 256k-token pack validates quickly (O(N) vector ops; no per-key Python loop)
+    m = PackedMask.from_splits([1024] * 256, [1024] * 256, ["causal"] * 256)
+    own = PackedMask(m.kv_lo, m.kv_hi, m.sample_lens)
+    assert own.total_len == 2**18
+
+
+@pytest.mark.parametrize(
+    "lens, splits, needle",
+    [  # each case's splits match what a silent int() would have made of the lengths
+        (np.array([2.5, 2.5], dtype=np.float32), [2, 2], "sample_lens"),
+        ([np.float32(2.5), np.float32(2.5)], [2, 2], r"sample_lens\[0\]"),
+        ([2.0, 2.0], [2, 2], r"sample_lens\[0\]"),  # integral floats are refused too (never truncated)
+        ([True, 3], [1, 3], r"sample_lens\[0\]"),
+        ("23", [2, 3], "sample_lens"),
+        (torch.tensor([2.0, 2.0]), [2, 2], "sample_lens must hold integers"),
+    ],
+)
+def test_from_splits_refuses_coercions(lens, splits, needle):
+    with pytest.raises(ValueError, match=needle):
+        PackedMask.from_splits(lens, splits, ["causal"] * len(splits))
+
+
+def test_integer_likes_are_accepted():
+    a = PackedMask.from_splits(np.array([2, 3]), torch.tensor([2, 3]), ["causal", "full"])
+    b = PackedMask.from_splits([np.int64(2), 3], (2, np.int32(3)), ("causal", "full"))
+    assert a.sample_lens == b.sample_lens == (2, 3) and torch.equal(a.kv_lo, b.kv_lo)
+
+
+@pytest.mark.parametrize("length", [4.5, 4.0, "4", True])
+def test_truncated_refuses_non_int_length(length):
+    mask = PackedMask.from_splits([4, 2], [4, 2], ["causal", "causal"])
+    with pytest.raises(ValueError, match="length"):
+        mask.truncated(length)
+    assert mask.truncated(np.int64(4)).total_len == 4
