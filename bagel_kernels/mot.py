@@ -155,6 +155,102 @@ def _empty_grad(ref: Tensor) -> Tensor:
     return ref.new_empty((0,))
 
 
+# Checks at the top of every registered op's body. The ops are public surface
+# (``torch.ops.bagel_kernels.*``) and their kernels index memory by the shapes and indexes they are
+# given, so each op checks sizes, dtypes and devices itself (no host sync), whatever the public
+# function in front of it has checked already; an index tensor's values are checked too where the
+# kernel addresses memory through them (the permutation ops, one host sync).
+def _op_check(op: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except ValueError as exc:
+        raise ValueError(f"torch.ops.bagel_kernels.{op}: {exc}") from None
+
+
+def _check_rows(x: Tensor, n_und, width: int, *, ref_name: str = "x") -> None:
+    """x holds kernel rows: a kernel dtype, ``n_und`` within its rows, rows no wider than one tile."""
+    if x.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"{ref_name} has dtype {x.dtype}; the kernels take fp16, bf16 or fp32")
+    if n_und is not None:
+        _check_n_und(n_und, x.shape[0])
+    if width > _MAX_ROW_BLOCK:
+        raise ValueError(f"rows of {width} elements exceed the kernels' limit of {_MAX_ROW_BLOCK}")
+
+
+def _check_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
+    """``t`` has ``ref``'s shape and device (a gradient of ``ref``, or its partner operand)."""
+    _check_tensor(name, t, dims=ref.dim(), dtypes=_KERNEL_DTYPES)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+    _check_same_device(ref_name, ref, **{name: t})
+
+
+def _check_rms_args(x, n_und, weight_und, weight_gen) -> None:
+    _check_tensor("x", x, dims=2)
+    _check_rows(x, n_und, x.shape[1])
+    for name, w in (("weight_und", weight_und), ("weight_gen", weight_gen)):
+        _check_weight(name, w, (x.shape[1],), x)
+    if weight_gen.dtype != weight_und.dtype:
+        raise ValueError(f"weight_gen has dtype {weight_gen.dtype} but weight_und has {weight_und.dtype}")
+
+
+def _check_qk_args(q, k, n_und, weights, cos, sin) -> None:
+    _check_tensor("q", q, dims=3)
+    _check_tensor("k", k, dims=3)
+    N, HQ, D = q.shape
+    if k.shape[0] != N or k.shape[2] != D or k.dtype != q.dtype:
+        raise ValueError(
+            f"k must be [N={N}, Hkv, D={D}] in q's dtype {q.dtype}, got {k.dtype} {tuple(k.shape)}"
+        )
+    if D % 2:
+        raise ValueError(f"head dim {D} must be even for rotary embedding")
+    _check_same_device("q", q, k=k)
+    _check_rows(q, n_und, max(_next_pow2(HQ), _next_pow2(k.shape[1])) * D, ref_name="q")
+    names = ("q_weight_und", "q_weight_gen", "k_weight_und", "k_weight_gen")
+    for name, w in zip(names, weights, strict=True):
+        _check_weight(name, w, (D,), q, "q")
+        if w.dtype != weights[0].dtype:
+            raise ValueError(f"{name} has dtype {w.dtype} but q_weight_und has {weights[0].dtype}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_weight(name, t, (N, D), q, "q")
+
+
+def _check_swiglu_args(gate, up) -> None:
+    _check_tensor("gate", gate, dims=2)
+    _check_rows(gate, None, 1, ref_name="gate")
+    _check_like("up", up, gate, "gate")
+    if up.dtype != gate.dtype:
+        raise ValueError(f"up has dtype {up.dtype} but gate has {gate.dtype}")
+
+
+def _check_linear_args(x, n_und, weight_und, bias_und, weight_gen, bias_gen) -> None:
+    _check_tensor("x", x, dims=2)
+    _check_n_und(n_und, x.shape[0])
+    _check_tensor("weight_und", weight_und, dims=2)
+    hout = weight_und.shape[0]
+    for name, w in (("weight_und", weight_und), ("weight_gen", weight_gen)):
+        _check_weight(name, w, (hout, x.shape[1]), x)
+        if w.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {w.dtype} but x has {x.dtype}")
+    for name, b in (("bias_und", bias_und), ("bias_gen", bias_gen)):
+        if b is not None:
+            _check_weight(name, b, (hout,), x)
+            if b.dtype != x.dtype:
+                raise ValueError(f"{name} has dtype {b.dtype} but x has {x.dtype}")
+
+
+def _check_index_args(x, index) -> None:
+    """``index`` is an int32/int64 permutation of ``range(x.shape[0])`` on x's device."""
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"index must be a 1-D int32/int64 tensor, got {index.dtype} {tuple(index.shape)}")
+    if index.shape[0] != x.shape[0]:
+        raise ValueError(f"index has {index.shape[0]} entries but x has {x.shape[0]} rows")
+    _check_same_device("x", x, index=index)
+    _check_permutation(index, x.shape[0])
+
+
 # ============================================================================================ plain torch math
 def qwen2_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """Qwen2RMSNorm over the last dim: ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)``."""
@@ -253,6 +349,7 @@ def permute_rows_reference(x: Tensor, index: Tensor) -> Tensor:
 def _mot_rms_norm_op(x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor, eps: float) -> Tensor:
     from .mot_triton import rms_norm_fwd
 
+    _op_check("mot_rms_norm", _check_rms_args, x, n_und, weight_und, weight_gen)
     w = torch.stack((weight_und, weight_gen))
     return rms_norm_fwd(_unit_last(x), n_und, w, eps, _norm_out_dtype(x.dtype, weight_und.dtype))
 
@@ -268,6 +365,8 @@ def _mot_rms_norm_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from .mot_triton import rms_norm_bwd
 
+    _op_check("mot_rms_norm_backward", _check_rms_args, x, n_und, weight_und, weight_gen)
+    _op_check("mot_rms_norm_backward", _check_like, "dy", dy, x, "x")
     w = torch.stack((weight_und, weight_gen))
     dx, dwu, dwg = rms_norm_bwd(_unit_last(dy), _unit_last(x), n_und, w, eps)
     return dx, dwu.to(weight_und.dtype), dwg.to(weight_gen.dtype)
@@ -339,6 +438,16 @@ def _mot_qk_norm_rope_op(
 ) -> tuple[Tensor, Tensor]:
     from .mot_triton import qk_norm_rope_fwd
 
+    _op_check(
+        "mot_qk_norm_rope",
+        _check_qk_args,
+        q,
+        k,
+        n_und,
+        (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen),
+        cos,
+        sin,
+    )
     wq = torch.stack((q_weight_und, q_weight_gen))
     wk = torch.stack((k_weight_und, k_weight_gen))
     return qk_norm_rope_fwd(
@@ -378,6 +487,11 @@ def _mot_qk_norm_rope_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .mot_triton import qk_norm_rope_bwd
 
+    op = "mot_qk_norm_rope_backward"
+    weights = (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)
+    _op_check(op, _check_qk_args, q, k, n_und, weights, cos, sin)
+    _op_check(op, _check_like, "dq_out", dq_out, q, "q")
+    _op_check(op, _check_like, "dk_out", dk_out, k, "k")
     wq = torch.stack((q_weight_und, q_weight_gen))
     wk = torch.stack((k_weight_und, k_weight_gen))
     dq, dk, dqwu, dqwg, dkwu, dkwg, dcos, dsin = qk_norm_rope_bwd(
@@ -559,6 +673,7 @@ def rope_cos_sin(
 def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
     from .mot_triton import swiglu_fwd
 
+    _op_check("swiglu", _check_swiglu_args, gate, up)
     return swiglu_fwd(_unit_last(gate), _unit_last(up))
 
 
@@ -571,6 +686,8 @@ def _(gate, up):
 def _swiglu_bwd_op(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     from .mot_triton import swiglu_bwd
 
+    _op_check("swiglu_backward", _check_swiglu_args, gate, up)
+    _op_check("swiglu_backward", _check_like, "dy", dy, gate, "gate")
     return swiglu_bwd(_unit_last(dy), _unit_last(gate), _unit_last(up))
 
 
@@ -643,6 +760,7 @@ def _mot_linear_op(
     weight_gen: Tensor,
     bias_gen: Tensor | None,
 ) -> Tensor:
+    _op_check("mot_linear", _check_linear_args, x, n_und, weight_und, bias_und, weight_gen, bias_gen)
     out = x.new_empty((x.shape[0], weight_und.shape[0]))
     _mm_into(out[:n_und], x[:n_und], weight_und.t(), bias_und)
     _mm_into(out[n_und:], x[n_und:], weight_gen.t(), bias_gen)
@@ -668,6 +786,9 @@ def _mot_linear_bwd_op(
     need_db_gen: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients the flags ask for (the others come back as empty ``[0]`` tensors)."""
+    op = "mot_linear_backward"
+    _op_check(op, _check_linear_args, x, n_und, weight_und, None, weight_gen, None)
+    _op_check(op, _check_weight, "dy", dy, (x.shape[0], weight_und.shape[0]), x)
     dx, dwu, dwg, dbu, dbg = (_empty_grad(x) for _ in range(5))
     dyu, dyg = dy[:n_und], dy[n_und:]
     if need_dx:
@@ -779,24 +900,26 @@ def _rows2d(x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("bagel_kernels::permute_rows", mutates_args=())
-def _permute_rows_op(x: Tensor, index: Tensor, check: bool) -> Tensor:
+def _permute_rows_op(x: Tensor, index: Tensor) -> Tensor:
+    """y[i] = x[index[i]]; ``index`` is checked to be a permutation (sizes, dtype, device and values:
+    one host sync) before the kernel addresses rows through it."""
     from .mot_triton import permute_rows_launch
 
-    if check:
-        _check_permutation(index, x.shape[0])
+    _op_check("permute_rows", _check_index_args, x, index)
     return permute_rows_launch(_rows2d(x), index.contiguous(), scatter=False).view(x.shape)
 
 
 @_permute_rows_op.register_fake
-def _(x, index, check):
+def _(x, index):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("bagel_kernels::scatter_rows", mutates_args=())
 def _scatter_rows_op(x: Tensor, index: Tensor) -> Tensor:
-    """y[index[i]] = x[i] (the inverse of permute_rows; index trusted to be a permutation)."""
+    """y[index[i]] = x[i] (the inverse of permute_rows); ``index`` checked as in permute_rows."""
     from .mot_triton import permute_rows_launch
 
+    _op_check("scatter_rows", _check_index_args, x, index)
     return permute_rows_launch(_rows2d(x), index.contiguous(), scatter=True).view(x.shape)
 
 
@@ -811,12 +934,12 @@ def _perm_setup(ctx, inputs, output):
 
 def _permute_backward(ctx, dy):
     (index,) = ctx.saved_tensors
-    return torch.ops.bagel_kernels.scatter_rows(dy, index), None, None
+    return torch.ops.bagel_kernels.scatter_rows(dy, index), None
 
 
 def _scatter_backward(ctx, dy):
     (index,) = ctx.saved_tensors
-    return torch.ops.bagel_kernels.permute_rows(dy, index, False), None
+    return torch.ops.bagel_kernels.permute_rows(dy, index), None
 
 
 _permute_rows_op.register_autograd(_permute_backward, setup_context=_perm_setup)
@@ -841,7 +964,7 @@ def permute_rows(x: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:
     else:
         be = _resolve_backend(backend, x.device, x.dtype)
     if be == "triton":
-        return _permute_rows_op(x, index, True)
+        return _permute_rows_op(x, index)
     if not torch.compiler.is_compiling():
         _check_permutation(index, x.shape[0])
     return x.index_select(0, index)

@@ -404,6 +404,62 @@ def test_permute_rows_kernel_rejects_non_permutation():
         mot.permute_rows(x, torch.tensor([0, 1, 2, 3, 5, 5]), backend="triton")
 
 
+def _bad_op_calls():
+    """The registered ops called directly (``torch.ops.bagel_kernels.*`` is public surface): each case
+    would make a kernel address memory outside its tensors (an index of 10**6, a short index or
+    weight, a gradient of another shape, a split point beyond the rows)."""
+    ops = torch.ops.bagel_kernels
+    n, h, d = 6, 8, 4
+    x = torch.randn(n, h, device=DEV)
+    w = torch.ones(h, device=DEV)
+    q, k = torch.randn(n, 2, d, device=DEV), torch.randn(n, 1, d, device=DEV)
+    wd, cs = torch.ones(d, device=DEV), torch.ones(n, d, device=DEV)
+    g = torch.randn(n, 5, device=DEV)
+    lw = torch.randn(3, h, device=DEV)
+    big = torch.tensor([0, 1, 2, 3, 4, 10**6], device=DEV)
+    return [
+        ("not a permutation", lambda: ops.scatter_rows(x, big)),
+        ("not a permutation", lambda: ops.permute_rows(x, big)),
+        ("not a permutation", lambda: ops.permute_rows(x, -big)),
+        ("not a permutation", lambda: ops.scatter_rows(x, torch.zeros(n, dtype=torch.long, device=DEV))),
+        ("index has 2 entries", lambda: ops.permute_rows(x, torch.arange(2, device=DEV))),
+        ("index has 2 entries", lambda: ops.scatter_rows(x, torch.arange(2, device=DEV))),
+        ("index must be a 1-D int32/int64", lambda: ops.scatter_rows(x, torch.arange(6.0, device=DEV))),
+        ("weight_und must have shape", lambda: ops.mot_rms_norm(x, 3, w[:1], w, 1e-6)),
+        ("n_und=-5", lambda: ops.mot_rms_norm(x, -5, w, w, 1e-6)),
+        ("n_und=99", lambda: ops.mot_rms_norm(x, 99, w, w, 1e-6)),
+        ("dy must have the shape", lambda: ops.mot_rms_norm_backward(x[:2], x, 3, w, w, 1e-6)),
+        ("has dtype torch.int64", lambda: ops.mot_rms_norm(x.long(), 3, w, w, 1e-6)),
+        ("cos must have shape", lambda: ops.mot_qk_norm_rope(q, k, 3, wd, wd, wd, wd, cs[:1], cs, 1e-6)),
+        (
+            "k_weight_gen must have shape",
+            lambda: ops.mot_qk_norm_rope(q, k, 3, wd, wd, wd, wd[:1], cs, cs, 1e-6),
+        ),
+        ("k must be", lambda: ops.mot_qk_norm_rope(q, k[:2], 3, wd, wd, wd, wd, cs, cs, 1e-6)),
+        (
+            "dk_out must have the shape",
+            lambda: ops.mot_qk_norm_rope_backward(q, k[:1], q, k, 3, wd, wd, wd, wd, cs, cs, 1e-6, True),
+        ),
+        ("up must have the shape", lambda: ops.swiglu(g, g[:1])),
+        ("dy must have the shape", lambda: ops.swiglu_backward(g[:, :2], g, g)),
+        ("weight_gen must have shape", lambda: ops.mot_linear(x, 2, lw, None, lw[:1], None)),
+        ("n_und=7", lambda: ops.mot_linear(x, 7, lw, None, lw, None)),
+        (
+            "dy must have shape",
+            lambda: ops.mot_linear_backward(g, x, 2, lw, lw, True, True, True, True, True),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    "match,call", _bad_op_calls(), ids=[f"{i}-{m}" for i, (m, _) in enumerate(_bad_op_calls())]
+)
+def test_registered_ops_check_their_arguments(match, call):
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert "torch.ops.bagel_kernels." in str(info.value)  # the error names the op
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")
 def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -473,7 +529,7 @@ def _opcheck_cases():
                 True,
             ),
         ),
-        ("permute_rows", ops.permute_rows, (x, perm, True)),
+        ("permute_rows", ops.permute_rows, (x, perm)),
         ("scatter_rows", ops.scatter_rows, (x, perm)),
     ]
 
