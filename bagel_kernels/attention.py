@@ -18,6 +18,7 @@ the device, that accepts the inputs, and a refusal lists every backend's reasons
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,8 +269,19 @@ def _validate(q, k, v, mask) -> None:
         raise ValueError(f"head dim {D} is unsupported (1..{MAX_HEAD_DIM})")
     if T > mask.total_len:
         raise ValueError(f"q has {T} tokens but the mask covers only total_len={mask.total_len}")
-    if mask.row_index is not None and T != mask.total_len:
+    if mask._row_index is not None and T != mask.total_len:
         raise ValueError(f"mask carries a row_index over {mask.total_len} tokens but q has {T}")
+
+
+def _check_scale(softmax_scale) -> float:
+    """``softmax_scale`` as a float: a finite, non-negative real number, the same rule on every
+    backend (the Triton kernels fold the scale into the running max, which needs it >= 0)."""
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise ValueError(f"softmax_scale must be a float (or None), got {type(softmax_scale).__name__}")
+    scale = float(softmax_scale)
+    if not (math.isfinite(scale) and scale >= 0.0):
+        raise ValueError(f"softmax_scale must be finite and non-negative, got {softmax_scale!r}")
+    return scale
 
 
 def packed_attention(
@@ -290,11 +302,20 @@ def packed_attention(
             beyond ``T`` are whole trailing splits (the pad sample of flex-style packing). If the mask
             carries a ``row_index`` (:meth:`PackedMask.with_row_index`), token ``i`` is row
             ``row_index[i]`` of q, k, v and of the output.
-        softmax_scale: defaults to ``D ** -0.5``.
+        softmax_scale: defaults to ``D ** -0.5``; must be finite and non-negative (NaN, inf or a
+            negative scale raise the same ValueError on every backend).
         backend: ``"auto"``, ``"triton"``, ``"flex"`` or ``"sdpa"``.
         deterministic: ask for a bit-reproducible backward (the Triton backend then uses no atomics).
 
-    Returns ``[T, Hq, D]`` in q's dtype. Rows that see no key are zero (with zero gradients).
+    Returns ``[T, Hq, D]`` in q's dtype. Rows that see no key are zero (with zero gradients). ``T = 0``
+    gives an empty ``[0, Hq, D]`` on every backend, with a working backward (empty gradients).
+
+    Non-finite values: a NaN or Inf in one sample's V can reach the rows of other samples that share
+    a tile with it on the ``triton`` and ``flex`` backends (a masked score's probability is exactly 0,
+    but ``0 * inf`` and ``0 * NaN`` are NaN in the tile's ``P @ V``; FlexAttention behaves the same).
+    The ``sdpa`` backend runs each sample on its own and keeps such values inside their sample
+    (inside ``torch.compile`` it runs one SDPA over the pack and shares that behaviour). Keep
+    activations finite (as training does) or use eager ``sdpa`` to localise a bad sample.
     """
     _validate(q, k, v, mask)
     if backend != "auto" and backend not in BACKENDS:
@@ -304,7 +325,7 @@ def packed_attention(
     T = q.shape[0]
     if T < mask.total_len:
         mask = mask.truncated(T)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else _check_scale(softmax_scale)
     if backend == "auto":
         order = _AUTO_ORDER.get(q.device.type, _AUTO_DEFAULT)
         refusals = {}
@@ -321,7 +342,11 @@ def packed_attention(
     reasons = be.reasons(q, k, v, mask)
     if reasons:
         raise ValueError(f"attention backend {backend!r} refuses these inputs: {'; '.join(reasons)}")
-    idx = mask.row_index
+    if T == 0:
+        # no tokens: the same empty [0, Hq, D] on every backend, still attached to q, k and v so that
+        # a backward runs and gives them (empty) zero gradients
+        return q * 0 + (k.sum() + v.sum()).to(q.dtype)
+    idx = mask._row_index
     if idx is not None and not be.handles_row_index:
         gidx = idx.long()
         out = be.forward(

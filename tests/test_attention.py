@@ -161,3 +161,41 @@ def test_flex_and_sdpa_gpu_gradients(dtype):
         _check(out, ref, dtype, "fwd")
         for a, b in zip(grads, rgrads, strict=True):
             _check(a, b, dtype, "bwd")
+
+
+# ------------------------------------------------------------------------------ edges (issue 13)
+EDGE_BACKENDS = ["sdpa", "flex", "triton"]  # triton runs under the interpreter here (conftest)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("total", [0, 5], ids=["empty_mask", "all_pad"])
+def test_zero_tokens_give_an_empty_output_on_every_backend(backend, total):
+    """T = 0: every backend returns ``[0, Hq, D]`` and a backward runs (flex on CPU: forward only)."""
+    mask = PackedMask.from_splits([0, total], [0, total], ["causal", "causal"])
+    grad = backend != "flex" or HAS_CUDA
+    q, k, v = _inputs(0, 4, 2, 16, torch.float32, requires_grad=grad)
+    out = packed_attention(q, k, v, mask, backend=backend)
+    assert out.shape == (0, 4, 16) and out.dtype == torch.float32
+    if grad:
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), -0.5, "0.1", True])
+def test_bad_softmax_scale_is_refused_alike(backend, scale):
+    mask = PackedMask.from_splits([6], [6], ["causal"])
+    q, k, v = _inputs(6, 2, 2, 16, torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="softmax_scale must be"):
+        packed_attention(q, k, v, mask, softmax_scale=scale, backend=backend)
+
+
+def test_nonfinite_v_stays_in_its_sample_on_sdpa():
+    """What the packed_attention docstring states: with the per-sample sdpa backend a NaN in one
+    sample's V reaches no row of another sample (triton/flex may spread it within a shared tile)."""
+    mask = PackedMask.from_splits([5, 7], [5, 7], ["causal", "full"])
+    q, k, v = _inputs(12, 2, 2, 16, torch.float32, requires_grad=False)
+    v = v.clone()
+    v[2, 0, 3] = float("nan")
+    out = packed_attention(q, k, v, mask, backend="sdpa")
+    assert torch.isnan(out[:5]).any() and torch.isfinite(out[5:]).all()
