@@ -51,6 +51,7 @@ from bagel.qwen2 import PackContext, Qwen2ForCausalLM
 from bagel.siglip import SiglipVisionModel
 from bagel_kernels import PackedMask
 from bagel_kernels.attention import prepare_attention
+from bagel_kernels.mask import _as_int, _as_int_list
 
 __all__ = [
     "BagelModel",
@@ -145,14 +146,7 @@ def patchify_latents(padded_latent: torch.Tensor, shapes: Sequence[tuple[int, in
 
 
 def _int_list(values, name: str) -> list[int]:
-    if isinstance(values, torch.Tensor):
-        if values.dim() != 1 or values.is_floating_point():
-            raise ValueError(f"{name} must be a 1-D sequence of ints")
-        values = values.tolist()
-    try:
-        return [int(v) for v in values]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a sequence of ints, got {values!r}") from None
+    return _as_int_list(values, name)  # strict: floats (2.5 and 2.0), bools and strings are refused
 
 
 def _index(t, name: str, device: torch.device, *, allow_bool_len: int | None = None) -> torch.Tensor:
@@ -830,7 +824,7 @@ class BagelForUnifiedMultimodal(BagelModel):
                 f"{tuple(padded_latent.shape) if isinstance(padded_latent, torch.Tensor) else type(padded_latent).__name__}"
             )
         try:
-            shapes = [(int(h), int(w)) for h, w in shapes]
+            shapes = [(_as_int(h, "h"), _as_int(w, "w")) for h, w in shapes]
         except (TypeError, ValueError):
             raise ValueError(
                 f"patchified_vae_latent_shapes must be a list of (h, w) int pairs, got {shapes!r}"

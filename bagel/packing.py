@@ -30,9 +30,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from bagel_kernels import PackedMask
+from bagel_kernels.mask import _as_int, _as_int_list
 
 __all__ = [
     "SpecialTokens",
@@ -225,11 +227,41 @@ def len2weight(n: int, reduction: str = "square") -> float:
 
 
 def _ids(x, name: str, vocab: int) -> list[int]:
-    ids = x.tolist() if isinstance(x, torch.Tensor) else [int(v) for v in x]
+    """Token ids as ints: a sequence of ints or an integer tensor/array. Floats (``1.7``), bools and
+    strings (``"12"`` is not ``[1, 2]``) are refused, never coerced."""
+    ids = _as_int_list(x, name)
     bad = [v for v in ids if not 0 <= v < vocab]
     if bad:
         raise ValueError(f"{name} holds token ids outside [0, {vocab}): {bad[:5]}")
     return ids
+
+
+def _timestep(t, name: str) -> float:
+    """A noised image's timestep logit: a finite real number (no NaN, no inf, no bool or string)."""
+    if isinstance(t, torch.Tensor) and t.numel() == 1 and t.dtype != torch.bool:
+        t = t.item()
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a real number (a logit), got {t!r} ({type(t).__name__})")
+    t = float(t)
+    if not math.isfinite(t):
+        raise ValueError(f"{name} must be finite, got {t} (a clean image is VaeImage(noised=False))")
+    return t
+
+
+def _image(x, name: str, channels: int, multiple: int, what: str) -> tuple[int, int]:
+    """Check a ``[C, H, W]`` floating image/latent with H, W positive multiples of ``multiple``;
+    returns ``(H // multiple, W // multiple)``."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor [{channels}, H, W], got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[0] != channels or x.shape[1] % multiple or x.shape[2] % multiple:
+        raise ValueError(
+            f"{name} must be [{channels}, h*{multiple}, w*{multiple}] ({what}), got {tuple(x.shape)}"
+        )
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): an image needs at least one token")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    return x.shape[1] // multiple, x.shape[2] // multiple
 
 
 def _segments(sample: Any) -> list[Segment]:
@@ -255,6 +287,8 @@ def sample_num_tokens(sample: Any, config) -> int:
     n = 0
     for seg in _segments(sample):
         if isinstance(seg, Text):
+            if isinstance(seg.ids, (str, bytes)):
+                raise ValueError(f"text ids must be a sequence of ints, got the string {seg.ids!r}")
             n += len(seg.ids) + 2
         elif isinstance(seg, VitImage):
             p = config.vision_config.patch_size
@@ -300,6 +334,8 @@ def pack_samples(
         raise ValueError(f"mask_format={mask_format!r} must be 'splits' or 'nested'")
     if mask_format == "nested" and max_num_tokens is not None:
         raise ValueError("max_num_tokens (flex-style padding) needs mask_format='splits'")
+    if max_num_tokens is not None:
+        max_num_tokens = _as_int(max_num_tokens, "max_num_tokens")
     if not isinstance(rng, random.Random):
         rng = random.Random(rng)
     tok = special_tokens if special_tokens is not None else SpecialTokens.for_config(config)
@@ -361,7 +397,9 @@ def pack_samples(
                         raise ValueError(f"samples[{si}]: special_token_loss needs a special_token_label")
                     ce_idx.append(curr)
                     ce_w.append(1.0)
-                    label_ids.append(int(seg.special_token_label))
+                    label_ids.append(
+                        _ids([seg.special_token_label], f"samples[{si}] special_token_label", vocab)[0]
+                    )
                 curr += 1
                 n = curr - split_start
                 pos_ids += range(rope, rope + n)
@@ -371,12 +409,14 @@ def pack_samples(
                 if not config.visual_und:
                     raise ValueError(f"samples[{si}] has a ViT image but the config has visual_und=False")
                 px = seg.pixels
-                if px.dim() != 3 or px.shape[0] != config.vision_config.num_channels:
-                    raise ValueError(
-                        f"samples[{si}] ViT pixels must be [{config.vision_config.num_channels}, H, W], got {tuple(px.shape)}"
-                    )
+                nh, nw = _image(
+                    px,
+                    f"samples[{si}] ViT pixels",
+                    config.vision_config.num_channels,
+                    vit_p,
+                    f"H and W multiples of the ViT patch size {vit_p}",
+                )
                 toks = patchify(px.float(), vit_p)
-                nh, nw = px.shape[1] // vit_p, px.shape[2] // vit_p
                 text_ids.append(tok.start_of_image)
                 text_idx.append(curr)
                 curr += 1
@@ -398,11 +438,12 @@ def pack_samples(
                     )
                 lat = seg.latent
                 C = config.latent_channels
-                if lat.dim() != 3 or lat.shape[0] != C or lat.shape[1] % lat_p or lat.shape[2] % lat_p:
+                h, w = _image(lat, f"samples[{si}] latent", C, lat_p, f"latent_patch_size {lat_p}")
+                if latents and lat.dtype != latents[0].dtype:
                     raise ValueError(
-                        f"samples[{si}] latent must be [{C}, h*{lat_p}, w*{lat_p}], got {tuple(lat.shape)}"
+                        f"samples[{si}] latent has dtype {lat.dtype} but an earlier latent of the pack has "
+                        f"{latents[0].dtype}: one dtype per pack (padded_latent is one tensor)"
                     )
-                h, w = lat.shape[1] // lat_p, lat.shape[2] // lat_p
                 text_ids.append(tok.start_of_image)
                 text_idx.append(curr)
                 curr += 1
@@ -410,9 +451,14 @@ def pack_samples(
                 lat_shapes.append((h, w))
                 lat_pos.append(flattened_position_ids(h, w, config.max_latent_size, interpolate))
                 vae_idx += range(curr, curr + h * w)
+                if not isinstance(seg.noised, (bool, np.bool_)):
+                    raise ValueError(f"samples[{si}] VaeImage.noised must be a bool, got {seg.noised!r}")
                 if seg.noised:
                     mse_idx += range(curr, curr + h * w)
-                    t = seg.timestep if seg.timestep is not None else rng.gauss(0.0, 1.0)
+                    if seg.timestep is None:
+                        t = rng.gauss(0.0, 1.0)
+                    else:
+                        t = _timestep(seg.timestep, f"samples[{si}] timestep")
                 else:
                     t = float("-inf")
                 timesteps += [float(t)] * (h * w)

@@ -3,6 +3,7 @@ the rule of DESIGN.md sec. 3, flex-style padding, and clear errors."""
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,3 +204,75 @@ def test_pack_errors():
         pack_samples([TextSample([1])], CFG, mask_format="dense")
     with pytest.raises(ValueError, match="splits"):
         pack_samples([TextSample([1])], CFG, max_num_tokens=10, mask_format="nested")
+
+
+# ------------------------------------------------------------------------------ hostile input (issue 13)
+@pytest.mark.parametrize(
+    "ids, needle",
+    [
+        ([1.7, 2.2], r"text ids\[0\]"),  # would pack as [1, 2]
+        ("12", "text ids"),  # would pack as [1, 2]
+        (torch.tensor([1.7, 2.2]), "text ids must hold integers"),
+        (np.array([1.0, 2.0]), "text ids must be .* numpy array of dtype float64"),
+        ([True, 2], r"text ids\[0\]"),
+        ([1, 2.0], r"text ids\[1\]"),  # integral floats are refused too
+    ],
+)
+def test_text_ids_are_never_coerced(ids, needle):
+    with pytest.raises(ValueError, match=rf"samples\[0\] {needle}"):
+        pack_samples([TextSample(ids)], CFG)
+
+
+def test_integer_ids_of_any_integer_kind_are_accepted():
+    a = pack_samples([TextSample([1, 2])], CFG)["packed_text_ids"]
+    for ids in (torch.tensor([1, 2], dtype=torch.int32), np.array([1, 2]), (np.int64(1), 2)):
+        assert torch.equal(pack_samples([TextSample(ids)], CFG)["packed_text_ids"], a)
+
+
+@pytest.mark.parametrize(
+    "samples, needle",
+    [
+        ([TextSample([1]), T2ISample([1], torch.randn(4, 0, 4))], r"samples\[1\] latent is empty"),
+        ([T2ISample([1], torch.randn(4, 4, 0))], r"samples\[0\] latent is empty"),
+        ([UnderstandingSample(torch.randn(3, 0, 8), [1], [2])], r"samples\[0\] ViT pixels is empty"),
+        ([UnderstandingSample(torch.randn(3, 6, 8), [1], [2])], r"samples\[0\] ViT pixels must be \[3, h\*4"),
+        ([T2ISample([1], torch.randint(0, 9, (4, 4, 4)))], r"samples\[0\] latent must be a floating"),
+        ([UnderstandingSample(torch.zeros(3, 8, 8, dtype=torch.uint8), [1], [2])], "ViT pixels must be a float"),
+        ([T2ISample([1], torch.randn(4, 4, 4), timestep=float("nan"))], r"samples\[0\] timestep must be finite"),
+        ([T2ISample([1], torch.randn(4, 4, 4), timestep=float("inf"))], r"samples\[0\] timestep must be finite"),
+        ([T2ISample([1], torch.randn(4, 4, 4), timestep="0.5")], r"samples\[0\] timestep must be a real"),
+        (
+            [T2ISample([1], torch.randn(4, 4, 4)), T2ISample([2], torch.randn(4, 4, 4).half())],
+            r"samples\[1\] latent has dtype torch.float16 but an earlier latent",
+        ),
+        ([Sample([Text([1], special_token_loss=True, special_token_label=2.5)])], "special_token_label"),
+    ],
+)
+def test_bad_images_latents_and_timesteps_are_refused_at_pack_time(samples, needle):
+    with pytest.raises(ValueError, match=needle):
+        pack_samples(samples, CFG)
+
+
+def test_max_num_tokens_must_be_an_int():
+    with pytest.raises(ValueError, match="max_num_tokens"):
+        pack_samples([TextSample([1, 2])], CFG, max_num_tokens=20.5)
+    assert sum(pack_samples([TextSample([1, 2])], CFG, max_num_tokens=np.int64(20))["sample_lens"]) == 20
+
+
+def test_finite_timesteps_of_any_real_kind():
+    lat = torch.randn(4, 4, 4)
+    for t in (0.5, 1, np.float32(0.5), torch.tensor(0.5)):
+        b = pack_samples([T2ISample([1], lat, timestep=t)], CFG)
+        assert torch.isfinite(b["packed_timesteps"]).all()
+
+
+def test_model_forward_refuses_float_lengths():
+    """The model's own entry takes the lengths strictly too: [6.9, 5.0] is not silently [6, 5]."""
+    from bagel import BagelBackendConfig, BagelForUnifiedMultimodal
+
+    model = BagelForUnifiedMultimodal(CFG, backend=BagelBackendConfig.reference())
+    batch = pack_samples([TextSample([1, 2, 3, 4]), TextSample([5, 6, 7])], CFG)
+    assert batch["sample_lens"] == [6, 5]
+    for lens in (np.array([6.9, 5.0], dtype=np.float32), [6.0, 5.0], [6, True]):
+        with pytest.raises(ValueError, match="sample_lens"):
+            model(**{**batch, "sample_lens": lens})
