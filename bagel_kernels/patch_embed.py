@@ -29,8 +29,10 @@ backward, ``grad @ weight``).
 
 Index checks: with ``check_indices=True`` (default) out-of-range ``pos_ids`` / ``patch_coords`` raise
 ValueError before any kernel runs (on CUDA that costs one device-to-host sync). With
-``check_indices=False`` there is no sync (CUDA graphs, overlap) and the kernels write a NaN row for an
-out-of-range id instead of reading out of bounds.
+``check_indices=False`` there is no sync (CUDA graphs, overlap) and every backend (the kernels and the
+torch path) writes a NaN row for an out-of-range id or coordinate instead of reading out of bounds; the
+backward drops those rows (they add nothing to any gradient and nothing is indexed by their ids). Inside
+``torch.compile`` the torch path behaves as with ``check_indices=False`` (a check would be a sync).
 """
 
 from __future__ import annotations
@@ -157,6 +159,42 @@ def patch_embed_images_reference(
     return patch_embed_reference(
         patchify_images(images, patch_coords, patch_size), weight, bias, pos_table, pos_ids
     )
+
+
+def _valid_rows(n, device, table_rows, pos_ids, image_shape=None, patch_coords=None, patch_size=0):
+    """``[N]`` bool: the rows whose position id and patch coordinates are in range (no host sync)."""
+    valid = torch.ones(n, dtype=torch.bool, device=device)
+    if pos_ids is not None:
+        valid &= (pos_ids >= 0) & (pos_ids < table_rows)
+    if patch_coords is not None:
+        B, _, H, W = image_shape
+        valid &= (patch_coords >= 0).all(dim=1)
+        valid &= (patch_coords[:, 0] < B) & (patch_coords[:, 1] < H // patch_size)
+        valid &= patch_coords[:, 2] < W // patch_size
+    return valid
+
+
+def _reference_unchecked(images, patch_coords, patch_size, patches, weight, bias, pos_table, pos_ids):
+    """The torch path without index checks (``check_indices=False``, or inside ``torch.compile``): like
+    the kernels, a row with an out-of-range position id or patch coordinate comes out NaN and reads
+    nothing out of bounds (invalid ids are replaced by 0 before any gather, and the NaN fill cuts their
+    gradients). Valid rows are computed exactly as by the reference."""
+    src = images if images is not None else patches
+    n = patch_coords.shape[0] if images is not None else patches.shape[0]
+    rows = pos_table.shape[0] if pos_table is not None else 0
+    shape = images.shape if images is not None else None
+    valid = _valid_rows(n, src.device, rows, pos_ids, shape, patch_coords, patch_size)
+    if images is not None:
+        B, C, H, W = images.shape
+        if B and H // patch_size and W // patch_size:
+            coords = patch_coords.masked_fill(~valid[:, None], 0)
+            patches = patchify_images(images, coords, patch_size)
+        else:  # no patch exists: every row is invalid, nothing may be read
+            patches = images.new_zeros(n, C * patch_size * patch_size)
+    out = F.linear(patches, weight, bias)
+    if pos_table is not None and rows:
+        out = out + F.embedding(pos_ids.masked_fill(~valid, 0).long(), pos_table)
+    return out.masked_fill(~valid[:, None], float("nan"))
 
 
 # ------------------------------------------------------------------------------------------ extension
@@ -302,6 +340,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, pos_ids, patch_coords)
     ctx.patch_size = patch_size
     ctx.table_rows = pos_table.shape[0] if pos_table is not None else 0
+    ctx.check_indices = check_indices
 
 
 def _embedding_grad(grad: torch.Tensor, pos_ids: torch.Tensor, rows: int) -> torch.Tensor:
@@ -318,16 +357,37 @@ def _backward(ctx, grad):
     need_input, need_weight, need_bias, need_table = ctx.needs_input_grad[:4]
     images = patch_coords is not None
     grad_input = grad_weight = grad_bias = grad_table = None
+    has_patches = True
+    if not ctx.check_indices:
+        # rows with an out-of-range id or coordinate came out NaN: they drop out of every gradient
+        # (zero grad, ids/coords replaced by 0), so no gather or scatter below leaves its tensor
+        p = ctx.patch_size
+        shape = input.shape if images else None
+        valid = _valid_rows(grad.shape[0], grad.device, ctx.table_rows, pos_ids, shape, patch_coords, p)
+        grad = grad.masked_fill(~valid[:, None], 0)
+        if pos_ids is not None:
+            pos_ids = pos_ids.masked_fill(~valid, 0)
+        if images:
+            patch_coords = patch_coords.masked_fill(~valid[:, None], 0)
+            has_patches = bool(input.shape[0] and input.shape[2] // p and input.shape[3] // p)
     if need_weight:
-        a = patchify_images(input, patch_coords, ctx.patch_size) if images else input  # [N, K]
+        if not has_patches:  # every row invalid: no patch to read
+            a = grad.new_zeros(grad.shape[0], weight.shape[1])
+        else:
+            a = patchify_images(input, patch_coords, ctx.patch_size) if images else input  # [N, K]
         grad_weight = grad.t().mm(a.to(grad.dtype))  # [E, K]
     if need_bias:
         grad_bias = grad.sum(0)
     if need_table:
-        grad_table = _embedding_grad(grad, pos_ids, ctx.table_rows)
+        if ctx.table_rows == 0:
+            grad_table = grad.new_zeros(0, grad.shape[1])
+        else:
+            grad_table = _embedding_grad(grad, pos_ids, ctx.table_rows)
     if need_input:
         gp = grad.mm(weight)  # [N, K]
-        if images:
+        if images and not has_patches:
+            grad_input = torch.zeros_like(input)
+        elif images:
             p = ctx.patch_size
             grad_input = torch.zeros_like(input, memory_format=torch.contiguous_format)
             view = _patch_grid_view(grad_input, p)  # [B, Hp, Wp, p, p, C]
@@ -448,9 +508,10 @@ def fused_patch_embed(
     )
     which = _resolve(backend, patches.device.type, str(patches.dtype).removeprefix("torch."))
     if which == "torch":
-        if check_indices:
+        if check_indices and not torch.compiler.is_compiling():
             _check_ranges_torch(pos_table, pos_ids)
-        return patch_embed_reference(patches, weight, bias, pos_table, pos_ids)
+            return patch_embed_reference(patches, weight, bias, pos_table, pos_ids)
+        return _reference_unchecked(None, None, 0, patches, weight, bias, pos_table, pos_ids)
     return torch.ops.bagel_kernels_ext.fused_patch_embed(
         patches, weight, bias, pos_table, pos_ids, None, 0, check_indices
     )
@@ -506,10 +567,13 @@ def fused_patch_embed_images(
     )
     which = _resolve(backend, images.device.type, str(images.dtype).removeprefix("torch."))
     if which == "torch":
-        if check_indices:
+        if check_indices and not torch.compiler.is_compiling():
             _check_ranges_torch(pos_table, pos_ids, images, patch_coords, patch_size)
-        return patch_embed_images_reference(
-            images, patch_coords, patch_size, weight, bias, pos_table, pos_ids
+            return patch_embed_images_reference(
+                images, patch_coords, patch_size, weight, bias, pos_table, pos_ids
+            )
+        return _reference_unchecked(
+            images, patch_coords, patch_size, None, weight, bias, pos_table, pos_ids
         )
     return torch.ops.bagel_kernels_ext.fused_patch_embed(
         images, weight, bias, pos_table, pos_ids, patch_coords, patch_size, check_indices

@@ -336,6 +336,61 @@ def test_unchecked_bad_ids_give_nan_rows():
     close(out[good], ref[good], torch.float32, "fwd", "good rows")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_unchecked_bad_ids_nan_forward_and_backward_drops_them(backend):
+    """check_indices=False with position ids out of range (too large, negative): NaN rows in the
+    forward; the backward drops those rows (every gradient equals the reference over the valid rows
+    only) and indexes nothing with the bad ids."""
+    x, w, b, t, ids = make_inputs(9, 12, 8, torch.float32, table_rows=5, grad=True)
+    bad = ids.clone()
+    bad[2], bad[6] = 10**6, -3
+    good = torch.ones(9, dtype=torch.bool)
+    good[[2, 6]] = False
+    out = pe.fused_patch_embed(x, w, b, t, bad, backend=backend, check_indices=False)
+    assert torch.isnan(out[~good]).all() and torch.isfinite(out[good]).all()
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    ref, leaves = reference64(x[good], w, b, t, ids[good])
+    ref.backward(dy[good].double())
+    close(out[good], ref, torch.float32, "fwd", "good rows")
+    assert torch.equal(x.grad[~good], torch.zeros_like(x.grad[~good]))
+    close(x.grad[good], leaves[0].grad, torch.float32, "bwd", "grad patches")
+    for name, ours, theirs in zip(("weight", "bias", "pos_table"), (w, b, t), leaves[1:], strict=True):
+        close(ours.grad, theirs.grad, torch.float32, "bwd", f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_unchecked_bad_coords_nan_forward_and_backward_drops_them(backend):
+    """Raw-image entry, check_indices=False: a negative patch row (which plain indexing would wrap to
+    another patch), an image index beyond the batch and a bad position id each give a NaN row that
+    reads no other patch and adds nothing to any gradient (pixels included)."""
+    p, C, E = 2, 3, 6
+    images, coords, ids = make_images([(6, 4), (4, 8)], C, p, torch.float32, pad=(1, 1))
+    images.requires_grad_(True)
+    _, w, b, t, _ = make_inputs(1, C * p * p, E, torch.float32, table_rows=int(ids.max()) + 1, grad=True)
+    bad_coords, bad_ids = coords.clone(), ids.clone()
+    bad_coords[1, 1] = -1  # negative patch row
+    bad_coords[4, 0] = 2  # image index beyond the batch of 2
+    bad_ids[7] = t.shape[0]  # position id one past the table
+    good = torch.ones(coords.shape[0], dtype=torch.bool)
+    good[[1, 4, 7]] = False
+    out = pe.fused_patch_embed_images(
+        images, bad_coords, p, w, b, t, bad_ids, backend=backend, check_indices=False
+    )
+    assert torch.isnan(out[~good]).all() and torch.isfinite(out[good]).all()
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    leaves = [a.detach().double().requires_grad_(True) for a in (images, w, b, t)]
+    ref = pe.patch_embed_images_reference(
+        leaves[0], coords[good], p, leaves[1], leaves[2], leaves[3], ids[good]
+    )
+    ref.backward(dy[good].double())
+    close(out[good], ref, torch.float32, "fwd", "good rows")
+    names = ("images", "weight", "bias", "pos_table")
+    for name, ours, theirs in zip(names, (images, w, b, t), leaves, strict=True):
+        close(ours.grad, theirs.grad, torch.float32, "bwd", f"grad {name}")
+
+
 # ----------------------------------------------------------------------------- torch.library integration
 def _opcheck_cases(device="cpu", dtype=torch.float32):
     x, w, b, t, ids = make_inputs(7, 12, 6, dtype, device=device, table_rows=4, grad=True)
