@@ -9,14 +9,21 @@ Keys fall into five groups (regexes below):
     extra    ``*._extra_state``: ignored
     unknown  anything else
 
-Loading never leaves a model half-written by a strict failure: keys are classified from the file
-headers first, errors are raised, and only then are tensors read and copied.
+Loading is all or nothing: every file's header is read and validated first (JSON, dtypes, shapes,
+data offsets against the file's size), keys are classified and matched to the model (shape, and a
+floating parameter only takes floating data), every file is opened, and only then is anything copied;
+any error before that point leaves the model exactly as it was. Shard paths of an index must stay inside
+the checkpoint folder (no ``..``, no absolute path, no symlink leading out; the one exception is a
+Hugging Face cache snapshot, whose files are symlinks into the repository's ``blobs/`` folder). Every
+unreadable input raises ValueError naming the file and the field.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -117,33 +124,168 @@ class LoadReport:
         return f"LoadReport({self.summary()})"
 
 
+# safetensors dtype name -> bytes per element
+_ST_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+_ST_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
+
+
+def _allowed_roots(folder: str) -> list[str]:
+    """Real paths under which the files of checkpoint ``folder`` may live: the folder itself, plus, for
+    a Hugging Face cache snapshot (``.../models--X/snapshots/<rev>``), that repository's ``blobs/``."""
+    root = os.path.realpath(folder)
+    roots = [root]
+    parent = os.path.dirname(root)
+    if os.path.basename(parent) == "snapshots":
+        blobs = os.path.join(os.path.dirname(parent), "blobs")
+        if os.path.isdir(blobs):
+            roots.append(os.path.realpath(blobs))
+    return roots
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, r]) == r for r in roots)
+
+
+def _shard_path(folder: str, name, index_file: str, roots: list[str]) -> str:
+    """``folder/name`` for a shard listed in an index, refusing names that leave the folder."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index_file}: weight_map values must be shard file names, got {name!r}")
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(
+            f"{index_file}: weight_map names the shard {name!r}, which is outside the checkpoint folder "
+            f"{folder!r}; shard names must be relative paths inside it"
+        )
+    path = os.path.join(folder, name)
+    if not _inside(path, roots):
+        raise ValueError(
+            f"{index_file}: the shard {name!r} resolves to {os.path.realpath(path)!r}, outside the "
+            f"checkpoint folder {folder!r} (a symlink leading out is refused)"
+        )
+    if not os.path.isfile(path):
+        raise ValueError(f"{index_file}: the shard {name!r} listed in weight_map does not exist in {folder!r}")
+    return path
+
+
 def find_weight_files(path: str | os.PathLike) -> list[str]:
     """The safetensors files of a checkpoint directory: ``ema.safetensors``, else ``model.safetensors``,
-    else the shards listed by an ``*.safetensors.index.json``."""
+    else the shards listed by an ``*.safetensors.index.json`` (each inside the directory)."""
+    from .config import read_json
+
     path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(".safetensors"):
         return [path]
+    roots = _allowed_roots(path) if os.path.isdir(path) else []
     for name in (WEIGHTS_NAME, *_FALLBACK_NAMES):
         f = os.path.join(path, name)
         if os.path.isfile(f):
+            if not _inside(f, roots):
+                raise ValueError(
+                    f"{f} resolves to {os.path.realpath(f)!r}, outside the checkpoint folder {path!r} "
+                    "(a symlink leading out is refused)"
+                )
             return [f]
     for name in _INDEX_NAMES:
         f = os.path.join(path, name)
         if os.path.isfile(f):
-            with open(f) as fh:
-                weight_map = json.load(fh)["weight_map"]
-            return [os.path.join(path, s) for s in sorted(set(weight_map.values()))]
+            weight_map = read_json(f).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{f}: field 'weight_map' must be a non-empty object {{key: shard file}}")
+            names = set()
+            for key, shard in weight_map.items():
+                if not isinstance(shard, str):
+                    raise ValueError(f"{f}: weight_map[{key!r}] must be a shard file name, got {shard!r}")
+                names.add(shard)
+            return [_shard_path(path, s, f, roots) for s in sorted(names)]
     raise ValueError(f"no {WEIGHTS_NAME} (or model.safetensors / safetensors index) found in {path!r}")
 
 
 def read_safetensors_header(file: str) -> dict:
     """The JSON header of a safetensors file (``{key: {"dtype", "shape", "data_offsets"}}``), without
-    reading any tensor data."""
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+    reading any tensor data, validated against the file: ValueError naming the file (and the key and
+    field) when the header length, the JSON, a dtype, a shape or a tensor's byte range is wrong, e.g.
+    for random bytes, a file cut short, or another format."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(
+                    f"{file}: not a safetensors file: {size} bytes, fewer than the 8-byte header length"
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise ValueError(
+                    f"{file}: header length field says {n} bytes but the file holds {size - 8} after it "
+                    f"(limit {_MAX_HEADER}): not a safetensors file, or cut short"
+                )
+            raw = f.read(n)
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    if len(raw) < n:
+        raise ValueError(f"{file}: header cut short ({len(raw)} of {n} bytes)")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file}: the safetensors header is not UTF-8: not a safetensors file") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: the safetensors header is not valid JSON ({exc.msg})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: the safetensors header must be a JSON object, got {type(header).__name__}")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        raise ValueError(f"{file}: field '__metadata__' must map strings to strings")
+    data_len = size - 8 - n
+    spans = []
+    for key, info in header.items():
+        where = f"{file}: tensor {key!r}"
+        if not isinstance(info, dict):
+            raise ValueError(f"{where}: expected an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _ST_ITEMSIZE:
+            raise ValueError(f"{where}: field 'dtype' = {dtype!r} is not a safetensors dtype")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ValueError(f"{where}: field 'shape' = {shape!r} must be a list of non-negative ints")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
+            raise ValueError(
+                f"{where}: field 'data_offsets' = {offsets!r} must be [begin, end] within the file's "
+                f"{data_len} data bytes (a file cut short?)"
+            )
+        nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise ValueError(
+                f"{where}: field 'data_offsets' = {offsets} spans {offsets[1] - offsets[0]} bytes but "
+                f"{dtype} {shape} needs {nbytes}"
+            )
+        spans.append((offsets[0], offsets[1], key))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"{file}: the data of tensors {a!r} and {b!r} overlap")
     return header
+
+
+def _dtype_fits(st_dtype: str, target: torch.Tensor) -> bool:
+    """Whether checkpoint data of ``st_dtype`` may be copied into ``target``: floating into floating
+    (any precision), integers into integers, bools into bools; never integers/bools into floats."""
+    if target.is_floating_point():
+        return st_dtype in _ST_FLOAT
+    if target.dtype == torch.bool:
+        return st_dtype == "BOOL"
+    return st_dtype not in _ST_FLOAT and st_dtype != "BOOL"
 
 
 def _conv_to_linear_weight(w: torch.Tensor) -> torch.Tensor:
@@ -178,9 +320,14 @@ def load_checkpoint_into(
     targets = model.state_dict(keep_vars=True)
     report = LoadReport(files=files)
     plan: list[tuple[str, str]] = []  # (file, key)
+    source: dict[str, str] = {}  # key -> the file that holds it
+    # 1. every header, validated, before anything is read or copied
     for file in files:
         header = read_safetensors_header(file)
         for key, meta in header.items():
+            if key in source:
+                raise ValueError(f"checkpoint key {key!r} is held by both {source[key]} and {file}")
+            source[key] = file
             kind = classify_key(key)
             if kind == "vae":
                 report.vae.append(key)
@@ -199,8 +346,13 @@ def load_checkpoint_into(
                 shape = (shape[0], shape[1] * shape[2] * shape[3])
             if shape != tuple(target.shape):
                 raise ValueError(
-                    f"checkpoint key {key!r} has shape {tuple(meta['shape'])} but the model expects "
+                    f"{file}: checkpoint key {key!r} has shape {tuple(meta['shape'])} but the model expects "
                     f"{tuple(target.shape)}; does the config match the checkpoint?"
+                )
+            if not _dtype_fits(meta["dtype"], target):
+                raise ValueError(
+                    f"{file}: checkpoint key {key!r} has dtype {meta['dtype']} but the model's tensor is "
+                    f"{target.dtype}; integer or bool data is never cast into floating parameters"
                 )
             plan.append((file, key))
     if strict and report.unexpected:
@@ -211,16 +363,24 @@ def load_checkpoint_into(
     by_file: dict[str, list[str]] = {}
     for file, key in plan:
         by_file.setdefault(file, []).append(key)
-    with torch.no_grad():
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        # 2. every file opened (safetensors checks its own header) before the first copy
+        handles = {}
+        for file in by_file:
+            try:
+                handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            except Exception as exc:  # safetensors raises its own error types
+                raise ValueError(f"{file}: safetensors cannot open it: {exc}") from None
+        # 3. copy
         for file, keys in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in keys:
-                    t = f.get_tensor(key)
-                    if key == PATCH_EMBED_KEY and t.dim() == 4:
-                        t = _conv_to_linear_weight(t)
-                        report.converted.append(key)
-                    targets[key].data.copy_(t)
-                    report.loaded.append(key)
+            f = handles[file]
+            for key in keys:
+                t = f.get_tensor(key)
+                if key == PATCH_EMBED_KEY and t.dim() == 4:
+                    t = _conv_to_linear_weight(t)
+                    report.converted.append(key)
+                targets[key].data.copy_(t)
+                report.loaded.append(key)
     loaded = set(report.loaded)
     report.missing = [k for k in targets if k not in loaded]
     if report.missing:

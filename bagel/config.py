@@ -26,13 +26,84 @@ from typing import Any
 
 from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
-__all__ = ["BagelConfig", "DEFAULT_VAE_CONFIG", "LAYER_MODULES"]
+__all__ = ["BagelConfig", "DEFAULT_VAE_CONFIG", "LAYER_MODULES", "read_json"]
 
 # FLUX VAE as used by BAGEL: 16 latent channels, 8x spatial downsampling.
 DEFAULT_VAE_CONFIG = {"z_channels": 16, "downsample": 8}
 LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoEDecoderLayer", "Qwen2MoTDecoderLayer")
 
 _QWEN_BAGEL_DEFAULTS = {"qk_norm": True, "freeze_und": False}
+
+# Typed fields checked by BagelConfig.validate(): (field, kind, minimum). "int" is an int (not a bool)
+# >= minimum; "real" a finite int/float (not a bool) > minimum; "bool" a bool.
+_TEXT_FIELDS = (
+    ("vocab_size", "int", 1),
+    ("hidden_size", "int", 1),
+    ("intermediate_size", "int", 1),
+    ("num_hidden_layers", "int", 1),
+    ("num_attention_heads", "int", 1),
+    ("num_key_value_heads", "int", 1),
+    ("max_position_embeddings", "int", 1),
+    ("rms_norm_eps", "real", 0),
+    ("qk_norm", "bool", None),
+    ("freeze_und", "bool", None),
+)
+_VISION_FIELDS = (
+    ("hidden_size", "int", 1),
+    ("intermediate_size", "int", 1),
+    ("num_hidden_layers", "int", 1),
+    ("num_attention_heads", "int", 1),
+    ("num_channels", "int", 1),
+    ("image_size", "int", 1),
+    ("patch_size", "int", 1),
+    ("layer_norm_eps", "real", 0),
+)
+
+
+def _check_field(name: str, value: Any, kind: str, minimum) -> None:
+    """ValueError naming ``name`` unless ``value`` is of ``kind`` (see _TEXT_FIELDS) and in range."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool (true/false), got {value!r} ({type(value).__name__})")
+        return
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind == "real" else int):
+        what = "an int" if kind == "int" else "a number"
+        raise ValueError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if kind == "int" and minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if kind == "real" and not (math.isfinite(value) and (minimum is None or value > minimum)):
+        raise ValueError(f"{name} must be a finite number > {minimum}, got {value}")
+
+
+def _field(name: str, value: Any, kind: str, minimum=None) -> Any:
+    _check_field(name, value, kind, minimum)
+    return float(value) if kind == "real" else value
+
+
+def read_json(file: str | os.PathLike) -> dict:
+    """A JSON object from ``file``; ValueError naming the file for bytes that are not UTF-8, text that
+    is not JSON, or JSON that is not an object."""
+    file = os.fspath(file)
+    try:
+        with open(file, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file}: not UTF-8 text (byte {exc.start}); expected a JSON file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
 
 
 def _coerce_text_config(cfg: Any, visual_gen: bool) -> Qwen2Config:
@@ -42,7 +113,10 @@ def _coerce_text_config(cfg: Any, visual_gen: bool) -> Qwen2Config:
         cfg = dict(cfg)
         cfg.pop("model_type", None)
         cfg.pop("transformers_version", None)
-        cfg = Qwen2Config(**cfg)
+        try:
+            cfg = Qwen2Config(**cfg)
+        except Exception as exc:  # transformers validates fields with its own error types
+            raise ValueError(f"llm_config: {exc}") from None
     elif not isinstance(cfg, Qwen2Config):
         raise ValueError(f"llm_config/text_config must be a dict or a Qwen2Config, got {type(cfg).__name__}")
     for key, value in _QWEN_BAGEL_DEFAULTS.items():
@@ -62,12 +136,15 @@ def _coerce_vision_config(cfg: Any, vit_rope: bool) -> SiglipVisionConfig | None
         cfg = dict(cfg)
         cfg.pop("model_type", None)
         cfg.pop("transformers_version", None)
-        cfg = SiglipVisionConfig(**cfg)
+        try:
+            cfg = SiglipVisionConfig(**cfg)
+        except Exception as exc:  # transformers validates fields with its own error types
+            raise ValueError(f"vit_config: {exc}") from None
     elif not isinstance(cfg, SiglipVisionConfig):
         raise ValueError(
             f"vit_config/vision_config must be a dict or a SiglipVisionConfig, got {type(cfg).__name__}"
         )
-    cfg.rope = bool(vit_rope)
+    cfg.rope = vit_rope
     return cfg
 
 
@@ -124,22 +201,26 @@ class BagelConfig(PretrainedConfig):
             raise ValueError("pass either vit_config or vision_config (aliases), not both")
         text_config = text_config if text_config is not None else llm_config
         vision_config = vision_config if vision_config is not None else vit_config
-        self.visual_und = bool(visual_und)
-        self.visual_gen = bool(visual_gen)
+        # typed fields are checked, never coerced: int("2"), int(2.5) or bool("false") would hide a
+        # wrong config behind a plausible value
+        self.visual_und = _field("visual_und", visual_und, "bool")
+        self.visual_gen = _field("visual_gen", visual_gen, "bool")
         self.stage = stage
         self.text_config = _coerce_text_config(text_config, self.visual_gen)
         if vision_config is None and self.visual_und:
             vision_config = {}
+        self.vit_rope = _field("vit_rope", vit_rope, "bool")
         self.vision_config = _coerce_vision_config(vision_config, vit_rope)
+        if vae_config is not None and not isinstance(vae_config, dict):
+            raise ValueError(f"vae_config must be a dict, got {type(vae_config).__name__}")
         self.vae_config = dict(DEFAULT_VAE_CONFIG if vae_config is None else vae_config)
-        self.latent_patch_size = int(latent_patch_size)
-        self.max_latent_size = int(max_latent_size)
-        self.vit_max_num_patch_per_side = int(vit_max_num_patch_per_side)
-        self.connector_act = connector_act
-        self.interpolate_pos = bool(interpolate_pos)
-        self.vit_select_layer = int(vit_select_layer)
-        self.vit_rope = bool(vit_rope)
-        self.timestep_shift = float(timestep_shift)
+        self.latent_patch_size = _field("latent_patch_size", latent_patch_size, "int")
+        self.max_latent_size = _field("max_latent_size", max_latent_size, "int")
+        self.vit_max_num_patch_per_side = _field("vit_max_num_patch_per_side", vit_max_num_patch_per_side, "int")
+        self.connector_act = _field("connector_act", connector_act, "str")
+        self.interpolate_pos = _field("interpolate_pos", interpolate_pos, "bool")
+        self.vit_select_layer = _field("vit_select_layer", vit_select_layer, "int")
+        self.timestep_shift = _field("timestep_shift", timestep_shift, "real")
         super().__init__(**kwargs)
         self.validate()
 
@@ -185,9 +266,30 @@ class BagelConfig(PretrainedConfig):
         """Raise ValueError naming the offending field when the config cannot build a model."""
         if not self.visual_und and not self.visual_gen and self.vision_config is None:
             pass  # a text-only BAGEL is a plain Qwen2 model: allowed
+        tc = self.text_config
+        for name, kind, minimum in _TEXT_FIELDS:
+            _check_field(f"llm_config.{name}", getattr(tc, name, None), kind, minimum)
+        if getattr(tc, "head_dim", None) is not None:
+            _check_field("llm_config.head_dim", tc.head_dim, "int", 2)
+        theta = getattr(tc, "rope_theta", None)
+        params = getattr(tc, "rope_parameters", None)
+        if theta is None and isinstance(params, dict):
+            theta = params.get("rope_theta")
+        if theta is not None:
+            _check_field("llm_config.rope_theta", theta, "real", 0)
+        if not isinstance(getattr(tc, "layer_module", None), str) or tc.layer_module not in LAYER_MODULES:
+            raise ValueError(f"llm_config.layer_module={tc.layer_module!r} is not one of {LAYER_MODULES}")
+        for name in ("visual_und", "visual_gen", "interpolate_pos", "vit_rope"):
+            _check_field(name, getattr(self, name), "bool", None)
+        for name in ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side", "vit_select_layer"):
+            _check_field(name, getattr(self, name), "int", None)
+        _check_field("timestep_shift", self.timestep_shift, "real", None)
+        _check_field("connector_act", self.connector_act, "str", None)
         if self.visual_und:
             if self.vision_config is None:
                 raise ValueError("visual_und=True needs vit_config (vision_config)")
+            for name, kind, minimum in _VISION_FIELDS:
+                _check_field(f"vit_config.{name}", getattr(self.vision_config, name, None), kind, minimum)
             n = int(self.vision_config.num_hidden_layers)
             sel = self.vit_select_layer
             if sel == 0 or not 1 <= self.vit_num_layers <= n:
@@ -206,7 +308,8 @@ class BagelConfig(PretrainedConfig):
                 )
         if self.visual_gen:
             for key in ("z_channels", "downsample"):
-                if not isinstance(self.vae_config.get(key), int) or self.vae_config[key] < 1:
+                v = self.vae_config.get(key)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ValueError(
                         f"vae_config[{key!r}] must be a positive int, got {self.vae_config.get(key)!r}"
                     )
@@ -214,9 +317,8 @@ class BagelConfig(PretrainedConfig):
                 raise ValueError(f"latent_patch_size={self.latent_patch_size} must be positive")
             if self.max_latent_size < 1:
                 raise ValueError(f"max_latent_size={self.max_latent_size} must be positive")
-            if self.timestep_shift <= 0:
-                raise ValueError(f"timestep_shift={self.timestep_shift} must be positive")
-        tc = self.text_config
+            if not (math.isfinite(self.timestep_shift) and self.timestep_shift > 0):
+                raise ValueError(f"timestep_shift={self.timestep_shift} must be positive and finite")
         if tc.hidden_size % tc.num_attention_heads:
             raise ValueError(
                 f"llm_config.hidden_size={tc.hidden_size} is not divisible by num_attention_heads={tc.num_attention_heads}"
@@ -256,16 +358,13 @@ class BagelConfig(PretrainedConfig):
         Keyword arguments override config fields (e.g. ``visual_gen=False``, ``max_latent_size=64``)."""
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isfile(path):
-            with open(path) as f:
-                data = json.load(f)
-            return cls._from_json_dict(data, kwargs, source=path)
+            return cls._from_json_dict(read_json(path), kwargs, source=path)
         if not os.path.isdir(path):
             raise ValueError(f"pretrained_model_name_or_path={path!r} is not a directory or a config file")
         cfg_file = os.path.join(path, "config.json")
         data = None
         if os.path.isfile(cfg_file):
-            with open(cfg_file) as f:
-                data = json.load(f)
+            data = read_json(cfg_file)
             if data.get("model_type") != cls.model_type:
                 data = None  # e.g. a tokenizer-side Qwen2 config.json next to upstream's llm/vit configs
         if data is not None:
@@ -280,7 +379,7 @@ class BagelConfig(PretrainedConfig):
         data.update(overrides)
         try:
             return cls(**data)
-        except TypeError as exc:
+        except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as exc:
             raise ValueError(f"{source}: {exc}") from None
 
     @classmethod
@@ -291,12 +390,8 @@ class BagelConfig(PretrainedConfig):
             raise ValueError(
                 f"{path} holds neither a BAGEL config.json (model_type 'bagel') nor upstream's llm_config.json"
             )
-        with open(llm_file) as f:
-            llm = json.load(f)
-        vit = None
-        if os.path.isfile(vit_file):
-            with open(vit_file) as f:
-                vit = json.load(f)
+        llm = read_json(llm_file)
+        vit = read_json(vit_file) if os.path.isfile(vit_file) else None
         fields: dict[str, Any] = {
             "llm_config": llm,
             "vit_config": vit,
@@ -311,7 +406,10 @@ class BagelConfig(PretrainedConfig):
         if "vit_pos_embed.pos_embed" in shapes:
             fields["vit_max_num_patch_per_side"] = math.isqrt(shapes["vit_pos_embed.pos_embed"][0])
         fields.update(overrides)
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as exc:
+            raise ValueError(f"{llm_file} / {vit_file}: {exc}") from None
 
     # ------------------------------------------------------------------ presets
     @classmethod

@@ -4,6 +4,7 @@ classification, strict mode, VAE keys, Conv2d patch weights, missing keys and sh
 
 import json
 import os
+import struct
 
 import pytest
 import torch
@@ -236,3 +237,200 @@ def test_save_pretrained_and_dtype(tmp_path):
     assert torch.equal(
         back.language_model.lm_head.weight, model.language_model.lm_head.weight.to(torch.bfloat16)
     )
+
+
+# ------------------------------------------------------------------------------ hostile input (issue 13)
+def _sharded(ckpt, folder, names=("a.safetensors", "b.safetensors")):
+    """The checkpoint split into two shards plus a model.safetensors.index.json in ``folder``."""
+    path, _ = ckpt
+    tensors = load_file(path / "ema.safetensors")
+    keys = sorted(tensors)
+    half = len(keys) // 2
+    shards = {names[0]: keys[:half], names[1]: keys[half:]}
+    for name, ks in shards.items():
+        save_file({k: tensors[k] for k in ks}, folder / name)
+    with open(folder / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
+    return shards
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before) -> bool:
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_is_all_or_nothing_when_a_later_shard_is_cut_short(ckpt, tmp_path):
+    _sharded(ckpt, tmp_path)
+    data = (tmp_path / "b.safetensors").read_bytes()
+    (tmp_path / "b.safetensors").write_bytes(data[:-100])  # the second shard cut short
+    model = random_model(seed=11)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"b\.safetensors.*data_offsets"):
+        load_checkpoint_into(model, tmp_path, stage=2, strict=True)
+    assert _unchanged(model, before)  # not one of the first shard's tensors was copied
+
+
+@pytest.mark.parametrize("st_dtype", [torch.int64, torch.bool])
+def test_integer_or_bool_tensors_are_not_cast_into_float_parameters(ckpt, tmp_path, st_dtype):
+    path, _ = ckpt
+    tensors = load_file(path / "ema.safetensors")
+    key = "connector.fc1.weight"
+    tensors[key] = torch.ones_like(tensors[key], dtype=st_dtype)
+    save_file(tensors, tmp_path / "ema.safetensors")
+    model = random_model(seed=5)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"{key}.*dtype (I64|BOOL).*never cast"):
+        load_checkpoint_into(model, tmp_path, stage=2)
+    assert _unchanged(model, before)
+
+
+def test_bf16_checkpoint_still_loads_into_fp32(ckpt, tmp_path):
+    path, sd = ckpt
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(path / "ema.safetensors").items()}
+    save_file(tensors, tmp_path / "ema.safetensors")
+    model = random_model(seed=5)
+    load_checkpoint_into(model, tmp_path, stage=2)
+    assert torch.equal(model.state_dict()["connector.fc1.weight"], tensors["connector.fc1.weight"].float())
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "symlink"])
+def test_shard_paths_leaving_the_folder_are_refused(ckpt, tmp_path, kind):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    outside = tmp_path / "x.safetensors"
+    shards = _sharded(ckpt, folder)
+    os.replace(folder / "b.safetensors", outside)
+    name = {"parent": "../x.safetensors", "absolute": str(outside), "symlink": "b.safetensors"}[kind]
+    if kind == "symlink":
+        os.symlink(outside, folder / "b.safetensors")
+    weight_map = {k: ("a.safetensors" if n == "a.safetensors" else name) for n, ks in shards.items() for k in ks}
+    with open(folder / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": weight_map}, f)
+    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+        find_weight_files(folder)
+    model = random_model(seed=2)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+        load_checkpoint_into(model, folder, stage=2)
+    assert _unchanged(model, before)
+
+
+def test_hf_cache_snapshot_symlinks_into_blobs_are_allowed(ckpt, tmp_path):
+    """The Hugging Face cache layout: snapshots/<rev>/ema.safetensors -> ../../blobs/<hash>."""
+    path, sd = ckpt
+    repo = tmp_path / "models--org--bagel"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    os.link(path / "ema.safetensors", repo / "blobs" / "deadbeef")
+    os.symlink(os.path.join("..", "..", "blobs", "deadbeef"), snap / "ema.safetensors")
+    assert find_weight_files(snap) == [str(snap / "ema.safetensors")]
+
+
+def _write(p, data: bytes):
+    p.write_bytes(data)
+    return p
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (struct.pack("<Q", 2**62) + b"{}", "header length"),
+        (bytes(range(256)) * 8, "header length"),  # random bytes
+        (b"\x05\x00", "fewer than the 8-byte header length"),
+        (struct.pack("<Q", 40) + b'{"a": {"dtype": "F32"', "header length"),  # header cut short
+        (struct.pack("<Q", 4) + b"\xff\xfe{}", "not UTF-8"),
+        (struct.pack("<Q", 5) + b"{bad}", "not valid JSON"),
+        (struct.pack("<Q", 2) + b"[]", "must be a JSON object"),
+    ],
+)
+def test_unreadable_safetensors_raise_value_error_naming_the_file(tmp_path, content, needle):
+    f = _write(tmp_path / "w.safetensors", content)
+    with pytest.raises(ValueError, match=needle) as info:
+        read_safetensors_header(str(f))
+    assert "w.safetensors" in str(info.value)
+
+
+def _header_file(tmp_path, header: dict, data: bytes):
+    raw = json.dumps(header).encode()
+    return _write(tmp_path / "h.safetensors", struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize(
+    "entry, data, needle",
+    [
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, b"\0" * 4, "data_offsets"),  # beyond the file
+        ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, b"\0" * 8, "needs 12"),
+        ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, b"\0" * 8, "shape"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, b"\0" * 8, "data_offsets"),
+        ({"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, b"\0" * 8, "shape"),
+        ([1, 2], b"", "expected an object"),
+        ({"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}, b"\0" * 4, "'dtype' = 'F99'"),
+    ],
+)
+def test_bad_header_fields_are_named(tmp_path, entry, data, needle):
+    f = _header_file(tmp_path, {"w": entry}, data)
+    with pytest.raises(ValueError, match=needle) as info:
+        read_safetensors_header(str(f))
+    assert "h.safetensors" in str(info.value) and "'w'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b'{"model_type": "bagel", ', "not valid JSON"),
+        (b'\xff\xfe{"model_type": "bagel"}', "not UTF-8"),
+        (b"[1, 2]", "JSON object"),
+    ],
+)
+def test_unreadable_config_json_names_the_file(tmp_path, content, needle):
+    _write(tmp_path / "config.json", content)
+    with pytest.raises(ValueError, match=needle) as info:
+        BagelConfig.from_pretrained(tmp_path)
+    assert "config.json" in str(info.value)
+
+
+def test_unreadable_index_json_names_the_file(ckpt, tmp_path):
+    _sharded(ckpt, tmp_path)
+    _write(tmp_path / "model.safetensors.index.json", b'{"weight_map": ')
+    with pytest.raises(ValueError, match="index.json: not valid JSON"):
+        find_weight_files(tmp_path)
+    _write(tmp_path / "model.safetensors.index.json", b'{"weight_map": ["a.safetensors"]}')
+    with pytest.raises(ValueError, match="index.json: field 'weight_map'"):
+        find_weight_files(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "section, field, value, needle",
+    [
+        ("vision_config", "patch_size", 0, r"vit_config\.patch_size must be >= 1"),
+        # (transformers' own field validation may answer first; either way the field is named)
+        ("vision_config", "hidden_size", "48", r"vit_config.*hidden_size"),
+        ("vision_config", "layer_norm_eps", None, r"vit_config.*layer_norm_eps"),
+        ("text_config", "num_attention_heads", 4.0, r"llm_config.*num_attention_heads"),
+        ("text_config", "vocab_size", True, r"llm_config.*vocab_size"),
+        ("text_config", "rms_norm_eps", -1e-6, r"llm_config\.rms_norm_eps must be a finite number > 0"),
+        ("text_config", "qk_norm", "yes", r"llm_config\.qk_norm must be a bool"),
+        (None, "latent_patch_size", 2.5, "latent_patch_size must be an int"),
+        (None, "max_latent_size", "8", "max_latent_size must be an int"),
+        (None, "visual_gen", "false", "visual_gen must be a bool"),
+        (None, "timestep_shift", float("nan"), "timestep_shift must be a finite number"),
+        (None, "vae_config", [4, 8], "vae_config must be a dict"),
+        (None, "vae_config", {"z_channels": True, "downsample": 8}, "z_channels"),
+        (None, "text_config", [1, 2], "llm_config/text_config must be a dict"),
+    ],
+)
+def test_config_json_with_wrong_fields_names_file_and_field(tmp_path, section, field, value, needle):
+    d = BagelConfig.tiny().to_dict()
+    if section is None:
+        d[field] = value
+    else:
+        d[section][field] = value
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(d, f)
+    with pytest.raises(ValueError, match=needle) as info:
+        BagelConfig.from_pretrained(tmp_path)
+    assert "config.json" in str(info.value)
