@@ -25,15 +25,23 @@ def _bench_dir() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.path.join(os.path.dirname(here), "benchmarks")
     if not os.path.isdir(path):
-        raise SystemExit(
-            f"bagel-bench: the benchmarks/ folder was not found next to the package ({path}); "
-            "run it from a source checkout installed with `pip install -e .`"
+        sys.stderr.write(
+            f"bagel-bench: error: the benchmarks/ folder was not found next to the package ({path}); "
+            "run it from a source checkout installed with `pip install -e .`\n"
         )
+        raise SystemExit(2)
     return path
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``prog: error: ...``, exit status 2), no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def bench_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bagel-bench", description=__doc__.split("\n\n")[0])
+    p = _OneLineParser(prog="bagel-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
         "--full", action="store_true", help="long variants (default: --quick where a benchmark has it)"
@@ -45,19 +53,34 @@ def bench_main(argv=None) -> int:
         "--only", default=None, help="comma-separated subset of: " + ",".join(CPU_BENCHES + GPU_BENCHES)
     )
     args = p.parse_args(argv)
+    # every value checked before any work: names, device, output folder (torch only for CUDA)
+    only = None
+    if args.only:
+        only = [n.strip() for n in args.only.split(",")]
+        unknown = [n for n in only if n not in CPU_BENCHES + GPU_BENCHES]
+        if unknown:
+            p.error(f"--only: unknown benchmark(s) {unknown}; choose from {', '.join(CPU_BENCHES + GPU_BENCHES)}")
+    if args.device not in (None, "cpu", "cuda"):
+        p.error(f"--device {args.device!r} is not supported: use cpu or cuda")
+    if args.out is not None:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            p.error(f"--out {args.out!r} exists and is not a folder")
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".bagel-bench-probe.", dir=args.out)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as exc:
+            p.error(f"--out {args.out!r} is not a writable folder ({exc.strerror or exc})")
+    bdir = _bench_dir()
 
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    names = list(CPU_BENCHES) + (list(GPU_BENCHES) if device == "cuda" else [])
-    if args.only:
-        names = [n.strip() for n in args.only.split(",")]
-        unknown = [n for n in names if n not in CPU_BENCHES + GPU_BENCHES]
-        if unknown:
-            p.error(f"unknown benchmark(s) {unknown}; choose from {CPU_BENCHES + GPU_BENCHES}")
+    names = only or (list(CPU_BENCHES) + (list(GPU_BENCHES) if device == "cuda" else []))
     out = args.out or tempfile.mkdtemp(prefix="bagel-bench-")
-    os.makedirs(out, exist_ok=True)
-    bdir = _bench_dir()
     report, failed = [], []
     for name in names:
         script = os.path.join(bdir, f"bench_{name}.py")

@@ -17,20 +17,27 @@ downsample factor, then a fixed random 1x1 projection to the latent channels). T
 config of :meth:`bagel.BagelConfig.tiny`; backends are chosen automatically (fast kernels on a GPU,
 reference paths on the CPU) unless overridden. Writes ``losses.csv`` and ``losses.png`` and prints a
 final line with tokens/s.
+
+Arguments are checked before any work (no model is built, torch is not imported for a bad name or
+number): a bad value is a one-line usage error with exit status 2. ``--tokens`` must hold the largest
+sample the data can draw (:func:`min_tokens`). The output folder is checked (created, writable) first;
+the CSV and the plot are written to temporary files and renamed into place, the plot only with the CSV
+of the same run. Ctrl-C stops training and still writes what is done (exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 
-import numpy as np
-import torch
+# torch and numpy are imported inside the functions that need them: argument errors come first
 
 WORDS = (
     # captions: image, region, colour, brightness
@@ -64,10 +71,41 @@ WORDS = (
 )
 
 
+# The demo's model: BagelConfig.tiny with these image settings (see _demo_config).
+DEMO_VIT_PATCH = 4
+DEMO_VAE = {"z_channels": 4, "downsample": 4}
+DEMO_LATENT_PATCH = 2
+DEMO_SIDE_UNITS = (2, 4)  # crop sides, in multiples of the smallest side both towers accept
+CAPTION_WORDS = 4  # "<image> <region> <colour> <brightness>"
+
+
+def max_sample_tokens(
+    vit_patch: int = DEMO_VIT_PATCH,
+    downsample: int = DEMO_VAE["downsample"],
+    latent_patch: int = DEMO_LATENT_PATCH,
+    side_units: tuple[int, int] = DEMO_SIDE_UNITS,
+) -> int:
+    """Tokens of the largest sample :class:`DemoData` can draw (an edit sample of the largest crop),
+    computed from the settings alone, as :func:`bagel.packing.sample_num_tokens` counts them."""
+    side = math.lcm(vit_patch, downsample * latent_patch) * max(side_units)
+    vit = (side // vit_patch) ** 2 + 2  # patches + image bracket tokens
+    vae = (side // (downsample * latent_patch)) ** 2 + 2
+    und = vit + (3 + 2) + (CAPTION_WORDS + 2)  # image, "describe the image", caption
+    t2i = (1 + CAPTION_WORDS + 2) + vae  # "draw <caption>", latent
+    edit = vae + vit + (3 + 2) + vae  # clean latent, ViT image, "<op> the image", target latent
+    return max(und, t2i, edit)
+
+
+def min_tokens() -> int:
+    """The smallest ``--tokens``: every pack must be able to hold any one sample."""
+    return max_sample_tokens()
+
+
 # ---------------------------------------------------------------------------------------------- data
-def _load_images() -> dict[str, np.ndarray]:
+def _load_images() -> dict:
     """RGB float arrays in [0, 1] from matplotlib's sample data (photographs and colour-mapped DEMs)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     from matplotlib import cbook, colormaps
@@ -101,7 +139,9 @@ def _load_images() -> dict[str, np.ndarray]:
 class DemoData:
     """Random crops of the sample images as understanding / text-to-image / edit samples."""
 
-    def __init__(self, config, seed: int = 0, side_units: tuple[int, int] = (2, 4)):
+    def __init__(self, config, seed: int = 0, side_units: tuple[int, int] = DEMO_SIDE_UNITS):
+        import torch
+
         from bagel.packing import SpecialTokens
 
         self.config = config
@@ -129,6 +169,8 @@ class DemoData:
         return [self.word[w] for w in text.split()]
 
     def _crop(self):
+        import torch
+
         name = self.rng.choice(self.names)
         img = self.images[name]
         side = self.unit * self.rng.randint(*self.side_units)
@@ -155,8 +197,10 @@ class DemoData:
         light = "light" if float(mean.mean()) > 0.5 else "dark"
         return crop, f"{name} {region} {colour} {light}"
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixels):
         """[3, H, W] in [0, 1] -> latent [C, H/down, W/down] (fixed random stand-in for the VAE)."""
+        import torch
+
         pooled = torch.nn.functional.avg_pool2d(pixels[None], self.down)[0]
         return torch.tanh(torch.einsum("cr,rhw->chw", self.vae_proj, pooled * 2 - 1) * 1.5)
 
@@ -175,17 +219,21 @@ class DemoData:
         return EditSample(pixels, self.encode(crop), self.ids(op + " the image"), self.encode(target))
 
     def pack(self, tokens: int, device):
-        """Samples until about ``tokens`` tokens, packed and padded flex-style to exactly ``tokens``."""
-        from bagel.packing import pack_samples
+        """Samples until the next one would not fit in ``tokens``, packed once and padded flex-style to
+        exactly ``tokens``. Linear in the pack size: each sample's tokens are counted on its own
+        (:func:`bagel.packing.sample_num_tokens`), and :func:`bagel.packing.pack_samples` runs once."""
+        from bagel.packing import pack_samples, sample_num_tokens
 
-        samples = []
+        samples, used = [], 0
         while True:
-            samples.append(self.sample())
-            if pack_samples(samples, self.config, rng=0)["sequence_length"] > tokens:
-                samples.pop()
+            sample = self.sample()
+            n = sample_num_tokens(sample, self.config)
+            if used + n > tokens:
                 break
+            samples.append(sample)
+            used += n
         if not samples:
-            raise ValueError(f"--tokens {tokens} is too small for one sample")
+            raise ValueError(f"--tokens {tokens} is too small for one sample (at least {min_tokens()})")
         return pack_samples(
             samples, self.config, max_num_tokens=tokens, rng=self.rng.randrange(2**31), device=device
         )
@@ -204,6 +252,7 @@ def _progress(step: int, total: int, ce: float, mse: float, tps: float) -> None:
 
 def _plot(path: str, rows: list[dict]) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -221,26 +270,88 @@ def _plot(path: str, rows: list[dict]) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
-def train(args, rank: int = 0, world: int = 1, device: torch.device | None = None) -> dict:
+def _demo_config(args):
+    from bagel import BagelConfig
+
+    return BagelConfig.tiny(
+        visual_gen=True,
+        llm_hidden=args.hidden,
+        llm_layers=args.layers,
+        vit_patch=DEMO_VIT_PATCH,
+        latent_patch_size=DEMO_LATENT_PATCH,
+        vae_config=dict(DEMO_VAE),
+        max_latent_size=16,
+    )
+
+
+def _replace_atomically(path: str, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``: a reader
+    sees the old file or the whole new one, never a half-written one."""
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_outputs(out: str, rows: list[dict]) -> tuple[str, str | None]:
+    """``losses.csv`` and ``losses.png`` of one run in ``out``, each written atomically. The plot is
+    replaced only together with the CSV: when plotting fails, a plot of an earlier run is removed (with
+    a warning) so that the folder never pairs this run's CSV with another run's plot. Returns the paths
+    written (the plot's None when it failed)."""
+    csv_path, png_path = os.path.join(out, "losses.csv"), os.path.join(out, "losses.png")
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    fd, png_tmp = tempfile.mkstemp(prefix=".losses.png.", suffix=".tmp", dir=out)
+    os.close(fd)
+    try:
+        try:
+            _plot(png_tmp, rows)
+            plotted = True
+        except Exception as exc:  # the CSV still counts; the plot is optional
+            plotted = False
+            sys.stderr.write(f"bagel-demo: warning: the plot could not be drawn ({type(exc).__name__}: {exc})\n")
+        _replace_atomically(csv_path, write_csv)
+        if plotted:
+            os.replace(png_tmp, png_path)
+        elif os.path.isfile(png_path):
+            os.remove(png_path)  # an earlier run's plot must not sit beside this run's CSV
+    finally:
+        if os.path.exists(png_tmp):
+            os.remove(png_tmp)
+    return csv_path, (png_path if plotted else None)
+
+
+def train(args, rank: int = 0, world: int = 1, device=None) -> dict:
     """Train on one process, or as rank ``rank`` of ``world`` (process group already initialised: the
-    model is sharded with FSDP2, each rank packs its own batches, rank 0 reports)."""
-    from bagel import BagelBackendConfig, BagelConfig, BagelForUnifiedMultimodal
+    model is sharded with FSDP2, each rank packs its own batches, rank 0 reports).
+
+    A KeyboardInterrupt (Ctrl-C) on a single process stops training after the last finished step; the
+    outputs of the finished steps are written and the result has ``interrupted=True``."""
+    import numpy as np
+    import torch
+
+    from bagel import BagelBackendConfig, BagelForUnifiedMultimodal
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if device is None:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = BagelBackendConfig(attention=args.attention, mot=args.mot, patch_embed=args.patch_embed)
-    config = BagelConfig.tiny(
-        visual_gen=True,
-        llm_hidden=args.hidden,
-        llm_layers=args.layers,
-        vae_config={"z_channels": 4, "downsample": 4},
-        max_latent_size=16,
-    )
+    config = _demo_config(args)
     model = BagelForUnifiedMultimodal(config, backend=backend).to(device)
     model.initialize_weights()
     model.train()
@@ -269,61 +380,71 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
         f"{args.steps} steps of {args.tokens}-token packs",
         flush=True,
     )
-    for step in range(1, args.steps + 1):
-        batch = data.pack(args.tokens, device)
-        t0 = time.perf_counter()
-        out = model(**batch)
-        ce = out["ce"].mean() if out["ce"] is not None else torch.zeros((), device=device)
-        mse = out["mse"].mean() if out["mse"] is not None else torch.zeros((), device=device)
-        loss = ce + mse
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t_train += time.perf_counter() - t0
-        n_tok = int(batch["sequence_length"])
-        vals = torch.tensor([ce.item(), mse.item(), float(n_tok)], dtype=torch.float64)
-        if world > 1:  # the curves show the mean over ranks; tokens count all ranks
-            vals = _all_reduce(vals, device, "sum") / torch.tensor([world, world, 1.0], dtype=torch.float64)
-        tokens_done += int(vals[2])
-        rows.append(
-            {
-                "step": step,
-                "ce": float(vals[0]),
-                "mse": float(vals[1]),
-                "tokens": int(vals[2]),
-                "lr": sched.get_last_lr()[0],
-            }
-        )
-        if not (math.isfinite(rows[-1]["ce"]) and math.isfinite(rows[-1]["mse"])):
-            raise RuntimeError(f"non-finite loss at step {step}: ce={rows[-1]['ce']} mse={rows[-1]['mse']}")
-        if rank == 0 and (step % max(1, args.steps // 100) == 0 or step == args.steps):
-            _progress(step, args.steps, rows[-1]["ce"], rows[-1]["mse"], tokens_done / max(t_train, 1e-9))
+    interrupted = False
+    try:
+        for step in range(1, args.steps + 1):
+            batch = data.pack(args.tokens, device)
+            t0 = time.perf_counter()
+            out = model(**batch)
+            ce = out["ce"].mean() if out["ce"] is not None else torch.zeros((), device=device)
+            mse = out["mse"].mean() if out["mse"] is not None else torch.zeros((), device=device)
+            loss = ce + mse
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t_train += time.perf_counter() - t0
+            n_tok = int(batch["sequence_length"])
+            vals = torch.tensor([ce.item(), mse.item(), float(n_tok)], dtype=torch.float64)
+            if world > 1:  # the curves show the mean over ranks; tokens count all ranks
+                vals = _all_reduce(vals, device, "sum") / torch.tensor([world, world, 1.0], dtype=torch.float64)
+            tokens_done += int(vals[2])
+            rows.append(
+                {
+                    "step": step,
+                    "ce": float(vals[0]),
+                    "mse": float(vals[1]),
+                    "tokens": int(vals[2]),
+                    "lr": sched.get_last_lr()[0],
+                }
+            )
+            if not (math.isfinite(rows[-1]["ce"]) and math.isfinite(rows[-1]["mse"])):
+                raise RuntimeError(
+                    f"non-finite loss at step {step}: ce={rows[-1]['ce']} mse={rows[-1]['mse']}"
+                )
+            if rank == 0 and (step % max(1, args.steps // 100) == 0 or step == args.steps):
+                _progress(step, args.steps, rows[-1]["ce"], rows[-1]["mse"], tokens_done / max(t_train, 1e-9))
+    except KeyboardInterrupt:
+        if world > 1:
+            raise  # the other ranks wait in collectives: no partial report from one rank
+        interrupted = True
+        sys.stderr.write(f"\nbagel-demo: interrupted after {len(rows)} finished step(s)\n")
     if world > 1:  # the slowest rank sets the pace
         t_train = float(_all_reduce(torch.tensor([t_train], dtype=torch.float64), device, "max")[0])
+    tps = tokens_done / max(t_train, 1e-9)
+    result = {"first": None, "last": None, "tokens_per_s": tps, "rows": rows, "interrupted": interrupted}
+    if not rows:
+        log("no step finished: nothing written")
+        return result
     k = max(1, min(20, len(rows) // 5))
     first = {key: float(np.mean([r[key] for r in rows[:k]])) for key in ("ce", "mse")}
     last = {key: float(np.mean([r[key] for r in rows[-k:]])) for key in ("ce", "mse")}
-    tps = tokens_done / max(t_train, 1e-9)
+    result.update(first=first, last=last)
     if rank == 0:
-        with open(os.path.join(args.out, "losses.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        _plot(os.path.join(args.out, "losses.png"), rows)
-    log(f"ce  {first['ce']:.4f} -> {last['ce']:.4f} (mean of first / last {k} steps)")
-    log(f"mse {first['mse']:.4f} -> {last['mse']:.4f}")
-    log(f"wrote {os.path.join(args.out, 'losses.csv')} and {os.path.join(args.out, 'losses.png')}")
-    log(
-        f"trained {args.steps} steps, {tokens_done} tokens in {t_train:.1f} s of training: {tps:,.0f} tokens/s"
-    )
-    return {"first": first, "last": last, "tokens_per_s": tps, "rows": rows}
+        csv_path, png_path = write_outputs(args.out, rows)
+        log(f"ce  {first['ce']:.4f} -> {last['ce']:.4f} (mean of first / last {k} steps)")
+        log(f"mse {first['mse']:.4f} -> {last['mse']:.4f}")
+        log(f"wrote {csv_path}" + (f" and {png_path}" if png_path else " (no plot)"))
+        log(
+            f"trained {len(rows)} steps, {tokens_done} tokens in {t_train:.1f} s of training: {tps:,.0f} tokens/s"
+        )
+    return result
 
 
-def _all_reduce(t: torch.Tensor, device: torch.device, op: str) -> torch.Tensor:
+def _all_reduce(t, device, op: str):
     import torch.distributed as dist
 
     t = t.to(device)
@@ -353,49 +474,155 @@ def _run_distributed(args) -> dict:
         cleanup()
 
 
+# ---------------------------------------------------------------------------------------------- command line
+class UsageError(Exception):
+    """A bad command-line value; ``main`` prints it as one line and exits with status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prog: error: ...``, exit status 2), no usage block, no traceback."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bagel-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--tokens", type=int, default=512, help="tokens per pack (flex-style padded to this)")
-    p.add_argument("--out", default="bagel-demo-out")
-    p.add_argument("--device", default=None)
-    p.add_argument("--attention", default="auto", help="auto, triton, flex or sdpa")
-    p.add_argument("--mot", default="auto", help="auto, triton or torch")
-    p.add_argument("--patch-embed", dest="patch_embed", default="auto", help="auto, cuda or torch")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    from bagel.backend import ATTENTION_BACKENDS, MOT_BACKENDS, PATCH_EMBED_BACKENDS  # no torch
+
+    p = OneLineParser(prog="bagel-demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=_int_at_least(1), default=300)
+    p.add_argument(
+        "--tokens",
+        type=_int_at_least(min_tokens()),
+        default=512,
+        help=f"tokens per pack (flex-style padded to this; at least {min_tokens()}, the largest sample)",
+    )
+    p.add_argument("--out", default="bagel-demo-out", help="output folder (created; must be writable)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS)
+    p.add_argument("--mot", default="auto", choices=MOT_BACKENDS)
+    p.add_argument("--patch-embed", dest="patch_embed", default="auto", choices=PATCH_EMBED_BACKENDS)
+    p.add_argument("--hidden", type=_int_at_least(8), default=64, help="LLM width (a multiple of 8)")
+    p.add_argument("--layers", type=_int_at_least(1), default=2)
+    p.add_argument("--lr", type=_positive_float, default=2e-3)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument(
         "--nproc",
-        type=int,
+        type=_int_at_least(1),
         default=1,
         help="processes on this machine (FSDP2; gloo on CPU, nccl on GPUs); under torchrun it is implied",
     )
     return p
 
 
+def _check_device(device: str | None) -> None:
+    if device is None or device == "cpu":
+        return
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UsageError(f"--device {device!r} is not supported: use cpu, cuda or cuda:N")
+    import torch  # only to ask whether there is a GPU
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is visible")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+def _check_backends(args) -> None:
+    """Combinations refused before any work (each would fail at the first step on the CPU)."""
+    needs_gpu = []
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    for flag, value in (("--attention", args.attention), ("--mot", args.mot)):
+        if value == "triton" and not interpreting:
+            needs_gpu.append(f"{flag} triton needs a GPU (or TRITON_INTERPRET=1 to interpret on the CPU)")
+    if args.attention == "flex":
+        needs_gpu.append("--attention flex cannot train on the CPU: FlexAttention has no CPU backward")
+    if args.patch_embed == "cuda":
+        needs_gpu.append("--patch-embed cuda needs a GPU")
+    if needs_gpu and (args.device == "cpu" or (args.device is None and not _cuda_visible())):
+        raise UsageError(needs_gpu[0])
+
+
+def _cuda_visible() -> bool:
+    import torch  # only asked when a GPU-only backend was named without --device
+
+    return torch.cuda.is_available()
+
+
+def _check_out(out: str) -> None:
+    """The output folder exists or can be created, is writable, and the output names are free to write."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out!r} exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".bagel-demo-probe.", dir=out)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"--out {out!r} is not a writable folder ({exc.strerror or exc})") from None
+    for name in ("losses.csv", "losses.png"):
+        path = os.path.join(out, name)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise UsageError(f"--out {out!r}: {name} exists and is not a file")
+
+
+def check_args(args) -> None:
+    """Every check that needs no model, before any work; raises UsageError. torch is imported only
+    to ask about CUDA (``--device cuda``, or a GPU-only backend without ``--device``)."""
+    if args.hidden % 8:
+        raise UsageError(f"--hidden {args.hidden} must be a multiple of 8 (4 heads of an even head dim)")
+    _check_out(args.out)
+    _check_device(args.device)
+    _check_backends(args)
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    if args.steps < 1 or args.tokens < 16:
-        raise SystemExit("bagel-demo: --steps must be >= 1 and --tokens >= 16")
+    p = _parser()
+    args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except UsageError as exc:
+        p.error(str(exc))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: this process is one rank
         _run_distributed(args)
     elif args.nproc > 1:
         import socket
 
+        import torch
         import torch.multiprocessing as mp
 
         if torch.cuda.is_available() and args.device != "cpu" and args.nproc > torch.cuda.device_count():
-            raise SystemExit(
-                f"bagel-demo: --nproc {args.nproc} exceeds the {torch.cuda.device_count()} visible GPUs"
-            )
+            p.error(f"--nproc {args.nproc} exceeds the {torch.cuda.device_count()} visible GPUs")
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         mp.spawn(_worker, args=(args.nproc, port, args), nprocs=args.nproc)
     else:
-        train(args)
+        return 130 if train(args)["interrupted"] else 0
     return 0
 
 

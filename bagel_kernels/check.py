@@ -17,9 +17,18 @@ import sys
 import time
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``prog: error: ...``, exit status 2), no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m bagel_kernels.check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    name = "bagel-kernels-check"
+    prog = name if sys.argv[0].endswith(name) else "python -m bagel_kernels.check"
+    p = _OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument(
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu"
     )
@@ -28,7 +37,29 @@ def _parse(argv):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backends", default=None, help="comma-separated subset of triton,flex,sdpa")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # every value checked before any work (the checks below import nothing new but torch for CUDA)
+    from .attention import BACKENDS
+
+    if args.backends is not None:
+        names = [n.strip() for n in args.backends.split(",")]
+        unknown = [n for n in names if n not in BACKENDS]
+        if unknown or not names:
+            p.error(f"--backends: unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+        args.backends = ",".join(names)
+    if args.tokens is not None and args.tokens < 1:
+        p.error(f"--tokens {args.tokens} must be a positive int")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed} must be >= 0")
+    if args.device not in (None, "cpu"):
+        kind, _, index = args.device.partition(":")
+        if kind != "cuda" or (index and not index.isdigit()):
+            p.error(f"--device {args.device!r} is not supported: use cpu, cuda or cuda:N")
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA device is visible")
+    return args
 
 
 def main(argv=None) -> int:
