@@ -197,7 +197,11 @@ def test_ctrl_c_saves_the_finished_steps(tmp_path, monkeypatch):
         return real_pack(self, tokens, device)
 
     monkeypatch.setattr(demo.DemoData, "pack", pack)
-    assert demo.main(_demo_args(tmp_path, steps=6)) == 130
+    try:
+        rc = demo.main(_demo_args(tmp_path, steps=6))
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped train(): the finished steps were not saved")
+    assert rc == 130
     rows = list(csv.DictReader(open(tmp_path / "losses.csv")))
     assert [r["step"] for r in rows] == ["1", "2"]
     png = (tmp_path / "losses.png").read_bytes()
