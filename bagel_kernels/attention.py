@@ -19,6 +19,7 @@ the device, that accepts the inputs, and a refusal lists every backend's reasons
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -276,7 +277,7 @@ def _validate(q, k, v, mask) -> None:
 def _check_scale(softmax_scale) -> float:
     """``softmax_scale`` as a float: a finite, non-negative real number, the same rule on every
     backend (the Triton kernels fold the scale into the running max, which needs it >= 0)."""
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         raise ValueError(f"softmax_scale must be a float (or None), got {type(softmax_scale).__name__}")
     scale = float(softmax_scale)
     if not (math.isfinite(scale) and scale >= 0.0):
