@@ -21,6 +21,7 @@ unreadable input raises ValueError naming the file and the field.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -272,7 +273,7 @@ def read_safetensors_header(file: str) -> dict:
             )
         spans.append((offsets[0], offsets[1], key))
     spans.sort()
-    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+    for (_, end, a), (begin, _, b) in itertools.pairwise(spans):
         if begin < end:
             raise ValueError(f"{file}: the data of tensors {a!r} and {b!r} overlap")
     return header

@@ -102,11 +102,11 @@ def test_demo_argument_checks_import_no_torch(tmp_path):
     """The refusals run before torch (and the model's modules) are imported."""
     cases = [a for a, _ in _bad_demo_args(tmp_path) if "flex" not in a]
     code = (
-        "import sys\nfrom bagel.demo import main\nfor args in %r:\n"
+        f"import sys\nfrom bagel.demo import main\nfor args in {cases!r}:\n"
         "    try:\n        main(args + ['--device', 'cpu'] if '--device' not in args else args)\n"
         "    except SystemExit as e:\n        assert e.code == 2, (args, e.code)\n"
         "    else:\n        raise AssertionError(args)\n"
-        "print('torch' in sys.modules, 'transformers' in sys.modules)\n" % cases
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
