@@ -168,7 +168,9 @@ def _shard_path(folder: str, name, index_file: str, roots: list[str]) -> str:
             f"checkpoint folder {folder!r} (a symlink leading out is refused)"
         )
     if not os.path.isfile(path):
-        raise ValueError(f"{index_file}: the shard {name!r} listed in weight_map does not exist in {folder!r}")
+        raise ValueError(
+            f"{index_file}: the shard {name!r} listed in weight_map does not exist in {folder!r}"
+        )
     return path
 
 
@@ -238,9 +240,7 @@ def read_safetensors_header(file: str) -> dict:
     if not isinstance(header, dict):
         raise ValueError(f"{file}: the safetensors header must be a JSON object, got {type(header).__name__}")
     meta = header.pop("__metadata__", None)
-    if meta is not None and not (
-        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
-    ):
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise ValueError(f"{file}: field '__metadata__' must map strings to strings")
     data_len = size - 8 - n
     spans = []

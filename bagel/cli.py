@@ -59,7 +59,9 @@ def bench_main(argv=None) -> int:
         only = [n.strip() for n in args.only.split(",")]
         unknown = [n for n in only if n not in CPU_BENCHES + GPU_BENCHES]
         if unknown:
-            p.error(f"--only: unknown benchmark(s) {unknown}; choose from {', '.join(CPU_BENCHES + GPU_BENCHES)}")
+            p.error(
+                f"--only: unknown benchmark(s) {unknown}; choose from {', '.join(CPU_BENCHES + GPU_BENCHES)}"
+            )
     if args.device not in (None, "cpu", "cuda"):
         p.error(f"--device {args.device!r} is not supported: use cpu or cuda")
     if args.out is not None:

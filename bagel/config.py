@@ -100,7 +100,9 @@ def read_json(file: str | os.PathLike) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        raise ValueError(
+            f"{file}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
@@ -216,7 +218,9 @@ class BagelConfig(PretrainedConfig):
         self.vae_config = dict(DEFAULT_VAE_CONFIG if vae_config is None else vae_config)
         self.latent_patch_size = _field("latent_patch_size", latent_patch_size, "int")
         self.max_latent_size = _field("max_latent_size", max_latent_size, "int")
-        self.vit_max_num_patch_per_side = _field("vit_max_num_patch_per_side", vit_max_num_patch_per_side, "int")
+        self.vit_max_num_patch_per_side = _field(
+            "vit_max_num_patch_per_side", vit_max_num_patch_per_side, "int"
+        )
         self.connector_act = _field("connector_act", connector_act, "str")
         self.interpolate_pos = _field("interpolate_pos", interpolate_pos, "bool")
         self.vit_select_layer = _field("vit_select_layer", vit_select_layer, "int")
@@ -281,7 +285,12 @@ class BagelConfig(PretrainedConfig):
             raise ValueError(f"llm_config.layer_module={tc.layer_module!r} is not one of {LAYER_MODULES}")
         for name in ("visual_und", "visual_gen", "interpolate_pos", "vit_rope"):
             _check_field(name, getattr(self, name), "bool", None)
-        for name in ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side", "vit_select_layer"):
+        for name in (
+            "latent_patch_size",
+            "max_latent_size",
+            "vit_max_num_patch_per_side",
+            "vit_select_layer",
+        ):
             _check_field(name, getattr(self, name), "int", None)
         _check_field("timestep_shift", self.timestep_shift, "real", None)
         _check_field("connector_act", self.connector_act, "str", None)

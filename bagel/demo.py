@@ -324,7 +324,9 @@ def write_outputs(out: str, rows: list[dict]) -> tuple[str, str | None]:
             plotted = True
         except Exception as exc:  # the CSV still counts; the plot is optional
             plotted = False
-            sys.stderr.write(f"bagel-demo: warning: the plot could not be drawn ({type(exc).__name__}: {exc})\n")
+            sys.stderr.write(
+                f"bagel-demo: warning: the plot could not be drawn ({type(exc).__name__}: {exc})\n"
+            )
         _replace_atomically(csv_path, write_csv)
         if plotted:
             os.replace(png_tmp, png_path)
@@ -400,7 +402,9 @@ def train(args, rank: int = 0, world: int = 1, device=None) -> dict:
             n_tok = int(batch["sequence_length"])
             vals = torch.tensor([ce.item(), mse.item(), float(n_tok)], dtype=torch.float64)
             if world > 1:  # the curves show the mean over ranks; tokens count all ranks
-                vals = _all_reduce(vals, device, "sum") / torch.tensor([world, world, 1.0], dtype=torch.float64)
+                vals = _all_reduce(vals, device, "sum") / torch.tensor(
+                    [world, world, 1.0], dtype=torch.float64
+                )
             tokens_done += int(vals[2])
             rows.append(
                 {

@@ -572,9 +572,7 @@ def fused_patch_embed_images(
             return patch_embed_images_reference(
                 images, patch_coords, patch_size, weight, bias, pos_table, pos_ids
             )
-        return _reference_unchecked(
-            images, patch_coords, patch_size, None, weight, bias, pos_table, pos_ids
-        )
+        return _reference_unchecked(images, patch_coords, patch_size, None, weight, bias, pos_table, pos_ids)
     return torch.ops.bagel_kernels_ext.fused_patch_embed(
         images, weight, bias, pos_table, pos_ids, patch_coords, patch_size, check_indices
     )

@@ -306,7 +306,9 @@ def test_shard_paths_leaving_the_folder_are_refused(ckpt, tmp_path, kind):
     name = {"parent": "../x.safetensors", "absolute": str(outside), "symlink": "b.safetensors"}[kind]
     if kind == "symlink":
         os.symlink(outside, folder / "b.safetensors")
-    weight_map = {k: ("a.safetensors" if n == "a.safetensors" else name) for n, ks in shards.items() for k in ks}
+    weight_map = {
+        k: ("a.safetensors" if n == "a.safetensors" else name) for n, ks in shards.items() for k in ks
+    }
     with open(folder / "model.safetensors.index.json", "w") as f:
         json.dump({"weight_map": weight_map}, f)
     with pytest.raises(ValueError, match="outside the checkpoint folder"):
@@ -362,7 +364,11 @@ def _header_file(tmp_path, header: dict, data: bytes):
 @pytest.mark.parametrize(
     "entry, data, needle",
     [
-        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, b"\0" * 4, "data_offsets"),  # beyond the file
+        (
+            {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            b"\0" * 4,
+            "data_offsets",
+        ),  # beyond the file
         ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, b"\0" * 8, "needs 12"),
         ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, b"\0" * 8, "shape"),
         ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, b"\0" * 8, "data_offsets"),

@@ -245,7 +245,12 @@ def test_constructor_accepts_valid_intervals_and_copies_them():
         (_iv(0, 1, 2), _iv(3, 3, 4), [3], "not inside"),  # beyond total_len
         (_iv(-1, 1, 2), _iv(3, 3, 3), [3], "not inside"),  # negative
         (_iv(0, 2, 2), _iv(3, 1, 3), [3], "not inside"),  # kv_lo > kv_hi
-        (_iv(0, 1, 2, dtype=torch.int64), _iv(3, 3, 2**32 + 4, dtype=torch.int64), [3], "not inside"),  # no wrap
+        (
+            _iv(0, 1, 2, dtype=torch.int64),
+            _iv(3, 3, 2**32 + 4, dtype=torch.int64),
+            [3],
+            "not inside",
+        ),  # no wrap
         (torch.tensor([0.0, 1.0, 2.0]), _iv(3, 3, 3), [3], "kv_lo must hold integers"),
         (_iv(0, 1, 2), torch.tensor([3.0, 3.0, 4.7]), [3], "kv_hi must hold integers"),  # 4.7 not truncated
         (_iv(0, 1, 2), torch.tensor([True, True, True]), [3], "kv_hi must hold integers"),

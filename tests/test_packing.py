@@ -237,9 +237,18 @@ def test_integer_ids_of_any_integer_kind_are_accepted():
         ([UnderstandingSample(torch.randn(3, 0, 8), [1], [2])], r"samples\[0\] ViT pixels is empty"),
         ([UnderstandingSample(torch.randn(3, 6, 8), [1], [2])], r"samples\[0\] ViT pixels must be \[3, h\*4"),
         ([T2ISample([1], torch.randint(0, 9, (4, 4, 4)))], r"samples\[0\] latent must be a floating"),
-        ([UnderstandingSample(torch.zeros(3, 8, 8, dtype=torch.uint8), [1], [2])], "ViT pixels must be a float"),
-        ([T2ISample([1], torch.randn(4, 4, 4), timestep=float("nan"))], r"samples\[0\] timestep must be finite"),
-        ([T2ISample([1], torch.randn(4, 4, 4), timestep=float("inf"))], r"samples\[0\] timestep must be finite"),
+        (
+            [UnderstandingSample(torch.zeros(3, 8, 8, dtype=torch.uint8), [1], [2])],
+            "ViT pixels must be a float",
+        ),
+        (
+            [T2ISample([1], torch.randn(4, 4, 4), timestep=float("nan"))],
+            r"samples\[0\] timestep must be finite",
+        ),
+        (
+            [T2ISample([1], torch.randn(4, 4, 4), timestep=float("inf"))],
+            r"samples\[0\] timestep must be finite",
+        ),
         ([T2ISample([1], torch.randn(4, 4, 4), timestep="0.5")], r"samples\[0\] timestep must be a real"),
         (
             [T2ISample([1], torch.randn(4, 4, 4)), T2ISample([2], torch.randn(4, 4, 4).half())],
