@@ -10,7 +10,8 @@ the device, that accepts the inputs, and a refusal lists every backend's reasons
 
     name     devices      dtypes               notes
     triton   cuda (cpu*)  fp16, bf16, fp32     our FlashAttention-2 style kernels (*CPU only under TRITON_INTERPRET=1)
-    flex     cuda, cpu    fp16, bf16, fp32+    FlexAttention, block mask from the interval vectors (built once per mask)
+    flex     cuda, cpu    fp16, bf16, fp32+    FlexAttention (compiled once for all lengths on CUDA), BlockMask from the
+                                               mask's tile tables, mask_mod on partial tiles only
     sdpa     any          fp16, bf16, fp32+    reference: per-sample SDPA with the sample's dense mask
                                                (inside torch.compile: one SDPA over the pack's dense mask)
     (+ float64 too, for references)
@@ -36,6 +37,8 @@ __all__ = [
     "BACKENDS",
     "MAX_HEAD_DIM",
     "flex_block_mask",
+    "flex_kv_blocks",
+    "flex_compiled",
 ]
 
 MAX_HEAD_DIM = 256
@@ -95,13 +98,17 @@ def _sdpa_dense(q, k, v, mask: PackedMask, scale: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- flex
+FLEX_BLOCK = 128  # FlexAttention's sparse block size (query and key tiles of the BlockMask)
 _FLEX_COMPILED: dict = {}
 
 
-def flex_block_mask(mask: PackedMask, block_size: int = 128, compile: bool | None = None):
-    """FlexAttention BlockMask whose mask_mod reads the interval vectors (built per call).
+def flex_block_mask(mask: PackedMask, block_size: int = FLEX_BLOCK, compile: bool | None = None):
+    """FlexAttention BlockMask built the way upstream BAGEL training builds it: ``create_block_mask``
+    over a mask_mod that reads the interval vectors, evaluated on every (query, key) pair.
 
-    ``compile`` (default: on CUDA) builds it with ``_compile=True``, as upstream BAGEL training does."""
+    ``compile`` (default: on CUDA) builds it with ``_compile=True``, as upstream does. The ``flex``
+    backend does not use this (it reads :meth:`PackedMask.block_tables`, see
+    :func:`flex_kv_blocks`); the benchmarks time it as the per-pack cost upstream pays."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     lo, hi = mask.kv_lo, mask.kv_hi
@@ -117,28 +124,74 @@ def flex_block_mask(mask: PackedMask, block_size: int = 128, compile: bool | Non
     )
 
 
-def _flex_fn(device: torch.device) -> Callable:
-    from torch.nn.attention.flex_attention import flex_attention
+def flex_kv_blocks(mask: PackedMask, block_size: int = FLEX_BLOCK) -> tuple[torch.Tensor, ...]:
+    """The pack's block structure in FlexAttention's ``BlockMask.from_kv_blocks`` form, read off the
+    mask's own tile tables (no mask_mod evaluation, no compilation; cached on the mask):
 
-    if device.type != "cuda":
-        return flex_attention
-    if "cuda" not in _FLEX_COMPILED:
-        _FLEX_COMPILED["cuda"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX_COMPILED["cuda"]
+        kv_num_blocks [1, 1, M]       partial key blocks per query block (the mask_mod runs on them)
+        kv_indices    [1, 1, M, Nb]   their ids, left-aligned (the rest of the row is 0 and unread)
+        full_kv_num_blocks, full_kv_indices   the same for full tiles (no mask_mod)
+
+    with ``M = Nb = ceil(total_len / block_size)``."""
+    key = ("flex_kv", int(block_size))
+    hit = mask._cache.get(key)
+    if hit is not None:
+        return hit
+    t = mask.block_tables(block_size, block_size)
+    dev = mask.device
+    ptr = t.q_kv_ptr.long()
+    m_ids = torch.repeat_interleave(torch.arange(t.num_m, device=dev), ptr[1:] - ptr[:-1])
+    n_ids = t.q_kv_idx.long()
+    full = t.q_kv_full.bool()
+    out = []
+    for sel in (~full, full):  # entries are sorted by (m, n), so each kind stays in key order
+        m_sel, n_sel = m_ids[sel], n_ids[sel]
+        counts = torch.bincount(m_sel, minlength=t.num_m)
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(m_sel.numel(), device=dev) - first[m_sel]
+        idx = torch.zeros((t.num_m, t.num_n), dtype=torch.int32, device=dev)
+        idx[m_sel, slot] = n_sel.to(torch.int32)
+        out += [counts.to(torch.int32).view(1, 1, t.num_m), idx.view(1, 1, t.num_m, t.num_n)]
+    mask._cache[key] = tuple(out)
+    return mask._cache[key]
+
+
+def _flex_call(q, k, v, kv_lo, kv_hi, kv_num, kv_idx, full_num, full_idx, scale: float, gqa: bool):
+    """FlexAttention over ``[1, H, T, D]`` inputs with the BlockMask assembled from the tile tables
+    here, so that under ``torch.compile(dynamic=True)`` the tables and interval vectors are graph
+    inputs of symbolic length: one compiled graph serves packs of every length (no recompilation,
+    hence no fall back to eager flex after dynamo's recompile limit)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx_):
+        return (kv_lo[kv_idx_] <= q_idx) & (q_idx < kv_hi[kv_idx_])
+
+    T = q.shape[2]
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, T)
+    )
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
+def flex_compiled() -> Callable:
+    """:func:`_flex_call` compiled once with dynamic shapes (shared by the backend and benchmarks)."""
+    if "fn" not in _FLEX_COMPILED:
+        _FLEX_COMPILED["fn"] = torch.compile(_flex_call, dynamic=True)
+    return _FLEX_COMPILED["fn"]
 
 
 def _flex_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) -> torch.Tensor:
-    block_mask = mask._cache.get("flex")
-    if block_mask is None:
-        block_mask = flex_block_mask(mask)
-        mask._cache["flex"] = block_mask
-    out = _flex_fn(q.device)(
-        q.transpose(0, 1).unsqueeze(0),
+    # CUDA: the compiled kernels; CPU: eager flex (forward only there), same BlockMask
+    fn = flex_compiled() if q.device.type == "cuda" else _flex_call
+    out = fn(
+        q.transpose(0, 1).unsqueeze(0),  # [1, Hq, T, D]
         k.transpose(0, 1).unsqueeze(0),
         v.transpose(0, 1).unsqueeze(0),
-        block_mask=block_mask,
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
+        mask.kv_lo,
+        mask.kv_hi,
+        *flex_kv_blocks(mask),
+        scale,
+        q.shape[1] != k.shape[1],
     )
     return out[0].transpose(0, 1)
 
@@ -233,8 +286,8 @@ def prepare_attention(
         from .attention_triton import default_config, prepare_mask
 
         prepare_mask(mask, default_config(probe.device, dtype, head_dim))
-    elif backend == "flex" and "flex" not in mask._cache:
-        mask._cache["flex"] = flex_block_mask(mask)
+    elif backend == "flex":
+        flex_kv_blocks(mask)
     return backend
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bagel_kernels import PackedMask, available_backends, packed_attention
+from bagel_kernels.attention import FLEX_BLOCK, flex_compiled, flex_kv_blocks
 from bagel_kernels.reference import attention_reference
 from bagel_kernels.testing import random_pack, tolerance
 
@@ -76,6 +77,74 @@ def test_flex_forward_matches_reference(hq, hkv, d):
     out = packed_attention(q, k, v, mask, backend="flex", softmax_scale=0.3)
     ref = attention_reference(q, k, v, mask, softmax_scale=0.3)
     _check(out, ref, torch.float32, "fwd")
+
+
+def _multi_block_mask(seed: int, pad: int = 0) -> PackedMask:
+    """A pack spanning several 128-token FlexAttention blocks, with images long enough to give full
+    tiles (full and noise splits of 130-300 tokens) next to partial and empty ones."""
+    layout = random_pack(random.Random(seed), 4, text=(1, 60), image=(130, 300), pad=pad or None)
+    return PackedMask.from_splits(*layout.as_tuple())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flex_kv_blocks_classify_every_tile(seed):
+    """The BlockMask tables read off the mask's tile tables classify every 128x128 tile as the dense
+    mask does: full iff all its pairs are visible, partial iff some but not all are, else unlisted."""
+    mask = _multi_block_mask(seed)
+    B = FLEX_BLOCK
+    kv_num, kv_idx, full_num, full_idx = flex_kv_blocks(mask)
+    dense = mask.to_dense()
+    nb = -(-mask.total_len // B)
+    assert kv_num.shape == (1, 1, nb) and kv_idx.shape == (1, 1, nb, nb) and full_idx.shape == (1, 1, nb, nb)
+    n_full = 0
+    for m in range(nb):
+        part = set(kv_idx[0, 0, m, : kv_num[0, 0, m]].tolist())
+        full = set(full_idx[0, 0, m, : full_num[0, 0, m]].tolist())
+        n_full += len(full)
+        assert not part & full
+        for n in range(nb):
+            tile = dense[m * B : (m + 1) * B, n * B : (n + 1) * B]
+            if bool(tile.all()):
+                # a tile cut by the end of the pack may stay partial (its padding is masked)
+                assert n in (full if tile.shape == (B, B) else part | full), (m, n)
+            elif bool(tile.any()):
+                assert n in part, (m, n)
+            else:
+                assert n not in part | full, (m, n)
+    assert n_full > 0  # the pack exercises full tiles
+
+
+def test_flex_forward_multi_block_pack():
+    mask = _multi_block_mask(2, pad=9)
+    T = mask.total_len - 9
+    q, k, v = _inputs(T, 4, 2, 32, torch.float32, requires_grad=False)
+    out = packed_attention(q, k, v, mask, backend="flex")
+    _check(out, attention_reference(q, k, v, mask), torch.float32, "fwd")
+
+
+@pytest.mark.slow
+def test_flex_compiled_once_for_every_pack_length():
+    """The compiled flex call (what the backend runs on CUDA) traces one graph for a stream of packs
+    of different lengths: no recompilation, so no fall back to eager flex after the recompile limit.
+    Run here on CPU, forward only (FlexAttention has no CPU backward)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    fn = flex_compiled()
+    for seed in (3, 4, 5):
+        mask = _multi_block_mask(seed)
+        q, k, v = _inputs(mask.total_len, 4, 2, 32, torch.float32, requires_grad=False)
+        out = fn(
+            *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)),
+            mask.kv_lo,
+            mask.kv_hi,
+            *flex_kv_blocks(mask),
+            0.2,
+            True,
+        )[0].transpose(0, 1)
+        _check(out, attention_reference(q, k, v, mask, softmax_scale=0.2), torch.float32, "fwd")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_dead_rows_are_zero_with_zero_grads():
