@@ -80,13 +80,13 @@ def test_forward_prepared_and_decoder_layer_fullgraph(attention, mot, compiler, 
     counters.clear()
     grad = attention != "flex"
     model = _model(BagelBackendConfig(attention=attention, mot=mot, patch_embed="torch"))
-    model.language_model.model.gradient_checkpointing = checkpointing
-    model.vit_model.vision_model.encoder.gradient_checkpointing = checkpointing
+    model.model.language_model.model.gradient_checkpointing = checkpointing
+    model.model.vit_model.vision_model.encoder.gradient_checkpointing = checkpointing
     body_count = CompileCounterWithBackend(compiler)
     layer_count = CompileCounterWithBackend(compiler)
     # fullgraph=True: any graph break raises, so reaching the comparisons means there was none
     body = torch.compile(model.forward_prepared, fullgraph=True, dynamic=True, backend=body_count)
-    layer = model.language_model.model.layers[0]  # a Qwen2MoTDecoderLayer
+    layer = model.model.language_model.model.layers[0]  # a Qwen2MoTDecoderLayer
     layer_c = torch.compile(layer, fullgraph=True, dynamic=True, backend=layer_count)
     frames = []
     with torch.set_grad_enabled(grad):

@@ -179,8 +179,8 @@ def test_activation_checkpointing_keeps_gradients():
     grads = []
     for ac in (False, True):
         model = _model(backend)
-        model.language_model.model.gradient_checkpointing = ac
-        model.vit_model.vision_model.encoder.gradient_checkpointing = ac
+        model.model.language_model.model.gradient_checkpointing = ac
+        model.model.vit_model.vision_model.encoder.gradient_checkpointing = ac
         _loss(model, batch).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -200,8 +200,8 @@ def test_stand_in_and_zero_ties_give_every_parameter_a_gradient_and_change_nothi
         if tie:
             model.vit_stand_in = True
             model.zero_grad_prefixes = (
-                "language_model.model.layers.",
-                "vit_model.vision_model.encoder.layers.",
+                "model.language_model.model.layers.",
+                "model.vit_model.vision_model.encoder.layers.",
             )
         loss = _loss(model, batch)
         loss.backward()
