@@ -434,6 +434,109 @@ def test_vit_rope_variant_runs():
     )
 
 
+# ---------------------------------------------------------------------------------------------- determinism
+DETERMINISTIC = [
+    pytest.param("reference", "sdpa", "torch", id="reference"),
+    pytest.param("grouped", "sdpa", "torch", id="sdpa-torch"),
+    pytest.param("grouped", "sdpa", "triton", id="sdpa-triton"),
+    pytest.param("grouped", "triton", "triton", id="triton-triton"),
+]
+
+
+def _assert_bit_identical_runs(model: nn.Module, batch: dict) -> None:
+    o1, g1 = run(model, batch)
+    o2, g2 = run(model, batch)
+    assert g1 and set(g1) == set(g2)
+    for key in ("ce", "mse"):
+        assert torch.equal(o1[key], o2[key]), key
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), f"{name}: the backward is not bit-reproducible"
+
+
+@pytest.mark.parametrize("lm,attention,mot", DETERMINISTIC)
+def test_deterministic_backward_is_bit_identical(lm, attention, mot):
+    """``deterministic=True``: a forward + backward repeated on the same pack gives bit-identical losses
+    and gradients of every parameter, on every backend that runs a backward on CPU (FlexAttention has
+    none there; the GPU variant below covers it). A small pack with every token kind: the interpreted
+    Triton kernels cost per token."""
+    if (
+        "triton" in (attention, mot)
+        and not torch.cuda.is_available()
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    be = BagelBackendConfig(attention=attention, mot=mot, patch_embed="auto", deterministic=True)
+    lm_cls = Qwen2ForCausalLMReference if lm == "reference" else None
+    cfg = BagelConfig.tiny()
+    model = BagelForUnifiedMultimodal(cfg, backend=be, language_model_cls=lm_cls)
+    randomize_(model, 0)
+    batch = pack_samples(synthetic_samples(["und", "edit"], cfg, seed=2), cfg, rng=0)  # 58 tokens
+    assert all(batch[k].numel() for k in ("packed_vit_tokens", "mse_loss_indexes", "ce_loss_indexes"))
+    _assert_bit_identical_runs(model, batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "lm,attention,mot",
+    DETERMINISTIC + [pytest.param("grouped", "flex", "torch", id="flex-torch")],
+)
+def test_gpu_deterministic_backward_is_bit_identical(lm, attention, mot):
+    """The CUDA variant, with bf16 weights on a ~1.5k-token pack (atomics, where a kernel used them,
+    would show as differing low bits)."""
+    cfg = BagelConfig.tiny(llm_hidden=256, llm_heads=4, llm_kv_heads=2, vit_grid=16, max_latent_size=16)
+    be = BagelBackendConfig(attention=attention, mot=mot, patch_embed="auto", deterministic=True)
+    lm_cls = Qwen2ForCausalLMReference if lm == "reference" else None
+    model = BagelForUnifiedMultimodal(cfg, backend=be, language_model_cls=lm_cls)
+    randomize_(model, 0)
+    model = model.cuda().to(torch.bfloat16)
+    samples = synthetic_samples(
+        ["und", "t2i", "edit", "und", "t2i", "text"] * 2,
+        cfg,
+        seed=0,
+        text_len=(8, 64),
+        vit_side=(4, 16),
+        latent_side=(4, 16),
+    )
+    batch = pack_samples(samples, cfg, rng=0, device="cuda")
+    batch["padded_latent"] = batch["padded_latent"].to(torch.bfloat16)
+    _assert_bit_identical_runs(model, batch)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint keys
+def test_upstream_vit_rope_buffers_are_reported_not_errors(tmp_path):
+    """Upstream checkpoints trained with ViT RoPE carry ``vit_model.vision_model.rope.{cos,sin}_{h,w}``
+    (persistent buffers of its RotaryEmbedding2D): loading with strict=True reports them as recomputed
+    (the model computes those tables from the patch positions) and loads everything else."""
+    from bagel.checkpoint import save_checkpoint
+
+    cfg = BagelConfig.tiny(vit_rope=True)
+    model = reference_model(cfg)
+    side, dim = (
+        cfg.vit_max_num_patch_per_side,
+        cfg.vision_config.hidden_size // cfg.vision_config.num_attention_heads,
+    )
+    tables = vit_rope_cos_sin(torch.arange(side * side), dim, side, torch.float32)
+    rope = {
+        f"vit_model.vision_model.rope.{name}": t
+        for name, t in zip(("cos_h", "sin_h", "cos_w", "sin_w"), tables, strict=True)
+    }
+    save_checkpoint(model, tmp_path, config=model.config, extra_tensors=rope)
+    back = BagelForUnifiedMultimodal.from_pretrained(
+        tmp_path, stage=2, strict=True, backend=REF, language_model_cls=Qwen2ForCausalLMReference
+    )
+    r = back.load_report
+    assert sorted(r.recomputed) == sorted(rope) and not r.unexpected and not r.missing
+    assert "recomputed 4" in r.summary()
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(back.model.state_dict()[k], v), k
+    batch = pack_samples(synthetic_samples(["und"], cfg, seed=1), cfg, rng=0)
+    torch.manual_seed(0)
+    a = model(**batch)
+    torch.manual_seed(0)
+    b = back(**batch)
+    assert torch.equal(a["ce"], b["ce"])
+
+
 # ---------------------------------------------------------------------------------------------- bad inputs
 def _mutations(b: dict) -> list[tuple[str, dict, str]]:
     L = b["sequence_length"]
