@@ -371,6 +371,20 @@ class BagelForUnifiedMultimodal(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.model.language_model.get_output_embeddings()
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the decoder layers recompute their activations in backward (HF's attribute; PEFT reads
+        it). Switched per stack by ``gradient_checkpointing`` on ``model.model.language_model.model`` and
+        ``model.model.vit_model.vision_model.encoder`` (``bagel.distributed.apply_fsdp2`` sets both)."""
+        return bool(self.model.language_model.model.gradient_checkpointing)
+
+    def enable_input_require_grads(self) -> None:
+        """Nothing to do (HF's hook for reentrant checkpointing, which PEFT calls when checkpointing is
+        on): the layers recompute with non-reentrant ``torch.utils.checkpoint``, which gives adapters
+        inside a layer their gradients although the layer's input (frozen embeddings) needs none. Not
+        registering HF's ``requires_grad_`` hook on the embeddings also keeps the model body traceable
+        by ``torch.compile``."""
+
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """(Re)initialise every weight, e.g. after materialising a meta-device model with ``to_empty``:
