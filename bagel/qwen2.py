@@ -299,6 +299,9 @@ class FusionPlan:
     norm: bool = True
 
 
+_UNFUSED = LayerFusion(**{f: False for f in LayerFusion.__dataclass_fields__})
+
+
 # ---------------------------------------------------------------------------------------------- grouped forward
 @dataclass
 class PackContext:
@@ -385,7 +388,7 @@ def _qk_norm_rope(attn: PackedAttention, q, k, ctx: PackContext, fused: bool):
             kg,
             ctx.cos,
             ctx.sin,
-            attn.eps,
+            attn.q_norm.variance_epsilon,
             backend=ctx.backend.mot,
         )
     if not fused:  # the norm modules (Identity without qk_norm), then RoPE
@@ -418,12 +421,13 @@ def _mlp(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, plan: L
     projections (each fused or called per ``plan``) around one SwiGLU kernel; others are called."""
     if not plan.mlp:
         return _call_rows(x, n, und, gen)
-    g = _linear(
-        x, n, und.gate_proj, None if gen is None else gen.gate_proj, plan.gate_proj, backend
-    )  # [L, I]
-    u = _linear(x, n, und.up_proj, None if gen is None else gen.up_proj, plan.up_proj, backend)  # [L, I]
-    h = _mot().swiglu(g, u, backend=backend)
-    return _linear(h, n, und.down_proj, None if gen is None else gen.down_proj, plan.down_proj, backend)
+
+    def proj(name: str, inp: torch.Tensor) -> torch.Tensor:
+        sibling = None if gen is None else getattr(gen, name)
+        return _linear(inp, n, getattr(und, name), sibling, getattr(plan, name), backend)
+
+    h = _mot().swiglu(proj("gate_proj", x), proj("up_proj", x), backend=backend)  # [L, I]
+    return proj("down_proj", h)  # [L, H]
 
 
 def _attention(attn: PackedAttention, x: torch.Tensor, ctx: PackContext) -> torch.Tensor:
@@ -767,13 +771,15 @@ class Qwen2Model(nn.Module):
         Run eagerly once per pack by :meth:`prepare_context`, outside any compiled region."""
         layers = []
         for i, layer in enumerate(self.layers):
-            if getattr(layer, "layer_idx", None) != i:
+            if not isinstance(layer, Qwen2DecoderLayer):  # a layer of another kind: everything called
+                layers.append(_UNFUSED)
+                continue
+            if layer.layer_idx != i:
                 raise ValueError(
-                    f"decoder layer {i} has layer_idx={getattr(layer, 'layer_idx', None)!r}: layers must keep "
-                    "their position as layer_idx (the pack's fusion plan is indexed by it)"
+                    f"decoder layer {i} has layer_idx={layer.layer_idx!r}: layers must keep their position "
+                    "as layer_idx (the pack's fusion plan is indexed by it)"
                 )
-            plan = layer.fusion_plan() if isinstance(layer, Qwen2DecoderLayer) else LayerFusion()
-            layers.append(plan)
+            layers.append(layer.fusion_plan())
         norms = (self.norm, self.norm_moe_gen if self.use_moe else None)
         return FusionPlan(layers=tuple(layers), norm=fusable(Qwen2RMSNorm, *norms) and _same_eps(*norms))
 
