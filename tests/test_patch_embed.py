@@ -366,8 +366,8 @@ def test_torch_compile_traces(compile_backend):
     t2 = torch.randn(int(pids.max()) + 1, 10, requires_grad=True)
 
     def f(x, w, b, t, ids, images, coords, t2):
-        y1 = pe.fused_patch_embed(x, w, b, t, ids)
-        y2 = pe.fused_patch_embed_images(images, coords, 3, w, b, t2, pids)
+        y1 = pe.fused_patch_embed(x, w, b, t, ids, backend="cpu_ext")  # "auto" is torch on CPU
+        y2 = pe.fused_patch_embed_images(images, coords, 3, w, b, t2, pids, backend="cpu_ext")
         return y1.square().sum() + y2.square().sum()
 
     torch._dynamo.reset()
