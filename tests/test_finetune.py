@@ -352,7 +352,6 @@ HOOKED = [  # module paths under BagelModel whose forward hooks must fire on eve
 HOOK_BACKENDS = [
     pytest.param(REF, id="reference"),
     pytest.param(BagelBackendConfig(attention="sdpa", mot="torch", patch_embed="torch"), id="sdpa-torch"),
-    pytest.param(BagelBackendConfig(attention="sdpa", mot="triton", patch_embed="auto"), id="sdpa-triton"),
     pytest.param(
         BagelBackendConfig(attention="triton", mot="triton", patch_embed="auto"), id="triton-triton"
     ),
