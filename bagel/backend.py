@@ -13,7 +13,7 @@ __all__ = ["BagelBackendConfig", "ATTENTION_BACKENDS", "MOT_BACKENDS", "PATCH_EM
 
 ATTENTION_BACKENDS = ("auto", "triton", "flex", "sdpa")
 MOT_BACKENDS = ("auto", "triton", "torch")
-PATCH_EMBED_BACKENDS = ("auto", "cuda", "torch")
+PATCH_EMBED_BACKENDS = ("auto", "cuda", "cpu_ext", "torch")
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,18 @@ class BagelBackendConfig:
             (passed to :func:`bagel_kernels.packed_attention`).
         mot: MoT routed ops (RMSNorm, q/k norm + RoPE, SwiGLU, routed linear), one of ``"auto"``,
             ``"triton"``, ``"torch"`` (passed as ``backend=`` to :mod:`bagel_kernels.mot`).
-        patch_embed: fused ViT patch embedding, one of ``"auto"``, ``"cuda"``, ``"torch"``.
-        deterministic: ask for bit-reproducible backward passes (no atomics in attention backward).
+        patch_embed: ViT patch embedding, one of ``"auto"`` (the fastest correct path per device: the
+            CUDA extension on GPUs when built, the torch path on CPU), ``"cuda"`` (the extension's CUDA
+            kernel), ``"cpu_ext"`` (the extension's C++ CPU kernel; slower than torch on CPU, for tests
+            and parity), ``"torch"`` (``F.linear`` + position row); passed to
+            :func:`bagel_kernels.fused_patch_embed`.
+        deterministic: True promises a bit-identical backward on repeated runs (same inputs, same
+            device and configuration) with every backend: the Triton attention kernels have no atomics,
+            FlexAttention's backward is two-pass (no atomics), the ``sdpa`` backend runs SDPA's math
+            kernel on CUDA (its memory-efficient backward accumulates with atomics), and the MoT ops (torch
+            and Triton) and the model's own ops have deterministic backwards. False lets a backend use a
+            faster non-deterministic backward where it has one (passed to
+            :func:`bagel_kernels.packed_attention` as ``deterministic``).
     """
 
     attention: str = "auto"

@@ -6,6 +6,8 @@ Keys fall into five groups (regexes below):
     gen      generation side: ``*_moe_gen`` siblings, norm_moe_gen, time_embedder,
              vae2llm, llm2vae, latent_pos_embed                                          (stage 2 only)
     vae      ``encoder.*`` / ``decoder.*`` of the VAE: recognised, reported, never loaded
+    recomputed  ``vit_model.vision_model.rope.{cos,sin}_{h,w}``: upstream's ViT RoPE buffers; the model
+             computes these tables from the patch positions, so they are reported, never loaded
     extra    ``*._extra_state``: ignored
     unknown  anything else
 
@@ -77,14 +79,16 @@ _GEN = [
 ]
 _VAE = [r"^encoder\.", r"^decoder\."]
 _EXTRA = [r"\._extra_state$"]
-_GROUPS = [("extra", _EXTRA), ("und", _UND), ("gen", _GEN), ("vae", _VAE)]
+# persistent buffers of upstream's 2-D ViT RoPE (RotaryEmbedding2D): tables the model recomputes
+_RECOMPUTED = [r"^vit_model\.vision_model\.rope\.(cos|sin)_(h|w)$"]
+_GROUPS = [("extra", _EXTRA), ("recomputed", _RECOMPUTED), ("und", _UND), ("gen", _GEN), ("vae", _VAE)]
 _COMPILED = [(name, [re.compile(p) for p in pats]) for name, pats in _GROUPS]
 
 PATCH_EMBED_KEY = "vit_model.vision_model.embeddings.patch_embedding.weight"
 
 
 def classify_key(key: str) -> str:
-    """``"und"``, ``"gen"``, ``"vae"``, ``"extra"`` or ``"unknown"`` for a checkpoint key."""
+    """``"und"``, ``"gen"``, ``"vae"``, ``"recomputed"``, ``"extra"`` or ``"unknown"`` for a checkpoint key."""
     for name, pats in _COMPILED:
         if any(p.search(key) for p in pats):
             return name
@@ -102,6 +106,8 @@ class LoadReport:
         skipped_by_stage: generation keys not loaded because the model is stage 1.
         vae: VAE keys (``encoder.*``, ``decoder.*``), recognised and not loaded.
         converted: keys whose layout was converted on load (Conv2d patch embedding -> Linear).
+        recomputed: known non-parameter keys the model computes itself instead of loading (upstream's
+            ViT RoPE tables ``vit_model.vision_model.rope.{cos,sin}_{h,w}``); never an error.
         files: the weight files read.
     """
 
@@ -111,11 +117,12 @@ class LoadReport:
     skipped_by_stage: list[str] = field(default_factory=list)
     vae: list[str] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
+    recomputed: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"loaded {len(self.loaded)}"]
-        for name in ("missing", "unexpected", "skipped_by_stage", "vae", "converted"):
+        for name in ("missing", "unexpected", "skipped_by_stage", "vae", "converted", "recomputed"):
             keys = getattr(self, name)
             if keys:
                 parts.append(f"{name} {len(keys)} (e.g. {', '.join(keys[:3])})")
@@ -295,6 +302,14 @@ def _conv_to_linear_weight(w: torch.Tensor) -> torch.Tensor:
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
+def _checkpoint_root(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose ``state_dict()`` keys are checkpoint keys: ``model.model`` for a
+    ``BagelForUnifiedMultimodal`` (its :class:`bagel.modeling.BagelModel` container), else ``model``."""
+    from bagel.modeling import BagelForUnifiedMultimodal
+
+    return model.model if isinstance(model, BagelForUnifiedMultimodal) else model
+
+
 def load_checkpoint_into(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -305,7 +320,8 @@ def load_checkpoint_into(
     """Copy a BAGEL checkpoint's tensors into ``model`` (names map identity), filtered by ``stage``.
 
     Args:
-        model: a module whose ``state_dict()`` keys are BAGEL checkpoint keys.
+        model: a module whose ``state_dict()`` keys are BAGEL checkpoint keys (a ``BagelModel``), or a
+            ``BagelForUnifiedMultimodal`` (its ``.model`` is loaded).
         path: a checkpoint directory (or one ``.safetensors`` file).
         stage: 1 loads the understanding keys only; 2 loads generation keys too.
         strict: raise ValueError (before touching the model) when a checkpoint key matches no model
@@ -318,6 +334,7 @@ def load_checkpoint_into(
     if stage not in (1, 2):
         raise ValueError(f"stage={stage!r} must be 1 or 2")
     files = find_weight_files(path)
+    model = _checkpoint_root(model)
     targets = model.state_dict(keep_vars=True)
     report = LoadReport(files=files)
     plan: list[tuple[str, str]] = []  # (file, key)
@@ -334,6 +351,9 @@ def load_checkpoint_into(
                 report.vae.append(key)
                 continue
             if kind == "extra":
+                continue
+            if kind == "recomputed":
+                report.recomputed.append(key)
                 continue
             if kind == "gen" and stage == 1:
                 report.skipped_by_stage.append(key)
@@ -417,7 +437,8 @@ def save_checkpoint(
     extra_tensors: dict[str, torch.Tensor] | None = None,
     keys: Iterable[str] | None = None,
 ) -> str:
-    """Write ``config.json`` (when ``config`` is given) and ``ema.safetensors`` with the model's state dict.
+    """Write ``config.json`` (when ``config`` is given) and ``ema.safetensors`` with the model's state dict
+    (of ``model.model`` for a ``BagelForUnifiedMultimodal``: the checkpoint keys).
 
     ``extra_tensors`` are added as-is (e.g. VAE weights in tests); ``keys`` restricts the saved keys.
     Returns the weight file's path."""
@@ -427,7 +448,7 @@ def save_checkpoint(
     os.makedirs(path, exist_ok=True)
     if config is not None:
         config.save_pretrained(path)
-    sd = model.state_dict()
+    sd = _checkpoint_root(model).state_dict()
     if keys is not None:
         keys = list(keys)
         sd = {k: sd[k] for k in keys}

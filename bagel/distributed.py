@@ -66,9 +66,10 @@ def cleanup() -> None:
 
 
 def decoder_layers(model: nn.Module, vit: bool = True) -> list[nn.Module]:
-    """The decoder layers of a BAGEL model (LLM layers, then, with ``vit``, the ViT encoder layers)."""
-    layers = list(model.language_model.model.layers)
-    tower = getattr(model, "vit_model", None)
+    """The decoder layers of a :class:`bagel.BagelForUnifiedMultimodal` (LLM layers, then, with ``vit``,
+    the ViT encoder layers of ``model.model``)."""
+    layers = list(model.model.language_model.model.layers)
+    tower = getattr(model.model, "vit_model", None)
     if vit and tower is not None:
         layers += list(tower.vision_model.encoder.layers)
     return layers
@@ -84,8 +85,9 @@ def apply_fsdp2(
     shard_vit_layers: bool = True,
 ) -> nn.Module:
     """Shard a :class:`bagel.BagelForUnifiedMultimodal` in place with FSDP2: one unit per LLM decoder
-    layer, one per ViT encoder layer, and the root (embeddings, patch embedding, connector, timestep
-    embedder, heads, final norms).
+    layer, one per ViT encoder layer, and the root, the top-level module (embeddings, patch embedding,
+    connector, timestep embedder, heads, final norms). Apply PEFT / LoRA or swap modules first: the
+    units then shard whatever the layers hold.
 
     Every rank must run every unit in every step (each unit's all-gather and reduce-scatter is a
     collective), while each rank packs its own batches: a pack may hold no image, no generation token
@@ -115,14 +117,14 @@ def apply_fsdp2(
         kwargs["mesh"] = mesh
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    model.language_model.model.gradient_checkpointing = activation_checkpointing
-    vit = getattr(model, "vit_model", None)
+    model.model.language_model.model.gradient_checkpointing = activation_checkpointing
+    vit = getattr(model.model, "vit_model", None)
     if vit is not None:
         vit.vision_model.encoder.gradient_checkpointing = activation_checkpointing
     shard_vit_layers = shard_vit_layers and vit is not None
     model.vit_stand_in = shard_vit_layers
-    model.zero_grad_prefixes = ("language_model.model.layers.",) + (
-        ("vit_model.vision_model.encoder.layers.",) if shard_vit_layers else ()
+    model.zero_grad_prefixes = ("model.language_model.model.layers.",) + (
+        ("model.vit_model.vision_model.encoder.layers.",) if shard_vit_layers else ()
     )
     for layer in decoder_layers(model, vit=shard_vit_layers):
         fully_shard(layer, **kwargs)

@@ -1,6 +1,7 @@
 """BAGEL's small embedding modules: frozen 2-D sin-cos position tables, the DiT timestep embedder and
 the ViT -> LLM MLP connector. Parameter names match the checkpoint (``pos_embed``, ``mlp.0`` /
-``mlp.2``, ``fc1`` / ``fc2``).
+``mlp.2``, ``fc1`` / ``fc2``). Each calls its submodules (no raw weight is read), so LoRA layers,
+quantised linears and hooks attached to them act.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+
+from bagel.fusion import float_dtype
 
 __all__ = [
     "get_2d_sincos_pos_embed",
@@ -87,7 +90,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freq = timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+        # the dtype of the MLP's parameters, read without assuming that mlp[0] is still an nn.Linear
+        return self.mlp(freq.to(float_dtype(self.mlp)))
 
 
 class MLPconnector(nn.Module):

@@ -1,11 +1,19 @@
 """BAGEL for packed training: ``BagelForUnifiedMultimodal`` (stage 1 understanding CE, stage 2 also
 flow-matching MSE), with the forward signature and methods of the documented BAGEL model API.
 
-Module tree = checkpoint keys. :class:`BagelForUnifiedMultimodal` IS a :class:`BagelModel` (it
-subclasses the container instead of wrapping it), so its ``state_dict()`` keys are exactly
-BAGEL-7B-MoT's ``ema.safetensors`` keys: ``language_model.model.*``, ``language_model.lm_head.*``,
+Module tree (as the documented BAGEL model API): :class:`BagelForUnifiedMultimodal` is an ``nn.Module``
+holding ``.model``, a :class:`BagelModel` (plain container, no forward) whose ``state_dict()`` keys are
+exactly BAGEL-7B-MoT's ``ema.safetensors`` keys: ``language_model.model.*``, ``language_model.lm_head.*``,
 ``vit_model.vision_model.*``, ``connector.fc{1,2}.*``, ``vit_pos_embed.pos_embed`` and, with
 ``visual_gen``, ``time_embedder.mlp.{0,2}.*``, ``vae2llm.*``, ``llm2vae.*``, ``latent_pos_embed.pos_embed``.
+:meth:`~BagelForUnifiedMultimodal.from_pretrained` / :meth:`~BagelForUnifiedMultimodal.save_pretrained`
+read and write that container; the top-level module's own keys carry the ``model.`` prefix.
+
+Every submodule is called (embeddings, ViT tower, connector, timestep embedder, vae2llm / llm2vae,
+position tables, LM layers, heads), so PEFT LoRA layers, quantised linears and hooks take effect on
+every backend; fused kernels that read raw weights stand in only for stock modules with nothing
+attached, decided once per pack in :meth:`~BagelForUnifiedMultimodal.prepare_pack`
+(``Qwen2Model.fusion_plan``, ``SiglipVisionModel.fusion_plan``; see :mod:`bagel.fusion`).
 
 Forward (one pack, see DESIGN.md section 2):
 
@@ -47,6 +55,7 @@ from bagel.backend import BagelBackendConfig
 from bagel.checkpoint import LoadReport, load_checkpoint_into, save_checkpoint
 from bagel.config import BagelConfig
 from bagel.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
+from bagel.fusion import float_device, float_dtype
 from bagel.qwen2 import PackContext, Qwen2ForCausalLM
 from bagel.siglip import SiglipVisionModel
 from bagel_kernels import PackedMask
@@ -193,9 +202,11 @@ class PreparedPack:
     vit_pos: torch.Tensor | None = None  # [N] flattened 2-D patch ids
     vit_mask: PackedMask | None = None  # one full split per image, kernel tables built
     vit_rows: torch.Tensor | None = None  # [N]; None with vit_tokens set: a stand-in tied in with weight 0
+    vit_fused_patch_embed: bool = False  # the fused patch-embedding op stands in for the (stock) modules
     clean: torch.Tensor | None = None  # [V, P] patchified clean latents
     noise: torch.Tensor | None = None  # [V, P] flow-matching noise
     t: torch.Tensor | None = None  # [V] shifted flow-matching time (0 = clean conditioning image)
+    vae_dtype: torch.dtype | None = None  # what vae2llm computes in (its parameters' dtype)
     vae_pos: torch.Tensor | None = None  # [V] latent position ids
     vae_rows: torch.Tensor | None = None  # [V]
     mse_rows: torch.Tensor | None = None  # [n_mse]
@@ -210,7 +221,9 @@ def _grouped_lm(lm: nn.Module) -> bool:
 
 # ---------------------------------------------------------------------------------------------- container
 class BagelModel(nn.Module):
-    """Plain container of BAGEL's submodules; attribute names match the checkpoint layout.
+    """Plain container of BAGEL's submodules; attribute names match the checkpoint layout, so its
+    ``state_dict()`` keys are BAGEL-7B-MoT's ``ema.safetensors`` keys. No forward logic here:
+    :class:`BagelForUnifiedMultimodal` holds it as ``.model`` and runs it.
 
     ``language_model`` (Qwen2 MoT LM) always; with ``visual_und`` the ``vit_model`` (SigLIP-NaViT,
     ``config.vit_num_layers`` layers), ``connector`` and ``vit_pos_embed``; with ``visual_gen`` the
@@ -219,7 +232,8 @@ class BagelModel(nn.Module):
 
     Args:
         config: the :class:`BagelConfig` (used as is; see :func:`_prepare_config_for_stage`).
-        backend: kernel choice for every submodule (default: all ``"auto"``).
+        backend: kernel choice given to the language model and the ViT (default: all ``"auto"``);
+            :attr:`BagelForUnifiedMultimodal.backend` changes it later.
         language_model_cls: class of the language model (default :class:`bagel.qwen2.Qwen2ForCausalLM`;
             e.g. ``bagel.qwen2_reference.Qwen2ForCausalLMReference`` for upstream's gather/scatter
             routing). Same parameters either way.
@@ -239,7 +253,7 @@ class BagelModel(nn.Module):
         if not isinstance(backend, BagelBackendConfig):
             raise ValueError(f"backend must be a BagelBackendConfig, got {type(backend).__name__}")
         self.config = config
-        self.hidden_size = config.text_config.hidden_size
+        hidden = config.text_config.hidden_size
         lm_cls = Qwen2ForCausalLM if language_model_cls is None else language_model_cls
         self.language_model = lm_cls(config.text_config, backend=backend)
         if config.visual_und:
@@ -250,45 +264,33 @@ class BagelModel(nn.Module):
                 grid_side=config.vit_max_num_patch_per_side,
                 backend=backend,
             )
-            self.connector = MLPconnector(vc.hidden_size, self.hidden_size, config.connector_act)
-            self.vit_pos_embed = PositionEmbedding(config.vit_max_num_patch_per_side, self.hidden_size)
+            self.connector = MLPconnector(vc.hidden_size, hidden, config.connector_act)
+            self.vit_pos_embed = PositionEmbedding(config.vit_max_num_patch_per_side, hidden)
         if config.visual_gen:
-            self.latent_patch_size = config.latent_patch_size
-            self.latent_channel = config.latent_channels
-            self.patch_latent_dim = config.patch_latent_dim
-            self.timestep_shift = config.timestep_shift
-            self.max_latent_size = config.max_latent_size
-            self.time_embedder = TimestepEmbedder(self.hidden_size)
-            self.vae2llm = nn.Linear(self.patch_latent_dim, self.hidden_size)
-            self.llm2vae = nn.Linear(self.hidden_size, self.patch_latent_dim)
-            self.latent_pos_embed = PositionEmbedding(config.max_latent_size, self.hidden_size)
+            self.time_embedder = TimestepEmbedder(hidden)
+            self.vae2llm = nn.Linear(config.patch_latent_dim, hidden)
+            self.llm2vae = nn.Linear(hidden, config.patch_latent_dim)
+            self.latent_pos_embed = PositionEmbedding(config.max_latent_size, hidden)
             with torch.no_grad():
                 self.llm2vae.weight.zero_()
                 self.llm2vae.bias.zero_()
-        self._backend = backend
-
-    @property
-    def backend(self) -> BagelBackendConfig:
-        """The kernel choice; setting it updates every submodule."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: BagelBackendConfig) -> None:
-        if not isinstance(value, BagelBackendConfig):
-            raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
-        self._backend = value
-        self.language_model.backend = value
-        if self.config.visual_und:
-            self.vit_model.backend = value
 
 
 # ---------------------------------------------------------------------------------------------- model
-class BagelForUnifiedMultimodal(BagelModel):
+class BagelForUnifiedMultimodal(nn.Module):
     """BAGEL mixed-modal model for packed training: understanding (stage 1) and generation (stage 2).
 
     ``visual_gen=False`` is the stage-1 understanding-only model (dense decoder layers, CE only);
     stage 2 adds the MoT ``*_moe_gen`` weights, the flow-matching embedding of VAE latents and the MSE
     head. ``config.stage`` (1 / 2 / None) is applied by :func:`_prepare_config_for_stage` (in place).
+
+    The submodules live in ``.model``, a :class:`BagelModel` whose ``state_dict()`` keys are the
+    checkpoint keys (this module's own keys carry the ``model.`` prefix): ``model.model.language_model``,
+    ``model.model.vit_model`` and so on. There are no shortcuts to them at this level (one path to each
+    module, one name per parameter); what lives here is the forward, the kernel choice (:attr:`backend`),
+    the config and the forward's hyper-parameters (``hidden_size``, ``latent_patch_size``,
+    ``latent_channel``, ``patch_latent_dim``, ``timestep_shift``, ``max_latent_size``, as upstream's
+    ``Bagel`` has them), and checkpoint I/O (:meth:`from_pretrained`, :meth:`save_pretrained`).
 
     Args:
         config: :class:`BagelConfig`.
@@ -305,13 +307,23 @@ class BagelForUnifiedMultimodal(BagelModel):
         *,
         language_model_cls: type[nn.Module] | None = None,
     ) -> None:
+        super().__init__()
         if not isinstance(config, BagelConfig):
             raise ValueError(f"config must be a BagelConfig, got {type(config).__name__}")
         _prepare_config_for_stage(config)
-        super().__init__(config, backend, language_model_cls=language_model_cls)
-        _convert_patch_embedding_for_packed_vit(self, config)
+        self.config = config
+        self.model = BagelModel(config, backend, language_model_cls=language_model_cls)
+        _convert_patch_embedding_for_packed_vit(self.model, config)
+        self._backend = BagelBackendConfig() if backend is None else backend
+        self.hidden_size = config.text_config.hidden_size
         self.num_heads = config.text_config.num_attention_heads
         self.use_moe = "Mo" in config.text_config.layer_module
+        if config.visual_gen:
+            self.latent_patch_size = config.latent_patch_size
+            self.latent_channel = config.latent_channels
+            self.patch_latent_dim = config.patch_latent_dim
+            self.timestep_shift = config.timestep_shift
+            self.max_latent_size = config.max_latent_size
         self.load_report: LoadReport | None = None
         # Parameter-name prefixes whose parameters every training forward ties into its losses with
         # weight zero, so that each gets a (zero) gradient even when the pack does not use it (no image
@@ -324,6 +336,20 @@ class BagelForUnifiedMultimodal(BagelModel):
         # all-gather is a collective). Set by bagel.distributed.apply_fsdp2.
         self.vit_stand_in = False
 
+    @property
+    def backend(self) -> BagelBackendConfig:
+        """The kernel choice; setting it updates the language model and the ViT."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: BagelBackendConfig) -> None:
+        if not isinstance(value, BagelBackendConfig):
+            raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
+        self._backend = value
+        self.model.language_model.backend = value
+        if self.config.visual_und:
+            self.model.vit_model.backend = value
+
     # -------------------------------------------------------------- HF-style accessors
     @classmethod
     def supports_config(cls, config: Any) -> bool:
@@ -334,10 +360,24 @@ class BagelForUnifiedMultimodal(BagelModel):
         return model_type == BagelConfig.model_type
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
+        return self.model.language_model.get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
+        return self.model.language_model.get_output_embeddings()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the decoder layers recompute their activations in backward (HF's attribute; PEFT reads
+        it). Switched per stack by ``gradient_checkpointing`` on ``model.model.language_model.model`` and
+        ``model.model.vit_model.vision_model.encoder`` (``bagel.distributed.apply_fsdp2`` sets both)."""
+        return bool(self.model.language_model.model.gradient_checkpointing)
+
+    def enable_input_require_grads(self) -> None:
+        """Nothing to do (HF's hook for reentrant checkpointing, which PEFT calls when checkpointing is
+        on): the layers recompute with non-reentrant ``torch.utils.checkpoint``, which gives adapters
+        inside a layer their gradients although the layer's input (frozen embeddings) needs none. Not
+        registering HF's ``requires_grad_`` hook on the embeddings also keeps the model body traceable
+        by ``torch.compile``."""
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -345,26 +385,27 @@ class BagelForUnifiedMultimodal(BagelModel):
         the Qwen2 LM and the SigLIP tower with their HF initialisers, the connector / timestep embedder /
         vae2llm with PyTorch's Linear default, the position tables with their sin-cos values, llm2vae
         with zeros. Non-persistent buffers (RoPE inverse frequencies) are recomputed."""
-        lm = self.language_model
+        m = self.model
+        lm = m.language_model
         lm.init_weights()
-        for m in lm.modules():
-            if hasattr(m, "inv_freq") and hasattr(m, "_inv_freq"):
-                m.inv_freq = m._inv_freq(m.inv_freq.device)
+        for mod in lm.modules():
+            if hasattr(mod, "inv_freq") and hasattr(mod, "_inv_freq"):
+                mod.inv_freq = mod._inv_freq(mod.inv_freq.device)
         bagel_linears = []
         if self.config.visual_und:
-            self.vit_model.init_weights()
-            self.vit_pos_embed.reset_parameters()
-            bagel_linears.append(self.connector)
+            m.vit_model.init_weights()
+            m.vit_pos_embed.reset_parameters()
+            bagel_linears.append(m.connector)
         if self.config.visual_gen:
-            self.latent_pos_embed.reset_parameters()
-            bagel_linears += [self.time_embedder, self.vae2llm]
+            m.latent_pos_embed.reset_parameters()
+            bagel_linears += [m.time_embedder, m.vae2llm]
         for module in bagel_linears:
-            for m in module.modules():
-                if isinstance(m, nn.Linear):
-                    m.reset_parameters()
+            for mod in module.modules():
+                if isinstance(mod, nn.Linear):
+                    mod.reset_parameters()
         if self.config.visual_gen:
-            self.llm2vae.weight.zero_()
-            self.llm2vae.bias.zero_()
+            m.llm2vae.weight.zero_()
+            m.llm2vae.bias.zero_()
 
     # -------------------------------------------------------------- checkpoints
     @classmethod
@@ -404,7 +445,9 @@ class BagelForUnifiedMultimodal(BagelModel):
         if dtype is not None:
             model.to(dtype)
         model.initialize_weights()
-        report = load_checkpoint_into(model, pretrained_model_name_or_path, stage=stage_int, strict=strict)
+        report = load_checkpoint_into(
+            model.model, pretrained_model_name_or_path, stage=stage_int, strict=strict
+        )
         model.load_report = report
         logger.info(
             "BagelForUnifiedMultimodal.from_pretrained(%s, stage=%d): %s",
@@ -415,8 +458,9 @@ class BagelForUnifiedMultimodal(BagelModel):
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``ema.safetensors`` (the layout :meth:`from_pretrained` reads)."""
-        save_checkpoint(self, save_directory, config=self.config)
+        """Write ``config.json`` and ``ema.safetensors`` (the layout :meth:`from_pretrained` reads): the
+        ``state_dict()`` of :attr:`model`, whose keys are the checkpoint keys."""
+        save_checkpoint(self.model, save_directory, config=self.config)
 
     # -------------------------------------------------------------- forward
     def forward(
@@ -520,9 +564,11 @@ class BagelForUnifiedMultimodal(BagelModel):
         Under FSDP2 (:func:`bagel.distributed.apply_fsdp2`) a pack without an image gets a one-patch
         stand-in for the ViT (``vit_stand_in``), so that every rank runs every ViT layer's unit."""
         cfg = self.config
+        m = self.model
+        # device and dtype of the hidden states: the token embedding's, read without assuming that the
+        # module is still an nn.Embedding (a user may have swapped or wrapped it)
         emb = self.get_input_embeddings()
-        device = emb.weight.device
-        dtype = emb.weight.dtype
+        device, dtype = float_device(emb), float_dtype(emb)
         if isinstance(sequence_length, torch.Tensor):
             sequence_length = int(sequence_length)
         if not isinstance(sequence_length, int) or isinstance(sequence_length, bool) or sequence_length <= 0:
@@ -599,7 +645,7 @@ class BagelForUnifiedMultimodal(BagelModel):
             raise ValueError(
                 f"packed_text_ids has {text_ids.numel()} entries but packed_text_indexes {text_idx.numel()}"
             )
-        checks.in_range(text_ids, "packed_text_ids", emb.num_embeddings, "vocabulary size")
+        checks.in_range(text_ids, "packed_text_ids", cfg.text_config.vocab_size, "vocabulary size")
         pos_ids = _index(packed_position_ids, "packed_position_ids", device)
         vit = (
             self._prepare_vit(
@@ -640,7 +686,7 @@ class BagelForUnifiedMultimodal(BagelModel):
                     f"packed_label_ids has {labels.numel()} entries but ce_loss_indexes selects {ce_idx.numel()}"
                 )
             checks.in_range(ce_idx, "ce_loss_indexes", L, "sequence_length")
-            vocab = self.get_output_embeddings().out_features
+            vocab = cfg.text_config.vocab_size
             checks.add(
                 ((labels < 0) & (labels != -100)) | (labels >= vocab),
                 f"packed_label_ids has entries outside [0, {vocab}) (and not the ignore index -100)",
@@ -654,8 +700,8 @@ class BagelForUnifiedMultimodal(BagelModel):
         # ---- the language model's grouping; hidden-state rows of every token in its row order
         und = text_idx if vit_idx is None else torch.cat([text_idx, vit_idx])
         lm_ctx = lm_args = None
-        if _grouped_lm(self.language_model):
-            lm_ctx = self.language_model.model.prepare_context(
+        if _grouped_lm(m.language_model):
+            lm_ctx = m.language_model.model.prepare_context(
                 L,
                 sample_lens,
                 mask,
@@ -687,13 +733,15 @@ class BagelForUnifiedMultimodal(BagelModel):
             prepared.vit_tokens, prepared.vit_pos, prepared.vit_mask = vit["tokens"], vit["pos"], vit["mask"]
             prepared.vit_rows = row(vit_idx)
         elif cfg.visual_und and self.vit_stand_in:
-            emb_vit = self.vit_model.vision_model.embeddings
+            emb_vit = m.vit_model.vision_model.embeddings
             prepared.vit_tokens = torch.zeros(1, emb_vit.patch_dim, device=device)
             prepared.vit_pos = torch.zeros(1, dtype=torch.long, device=device)
             prepared.vit_mask = PackedMask.from_splits([1], [1], ["full"], device=device)
         if prepared.vit_mask is not None:
             vc = cfg.vision_config
-            vit_dtype = self.vit_model.vision_model.embeddings.patch_embedding.weight.dtype
+            vit_dtype = float_dtype(m.vit_model)
+            # the fused patch embedding stands in for the modules this pack only if they are stock
+            prepared.vit_fused_patch_embed = m.vit_model.fusion_plan()
             prepare_attention(
                 prepared.vit_mask,
                 device,
@@ -706,6 +754,7 @@ class BagelForUnifiedMultimodal(BagelModel):
             prepared.clean = clean
             prepared.noise = torch.randn_like(clean)
             prepared.t = gen["t"]
+            prepared.vae_dtype = float_dtype(m.vae2llm)
             prepared.vae_pos = gen["pos"]
             prepared.vae_rows = row(vae_idx)
             if mse_idx is not None:
@@ -724,14 +773,20 @@ class BagelForUnifiedMultimodal(BagelModel):
     def _forward_prepared(self, pack: PreparedPack) -> dict[str, torch.Tensor | None]:
         # (forward calls this one: under FSDP2 the public forward_prepared is wrapped with the root
         # unit's hooks, which forward has already run)
-        emb = self.get_input_embeddings()
+        m = self.model
         L = pack.sequence_length
         tie = None  # outputs computed only so that their parameters get a (zero) gradient
-        x = emb.weight.new_zeros(L, self.hidden_size)  # [L, H], rows in the language model's order
-        x = x.index_put((pack.text_rows,), emb(pack.text_ids))
+        text_embed = self.get_input_embeddings()(pack.text_ids)  # [n_text, H]
+        x = text_embed.new_zeros(L, self.hidden_size)  # [L, H], rows in the language model's order
+        x = x.index_put((pack.text_rows,), text_embed)
         if pack.vit_tokens is not None:
-            feats = self.vit_model(pack.vit_tokens, pack.vit_pos, mask=pack.vit_mask)  # [N, E_vit]
-            vit_embed = self.connector(feats) + self.vit_pos_embed(pack.vit_pos)  # [N, H]
+            feats = m.vit_model(
+                pack.vit_tokens,
+                pack.vit_pos,
+                mask=pack.vit_mask,
+                fused_patch_embed=pack.vit_fused_patch_embed,
+            )  # [N, E_vit]
+            vit_embed = m.connector(feats) + m.vit_pos_embed(pack.vit_pos)  # [N, H]
             if pack.vit_rows is None:  # the FSDP2 stand-in
                 tie = vit_embed.sum()
             else:
@@ -740,26 +795,25 @@ class BagelForUnifiedMultimodal(BagelModel):
         if clean is not None:
             t = pack.t
             x_t = (1 - t[:, None]) * clean + t[:, None] * noise
-            w = self.vae2llm.weight
             gen_embed = (
-                self.vae2llm(x_t.to(w.dtype)) + self.time_embedder(t) + self.latent_pos_embed(pack.vae_pos)
+                m.vae2llm(x_t.to(pack.vae_dtype)) + m.time_embedder(t) + m.latent_pos_embed(pack.vae_pos)
             )
             x = x.index_put((pack.vae_rows,), gen_embed.to(x.dtype))
 
         # ---- language model
         if pack.lm is not None:
-            hidden = self.language_model.model.decode(x, pack.lm)  # grouped rows
+            hidden = m.language_model.model.decode(x, pack.lm)  # grouped rows
         else:
-            hidden = self.language_model.forward_train(x, *pack.lm_args)  # pack order
+            hidden = m.language_model.forward_train(x, *pack.lm_args)  # pack order
 
         # ---- losses
         ce = None
         if pack.ce_rows is not None:
-            logits = self.language_model.lm_head(hidden[pack.ce_rows])
+            logits = self.get_output_embeddings()(hidden[pack.ce_rows])
             ce = F.cross_entropy(logits, pack.labels, reduction="none")
         mse = None
         if pack.mse_rows is not None:
-            preds = self.llm2vae(hidden[pack.mse_rows])
+            preds = m.llm2vae(hidden[pack.mse_rows])
             target = noise - clean  # flow-matching velocity dx_t/dt, from data to noise
             mse = (preds - target.index_select(0, pack.mse_target_rows)) ** 2  # = target[t > 0], no sync
         if self.zero_grad_prefixes is not None and self.training and torch.is_grad_enabled():
@@ -779,7 +833,7 @@ class BagelForUnifiedMultimodal(BagelModel):
     # -------------------------------------------------------------- input preparation
     def _prepare_vit(self, tokens, idx, pos_ids, seqlens, device, checks: _DeviceChecks) -> dict:
         cfg = self.config
-        emb = self.vit_model.vision_model.embeddings
+        emb = self.model.vit_model.vision_model.embeddings
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != emb.patch_dim:
             raise ValueError(
                 f"packed_vit_tokens must be [num_patches, {emb.patch_dim}] (3*patch_size**2), got "

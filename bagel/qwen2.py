@@ -25,6 +25,13 @@ grouping, the mask's row index and kernel tables, RoPE tables; returns a :class:
 traced by ``torch.compile(fullgraph=True)``). ``BagelForUnifiedMultimodal`` embeds its tokens straight
 into the grouped row order and reads its loss rows from it, so it never un-permutes.
 
+Modules are called: a routed op on grouped rows is ``und(x[:n_und])`` and ``gen(x[n_und:])``, so a
+PEFT LoRA layer, a quantised linear or a forward hook works on every backend. The fused kernels that
+read raw weights (both experts' RMSNorm in one launch, q/k norm fused with RoPE, two GEMMs into one
+buffer, the MLP split around one SwiGLU kernel) stand in for modules only where those are the stock
+classes with nothing attached (:func:`bagel.fusion.fusable`), decided once per pack by
+:meth:`Qwen2Model.fusion_plan` and carried in the :class:`PackContext`.
+
 ``config`` is a ``transformers.Qwen2Config`` carrying BAGEL's extra attributes ``qk_norm`` (bool,
 per-head RMSNorm of q and k before RoPE), ``layer_module`` (one of the three names above) and
 ``freeze_und`` (bool: no gradient reaches the understanding side, upstream semantics, see
@@ -45,6 +52,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from bagel.backend import BagelBackendConfig
+from bagel.fusion import fusable
 from bagel_kernels import PackedMask
 from bagel_kernels.attention import packed_attention, prepare_attention
 
@@ -61,6 +69,8 @@ __all__ = [
     "Qwen2Model",
     "Qwen2ForCausalLM",
     "PackContext",
+    "LayerFusion",
+    "FusionPlan",
     "config_rope_theta",
     "config_head_dim",
     "prepare_routing",
@@ -129,8 +139,8 @@ def _validate_config(config) -> None:
 class Qwen2RMSNorm(nn.Module):
     """RMSNorm with Qwen2's numerics: normalise in fp32, cast back, then scale by ``weight``.
 
-    ``forward`` is the plain-torch reference; the model's fast path calls :mod:`bagel_kernels.mot`
-    with ``weight`` and ``variance_epsilon`` instead."""
+    ``forward`` is the plain-torch path; where this stock module has nothing attached, the model's
+    fast path may call :mod:`bagel_kernels.mot` with ``weight`` and ``variance_epsilon`` instead."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -147,7 +157,8 @@ class Qwen2RMSNorm(nn.Module):
 
 
 class Qwen2MLP(nn.Module):
-    """SwiGLU MLP ``down(silu(gate(x)) * up(x))``, no biases. ``forward`` is the torch reference."""
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))``, no biases. Where this stock module has nothing
+    attached, the model's fast path calls its three projections around one SwiGLU kernel instead."""
 
     def __init__(self, config):
         super().__init__()
@@ -188,11 +199,18 @@ class Qwen2RotaryEmbedding(nn.Module):
 
 
 class PackedAttention(nn.Module):
-    """Attention weights of a dense (or MoE) layer: ``q/k/v_proj`` (bias), ``o_proj`` (no bias), and
-    ``q_norm``/``k_norm`` (per-head RMSNorm over D) when ``config.qk_norm`` (else ``nn.Identity``, no keys)."""
+    """Attention of a dense (or MoE) layer: ``q/k/v_proj`` (bias), ``o_proj`` (no bias), and
+    ``q_norm``/``k_norm`` (per-head RMSNorm over D) when ``config.qk_norm`` (else ``nn.Identity``, no keys).
 
-    def __init__(self, config):
+    ``forward(x, ctx)``: the attention sub-block on normed hidden states ``x`` [L, H]; ``ctx`` is the
+    pack's :class:`PackContext` (grouped rows) or another context that runs it (the gather/scatter
+    reference's, :mod:`bagel.qwen2_reference`)."""
+
+    routed = False  # the *_moe_gen siblings serve generation rows
+
+    def __init__(self, config, layer_idx: int | None = None):
         super().__init__()
+        self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
@@ -207,13 +225,34 @@ class PackedAttention(nn.Module):
         self.q_norm = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
         self.k_norm = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
 
+    def _sibling(self, name: str) -> nn.Module | None:
+        return getattr(self, name + "_moe_gen") if self.routed else None
+
+    def fusion_plan(self) -> dict[str, bool]:
+        """Which of this module's ops may run fused this pack (see :func:`bagel.fusion.fusable`)."""
+        plan = {
+            name: fusable(nn.Linear, getattr(self, name), self._sibling(name))
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+        }
+        norm = Qwen2RMSNorm if self.qk_norm else nn.Identity
+        norms = (self.q_norm, self.k_norm, self._sibling("q_norm"), self._sibling("k_norm"))
+        plan["qk_norm"] = fusable(norm, *norms) and _same_eps(*norms)
+        return plan
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        if isinstance(ctx, PackContext):
+            return _attention(self, x, ctx)
+        return ctx.run_attention(self, x)
+
 
 class PackedAttentionMoT(PackedAttention):
     """Attention weights of a MoT layer: those of :class:`PackedAttention` plus the ``*_moe_gen``
     siblings used by generation tokens."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    routed = True
+
+    def __init__(self, config, layer_idx: int | None = None):
+        super().__init__(config, layer_idx)
         qd, kvd = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         self.q_proj_moe_gen = nn.Linear(self.hidden_size, qd, bias=True)
         self.k_proj_moe_gen = nn.Linear(self.hidden_size, kvd, bias=True)
@@ -221,6 +260,46 @@ class PackedAttentionMoT(PackedAttention):
         self.o_proj_moe_gen = nn.Linear(qd, self.hidden_size, bias=False)
         self.q_norm_moe_gen = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
         self.k_norm_moe_gen = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
+
+
+def _same_eps(*norms) -> bool:
+    """One fused launch applies one epsilon: the stock norms it replaces must agree on it."""
+    eps = {getattr(m, "variance_epsilon", None) for m in norms if m is not None}
+    return len(eps) <= 1
+
+
+# ---------------------------------------------------------------------------------------------- fusion plan
+@dataclass(frozen=True)
+class LayerFusion:
+    """Which fused kernels one decoder layer takes for a pack; each flag covers the module of that
+    name and, in a routed op, its ``*_moe_gen`` sibling. True: a kernel reads the stock modules' raw
+    weights (both experts' RMSNorm in one launch, q/k norm fused with RoPE, two GEMMs into one buffer,
+    the MLP as its projections around one SwiGLU kernel). False: the modules are called (``und(x[:n])``
+    and ``gen(x[n:])`` on the grouped rows), so a LoRA layer, a quantised linear or a hook acts.
+    Linears that are not routed are always called (a stock nn.Linear is one ``F.linear`` either way)."""
+
+    input_layernorm: bool = True
+    post_attention_layernorm: bool = True
+    q_proj: bool = True
+    k_proj: bool = True
+    v_proj: bool = True
+    o_proj: bool = True
+    qk_norm: bool = True
+    mlp: bool = True  # False: the MLP modules are called whole
+    gate_proj: bool = True
+    up_proj: bool = True
+    down_proj: bool = True
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    """:class:`LayerFusion` of every decoder layer (by ``layer_idx``) and of the final norm(s)."""
+
+    layers: tuple[LayerFusion, ...]
+    norm: bool = True
+
+
+_UNFUSED = LayerFusion(**{f: False for f in LayerFusion.__dataclass_fields__})
 
 
 # ---------------------------------------------------------------------------------------------- grouped forward
@@ -231,7 +310,8 @@ class PackContext:
     Rows ``[0, n_und)`` of the hidden states are understanding tokens, ``[n_und, L)`` generation tokens;
     ``cos``/``sin`` ``[L, D]`` are in that grouped row order; ``mask`` is the pack's mask truncated to L
     and carrying the row index (token i of the pack is grouped row ``mask.row_index[i]``), or no row
-    index when the grouped order is the pack order."""
+    index when the grouped order is the pack order. ``fusion`` is the pack's :class:`FusionPlan`
+    (:meth:`Qwen2Model.fusion_plan`); None: each layer decides when it runs (eager use only)."""
 
     n_und: int
     cos: torch.Tensor
@@ -243,6 +323,15 @@ class PackContext:
     # when the grouped order is the pack order
     perm: torch.Tensor | None = None
     inv: torch.Tensor | None = None
+    fusion: FusionPlan | None = None
+
+    def layer_fusion(self, layer_idx: int | None, owner: nn.Module) -> LayerFusion:
+        """The plan of layer ``layer_idx``; decided now from ``owner`` when the pack has no plan."""
+        if self.fusion is not None and layer_idx is not None:
+            return self.fusion.layers[layer_idx]
+        if isinstance(owner, PackedAttention):
+            return LayerFusion(**owner.fusion_plan())
+        return owner.fusion_plan()
 
 
 class _ZeroGradRows(torch.autograd.Function):
@@ -268,16 +357,25 @@ def _freeze_rows(x: torch.Tensor, n: int, active: bool) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE alone (``qk_norm=False``): ``x * cos + rotate_half(x) * sin``; x [L, h, D], cos/sin [L, D]."""
+    """RoPE alone: ``x * cos + rotate_half(x) * sin``; x [L, h, D], cos/sin [L, D]."""
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
-def _qk_norm_rope(attn, q, k, ctx: PackContext, routed: bool):
-    """q [L, Hq, D], k [L, Hkv, D] grouped -> normed (when qk_norm) and rotated q, k."""
+def _call_rows(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None) -> torch.Tensor:
+    """The module path of an op on grouped rows: ``und(x)`` when not routed, else
+    ``cat(und(x[:n]), gen(x[n:]))`` (two contiguous slices, so any module works)."""
+    if gen is None:
+        return und(x)
+    return torch.cat([und(x[:n]), gen(x[n:])], dim=0)
+
+
+def _qk_norm_rope(attn: PackedAttention, q, k, ctx: PackContext, fused: bool):
+    """q [L, Hq, D], k [L, Hkv, D] grouped -> normed (q/k norm modules) and rotated q, k."""
+    routed = attn.routed
     n = ctx.n_und if routed else q.shape[0]
-    if attn.qk_norm:
+    if fused and attn.qk_norm:
         qg = attn.q_norm_moe_gen.weight if routed else attn.q_norm.weight
         kg = attn.k_norm_moe_gen.weight if routed else attn.k_norm.weight
         return _mot().mot_qk_norm_rope(
@@ -290,14 +388,20 @@ def _qk_norm_rope(attn, q, k, ctx: PackContext, routed: bool):
             kg,
             ctx.cos,
             ctx.sin,
-            attn.eps,
+            attn.q_norm.variance_epsilon,
             backend=ctx.backend.mot,
         )
+    if not fused:  # the norm modules (Identity without qk_norm), then RoPE
+        q = _call_rows(q, n, attn.q_norm, attn._sibling("q_norm"))
+        k = _call_rows(k, n, attn.k_norm, attn._sibling("k_norm"))
     return _rope(q, ctx.cos, ctx.sin), _rope(k, ctx.cos, ctx.sin)
 
 
-def _norm(x: torch.Tensor, n: int, und: Qwen2RMSNorm, gen: Qwen2RMSNorm | None, backend: str) -> torch.Tensor:
-    """RMSNorm of grouped rows: ``und`` weight on rows [0, n), ``gen`` on the rest (dense: gen=None, n=L)."""
+def _norm(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, fused: bool, backend: str):
+    """RMSNorm of grouped rows: ``und`` on rows [0, n), ``gen`` on the rest (not routed: gen=None).
+    Fused: both experts in one launch, reading the stock Qwen2RMSNorm weights."""
+    if not fused:
+        return _call_rows(x, n, und, gen)
     if gen is None:
         return _mot().mot_rms_norm(
             x, x.shape[0], und.weight, und.weight, und.variance_epsilon, backend=backend
@@ -305,34 +409,43 @@ def _norm(x: torch.Tensor, n: int, und: Qwen2RMSNorm, gen: Qwen2RMSNorm | None, 
     return _mot().mot_rms_norm(x, n, und.weight, gen.weight, und.variance_epsilon, backend=backend)
 
 
-def _linear(x: torch.Tensor, n: int, und: nn.Linear, gen: nn.Linear | None, backend: str) -> torch.Tensor:
-    if gen is None:
-        return F.linear(x, und.weight, und.bias)
+def _linear(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, fused: bool, backend: str):
+    """A projection of grouped rows; routed and fused: two GEMMs into one buffer (stock nn.Linear)."""
+    if gen is None or not fused:
+        return _call_rows(x, n, und, gen)
     return _mot().mot_linear(x, n, und.weight, und.bias, gen.weight, gen.bias, backend=backend)
 
 
-def _mlp(x: torch.Tensor, n: int, und: Qwen2MLP, gen: Qwen2MLP | None, backend: str) -> torch.Tensor:
-    g = _linear(x, n, und.gate_proj, None if gen is None else gen.gate_proj, backend)  # [L, I]
-    u = _linear(x, n, und.up_proj, None if gen is None else gen.up_proj, backend)  # [L, I]
-    h = _mot().swiglu(g, u, backend=backend)
-    return _linear(h, n, und.down_proj, None if gen is None else gen.down_proj, backend)  # [L, H]
+def _mlp(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, plan: LayerFusion, backend: str):
+    """SwiGLU MLP of grouped rows. Stock Qwen2MLP modules with nothing attached run as their three
+    projections (each fused or called per ``plan``) around one SwiGLU kernel; others are called."""
+    if not plan.mlp:
+        return _call_rows(x, n, und, gen)
+
+    def proj(name: str, inp: torch.Tensor) -> torch.Tensor:
+        sibling = None if gen is None else getattr(gen, name)
+        return _linear(inp, n, getattr(und, name), sibling, getattr(plan, name), backend)
+
+    h = _mot().swiglu(proj("gate_proj", x), proj("up_proj", x), backend=backend)  # [L, I]
+    return proj("down_proj", h)  # [L, H]
 
 
-def _attention(attn: PackedAttention, x: torch.Tensor, ctx: PackContext, routed: bool) -> torch.Tensor:
+def _attention(attn: PackedAttention, x: torch.Tensor, ctx: PackContext) -> torch.Tensor:
     """Self-attention sub-block on grouped rows (``x`` already normed): projections, q/k norm + RoPE,
     shared packed attention (rows read through the mask's row index), output projection."""
     L = x.shape[0]
     be = ctx.backend.mot
     n = ctx.n_und
+    plan = ctx.layer_fusion(attn.layer_idx, attn)
 
     def proj(name: str, inp: torch.Tensor) -> torch.Tensor:
-        return _linear(inp, n, getattr(attn, name), getattr(attn, name + "_moe_gen") if routed else None, be)
+        return _linear(inp, n, getattr(attn, name), attn._sibling(name), getattr(plan, name), be)
 
     q = proj("q_proj", x).view(L, attn.num_heads, attn.head_dim)
     k = proj("k_proj", x).view(L, attn.num_key_value_heads, attn.head_dim)
     v = proj("v_proj", x).view(L, attn.num_key_value_heads, attn.head_dim)
-    q, k = _qk_norm_rope(attn, q, k, ctx, routed)
-    frz = ctx.freeze_und and routed
+    q, k = _qk_norm_rope(attn, q, k, ctx, plan.qk_norm)
+    frz = ctx.freeze_und and attn.routed
     q, k, v = (_freeze_rows(t, n, frz) for t in (q, k, v))
     o = packed_attention(
         q, k, v, ctx.mask, backend=ctx.backend.attention, deterministic=ctx.backend.deterministic
@@ -343,7 +456,11 @@ def _attention(attn: PackedAttention, x: torch.Tensor, ctx: PackContext, routed:
 
 # ---------------------------------------------------------------------------------------------- layers
 class Qwen2DecoderLayer(nn.Module):
-    """Dense pre-norm decoder layer: ``x += attn(norm(x)); x += mlp(norm(x))``."""
+    """Dense pre-norm decoder layer: ``x += attn(norm(x)); x += mlp(norm(x))``.
+
+    ``forward(x, ctx)``: with the pack's :class:`PackContext`, :meth:`forward_grouped`; with another
+    context (the gather/scatter reference's), that context runs the layer. Every submodule is called
+    through ``__call__`` (or, for a stock module with nothing attached, replaced by a fused kernel)."""
 
     routed_attention = False
     routed_mlp = False
@@ -358,29 +475,55 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def _attention_module(self, config) -> PackedAttention:
-        return PackedAttention(config)
+        return PackedAttention(config, self.layer_idx)
+
+    def _sibling(self, name: str, routed: bool) -> nn.Module | None:
+        return getattr(self, name + "_moe_gen") if routed else None
+
+    def fusion_plan(self) -> LayerFusion:
+        """This layer's :class:`LayerFusion` for the modules it holds now (see :func:`bagel.fusion.fusable`)."""
+        ra, rm = self.routed_attention, self.routed_mlp
+        plan = {}
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norms = (getattr(self, name), self._sibling(name, ra))
+            plan[name] = fusable(Qwen2RMSNorm, *norms) and _same_eps(*norms)
+        attn = self.self_attn
+        if isinstance(attn, PackedAttention):
+            plan.update(attn.fusion_plan())
+        else:  # a module of another kind runs its own forward
+            plan.update(dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj", "qk_norm"), False))
+        und, gen = self.mlp, self._sibling("mlp", rm)
+        plan["mlp"] = fusable(Qwen2MLP, und, gen)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            plan[name] = plan["mlp"] and fusable(
+                nn.Linear, getattr(und, name), None if gen is None else getattr(gen, name)
+            )
+        return LayerFusion(**plan)
 
     def forward_grouped(self, x: torch.Tensor, ctx: PackContext) -> torch.Tensor:
         """One layer on grouped hidden states ``x`` [L, H] (see :class:`PackContext`)."""
         be = ctx.backend.mot
         n = ctx.n_und
         ra, rm = self.routed_attention, self.routed_mlp
-        h = _norm(
-            x, n, self.input_layernorm, getattr(self, "input_layernorm_moe_gen", None) if ra else None, be
-        )
-        x = x + _attention(self.self_attn, h, ctx, ra)
+        plan = ctx.layer_fusion(self.layer_idx, self)
+        h = _norm(x, n, self.input_layernorm, self._sibling("input_layernorm", ra), plan.input_layernorm, be)
+        x = x + self.self_attn(h, ctx)
         h = _norm(
             x,
             n,
             self.post_attention_layernorm,
-            getattr(self, "post_attention_layernorm_moe_gen", None) if ra else None,
+            self._sibling("post_attention_layernorm", ra),
+            plan.post_attention_layernorm,
             be,
         )
-        m = _mlp(h, n, self.mlp, self.mlp_moe_gen if rm else None, be)
+        m = _mlp(h, n, self.mlp, self._sibling("mlp", rm), plan, be)
         # upstream detaches the understanding rows of the MLP output in MoT layers only
         return x + _freeze_rows(m, n, ctx.freeze_und and ra)
 
-    forward = forward_grouped
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        if isinstance(ctx, PackContext):
+            return self.forward_grouped(x, ctx)
+        return ctx.run_layer(self, x)
 
 
 class Qwen2MoEDecoderLayer(Qwen2DecoderLayer):
@@ -406,7 +549,7 @@ class Qwen2MoTDecoderLayer(Qwen2DecoderLayer):
         self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def _attention_module(self, config) -> PackedAttention:
-        return PackedAttentionMoT(config)
+        return PackedAttentionMoT(config, self.layer_idx)
 
 
 _LAYER_CLASSES = {
@@ -618,7 +761,27 @@ class Qwen2Model(nn.Module):
             freeze_und=self.freeze_und,
             perm=perm,
             inv=inv,
+            fusion=self.fusion_plan(),
         )
+
+    def fusion_plan(self) -> FusionPlan:
+        """Which fused kernels this pack takes, decided from the modules the model holds now: per
+        decoder layer (:meth:`Qwen2DecoderLayer.fusion_plan`) and for the final norm(s). Stock modules
+        with nothing attached run fused; any other module is called (see :func:`bagel.fusion.fusable`).
+        Run eagerly once per pack by :meth:`prepare_context`, outside any compiled region."""
+        layers = []
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, Qwen2DecoderLayer):  # a layer of another kind: everything called
+                layers.append(_UNFUSED)
+                continue
+            if layer.layer_idx != i:
+                raise ValueError(
+                    f"decoder layer {i} has layer_idx={layer.layer_idx!r}: layers must keep their position "
+                    "as layer_idx (the pack's fusion plan is indexed by it)"
+                )
+            layers.append(layer.fusion_plan())
+        norms = (self.norm, self.norm_moe_gen if self.use_moe else None)
+        return FusionPlan(layers=tuple(layers), norm=fusable(Qwen2RMSNorm, *norms) and _same_eps(*norms))
 
     def prepare_pack(
         self,
@@ -651,7 +814,6 @@ class Qwen2Model(nn.Module):
     def decode(self, x: torch.Tensor, ctx: PackContext) -> torch.Tensor:
         """Every decoder layer and the final norm(s) on grouped hidden states (no host syncs, no
         data-dependent Python: ``torch.compile(fullgraph=True)`` traces it)."""
-        mot = _mot()
         be = ctx.backend
         n_und = ctx.n_und
         if self.freeze_und:
@@ -662,18 +824,12 @@ class Qwen2Model(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx)
+        fused = ctx.fusion.norm if ctx.fusion is not None else self.fusion_plan().norm
         if self.use_moe:
-            x = mot.mot_rms_norm(
-                x,
-                n_und,
-                self.norm.weight,
-                self.norm_moe_gen.weight,
-                self.norm.variance_epsilon,
-                backend=be.mot,
-            )
+            x = _norm(x, n_und, self.norm, self.norm_moe_gen, fused, be.mot)
             x = _freeze_rows(x, n_und, self.freeze_und)
         else:
-            x = _norm(x, x.shape[0], self.norm, None, be.mot)
+            x = _norm(x, x.shape[0], self.norm, None, fused, be.mot)
         return x
 
     def forward_train(

@@ -2,9 +2,10 @@
 
 Every routed op gathers its tokens (``x[und]``, ``x[gen]``), applies the understanding or generation
 weights, and scatters the result back into a full ``[L, ...]`` tensor; attention runs over the pack
-in its original order. ``freeze_und`` detaches exactly what upstream detaches. RMSNorm, RoPE and the
-SwiGLU MLP are written out in torch here (through the modules' own ``forward``), independent of
-:mod:`bagel_kernels.mot`.
+in its original order. ``freeze_und`` detaches exactly what upstream detaches. Every module is called
+(decoder layers, attention, projections, norms, MLPs: through ``__call__``, so hooks fire and swapped-in
+modules act), and RMSNorm and the SwiGLU MLP run their own torch ``forward``, independent of
+:mod:`bagel_kernels.mot`; RoPE is written out here.
 
 It reads the parameters of a :class:`bagel.qwen2.Qwen2ForCausalLM`, so the same state_dict serves both.
 How to swap it in:
@@ -20,6 +21,7 @@ gather/scatter layer, with any attention backend, to measure what the grouped la
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -34,7 +36,13 @@ from bagel.qwen2 import (
 )
 from bagel_kernels import PackedMask, packed_attention
 
-__all__ = ["forward_train_reference", "reference_layer_forward", "apply_rotary", "Qwen2ForCausalLMReference"]
+__all__ = [
+    "forward_train_reference",
+    "reference_layer_forward",
+    "apply_rotary",
+    "Qwen2ForCausalLMReference",
+    "ReferenceContext",
+]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -104,33 +112,51 @@ def _attention(
     return attn.o_proj(o)
 
 
-def reference_layer_forward(
-    layer: Qwen2DecoderLayer,
-    x: torch.Tensor,
-    mask: PackedMask,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    und: torch.Tensor,
-    gen: torch.Tensor,
-    *,
-    freeze_und: bool = False,
-    attention: str = "sdpa",
-    deterministic: bool = False,
-) -> torch.Tensor:
-    """One decoder layer in upstream's gather/scatter form, hidden states ``x`` [L, H] in pack order.
+@dataclass
+class ReferenceContext:
+    """What the layers of one reference forward share (pack order, no grouping). Passed as the ``ctx``
+    of ``layer(x, ctx)`` / ``self_attn(h, ctx)``, so that the modules are called through ``__call__``
+    (their hooks fire) and this context runs their upstream-style bodies."""
 
-    ``mask`` covers at least L tokens (no row index); cos/sin ``[L, D]`` in pack order; und/gen long
-    index tensors partitioning ``range(L)`` (ignored by dense layers)."""
-    L = x.shape[0]
-    mask = mask.truncated(L)
+    mask: PackedMask  # truncated to L, no row index
+    cos: torch.Tensor  # [L, D], pack order
+    sin: torch.Tensor
+    und: torch.Tensor
+    gen: torch.Tensor
+    freeze_und: bool = False
+    attention: str = "sdpa"
+    deterministic: bool = False
+
+    def run_layer(self, layer: Qwen2DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        return _layer_body(layer, x, self)
+
+    def run_attention(self, attn: PackedAttention, x: torch.Tensor) -> torch.Tensor:
+        frz = self.freeze_und and attn.routed  # upstream's MoE and dense layers ignore freeze_und
+        return _attention(
+            attn,
+            x,
+            self.und,
+            self.gen,
+            self.mask,
+            self.cos,
+            self.sin,
+            attn.routed,
+            frz,
+            self.attention,
+            self.deterministic,
+        )
+
+
+def _layer_body(layer: Qwen2DecoderLayer, x: torch.Tensor, ctx: ReferenceContext) -> torch.Tensor:
+    und, gen = ctx.und, ctx.gen
     ra, rm = layer.routed_attention, layer.routed_mlp
-    frz = freeze_und and ra  # upstream's MoE and dense layers ignore freeze_und
+    frz = ctx.freeze_und and ra  # upstream's MoE and dense layers ignore freeze_und
     residual = x
     if ra:
         h = _routed(x, und, gen, layer.input_layernorm, layer.input_layernorm_moe_gen)
     else:
         h = layer.input_layernorm(x)
-    a = _attention(layer.self_attn, h, und, gen, mask, cos, sin, ra, frz, attention, deterministic)
+    a = layer.self_attn(h, ctx)
     if frz:
         a[und] = a[und].detach()
     x = residual + a
@@ -147,6 +173,30 @@ def reference_layer_forward(
     else:
         m = layer.mlp(layer.post_attention_layernorm(x))
     return residual + m
+
+
+def reference_layer_forward(
+    layer: Qwen2DecoderLayer,
+    x: torch.Tensor,
+    mask: PackedMask,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    und: torch.Tensor,
+    gen: torch.Tensor,
+    *,
+    freeze_und: bool = False,
+    attention: str = "sdpa",
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """One decoder layer in upstream's gather/scatter form, hidden states ``x`` [L, H] in pack order.
+
+    ``mask`` covers at least L tokens (no row index); cos/sin ``[L, D]`` in pack order; und/gen long
+    index tensors partitioning ``range(L)`` (ignored by dense layers). The layer and its submodules are
+    called through ``__call__``."""
+    ctx = ReferenceContext(
+        mask.truncated(x.shape[0]), cos, sin, und, gen, freeze_und, attention, deterministic
+    )
+    return layer(x, ctx)
 
 
 def forward_train_reference(
@@ -177,19 +227,9 @@ def forward_train_reference(
         x = x.clone()
         x[und] = x[und].detach()
     cos, sin = model.rotary_emb(pos, x.dtype)
+    ctx = ReferenceContext(mask, cos, sin, und, gen, freeze, attention, deterministic)
     for layer in model.layers:
-        x = reference_layer_forward(
-            layer,
-            x,
-            mask,
-            cos,
-            sin,
-            und,
-            gen,
-            freeze_und=freeze,
-            attention=attention,
-            deterministic=deterministic,
-        )
+        x = layer(x, ctx)  # through __call__: hooks (and FSDP2's unshard) run
     if model.use_moe:
         out = torch.zeros_like(x)
         out[und] = model.norm(x[und])

@@ -14,6 +14,11 @@ the checkpoint's ``[hidden, C*p*p]`` layout once :meth:`SiglipVisionEmbeddings.c
 ran), ``embeddings.position_embedding``, ``encoder.layers.N.{self_attn.{q,k,v,out}_proj, layer_norm1,
 layer_norm2, mlp.fc1, mlp.fc2}``, ``post_layernorm``.
 
+Every submodule is called (q/k/v/out projections, MLP, LayerNorms, encoder layers), so LoRA layers,
+quantised linears and hooks act; the one fusion that reads raw weights, the patch embedding (linear +
+bias + position row in one op), runs only when those modules are the stock ones with nothing attached
+(:meth:`SiglipVisionModel.fusion_plan`), else ``patch_embedding`` and ``position_embedding`` are called.
+
 Shapes: N = patches in the pack, E = ViT hidden size, h = heads, d = E / h.
 """
 
@@ -28,6 +33,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from bagel.backend import BagelBackendConfig
+from bagel.fusion import float_dtype, fusable
 from bagel_kernels import PackedMask, packed_attention
 
 __all__ = [
@@ -63,14 +69,16 @@ def patch_embed(
     """``patches @ weight.T + bias (+ pos_table[pos_ids])`` -> ``[N, E]``.
 
     ``backend`` is :attr:`BagelBackendConfig.patch_embed`: ``"torch"`` is plain PyTorch; ``"auto"`` /
-    ``"cuda"`` call :func:`bagel_kernels.patch_embed.fused_patch_embed` with that backend (``"auto"``
-    falls back to PyTorch when the op is not installed; ``"cuda"`` then raises ValueError)."""
+    ``"cuda"`` / ``"cpu_ext"`` call :func:`bagel_kernels.patch_embed.fused_patch_embed` with that backend
+    (``"auto"`` falls back to PyTorch when the op is not installed; a named kernel then raises ValueError)."""
     if backend != "torch":
         fused = _fused_patch_embed()
         if fused is not None:
             return fused(patches, weight, bias, pos_table, pos_ids, backend=backend)
-        if backend == "cuda":
-            raise ValueError("patch_embed='cuda' needs bagel_kernels.patch_embed, which is not available")
+        if backend != "auto":
+            raise ValueError(
+                f"patch_embed={backend!r} needs bagel_kernels.patch_embed, which is not available"
+            )
     out = F.linear(patches, weight, bias)
     if pos_table is not None:
         out = out + pos_table[pos_ids]
@@ -150,16 +158,40 @@ class SiglipVisionEmbeddings(nn.Module):
         linear.bias.copy_(conv.bias)
         self.patch_embedding = linear
 
+    def fusable(self) -> bool:
+        """Whether the fused patch-embedding op may stand in for ``patch_embedding`` (and
+        ``position_embedding``): both the stock modules with nothing attached (:func:`bagel.fusion.fusable`)."""
+        if not fusable(nn.Linear, self.patch_embedding):
+            return False
+        if self.use_rope:
+            return True
+        pos = self.position_embedding
+        return fusable(nn.Embedding, pos) and pos.max_norm is None
+
     def forward(
-        self, packed_pixel_values: torch.Tensor, packed_flattened_position_ids: torch.Tensor, backend: str
+        self,
+        packed_pixel_values: torch.Tensor,
+        packed_flattened_position_ids: torch.Tensor,
+        backend: str,
+        fused: bool | None = None,
     ) -> torch.Tensor:
+        """``[N, C*p*p]`` patches -> ``[N, E]``. ``fused`` (default: :meth:`fusable`, decided now): one
+        fused op reading the stock modules' weights; else ``patch_embedding(x)`` (+
+        ``position_embedding(ids)``), whatever those modules are."""
         pe = self.patch_embedding
-        if not isinstance(pe, nn.Linear):
+        if isinstance(pe, nn.Conv2d):
             raise ValueError("the patch embedding is still a Conv2d: call convert_conv2d_to_linear() first")
-        x = packed_pixel_values.to(pe.weight.dtype)
-        table = None if self.use_rope else self.position_embedding.weight
+        if fused is None:
+            fused = self.fusable()
+        x = packed_pixel_values.to(float_dtype(pe))
         ids = None if self.use_rope else packed_flattened_position_ids
-        return patch_embed(x, pe.weight, pe.bias, table, ids, backend)
+        if fused:
+            table = None if self.use_rope else self.position_embedding.weight
+            return patch_embed(x, pe.weight, pe.bias, table, ids, backend)
+        out = pe(x)
+        if ids is not None:
+            out = out + self.position_embedding(ids)
+        return out
 
 
 class SiglipAttention(nn.Module):
@@ -257,8 +289,11 @@ class SiglipVisionTransformer(nn.Module):
         packed_flattened_position_ids: torch.Tensor,
         mask: PackedMask,
         backend: BagelBackendConfig,
+        fused_patch_embed: bool | None = None,
     ) -> torch.Tensor:
-        x = self.embeddings(packed_pixel_values, packed_flattened_position_ids, backend.patch_embed)
+        x = self.embeddings(
+            packed_pixel_values, packed_flattened_position_ids, backend.patch_embed, fused_patch_embed
+        )
         rope = None
         if self.embeddings.use_rope:
             head_dim = self.config.hidden_size // self.config.num_attention_heads
@@ -343,10 +378,13 @@ class SiglipVisionModel(nn.Module):
         packed_flattened_position_ids: torch.Tensor,
         vit_token_seqlens: torch.Tensor | list[int] | None = None,
         mask: PackedMask | None = None,
+        fused_patch_embed: bool | None = None,
     ) -> torch.Tensor:
         """``[N, C*p*p]`` patches -> ``[N, E]`` features (after ``post_layernorm``).
 
-        Give either ``vit_token_seqlens`` (patches per image) or a prebuilt ``mask``."""
+        Give either ``vit_token_seqlens`` (patches per image) or a prebuilt ``mask``.
+        ``fused_patch_embed``: the pack's :meth:`fusion_plan` (decided once per pack, outside a
+        compiled region); None decides now."""
         if mask is None:
             if vit_token_seqlens is None:
                 raise ValueError("vit_token_seqlens is required (patches per image)")
@@ -359,4 +397,12 @@ class SiglipVisionModel(nn.Module):
                 )
             ]
             mask = PackedMask.from_splits(lens, lens, ["full"] * len(lens), device=packed_pixel_values.device)
-        return self.vision_model(packed_pixel_values, packed_flattened_position_ids, mask, self.backend)
+        return self.vision_model(
+            packed_pixel_values, packed_flattened_position_ids, mask, self.backend, fused_patch_embed
+        )
+
+    def fusion_plan(self) -> bool:
+        """Whether the fused patch-embedding op stands in for the patch / position embedding modules
+        this pack (they are the stock ones with nothing attached). Every other module of the tower
+        (projections, MLPs, LayerNorms, encoder layers) is always called."""
+        return self.vision_model.embeddings.fusable()

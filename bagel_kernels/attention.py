@@ -46,11 +46,27 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # fp64:
 
 
 # ---------------------------------------------------------------------------------------------- sdpa
+def _sdpa(q, k, v, vis, scale: float, deterministic: bool) -> torch.Tensor:
+    """SDPA on ``[1, H, L, D]`` tensors with a bool mask. ``deterministic``: SDPA's math kernel (matmuls
+    and a softmax) on K/V repeated per query head by ``expand`` (its backward is a plain sum), since
+    the memory-efficient kernel's backward accumulates with atomics on CUDA and a fused kernel may
+    accumulate GQA gradients across threads."""
+    gqa = q.shape[1] != k.shape[1]
+    if not deterministic:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scale, enable_gqa=gqa)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if gqa:
+        r = q.shape[1] // k.shape[1]  # query head h reads key/value head h // r
+        k = k[:, :, None].expand(-1, -1, r, -1, -1).flatten(1, 2)
+        v = v[:, :, None].expand(-1, -1, r, -1, -1).flatten(1, 2)
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scale)
+
+
 def _sdpa_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) -> torch.Tensor:
     if torch.compiler.is_compiling():
-        return _sdpa_dense(q, k, v, mask, scale)
-    T, Hq, D = q.shape
-    gqa = Hq != k.shape[1]
+        return _sdpa_dense(q, k, v, mask, scale, deterministic)
     outs = []
     for s, e in mask.sample_bounds():
         if e <= s:
@@ -62,20 +78,20 @@ def _sdpa_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) 
         # branch on the data, so the loop has no host sync and traces under torch.compile
         dead = ~vis.any(dim=1)
         vis = vis | dead[:, None]
-        o = F.scaled_dot_product_attention(
+        o = _sdpa(
             q[s:e].transpose(0, 1).unsqueeze(0),  # [1, Hq, L, D]
             k[s:e].transpose(0, 1).unsqueeze(0),
             v[s:e].transpose(0, 1).unsqueeze(0),
-            attn_mask=vis,
-            scale=scale,
-            enable_gqa=gqa,
+            vis,
+            scale,
+            deterministic,
         )[0].transpose(0, 1)  # [L, Hq, D]
         o = o.masked_fill(dead[:, None, None], 0.0)
         outs.append(o)
     return torch.cat(outs, dim=0)
 
 
-def _sdpa_dense(q, k, v, mask: PackedMask, scale: float) -> torch.Tensor:
+def _sdpa_dense(q, k, v, mask: PackedMask, scale: float, deterministic: bool = False) -> torch.Tensor:
     """The sdpa backend inside a ``torch.compile`` region: ONE SDPA call over the whole pack with the
     dense ``[T, T]`` mask computed in the graph from the interval vectors. The per-sample loop above
     reads ``mask.sample_lens`` in Python, so a compiled graph would specialise on (and recompile for)
@@ -86,13 +102,13 @@ def _sdpa_dense(q, k, v, mask: PackedMask, scale: float) -> torch.Tensor:
     vis = (mask.kv_lo[None, :] <= r) & (r < mask.kv_hi[None, :])  # [T, T]
     dead = ~vis.any(dim=1)  # rows that see no key: a dummy key, then zeroed (as in the loop)
     vis = vis | dead[:, None]
-    o = F.scaled_dot_product_attention(
+    o = _sdpa(
         q.transpose(0, 1).unsqueeze(0),  # [1, Hq, T, D]
         k.transpose(0, 1).unsqueeze(0),
         v.transpose(0, 1).unsqueeze(0),
-        attn_mask=vis,
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
+        vis,
+        scale,
+        deterministic,
     )[0].transpose(0, 1)  # [T, Hq, D]
     return o.masked_fill(dead[:, None, None], 0.0)
 
@@ -359,7 +375,10 @@ def packed_attention(
         softmax_scale: defaults to ``D ** -0.5``; must be finite and non-negative (NaN, inf or a
             negative scale raise the same ValueError on every backend).
         backend: ``"auto"``, ``"triton"``, ``"flex"`` or ``"sdpa"``.
-        deterministic: ask for a bit-reproducible backward (the Triton backend then uses no atomics).
+        deterministic: True promises a bit-identical backward on repeated runs: the Triton kernels
+            use no atomics, FlexAttention's backward is two-pass (no atomics), and the sdpa backend
+            runs SDPA's math kernel (see ``_sdpa``). False lets a backend take a faster
+            non-deterministic backward where it has one.
 
     Returns ``[T, Hq, D]`` in q's dtype. Rows that see no key are zero (with zero gradients). ``T = 0``
     gives an empty ``[0, Hq, D]`` on every backend, with a working backward (empty gradients).

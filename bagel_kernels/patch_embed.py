@@ -16,10 +16,12 @@ Backends (``backend=``):
     "cuda"     the compiled CUDA kernel (``torch.ops.bagel_kernels_ext.fused_patch_embed``): a tiled GEMM
                on tensor cores (fp16/bf16, fp32 accumulate) or in exact fp32, patchify gathered in the A-tile
                load, bias and position row added in the epilogue
-    "cpu_ext"  the same op's CPU kernel (fp32/fp16/bf16, fp32 accumulate)
+    "cpu_ext"  the same op's CPU kernel (fp32/fp16/bf16, fp32 accumulate); slower than "torch" on CPU,
+               it runs only when named (tests, parity)
     "torch"    the unfused PyTorch path (:func:`patch_embed_reference`): patchify + ``F.linear`` + embedding add
-    "auto"     the extension when it is built and has a kernel for the tensors' device, else "torch"
-               (warning once; :func:`extension_status` and :func:`last_backend` say what ran and why)
+    "auto"     the fastest correct path for the tensors' device: on CUDA the extension when it is built
+               (else "torch", warning once), on CPU "torch" (:func:`extension_status` and
+               :func:`last_backend` say what ran and why)
 
 The extension (``bagel_kernels/_C*.so``, built by ``pip install --no-build-isolation -e .``) is loaded on
 first use, never at import. Its op is registered with ``torch.library``: a fake implementation for
@@ -307,13 +309,15 @@ def _resolve(backend: str, device_type: str, dtype_name: str) -> str:
             raise ValueError(f"backend={backend!r} supports float32, float16 and bfloat16, got {dtype_name}")
         _last = (backend, "requested")
         return backend
-    # auto
+    # auto: the fastest correct path per device. On CPU that is torch (BLAS GEMM + add): the
+    # extension's CPU kernel is 6.6x slower at so400m shapes (benchmarks/test_microbench.py), so it
+    # runs only when named ("cpu_ext"), for tests and parity.
+    if device_type == "cpu":
+        _last = ("torch", "auto: the torch path (BLAS) is the fastest on CPU")
+        return "torch"
     if device_type == "cuda" and st.cuda and ext_dtype:
         _last = ("cuda", "auto: CUDA extension kernel")
         return "cuda"
-    if device_type == "cpu" and st.cpu and ext_dtype:
-        _last = ("cpu_ext", "auto: CPU extension kernel")
-        return "cpu_ext"
     if not ext_dtype:
         why = f"auto: {dtype_name} is not supported by the extension"
     elif device_type not in ("cpu", "cuda"):

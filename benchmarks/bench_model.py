@@ -144,9 +144,9 @@ def set_variant(model: BagelForUnifiedMultimodal, variant, cpu: bool) -> None:
         attn = "sdpa"
     model.backend = BagelBackendConfig(attention=attn, mot=mot, patch_embed=pe)
     if vit_attn is not None:
-        model.vit_model.backend = BagelBackendConfig(attention=vit_attn, mot=mot, patch_embed=pe)
+        model.model.vit_model.backend = BagelBackendConfig(attention=vit_attn, mot=mot, patch_embed=pe)
     # the two LM classes share parameters and differ only in forward_train: switch the routing in place
-    model.language_model.__class__ = Qwen2ForCausalLMReference if gather_scatter else Qwen2ForCausalLM
+    model.model.language_model.__class__ = Qwen2ForCausalLMReference if gather_scatter else Qwen2ForCausalLM
 
 
 def make_step(model, batch):

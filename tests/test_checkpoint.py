@@ -37,7 +37,7 @@ def ckpt(tmp_path_factory):
     model = random_model()
     vae = {"encoder.conv_in.weight": torch.randn(8, 3, 3, 3), "decoder.conv_out.bias": torch.randn(3)}
     save_checkpoint(model, path, config=model.config, extra_tensors=vae)
-    return path, model.state_dict()
+    return path, model.model.state_dict()
 
 
 def test_config_round_trip(tmp_path):
@@ -89,7 +89,7 @@ def test_config_aliases_and_dicts():
 
 def test_key_classification_covers_the_model():
     model = random_model()
-    kinds = {k: classify_key(k) for k in model.state_dict()}
+    kinds = {k: classify_key(k) for k in model.model.state_dict()}
     assert "unknown" not in kinds.values(), [k for k, v in kinds.items() if v == "unknown"]
     gen = {k for k, v in kinds.items() if v == "gen"}
     assert all(
@@ -97,7 +97,7 @@ def test_key_classification_covers_the_model():
         for k in gen
     )
     stage1 = BagelForUnifiedMultimodal(BagelConfig.tiny(stage=1), **REF)
-    assert set(stage1.state_dict()) == {k for k, v in kinds.items() if v == "und"}
+    assert set(stage1.model.state_dict()) == {k for k, v in kinds.items() if v == "und"}
     assert classify_key("encoder.down.0.block.0.conv1.weight") == "vae"
     assert classify_key("decoder.up.1.conv.bias") == "vae"
     assert classify_key("language_model.model.layers.3.mlp.gate_up_proj.weight") == "unknown"
@@ -108,7 +108,7 @@ def test_key_classification_covers_the_model():
 def test_load_stage2_bit_identical(ckpt, stage):
     path, sd = ckpt
     model = BagelForUnifiedMultimodal.from_pretrained(path, stage=stage, strict=True, **REF)
-    got = model.state_dict()
+    got = model.model.state_dict()
     assert set(got) == set(sd)
     for k, v in sd.items():
         assert torch.equal(got[k], v), k
@@ -122,7 +122,7 @@ def test_load_stage1_understanding_subset(ckpt):
     path, sd = ckpt
     model = BagelForUnifiedMultimodal.from_pretrained(path, stage=1, strict=True, **REF)
     assert model.config.visual_gen is False and model.config.stage == 1
-    got = model.state_dict()
+    got = model.model.state_dict()
     assert set(got) == {k for k in sd if classify_key(k) == "und"}
     for k, v in got.items():
         assert torch.equal(v, sd[k]), k
@@ -150,7 +150,7 @@ def test_upstream_layout(ckpt, tmp_path):
         tmp_path, stage=2, strict=True, vae_config=cfg.vae_config, **REF
     )
     for k, v in sd.items():
-        assert torch.equal(model.state_dict()[k], v), k
+        assert torch.equal(model.model.state_dict()[k], v), k
     with pytest.raises(ValueError, match="llm_config.json"):
         BagelConfig.from_pretrained(tmp_path / "..")
 
@@ -171,7 +171,7 @@ def test_strict_unknown_keys(ckpt, tmp_path):
         "foo.bar",
         "vit_model.vision_model.encoder.layers.2.mlp.fc1.bias",
     ]
-    assert torch.equal(model.state_dict()["connector.fc1.weight"], sd["connector.fc1.weight"])
+    assert torch.equal(model.model.state_dict()["connector.fc1.weight"], sd["connector.fc1.weight"])
 
 
 def test_strict_failure_leaves_model_untouched(ckpt, tmp_path):
@@ -180,10 +180,10 @@ def test_strict_failure_leaves_model_untouched(ckpt, tmp_path):
     tensors["foo.bar"] = torch.zeros(2)
     save_file(tensors, tmp_path / "ema.safetensors")
     model = random_model(seed=7)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
     with pytest.raises(ValueError, match="match no model parameter"):
         load_checkpoint_into(model, tmp_path, stage=2, strict=True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
 
 
 def test_missing_keys_conv_weight_and_shape_errors(ckpt, tmp_path):
@@ -199,7 +199,7 @@ def test_missing_keys_conv_weight_and_shape_errors(ckpt, tmp_path):
     model = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, **REF)
     r = model.load_report
     assert r.missing == ["connector.fc2.bias"] and r.converted == [key]
-    assert torch.equal(model.state_dict()[key], sd[key])
+    assert torch.equal(model.model.state_dict()[key], sd[key])
     tensors["connector.fc2.bias"] = torch.zeros(5)
     save_file(tensors, tmp_path / "ema.safetensors")
     with pytest.raises(ValueError, match="connector.fc2.bias.*shape"):
@@ -233,9 +233,9 @@ def test_save_pretrained_and_dtype(tmp_path):
     model = random_model(seed=3)
     model.save_pretrained(tmp_path)
     back = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, dtype=torch.bfloat16, **REF)
-    assert back.language_model.lm_head.weight.dtype == torch.bfloat16
+    assert back.model.language_model.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(
-        back.language_model.lm_head.weight, model.language_model.lm_head.weight.to(torch.bfloat16)
+        back.model.language_model.lm_head.weight, model.model.language_model.lm_head.weight.to(torch.bfloat16)
     )
 
 

@@ -80,13 +80,13 @@ def test_forward_prepared_and_decoder_layer_fullgraph(attention, mot, compiler, 
     counters.clear()
     grad = attention != "flex"
     model = _model(BagelBackendConfig(attention=attention, mot=mot, patch_embed="torch"))
-    model.language_model.model.gradient_checkpointing = checkpointing
-    model.vit_model.vision_model.encoder.gradient_checkpointing = checkpointing
+    model.model.language_model.model.gradient_checkpointing = checkpointing
+    model.model.vit_model.vision_model.encoder.gradient_checkpointing = checkpointing
     body_count = CompileCounterWithBackend(compiler)
     layer_count = CompileCounterWithBackend(compiler)
     # fullgraph=True: any graph break raises, so reaching the comparisons means there was none
     body = torch.compile(model.forward_prepared, fullgraph=True, dynamic=True, backend=body_count)
-    layer = model.language_model.model.layers[0]  # a Qwen2MoTDecoderLayer
+    layer = model.model.language_model.model.layers[0]  # a Qwen2MoTDecoderLayer
     layer_c = torch.compile(layer, fullgraph=True, dynamic=True, backend=layer_count)
     frames = []
     with torch.set_grad_enabled(grad):
@@ -116,6 +116,31 @@ def test_forward_prepared_and_decoder_layer_fullgraph(attention, mot, compiler, 
     assert frames[-1] == frames[WARMUP - 1], frames
 
 
+def test_lora_model_body_fullgraph_without_recompiling():
+    """A PEFT LoRA model (adapters on the LLM's and the ViT's projections): the fused kernels give way
+    to the adapted modules by the pack's fusion plan, decided in the eager preparation, so the body
+    still traces with ``fullgraph=True`` and packs of new lengths compile nothing after the warm-up."""
+    from peft import LoraConfig, get_peft_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(BagelBackendConfig(attention="sdpa", mot="torch", patch_embed="torch"))
+    targets = r".*(language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj(_moe_gen)?|mlp\.down_proj)|encoder\.layers\.\d+\.self_attn\.q_proj)"
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    assert not model.model.language_model.model.fusion_plan().layers[0].q_proj
+    count = CompileCounterWithBackend("eager")
+    body = torch.compile(model.forward_prepared, fullgraph=True, dynamic=True, backend=count)
+    frames = []
+    for i, batch in enumerate(_packs(model.config, WARMUP + 1)):
+        torch.manual_seed(i)
+        out = body(model.prepare_pack(**batch))
+        torch.manual_seed(i)
+        _close(out, peft_model(**batch))
+        frames.append(count.frame_count)
+    assert not counters["graph_break"]
+    assert frames[-1] == frames[WARMUP - 1], frames
+
+
 def test_whole_forward_graph_breaks_are_only_in_the_pack_preparation():
     """``torch._dynamo.explain`` of the documented ``forward``: it traces, and every graph break lies in
     ``prepare_pack`` (validation host syncs, masks from Python lists, block tables), none in the model
@@ -135,6 +160,8 @@ def test_whole_forward_graph_breaks_are_only_in_the_pack_preparation():
         "_mlp",
         "_norm",
         "_linear",
+        "_call_rows",
+        "_qk_norm_rope",
         "packed_attention",
         "triton_packed_attention",
     }

@@ -81,6 +81,11 @@ def _worker(rank: int, port: int, backend: BagelBackendConfig, prepared: bool, r
     apply_fsdp2(model, activation_checkpointing=True)
     layers = decoder_layers(model)
     assert len(layers) == 2 * 2 and all(isinstance(m, FSDPModule) for m in layers + [model])
+    # FSDP2's sharded (DTensor) weights and its unit hooks leave the fused kernels in place
+    plan = model.model.language_model.model.fusion_plan()
+    assert (
+        all(all(vars(p).values()) for p in plan.layers) and plan.norm and model.model.vit_model.fusion_plan()
+    )
     calls = {"llm": 0, "vit": 0}  # forward calls of one LLM and one ViT layer: 2 per step = recomputed
     layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("llm", calls["llm"] + 1))
     layers[-1].register_forward_pre_hook(lambda *a: calls.__setitem__("vit", calls["vit"] + 1))
@@ -179,8 +184,8 @@ def test_activation_checkpointing_keeps_gradients():
     grads = []
     for ac in (False, True):
         model = _model(backend)
-        model.language_model.model.gradient_checkpointing = ac
-        model.vit_model.vision_model.encoder.gradient_checkpointing = ac
+        model.model.language_model.model.gradient_checkpointing = ac
+        model.model.vit_model.vision_model.encoder.gradient_checkpointing = ac
         _loss(model, batch).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -200,8 +205,8 @@ def test_stand_in_and_zero_ties_give_every_parameter_a_gradient_and_change_nothi
         if tie:
             model.vit_stand_in = True
             model.zero_grad_prefixes = (
-                "language_model.model.layers.",
-                "vit_model.vision_model.encoder.layers.",
+                "model.language_model.model.layers.",
+                "model.vit_model.vision_model.encoder.layers.",
             )
         loss = _loss(model, batch)
         loss.backward()

@@ -143,9 +143,9 @@ def test_conv_to_linear_patch_embedding():
     lin_out = emb.patch_embedding(patchify(img[0], 4))
     torch.testing.assert_close(lin_out, conv_out, atol=1e-5, rtol=1e-5)
     model = reference_model()
-    w = model.vit_model.vision_model.embeddings.patch_embedding.weight.clone()
-    _convert_patch_embedding_for_packed_vit(model, model.config)  # already Linear: no-op
-    assert torch.equal(model.vit_model.vision_model.embeddings.patch_embedding.weight, w)
+    w = model.model.vit_model.vision_model.embeddings.patch_embedding.weight.clone()
+    _convert_patch_embedding_for_packed_vit(model.model, model.config)  # already Linear: no-op
+    assert torch.equal(model.model.vit_model.vision_model.embeddings.patch_embedding.weight, w)
 
 
 def test_siglip_tower_matches_hf():
@@ -163,7 +163,7 @@ def test_siglip_tower_matches_hf():
     )
     hf_cfg._attn_implementation = "eager"
     hf = HFSiglip(hf_cfg).eval()
-    ours = {k.removeprefix("vision_model."): v for k, v in model.vit_model.state_dict().items()}
+    ours = {k.removeprefix("vision_model."): v for k, v in model.model.vit_model.state_dict().items()}
     E, p = cfg.vision_config.hidden_size, cfg.vision_config.patch_size
     ours["embeddings.patch_embedding.weight"] = (
         ours["embeddings.patch_embedding.weight"].reshape(E, p, p, 3).permute(0, 3, 1, 2)
@@ -179,7 +179,7 @@ def test_siglip_tower_matches_hf():
     tokens = torch.cat([patchify(x, p) for x in imgs])
     ids = torch.arange(64).repeat(2)
     with torch.no_grad():
-        got = model.vit_model(tokens, ids, vit_token_seqlens=[64, 64])
+        got = model.model.vit_model(tokens, ids, vit_token_seqlens=[64, 64])
         post = hf.post_layernorm if hasattr(hf, "post_layernorm") else hf.vision_model.post_layernorm
         for i, x in enumerate(imgs):
             hs = hf(x[None], output_hidden_states=True).hidden_states
@@ -189,12 +189,14 @@ def test_siglip_tower_matches_hf():
 def upstream_forward(model: BagelForUnifiedMultimodal, b: dict) -> dict:
     """Transcription of upstream BAGEL's ``Bagel.forward`` (modeling/bagel/bagel.py) over our modules,
     with per-sample dense masks (upstream's non-flex path) and the gather/scatter reference LM."""
-    lm = model.language_model
+    lm = model.model.language_model
     seq = lm.model.embed_tokens(b["packed_text_ids"])
     packed = seq.new_zeros(b["sequence_length"], model.hidden_size)
     packed[b["packed_text_indexes"]] = seq
-    feats = model.vit_model(b["packed_vit_tokens"], b["packed_vit_position_ids"], b["vit_token_seqlens"])
-    packed[b["packed_vit_token_indexes"]] = model.connector(feats) + model.vit_pos_embed(
+    feats = model.model.vit_model(
+        b["packed_vit_tokens"], b["packed_vit_position_ids"], b["vit_token_seqlens"]
+    )
+    packed[b["packed_vit_token_indexes"]] = model.model.connector(feats) + model.model.vit_pos_embed(
         b["packed_vit_position_ids"]
     )
     p, C = model.latent_patch_size, model.latent_channel
@@ -208,7 +210,9 @@ def upstream_forward(model: BagelForUnifiedMultimodal, b: dict) -> dict:
     t = model.timestep_shift * t / (1 + (model.timestep_shift - 1) * t)
     x = (1 - t[:, None]) * clean + t[:, None] * noise
     packed[b["packed_vae_token_indexes"]] = (
-        model.vae2llm(x) + model.time_embedder(t) + model.latent_pos_embed(b["packed_latent_position_ids"])
+        model.model.vae2llm(x)
+        + model.model.time_embedder(t)
+        + model.model.latent_pos_embed(b["packed_latent_position_ids"])
     )
     sl = b["sample_lens"]
     rule = dense_mask_from_rule(sl, b["split_lens"], b["attn_modes"])  # the rule, written independently
@@ -218,7 +222,7 @@ def upstream_forward(model: BagelForUnifiedMultimodal, b: dict) -> dict:
         s += n
     und = torch.cat([b["packed_text_indexes"], b["packed_vit_token_indexes"]])
     hidden = lm.forward_train(packed, sl, masks, b["packed_position_ids"], und, b["packed_vae_token_indexes"])
-    preds = model.llm2vae(hidden[b["mse_loss_indexes"]])
+    preds = model.model.llm2vae(hidden[b["mse_loss_indexes"]])
     mse = (preds - (noise - clean)[t > 0]) ** 2
     ce = nn.functional.cross_entropy(
         lm.lm_head(hidden[b["ce_loss_indexes"]]), b["packed_label_ids"], reduction="none"
@@ -240,12 +244,14 @@ def test_forward_matches_upstream_transcription(stage2_batch, shift):
 
 # ---------------------------------------------------------------------------------------------- backends
 COMBOS = [(a, m, p) for a in ("sdpa", "triton") for m in ("torch", "triton") for p in ("torch", "auto")]
+COMBOS.append(("sdpa", "torch", "cpu_ext"))  # the extension's C++ CPU kernel, named (auto takes torch on CPU)
 
 
 @pytest.mark.parametrize("attention,mot,patch_embed", COMBOS)
 def test_backend_combination_matches_reference(stage2_batch, stage2_reference, attention, mot, patch_embed):
     """The grouped-routing model on (attention, mot, patch_embed) kernels vs the all-reference model:
-    ce, mse and the gradient of every parameter (patch_embed "auto" is the fused op when installed)."""
+    ce, mse and the gradient of every parameter (patch_embed "auto": the torch path on CPU, the CUDA
+    extension on GPUs when built)."""
     pytest.importorskip("bagel_kernels.mot")
     if (
         "triton" in (attention, mot)
@@ -253,6 +259,11 @@ def test_backend_combination_matches_reference(stage2_batch, stage2_reference, a
         and os.environ.get("TRITON_INTERPRET") != "1"
     ):
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    if patch_embed == "cpu_ext":
+        from bagel_kernels import patch_embed as pe
+
+        if not pe.extension_status().cpu:
+            pytest.skip(f"extension CPU kernel absent: {pe.extension_status().reason}")
     state, ref_out, ref_grads = stage2_reference
     model = BagelForUnifiedMultimodal(
         BagelConfig.tiny(), backend=BagelBackendConfig(attention, mot, patch_embed)
@@ -261,12 +272,14 @@ def test_backend_combination_matches_reference(stage2_batch, stage2_reference, a
     out, grads = run(model, stage2_batch)
     assert_out_close(out, ref_out)
     assert_grads_close(grads, ref_grads)
-    if patch_embed == "auto":  # the fused op ran whenever its extension has a kernel for this device
+    if patch_embed == "auto":  # the fastest correct path: torch on CPU (the extension's CPU kernel is slower)
         from bagel_kernels import patch_embed as pe
 
-        st = pe.extension_status()
-        if st.cpu:
-            assert pe.last_backend()[0] == "cpu_ext", pe.last_backend()
+        assert pe.last_backend()[0] == "torch", pe.last_backend()
+    if patch_embed == "cpu_ext":
+        from bagel_kernels import patch_embed as pe
+
+        assert pe.last_backend()[0] == "cpu_ext", pe.last_backend()
 
 
 def test_reference_lm_and_grouped_lm_same_parameters():
@@ -296,7 +309,7 @@ def test_stage1_model_understanding_only():
     cfg = BagelConfig.tiny(stage="stage1")
     model = BagelForUnifiedMultimodal(cfg, backend=REF, language_model_cls=Qwen2ForCausalLMReference)
     assert not cfg.visual_gen and cfg.text_config.layer_module == "Qwen2DecoderLayer"
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, _ in model.model.named_parameters()]  # checkpoint names
     assert not any(
         "moe_gen" in n or n.split(".")[0] in ("time_embedder", "vae2llm", "llm2vae") for n in names
     )
@@ -306,7 +319,7 @@ def test_stage1_model_understanding_only():
     assert out["mse"] is None and out["ce"].shape == (batch["ce_loss_indexes"].numel(),)
     assert (
         torch.isfinite(out["ce"]).all()
-        and grads["vit_model.vision_model.post_layernorm.weight"].abs().sum() > 0
+        and grads["model.vit_model.vision_model.post_layernorm.weight"].abs().sum() > 0
     )
     gen = pack_samples([T2ISample([1, 2], torch.randn(4, 4, 4))], BagelConfig.tiny(), rng=0)
     with pytest.raises(ValueError, match="stage 1"):
@@ -354,14 +367,15 @@ def test_initialize_weights_after_meta_materialisation(stage2_batch):
     fresh = BagelForUnifiedMultimodal(
         BagelConfig.tiny(), backend=REF, language_model_cls=Qwen2ForCausalLMReference
     )
-    for name in ("vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed"):
+    for name in ("model.vit_pos_embed.pos_embed", "model.latent_pos_embed.pos_embed"):
         assert torch.equal(model.state_dict()[name], fresh.state_dict()[name])
-    assert model.llm2vae.weight.abs().sum() == 0 and model.llm2vae.bias.abs().sum() == 0
+    assert model.model.llm2vae.weight.abs().sum() == 0 and model.model.llm2vae.bias.abs().sum() == 0
     assert torch.equal(
-        model.language_model.model.rotary_emb.inv_freq, fresh.language_model.model.rotary_emb.inv_freq
+        model.model.language_model.model.rotary_emb.inv_freq,
+        fresh.model.language_model.model.rotary_emb.inv_freq,
     )
-    assert (model.language_model.model.layers[0].input_layernorm.weight == 1).all()
-    std = model.language_model.model.layers[0].mlp.up_proj.weight.std().item()
+    assert (model.model.language_model.model.layers[0].input_layernorm.weight == 1).all()
+    std = model.model.language_model.model.layers[0].mlp.up_proj.weight.std().item()
     assert abs(std - cfg.text_config.initializer_range) < 0.005
     torch.manual_seed(1)
     out = model(**stage2_batch)
@@ -378,15 +392,19 @@ def test_initialize_weights_after_meta_materialisation(stage2_batch):
 
 def test_accessors_and_backend_setter():
     model = reference_model()
-    assert model.get_input_embeddings() is model.language_model.model.embed_tokens
-    assert model.get_output_embeddings() is model.language_model.lm_head
-    assert isinstance(model, BagelModel)
+    assert model.get_input_embeddings() is model.model.language_model.model.embed_tokens
+    assert model.get_output_embeddings() is model.model.language_model.lm_head
+    # the documented container: an nn.Module holding the BagelModel, whose keys are the checkpoint's
+    assert isinstance(model.model, BagelModel) and not isinstance(model, BagelModel)
+    assert type(model).__mro__[1] is nn.Module
+    assert {k.removeprefix("model.") for k in model.state_dict()} == set(model.model.state_dict())
+    assert all(k.startswith("model.") for k in model.state_dict())
     assert BagelForUnifiedMultimodal.supports_config(model.config)
     assert BagelForUnifiedMultimodal.supports_config({"model_type": "bagel"})
     assert not BagelForUnifiedMultimodal.supports_config(model.config.text_config)
     be = BagelBackendConfig(attention="sdpa", mot="torch", patch_embed="torch", deterministic=True)
     model.backend = be
-    assert model.language_model.backend is be and model.vit_model.backend is be
+    assert model.model.language_model.backend is be and model.model.vit_model.backend is be
     with pytest.raises(ValueError, match="backend"):
         model.backend = "sdpa"
     with pytest.raises(ValueError, match="config"):
@@ -397,7 +415,7 @@ def test_vit_select_layer_builds_that_many_layers():
     for sel, n in ((-2, 2), (-1, 3), (1, 1), (3, 3)):
         cfg = BagelConfig.tiny(vit_select_layer=sel)
         model = BagelForUnifiedMultimodal(cfg, backend=REF, language_model_cls=Qwen2ForCausalLMReference)
-        assert len(model.vit_model.vision_model.encoder.layers) == n
+        assert len(model.model.vit_model.vision_model.encoder.layers) == n
     for sel in (0, -5, 4):
         with pytest.raises(ValueError, match="vit_select_layer"):
             BagelConfig.tiny(vit_select_layer=sel)
@@ -406,14 +424,125 @@ def test_vit_select_layer_builds_that_many_layers():
 def test_vit_rope_variant_runs():
     cfg = BagelConfig.tiny(vit_rope=True)
     model = reference_model(cfg)
-    assert not hasattr(model.vit_model.vision_model.embeddings, "position_embedding")
+    assert not hasattr(model.model.vit_model.vision_model.embeddings, "position_embedding")
     assert not any("rope" in k for k in model.state_dict())
     batch = pack_samples(synthetic_samples(["und", "edit"], cfg, seed=4), cfg, rng=0)
     out, grads = run(model, batch)
     assert (
         torch.isfinite(out["ce"]).all()
-        and grads["vit_model.vision_model.encoder.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+        and grads["model.vit_model.vision_model.encoder.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
     )
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+DETERMINISTIC = [
+    pytest.param("reference", "sdpa", "torch", id="reference"),
+    pytest.param("grouped", "sdpa", "torch", id="sdpa-torch"),
+    pytest.param("grouped", "triton", "triton", id="triton-triton"),
+]
+
+
+def _assert_bit_identical_runs(model: nn.Module, batch: dict) -> tuple[dict, dict]:
+    o1, g1 = run(model, batch)
+    o2, g2 = run(model, batch)
+    assert g1 and set(g1) == set(g2)
+    for key in ("ce", "mse"):
+        assert torch.equal(o1[key], o2[key]), key
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), f"{name}: the backward is not bit-reproducible"
+    return o1, g1
+
+
+@pytest.mark.parametrize("lm,attention,mot", DETERMINISTIC)
+def test_deterministic_backward_is_bit_identical(lm, attention, mot):
+    """``deterministic=True``: a forward + backward repeated on the same pack gives bit-identical losses
+    and gradients of every parameter, on every backend that runs a backward on CPU (FlexAttention has
+    none there; the GPU variant below covers it). A small pack with every token kind: the interpreted
+    Triton kernels cost per token."""
+    if (
+        "triton" in (attention, mot)
+        and not torch.cuda.is_available()
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    be = BagelBackendConfig(attention=attention, mot=mot, patch_embed="auto", deterministic=True)
+    lm_cls = Qwen2ForCausalLMReference if lm == "reference" else None
+    cfg = BagelConfig.tiny()
+    model = BagelForUnifiedMultimodal(cfg, backend=be, language_model_cls=lm_cls)
+    randomize_(model, 0)
+    batch = pack_samples(synthetic_samples(["und", "edit"], cfg, seed=2), cfg, rng=0)  # 58 tokens
+    assert all(batch[k].numel() for k in ("packed_vit_tokens", "mse_loss_indexes", "ce_loss_indexes"))
+    out, grads = _assert_bit_identical_runs(model, batch)
+    model.backend = BagelBackendConfig(attention=attention, mot=mot, patch_embed="auto", deterministic=False)
+    ref_out, ref_grads = run(model, batch)  # what deterministic=True computes is the same function
+    assert_out_close(out, ref_out)
+    assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "lm,attention,mot",
+    DETERMINISTIC
+    + [
+        pytest.param("grouped", "sdpa", "triton", id="sdpa-triton"),
+        pytest.param("grouped", "flex", "torch", id="flex-torch"),
+    ],
+)
+def test_gpu_deterministic_backward_is_bit_identical(lm, attention, mot):
+    """The CUDA variant, with bf16 weights on a ~1.5k-token pack (atomics, where a kernel used them,
+    would show as differing low bits)."""
+    cfg = BagelConfig.tiny(llm_hidden=256, llm_heads=4, llm_kv_heads=2, vit_grid=16, max_latent_size=16)
+    be = BagelBackendConfig(attention=attention, mot=mot, patch_embed="auto", deterministic=True)
+    lm_cls = Qwen2ForCausalLMReference if lm == "reference" else None
+    model = BagelForUnifiedMultimodal(cfg, backend=be, language_model_cls=lm_cls)
+    randomize_(model, 0)
+    model = model.cuda().to(torch.bfloat16)
+    samples = synthetic_samples(
+        ["und", "t2i", "edit", "und", "t2i", "text"] * 2,
+        cfg,
+        seed=0,
+        text_len=(8, 64),
+        vit_side=(4, 16),
+        latent_side=(4, 16),
+    )
+    batch = pack_samples(samples, cfg, rng=0, device="cuda")
+    batch["padded_latent"] = batch["padded_latent"].to(torch.bfloat16)
+    _assert_bit_identical_runs(model, batch)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint keys
+def test_upstream_vit_rope_buffers_are_reported_not_errors(tmp_path):
+    """Upstream checkpoints trained with ViT RoPE carry ``vit_model.vision_model.rope.{cos,sin}_{h,w}``
+    (persistent buffers of its RotaryEmbedding2D): loading with strict=True reports them as recomputed
+    (the model computes those tables from the patch positions) and loads everything else."""
+    from bagel.checkpoint import save_checkpoint
+
+    cfg = BagelConfig.tiny(vit_rope=True)
+    model = reference_model(cfg)
+    side, dim = (
+        cfg.vit_max_num_patch_per_side,
+        cfg.vision_config.hidden_size // cfg.vision_config.num_attention_heads,
+    )
+    tables = vit_rope_cos_sin(torch.arange(side * side), dim, side, torch.float32)
+    rope = {
+        f"vit_model.vision_model.rope.{name}": t
+        for name, t in zip(("cos_h", "sin_h", "cos_w", "sin_w"), tables, strict=True)
+    }
+    save_checkpoint(model, tmp_path, config=model.config, extra_tensors=rope)
+    back = BagelForUnifiedMultimodal.from_pretrained(
+        tmp_path, stage=2, strict=True, backend=REF, language_model_cls=Qwen2ForCausalLMReference
+    )
+    r = back.load_report
+    assert sorted(r.recomputed) == sorted(rope) and not r.unexpected and not r.missing
+    assert "recomputed 4" in r.summary()
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(back.model.state_dict()[k], v), k
+    batch = pack_samples(synthetic_samples(["und"], cfg, seed=1), cfg, rng=0)
+    torch.manual_seed(0)
+    a = model(**batch)
+    torch.manual_seed(0)
+    b = back(**batch)
+    assert torch.equal(a["ce"], b["ce"])
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

@@ -421,8 +421,8 @@ def test_torch_compile_traces(compile_backend):
     t2 = torch.randn(int(pids.max()) + 1, 10, requires_grad=True)
 
     def f(x, w, b, t, ids, images, coords, t2):
-        y1 = pe.fused_patch_embed(x, w, b, t, ids)
-        y2 = pe.fused_patch_embed_images(images, coords, 3, w, b, t2, pids)
+        y1 = pe.fused_patch_embed(x, w, b, t, ids, backend="cpu_ext")  # "auto" is torch on CPU
+        y2 = pe.fused_patch_embed_images(images, coords, 3, w, b, t2, pids, backend="cpu_ext")
         return y1.square().sum() + y2.square().sum()
 
     torch._dynamo.reset()
@@ -445,8 +445,13 @@ def test_fallback_reports_and_warns_once(monkeypatch):
     kw = _good()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # "auto" falls back only where the extension would have run: CUDA tensors (resolved directly,
+        # no GPU needed); on CPU "auto" is the torch path by choice, without a warning
+        assert pe._resolve("auto", "cuda", "float32") == "torch"
+        pe._resolve("auto", "cuda", "float32")
         out = pe.fused_patch_embed(**kw)
-        pe.fused_patch_embed(**kw)
+        assert pe.last_backend() == ("torch", "auto: the torch path (BLAS) is the fastest on CPU")
+        pe._resolve("auto", "cuda", "float32")
     fallbacks = [w for w in caught if "falls back" in str(w.message)]
     assert len(fallbacks) == 1 and "not built (test)" in str(fallbacks[0].message)
     name, why = pe.last_backend()
@@ -467,6 +472,7 @@ def test_disable_env_reports_reason_in_fresh_process():
         "with warnings.catch_warnings(record=True) as c:\n"
         "    warnings.simplefilter('always')\n"
         "    pe.fused_patch_embed(x, w)\n"
+        "    pe._resolve('auto', 'cuda', 'float32')\n"
         "assert pe.last_backend()[0] == 'torch' and any('falls back' in str(m.message) for m in c)\n"
         "print('ok')\n"
     )
@@ -497,7 +503,7 @@ def test_ci_extension_is_built_and_loaded():
     st = pe.extension_status()
     assert st.loaded and st.cpu, f"CI=true but the CPU extension is not usable: {st}"
     x, w, b, t, ids = make_inputs(4, 12, 8, torch.float32, table_rows=3)
-    pe.fused_patch_embed(x, w, b, t, ids)
+    pe.fused_patch_embed(x, w, b, t, ids, backend="cpu_ext")
     assert pe.last_backend()[0] == "cpu_ext"
 
 
