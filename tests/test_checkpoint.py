@@ -293,7 +293,7 @@ def test_bf16_checkpoint_still_loads_into_fp32(ckpt, tmp_path):
     save_file(tensors, tmp_path / "ema.safetensors")
     model = random_model(seed=5)
     load_checkpoint_into(model, tmp_path, stage=2)
-    assert torch.equal(model.state_dict()["connector.fc1.weight"], tensors["connector.fc1.weight"].float())
+    assert torch.equal(model.model.state_dict()["connector.fc1.weight"], tensors["connector.fc1.weight"].float())
 
 
 @pytest.mark.parametrize("kind", ["parent", "absolute", "symlink"])
