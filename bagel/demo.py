@@ -1,7 +1,7 @@
 """``bagel-demo``: train a small BAGEL (random init, stage 2) on built-in packed mixed-modal data.
 
     bagel-demo [--steps 300] [--out bagel-demo-out] [--device cpu|cuda] [--attention auto|triton|flex|sdpa]
-               [--mot auto|triton|torch] [--patch-embed auto|cuda|torch] [--tokens 512] [--seed 0]
+               [--mot auto|triton|torch] [--patch-embed auto|cuda|cpu_ext|torch] [--tokens 512] [--seed 0]
 
 The data are real images that matplotlib ships (its sample photographs and elevation maps), cropped at
 random, described by short captions over a 32-word vocabulary (which image, which part, which colour,
