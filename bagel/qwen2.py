@@ -53,7 +53,8 @@ from torch import nn
 
 from bagel.backend import BagelBackendConfig
 from bagel.fusion import fusable
-from bagel_kernels import PackedMask
+from bagel.validation import DeviceChecks
+from bagel_kernels import PackedMask, mot
 from bagel_kernels.attention import packed_attention, prepare_attention
 
 __all__ = [
@@ -77,13 +78,6 @@ __all__ = [
 ]
 
 LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoEDecoderLayer", "Qwen2MoTDecoderLayer")
-
-
-def _mot():
-    # imported lazily: bagel_kernels.mot is optional at import time of this module (tests skip without it)
-    from bagel_kernels import mot
-
-    return mot
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -378,7 +372,7 @@ def _qk_norm_rope(attn: PackedAttention, q, k, ctx: PackContext, fused: bool):
     if fused and attn.qk_norm:
         qg = attn.q_norm_moe_gen.weight if routed else attn.q_norm.weight
         kg = attn.k_norm_moe_gen.weight if routed else attn.k_norm.weight
-        return _mot().mot_qk_norm_rope(
+        return mot.mot_qk_norm_rope(
             q,
             k,
             n,
@@ -403,17 +397,15 @@ def _norm(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, fused:
     if not fused:
         return _call_rows(x, n, und, gen)
     if gen is None:
-        return _mot().mot_rms_norm(
-            x, x.shape[0], und.weight, und.weight, und.variance_epsilon, backend=backend
-        )
-    return _mot().mot_rms_norm(x, n, und.weight, gen.weight, und.variance_epsilon, backend=backend)
+        return mot.mot_rms_norm(x, x.shape[0], und.weight, und.weight, und.variance_epsilon, backend=backend)
+    return mot.mot_rms_norm(x, n, und.weight, gen.weight, und.variance_epsilon, backend=backend)
 
 
 def _linear(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, fused: bool, backend: str):
     """A projection of grouped rows; routed and fused: two GEMMs into one buffer (stock nn.Linear)."""
     if gen is None or not fused:
         return _call_rows(x, n, und, gen)
-    return _mot().mot_linear(x, n, und.weight, und.bias, gen.weight, gen.bias, backend=backend)
+    return mot.mot_linear(x, n, und.weight, und.bias, gen.weight, gen.bias, backend=backend)
 
 
 def _mlp(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, plan: LayerFusion, backend: str):
@@ -426,7 +418,7 @@ def _mlp(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, plan: L
         sibling = None if gen is None else getattr(gen, name)
         return _linear(inp, n, getattr(und, name), sibling, getattr(plan, name), backend)
 
-    h = _mot().swiglu(proj("gate_proj", x), proj("up_proj", x), backend=backend)  # [L, I]
+    h = mot.swiglu(proj("gate_proj", x), proj("up_proj", x), backend=backend)  # [L, I]
     return proj("down_proj", h)  # [L, H]
 
 
@@ -582,36 +574,64 @@ def prepare_routing(
     """Validated ``(und, gen)`` long index tensors that partition ``range(L)``.
 
     ``gen`` None or empty means no generation token; ``und`` None means every token not in ``gen``.
-    Raises ValueError naming the argument when the two do not partition the sequence."""
+    Raises ValueError naming the argument when the two do not partition the sequence. The value
+    checks run on the device and are read back once (one host sync)."""
+    checks = DeviceChecks()
+    und, gen = _routing_indexes(L, packed_und_token_indexes, packed_gen_token_indexes, device, checks)
+    checks.raise_first()
+    return und, gen
+
+
+def _routing_indexes(
+    L: int, und_arg, gen_arg, device, checks: DeviceChecks
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prepare_routing` without the read-back: host checks raise, value checks go to ``checks``
+    (the returned tensors are meaningful only once ``checks`` passed)."""
     gen = (
         torch.zeros(0, dtype=torch.long, device=device)
-        if packed_gen_token_indexes is None
-        else _check_index(packed_gen_token_indexes, "packed_gen_token_indexes", L, device)
+        if gen_arg is None
+        else _check_index(gen_arg, "packed_gen_token_indexes", L, device)
     )
-    if packed_und_token_indexes is None:
-        keep = torch.ones(L, dtype=torch.bool, device=device)
-        if gen.numel():
-            if bool(((gen < 0) | (gen >= L)).any()):
-                raise ValueError(f"packed_gen_token_indexes has entries outside [0, {L})")
-            keep[gen] = False
-        und = torch.nonzero(keep).flatten()
+    if und_arg is None:
+        checks.add((gen < 0) | (gen >= L), f"packed_gen_token_indexes has entries outside [0, {L})")
+        und, n_und = _complement(L, gen)
+        checks.add(
+            (n_und != L - gen.numel()).reshape(1),
+            "packed_gen_token_indexes repeats an index",
+            lambda: _raise_cover(int(n_und), gen.numel(), L),
+        )
     else:
-        und = _check_index(packed_und_token_indexes, "packed_und_token_indexes", L, device)
-    if und.numel() + gen.numel() != L:
-        raise ValueError(
-            f"packed_und_token_indexes ({und.numel()}) and packed_gen_token_indexes ({gen.numel()}) must together "
-            f"cover the sequence of {L} tokens exactly once"
-        )
+        und = _check_index(und_arg, "packed_und_token_indexes", L, device)
+        if und.numel() + gen.numel() != L:
+            _raise_cover(und.numel(), gen.numel(), L)
     for name, t in (("packed_und_token_indexes", und), ("packed_gen_token_indexes", gen)):
-        if t.numel() and bool(((t < 0) | (t >= L)).any()):
-            raise ValueError(f"{name} has entries outside [0, {L})")
-    counts = torch.bincount(torch.cat([und, gen]), minlength=L)
-    if bool((counts != 1).any()):
-        raise ValueError(
-            "packed_und_token_indexes and packed_gen_token_indexes overlap or repeat an index: "
-            "they must partition range(sequence_length)"
-        )
+        checks.add((t < 0) | (t >= L), f"{name} has entries outside [0, {L})")
+    # in range and L of them: a partition iff sorted they are 0..L-1 (no bincount: it syncs on CUDA)
+    every = torch.sort(torch.cat([und, gen])).values
+    checks.add(
+        every != torch.arange(every.numel(), device=every.device),
+        "packed_und_token_indexes and packed_gen_token_indexes overlap or repeat an index: "
+        "they must partition range(sequence_length)",
+    )
     return und, gen
+
+
+def _complement(L: int, gen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of ``range(L)`` not in ``gen``, ascending, and how many there are (a device scalar),
+    without a host sync (``torch.nonzero`` would take one). Exact when ``gen`` holds distinct indexes
+    in range; the caller checks that."""
+    keep = torch.ones(L, dtype=torch.bool, device=gen.device)
+    if gen.numel() and L:
+        keep[gen.clamp(0, L - 1)] = False
+    order = torch.argsort((~keep).to(torch.int8), stable=True)  # kept tokens first, in order
+    return order[: max(L - gen.numel(), 0)], keep.sum()
+
+
+def _raise_cover(n_und: int, n_gen: int, L: int) -> None:
+    raise ValueError(
+        f"packed_und_token_indexes ({n_und}) and packed_gen_token_indexes ({n_gen}) must together "
+        f"cover the sequence of {L} tokens exactly once"
+    )
 
 
 def _check_inputs(model: Qwen2Model, packed_sequence, sample_lens, attention_mask, packed_position_ids):
@@ -665,6 +685,18 @@ def _check_context_inputs(L: int, device, sample_lens, attention_mask, packed_po
     if packed_position_ids.is_floating_point():
         raise ValueError(f"packed_position_ids must hold integers, got {packed_position_ids.dtype}")
     return attention_mask, packed_position_ids.to(device)
+
+
+def _check_cut(mask: PackedMask, L: int, checks: DeviceChecks) -> None:
+    """Add to ``checks`` that ``mask`` may be truncated to its first ``L`` tokens (the rows beyond form
+    whole splits): :meth:`PackedMask.truncated`'s check, read back with the other checks; a failure
+    raises ``truncated``'s own message."""
+    if L < mask.total_len:
+        checks.add(
+            mask._cut_flags(L),
+            "sequence length cuts the pack inside an attention span",
+            lambda: mask.truncated(L),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -726,30 +758,44 @@ class Qwen2Model(nn.Module):
         dtype: torch.dtype,
     ) -> PackContext:
         """The once-per-pack part of the forward that needs no hidden states, run eagerly: validation
-        (host syncs), grouping by expert (``ctx.perm`` / ``ctx.inv``), the mask truncated to the
-        sequence with its row index and the kernels' block tables, RoPE tables in grouped row order.
-        Everything :meth:`decode` reads, so that :meth:`decode` holds only tensor work."""
+        (host checks, and the value checks read back in one host sync), grouping by expert
+        (``ctx.perm`` / ``ctx.inv``), the mask truncated to the sequence with its row index and the
+        kernels' block tables, RoPE tables in grouped row order. Everything :meth:`decode` reads, so
+        that :meth:`decode` holds only tensor work."""
         L = int(sequence_length)
-        attention_mask, pos = _check_context_inputs(
-            L, device, sample_lens, attention_mask, packed_position_ids
-        )
-        be = self.backend
-        mot = _mot()
-        need_routing = self.use_moe or (self.freeze_und and packed_und_token_indexes is not None)
-        if need_routing:
-            und, gen = prepare_routing(L, packed_und_token_indexes, packed_gen_token_indexes, device)
-            n_und = und.numel()
-        else:
-            n_und = L
-        mask = attention_mask.truncated(L)
+        mask, pos = _check_context_inputs(L, device, sample_lens, attention_mask, packed_position_ids)
+        checks = DeviceChecks()
+        routing = None
+        if self.use_moe or (self.freeze_und and packed_und_token_indexes is not None):
+            routing = _routing_indexes(L, packed_und_token_indexes, packed_gen_token_indexes, device, checks)
+        _check_cut(mask, L, checks)
+        checks.raise_first()
+        return self._trusted_context(mask._truncated_trusted(L), pos, routing, device=device, dtype=dtype)
+
+    def _trusted_context(
+        self,
+        mask: PackedMask,
+        pos: torch.Tensor,
+        routing: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> PackContext:
+        """:meth:`prepare_context` from validated inputs, with no check and no host sync: ``mask``
+        already truncated to the sequence (``total_len`` = L, no row index), ``pos`` ``[L]`` long on the
+        device, ``routing`` None (every row understanding) or long ``(und, gen)`` partitioning
+        ``range(L)``. The caller validated them (``BagelForUnifiedMultimodal.prepare_pack`` does, in its
+        one read-back)."""
+        L = mask.total_len
+        n_und = L if routing is None else routing[0].numel()
         perm = inv = None
         if 0 < n_und < L:
             # group once: understanding rows [0, n_und), generation rows [n_und, L); un-permute at exit
-            perm, inv, n_und = mot.grouped_order(und, gen, L)
-            pos = pos[perm.long()]
-            mask = mask.with_row_index(inv)
+            perm, inv, n_und = mot._grouped_order_trusted(*routing)
+            pos = pos[perm]
+            mask = mask._with_row_index_trusted(inv)
         # else: all rows on one side, the pack order is already grouped
-        prepare_attention(mask, device, dtype, self.head_dim, be.attention)
+        prepare_attention(mask, device, dtype, self.head_dim, self.backend.attention)
         # [L, D] each, in grouped row order
         cos, sin = mot.rope_cos_sin(pos, self.head_dim, self.rope_theta, dtype)
         return PackContext(
@@ -757,7 +803,7 @@ class Qwen2Model(nn.Module):
             cos=cos,
             sin=sin,
             mask=mask,
-            backend=be,
+            backend=self.backend,
             freeze_und=self.freeze_und,
             perm=perm,
             inv=inv,
@@ -808,7 +854,7 @@ class Qwen2Model(nn.Module):
         )
         x = packed_sequence
         if ctx.perm is not None:
-            x = _mot().permute_rows(packed_sequence, ctx.perm, backend=ctx.backend.mot)
+            x = mot._permute_rows_trusted(packed_sequence, ctx.perm, backend=ctx.backend.mot)
         return x, ctx, ctx.inv
 
     def decode(self, x: torch.Tensor, ctx: PackContext) -> torch.Tensor:
@@ -852,7 +898,7 @@ class Qwen2Model(nn.Module):
         )
         x = self.decode(x, ctx)
         if inv is not None:
-            x = _mot().permute_rows(x, inv, backend=ctx.backend.mot)
+            x = mot._permute_rows_trusted(x, inv, backend=ctx.backend.mot)
         return x
 
     def forward(self, *args, **kwargs) -> torch.Tensor:

@@ -31,9 +31,11 @@ from bagel.qwen2 import (
     Qwen2DecoderLayer,
     Qwen2ForCausalLM,
     Qwen2Model,
+    _check_cut,
     _check_inputs,
-    prepare_routing,
+    _routing_indexes,
 )
+from bagel.validation import DeviceChecks
 from bagel_kernels import PackedMask, packed_attention
 
 __all__ = [
@@ -65,21 +67,12 @@ def _routed(x: torch.Tensor, und: torch.Tensor, gen: torch.Tensor, f_und, f_gen,
     return out
 
 
-def _attention(
-    attn: PackedAttention,
-    x,
-    und,
-    gen,
-    mask,
-    cos,
-    sin,
-    routed: bool,
-    freeze_und: bool,
-    attention: str,
-    det: bool,
-):
+def _attention(attn: PackedAttention, x: torch.Tensor, ctx: ReferenceContext) -> torch.Tensor:
     L = x.shape[0]
+    und, gen = ctx.und, ctx.gen
     Hq, Hkv, D = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    routed = attn.routed
+    freeze_und = ctx.freeze_und and routed  # upstream's MoE and dense layers ignore freeze_und
     if routed:
         # one gather per expert feeds the three projections, each scattered into a zero tensor
         x_und, x_gen = x[und], x[gen]
@@ -105,8 +98,9 @@ def _attention(
         q = attn.q_norm(attn.q_proj(x).view(L, Hq, D))
         k = attn.k_norm(attn.k_proj(x).view(L, Hkv, D))
         v = attn.v_proj(x).view(L, Hkv, D)
-    q, k = apply_rotary(q, k, cos, sin)
-    o = packed_attention(q, k, v, mask, backend=attention, deterministic=det).reshape(L, Hq * D)
+    q, k = apply_rotary(q, k, ctx.cos, ctx.sin)
+    o = packed_attention(q, k, v, ctx.mask, backend=ctx.attention, deterministic=ctx.deterministic)
+    o = o.reshape(L, Hq * D)
     if routed:
         return _routed(o, und, gen, attn.o_proj, attn.o_proj_moe_gen, attn.hidden_size)
     return attn.o_proj(o)
@@ -131,20 +125,7 @@ class ReferenceContext:
         return _layer_body(layer, x, self)
 
     def run_attention(self, attn: PackedAttention, x: torch.Tensor) -> torch.Tensor:
-        frz = self.freeze_und and attn.routed  # upstream's MoE and dense layers ignore freeze_und
-        return _attention(
-            attn,
-            x,
-            self.und,
-            self.gen,
-            self.mask,
-            self.cos,
-            self.sin,
-            attn.routed,
-            frz,
-            self.attention,
-            self.deterministic,
-        )
+        return _attention(attn, x, self)
 
 
 def _layer_body(layer: Qwen2DecoderLayer, x: torch.Tensor, ctx: ReferenceContext) -> torch.Tensor:
@@ -219,8 +200,13 @@ def forward_train_reference(
     model: Qwen2Model = lm.model if isinstance(lm, Qwen2ForCausalLM) else lm
     mask, pos = _check_inputs(model, packed_sequence, sample_lens, attention_mask, packed_position_ids)
     L = packed_sequence.shape[0]
-    und, gen = prepare_routing(L, packed_und_token_indexes, packed_gen_token_indexes, packed_sequence.device)
-    mask = mask.truncated(L)
+    checks = DeviceChecks()  # the value checks, read back once
+    und, gen = _routing_indexes(
+        L, packed_und_token_indexes, packed_gen_token_indexes, packed_sequence.device, checks
+    )
+    _check_cut(mask, L, checks)
+    checks.raise_first()
+    mask = mask._truncated_trusted(L)
     freeze = model.freeze_und
     x = packed_sequence
     if freeze:  # (a dense model given no indexes: every token is understanding, as in upstream)

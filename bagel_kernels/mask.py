@@ -386,15 +386,30 @@ class PackedMask:
             raise ValueError("truncate the mask before attaching a row_index (with_row_index)")
         if length in self._truncated:
             return self._truncated[length]
-        tail_lo = self.kv_lo[length:]
-        tail_hi = self.kv_hi[length:]
-        bad = (tail_lo < length) & (tail_hi > tail_lo)
+        bad = self._cut_flags(length)
         if bool(bad.any()):
             k = length + int(torch.nonzero(bad)[0])
             raise ValueError(
                 f"sequence length {length} cuts the pack inside an attention span: key {k} is seen by query "
                 f"{int(self.kv_lo[k])} < {length}; the rows beyond the sequence must form whole splits (the pad sample)"
             )
+        return self._truncated_trusted(length)
+
+    def _cut_flags(self, length: int) -> torch.Tensor:
+        """bool per key at or after ``length``: True where a query before ``length`` sees it, i.e. where
+        :meth:`truncated` refuses the cut. On the device, no sync: for callers that read back all their
+        checks at once before calling :meth:`_truncated_trusted`."""
+        tail_lo = self.kv_lo[length:]
+        tail_hi = self.kv_hi[length:]
+        return (tail_lo < length) & (tail_hi > tail_lo)
+
+    def _truncated_trusted(self, length: int) -> PackedMask:
+        """:meth:`truncated` for an int ``length`` in ``[0, total_len]`` whose cut the caller has checked
+        (no key at or after it seen before it: :meth:`_cut_flags` all False); no host sync."""
+        if length == self.total_len:
+            return self
+        if length in self._truncated:
+            return self._truncated[length]
         ends = np.cumsum(self.sample_lens)
         lens = []
         start = 0
@@ -433,9 +448,15 @@ class PackedMask:
         ok = ((idx >= 0) & (idx < self.total_len)).all() & seen.all()
         if not bool(ok):  # one host sync
             raise ValueError("row_index is not a permutation of range(total_len)")
+        return self._with_row_index_trusted(idx)
+
+    def _with_row_index_trusted(self, row_index: torch.Tensor) -> PackedMask:
+        """:meth:`with_row_index` for a permutation that the caller built from indexes it validated
+        itself (the model's grouped order): no value check, no host sync. The mask still keeps its own
+        int32 copy, so later changes to the caller's tensor do not reach the kernels."""
         out = PackedMask.__new__(PackedMask)
         out.__dict__.update(self.__dict__)
-        out._row_index = idx.to(torch.int32).contiguous()
+        out._row_index = row_index.detach().to(torch.int32, copy=True).contiguous()
         out._truncated = {}
         return out
 

@@ -946,10 +946,9 @@ _permute_rows_op.register_autograd(_permute_backward, setup_context=_perm_setup)
 _scatter_rows_op.register_autograd(_scatter_backward, setup_context=_perm_setup)
 
 
-def permute_rows(x: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:
-    """``x[index]`` along dim 0 for a permutation ``index`` (int32/int64 ``[N]``); the backward
-    scatters the gradient back by ``index``. x: ``[N, ...]``. The permutation is checked on the
-    device (one host sync), inside the op so compiled graphs stay whole."""
+def _permute_backend(x: Tensor, index: Tensor, backend: str) -> str:
+    """The cheap checks of :func:`permute_rows` (types, sizes, dtype, device; no host sync) and the
+    backend that runs it."""
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor with at least one dimension")
     if not isinstance(index, Tensor) or index.dim() != 1:
@@ -960,14 +959,57 @@ def permute_rows(x: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:
         raise ValueError(f"index has {index.shape[0]} entries but x has {x.shape[0]} rows")
     _check_same_device("x", x, index=index)
     if backend == "auto" and x.dtype not in _KERNEL_DTYPES:
-        be = "torch"  # e.g. integer rows: plain indexing
-    else:
-        be = _resolve_backend(backend, x.device, x.dtype)
-    if be == "triton":
+        return "torch"  # e.g. integer rows: plain indexing
+    return _resolve_backend(backend, x.device, x.dtype)
+
+
+def permute_rows(x: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:
+    """``x[index]`` along dim 0 for a permutation ``index`` (int32/int64 ``[N]``); the backward
+    scatters the gradient back by ``index``. x: ``[N, ...]``. The permutation is checked on the
+    device (one host sync), inside the op so compiled graphs stay whole."""
+    if _permute_backend(x, index, backend) == "triton":
         return _permute_rows_op(x, index)
     if not torch.compiler.is_compiling():
         _check_permutation(index, x.shape[0])
     return x.index_select(0, index)
+
+
+class _PermuteRowsTrusted(torch.autograd.Function):
+    """The Triton gather of :func:`permute_rows` and its scatter backward, without the value check."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:
+        from .mot_triton import permute_rows_launch
+
+        ctx.save_for_backward(index)  # a later in-place change of index fails the backward, never misreads
+        return permute_rows_launch(_rows2d(x), index, scatter=False).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        from .mot_triton import permute_rows_launch
+
+        (index,) = ctx.saved_tensors
+        return permute_rows_launch(_rows2d(dy), index, scatter=True).view(dy.shape), None
+
+
+def _permute_rows_trusted(x: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:
+    """:func:`permute_rows` for a permutation the caller built from indexes it validated itself (the
+    model's :func:`_grouped_order_trusted` of a checked partition): the same kernels and results, with
+    the cheap checks but no value check, so no host sync in the forward or the backward.
+
+    Private on purpose: it is not a registered op (``torch.ops.bagel_kernels.*`` stays checked), and
+    only eager calls take the unchecked Triton path; inside ``torch.compile`` the checked op runs."""
+    if _permute_backend(x, index, backend) == "triton":
+        if torch.compiler.is_compiling():
+            return _permute_rows_op(x, index)
+        return _PermuteRowsTrusted.apply(x, index.contiguous())
+    return x.index_select(0, index)
+
+
+def _inverse_permutation(perm: Tensor) -> Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
 
 
 def grouped_order(und_indexes: Tensor, gen_indexes: Tensor, total: int) -> tuple[Tensor, Tensor, int]:
@@ -998,9 +1040,14 @@ def grouped_order(und_indexes: Tensor, gen_indexes: Tensor, total: int) -> tuple
         raise ValueError(
             f"und_indexes and gen_indexes must be disjoint and together cover range({total}) exactly"
         ) from None
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(total, device=perm.device)
-    return perm, inv, n_und
+    return perm, _inverse_permutation(perm), n_und
+
+
+def _grouped_order_trusted(und_indexes: Tensor, gen_indexes: Tensor) -> tuple[Tensor, Tensor, int]:
+    """:func:`grouped_order` of 1-D integer indexes on one device that the caller has checked to
+    partition the sequence (the model validates once at its boundary): no check, no host sync."""
+    perm = torch.cat((und_indexes, gen_indexes)).long()
+    return perm, _inverse_permutation(perm), und_indexes.numel()
 
 
 # ============================================================================================ compile specs
