@@ -345,195 +345,280 @@ def pack_samples(
             raise ValueError(
                 f"special_tokens.{name}={getattr(tok, name)} is outside the vocabulary [0, {vocab})"
             )
-    vit_p = config.vision_config.patch_size if config.visual_und else None
-    vit_side = config.vit_max_num_patch_per_side
-    lat_p = config.latent_patch_size
-    interpolate = bool(config.interpolate_pos)
-
-    text_ids: list[int] = []
-    text_idx: list[int] = []
-    pos_ids: list[int] = []
-    label_ids: list[int] = []
-    ce_idx: list[int] = []
-    ce_w: list[float] = []
-    sample_lens: list[int] = []
-    split_lens: list[int] = []
-    attn_modes: list[str] = []
-    nested: list[torch.Tensor] = []
-    vit_tokens: list[torch.Tensor] = []
-    vit_pos: list[torch.Tensor] = []
-    vit_lens: list[int] = []
-    vit_idx: list[int] = []
-    latents: list[torch.Tensor] = []
-    lat_shapes: list[tuple[int, int]] = []
-    lat_pos: list[torch.Tensor] = []
-    vae_idx: list[int] = []
-    timesteps: list[float] = []
-    mse_idx: list[int] = []
-
-    curr = 0
+    pack = _PackBuilder(config, tok, rng, loss_reduction, nested=mask_format == "nested")
     for si, sample in enumerate(samples):
-        segs = _segments(sample)
-        rope = 0
-        s_splits: list[int] = []
-        s_modes: list[str] = []
-        start = curr
-        for seg in segs:
-            split_start = curr
-            if isinstance(seg, Text):
-                ids = _ids(seg.ids, f"samples[{si}] text ids", vocab)
-                shifted = [tok.bos] + ids
-                text_ids += shifted
-                text_idx += range(curr, curr + len(shifted))
-                if seg.loss:
-                    ce_idx += range(curr, curr + len(shifted))
-                    ce_w += [len2weight(len(shifted), loss_reduction)] * len(shifted)
-                    label_ids += ids + [tok.eos]
-                curr += len(shifted)
-                text_ids.append(tok.eos)
-                text_idx.append(curr)
-                if seg.special_token_loss:
-                    if seg.special_token_label is None:
-                        raise ValueError(f"samples[{si}]: special_token_loss needs a special_token_label")
-                    ce_idx.append(curr)
-                    ce_w.append(1.0)
-                    label_ids.append(
-                        _ids([seg.special_token_label], f"samples[{si}] special_token_label", vocab)[0]
-                    )
-                curr += 1
-                n = curr - split_start
-                pos_ids += range(rope, rope + n)
-                rope += n
-                mode = "causal"
-            elif isinstance(seg, VitImage):
-                if not config.visual_und:
-                    raise ValueError(f"samples[{si}] has a ViT image but the config has visual_und=False")
-                px = seg.pixels
-                nh, nw = _image(
-                    px,
-                    f"samples[{si}] ViT pixels",
-                    config.vision_config.num_channels,
-                    vit_p,
-                    f"H and W multiples of the ViT patch size {vit_p}",
-                )
-                toks = patchify(px.float(), vit_p)
-                text_ids.append(tok.start_of_image)
-                text_idx.append(curr)
-                curr += 1
-                vit_idx += range(curr, curr + toks.shape[0])
-                curr += toks.shape[0]
-                vit_tokens.append(toks)
-                vit_lens.append(toks.shape[0])
-                vit_pos.append(flattened_position_ids(nh, nw, vit_side, interpolate))
-                text_ids.append(tok.end_of_image)
-                text_idx.append(curr)
-                curr += 1
-                pos_ids += [rope] * (curr - split_start)
-                rope += 1
-                mode = "full"
-            else:  # VaeImage
-                if not config.visual_gen:
-                    raise ValueError(
-                        f"samples[{si}] has a VAE image but the config has visual_gen=False (stage 1)"
-                    )
-                lat = seg.latent
-                C = config.latent_channels
-                h, w = _image(lat, f"samples[{si}] latent", C, lat_p, f"latent_patch_size {lat_p}")
-                if latents and lat.dtype != latents[0].dtype:
-                    raise ValueError(
-                        f"samples[{si}] latent has dtype {lat.dtype} but an earlier latent of the pack has "
-                        f"{latents[0].dtype}: one dtype per pack (padded_latent is one tensor)"
-                    )
-                text_ids.append(tok.start_of_image)
-                text_idx.append(curr)
-                curr += 1
-                latents.append(lat)
-                lat_shapes.append((h, w))
-                lat_pos.append(flattened_position_ids(h, w, config.max_latent_size, interpolate))
-                vae_idx += range(curr, curr + h * w)
-                if not isinstance(seg.noised, (bool, np.bool_)):
-                    raise ValueError(f"samples[{si}] VaeImage.noised must be a bool, got {seg.noised!r}")
-                if seg.noised:
-                    mse_idx += range(curr, curr + h * w)
-                    if seg.timestep is None:
-                        t = rng.gauss(0.0, 1.0)
-                    else:
-                        t = _timestep(seg.timestep, f"samples[{si}] timestep")
-                else:
-                    t = float("-inf")
-                timesteps += [float(t)] * (h * w)
-                curr += h * w
-                text_ids.append(tok.end_of_image)
-                text_idx.append(curr)
-                curr += 1
-                pos_ids += [rope] * (curr - split_start)
-                if not seg.noised:
-                    rope += 1
-                mode = "noise" if seg.noised else "full"
-            s_splits.append(curr - split_start)
-            s_modes.append(mode)
-        sample_lens.append(curr - start)
-        split_lens += s_splits
-        attn_modes += s_modes
-        if mask_format == "nested":
-            m = PackedMask.from_splits([curr - start], s_splits, s_modes).to_dense()
-            nested.append(torch.zeros(m.shape).masked_fill(~m, float("-inf")))
-
-    if curr == 0:
+        pack.add_sample(si, sample)
+    if pack.curr == 0:
         raise ValueError("no samples to pack")
-    out: dict[str, Any] = dict(
-        sequence_length=curr,
-        sample_lens=sample_lens,
-        packed_text_ids=torch.tensor(text_ids, dtype=torch.long),
-        packed_text_indexes=torch.tensor(text_idx, dtype=torch.long),
-        packed_position_ids=torch.tensor(pos_ids, dtype=torch.long),
-    )
-    if mask_format == "nested":
-        out["nested_attention_masks"] = nested
-    else:
-        if max_num_tokens is not None:
-            if curr > max_num_tokens:
-                raise ValueError(f"the samples need {curr} tokens, more than max_num_tokens={max_num_tokens}")
-            pad = max_num_tokens - curr
-            sample_lens.append(pad)
-            split_lens.append(pad)
-            attn_modes.append("causal")
-        out["split_lens"] = split_lens
-        out["attn_modes"] = attn_modes
-    if vit_tokens:
-        out["packed_vit_tokens"] = torch.cat(vit_tokens)
-        out["packed_vit_token_indexes"] = torch.tensor(vit_idx, dtype=torch.long)
-        out["packed_vit_position_ids"] = torch.cat(vit_pos)
-        out["vit_token_seqlens"] = torch.tensor(vit_lens, dtype=torch.int32)
-    if latents:
-        C = latents[0].shape[0]
-        H = max(x.shape[1] for x in latents)
-        W = max(x.shape[2] for x in latents)
-        padded = torch.zeros(len(latents), C, H, W, dtype=latents[0].dtype)
-        for i, x in enumerate(latents):
-            padded[i, :, : x.shape[1], : x.shape[2]] = x
-        out["padded_latent"] = padded
-        out["patchified_vae_latent_shapes"] = lat_shapes
-        out["packed_latent_position_ids"] = torch.cat(lat_pos)
-        out["packed_vae_token_indexes"] = torch.tensor(vae_idx, dtype=torch.long)
-        out["packed_timesteps"] = torch.tensor(timesteps, dtype=torch.float32)
-        out["mse_loss_indexes"] = torch.tensor(mse_idx, dtype=torch.long)
-    if ce_idx:
-        out["ce_loss_indexes"] = torch.tensor(ce_idx, dtype=torch.long)
-        out["packed_label_ids"] = torch.tensor(label_ids, dtype=torch.long)
-        out["ce_loss_weights"] = torch.tensor(ce_w, dtype=torch.float32)
+    if max_num_tokens is not None:
+        pack.pad(max_num_tokens)
+    out = pack.build()
     if device is not None:
-        out = {
-            k: (
-                v.to(device)
-                if isinstance(v, torch.Tensor)
-                else [m.to(device) for m in v]
-                if k == "nested_attention_masks"
-                else v
-            )
-            for k, v in out.items()
-        }
+        out = {k: _to_device(k, v, device) for k, v in out.items()}
     return out
+
+
+def _to_device(key: str, value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if key == "nested_attention_masks":
+        return [m.to(device) for m in value]
+    return value
+
+
+@dataclass
+class _Layout:
+    """Per sample and per split: lengths, attention modes, and (nested form) the dense masks."""
+
+    sample_lens: list[int] = field(default_factory=list)
+    split_lens: list[int] = field(default_factory=list)
+    attn_modes: list[str] = field(default_factory=list)
+    nested: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _TextTokens:
+    """Every text token (bos/eos and image brackets included) and the RoPE position of every token."""
+
+    ids: list[int] = field(default_factory=list)
+    idx: list[int] = field(default_factory=list)
+    pos_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _CrossEntropy:
+    idx: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _VitImages:
+    tokens: list[torch.Tensor] = field(default_factory=list)  # [n_i, 3*p*p] per image
+    pos: list[torch.Tensor] = field(default_factory=list)
+    lens: list[int] = field(default_factory=list)
+    idx: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _VaeImages:
+    latents: list[torch.Tensor] = field(default_factory=list)
+    shapes: list[tuple[int, int]] = field(default_factory=list)
+    pos: list[torch.Tensor] = field(default_factory=list)
+    idx: list[int] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
+    mse_idx: list[int] = field(default_factory=list)
+
+
+class _PackBuilder:
+    """One pack, built segment by segment: :meth:`text`, :meth:`vit_image`, :meth:`vae_image` (each
+    one attention split of the current sample, returning its mode), :meth:`pad` (the flex-style pad
+    sample); :meth:`build` gives ``forward``'s keyword arguments. ``curr`` counts the tokens so far and
+    ``rope`` the current sample's next RoPE position."""
+
+    def __init__(self, config, tok: SpecialTokens, rng: random.Random, loss_reduction: str, nested: bool):
+        self.config = config
+        self.tok = tok
+        self.rng = rng
+        self.loss_reduction = loss_reduction
+        self.vocab = int(config.text_config.vocab_size)
+        self.nested = nested
+        self.curr = 0
+        self.rope = 0
+        self.layout = _Layout()
+        self.text_tokens = _TextTokens()
+        self.ce = _CrossEntropy()
+        self.vit = _VitImages()
+        self.vae = _VaeImages()
+
+    def add_sample(self, si: int, sample: Any) -> None:
+        segs = _segments(sample)
+        self.rope = 0
+        start = self.curr
+        splits: list[int] = []
+        modes: list[str] = []
+        for seg in segs:
+            split_start = self.curr
+            if isinstance(seg, Text):
+                mode = self.text(si, seg)
+            elif isinstance(seg, VitImage):
+                mode = self.vit_image(si, seg)
+            else:
+                mode = self.vae_image(si, seg)
+            splits.append(self.curr - split_start)
+            modes.append(mode)
+        self.layout.sample_lens.append(self.curr - start)
+        self.layout.split_lens += splits
+        self.layout.attn_modes += modes
+        if self.nested:
+            m = PackedMask.from_splits([self.curr - start], splits, modes).to_dense()
+            self.layout.nested.append(torch.zeros(m.shape).masked_fill(~m, float("-inf")))
+
+    def _text_token(self, token: int) -> None:
+        self.text_tokens.ids.append(token)
+        self.text_tokens.idx.append(self.curr)
+        self.curr += 1
+
+    def _same_position(self, split_start: int) -> None:
+        """Every token of the split since ``split_start`` takes the current RoPE position."""
+        self.text_tokens.pos_ids += [self.rope] * (self.curr - split_start)
+
+    def text(self, si: int, seg: Text) -> str:
+        """``[bos] + ids + [eos]``, causal; next-token CE on ``ids + [eos]`` when ``seg.loss``."""
+        tok, ce = self.tok, self.ce
+        ids = _ids(seg.ids, f"samples[{si}] text ids", self.vocab)
+        start = self.curr
+        for token in [tok.bos] + ids:
+            self._text_token(token)
+        if seg.loss:
+            n = self.curr - start
+            ce.idx += range(start, self.curr)
+            ce.weights += [len2weight(n, self.loss_reduction)] * n
+            ce.labels += ids + [tok.eos]
+        eos_at = self.curr
+        self._text_token(tok.eos)
+        if seg.special_token_loss:
+            if seg.special_token_label is None:
+                raise ValueError(f"samples[{si}]: special_token_loss needs a special_token_label")
+            ce.idx.append(eos_at)
+            ce.weights.append(1.0)
+            ce.labels.append(
+                _ids([seg.special_token_label], f"samples[{si}] special_token_label", self.vocab)[0]
+            )
+        n = self.curr - start
+        self.text_tokens.pos_ids += range(self.rope, self.rope + n)
+        self.rope += n
+        return "causal"
+
+    def vit_image(self, si: int, seg: VitImage) -> str:
+        """``[start_of_image] + patches + [end_of_image]``, full, one RoPE position."""
+        config = self.config
+        if not config.visual_und:
+            raise ValueError(f"samples[{si}] has a ViT image but the config has visual_und=False")
+        p = config.vision_config.patch_size
+        nh, nw = _image(
+            seg.pixels,
+            f"samples[{si}] ViT pixels",
+            config.vision_config.num_channels,
+            p,
+            f"H and W multiples of the ViT patch size {p}",
+        )
+        toks = patchify(seg.pixels.float(), p)
+        start = self.curr
+        self._text_token(self.tok.start_of_image)
+        n = toks.shape[0]
+        self.vit.idx += range(self.curr, self.curr + n)
+        self.curr += n
+        self.vit.tokens.append(toks)
+        self.vit.lens.append(n)
+        self.vit.pos.append(
+            flattened_position_ids(nh, nw, config.vit_max_num_patch_per_side, bool(config.interpolate_pos))
+        )
+        self._text_token(self.tok.end_of_image)
+        self._same_position(start)
+        self.rope += 1
+        return "full"
+
+    def vae_image(self, si: int, seg: VaeImage) -> str:
+        """``[start_of_image] + latent tokens + [end_of_image]``, one RoPE position: ``noise`` with MSE
+        and one timestep logit (given, or drawn from N(0, 1)), or a clean ``full`` image (-inf)."""
+        config, vae = self.config, self.vae
+        if not config.visual_gen:
+            raise ValueError(f"samples[{si}] has a VAE image but the config has visual_gen=False (stage 1)")
+        lat = seg.latent
+        p = config.latent_patch_size
+        h, w = _image(lat, f"samples[{si}] latent", config.latent_channels, p, f"latent_patch_size {p}")
+        if vae.latents and lat.dtype != vae.latents[0].dtype:
+            raise ValueError(
+                f"samples[{si}] latent has dtype {lat.dtype} but an earlier latent of the pack has "
+                f"{vae.latents[0].dtype}: one dtype per pack (padded_latent is one tensor)"
+            )
+        start = self.curr
+        self._text_token(self.tok.start_of_image)
+        vae.latents.append(lat)
+        vae.shapes.append((h, w))
+        vae.pos.append(flattened_position_ids(h, w, config.max_latent_size, bool(config.interpolate_pos)))
+        vae.idx += range(self.curr, self.curr + h * w)
+        if not isinstance(seg.noised, (bool, np.bool_)):
+            raise ValueError(f"samples[{si}] VaeImage.noised must be a bool, got {seg.noised!r}")
+        if seg.noised:
+            vae.mse_idx += range(self.curr, self.curr + h * w)
+            if seg.timestep is None:
+                t = self.rng.gauss(0.0, 1.0)
+            else:
+                t = _timestep(seg.timestep, f"samples[{si}] timestep")
+        else:
+            t = float("-inf")
+        vae.timesteps += [float(t)] * (h * w)
+        self.curr += h * w
+        self._text_token(self.tok.end_of_image)
+        self._same_position(start)
+        if not seg.noised:
+            self.rope += 1
+        return "noise" if seg.noised else "full"
+
+    def pad(self, max_num_tokens: int) -> None:
+        """The flex-style pad sample: one causal split up to ``max_num_tokens`` (``sequence_length``
+        keeps counting the real tokens)."""
+        if self.curr > max_num_tokens:
+            raise ValueError(
+                f"the samples need {self.curr} tokens, more than max_num_tokens={max_num_tokens}"
+            )
+        n = max_num_tokens - self.curr
+        self.layout.sample_lens.append(n)
+        self.layout.split_lens.append(n)
+        self.layout.attn_modes.append("causal")
+
+    def build(self) -> dict[str, Any]:
+        """``forward``'s keyword arguments (CPU tensors), in the order the data pipeline gives them."""
+        text, layout = self.text_tokens, self.layout
+        out: dict[str, Any] = dict(
+            sequence_length=self.curr,
+            sample_lens=layout.sample_lens,
+            packed_text_ids=torch.tensor(text.ids, dtype=torch.long),
+            packed_text_indexes=torch.tensor(text.idx, dtype=torch.long),
+            packed_position_ids=torch.tensor(text.pos_ids, dtype=torch.long),
+        )
+        if self.nested:
+            out["nested_attention_masks"] = layout.nested
+        else:
+            out["split_lens"] = layout.split_lens
+            out["attn_modes"] = layout.attn_modes
+        if self.vit.tokens:
+            out.update(self._vit_inputs())
+        if self.vae.latents:
+            out.update(self._vae_inputs())
+        if self.ce.idx:
+            out["ce_loss_indexes"] = torch.tensor(self.ce.idx, dtype=torch.long)
+            out["packed_label_ids"] = torch.tensor(self.ce.labels, dtype=torch.long)
+            out["ce_loss_weights"] = torch.tensor(self.ce.weights, dtype=torch.float32)
+        return out
+
+    def _vit_inputs(self) -> dict[str, torch.Tensor]:
+        vit = self.vit
+        return dict(
+            packed_vit_tokens=torch.cat(vit.tokens),
+            packed_vit_token_indexes=torch.tensor(vit.idx, dtype=torch.long),
+            packed_vit_position_ids=torch.cat(vit.pos),
+            vit_token_seqlens=torch.tensor(vit.lens, dtype=torch.int32),
+        )
+
+    def _vae_inputs(self) -> dict[str, Any]:
+        vae = self.vae
+        C = vae.latents[0].shape[0]
+        H = max(x.shape[1] for x in vae.latents)
+        W = max(x.shape[2] for x in vae.latents)
+        padded = torch.zeros(len(vae.latents), C, H, W, dtype=vae.latents[0].dtype)
+        for i, x in enumerate(vae.latents):
+            padded[i, :, : x.shape[1], : x.shape[2]] = x
+        return dict(
+            padded_latent=padded,
+            patchified_vae_latent_shapes=vae.shapes,
+            packed_latent_position_ids=torch.cat(vae.pos),
+            packed_vae_token_indexes=torch.tensor(vae.idx, dtype=torch.long),
+            packed_timesteps=torch.tensor(vae.timesteps, dtype=torch.float32),
+            mse_loss_indexes=torch.tensor(vae.mse_idx, dtype=torch.long),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- synthetic data
