@@ -329,104 +329,96 @@ def load_checkpoint_into(
 
     Shape mismatches always raise ValueError. A 4-D (Conv2d) patch embedding is converted to the
     Linear layout on the fly. Returns a :class:`LoadReport`."""
-    from safetensors import safe_open
-
     if stage not in (1, 2):
         raise ValueError(f"stage={stage!r} must be 1 or 2")
     files = find_weight_files(path)
-    model = _checkpoint_root(model)
-    targets = model.state_dict(keep_vars=True)
+    targets = _checkpoint_root(model).state_dict(keep_vars=True)
     report = LoadReport(files=files)
-    plan: list[tuple[str, str]] = []  # (file, key)
-    source: dict[str, str] = {}  # key -> the file that holds it
-    # 1. every header, validated, before anything is read or copied
-    for file in files:
-        header = read_safetensors_header(file)
-        for key, meta in header.items():
-            if key in source:
-                raise ValueError(f"checkpoint key {key!r} is held by both {source[key]} and {file}")
-            source[key] = file
-            kind = classify_key(key)
-            if kind == "vae":
-                report.vae.append(key)
-                continue
-            if kind == "extra":
-                continue
-            if kind == "recomputed":
-                report.recomputed.append(key)
-                continue
-            if kind == "gen" and stage == 1:
-                report.skipped_by_stage.append(key)
-                continue
-            target = targets.get(key)
-            if target is None:
-                report.unexpected.append(key)
-                continue
-            shape = tuple(meta["shape"])
-            if key == PATCH_EMBED_KEY and len(shape) == 4:
-                shape = (shape[0], shape[1] * shape[2] * shape[3])
-            if shape != tuple(target.shape):
-                raise ValueError(
-                    f"{file}: checkpoint key {key!r} has shape {tuple(meta['shape'])} but the model expects "
-                    f"{tuple(target.shape)}; does the config match the checkpoint?"
-                )
-            if not _dtype_fits(meta["dtype"], target):
-                raise ValueError(
-                    f"{file}: checkpoint key {key!r} has dtype {meta['dtype']} but the model's tensor is "
-                    f"{target.dtype}; integer or bool data is never cast into floating parameters"
-                )
-            plan.append((file, key))
+    plan = _plan_load(files, targets, stage, report)  # 1. every header validated, nothing read yet
     if strict and report.unexpected:
         raise ValueError(
             f"strict=True: {len(report.unexpected)} checkpoint key(s) match no model parameter: "
             f"{', '.join(report.unexpected[:10])}{' ...' if len(report.unexpected) > 10 else ''}"
         )
-    by_file: dict[str, list[str]] = {}
-    for file, key in plan:
-        by_file.setdefault(file, []).append(key)
+    _copy_planned(plan, targets, report)  # 2. every file opened, then 3. copied
+    loaded = set(report.loaded)
+    report.missing = [k for k in targets if k not in loaded]
+    _log_report(path, report)
+    return report
+
+
+def _plan_load(files: list[str], targets: dict, stage: int, report: LoadReport) -> dict[str, list[str]]:
+    """Validate every shard's header against the model (shape, dtype, duplicates) and sort its keys
+    into the report; returns the keys to load, by file. Reads no tensor data."""
+    plan: dict[str, list[str]] = {}
+    source: dict[str, str] = {}  # key -> the file that holds it
+    skip = {"vae": report.vae, "recomputed": report.recomputed, "extra": None}
+    for file in files:
+        for key, meta in read_safetensors_header(file).items():
+            if key in source:
+                raise ValueError(f"checkpoint key {key!r} is held by both {source[key]} and {file}")
+            source[key] = file
+            kind = classify_key(key)
+            if kind == "gen" and stage == 1:
+                report.skipped_by_stage.append(key)
+            elif kind in skip:
+                if skip[kind] is not None:
+                    skip[kind].append(key)
+            elif key not in targets:
+                report.unexpected.append(key)
+            else:
+                _check_fits(file, key, meta, targets[key])
+                plan.setdefault(file, []).append(key)
+    return plan
+
+
+def _check_fits(file: str, key: str, meta: dict, target: torch.Tensor) -> None:
+    shape = tuple(meta["shape"])
+    if key == PATCH_EMBED_KEY and len(shape) == 4:
+        shape = (shape[0], shape[1] * shape[2] * shape[3])
+    if shape != tuple(target.shape):
+        raise ValueError(
+            f"{file}: checkpoint key {key!r} has shape {tuple(meta['shape'])} but the model expects "
+            f"{tuple(target.shape)}; does the config match the checkpoint?"
+        )
+    if not _dtype_fits(meta["dtype"], target):
+        raise ValueError(
+            f"{file}: checkpoint key {key!r} has dtype {meta['dtype']} but the model's tensor is "
+            f"{target.dtype}; integer or bool data is never cast into floating parameters"
+        )
+
+
+def _copy_planned(plan: dict[str, list[str]], targets: dict, report: LoadReport) -> None:
+    """Open every planned file (safetensors checks its own header) before the first copy, then copy."""
+    from safetensors import safe_open
+
     with contextlib.ExitStack() as stack, torch.no_grad():
-        # 2. every file opened (safetensors checks its own header) before the first copy
         handles = {}
-        for file in by_file:
+        for file in plan:
             try:
                 handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
             except Exception as exc:  # safetensors raises its own error types
                 raise ValueError(f"{file}: safetensors cannot open it: {exc}") from None
-        # 3. copy
-        for file, keys in by_file.items():
-            f = handles[file]
+        for file, keys in plan.items():
             for key in keys:
-                t = f.get_tensor(key)
+                t = handles[file].get_tensor(key)
                 if key == PATCH_EMBED_KEY and t.dim() == 4:
                     t = _conv_to_linear_weight(t)
                     report.converted.append(key)
                 targets[key].data.copy_(t)
                 report.loaded.append(key)
-    loaded = set(report.loaded)
-    report.missing = [k for k in targets if k not in loaded]
-    if report.missing:
-        logger.warning(
-            "BAGEL checkpoint %s: %d model key(s) missing, e.g. %s",
-            path,
-            len(report.missing),
-            report.missing[:5],
-        )
-    if report.unexpected:
-        logger.warning(
-            "BAGEL checkpoint %s: %d key(s) match no parameter, e.g. %s",
-            path,
-            len(report.unexpected),
-            report.unexpected[:5],
-        )
-    if report.vae:
-        logger.info("BAGEL checkpoint %s: %d VAE key(s) recognised and not loaded", path, len(report.vae))
-    if report.skipped_by_stage:
-        logger.info(
-            "BAGEL checkpoint %s: %d generation key(s) skipped for stage 1",
-            path,
-            len(report.skipped_by_stage),
-        )
-    return report
+
+
+def _log_report(path, report: LoadReport) -> None:
+    for level, keys, what in (
+        (logging.WARNING, report.missing, "model key(s) missing, e.g. %s"),
+        (logging.WARNING, report.unexpected, "key(s) match no parameter, e.g. %s"),
+        (logging.INFO, report.vae, "VAE key(s) recognised and not loaded"),
+        (logging.INFO, report.skipped_by_stage, "generation key(s) skipped for stage 1"),
+    ):
+        if keys:
+            args = (path, len(keys), keys[:5]) if "%s" in what else (path, len(keys))
+            logger.log(level, "BAGEL checkpoint %s: %d " + what, *args)
 
 
 def save_checkpoint(

@@ -344,77 +344,34 @@ def train(args, rank: int = 0, world: int = 1, device=None) -> dict:
 
     A KeyboardInterrupt (Ctrl-C) on a single process stops training after the last finished step; the
     outputs of the finished steps are written and the result has ``interrupted=True``."""
-    import numpy as np
     import torch
-
-    from bagel import BagelBackendConfig, BagelForUnifiedMultimodal
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if device is None:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backend = BagelBackendConfig(attention=args.attention, mot=args.mot, patch_embed=args.patch_embed)
-    config = _demo_config(args)
-    model = BagelForUnifiedMultimodal(config, backend=backend).to(device)
-    model.initialize_weights()
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    if world > 1:
-        from bagel.distributed import apply_fsdp2
-
-        apply_fsdp2(model)
-    data = DemoData(config, seed=args.seed + 1000 * rank)  # each rank its own batches
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
-        ),
-    )
+    model, n_params = _build_model(args, world, device)
+    data = DemoData(model.config, seed=args.seed + 1000 * rank)  # each rank its own batches
+    opt, sched = _optimizer(model, args)
     os.makedirs(args.out, exist_ok=True)
-    rows = []
-    tokens_done, t_train = 0, 0.0
     log = print if rank == 0 else (lambda *a, **k: None)
+    be = model.backend
     log(
         f"bagel-demo: {n_params / 1e6:.2f} M parameters, device {device}"
         f"{f' x {world} processes (FSDP2)' if world > 1 else ''}, "
-        f"backends attention={backend.attention} mot={backend.mot} patch_embed={backend.patch_embed}, "
+        f"backends attention={be.attention} mot={be.mot} patch_embed={be.patch_embed}, "
         f"{args.steps} steps of {args.tokens}-token packs",
         flush=True,
     )
-    interrupted = False
+    rows, tokens_done, t_train, interrupted = [], 0, 0.0, False
     try:
         for step in range(1, args.steps + 1):
             batch = data.pack(args.tokens, device)
-            t0 = time.perf_counter()
-            out = model(**batch)
-            ce = out["ce"].mean() if out["ce"] is not None else torch.zeros((), device=device)
-            mse = out["mse"].mean() if out["mse"] is not None else torch.zeros((), device=device)
-            loss = ce + mse
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t_train += time.perf_counter() - t0
-            n_tok = int(batch["sequence_length"])
-            vals = torch.tensor([ce.item(), mse.item(), float(n_tok)], dtype=torch.float64)
-            if world > 1:  # the curves show the mean over ranks; tokens count all ranks
-                vals = _all_reduce(vals, device, "sum") / torch.tensor(
-                    [world, world, 1.0], dtype=torch.float64
-                )
-            tokens_done += int(vals[2])
+            ce, mse, seconds = _train_step(model, opt, sched, batch, device)
+            t_train += seconds
             rows.append(
-                {
-                    "step": step,
-                    "ce": float(vals[0]),
-                    "mse": float(vals[1]),
-                    "tokens": int(vals[2]),
-                    "lr": sched.get_last_lr()[0],
-                }
+                _step_row(step, ce, mse, int(batch["sequence_length"]), sched.get_last_lr()[0], world)
             )
+            tokens_done += rows[-1]["tokens"]
             if not (math.isfinite(rows[-1]["ce"]) and math.isfinite(rows[-1]["mse"])):
                 raise RuntimeError(
                     f"non-finite loss at step {step}: ce={rows[-1]['ce']} mse={rows[-1]['mse']}"
@@ -428,24 +385,101 @@ def train(args, rank: int = 0, world: int = 1, device=None) -> dict:
         sys.stderr.write(f"\nbagel-demo: interrupted after {len(rows)} finished step(s)\n")
     if world > 1:  # the slowest rank sets the pace
         t_train = float(_all_reduce(torch.tensor([t_train], dtype=torch.float64), device, "max")[0])
-    tps = tokens_done / max(t_train, 1e-9)
-    result = {"first": None, "last": None, "tokens_per_s": tps, "rows": rows, "interrupted": interrupted}
+    result = {
+        "first": None,
+        "last": None,
+        "tokens_per_s": tokens_done / max(t_train, 1e-9),
+        "rows": rows,
+        "interrupted": interrupted,
+    }
     if not rows:
         log("no step finished: nothing written")
         return result
+    _summarise(result, args.out if rank == 0 else None, tokens_done, t_train, log)
+    return result
+
+
+def _build_model(args, world: int, device):
+    """The demo's tiny BAGEL on ``device`` in training mode (sharded with FSDP2 when ``world > 1``) and
+    its parameter count."""
+    from bagel import BagelBackendConfig, BagelForUnifiedMultimodal
+
+    backend = BagelBackendConfig(attention=args.attention, mot=args.mot, patch_embed=args.patch_embed)
+    model = BagelForUnifiedMultimodal(_demo_config(args), backend=backend).to(device)
+    model.initialize_weights()
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    if world > 1:
+        from bagel.distributed import apply_fsdp2
+
+        apply_fsdp2(model)
+    return model, n_params
+
+
+def _optimizer(model, args):
+    """AdamW with a linear warm-up over 5% of the steps, then a cosine decay to zero."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    warmup = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+        ),
+    )
+    return opt, sched
+
+
+def _train_step(model, opt, sched, batch: dict, device):
+    """One optimizer step on ``batch``: ``(mean CE, mean MSE, seconds)`` (packing not timed)."""
+    import torch
+
+    t0 = time.perf_counter()
+    out = model(**batch)
+    ce = out["ce"].mean() if out["ce"] is not None else torch.zeros((), device=device)
+    mse = out["mse"].mean() if out["mse"] is not None else torch.zeros((), device=device)
+    loss = ce + mse
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return ce, mse, time.perf_counter() - t0
+
+
+def _step_row(step: int, ce, mse, n_tok: int, lr: float, world: int) -> dict:
+    """The CSV row of one step; with several processes the losses are the mean over ranks and the
+    tokens count all ranks."""
+    import torch
+
+    vals = torch.tensor([ce.item(), mse.item(), float(n_tok)], dtype=torch.float64)
+    if world > 1:
+        vals = _all_reduce(vals, ce.device, "sum") / torch.tensor([world, world, 1.0], dtype=torch.float64)
+    return {"step": step, "ce": float(vals[0]), "mse": float(vals[1]), "tokens": int(vals[2]), "lr": lr}
+
+
+def _summarise(result: dict, out: str | None, tokens_done: int, t_train: float, log) -> None:
+    """The first / last loss means into ``result``; with ``out`` (rank 0) the outputs and the report."""
+    import numpy as np
+
+    rows = result["rows"]
     k = max(1, min(20, len(rows) // 5))
     first = {key: float(np.mean([r[key] for r in rows[:k]])) for key in ("ce", "mse")}
     last = {key: float(np.mean([r[key] for r in rows[-k:]])) for key in ("ce", "mse")}
     result.update(first=first, last=last)
-    if rank == 0:
-        csv_path, png_path = write_outputs(args.out, rows)
-        log(f"ce  {first['ce']:.4f} -> {last['ce']:.4f} (mean of first / last {k} steps)")
-        log(f"mse {first['mse']:.4f} -> {last['mse']:.4f}")
-        log(f"wrote {csv_path}" + (f" and {png_path}" if png_path else " (no plot)"))
-        log(
-            f"trained {len(rows)} steps, {tokens_done} tokens in {t_train:.1f} s of training: {tps:,.0f} tokens/s"
-        )
-    return result
+    if out is None:
+        return
+    csv_path, png_path = write_outputs(out, rows)
+    log(f"ce  {first['ce']:.4f} -> {last['ce']:.4f} (mean of first / last {k} steps)")
+    log(f"mse {first['mse']:.4f} -> {last['mse']:.4f}")
+    log(f"wrote {csv_path}" + (f" and {png_path}" if png_path else " (no plot)"))
+    log(
+        f"trained {len(rows)} steps, {tokens_done} tokens in {t_train:.1f} s of training: "
+        f"{result['tokens_per_s']:,.0f} tokens/s"
+    )
 
 
 def _all_reduce(t, device, op: str):
