@@ -49,15 +49,6 @@ __all__ = [
 ]
 
 
-def _fused_patch_embed():
-    """``bagel_kernels.patch_embed.fused_patch_embed`` when that op is installed, else None."""
-    try:
-        from bagel_kernels.patch_embed import fused_patch_embed
-    except ImportError:
-        return None
-    return fused_patch_embed
-
-
 def patch_embed(
     patches: torch.Tensor,
     weight: torch.Tensor,
@@ -70,15 +61,13 @@ def patch_embed(
 
     ``backend`` is :attr:`BagelBackendConfig.patch_embed`: ``"torch"`` is plain PyTorch; ``"auto"`` /
     ``"cuda"`` / ``"cpu_ext"`` call :func:`bagel_kernels.patch_embed.fused_patch_embed` with that backend
-    (``"auto"`` falls back to PyTorch when the op is not installed; a named kernel then raises ValueError)."""
+    (``"auto"`` takes the torch path where the extension is not built; a named kernel then raises
+    ValueError)."""
     if backend != "torch":
-        fused = _fused_patch_embed()
-        if fused is not None:
-            return fused(patches, weight, bias, pos_table, pos_ids, backend=backend)
-        if backend != "auto":
-            raise ValueError(
-                f"patch_embed={backend!r} needs bagel_kernels.patch_embed, which is not available"
-            )
+        # imported on first use, as bagel_kernels exposes it: importing the module imports triton
+        from bagel_kernels.patch_embed import fused_patch_embed
+
+        return fused_patch_embed(patches, weight, bias, pos_table, pos_ids, backend=backend)
     out = F.linear(patches, weight, bias)
     if pos_table is not None:
         out = out + pos_table[pos_ids]

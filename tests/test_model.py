@@ -252,7 +252,6 @@ def test_backend_combination_matches_reference(stage2_batch, stage2_reference, a
     """The grouped-routing model on (attention, mot, patch_embed) kernels vs the all-reference model:
     ce, mse and the gradient of every parameter (patch_embed "auto": the torch path on CPU, the CUDA
     extension on GPUs when built)."""
-    pytest.importorskip("bagel_kernels.mot")
     if (
         "triton" in (attention, mot)
         and not torch.cuda.is_available()

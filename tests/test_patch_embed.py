@@ -36,6 +36,9 @@ needs_cpu_ext = pytest.mark.skipif(
     not _ext_cpu(), reason=f"extension CPU kernel absent: {pe.extension_status().reason}"
 )
 CPU_BACKENDS = [pytest.param("cpu_ext", marks=needs_cpu_ext), "torch"]
+# The tolerance sweeps against the float64 reference run the extension's kernel: backend="torch" IS that
+# reference (patch_embed_reference, in the inputs' dtype), which test_torch_backend_is_the_reference pins.
+KERNEL_BACKENDS = [pytest.param("cpu_ext", marks=needs_cpu_ext)]
 
 
 def make_inputs(N, K, E, dtype, device="cpu", table_rows=0, bias=True, grad=False, seed=0):
@@ -88,7 +91,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,K,E", SHAPES)
 @pytest.mark.parametrize("table", [0, 37], ids=["no_table", "table"])
@@ -99,6 +102,22 @@ def test_forward_matches_reference(backend, dtype, N, K, E, table):
     assert out.shape == (N, E) and out.dtype == dtype
     ref, _ = reference64(x, w, b, t, ids)
     close(out, ref, dtype, "fwd", "out")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,K,E,table", [(97, 588, 200, 37), (1, 75, 31, 0)])
+def test_torch_backend_is_the_reference(dtype, N, K, E, table):
+    """``backend="torch"`` runs the unfused reference (what the kernels are checked against), bit for
+    bit in the forward and every gradient, after its input checks."""
+    x, w, b, t, ids = make_inputs(N, K, E, dtype, table_rows=table, grad=True)
+    dy = torch.randn(N, E, dtype=dtype)
+    out = pe.fused_patch_embed(x, w, b, t, ids, backend="torch")
+    assert pe.last_backend()[0] == "torch"
+    grads = torch.autograd.grad(out, [a for a in (x, w, b, t) if a is not None], dy)
+    ref = pe.patch_embed_reference(x, w, b, t, ids)
+    want = torch.autograd.grad(ref, [a for a in (x, w, b, t) if a is not None], dy)
+    assert torch.equal(out, ref)
+    assert all(torch.equal(g, r) for g, r in zip(grads, want, strict=True))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -130,7 +149,7 @@ def test_empty_input():
 
 
 # ---------------------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,K,E,table", [(97, 588, 200, 37), (40, 588, 1152, 0), (1, 75, 31, 5)])
 def test_gradients_match_reference(backend, dtype, N, K, E, table):

@@ -11,6 +11,7 @@ expert weights == dense).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import random
 
 import pytest
@@ -18,31 +19,19 @@ import torch
 from transformers import Qwen2Config
 
 from bagel.backend import BagelBackendConfig
+from bagel.qwen2 import LAYER_MODULES, Qwen2ForCausalLM
+from bagel.qwen2_reference import Qwen2ForCausalLMReference, forward_train_reference
 from bagel_kernels import PackedMask
 from bagel_kernels.testing import random_pack, tolerance
-
-mot = pytest.importorskip(
-    "bagel_kernels.mot", reason="bagel_kernels.mot (MoT routed ops) is not in the tree yet"
-)
-
-from bagel.qwen2 import LAYER_MODULES, Qwen2ForCausalLM  # noqa: E402
-from bagel.qwen2_reference import Qwen2ForCausalLMReference, forward_train_reference  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB = 64, 4, 2, 16, 96, 100
 FWD = tolerance(torch.float32, "fwd")
 BWD = tolerance(torch.float32, "bwd")
 
 
-def _has_triton_attention() -> bool:
-    try:
-        import bagel_kernels.attention_triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
+# the Triton backends run on CUDA, or on CPU under the interpreter (tests/conftest.py sets it without CUDA)
 needs_triton_attention = pytest.mark.skipif(
-    not _has_triton_attention(), reason="bagel_kernels.attention_triton is not in the tree yet"
+    importlib.util.find_spec("triton") is None, reason="triton is not installed (Linux only)"
 )
 
 
