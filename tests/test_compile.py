@@ -28,6 +28,8 @@ from torch._dynamo.utils import counters
 
 from bagel import BagelBackendConfig, BagelConfig, BagelForUnifiedMultimodal, pack_samples, synthetic_samples
 
+pytestmark = pytest.mark.slow  # every case compiles (10-40 s each on 2 CPU cores); CI runs them all
+
 WARMUP = 3  # packs after which no pack may compile anything new
 PACKS = 5
 ATOL, RTOL = 1e-5, 1e-5  # fp32; compiled (aot_eager) and eager run the same kernels, in another order

@@ -141,6 +141,7 @@ def _spawn(backend, prepared, tmp_path, timeout_s=240):
     return torch.load(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "backend,prepared",
     [
@@ -219,6 +220,7 @@ def test_stand_in_and_zero_ties_give_every_parameter_a_gradient_and_change_nothi
         assert torch.equal(g, g0[name] if g0[name] is not None else torch.zeros_like(g)), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ["nproc", "torchrun"])
 def test_demo_runs_on_two_processes(launch, tmp_path):
     """``bagel-demo --nproc 2`` (spawned workers) and ``torchrun --standalone --nproc-per-node 2 -m
