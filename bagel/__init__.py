@@ -11,7 +11,8 @@ _EXPORTS = {
     "BagelConfig": ".config",
     "BagelForUnifiedMultimodal": ".modeling",
     "BagelModel": ".modeling",
-    "PreparedPack": ".modeling",
+    "PackInputs": ".prepare",
+    "PreparedPack": ".prepare",
     "EditSample": ".packing",
     "Sample": ".packing",
     "SpecialTokens": ".packing",
@@ -32,8 +33,8 @@ _EXPORTS = {
 
 
 _SUBMODULES = {
-    "backend", "checkpoint", "cli", "config", "demo", "distributed", "embeddings", "modeling",
-    "packing", "qwen2", "qwen2_reference", "siglip",
+    "backend", "checkpoint", "cli", "config", "demo", "distributed", "embeddings", "fusion", "modeling",
+    "packing", "prepare", "qwen2", "qwen2_reference", "siglip", "validation",
 }  # fmt: skip
 
 
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from .backend import BagelBackendConfig
     from .checkpoint import LoadReport
     from .config import BagelConfig
-    from .modeling import BagelForUnifiedMultimodal, BagelModel, PreparedPack
+    from .modeling import BagelForUnifiedMultimodal, BagelModel
     from .packing import (
         EditSample,
         Sample,
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
         synthetic_sample,
         synthetic_samples,
     )
+    from .prepare import PackInputs, PreparedPack
     from .qwen2 import Qwen2ForCausalLM, Qwen2Model
     from .qwen2_reference import Qwen2ForCausalLMReference
     from .siglip import SiglipVisionModel
@@ -82,6 +84,7 @@ __all__ = [
     "BagelConfig",
     "BagelModel",
     "BagelForUnifiedMultimodal",
+    "PackInputs",
     "PreparedPack",
     "LoadReport",
     "Qwen2ForCausalLM",

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bagel._extras import needs_extra
+
 __all__ = [
     "LoadReport",
     "classify_key",
@@ -390,7 +392,8 @@ def _check_fits(file: str, key: str, meta: dict, target: torch.Tensor) -> None:
 
 def _copy_planned(plan: dict[str, list[str]], targets: dict, report: LoadReport) -> None:
     """Open every planned file (safetensors checks its own header) before the first copy, then copy."""
-    from safetensors import safe_open
+    with needs_extra():
+        from safetensors import safe_open
 
     with contextlib.ExitStack() as stack, torch.no_grad():
         handles = {}
@@ -434,7 +437,8 @@ def save_checkpoint(
 
     ``extra_tensors`` are added as-is (e.g. VAE weights in tests); ``keys`` restricts the saved keys.
     Returns the weight file's path."""
-    from safetensors.torch import save_file
+    with needs_extra():
+        from safetensors.torch import save_file
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)

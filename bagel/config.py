@@ -24,7 +24,10 @@ import math
 import os
 from typing import Any
 
-from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig
+from bagel._extras import needs_extra
+
+with needs_extra():
+    from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
 __all__ = ["BagelConfig", "DEFAULT_VAE_CONFIG", "LAYER_MODULES", "read_json"]
 

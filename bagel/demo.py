@@ -104,9 +104,12 @@ def min_tokens() -> int:
 # ---------------------------------------------------------------------------------------------- data
 def _load_images() -> dict:
     """RGB float arrays in [0, 1] from matplotlib's sample data (photographs and colour-mapped DEMs)."""
-    import matplotlib
     import numpy as np
 
+    from bagel._extras import needs_extra
+
+    with needs_extra():
+        import matplotlib
     matplotlib.use("Agg")
     from matplotlib import cbook, colormaps
     from matplotlib import image as mpimg

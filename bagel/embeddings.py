@@ -11,9 +11,12 @@ import math
 import numpy as np
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
+from bagel._extras import needs_extra
 from bagel.fusion import float_dtype
+
+with needs_extra():
+    from transformers.activations import ACT2FN
 
 __all__ = [
     "get_2d_sincos_pos_embed",

@@ -30,11 +30,14 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-from transformers.activations import ACT2FN
 
+from bagel._extras import needs_extra
 from bagel.backend import BagelBackendConfig
 from bagel.fusion import float_dtype, fusable
 from bagel_kernels import PackedMask, packed_attention
+
+with needs_extra():
+    from transformers.activations import ACT2FN
 
 __all__ = [
     "SiglipVisionEmbeddings",
