@@ -57,6 +57,7 @@ from bagel.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
 from bagel.prepare import GroupedPack, PackInputs, PreparedPack, patchify_latents
 from bagel.qwen2 import Qwen2ForCausalLM
 from bagel.siglip import SiglipVisionModel
+from bagel.validation import HasBackend, check_backend
 
 __all__ = [
     "BagelModel",
@@ -156,9 +157,7 @@ class BagelModel(nn.Module):
         super().__init__()
         if not isinstance(config, BagelConfig):
             raise ValueError(f"config must be a BagelConfig, got {type(config).__name__}")
-        backend = BagelBackendConfig() if backend is None else backend
-        if not isinstance(backend, BagelBackendConfig):
-            raise ValueError(f"backend must be a BagelBackendConfig, got {type(backend).__name__}")
+        backend = check_backend(BagelBackendConfig() if backend is None else backend)
         self.config = config
         hidden = config.text_config.hidden_size
         lm_cls = Qwen2ForCausalLM if language_model_cls is None else language_model_cls
@@ -184,7 +183,7 @@ class BagelModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- model
-class BagelForUnifiedMultimodal(nn.Module):
+class BagelForUnifiedMultimodal(HasBackend, nn.Module):
     """BAGEL mixed-modal model for packed training: understanding (stage 1) and generation (stage 2).
 
     ``visual_gen=False`` is the stage-1 understanding-only model (dense decoder layers, CE only);
@@ -243,16 +242,9 @@ class BagelForUnifiedMultimodal(nn.Module):
         # all-gather is a collective). Set by bagel.distributed.apply_fsdp2.
         self.vit_stand_in = False
 
-    @property
-    def backend(self) -> BagelBackendConfig:
-        """The kernel choice; setting it updates the language model and the ViT."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: BagelBackendConfig) -> None:
-        if not isinstance(value, BagelBackendConfig):
-            raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
-        self._backend = value
+    @HasBackend.backend.setter
+    def backend(self, value: BagelBackendConfig) -> None:  # also the language model's and the ViT's
+        self._backend = check_backend(value)
         self.model.language_model.backend = value
         if self.config.visual_und:
             self.model.vit_model.backend = value

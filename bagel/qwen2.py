@@ -53,7 +53,7 @@ from torch import nn
 
 from bagel.backend import BagelBackendConfig
 from bagel.fusion import fusable
-from bagel.validation import DeviceChecks
+from bagel.validation import DeviceChecks, HasBackend
 from bagel_kernels import PackedMask, mot
 from bagel_kernels.attention import packed_attention, prepare_attention
 
@@ -700,7 +700,7 @@ def _check_cut(mask: PackedMask, L: int, checks: DeviceChecks) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- model
-class Qwen2Model(nn.Module):
+class Qwen2Model(HasBackend, nn.Module):
     """Embeddings, decoder layers, final norm(s) and the rotary tables.
 
     ``norm_moe_gen`` exists when the layers are MoE or MoT (upstream: ``"Mo" in layer_module``); such a
@@ -734,16 +734,6 @@ class Qwen2Model(nn.Module):
         self.rotary_emb = Qwen2RotaryEmbedding(config)
         self.head_dim = config_head_dim(config)
         self.rope_theta = config_rope_theta(config)
-
-    @property
-    def backend(self) -> BagelBackendConfig:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: BagelBackendConfig) -> None:
-        if not isinstance(value, BagelBackendConfig):
-            raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
-        self._backend = value
 
     def prepare_context(
         self,
@@ -878,24 +868,10 @@ class Qwen2Model(nn.Module):
             x = _norm(x, x.shape[0], self.norm, None, fused, be.mot)
         return x
 
-    def forward_train(
-        self,
-        packed_sequence: torch.Tensor,
-        sample_lens: Sequence[int] | None,
-        attention_mask: PackedMask,
-        packed_position_ids: torch.Tensor,
-        packed_und_token_indexes: torch.Tensor | None = None,
-        packed_gen_token_indexes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """See :meth:`Qwen2ForCausalLM.forward_train`: :meth:`prepare_pack`, :meth:`decode`, un-permute."""
-        x, ctx, inv = self.prepare_pack(
-            packed_sequence,
-            sample_lens,
-            attention_mask,
-            packed_position_ids,
-            packed_und_token_indexes,
-            packed_gen_token_indexes,
-        )
+    def forward_train(self, *args, **kwargs) -> torch.Tensor:
+        """:meth:`Qwen2ForCausalLM.forward_train` (same arguments, those of :meth:`prepare_pack`):
+        :meth:`prepare_pack`, :meth:`decode`, un-permute."""
+        x, ctx, inv = self.prepare_pack(*args, **kwargs)
         x = self.decode(x, ctx)
         if inv is not None:
             x = mot._permute_rows_trusted(x, inv, backend=ctx.backend.mot)

@@ -234,24 +234,10 @@ class Qwen2ForCausalLMReference(Qwen2ForCausalLM):
     def __init__(self, config, backend: BagelBackendConfig | None = None):
         super().__init__(config, backend if backend is not None else BagelBackendConfig.reference())
 
-    def forward_train(
-        self,
-        packed_sequence: torch.Tensor,
-        sample_lens: Sequence[int] | None,
-        attention_mask: PackedMask,
-        packed_position_ids: torch.Tensor,
-        packed_und_token_indexes: torch.Tensor | None = None,
-        packed_gen_token_indexes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward_train(self, *args, **kwargs) -> torch.Tensor:
+        """:func:`forward_train_reference` of this model (the arguments of
+        :meth:`Qwen2ForCausalLM.forward_train`), with the backend's attention and determinism."""
         be = self.backend
         return forward_train_reference(
-            self,
-            packed_sequence,
-            sample_lens,
-            attention_mask,
-            packed_position_ids,
-            packed_und_token_indexes,
-            packed_gen_token_indexes,
-            attention=be.attention,
-            deterministic=be.deterministic,
+            self, *args, attention=be.attention, deterministic=be.deterministic, **kwargs
         )

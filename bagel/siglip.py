@@ -34,6 +34,7 @@ from torch import nn
 from bagel._extras import needs_extra
 from bagel.backend import BagelBackendConfig
 from bagel.fusion import float_dtype, fusable
+from bagel.validation import HasBackend
 from bagel_kernels import PackedMask, packed_attention
 
 with needs_extra():
@@ -294,7 +295,7 @@ class SiglipVisionTransformer(nn.Module):
         return self.post_layernorm(x)
 
 
-class SiglipVisionModel(nn.Module):
+class SiglipVisionModel(HasBackend, nn.Module):
     """The SigLIP-NaViT tower (``vision_model``) built with ``num_layers`` encoder layers.
 
     Args:
@@ -319,16 +320,6 @@ class SiglipVisionModel(nn.Module):
         self.vision_model = SiglipVisionTransformer(config, n, side)
         self.backend = backend if backend is not None else BagelBackendConfig()
         self.init_weights()
-
-    @property
-    def backend(self) -> BagelBackendConfig:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: BagelBackendConfig) -> None:
-        if not isinstance(value, BagelBackendConfig):
-            raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
-        self._backend = value
 
     def get_input_embeddings(self) -> nn.Module:
         return self.vision_model.embeddings.patch_embedding

@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["DeviceChecks", "as_index"]
+from bagel.backend import BagelBackendConfig
+
+__all__ = ["DeviceChecks", "as_index", "check_backend", "HasBackend"]
 
 
 class DeviceChecks:
@@ -72,3 +74,24 @@ def as_index(t, name: str, device: torch.device, *, allow_bool_len: int | None =
     if t.is_floating_point() or t.is_complex():
         raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
     return t.to(device=device, dtype=torch.long)
+
+
+def check_backend(value) -> BagelBackendConfig:
+    """``value`` if it is a :class:`bagel.backend.BagelBackendConfig`, else ValueError."""
+    if not isinstance(value, BagelBackendConfig):
+        raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
+    return value
+
+
+class HasBackend:
+    """Mixin of the modules that pick kernels: a ``backend`` attribute, checked when set."""
+
+    @property
+    def backend(self) -> BagelBackendConfig:
+        """The kernel choice (a :class:`bagel.backend.BagelBackendConfig`); checked when set, and on a
+        model that holds others (``BagelForUnifiedMultimodal``, ``Qwen2ForCausalLM``) passed on to them."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: BagelBackendConfig) -> None:
+        self._backend = check_backend(value)

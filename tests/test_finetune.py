@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import randomize_
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn.utils import parametrize
@@ -55,16 +56,6 @@ def _needs_triton(backend: BagelBackendConfig) -> None:
         torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
     ):
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int) -> None:
-    """Every trainable weight random (llm2vae too, so the MSE depends on the hidden states)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            base = 1.0 if ("norm" in name and name.endswith("weight") and p.dim() == 1) else 0.0
-            p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
 
 
 def make_model(backend: BagelBackendConfig, state: dict | None = None) -> BagelForUnifiedMultimodal:

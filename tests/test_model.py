@@ -16,6 +16,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from model_helpers import randomize_
 from torch import nn
 
 from bagel import (
@@ -47,15 +48,6 @@ def reference_model(cfg: BagelConfig | None = None, seed: int = 0) -> BagelForUn
     model = BagelForUnifiedMultimodal(cfg, backend=REF, language_model_cls=Qwen2ForCausalLMReference)
     randomize_(model, seed)
     return model
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            base = 1.0 if ("norm" in name and name.endswith("weight") and p.dim() == 1) else 0.0
-            p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
 
 
 def run(model: nn.Module, batch: dict, noise_seed: int = 1):
@@ -478,6 +470,21 @@ def test_deterministic_backward_is_bit_identical(lm, attention, mot):
     assert_grads_close(grads, ref_grads)
 
 
+def _gpu_bf16_batch(cfg: BagelConfig) -> dict:
+    """A ~1.5k-token pack of every sample kind on CUDA, latents in bf16."""
+    samples = synthetic_samples(
+        ["und", "t2i", "edit", "und", "t2i", "text"] * 2,
+        cfg,
+        seed=0,
+        text_len=(8, 64),
+        vit_side=(4, 16),
+        latent_side=(4, 16),
+    )
+    batch = pack_samples(samples, cfg, rng=0, device="cuda")
+    batch["padded_latent"] = batch["padded_latent"].to(torch.bfloat16)
+    return batch
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "lm,attention,mot",
@@ -496,16 +503,7 @@ def test_gpu_deterministic_backward_is_bit_identical(lm, attention, mot):
     model = BagelForUnifiedMultimodal(cfg, backend=be, language_model_cls=lm_cls)
     randomize_(model, 0)
     model = model.cuda().to(torch.bfloat16)
-    samples = synthetic_samples(
-        ["und", "t2i", "edit", "und", "t2i", "text"] * 2,
-        cfg,
-        seed=0,
-        text_len=(8, 64),
-        vit_side=(4, 16),
-        latent_side=(4, 16),
-    )
-    batch = pack_samples(samples, cfg, rng=0, device="cuda")
-    batch["padded_latent"] = batch["padded_latent"].to(torch.bfloat16)
+    batch = _gpu_bf16_batch(cfg)
     _assert_bit_identical_runs(model, batch)
 
 
@@ -628,39 +626,13 @@ def test_gpu_bf16_auto_backends_match_reference():
     model with the same weights, on a ~1.5k-token pack of a wider tiny model. bf16 tolerances: outputs
     within tolerance("bfloat16", "fwd") of each other after averaging, gradients within 5% relative L2."""
     torch.manual_seed(0)
-    cfg = BagelConfig.tiny(
-        llm_hidden=256,
-        llm_heads=4,
-        llm_kv_heads=2,
-        vit_hidden=144,
-        vit_heads=2,
-        vit_grid=16,
-        max_latent_size=16,
-    )
+    wide = dict(llm_hidden=256, llm_heads=4, llm_kv_heads=2, vit_hidden=144, vit_heads=2, vit_grid=16)
+    cfg = BagelConfig.tiny(**wide, max_latent_size=16)
     ref = reference_model(cfg).cuda().to(torch.bfloat16)
-    fast = BagelForUnifiedMultimodal(
-        BagelConfig.tiny(
-            llm_hidden=256,
-            llm_heads=4,
-            llm_kv_heads=2,
-            vit_hidden=144,
-            vit_heads=2,
-            vit_grid=16,
-            max_latent_size=16,
-        )
-    )
+    fast = BagelForUnifiedMultimodal(BagelConfig.tiny(**wide, max_latent_size=16))
     fast.load_state_dict(ref.state_dict())
     fast = fast.cuda().to(torch.bfloat16)
-    samples = synthetic_samples(
-        ["und", "t2i", "edit", "und", "t2i", "text"] * 2,
-        cfg,
-        seed=0,
-        text_len=(8, 64),
-        vit_side=(4, 16),
-        latent_side=(4, 16),
-    )
-    batch = pack_samples(samples, cfg, rng=0, device="cuda")
-    batch["padded_latent"] = batch["padded_latent"].to(torch.bfloat16)
+    batch = _gpu_bf16_batch(cfg)
     o_ref, g_ref = run(ref, batch)
     o, g = run(fast, batch)
     atol, rtol = tolerance("bfloat16", "fwd")

@@ -82,6 +82,18 @@ def reference64(x, w, b, t, ids):
     return out, leaves
 
 
+def _close_to_reference(out, dy, inputs, ids):
+    """``out`` (backward already run with ``dy``) and the gradient of every given one of ``inputs`` =
+    (patches, weight, bias, pos_table) against the float64 reference, in ``out``'s dtype tolerances."""
+    ref, leaves = reference64(*inputs, ids)
+    ref.backward(dy.double())
+    close(out, ref, out.dtype, "fwd", "out")
+    for name, ours, theirs in zip(("patches", "weight", "bias", "pos_table"), inputs, leaves, strict=True):
+        if ours is not None:
+            assert ours.grad is not None and ours.grad.dtype == out.dtype, name
+            close(ours.grad, theirs.grad, out.dtype, "bwd", f"grad {name}")
+
+
 # ------------------------------------------------------------------------------------------ forward
 SHAPES = [
     (64, 588, 1152),  # SigLIP so400m: patch 14, C=3, hidden 1152
@@ -157,16 +169,7 @@ def test_gradients_match_reference(backend, dtype, N, K, E, table):
     dy = torch.randn(N, E, dtype=dtype)
     out = pe.fused_patch_embed(x, w, b, t, ids, backend=backend)
     out.backward(dy)
-    ref, leaves = reference64(x, w, b, t, ids)
-    ref.backward(dy.double())
-    close(out, ref, dtype, "fwd", "out")
-    for name, ours, theirs in zip(
-        ("patches", "weight", "bias", "pos_table"), (x, w, b, t), leaves, strict=True
-    ):
-        if ours is None:
-            continue
-        assert ours.grad is not None and ours.grad.dtype == dtype, name
-        close(ours.grad, theirs.grad, dtype, "bwd", f"grad {name}")
+    _close_to_reference(out, dy, (x, w, b, t), ids)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -248,14 +251,18 @@ def test_images_entry_gradients(backend, dtype):
     dy = torch.randn(coords.shape[0], E, dtype=dtype)
     out = pe.fused_patch_embed_images(images, coords, p, w, b, t, ids, backend=backend)
     out.backward(dy)
-    leaves = [a.detach().double().requires_grad_(True) for a in (images, w, b, t)]
+    _close_to_images_reference(out, dy, (images, w, b, t), coords, p, ids)
+
+
+def _close_to_images_reference(out, dy, inputs, coords, p, ids):
+    """``out`` (backward already run with ``dy``) and the gradients of ``inputs`` = (images, weight,
+    bias, pos_table) against the float64 raw-image reference."""
+    leaves = [a.detach().double().requires_grad_(True) for a in inputs]
     ref = pe.patch_embed_images_reference(leaves[0], coords, p, leaves[1], leaves[2], leaves[3], ids)
     ref.backward(dy.double())
-    close(out, ref, dtype, "fwd", "out")
-    for name, ours, theirs in zip(
-        ("images", "weight", "bias", "pos_table"), (images, w, b, t), leaves, strict=True
-    ):
-        close(ours.grad, theirs.grad, dtype, "bwd", f"grad {name}")
+    close(out, ref, out.dtype, "fwd", "out")
+    for name, ours, theirs in zip(("images", "weight", "bias", "pos_table"), inputs, leaves, strict=True):
+        close(ours.grad, theirs.grad, out.dtype, "bwd", f"grad {name}")
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -571,29 +578,27 @@ GPU_CASES = [
 ]
 
 
+def _use_cuda_kernel(monkeypatch, kernel: str) -> None:
+    """The extension's CUDA kernel must be built; ``kernel="simt"`` forces its SIMT variant."""
+    if not _ext_cuda():
+        pytest.fail(f"no CUDA kernel: {pe.extension_status()}")
+    if kernel == "simt":
+        monkeypatch.setenv("BAGEL_KERNELS_PATCH_EMBED_KERNEL", "simt")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["auto", "simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,K,E,table", GPU_CASES)
 def test_gpu_forward_and_gradients(monkeypatch, no_tf32, kernel, dtype, N, K, E, table):
-    if not _ext_cuda():
-        pytest.fail(f"no CUDA kernel: {pe.extension_status()}")
-    if kernel == "simt":
-        monkeypatch.setenv("BAGEL_KERNELS_PATCH_EMBED_KERNEL", "simt")
+    _use_cuda_kernel(monkeypatch, kernel)
     x, w, b, t, ids = make_inputs(N, K, E, dtype, device="cuda", table_rows=table, grad=True)
     dy = torch.randn(N, E, dtype=dtype, device="cuda")
     _fill_cache_with_nan()
     out = pe.fused_patch_embed(x, w, b, t, ids, backend="cuda")
     assert pe.last_backend()[0] == "cuda"
     out.backward(dy)
-    ref, leaves = reference64(x, w, b, t, ids)
-    ref.backward(dy.double())
-    close(out, ref, dtype, "fwd", "out")
-    for name, ours, theirs in zip(
-        ("patches", "weight", "bias", "pos_table"), (x, w, b, t), leaves, strict=True
-    ):
-        if ours is not None:
-            close(ours.grad, theirs.grad, dtype, "bwd", f"grad {name}")
+    _close_to_reference(out, dy, (x, w, b, t), ids)
     again = pe.fused_patch_embed(
         x.detach(), w.detach(), b.detach(), None if t is None else t.detach(), ids, backend="cuda"
     )
@@ -614,10 +619,7 @@ GPU_IMAGE_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("p,E,sizes,pad", GPU_IMAGE_CASES)
 def test_gpu_images_entry(monkeypatch, no_tf32, kernel, dtype, p, E, sizes, pad):
-    if not _ext_cuda():
-        pytest.fail(f"no CUDA kernel: {pe.extension_status()}")
-    if kernel == "simt":
-        monkeypatch.setenv("BAGEL_KERNELS_PATCH_EMBED_KERNEL", "simt")
+    _use_cuda_kernel(monkeypatch, kernel)
     C = 3
     images, coords, ids = make_images(sizes, C, p, dtype, device="cuda", pad=pad)
     images.requires_grad_(True)
@@ -632,14 +634,7 @@ def test_gpu_images_entry(monkeypatch, no_tf32, kernel, dtype, p, E, sizes, pad)
     close(out.detach(), out_pat, dtype, "fwd", "images vs patches entry")
     dy = torch.randn_like(out)
     out.backward(dy)
-    leaves = [a.detach().double().requires_grad_(True) for a in (images, w, b, t)]
-    ref = pe.patch_embed_images_reference(leaves[0], coords, p, leaves[1], leaves[2], leaves[3], ids)
-    ref.backward(dy.double())
-    close(out, ref, dtype, "fwd", "out")
-    for name, ours, theirs in zip(
-        ("images", "weight", "bias", "pos_table"), (images, w, b, t), leaves, strict=True
-    ):
-        close(ours.grad, theirs.grad, dtype, "bwd", f"grad {name}")
+    _close_to_images_reference(out, dy, (images, w, b, t), coords, p, ids)
 
 
 @pytest.mark.gpu
