@@ -29,11 +29,13 @@ with ``t = s sigmoid(logit) / (1 + (s - 1) sigmoid(logit))`` (``s = timestep_shi
 marking a clean conditioning image (t = 0, no MSE), and ``eps = torch.randn_like(x_0)`` drawn from the
 global generator as upstream (seed it with ``torch.manual_seed`` for reproducibility).
 
-``forward(**batch)`` is ``forward_prepared(prepare_pack(**batch))``: ``prepare_pack`` does everything
-that depends on the data in Python or needs a host sync (validation, masks from the split lists,
-grouping by expert, kernel block tables, patchifying, drawing the noise) and returns a
-:class:`PreparedPack`; ``forward_prepared`` is the model body from embeddings to losses, tensor work
-and custom ops only, which ``torch.compile(fullgraph=True, dynamic=True)`` traces::
+``forward(**batch)`` is ``forward_prepared(prepare_pack(**batch))``: ``prepare_pack`` (the steps of
+:mod:`bagel.prepare`) does everything that depends on the data in Python or needs a host sync
+(validation, read back from the device once; masks from the split lists, grouping by expert, kernel
+block tables, patchifying, drawing the noise) and returns a :class:`~bagel.prepare.PreparedPack` (a
+``GroupedPack`` for the grouped kernel path, a ``ReferencePack`` for a language model with its own
+``forward_train``); ``forward_prepared`` is the model body from embeddings to losses, tensor work and
+custom ops only, which ``torch.compile(fullgraph=True, dynamic=True)`` traces::
 
     body = torch.compile(model.forward_prepared, fullgraph=True, dynamic=True)
     losses = body(model.prepare_pack(**batch))
