@@ -59,7 +59,7 @@ from bagel.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
 from bagel.prepare import GroupedPack, PackInputs, PreparedPack, patchify_latents
 from bagel.qwen2 import Qwen2ForCausalLM
 from bagel.siglip import SiglipVisionModel
-from bagel.validation import HasBackend, check_backend
+from bagel.validation import check_backend
 
 __all__ = [
     "BagelModel",
@@ -185,7 +185,7 @@ class BagelModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- model
-class BagelForUnifiedMultimodal(HasBackend, nn.Module):
+class BagelForUnifiedMultimodal(nn.Module):
     """BAGEL mixed-modal model for packed training: understanding (stage 1) and generation (stage 2).
 
     ``visual_gen=False`` is the stage-1 understanding-only model (dense decoder layers, CE only);
@@ -244,8 +244,13 @@ class BagelForUnifiedMultimodal(HasBackend, nn.Module):
         # all-gather is a collective). Set by bagel.distributed.apply_fsdp2.
         self.vit_stand_in = False
 
-    @HasBackend.backend.setter
-    def backend(self, value: BagelBackendConfig) -> None:  # also the language model's and the ViT's
+    @property
+    def backend(self) -> BagelBackendConfig:
+        """The kernel choice; setting it (checked) updates the language model and the ViT."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: BagelBackendConfig) -> None:
         self._backend = check_backend(value)
         self.model.language_model.backend = value
         if self.config.visual_und:

@@ -88,8 +88,7 @@ class HasBackend:
 
     @property
     def backend(self) -> BagelBackendConfig:
-        """The kernel choice (a :class:`bagel.backend.BagelBackendConfig`); checked when set, and on a
-        model that holds others (``BagelForUnifiedMultimodal``, ``Qwen2ForCausalLM``) passed on to them."""
+        """The kernel choice (a :class:`bagel.backend.BagelBackendConfig`), checked when set."""
         return self._backend
 
     @backend.setter
