@@ -119,7 +119,8 @@ def _mot_rms_norm_fwd_kernel(
     m = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+    # masked rows contribute exactly zero (rsqrt(0 + eps) is inf when eps = 0, and inf * 0 is NaN)
+    rstd = tl.where(rmask, tl.rsqrt(tl.sum(x * x, axis=1) / H + eps), 0.0)
     # Qwen2RMSNorm: normalise in fp32, cast to the input dtype, then multiply by the weight
     xh = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     expert = (rows >= n_und).to(tl.int32)
@@ -158,7 +159,8 @@ def _mot_rms_norm_bwd_kernel(
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+        # rows beyond the segment contribute exactly zero, whatever eps (rsqrt(0) = inf, inf * 0 = NaN)
+        rstd = tl.where(rows < end, tl.rsqrt(tl.sum(x * x, axis=1) / H + eps), 0.0)
         xh = x * rstd[:, None]
         dw += tl.sum(dy * xh.to(X.dtype.element_ty).to(tl.float32), axis=0)
         g = dy * w[None, :]
@@ -284,6 +286,15 @@ def _head_tile(
 
 
 @triton.jit
+def _head_rstd(x1, x2, rmask, NH, eps, D: tl.constexpr, BLOCK_NH: tl.constexpr):
+    """1 / RMS of each (token, head) as [BLOCK_T, BLOCK_NH, 1]; exactly 0 on padded tokens and heads,
+    so they contribute zero to every sum even with eps = 0 (rsqrt(0) = inf, inf * 0 = NaN)."""
+    ok = rmask[:, None] & (tl.arange(0, BLOCK_NH) < NH)[None, :]
+    r = tl.rsqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / D + eps)
+    return tl.where(ok, r, 0.0)[:, :, None]
+
+
+@triton.jit
 def _norm_rope_fwd_heads(
     X, Y, W, rows64, rmask, expert, stride_xr, stride_xh, stride_yr, stride_yh, NH,
     c1, c2, s1, s2, eps,
@@ -294,7 +305,7 @@ def _norm_rope_fwd_heads(
     ox, m = _head_tile(rows64, rmask, NH, stride_xr, stride_xh, HALF, BLOCK_NH, BLOCK_HALF)
     x1 = tl.load(X + ox, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(X + ox + HALF, mask=m, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / D + eps)[:, :, None]
+    rstd = _head_rstd(x1, x2, rmask, NH, eps, D, BLOCK_NH)
     cols = tl.arange(0, BLOCK_HALF)
     wm = rmask[:, None] & (cols < HALF)[None, :]
     pw = W + expert[:, None] * D + cols[None, :]
@@ -349,7 +360,7 @@ def _norm_rope_bwd_heads(
     x2 = tl.load(X + ox + HALF, mask=m, other=0.0).to(tl.float32)
     dy1 = tl.load(DY + ody, mask=m, other=0.0).to(tl.float32)
     dy2 = tl.load(DY + ody + HALF, mask=m, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / D + eps)[:, :, None]
+    rstd = _head_rstd(x1, x2, rmask, NH, eps, D, BLOCK_NH)
     cols = tl.arange(0, BLOCK_HALF)
     cm = cols < HALF
     w1 = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)[None, None, :]
