@@ -70,7 +70,7 @@ __all__ = [
     "main",
 ]
 
-MODULES = ["bagel_kernels.attention_triton", "bagel_kernels.mot"]  # mot re-exports the specs of mot_triton
+MODULES = ["bagel_kernels.attention_triton", "bagel_kernels.mot_triton"]
 ARCHS = (90, 80)
 # bytes of shared memory one block may use (opt-in maximum), and one SM has, per architecture
 MAX_SHARED = {90: 232448, 80: 166912}
@@ -90,28 +90,33 @@ def _short(fn) -> str:
 
 @contextlib.contextmanager
 def _intercept_launches(record: list):
-    """``kernel[grid](...)`` records ``(jit_fn, args, kwargs)`` instead of launching."""
+    """``kernel[grid](...)`` records ``(jit_fn, args, kwargs)`` instead of launching (also for the
+    interpreter's kernels, so that the specs can be listed, not compiled, under TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
-
-    original = JITFunction.run
 
     def fake_run(self, *args, grid, warmup, **kwargs):
         record.append((self, args, kwargs))
         return None
 
-    JITFunction.run = fake_run
+    originals = [(cls, cls.run) for cls in (JITFunction, InterpretedFunction)]
+    for cls, _ in originals:
+        cls.run = fake_run
     try:
         yield
     finally:
-        JITFunction.run = original
+        for cls, run in originals:
+            cls.run = run
 
 
 def _bind(fn, args: tuple, kwargs: dict, arch: int) -> tuple[dict, dict, list[str], dict]:
     """``(signature, constexprs, divisible_by_16, options)`` of one launch, from Triton's runtime binder."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
+    if not hasattr(fn, "params"):  # an interpreter kernel: bind with a JITFunction of the same code
+        fn = JITFunction(fn.fn)
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, _ = binder(*args, **kwargs)
@@ -124,6 +129,9 @@ def _bind(fn, args: tuple, kwargs: dict, arch: int) -> tuple[dict, dict, list[st
         elif isinstance(attr, str) and "D" in attr:
             divisible.append(name)
     options = {k: v for k, v in kwargs.items() if k not in names}
+    parsed = backend.parse_options(options)  # the runtime's defaults for what the launch leaves out
+    options.setdefault("num_warps", parsed.num_warps)
+    options.setdefault("num_stages", parsed.num_stages)
     return signature, constexprs, divisible, options
 
 
