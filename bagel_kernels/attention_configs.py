@@ -38,6 +38,7 @@ import torch
 
 __all__ = [
     "AttnConfig",
+    "check_interpreter",
     "TABLE_PATH",
     "arch_family",
     "config_for",
@@ -255,3 +256,27 @@ def device_arch(device: torch.device) -> int | None:
             raise ValueError("meta tensors reach the Triton launchers only under compile_target(arch)")
         return arch
     return None
+
+
+# ------------------------------------------------------------------------------------------ interpreter
+_interp_ok: bool | None = None
+
+
+def check_interpreter() -> None:
+    """Under ``TRITON_INTERPRET=1``: triton 3.6's interpreter turns loop bounds into Python ints with
+    ``int(array)``, which numpy >= 2.4 refuses for 1-element arrays (fixed in triton 3.7). Raise a
+    clear error instead of that TypeError from inside a kernel."""
+    global _interp_ok
+    if _interp_ok is None:
+        import numpy as np
+
+        np_v = tuple(int(x) for x in np.__version__.split(".")[:2])
+        _interp_ok = not (_vtuple(triton_version()) < (3, 7) and np_v >= (2, 4))
+    if not _interp_ok and os.environ.get("TRITON_INTERPRET") == "1":
+        import numpy as np
+
+        raise RuntimeError(
+            f"the Triton interpreter of triton {triton_version()} fails with numpy {np.__version__} "
+            "(loop bounds: 'only 0-dimensional arrays can be converted'); install numpy<2.4 "
+            "or triton>=3.7 to run the kernels on the CPU"
+        )

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_configs import AttnConfig, config_for, device_arch
+from .attention_configs import AttnConfig, check_interpreter, config_for, device_arch
 from .mask import PackedMask
 
 __all__ = [
@@ -580,6 +580,8 @@ def _kernel_flags(q: torch.Tensor) -> dict:
         raise ValueError(
             f"the Triton attention kernels need a CUDA device or TRITON_INTERPRET=1 (q is on {q.device})"
         )
+    if q.device.type != "meta" and _interpreting():
+        check_interpreter()
     lowp = q.device.type == "meta" or not _interpreting()
     return {"LOWP_DOT": lowp, "DOT_PREC": "ieee" if (q.dtype == torch.float32 or not lowp) else "tf32"}
 

@@ -24,6 +24,7 @@ Launchers here trust their inputs (shapes, dtypes, unit last-dim stride); valida
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -47,6 +48,13 @@ __all__ = [
 MAX_ROW_BLOCK = 32768
 # Elements a program handles per tile in the memory-bound kernels (rows x columns).
 _TILE_ELEMS = 4096
+
+
+def _check_interpreter() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from .attention_configs import check_interpreter
+
+        check_interpreter()
 
 
 @functools.cache
@@ -187,6 +195,7 @@ def rms_norm_fwd(
     x: torch.Tensor, n_und: int, w: torch.Tensor, eps: float, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """x [N, H] (unit column stride), w [2, H] contiguous -> y [N, H] in out_dtype."""
+    _check_interpreter()
     N, H = x.shape
     y = torch.empty((N, H), dtype=out_dtype, device=x.device)
     if N == 0 or H == 0:
@@ -214,6 +223,7 @@ def rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, n_und: int, w: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx [N, H] in x.dtype, dw_und [H] fp32, dw_gen [H] fp32."""
+    _check_interpreter()
     N, H = x.shape
     dx = torch.empty((N, H), dtype=x.dtype, device=x.device)
     rpp, p_und, P = _segment_split(N, n_und, _target_programs(x.device))
@@ -464,6 +474,7 @@ def _qk_blocks(N: int, HQ: int, HK: int, D: int) -> tuple[int, int, int, int, in
 def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
     """q [N, HQ, D], k [N, HK, D] (unit last stride), wq/wk [2, D] contiguous, cos/sin [N, D] (unit last
     stride) -> (q_out, k_out) contiguous in out_dtype."""
+    _check_interpreter()
     N, HQ, D = q.shape
     HK = k.shape[1]
     qo = torch.empty((N, HQ, D), dtype=out_dtype, device=q.device)
@@ -483,6 +494,7 @@ def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
 def qk_norm_rope_bwd(dqo, dko, q, k, n_und, wq, wk, cos, sin, eps, need_dcs: bool):
     """dqo/dko: gradients of the outputs (their dtype is the forward's output dtype).
     -> dq [N, HQ, D] (q.dtype), dk, dwq_und, dwq_gen, dwk_und, dwk_gen [D] fp32, dcos/dsin [N, D] fp32 (or [0])."""
+    _check_interpreter()
     N, HQ, D = q.shape
     HK = k.shape[1]
     dev = q.device
@@ -576,6 +588,7 @@ def _swiglu_blocks(N: int, INTER: int) -> tuple[int, int, tuple[int, int], int]:
 
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    _check_interpreter()
     N, INTER = gate.shape
     y = torch.empty((N, INTER), dtype=gate.dtype, device=gate.device)
     if N == 0 or INTER == 0:
@@ -598,6 +611,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_interpreter()
     N, INTER = gate.shape
     dg = torch.empty((N, INTER), dtype=gate.dtype, device=gate.device)
     du = torch.empty((N, INTER), dtype=up.dtype, device=up.device)
@@ -656,6 +670,7 @@ def _permute_rows_kernel(
 
 def permute_rows_launch(x: torch.Tensor, index: torch.Tensor, scatter: bool) -> torch.Tensor:
     """x [N, C] (unit column stride), index [N] int32/int64 contiguous, a permutation (trusted)."""
+    _check_interpreter()
     N, C = x.shape
     y = torch.empty((N, C), dtype=x.dtype, device=x.device)
     if N == 0 or C == 0:
