@@ -43,6 +43,7 @@ __all__ = [
     "arch_family",
     "config_for",
     "compile_target",
+    "config_origin",
     "load_tuned_table",
     "table_key",
     "triton_version",
@@ -226,6 +227,13 @@ def config_for(
     base = default_for(cap, dtype == torch.float32, head_dim, v)
     fields = _tuned().get(table_key(cap, v, dtype, head_dim))
     return base if fields is None else AttnConfig.from_dict(fields, base)
+
+
+def config_origin(arch: int | tuple[int, int], dtype: torch.dtype, head_dim: int, version: str | None = None) -> str:
+    """Where :func:`config_for` takes its answer from: the tuned table (and which file) or the default."""
+    cap = arch if isinstance(arch, int) else arch[0] * 10 + arch[1]
+    key = table_key(cap, version or triton_version(), dtype, head_dim)
+    return f"tuned entry {key} of {_table_path()}" if key in _tuned() else f"built-in default (no tuned entry {key})"
 
 
 # ------------------------------------------------------------------------------------------ compile target
