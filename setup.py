@@ -202,9 +202,16 @@ def _configure():
     nvcc_version = None
     if cuda_home:
         try:
-            nvcc_version = subprocess.run(
-                [str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True, timeout=60
-            ).stdout.strip().splitlines()[-1]
+            nvcc_version = (
+                subprocess.run(
+                    [str(Path(cuda_home) / "bin" / "nvcc"), "--version"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
         except (OSError, subprocess.SubprocessError, IndexError):
             nvcc_version = None
     _status.update(
@@ -263,7 +270,9 @@ def _configure():
             except Exception:
                 out = getattr(cap, "text", "")
                 err = traceback.format_exc()
-                record.update(ok=False, seconds=round(time.time() - t0, 1), error_tail=_tail(out + "\n" + err))
+                record.update(
+                    ok=False, seconds=round(time.time() - t0, 1), error_tail=_tail(out + "\n" + err)
+                )
                 return err
             record.update(ok=True, seconds=round(time.time() - t0, 1))
             return None

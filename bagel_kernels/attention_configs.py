@@ -229,11 +229,17 @@ def config_for(
     return base if fields is None else AttnConfig.from_dict(fields, base)
 
 
-def config_origin(arch: int | tuple[int, int], dtype: torch.dtype, head_dim: int, version: str | None = None) -> str:
+def config_origin(
+    arch: int | tuple[int, int], dtype: torch.dtype, head_dim: int, version: str | None = None
+) -> str:
     """Where :func:`config_for` takes its answer from: the tuned table (and which file) or the default."""
     cap = arch if isinstance(arch, int) else arch[0] * 10 + arch[1]
     key = table_key(cap, version or triton_version(), dtype, head_dim)
-    return f"tuned entry {key} of {_table_path()}" if key in _tuned() else f"built-in default (no tuned entry {key})"
+    return (
+        f"tuned entry {key} of {_table_path()}"
+        if key in _tuned()
+        else f"built-in default (no tuned entry {key})"
+    )
 
 
 # ------------------------------------------------------------------------------------------ compile target

@@ -444,8 +444,12 @@ _BWD_TABLES = (
 
 def _check_blocks(blocks, launch) -> None:
     if not isinstance(blocks, (list, tuple)) or len(blocks) != 6:
-        raise ValueError(f"blocks must be 6 tile sizes (block_m, block_n, block_m1, block_n1, block_m2, block_n2), got {blocks!r}")
-    for name, b in zip(("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2"), blocks, strict=True):
+        raise ValueError(
+            f"blocks must be 6 tile sizes (block_m, block_n, block_m1, block_n1, block_m2, block_n2), got {blocks!r}"
+        )
+    for name, b in zip(
+        ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2"), blocks, strict=True
+    ):
         if not isinstance(b, int) or b < 16 or b > 256 or b & (b - 1):
             raise ValueError(f"{name}={b} must be a power of two between 16 and 256")
     if not isinstance(launch, (list, tuple)) or len(launch) != 4:
@@ -462,7 +466,9 @@ def _check_vector(name: str, t, n: int, device, *, optional: bool = False) -> No
     if t is None and optional:
         return
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int32:
-        got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        got = (
+            f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        )
         raise ValueError(f"{name} must be a 1-D int32 tensor, got {got}")
     if t.numel() != n:
         raise ValueError(f"{name} has {t.numel()} entries, expected {n}")
@@ -506,7 +512,9 @@ def _check_scale(scale) -> None:
         raise ValueError(f"softmax_scale must be finite and non-negative for the Triton backend, got {scale}")
 
 
-def _check_op_inputs(q, k, v, kv_lo, kv_hi, row_index, scale, blocks, launch, fwd_tables=None, bwd_tables=None):
+def _check_op_inputs(
+    q, k, v, kv_lo, kv_hi, row_index, scale, blocks, launch, fwd_tables=None, bwd_tables=None
+):
     """Everything the registered ops are handed (they are public: ``torch.ops.bagel_kernels.*``):
     shapes, dtypes and devices always; the values of the index vectors and tables when they are on
     the CPU (on a GPU that would cost a device sync; the kernels clamp table values instead, so bad
@@ -726,7 +734,12 @@ def _packed_attention_bwd(
             raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
     if out.dtype != q.dtype:
         raise ValueError(f"out has dtype {out.dtype}, q {q.dtype}")
-    if not isinstance(lse, torch.Tensor) or lse.shape != (Hq, N) or lse.dtype != torch.float32 or lse.device != q.device:
+    if (
+        not isinstance(lse, torch.Tensor)
+        or lse.shape != (Hq, N)
+        or lse.dtype != torch.float32
+        or lse.device != q.device
+    ):
         raise ValueError(f"lse must be a float32 [{Hq}, {N}] tensor on {q.device}")
     grad_out = grad_out.to(q.dtype)
     q, k, v, out, grad_out = (_row_major(t) for t in (q, k, v, out, grad_out))

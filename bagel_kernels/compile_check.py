@@ -154,7 +154,9 @@ def specs_from_launches(cases, arch: int) -> list[tuple]:
         for fn, args, kwargs in record:
             sig, const, div, opts = _bind(fn, args, kwargs, arch)
             short = _short(fn)
-            more = extra.get(short, {}) if extra and all(isinstance(v, dict) for v in extra.values()) else extra
+            more = (
+                extra.get(short, {}) if extra and all(isinstance(v, dict) for v in extra.values()) else extra
+            )
             opts = {**opts, **(more or {}), "divisible_by_16": div}
             name = tag.format(kernel=short) if "{kernel}" in tag else f"{short}_{tag}"
             specs.append((name, fn, sig, const, opts))
@@ -419,7 +421,10 @@ _COLUMNS = [
     ("spill in loop", lambda r: "-" if not r.ok and r.error else ("YES" if r.loop_spill_insts else "no")),
     ("smem B", lambda r: "-" if r.shared is None else str(r.shared)),
     ("MMA in loop", lambda r: "-" if r.loop_mma is None else ("yes" if r.loop_mma else "no")),
-    ("cp.async in loop", lambda r: "-" if r.loop_async_copy is None else ("yes" if r.loop_async_copy else "no")),
+    (
+        "cp.async in loop",
+        lambda r: "-" if r.loop_async_copy is None else ("yes" if r.loop_async_copy else "no"),
+    ),
     ("CTAs/SM", lambda r: "-" if r.ctas_per_sm is None else str(r.ctas_per_sm)),
     ("status", lambda r: "OK" if r.ok else "FAIL"),
 ]
@@ -428,7 +433,9 @@ _COLUMNS = [
 def format_report(reports: list[KernelReport]) -> str:
     rows = [[f(r) for _, f in _COLUMNS] for r in reports]
     head = [c for c, _ in _COLUMNS]
-    widths = [max(len(head[i]), *(len(row[i]) for row in rows)) if rows else len(head[i]) for i in range(len(head))]
+    widths = [
+        max(len(head[i]), *(len(row[i]) for row in rows)) if rows else len(head[i]) for i in range(len(head))
+    ]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
@@ -451,11 +458,15 @@ def _merge(paths: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--module", action="append", help="kernel module to check (repeatable; default: MODULES)")
-    ap.add_argument("--arch", action="append", type=int, help="compute capability, 90 or 80 (repeatable; default: both)")
+    ap.add_argument(
+        "--arch", action="append", type=int, help="compute capability, 90 or 80 (repeatable; default: both)"
+    )
     ap.add_argument("--only", default=None, help="compile only specs whose name contains this substring")
     ap.add_argument("--report", action="store_true", help="print the resource table")
     ap.add_argument("--json", default=None, help="write the per-kernel results to this JSON file")
-    ap.add_argument("--merge", nargs="+", default=None, help="print one table from JSON files of earlier runs")
+    ap.add_argument(
+        "--merge", nargs="+", default=None, help="print one table from JSON files of earlier runs"
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="print full tracebacks of failures")
     args = ap.parse_args(argv)
     if args.merge:

@@ -716,7 +716,9 @@ def _compile_case(dtype, n, n_und, hidden, hq, hk, d, inter, need_dcs=False):
         k = empty(n, hk * d).view(n, hk, d)
         wq, wk, cos, sin = empty(2, d), empty(2, d), empty(n, d), empty(n, d)
         qo, ko = qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, 1e-6, dtype)
-        qk_norm_rope_bwd(torch.empty_like(qo), torch.empty_like(ko), q, k, n_und, wq, wk, cos, sin, 1e-6, need_dcs)
+        qk_norm_rope_bwd(
+            torch.empty_like(qo), torch.empty_like(ko), q, k, n_und, wq, wk, cos, sin, 1e-6, need_dcs
+        )
         gate, up = empty(n, inter), empty(n, inter)
         h = swiglu_fwd(gate, up)
         swiglu_bwd(torch.empty_like(h), gate, up)
@@ -732,10 +734,16 @@ def compile_cases(arch: int) -> list[tuple]:
     bf16 (hidden 3584, 28/4 heads of 128, intermediate 18944; a 16k pack cut to a length that is not
     a multiple of 16) on every architecture; on sm_90 also cos/sin gradients and fp16 at small odd
     sizes (hidden 97, 3/1 heads of 72, intermediate 200), where no size is a multiple of 16."""
-    cases = [("{kernel}[bf16,BAGEL-7B]", _compile_case(torch.bfloat16, 16381, 9000, 3584, 28, 4, 128, 18944), {})]
+    cases = [
+        ("{kernel}[bf16,BAGEL-7B]", _compile_case(torch.bfloat16, 16381, 9000, 3584, 28, 4, 128, 18944), {})
+    ]
     if arch >= 90:
         cases.append(
-            ("{kernel}[fp16,odd,dcs]", _compile_case(torch.float16, 1001, 333, 97, 3, 1, 72, 200, need_dcs=True), {})
+            (
+                "{kernel}[fp16,odd,dcs]",
+                _compile_case(torch.float16, 1001, 333, 97, 3, 1, 72, 200, need_dcs=True),
+                {},
+            )
         )
     return cases
 
@@ -750,7 +758,9 @@ def compile_specs(arch: int = 90) -> list[tuple]:
     out, seen = [], {}
     for name, fn, sig, const, opts in specs:
         if fn is _permute_rows_kernel:
-            name = name.replace("permute_rows[", f"permute_rows[{'scatter' if const['SCATTER'] else 'gather'},")
+            name = name.replace(
+                "permute_rows[", f"permute_rows[{'scatter' if const['SCATTER'] else 'gather'},"
+            )
         seen[name] = seen.get(name, 0) + 1
         out.append((name if seen[name] == 1 else f"{name}#{seen[name]}", fn, sig, const, opts))
     return out

@@ -193,7 +193,9 @@ def _build_summary(rec: dict | None) -> str:
     if not rec:
         return ""
     tries = ", ".join(
-        f"{a.get('kind')} {'ok' if a.get('ok') else 'FAILED'}" for a in rec.get("attempts", []) if isinstance(a, dict)
+        f"{a.get('kind')} {'ok' if a.get('ok') else 'FAILED'}"
+        for a in rec.get("attempts", [])
+        if isinstance(a, dict)
     )
     return (
         f"build {rec.get('time', '?')}: CUDA {rec.get('cuda', '?')} ({rec.get('cuda_why', '')}); attempts: "

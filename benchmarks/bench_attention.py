@@ -361,9 +361,7 @@ def _tile_lines(dtype) -> list[str]:
     from bagel_kernels.attention_configs import config_for, config_origin
 
     cap = torch.cuda.get_device_capability()
-    return [
-        f"- tiles D={d}: {config_for(cap, dtype, d)} ({config_origin(cap, dtype, d)})" for d in (128, 72)
-    ]
+    return [f"- tiles D={d}: {config_for(cap, dtype, d)} ({config_origin(cap, dtype, d)})" for d in (128, 72)]
 
 
 def write_markdown(path: str, rows: list[Row], header: list[str], check: str) -> None:

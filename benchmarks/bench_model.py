@@ -136,7 +136,9 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
 
 def flops_cells(flops: float, ms: float, peak: float | None) -> tuple[str, str]:
     tflops = flops / (ms * 1e-3) / 1e12
-    return (f"{tflops:.1f}" if tflops >= 1 else f"{tflops:.3g}"), ("-" if not peak else f"{100 * tflops / peak:.1f}%")
+    return (f"{tflops:.1f}" if tflops >= 1 else f"{tflops:.3g}"), (
+        "-" if not peak else f"{100 * tflops / peak:.1f}%"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -278,7 +280,11 @@ def mfu_run(args, device: torch.device, dtype: torch.dtype):
     peak_tf = peak_tflops(device, args.peak_tflops)
     table = Table(
         "Model TFLOP/s per GPU and MFU (BAGEL's LM FLOP formula)"
-        + (", tiny CPU model (interpreter: times are meaningless)" if args.tiny else ", BAGEL-7B layer shapes, bf16"),
+        + (
+            ", tiny CPU model (interpreter: times are meaningless)"
+            if args.tiny
+            else ", BAGEL-7B layer shapes, bf16"
+        ),
         ["LLM layers", "ViT layers", "variant", "step ms (median)", "tokens/s", "model TFLOP/s/GPU", "MFU"],
     )
     variants = [v for v in VARIANTS if v[0] in ("ours (auto)", "upstream-equivalent")]
@@ -330,7 +336,9 @@ def mfu_run(args, device: torch.device, dtype: torch.dtype):
         "squared sample length; bench_model.bagel_lm_flops, after upstream's train/pretrain_unified_navit.py) / step time"
     )
     table.note(
-        f"MFU against {peak_tf} TFLOP/s (dense bf16 peak upstream uses for H100/H200)" if peak_tf else "MFU: peak unknown"
+        f"MFU against {peak_tf} TFLOP/s (dense bf16 peak upstream uses for H100/H200)"
+        if peak_tf
+        else "MFU: peak unknown"
     )
     table.note(
         "published rows are 32xH100 runs of the full 28-layer model with FSDP and on-the-fly VAE encoding, quoted for "
@@ -397,7 +405,17 @@ def run(args) -> str:
                 ms, peak = time_step(step, device, reps, warmup)
             except Exception as exc:  # record and go on: one failing backend must not hide the others
                 table.add(
-                    [f"{size}", name, "failed", "-", "-", "-", f"{type(exc).__name__}: {str(exc)[:120]}", "-", "-"]
+                    [
+                        f"{size}",
+                        name,
+                        "failed",
+                        "-",
+                        "-",
+                        "-",
+                        f"{type(exc).__name__}: {str(exc)[:120]}",
+                        "-",
+                        "-",
+                    ]
                 )
                 continue
             finally:
@@ -412,7 +430,17 @@ def run(args) -> str:
             flops = bagel_lm_flops(cfg.llm_config, L, batch["sample_lens"])
             tf, mfu = flops_cells(flops, ms, peak_tf)
             table.add([f"{size}", name, f"{ms:.1f}", f"{L / ms * 1e3:,.0f}", speed, peak_s, rel, tf, mfu])
-            RECORDS.append({"table": "step", "variant": name, "size": size, "ms": ms, "flops": flops, "tflops": tf, "mfu": mfu})
+            RECORDS.append(
+                {
+                    "table": "step",
+                    "variant": name,
+                    "size": size,
+                    "ms": ms,
+                    "flops": flops,
+                    "tflops": tf,
+                    "mfu": mfu,
+                }
+            )
             series[name].append((size, L / ms * 1e3))
     table.note(
         "upstream-equivalent: FlexAttention (block mask built per batch) + per-op gather/scatter routing in the LM; "
@@ -460,9 +488,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--no-mfu", dest="mfu", action="store_false", help="skip the MFU run")
     p.add_argument(
-        "--mfu-layers", default="auto", help="LLM layers of the MFU run (default auto: as many as fit the GPU)"
+        "--mfu-layers",
+        default="auto",
+        help="LLM layers of the MFU run (default auto: as many as fit the GPU)",
     )
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per GPU for MFU (default: by GPU name)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak TFLOP/s per GPU for MFU (default: by GPU name)"
+    )
     args = p.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         print(

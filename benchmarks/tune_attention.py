@@ -103,7 +103,9 @@ def _images(total: int, seed: int) -> list[int]:
 
 def shapes(dry: bool) -> list[Shape]:
     if dry:  # interpreter: a few hundred tokens, fewer heads
-        llm = PackedMask.from_splits(*random_pack(random.Random(0), 3, text=(1, 40), image=(1, 60)).as_tuple())
+        llm = PackedMask.from_splits(
+            *random_pack(random.Random(0), 3, text=(1, 40), image=(1, 60)).as_tuple()
+        )
         vit = PackedMask.from_splits([90, 70], [90, 70], ["full", "full"])
         return [Shape("llm", 4, 2, 128, llm, llm, False, True), Shape("vit", 2, 2, 72, vit, vit, True, False)]
     vit_lens = [1024, 2304, 4900, 729]
@@ -179,7 +181,10 @@ def _time(cfg, shape: Shape, device, kind: str, reps: int, warmup: int) -> float
     out, lse = _packed_attention_fwd(*args)
     do = torch.randn_like(out)
     return time_ms(
-        lambda: _packed_attention_bwd(do, q, k, v, out, lse, *args[3:6], args[7], *args[8:]), device, reps, warmup
+        lambda: _packed_attention_bwd(do, q, k, v, out, lse, *args[3:6], args[7], *args[8:]),
+        device,
+        reps,
+        warmup,
     )
 
 
@@ -201,7 +206,11 @@ def candidates(base: ac.AttnConfig, fam: int, kind: str, dry: bool) -> list[ac.A
             seen.add(c)
             uniq.append(c)
     if dry:  # the interpreter: the default and one other small candidate per program
-        other = dict(block_m=32, block_n=64) if kind == "fwd" else dict(block_m1=64, block_n1=32, block_m2=32, block_n2=64)
+        other = (
+            dict(block_m=32, block_n=64)
+            if kind == "fwd"
+            else dict(block_m1=64, block_n1=32, block_m2=32, block_n2=64)
+        )
         uniq = [base, dataclasses.replace(base, **other)]
     return uniq
 
@@ -266,7 +275,9 @@ def tune(args) -> int:
             for i, cand in enumerate(candidates(best, fam, kind, dry)):
                 label = ", ".join(f"{k}={v}" for k, v in _fields(cand, kind).items())
                 if i > 0 and time.perf_counter() - t0 > args.budget_s:
-                    emit(f"| {shape.name} | {kind} | {label} | skipped: budget of {args.budget_s:.0f} s spent | - | - |")
+                    emit(
+                        f"| {shape.name} | {kind} | {label} | skipped: budget of {args.budget_s:.0f} s spent | - | - |"
+                    )
                     continue
                 try:
                     why = _check(cand, shape, device, kind)
@@ -275,7 +286,9 @@ def tune(args) -> int:
                         continue
                     ms = _time(cand, shape, device, kind, reps, warmup)
                 except Exception as exc:  # compile errors, out of resources: skip the candidate
-                    emit(f"| {shape.name} | {kind} | {label} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | - | - |")
+                    emit(
+                        f"| {shape.name} | {kind} | {label} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | - | - |"
+                    )
                     if args.verbose:
                         traceback.print_exc()
                     continue
@@ -312,7 +325,9 @@ def tune(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="where to write the tuned table (JSON)")
-    p.add_argument("--base", default=None, help="table to start from (default: the package's attention_tuned.json)")
+    p.add_argument(
+        "--base", default=None, help="table to start from (default: the package's attention_tuned.json)"
+    )
     p.add_argument("--md", default=None, help="also write the sweep as a markdown table here")
     p.add_argument("--budget-s", type=float, default=120.0, help="seconds the sweep may take (default 120)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per candidate (default 5)")

@@ -450,17 +450,23 @@ BAD_OP_INPUTS = {
     "row_index repeated": (lambda a: a.update(row_index=torch.zeros(28, dtype=torch.int32)), "permutation"),
     "q_kv_ptr short": (lambda a: a["fwd_tables"].__setitem__(0, a["fwd_tables"][0][:-1]), "q_kv_ptr has"),
     "q_kv_ptr past nnz": (
-        lambda a: a["fwd_tables"].__setitem__(0, a["fwd_tables"][0] + 1000), "q_kv_ptr holds values outside"
+        lambda a: a["fwd_tables"].__setitem__(0, a["fwd_tables"][0] + 1000),
+        "q_kv_ptr holds values outside",
     ),
     "q_kv_idx out of range": (
-        lambda a: a["fwd_tables"].__setitem__(1, a["fwd_tables"][1] + 7), "q_kv_idx holds values outside"
+        lambda a: a["fwd_tables"].__setitem__(1, a["fwd_tables"][1] + 7),
+        "q_kv_idx holds values outside",
     ),
     "q_kv_full short": (lambda a: a["fwd_tables"].__setitem__(2, a["fwd_tables"][2][:1]), "q_kv_full has 1"),
     "m_order negative": (lambda a: a["fwd_tables"].__setitem__(3, a["fwd_tables"][3] - 5), "m_order holds"),
     "3 fwd tables": (lambda a: a["fwd_tables"].pop(), "fwd_tables must hold 4"),
-    "bwd kv_q_end short": (lambda a: a["bwd_tables"].__setitem__(1, a["bwd_tables"][1][:1]), "kv_q_end has 1"),
+    "bwd kv_q_end short": (
+        lambda a: a["bwd_tables"].__setitem__(1, a["bwd_tables"][1][:1]),
+        "kv_q_end has 1",
+    ),
     "bwd n_order 10**6": (
-        lambda a: a["bwd_tables"].__setitem__(4, a["bwd_tables"][4] + 10**6), "n_order holds values outside"
+        lambda a: a["bwd_tables"].__setitem__(4, a["bwd_tables"][4] + 10**6),
+        "n_order holds values outside",
     ),
     "block not a power of two": (lambda a: a.update(blocks=[16, 16, 16, 24, 16, 16]), "block_n1=24"),
     "3 warps": (lambda a: a.update(launch=[3, 1, 4, 1]), "fwd_warps=3"),

@@ -108,7 +108,9 @@ def test_specs_specialise_like_the_runtime():
 
     cfg = config_for(90, torch.bfloat16, 128)
     _, _, _, const, opts = specs["attention_triton:attn_bwd_bf16_d128"]
-    assert (const["BLOCK_M1"], const["BLOCK_N1"], const["BLOCK_M2"], const["BLOCK_N2"]) == tuple(cfg.blocks()[2:])
+    assert (const["BLOCK_M1"], const["BLOCK_N1"], const["BLOCK_M2"], const["BLOCK_N2"]) == tuple(
+        cfg.blocks()[2:]
+    )
     assert (opts["num_warps"], opts["num_stages"]) == (cfg.bwd_warps, cfg.bwd_stages)
 
 
@@ -207,7 +209,9 @@ def test_resource_failures_are_reported(tmp_path):
             """
         )
     )
-    proc = _run_check("--module", "bk_resource_kernels", "--arch", "90", "--report", extra_path=str(tmp_path), timeout=300)
+    proc = _run_check(
+        "--module", "bk_resource_kernels", "--arch", "90", "--report", extra_path=str(tmp_path), timeout=300
+    )
     report = proc.stdout + proc.stderr
     assert proc.returncode == 1, report
     assert "FAIL sm_90 bk_resource_kernels:spills: spills inside a loop" in report, report
@@ -229,8 +233,22 @@ def test_merge_reports(tmp_path):
 
     from bagel_kernels.compile_check import KernelReport, main
 
-    good = KernelReport("m:k", 90, "3.6.0", ok=True, warps=4, stages=3, registers=100, spill_stores=0,
-                        spill_loads=0, shared=1024, loops=1, loop_mma=True, loop_async_copy=True, ctas_per_sm=4)
+    good = KernelReport(
+        "m:k",
+        90,
+        "3.6.0",
+        ok=True,
+        warps=4,
+        stages=3,
+        registers=100,
+        spill_stores=0,
+        spill_loads=0,
+        shared=1024,
+        loops=1,
+        loop_mma=True,
+        loop_async_copy=True,
+        ctas_per_sm=4,
+    )
     bad = KernelReport("m:k", 90, "3.9.0", ok=False, problems=["spills inside a loop"])
     from dataclasses import asdict
 

@@ -16,7 +16,9 @@ from bagel_kernels.testing import tolerance
 def _close(actual, expected, dtype, direction, what):
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     atol, rtol = tolerance(dtype, direction)
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def test_rms_norm_eps_zero_gradients_finite():
@@ -31,7 +33,11 @@ def test_rms_norm_eps_zero_gradients_finite():
     ref = mot.mot_rms_norm_reference(x64, n_und, wu64, wg64, 0.0)
     ref.backward(g.double())
     _close(y, ref, torch.float32, "fwd", "y")
-    for name, a, b in (("dx", x.grad, x64.grad), ("dw_und", wu.grad, wu64.grad), ("dw_gen", wg.grad, wg64.grad)):
+    for name, a, b in (
+        ("dx", x.grad, x64.grad),
+        ("dw_und", wu.grad, wu64.grad),
+        ("dw_gen", wg.grad, wg64.grad),
+    ):
         _close(a, b, torch.float32, "bwd", name)
 
 
