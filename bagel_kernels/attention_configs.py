@@ -125,9 +125,14 @@ def _vtuple(v: str) -> tuple[int, ...]:
 # (arch family, fp32, padded head dim) -> config. 16-bit D=128 on sm_90 starts from PyTorch
 # FlexAttention's H100 choice for the forward (128x64, 8 warps, 3 stages). The backward of D=128 uses
 # 32x128 dK/dV and 128x32 dQ tiles: the 64x128 / 128x64 tiles FlexAttention uses spill 240/168 bytes
-# inside the dK/dV loop on triton 3.6 (255 registers). fp32 runs exact ``ieee`` dots (no tensor
-# cores): correctness, not speed, is its purpose. Every entry is compiled and resource-checked by
-# ``python -m bagel_kernels.compile_check --report`` (see the module docstring).
+# inside the dK/dV loop on triton 3.6 (255 registers). On sm_80 (mma.sync keeps the accumulators and
+# the operands in registers) 16-bit D=128 runs 64x64 backward tiles, D<=64 32x64 / 64x32 with 4 warps;
+# the 8-warp 64x64 D=64 backward and the 32x128 D=128 backward spill there. fp32 runs exact ``ieee``
+# dots (no tensor cores): correctness, not speed, is its purpose; its D=128 backward needs 16x16 tiles
+# on triton 3.6 (larger ones spill in the loop). Every entry at the model's layouts is compiled and
+# resource-checked by ``python -m bagel_kernels.compile_check --report`` for sm_90 and sm_80 on triton
+# 3.6 and 3.9 (CI), which fails on a spill inside a loop; the resource table is in the module docstring
+# of compile_check's report (run it to see it).
 _C = AttnConfig
 _DEFAULTS: dict[tuple[int, bool, int], AttnConfig] = {
     (90, False, 16): _C(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
