@@ -131,8 +131,7 @@ def _vtuple(v: str) -> tuple[int, ...]:
 # dots (no tensor cores): correctness, not speed, is its purpose; its D=128 backward needs 16x16 tiles
 # on triton 3.6 (larger ones spill in the loop). Every entry at the model's layouts is compiled and
 # resource-checked by ``python -m bagel_kernels.compile_check --report`` for sm_90 and sm_80 on triton
-# 3.6 and 3.9 (CI), which fails on a spill inside a loop; the resource table is in the module docstring
-# of compile_check's report (run it to see it).
+# 3.6 and 3.9 (CI), which fails on a spill inside a loop or too much shared memory.
 _C = AttnConfig
 _DEFAULTS: dict[tuple[int, bool, int], AttnConfig] = {
     (90, False, 16): _C(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
