@@ -48,12 +48,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import astuple, dataclass
+from dataclasses import astuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .attention_configs import AttnConfig, check_interpreter, config_for, device_arch
 from .mask import PackedMask
 
 __all__ = [
@@ -61,6 +62,8 @@ __all__ = [
     "default_config",
     "prepare_mask",
     "triton_packed_attention",
+    "compile_cases",
+    "compile_specs",
     "sm90_compile_specs",
 ]
 
@@ -75,10 +78,12 @@ def _interpreting() -> bool:
 
 # ================================================================================================ kernels
 @triton.jit
-def _load_rows(ROW_IDX, offs, ok, HAS_ROW_IDX: tl.constexpr):
-    """Physical rows (int64) of the mask-order tokens ``offs`` (0 where ``ok`` is false)."""
+def _load_rows(ROW_IDX, offs, ok, N, HAS_ROW_IDX: tl.constexpr):
+    """Physical rows (int64) of the mask-order tokens ``offs`` (0 where ``ok`` is false). Row-index
+    values are clamped to [0, N): a bad index cannot address memory outside the tensors."""
     if HAS_ROW_IDX:
         rows = tl.load(ROW_IDX + offs, mask=ok, other=0)
+        rows = tl.minimum(tl.maximum(rows, 0), N - 1)
     else:
         rows = offs
     return rows.to(tl.int64)
@@ -109,56 +114,73 @@ def _store_tile(base, rows, row_ok, offs_d, stride_t, x, D: tl.constexpr, D_PAD:
 
 
 @triton.jit
+def _clamp(x, hi):
+    """``x`` clamped to [0, hi] (scalars read from the block tables)."""
+    return tl.minimum(tl.maximum(x, 0), hi)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, LSE,
     KV_LO, KV_HI, ROW_IDX,
     Q_KV_PTR, Q_KV_IDX, Q_KV_FULL, M_ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    N, qk_scale, HQ, GROUP,
-    D: tl.constexpr, D_PAD: tl.constexpr,
+    N, NNZ, qk_scale, HQ, GROUP,
+    D: tl.constexpr, D_PAD: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROW_IDX: tl.constexpr, LOWP_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
+    # strides arrive divided by ALIGN (a power of two dividing all of them): multiplying here tells
+    # the compiler so, which is what makes the row loads vectorised and pipelined at strides such as
+    # SigLIP's head stride 72, which the runtime does not specialise as divisible by 16
+    stride_qt, stride_qh = stride_qt * ALIGN, stride_qh * ALIGN
+    stride_kt, stride_kh = stride_kt * ALIGN, stride_kh * ALIGN
+    stride_vt, stride_vh = stride_vt * ALIGN, stride_vh * ALIGN
+    stride_ot, stride_oh = stride_ot * ALIGN, stride_oh * ALIGN
     pid = tl.program_id(0)
     h = pid % HQ
-    m = tl.load(M_ORDER + pid // HQ)
+    # table values are clamped into range (scalar work): bad tables give a wrong answer (the ops
+    # check values where that is cheap), never an access outside the tensors
+    m = _clamp(tl.load(M_ORDER + pid // HQ), tl.cdiv(N, BLOCK_M) - 1)
     hk = h // GROUP
 
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < N
-    rows_q = _load_rows(ROW_IDX, offs_m, row_ok, HAS_ROW_IDX)
+    rows_q = _load_rows(ROW_IDX, offs_m, row_ok, N, HAS_ROW_IDX)
     q = _load_tile(Q + h.to(tl.int64) * stride_qh, rows_q, row_ok, offs_d, stride_qt, D, D_PAD, LOWP_DOT)
 
-    # finite start for the running max: a fully masked tile then gives exp2(-inf - m) = 0, never NaN
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    # The running max starts at -inf (a finite start would clip rows whose best scaled score lies
+    # below it and return 0 for them); ``m_use`` guards the rescale of rows that have seen no key yet
+    # (max still -inf), so that no -inf - -inf NaN appears.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    start = tl.load(Q_KV_PTR + m)
-    end = tl.load(Q_KV_PTR + m + 1)
+    start = _clamp(tl.load(Q_KV_PTR + m), NNZ)
+    end = _clamp(tl.load(Q_KV_PTR + m + 1), NNZ)
     for i in range(start, end):
-        n = tl.load(Q_KV_IDX + i)
+        n = _clamp(tl.load(Q_KV_IDX + i), tl.cdiv(N, BLOCK_N) - 1)
         full = tl.load(Q_KV_FULL + i)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
-        rows_k = _load_rows(ROW_IDX, offs_n, col_ok, HAS_ROW_IDX)
+        rows_k = _load_rows(ROW_IDX, offs_n, col_ok, N, HAS_ROW_IDX)
         k = _load_tile(K + hk.to(tl.int64) * stride_kh, rows_k, col_ok, offs_d, stride_kt, D, D_PAD, LOWP_DOT)
         v = _load_tile(V + hk.to(tl.int64) * stride_vh, rows_k, col_ok, offs_d, stride_vt, D, D_PAD, LOWP_DOT)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BM, BN], unscaled
+        # Only the mask sits in the branch and ONE softmax update follows: two branches that each
+        # return their own max and P make triton 3.6's software pipeliner fail (PassManager::run).
         if full == 0:
             lo = tl.load(KV_LO + offs_n, mask=col_ok, other=2147483647)
             hi = tl.load(KV_HI + offs_n, mask=col_ok, other=0)
             vis = (lo[None, :] <= offs_m[:, None]) & (offs_m[:, None] < hi[None, :])
-            s = tl.where(vis, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-        else:
-            # full tile: max of the raw scores times the (non-negative) scale, so that scaling and
-            # subtracting the max fuse into one FMA per score
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+            s = tl.where(vis, s, float("-inf"))
+        # max of the raw scores times the scale (> 0: the launchers replace scale 0 by q = 0), so
+        # that scaling and subtracting the max fuse into one FMA per score
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if LOWP_DOT:
@@ -178,14 +200,16 @@ def _attn_bwd_delta_kernel(
     Out, DO, DELTA, ROW_IDX,
     stride_ot, stride_oh, stride_dot, stride_doh,
     N,
-    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_ROW_IDX: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, HAS_ROW_IDX: tl.constexpr,
 ):  # fmt: skip
+    stride_ot, stride_oh = stride_ot * ALIGN, stride_oh * ALIGN
+    stride_dot, stride_doh = stride_dot * ALIGN, stride_doh * ALIGN
     m = tl.program_id(0)
     h = tl.program_id(1)
     offs = m * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D_PAD)
     ok = offs < N
-    rows = _load_rows(ROW_IDX, offs, ok, HAS_ROW_IDX)
+    rows = _load_rows(ROW_IDX, offs, ok, N, HAS_ROW_IDX)
     o = _load_tile(Out + h.to(tl.int64) * stride_oh, rows, ok, offs_d, stride_ot, D, D_PAD, False)
     do = _load_tile(DO + h.to(tl.int64) * stride_doh, rows, ok, offs_d, stride_dot, D, D_PAD, False)
     tl.store(DELTA + h.to(tl.int64) * N + offs, tl.sum(o * do, 1), mask=ok)
@@ -203,19 +227,20 @@ def _attn_bwd_dkdv_program(
     HAS_ROW_IDX: tl.constexpr, LOWP_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     hk = rank % HKV
-    n = tl.load(N_ORDER + rank // HKV)
+    n = _clamp(tl.load(N_ORDER + rank // HKV), tl.cdiv(N, BLOCK_N) - 1)
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     col_ok = offs_n < N
-    rows_k = _load_rows(ROW_IDX, offs_n, col_ok, HAS_ROW_IDX)
+    rows_k = _load_rows(ROW_IDX, offs_n, col_ok, N, HAS_ROW_IDX)
     k = _load_tile(K + hk.to(tl.int64) * stride_kh, rows_k, col_ok, offs_d, stride_kt, D, D_PAD, LOWP_DOT)
     v = _load_tile(V + hk.to(tl.int64) * stride_vh, rows_k, col_ok, offs_d, stride_vt, D, D_PAD, LOWP_DOT)
     lo = tl.load(KV_LO + offs_n, mask=col_ok, other=2147483647)
     hi = tl.load(KV_HI + offs_n, mask=col_ok, other=0)
     max_lo = tl.load(KV_MAX_LO + n)
     min_hi = tl.load(KV_MIN_HI + n)
-    m_start = tl.load(KV_Q_START + n)
-    num_m = tl.load(KV_Q_END + n) - m_start
+    num_mb = tl.cdiv(N, BLOCK_M)
+    m_start = _clamp(tl.load(KV_Q_START + n), num_mb)
+    num_m = _clamp(tl.load(KV_Q_END + n), num_mb) - m_start
 
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
@@ -226,7 +251,7 @@ def _attn_bwd_dkdv_program(
         h = hk * GROUP + g
         offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
-        rows_q = _load_rows(ROW_IDX, offs_m, row_ok, HAS_ROW_IDX)
+        rows_q = _load_rows(ROW_IDX, offs_m, row_ok, N, HAS_ROW_IDX)
         q = _load_tile(Q + h.to(tl.int64) * stride_qh, rows_q, row_ok, offs_d, stride_qt, D, D_PAD, LOWP_DOT)
         do = _load_tile(
             DO + h.to(tl.int64) * stride_doh, rows_q, row_ok, offs_d, stride_dot, D, D_PAD, LOWP_DOT
@@ -263,32 +288,32 @@ def _attn_bwd_dq_program(
     KV_LO, KV_HI, ROW_IDX, Q_KV_PTR, Q_KV_IDX, Q_KV_FULL, M_ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
-    N, qk_scale, sm_scale, HQ, GROUP,
+    N, NNZ, qk_scale, sm_scale, HQ, GROUP,
     D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROW_IDX: tl.constexpr, LOWP_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     h = rank % HQ
-    m = tl.load(M_ORDER + rank // HQ)
+    m = _clamp(tl.load(M_ORDER + rank // HQ), tl.cdiv(N, BLOCK_M) - 1)
     hk = h // GROUP
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < N
-    rows_q = _load_rows(ROW_IDX, offs_m, row_ok, HAS_ROW_IDX)
+    rows_q = _load_rows(ROW_IDX, offs_m, row_ok, N, HAS_ROW_IDX)
     q = _load_tile(Q + h.to(tl.int64) * stride_qh, rows_q, row_ok, offs_d, stride_qt, D, D_PAD, LOWP_DOT)
     do = _load_tile(DO + h.to(tl.int64) * stride_doh, rows_q, row_ok, offs_d, stride_dot, D, D_PAD, LOWP_DOT)
     lse = tl.load(LSE + h.to(tl.int64) * N + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + h.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    start = tl.load(Q_KV_PTR + m)
-    end = tl.load(Q_KV_PTR + m + 1)
+    start = _clamp(tl.load(Q_KV_PTR + m), NNZ)
+    end = _clamp(tl.load(Q_KV_PTR + m + 1), NNZ)
     for i in range(start, end):
-        n = tl.load(Q_KV_IDX + i)
+        n = _clamp(tl.load(Q_KV_IDX + i), tl.cdiv(N, BLOCK_N) - 1)
         full = tl.load(Q_KV_FULL + i)
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
-        rows_k = _load_rows(ROW_IDX, offs_n, col_ok, HAS_ROW_IDX)
+        rows_k = _load_rows(ROW_IDX, offs_n, col_ok, N, HAS_ROW_IDX)
         k = _load_tile(K + hk.to(tl.int64) * stride_kh, rows_k, col_ok, offs_d, stride_kt, D, D_PAD, LOWP_DOT)
         v = _load_tile(V + hk.to(tl.int64) * stride_vh, rows_k, col_ok, offs_d, stride_vt, D, D_PAD, LOWP_DOT)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
@@ -316,11 +341,19 @@ def _attn_bwd_kernel(
     Q_KV_PTR, Q_KV_IDX, Q_KV_FULL, M_ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    N, NUM_DKDV, qk_scale, sm_scale, HQ, HKV,
-    D: tl.constexpr, D_PAD: tl.constexpr,
+    N, NUM_DKDV, NNZ2, qk_scale, sm_scale, HQ, HKV,
+    D: tl.constexpr, D_PAD: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     HAS_ROW_IDX: tl.constexpr, LOWP_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
+    # strides arrive divided by ALIGN (see the forward kernel)
+    stride_qt, stride_qh = stride_qt * ALIGN, stride_qh * ALIGN
+    stride_kt, stride_kh = stride_kt * ALIGN, stride_kh * ALIGN
+    stride_vt, stride_vh = stride_vt * ALIGN, stride_vh * ALIGN
+    stride_dot, stride_doh = stride_dot * ALIGN, stride_doh * ALIGN
+    stride_dqt, stride_dqh = stride_dqt * ALIGN, stride_dqh * ALIGN
+    stride_dkt, stride_dkh = stride_dkt * ALIGN, stride_dkh * ALIGN
+    stride_dvt, stride_dvh = stride_dvt * ALIGN, stride_dvh * ALIGN
     # programs [0, NUM_DKDV) compute dK/dV, the rest dQ: one launch so the short dQ programs fill
     # the SMs while the long dK/dV programs (a whole GQA group each) finish
     pid = tl.program_id(0)
@@ -339,70 +372,29 @@ def _attn_bwd_kernel(
             KV_LO, KV_HI, ROW_IDX, Q_KV_PTR, Q_KV_IDX, Q_KV_FULL, M_ORDER,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
             stride_dqt, stride_dqh,
-            N, qk_scale, sm_scale, HQ, HQ // HKV,
+            N, NNZ2, qk_scale, sm_scale, HQ, HQ // HKV,
             D, D_PAD, BLOCK_M2, BLOCK_N2, HAS_ROW_IDX, LOWP_DOT, DOT_PREC,
         )  # fmt: skip
 
 
 # ================================================================================================ configs
-@dataclass(frozen=True)
-class AttnConfig:
-    """Tile shapes and launch parameters.
-
-    Forward tiles are ``block_m x block_n``; the backward's dK/dV programs use ``block_m1 x block_n1``
-    (key blocks of ``block_n1``) and its dQ programs ``block_m2 x block_n2``. ``*_warps``/``*_stages``
-    matter on the GPU only."""
-
-    block_m: int = 64
-    block_n: int = 32
-    block_m1: int = 32
-    block_n1: int = 64
-    block_m2: int = 64
-    block_n2: int = 32
-    fwd_warps: int = 4
-    fwd_stages: int = 2
-    bwd_warps: int = 4
-    bwd_stages: int = 2
-
-    def blocks(self) -> list[int]:
-        return [self.block_m, self.block_n, self.block_m1, self.block_n1, self.block_m2, self.block_n2]
-
-    def launch(self) -> list[int]:
-        return [self.fwd_warps, self.fwd_stages, self.bwd_warps, self.bwd_stages]
-
-
 def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(int(d)))
 
 
-# Hopper (sm_90) defaults per (fp32 or not, padded head dim). The 16-bit D=128 entry is the
-# configuration PyTorch's FlexAttention uses on H100 (fwd 128x64, 8 warps, 3 stages; bwd 64x128 for
-# dK/dV and 128x64 for dQ, 8 warps, 3 stages), the baseline to beat. Every entry was compiled for
-# sm_90 here (``python -m bagel_kernels.compile_check``) and checked with ptxas to fit the 227 KiB
-# of shared memory without register spills (a few dozen bytes remain in the D=128 backward).
-# fp32 runs exact ``ieee`` dots (no tensor cores): correctness, not speed, is its purpose.
-_GPU_CONFIGS: dict[tuple[bool, int], AttnConfig] = {
-    (False, 16): AttnConfig(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
-    (False, 32): AttnConfig(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
-    (False, 64): AttnConfig(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
-    (False, 128): AttnConfig(128, 64, 64, 128, 128, 64, 8, 3, 8, 3),
-    (False, 256): AttnConfig(64, 32, 32, 64, 64, 32, 4, 3, 8, 2),
-    (True, 16): AttnConfig(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
-    (True, 32): AttnConfig(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
-    (True, 64): AttnConfig(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
-    (True, 128): AttnConfig(32, 64, 16, 32, 32, 16, 8, 3, 4, 1),
-    (True, 256): AttnConfig(32, 32, 32, 32, 32, 32, 4, 2, 8, 1),
-}
 # Interpreter (CPU tests): small tiles keep a few-hundred-token pack fast; forward, dK/dV and dQ
 # use different shapes on purpose so that a mixed-up block index cannot go unnoticed.
 _INTERPRET_CONFIG = AttnConfig()
 
 
 def default_config(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> AttnConfig:
-    """Tile configuration used for ``device`` (cuda: Hopper table; otherwise the interpreter's)."""
-    if torch.device(device).type != "cuda":
+    """Tile configuration used for ``device``: on a GPU the tuned table's entry for its architecture,
+    the installed Triton, ``dtype`` and ``head_dim``, else the built-in default
+    (:mod:`bagel_kernels.attention_configs`); on the CPU (interpreter) small test tiles."""
+    arch = device_arch(torch.device(device))
+    if arch is None:
         return _INTERPRET_CONFIG
-    return _GPU_CONFIGS[(dtype == torch.float32, _pad_dim(head_dim))]
+    return config_for(arch, dtype, head_dim)
 
 
 # ================================================================================================ tables
@@ -444,34 +436,140 @@ def prepare_mask(mask: PackedMask, config: AttnConfig) -> tuple[list[torch.Tenso
 
 
 # ================================================================================================ launchers
-def _check_tables(n: int, blocks: list[int], fwd_tables=None, bwd_tables=None) -> None:
-    bm, bn, bm1, bn1, bm2, bn2 = blocks
+_FWD_TABLES = ("q_kv_ptr", "q_kv_idx", "q_kv_full", "m_order")
+_BWD_TABLES = (
+    "kv_q_start", "kv_q_end", "kv_max_lo", "kv_min_hi", "n_order", "q_kv_ptr", "q_kv_idx", "q_kv_full", "m_order",
+)  # fmt: skip
+
+
+def _check_blocks(blocks, launch) -> None:
+    if not isinstance(blocks, (list, tuple)) or len(blocks) != 6:
+        raise ValueError(
+            f"blocks must be 6 tile sizes (block_m, block_n, block_m1, block_n1, block_m2, block_n2), got {blocks!r}"
+        )
     for name, b in zip(
         ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2"), blocks, strict=True
     ):
-        if b < 1 or b & (b - 1):
-            raise ValueError(f"{name}={b} must be a positive power of two")
+        if not isinstance(b, int) or b < 16 or b > 256 or b & (b - 1):
+            raise ValueError(f"{name}={b} must be a power of two between 16 and 256")
+    if not isinstance(launch, (list, tuple)) or len(launch) != 4:
+        raise ValueError(f"launch must be [fwd_warps, fwd_stages, bwd_warps, bwd_stages], got {launch!r}")
+    for name, w in (("fwd_warps", launch[0]), ("bwd_warps", launch[2])):
+        if w not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{name}={w} must be 1, 2, 4, 8 or 16")
+    for name, st in (("fwd_stages", launch[1]), ("bwd_stages", launch[3])):
+        if not isinstance(st, int) or not 1 <= st <= 8:
+            raise ValueError(f"{name}={st} must be an int in [1, 8]")
+
+
+def _check_vector(name: str, t, n: int, device, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int32:
+        got = (
+            f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        )
+        raise ValueError(f"{name} must be a 1-D int32 tensor, got {got}")
+    if t.numel() != n:
+        raise ValueError(f"{name} has {t.numel()} entries, expected {n}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, q on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_range(name: str, t: torch.Tensor, lo: int, hi: int) -> None:
+    """Values in [lo, hi] (only for CPU tensors: checking CUDA values would cost a device sync;
+    the kernels clamp what they read from tables instead)."""
+    if t.device.type == "cpu" and t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
+        raise ValueError(f"{name} holds values outside [{lo}, {hi}]: min {int(t.min())}, max {int(t.max())}")
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a [N, heads, head_dim] tensor")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; the Triton backend supports fp16, bf16 and fp32")
+    N, Hq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != N or k.shape[2] != D or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"k/v must be [N, Hkv, D] like q in dtype and N, D: q {tuple(q.shape)} {q.dtype}, "
+            f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype}"
+        )
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[1] == 0 or Hq % k.shape[1]:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+    if not 0 < D <= 256:
+        raise ValueError(f"head dim {D} is unsupported by the Triton backend (1..256)")
+    if N >= _INT32_MAX // 2:
+        raise ValueError(f"q has {N} tokens, beyond the int32 token indices of the kernels")
+
+
+def _check_scale(scale) -> None:
+    if not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale >= 0.0):
+        raise ValueError(f"softmax_scale must be finite and non-negative for the Triton backend, got {scale}")
+
+
+def _check_op_inputs(
+    q, k, v, kv_lo, kv_hi, row_index, scale, blocks, launch, fwd_tables=None, bwd_tables=None
+):
+    """Everything the registered ops are handed (they are public: ``torch.ops.bagel_kernels.*``):
+    shapes, dtypes and devices always; the values of the index vectors and tables when they are on
+    the CPU (on a GPU that would cost a device sync; the kernels clamp table values instead, so bad
+    ones give a wrong answer but no access outside the tensors)."""
+    _check_qkv(q, k, v)
+    _check_scale(scale)
+    _check_blocks(blocks, launch)
+    n, dev = q.shape[0], q.device
+    _check_vector("kv_lo", kv_lo, n, dev)
+    _check_vector("kv_hi", kv_hi, n, dev)
+    _check_vector("row_index", row_index, n, dev, optional=True)
+    _check_range("kv_lo", kv_lo, 0, n)
+    _check_range("kv_hi", kv_hi, 0, n)
+    if row_index is not None and row_index.device.type == "cpu" and n:
+        counts = torch.bincount(row_index.long().clamp(-1, n) + 1, minlength=n + 2)
+        if counts[0] or counts[-1] or (counts[1:-1] != 1).any():
+            raise ValueError(f"row_index must be a permutation of range({n})")
+    bm, bn, bm1, bn1, bm2, bn2 = blocks
+
+    def csr(prefix, tables, nm, nn):
+        ptr, idx, full, order = tables
+        _check_vector(f"{prefix}q_kv_ptr", ptr, nm + 1, dev)
+        if not isinstance(idx, torch.Tensor):
+            raise ValueError(f"{prefix}q_kv_idx must be a tensor")
+        nnz = idx.numel()
+        _check_vector(f"{prefix}q_kv_idx", idx, nnz, dev)
+        _check_vector(f"{prefix}q_kv_full", full, nnz, dev)
+        _check_vector(f"{prefix}m_order", order, nm, dev)
+        _check_range(f"{prefix}q_kv_ptr", ptr, 0, nnz)
+        _check_range(f"{prefix}q_kv_idx", idx, 0, nn - 1)
+        _check_range(f"{prefix}m_order", order, 0, nm - 1)
+
     if fwd_tables is not None:
         if len(fwd_tables) != 4:
-            raise ValueError(f"fwd_tables must hold 4 tensors, got {len(fwd_tables)}")
-        if fwd_tables[0].numel() != triton.cdiv(n, bm) + 1 or fwd_tables[3].numel() != triton.cdiv(n, bm):
-            raise ValueError(
-                f"fwd_tables were built for another pack length or block_m (N={n}, block_m={bm})"
-            )
+            raise ValueError(f"fwd_tables must hold 4 tensors {_FWD_TABLES}, got {len(fwd_tables)}")
+        try:
+            csr("fwd_tables.", fwd_tables, triton.cdiv(n, bm), triton.cdiv(n, bn))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (fwd_tables are built for N={n}, block_m={bm}, block_n={bn})") from None
     if bwd_tables is not None:
         if len(bwd_tables) != 9:
-            raise ValueError(f"bwd_tables must hold 9 tensors, got {len(bwd_tables)}")
-        if any(t.numel() != triton.cdiv(n, bn1) for t in bwd_tables[:5]):
+            raise ValueError(f"bwd_tables must hold 9 tensors {_BWD_TABLES}, got {len(bwd_tables)}")
+        nn1, nm1 = triton.cdiv(n, bn1), triton.cdiv(n, bm1)
+        try:
+            for name, t in zip(_BWD_TABLES[:5], bwd_tables[:5], strict=True):
+                _check_vector(f"bwd_tables.{name}", t, nn1, dev)
+            for name, t in zip(_BWD_TABLES[:2], bwd_tables[:2], strict=True):
+                _check_range(f"bwd_tables.{name}", t, 0, nm1)
+            _check_range("bwd_tables.n_order", bwd_tables[4], 0, nn1 - 1)
+            csr("bwd_tables.", bwd_tables[5:], triton.cdiv(n, bm2), triton.cdiv(n, bn2))
+        except ValueError as exc:
             raise ValueError(
-                f"bwd_tables were built for another pack length or block_n1 (N={n}, block_n1={bn1})"
-            )
-        if bwd_tables[5].numel() != triton.cdiv(n, bm2) + 1 or bwd_tables[8].numel() != triton.cdiv(n, bm2):
-            raise ValueError(
-                f"bwd_tables were built for another pack length or block_m2 (N={n}, block_m2={bm2})"
-            )
-    for t in list(fwd_tables or []) + list(bwd_tables or []):
-        if t.dtype != torch.int32:
-            raise ValueError(f"block tables must be int32, got {t.dtype}")
+                f"{exc} (bwd_tables are built for N={n}, block_m1={bm1}, block_n1={bn1}, "
+                f"block_m2={bm2}, block_n2={bn2})"
+            ) from None
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -485,32 +583,51 @@ def _device_guard(t: torch.Tensor):
 
 
 def _kernel_flags(q: torch.Tensor) -> dict:
-    if q.device.type != "cuda" and not _interpreting():
+    """``meta`` tensors stand for a GPU: the compile check runs the launchers on them (kernels intercepted)."""
+    if q.device.type not in ("cuda", "meta") and not _interpreting():
         raise ValueError(
             f"the Triton attention kernels need a CUDA device or TRITON_INTERPRET=1 (q is on {q.device})"
         )
-    lowp = not _interpreting()
+    if q.device.type != "meta" and _interpreting():
+        check_interpreter()
+    lowp = q.device.type == "meta" or not _interpreting()
     return {"LOWP_DOT": lowp, "DOT_PREC": "ieee" if (q.dtype == torch.float32 or not lowp) else "tf32"}
 
 
+def _stride_align(tensors) -> int:
+    """Largest power of two (at most one 16-byte vector) dividing the row and head strides of every
+    tensor: the kernels take strides divided by it and multiply it back as a constexpr, so that the
+    compiler can vectorise and pipeline the row loads. Exact by construction: never a false hint."""
+    align = 16 // tensors[0].element_size()
+    for t in tensors:
+        for st in t.stride()[:2]:
+            while st % align:
+                align //= 2
+    return align
+
+
 def _launch_fwd(q, k, v, kv_lo, kv_hi, row_index, fwd_tables, scale, blocks, launch, out, lse) -> None:
-    """Writes ``out`` [N, Hq, D] and ``lse`` [Hq, N] (fp32, log2 domain)."""
+    """Writes ``out`` [N, Hq, D] and ``lse`` [Hq, N] (fp32, log2 domain). Scale 0 (uniform weights
+    over the visible keys) runs as q = 0 with scale 1: the kernels take the row max of unscaled scores."""
     N, Hq, D = q.shape
     Hkv = k.shape[1]
     if N == 0:
         return
+    if scale == 0.0:
+        q, scale = torch.zeros_like(q), 1.0
     q_kv_ptr, q_kv_idx, q_kv_full, m_order = fwd_tables
     bm, bn = blocks[0], blocks[1]
     flags = _kernel_flags(q)
+    al = _stride_align((q, k, v, out))
     grid = (triton.cdiv(N, bm) * Hq,)
     with _device_guard(q):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse,
             kv_lo, kv_hi, row_index if row_index is not None else kv_lo,
             q_kv_ptr, q_kv_idx, q_kv_full, m_order,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            N, scale * _LOG2E,
-            HQ=Hq, GROUP=Hq // Hkv, D=D, D_PAD=_pad_dim(D), BLOCK_M=bm, BLOCK_N=bn,
+            *(st // al for t in (q, k, v, out) for st in t.stride()[:2]),
+            N, q_kv_idx.numel(), scale * _LOG2E,
+            HQ=Hq, GROUP=Hq // Hkv, D=D, D_PAD=_pad_dim(D), ALIGN=al, BLOCK_M=bm, BLOCK_N=bn,
             HAS_ROW_IDX=row_index is not None, **flags,
             num_warps=launch[0], num_stages=launch[1],
         )  # fmt: skip
@@ -524,16 +641,20 @@ def _launch_bwd(
     Hkv = k.shape[1]
     if N == 0:
         return
+    sm_scale = scale
+    if scale == 0.0:  # as in the forward; sm_scale = 0 makes dq and dk exactly 0
+        q, scale = torch.zeros_like(q), 1.0
     flags = _kernel_flags(q)
     D_PAD = _pad_dim(D)
     ridx = row_index if row_index is not None else kv_lo
     with _device_guard(q):
         delta = torch.empty((Hq, N), dtype=torch.float32, device=q.device)
         block = 64
+        al = _stride_align((out, do))
         _attn_bwd_delta_kernel[(triton.cdiv(N, block), Hq)](
             out, do, delta, ridx,
-            out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-            N, D=D, D_PAD=D_PAD, BLOCK=block, HAS_ROW_IDX=row_index is not None,
+            *(st // al for t in (out, do) for st in t.stride()[:2]),
+            N, D=D, D_PAD=D_PAD, ALIGN=al, BLOCK=block, HAS_ROW_IDX=row_index is not None,
         )  # fmt: skip
         kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order, q_kv_ptr, q_kv_idx, q_kv_full, m_order = (
             bwd_tables
@@ -541,15 +662,15 @@ def _launch_bwd(
         _, _, bm1, bn1, bm2, bn2 = blocks
         num_dkdv = triton.cdiv(N, bn1) * Hkv
         num_dq = triton.cdiv(N, bm2) * Hq
+        al = _stride_align((q, k, v, do, dq, dk, dv))
         _attn_bwd_kernel[(num_dkdv + num_dq,)](
             q, k, v, do, dq, dk, dv, lse, delta,
             kv_lo, kv_hi, ridx,
             kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order,
             q_kv_ptr, q_kv_idx, q_kv_full, m_order,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            N, num_dkdv, scale * _LOG2E, scale,
-            HQ=Hq, HKV=Hkv, D=D, D_PAD=D_PAD, BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2,
+            *(st // al for t in (q, k, v, do, dq, dk, dv) for st in t.stride()[:2]),
+            N, num_dkdv, q_kv_idx.numel(), scale * _LOG2E, sm_scale,
+            HQ=Hq, HKV=Hkv, D=D, D_PAD=D_PAD, ALIGN=al, BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2,
             HAS_ROW_IDX=row_index is not None, **flags,
             num_warps=launch[2], num_stages=launch[3],
         )  # fmt: skip
@@ -572,8 +693,8 @@ def _packed_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out [N, Hq, D], lse [Hq, N] fp32)``. ``bwd_tables`` is unused here; it rides
     along so that autograd can save it for the backward op."""
+    _check_op_inputs(q, k, v, kv_lo, kv_hi, row_index, scale, blocks, launch, fwd_tables, bwd_tables)
     N, Hq, D = q.shape
-    _check_tables(N, blocks, fwd_tables=fwd_tables)
     q, k, v = _row_major(q), _row_major(k), _row_major(v)
     out = torch.empty((N, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, N), dtype=torch.float32, device=q.device)
@@ -604,8 +725,22 @@ def _packed_attention_bwd(
     launch: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv)`` shaped like q, k, v."""
+    _check_op_inputs(q, k, v, kv_lo, kv_hi, row_index, scale, blocks, launch, bwd_tables=bwd_tables)
     N, Hq, D = q.shape
-    _check_tables(N, blocks, bwd_tables=bwd_tables)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.device != q.device:
+            raise ValueError(f"{name} must be shaped and placed like q {tuple(q.shape)} on {q.device}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+    if out.dtype != q.dtype:
+        raise ValueError(f"out has dtype {out.dtype}, q {q.dtype}")
+    if (
+        not isinstance(lse, torch.Tensor)
+        or lse.shape != (Hq, N)
+        or lse.dtype != torch.float32
+        or lse.device != q.device
+    ):
+        raise ValueError(f"lse must be a float32 [{Hq}, {N}] tensor on {q.device}")
     grad_out = grad_out.to(q.dtype)
     q, k, v, out, grad_out = (_row_major(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
@@ -662,29 +797,16 @@ def triton_packed_attention(
     if not isinstance(mask, PackedMask):
         raise ValueError(f"mask must be a PackedMask, got {type(mask).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be [N, heads, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; the Triton backend supports fp16, bf16 and fp32")
-        if t.device != mask.device:
+        if isinstance(t, torch.Tensor) and t.device != mask.device:
             raise ValueError(f"{name} is on {t.device} but the mask is on {mask.device}")
+    _check_qkv(q, k, v)
     N, Hq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != N or k.shape[2] != D or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"k/v must be [N, Hkv, D] like q in dtype and N, D: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if k.shape[1] == 0 or Hq % k.shape[1]:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
-    if not 0 < D <= 256:
-        raise ValueError(f"head dim {D} is unsupported by the Triton backend (1..256)")
     if N != mask.total_len:
         raise ValueError(f"q has {N} tokens but mask.total_len is {mask.total_len}; truncate the mask first")
-    if N >= _INT32_MAX // 2:
-        raise ValueError(f"q has {N} tokens, beyond the int32 token indices of the kernels")
     scale = D**-0.5 if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale >= 0.0):
-        raise ValueError(f"softmax_scale must be finite and non-negative for the Triton backend, got {scale}")
+    _check_scale(scale)
     cfg = config if config is not None else default_config(q.device, q.dtype, D)
+    _check_blocks(cfg.blocks(), cfg.launch())
     fwd_tables, bwd_tables = prepare_mask(mask, cfg)
     out, _lse = _packed_attention_fwd(
         q,
@@ -702,90 +824,81 @@ def triton_packed_attention(
     return out
 
 
-# ================================================================================================ sm_90 compile
-def sm90_compile_specs() -> list[tuple]:
-    """Kernels and argument types to compile for sm_90 without a GPU (see ``bagel_kernels.compile_check``).
+# ================================================================================================ compile specs
+# BAGEL-7B shapes: the language model (28 query heads, 4 KV heads, head dim 128) on a 16k pack cut to a
+# length that is not a multiple of 16 (the model truncates the mask to the pack's real tokens), and the
+# SigLIP so400m ViT (16 heads of 72) on 4 images, q/k/v being views into one fused qkv projection output
+# [N, 3 * 1152] (row stride 3456, head stride 72): the layouts the model hands the kernels.
+_LLM_TOKENS, _VIT_IMAGES = 16381, [1024, 2304, 4900, 729]
 
-    Covers the GPU configurations of ``_GPU_CONFIGS`` the model uses (D=128 Qwen2, D=72 SigLIP, D=64,
-    D=256) in fp16/bf16 and fp32, with and without a row index."""
-    specs = []
-    cases = [  # (dtype, head dim, row index); head counts are runtime arguments
-        (torch.bfloat16, 128, False),  # Qwen2 7B
-        (torch.bfloat16, 128, True),  # Qwen2 7B with the MoT row permutation
-        (torch.bfloat16, 72, False),  # SigLIP
-        (torch.float16, 64, True),
-        (torch.bfloat16, 256, False),
-        (torch.float32, 64, False),
-        (torch.float32, 128, False),
-        (torch.float32, 256, True),
+
+def _compile_case(dtype, hq, hkv, d, *, row_index=False, fused_qkv=False, vit=False):
+    """A thunk that runs the forward and backward launchers on meta tensors of one model layout."""
+
+    def run():
+        from .testing import realistic_pack
+
+        if vit:
+            mask = PackedMask.from_splits(_VIT_IMAGES, _VIT_IMAGES, ["full"] * len(_VIT_IMAGES))
+        else:
+            mask = PackedMask.from_splits(*realistic_pack(16384, seed=0).as_tuple()).truncated(_LLM_TOKENS)
+        n = mask.total_len
+        meta = torch.device("meta")
+        cfg = default_config(meta, dtype, d)
+        fwd_t, bwd_t = prepare_mask(mask, cfg)
+        fwd_t, bwd_t = [t.to(meta) for t in fwd_t], [t.to(meta) for t in bwd_t]
+        ridx = torch.randperm(n).to(torch.int32).to(meta) if row_index else None
+
+        def empty(*shape):
+            return torch.empty(shape, dtype=dtype, device=meta)
+
+        if fused_qkv:
+            qkv = empty(n, (hq + 2 * hkv) * d)
+            q = qkv[:, : hq * d].view(n, hq, d)
+            k = qkv[:, hq * d : (hq + hkv) * d].view(n, hkv, d)
+            v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
+        else:
+            q, k, v = empty(n, hq, d), empty(n, hkv, d), empty(n, hkv, d)
+        out, do = empty(n, hq, d), empty(n, hq, d)
+        lse = torch.empty((hq, n), dtype=torch.float32, device=meta)
+        kv_lo, kv_hi = mask.kv_lo.to(meta), mask.kv_hi.to(meta)
+        args = (kv_lo, kv_hi, ridx)
+        _launch_fwd(q, k, v, *args, fwd_t, d**-0.5, cfg.blocks(), cfg.launch(), out, lse)
+        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+        _launch_bwd(do, q, k, v, out, lse, *args, bwd_t, d**-0.5, cfg.blocks(), cfg.launch(), *grads)
+
+    return run
+
+
+def compile_cases(arch: int) -> list[tuple]:
+    """``(tag, thunk, extra_options)`` per model layout compiled for ``arch`` (see
+    :func:`bagel_kernels.compile_check.specs_from_launches`). The 16-bit forward and backward must use
+    tensor cores in their loops (``expect_mma``); fp32 runs exact ``ieee`` dots on CUDA cores."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    mma = {"attn_fwd": {"expect_mma": True}, "attn_bwd": {"expect_mma": True}}
+    cases = [
+        ("bf16_d128", _compile_case(bf16, 28, 4, 128), mma),  # Qwen2 7B
+        ("bf16_d128_ridx", _compile_case(bf16, 28, 4, 128, row_index=True), mma),  # + MoT row permutation
+        ("bf16_d72", _compile_case(bf16, 16, 16, 72, fused_qkv=True, vit=True), mma),  # SigLIP so400m
+        ("fp32_d128", _compile_case(fp32, 28, 4, 128), {}),
     ]
-    tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    for dtype, d, ridx in cases:
-        cfg = _GPU_CONFIGS[(dtype == torch.float32, _pad_dim(d))]
-        t = tname[dtype]
-        flags = {
-            "LOWP_DOT": True,
-            "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32",
-            "HAS_ROW_IDX": ridx,
-        }
-        tag = f"{t}_d{d}{'_ridx' if ridx else ''}"
-        sig = {n: f"*{t}" for n in ("Q", "K", "V", "Out")}
-        sig |= {"LSE": "*fp32", "KV_LO": "*i32", "KV_HI": "*i32", "ROW_IDX": "*i32"}
-        sig |= {n: "*i32" for n in ("Q_KV_PTR", "Q_KV_IDX", "Q_KV_FULL", "M_ORDER")}
-        sig |= {
-            n: "i32"
-            for n in (
-                "stride_qt",
-                "stride_qh",
-                "stride_kt",
-                "stride_kh",
-                "stride_vt",
-                "stride_vh",
-                "stride_ot",
-                "stride_oh",
-                "N",
-            )
-        }
-        sig |= {"qk_scale": "fp32", "HQ": "i32", "GROUP": "i32"}
-        const = dict(D=d, D_PAD=_pad_dim(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
-        sig |= {c: "constexpr" for c in const}
-        specs.append(
-            (
-                f"attn_fwd_{tag}",
-                _attn_fwd_kernel,
-                sig,
-                const,
-                {"num_warps": cfg.fwd_warps, "num_stages": cfg.fwd_stages},
-            )
-        )
+    if arch >= 90:  # other head dims and dtypes the API accepts, on one architecture
+        cases += [
+            ("fp16_d64_ridx", _compile_case(fp16, 8, 2, 64, row_index=True), mma),
+            ("bf16_d256", _compile_case(bf16, 8, 1, 256), mma),
+            ("fp32_d64", _compile_case(fp32, 8, 2, 64), {}),
+        ]
+    return cases
 
-        sig = {"Out": f"*{t}", "DO": f"*{t}", "DELTA": "*fp32", "ROW_IDX": "*i32"}
-        sig |= {n: "i32" for n in ("stride_ot", "stride_oh", "stride_dot", "stride_doh", "N")}
-        const = dict(D=d, D_PAD=_pad_dim(d), BLOCK=64, HAS_ROW_IDX=ridx)
-        sig |= {c: "constexpr" for c in const}
-        specs.append(
-            (f"attn_bwd_delta_{tag}", _attn_bwd_delta_kernel, sig, const, {"num_warps": 4, "num_stages": 1})
-        )
 
-        sig = {n: f"*{t}" for n in ("Q", "K", "V", "DO", "DQ", "DK", "DV")}
-        sig |= {"LSE": "*fp32", "DELTA": "*fp32"}
-        names = ("KV_LO", "KV_HI", "ROW_IDX", "KV_Q_START", "KV_Q_END", "KV_MAX_LO", "KV_MIN_HI", "N_ORDER")
-        sig |= {n: "*i32" for n in names + ("Q_KV_PTR", "Q_KV_IDX", "Q_KV_FULL", "M_ORDER")}
-        strides = [f"stride_{a}{b}" for a in ("q", "k", "v", "do", "dq", "dk", "dv") for b in ("t", "h")]
-        sig |= {n: "i32" for n in strides + ["N", "NUM_DKDV"]}
-        sig |= {"qk_scale": "fp32", "sm_scale": "fp32", "HQ": "i32", "HKV": "i32"}
-        const = dict(
-            D=d, D_PAD=_pad_dim(d),
-            BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, **flags,
-        )  # fmt: skip
-        sig |= {c: "constexpr" for c in const}
-        specs.append(
-            (
-                f"attn_bwd_{tag}",
-                _attn_bwd_kernel,
-                sig,
-                const,
-                {"num_warps": cfg.bwd_warps, "num_stages": cfg.bwd_stages},
-            )
-        )
-    return specs
+def compile_specs(arch: int = 90) -> list[tuple]:
+    """Specs of every kernel launch of :func:`compile_cases` for ``arch`` (format of
+    :mod:`bagel_kernels.compile_check`), derived from the launchers as they run on that GPU."""
+    from .compile_check import specs_from_launches
+
+    return specs_from_launches(compile_cases(arch), arch)
+
+
+def sm90_compile_specs() -> list[tuple]:
+    """:func:`compile_specs` for sm_90 (the name older callers use)."""
+    return compile_specs(90)

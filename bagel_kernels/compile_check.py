@@ -1,66 +1,171 @@
-"""Compile every Triton kernel of the package for sm_90 (Hopper) without a GPU.
+"""Compile every Triton kernel of the package for the GPU (sm_90 and sm_80) on a machine without one,
+exactly as the runtime would compile the launches the model makes, and check the machine code.
 
-    python -m bagel_kernels.compile_check [--module NAME ...] [--only SUBSTRING] [-v]
+    python -m bagel_kernels.compile_check [--arch 90 --arch 80] [--module NAME ...] [--only SUBSTRING]
+                                          [--report] [--json PATH] [-v]
+    python -m bagel_kernels.compile_check --merge A.json B.json ...   (one table from several runs)
 
-Catches what the interpreter accepts and the GPU compiler rejects (``break`` in a loop, ``tl.exp``
-on bf16, shared memory beyond Hopper's 227 KiB, ...). Must run WITHOUT ``TRITON_INTERPRET=1``:
-under the interpreter ``@triton.jit`` returns an interpreted function that cannot be compiled
-(the script refuses to run then). Exit code 0 when every spec compiles, 1 otherwise.
+Catches what the interpreter accepts and the GPU compiler rejects (``break`` in a loop, ``tl.exp`` on
+bf16, a pipeliner that gives up, ...) and checks resources. A kernel FAILS when it does not compile,
+needs more shared memory than one block may have on the architecture (sm_90 227 KiB, sm_80 163 KiB),
+spills registers inside a loop (local-memory stores or loads between a loop's head and its backward
+branch in the SASS), or, where its spec asks for it (``expect_mma``), has a loop without tensor-core
+MMA (wgmma ``HGMMA`` on sm_90, ``HMMA`` on sm_80). ``--report`` prints, per kernel, architecture and
+Triton version: registers, spill bytes (ptxas ``-v``), shared memory, whether the loops use MMA and
+asynchronous copies, and resident CTAs per SM. Must run WITHOUT ``TRITON_INTERPRET=1`` (the
+interpreter replaces the kernels; the script refuses to run then). Exit code 0 when all is well.
 
-Registry format
----------------
-Each kernel module listed in :data:`MODULES` may define
+Where the specs come from
+-------------------------
+Each kernel module in :data:`MODULES` defines ``compile_specs(arch) -> list[tuple]`` (an older module
+may define only ``sm90_compile_specs()``, used for sm_90). Our modules build them with
+:func:`specs_from_launches`: the module's launchers run on ``meta`` tensors shaped and strided as the
+model produces them at BAGEL-7B sizes, with ``JITFunction.run`` intercepted, and each intercepted launch
+goes through Triton's own argument binder, the code the runtime uses to specialise a launch (pointers
+16-byte aligned and integers divisible by 16 get ``tt.divisibility=16``, integers equal to 1 become
+constants). So the tiles, warps, stages, constexprs and alignment are those the launchers pick on
+that architecture, and the kernel compiled here is the kernel that runs.
 
-    def sm90_compile_specs() -> list[tuple]:
+A spec is ``(name, jit_fn, signature, constexprs, options)``:
 
-returning tuples ``(name, jit_fn, signature, constexprs)`` or
-``(name, jit_fn, signature, constexprs, options)``:
+    name        unique label, e.g. "attn_fwd_bf16_d128"
+    jit_fn      the ``@triton.jit`` kernel (a ``triton.runtime.JITFunction``)
+    signature   ``{arg_name: type}`` over ALL kernel arguments: "*bf16", "*i32", ... for pointers,
+                "i32", "i64", "fp32" for scalars, "constexpr" for constexpr arguments
+    constexprs  ``{arg_name: value}`` for every argument typed "constexpr"
+    options     compile options (``num_warps``, ``num_stages``, ...) plus keys of our own:
+                ``"divisible_by_16"``: argument names compiled as multiples of 16 (when absent: every
+                pointer and every ``stride*`` argument, for hand-written specs), ``"expect_mma"``:
+                the kernel's loops must use tensor cores
 
-    name        str, unique label printed in the report (e.g. "attn_fwd_bf16_d128")
-    jit_fn      the ``@triton.jit`` kernel object itself (a ``triton.runtime.JITFunction``)
-    signature   dict ``{arg_name: type}`` over ALL kernel arguments, in any order; types are
-                Triton type strings: "*bf16", "*fp16", "*fp32", "*i32", "*i64" for pointers,
-                "i32", "i64", "fp32" for scalars, and "constexpr" for constexpr arguments
-    constexprs  dict ``{arg_name: value}`` for every argument typed "constexpr" (ints, bools,
-                strings such as ``DOT_PREC="ieee"``, or ``tl.dtype`` objects)
-    options     optional dict of compile options, e.g. ``{"num_warps": 8, "num_stages": 3}``
-                (use the launch values, since shared-memory use depends on ``num_stages``), plus
-                one key of our own, ``"divisible_by_16"``: the argument names to compile as
-                multiples of 16 (see below)
-
-Divisibility: at run time Triton specialises every pointer that is 16-byte aligned and every
-integer argument that is a multiple of 16, and the GPU code depends on it (the software pipeliner
-only turns loads into cp.async when it can prove 16-byte vectors). So that the checked code is the
-code that runs, every pointer argument and every integer argument whose name starts with
-``stride`` is compiled as divisible by 16, unless ``options["divisible_by_16"]`` lists the names.
-
-A module that does not exist yet, or has no ``sm90_compile_specs``, is skipped with a note.
-Modules are imported by name, so add new ones to :data:`MODULES` (or pass ``--module``).
-
-API notes: recent Triton takes ``ASTSource(fn, signature, constexprs, attrs)`` with constexprs inside
-the signature and ``attrs = {(arg_index,): [["tt.divisibility", 16]]}`` (checked on 3.9, the CPU/CI
-version; 3.3+ use the same form as far as we know). Older releases wanted the constexprs out of the
-signature and keyed by index, which :func:`_ast_source` falls back to (without the hints).
+A module that does not exist, or has no specs, is skipped with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from dataclasses import asdict, dataclass, field
 
-__all__ = ["MODULES", "SM90_MAX_SHARED", "collect_specs", "compile_spec", "main"]
+__all__ = [
+    "ARCHS",
+    "MAX_SHARED",
+    "MODULES",
+    "SM90_MAX_SHARED",
+    "KernelReport",
+    "analyse",
+    "collect_specs",
+    "compile_spec",
+    "specs_from_launches",
+    "main",
+]
 
-MODULES = ["bagel_kernels.attention_triton", "bagel_kernels.mot"]  # mot re-exports the specs of mot_triton
-SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on H100/H200 (227 KiB)
+MODULES = ["bagel_kernels.attention_triton", "bagel_kernels.mot_triton"]
+ARCHS = (90, 80)
+# bytes of shared memory one block may use (opt-in maximum), and one SM has, per architecture
+MAX_SHARED = {90: 232448, 80: 166912}
+SM_SHARED = {90: 233472, 80: 167936}
+SM90_MAX_SHARED = MAX_SHARED[90]
+_REGS_PER_SM = 65536
+_MAX_THREADS_PER_SM = 2048
+_MAX_CTAS_PER_SM = 32
+_SMEM_RESERVED_PER_CTA = 1024
 
 
-def collect_specs(modules: list[str]) -> tuple[list[tuple], list[str], list[str]]:
-    """``(specs, notes, errors)``: every module's specs (as 5-tuples), a note per module skipped
-    (absent, or without ``sm90_compile_specs``), and an error per module that failed to load."""
+# ------------------------------------------------------------------------------------------ specs
+def _short(fn) -> str:
+    name = getattr(getattr(fn, "fn", None), "__name__", None) or getattr(fn, "__name__", "kernel")
+    return name.strip("_").removesuffix("_kernel")
+
+
+@contextlib.contextmanager
+def _intercept_launches(record: list):
+    """``kernel[grid](...)`` records ``(jit_fn, args, kwargs)`` instead of launching (also for the
+    interpreter's kernels, so that the specs can be listed, not compiled, under TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    def fake_run(self, *args, grid, warmup, **kwargs):
+        record.append((self, args, kwargs))
+        return None
+
+    originals = [(cls, cls.run) for cls in (JITFunction, InterpretedFunction)]
+    for cls, _ in originals:
+        cls.run = fake_run
+    try:
+        yield
+    finally:
+        for cls, run in originals:
+            cls.run = run
+
+
+def _bind(fn, args: tuple, kwargs: dict, arch: int) -> tuple[dict, dict, list[str], dict]:
+    """``(signature, constexprs, divisible_by_16, options)`` of one launch, from Triton's runtime binder."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    if not hasattr(fn, "params"):  # an interpreter kernel: bind with a JITFunction of the same code
+        fn = JITFunction(fn.fn)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, _ = binder(*args, **kwargs)
+    names = [p.name for p in fn.params]
+    signature, constexprs, divisible = {}, {}, []
+    for name, (ty, attr) in zip(names, specialization, strict=True):
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = bound[name] if not hasattr(bound[name], "value") else bound[name].value
+        elif isinstance(attr, str) and "D" in attr:
+            divisible.append(name)
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    parsed = backend.parse_options(options)  # the runtime's defaults for what the launch leaves out
+    options.setdefault("num_warps", parsed.num_warps)
+    options.setdefault("num_stages", parsed.num_stages)
+    return signature, constexprs, divisible, options
+
+
+def specs_from_launches(cases, arch: int) -> list[tuple]:
+    """Specs of every kernel launch the ``(tag, thunk, extra_options)`` cases make for ``arch``.
+
+    Each thunk calls the module's launchers on ``meta`` tensors; it runs under
+    :func:`bagel_kernels.attention_configs.compile_target` (so launchers pick the configuration of
+    ``arch``) with the launches intercepted. A launch is named ``<kernel>_<tag>`` (kernel name without
+    leading underscore and ``_kernel`` suffix) unless the tag contains ``{kernel}``. ``extra_options``
+    (e.g. ``{"expect_mma": True}``) is added to the options of every launch of the case; a dict keyed
+    by kernel short name applies per kernel."""
+    from .attention_configs import compile_target
+
+    specs = []
+    for tag, thunk, extra in cases:
+        record: list = []
+        with compile_target(arch), _intercept_launches(record):
+            thunk()
+        for fn, args, kwargs in record:
+            sig, const, div, opts = _bind(fn, args, kwargs, arch)
+            short = _short(fn)
+            more = (
+                extra.get(short, {}) if extra and all(isinstance(v, dict) for v in extra.values()) else extra
+            )
+            opts = {**opts, **(more or {}), "divisible_by_16": div}
+            name = tag.format(kernel=short) if "{kernel}" in tag else f"{short}_{tag}"
+            specs.append((name, fn, sig, const, opts))
+    return specs
+
+
+def collect_specs(modules: list[str], arch: int = 90) -> tuple[list[tuple], list[str], list[str]]:
+    """``(specs, notes, errors)`` for ``arch``: every module's specs (5-tuples, names prefixed with the
+    module's short name), a note per module skipped, and an error per module that failed."""
     specs, notes, errors = [], [], []
     for name in modules:
         try:
@@ -74,14 +179,18 @@ def collect_specs(modules: list[str]) -> tuple[list[tuple], list[str], list[str]
         except Exception as exc:  # a broken module must not hide the others
             errors.append(f"FAIL {name}: import error: {type(exc).__name__}: {exc}")
             continue
-        fn = getattr(mod, "sm90_compile_specs", None)
-        if fn is None:
-            notes.append(f"skip {name}: no sm90_compile_specs()")
+        fn = getattr(mod, "compile_specs", None)
+        call = (lambda fn=fn: fn(arch)) if fn is not None else None
+        if call is None and arch == 90 and hasattr(mod, "sm90_compile_specs"):
+            call = mod.sm90_compile_specs
+        if call is None:
+            what = "no compile_specs()" if hasattr(mod, "sm90_compile_specs") else "no sm90_compile_specs()"
+            notes.append(f"skip {name}: {what} for sm_{arch}")
             continue
         try:
-            mod_specs = list(fn())
+            mod_specs = list(call())
         except Exception as exc:
-            errors.append(f"FAIL {name}: sm90_compile_specs() raised {type(exc).__name__}: {exc}")
+            errors.append(f"FAIL {name}: compile specs raised {type(exc).__name__}: {exc}")
             continue
         short = name.rsplit(".", 1)[-1]
         for spec in mod_specs:
@@ -115,46 +224,253 @@ def _ast_source(fn, signature: dict, constexprs: dict, divisible: list[str] | No
             a for a in order if sig[a].startswith("*") or (a.startswith("stride") and sig[a] != "constexpr")
         ]
     attrs = {(order.index(a),): [["tt.divisibility", 16]] for a in divisible}
-    try:
-        return triton.compiler.ASTSource(fn, sig, dict(constexprs), attrs)
-    except (TypeError, AssertionError, KeyError):
-        # Triton 3.0/3.1: constexprs out of the signature, constants keyed by argument index
-        sig_old = {order.index(a): t for a, t in sig.items() if t != "constexpr"}
-        consts = {order.index(a): v for a, v in constexprs.items()}
-        return triton.compiler.ASTSource(fn=fn, signature=sig_old, constants=consts)
+    consts = {(order.index(a),): v for a, v in constexprs.items()}
+    return triton.compiler.ASTSource(fn, sig, consts, attrs)
 
 
-def _target():
+def _target(arch: int = 90):
     from triton.backends.compiler import GPUTarget
 
-    return GPUTarget("cuda", 90, 32)
+    return GPUTarget("cuda", arch, 32)
 
 
-def compile_spec(spec: tuple):
-    """Compile one 5-tuple spec for sm_90; returns the compiled kernel (raises on failure)."""
+def compile_spec(spec: tuple, arch: int = 90):
+    """Compile one 5-tuple spec for ``arch``; returns the compiled kernel (raises on failure)."""
     import triton
 
     _, fn, signature, constexprs, options = spec
-    options = dict(options)
-    divisible = options.pop("divisible_by_16", None)
-    src = _ast_source(fn, signature, constexprs, divisible)
-    return triton.compile(src, target=_target(), options=options)
+    options = {k: v for k, v in options.items() if k not in ("divisible_by_16", "expect_mma")}
+    src = _ast_source(fn, signature, constexprs, spec[4].get("divisible_by_16"))
+    return triton.compile(src, target=_target(arch), options=options)
 
 
-def _shared_bytes(kernel) -> int | None:
-    meta = getattr(kernel, "metadata", None)
-    shared = getattr(meta, "shared", None)
-    if shared is None and isinstance(meta, dict):
-        shared = meta.get("shared")
-    return None if shared is None else int(shared)
+# ------------------------------------------------------------------------------------------ analysis
+@dataclass
+class KernelReport:
+    name: str
+    arch: int
+    triton: str
+    ok: bool = False
+    error: str = ""
+    warps: int = 0
+    stages: int = 0
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    shared: int | None = None
+    loops: int = 0
+    loop_spill_insts: int = 0
+    loop_mma: bool | None = None
+    loop_async_copy: bool | None = None
+    expect_mma: bool = False
+    ctas_per_sm: int | None = None
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+_NV_BIN = None
+
+
+def _nv_tool(name: str) -> str:
+    """A tool triton ships under triton/backends/nvidia/bin (ptxas, cuobjdump)."""
+    global _NV_BIN
+    if _NV_BIN is None:
+        import triton.backends.nvidia as nv
+
+        _NV_BIN = os.path.join(os.path.dirname(nv.__file__), "bin")
+    return os.path.join(_NV_BIN, name)
+
+
+_PTXAS_RE = {
+    "spill": re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads"),
+    "regs": re.compile(r"Used (\d+) registers"),
+}
+
+
+def _parse_ptxas(log: str) -> tuple[int | None, int | None, int | None]:
+    regs = _PTXAS_RE["regs"].search(log)
+    spill = _PTXAS_RE["spill"].search(log)
+    return (
+        int(regs.group(1)) if regs else None,
+        int(spill.group(1)) if spill else None,
+        int(spill.group(2)) if spill else None,
+    )
+
+
+def _ptxas_log(ptx: str) -> str:
+    """``ptxas -v`` on a kernel's PTX with the flags triton uses (when the compile came from the cache)."""
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.M)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [_nv_tool("ptxas"), "-lineinfo", "-v", f"--gpu-name={target.group(1)}", src, "-o", src + ".o"],
+            capture_output=True,
+            text=True,
+        )
+    return proc.stdout + proc.stderr
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRA = re.compile(r"\bBRA\s+(?:\w+\s+)?0x([0-9a-f]+)")
+
+
+def _sass_loops(sass: str) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
+    """Loops as ``[head, backward branch]`` address ranges, and ``(address, instruction)`` pairs."""
+    insts = []
+    for line in sass.splitlines():
+        m = _SASS_LINE.search(line)
+        if m:
+            insts.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for addr, text in insts:
+        b = _BRA.search(text)
+        if b:
+            target = int(b.group(1), 16)
+            if target < addr:
+                loops.append((target, addr))
+    return loops, insts
+
+
+def _ctas_per_sm(arch: int, regs: int | None, warps: int, shared: int | None) -> int | None:
+    if regs is None:
+        return None
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (_REGS_PER_SM // max(regs_per_warp, 1)) // warps
+    by_threads = _MAX_THREADS_PER_SM // (warps * 32)
+    by_smem = SM_SHARED[arch] // ((shared or 0) + _SMEM_RESERVED_PER_CTA)
+    return max(0, min(by_regs, by_threads, by_smem, _MAX_CTAS_PER_SM))
+
+
+def analyse(kernel, arch: int, ptxas_log: str, rep: KernelReport) -> None:
+    """Fill ``rep`` from a compiled kernel: resources, loops, MMA, spills in loops, occupancy."""
+    meta = kernel.metadata
+    rep.shared = int(getattr(meta, "shared", 0) or 0)
+    rep.warps = int(getattr(meta, "num_warps", 0) or 0)
+    rep.stages = int(getattr(meta, "num_stages", 0) or 0)
+    if not ptxas_log:
+        ptxas_log = _ptxas_log(kernel.asm["ptx"])
+    rep.registers, rep.spill_stores, rep.spill_loads = _parse_ptxas(ptxas_log)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([_nv_tool("cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+    loops, insts = _sass_loops(sass)
+    rep.loops = len(loops)
+
+    def in_loop(addr):
+        return any(lo <= addr <= hi for lo, hi in loops)
+
+    mma = "HGMMA" if arch >= 90 else "HMMA"
+    loop_insts = [t for a, t in insts if in_loop(a)]
+    rep.loop_spill_insts = sum(1 for t in loop_insts if re.search(r"\b(STL|LDL)\b", t))
+    if loops:
+        rep.loop_mma = any(mma in t or (arch >= 90 and "HMMA" in t) for t in loop_insts)
+        rep.loop_async_copy = any(re.search(r"\b(LDGSTS|UTMALDG|UBLKCP)\b", t) for t in loop_insts)
+    rep.ctas_per_sm = _ctas_per_sm(arch, rep.registers, rep.warps or 4, rep.shared)
+    if rep.shared > MAX_SHARED[arch]:
+        rep.problems.append(f"needs {rep.shared} B of shared memory, sm_{arch} allows {MAX_SHARED[arch]}")
+    if rep.loop_spill_insts:
+        rep.problems.append(
+            f"spills inside a loop ({rep.loop_spill_insts} local-memory instructions; "
+            f"{rep.spill_stores} B spill stores, {rep.spill_loads} B spill loads in all)"
+        )
+    if rep.expect_mma and loops and not rep.loop_mma:
+        rep.problems.append(f"no tensor-core MMA ({mma}) in its loops")
+
+
+def check_spec(spec: tuple, arch: int, version: str) -> KernelReport:
+    import triton
+
+    rep = KernelReport(name=spec[0], arch=arch, triton=version, expect_mma=bool(spec[4].get("expect_mma")))
+    t0 = time.perf_counter()
+    knobs = getattr(triton, "knobs", None)
+    nv = getattr(knobs, "nvidia", None)
+    buf = io.StringIO()
+    try:
+        old = getattr(nv, "dump_ptxas_log", None)
+        if nv is not None:
+            nv.dump_ptxas_log = True
+        try:
+            with contextlib.redirect_stdout(buf):
+                kernel = compile_spec(spec, arch)
+        finally:
+            if nv is not None:
+                nv.dump_ptxas_log = old
+        analyse(kernel, arch, buf.getvalue() if "Used" in buf.getvalue() else "", rep)
+        rep.ok = not rep.problems
+    except Exception as exc:  # report every kernel, then fail
+        first = str(exc).strip().splitlines()
+        rep.error = f"{type(exc).__name__}: {first[0] if first else ''}"
+        rep.problems.append(rep.error)
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+# ------------------------------------------------------------------------------------------ output
+_COLUMNS = [
+    ("arch", lambda r: f"sm_{r.arch}"),
+    ("triton", lambda r: r.triton),
+    ("kernel", lambda r: r.name),
+    ("warps", lambda r: str(r.warps or "-")),
+    ("stages", lambda r: str(r.stages or "-")),
+    ("regs", lambda r: "-" if r.registers is None else str(r.registers)),
+    ("spill st/ld B", lambda r: "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"),
+    ("spill in loop", lambda r: "-" if not r.ok and r.error else ("YES" if r.loop_spill_insts else "no")),
+    ("smem B", lambda r: "-" if r.shared is None else str(r.shared)),
+    ("MMA in loop", lambda r: "-" if r.loop_mma is None else ("yes" if r.loop_mma else "no")),
+    (
+        "cp.async in loop",
+        lambda r: "-" if r.loop_async_copy is None else ("yes" if r.loop_async_copy else "no"),
+    ),
+    ("CTAs/SM", lambda r: "-" if r.ctas_per_sm is None else str(r.ctas_per_sm)),
+    ("status", lambda r: "OK" if r.ok else "FAIL"),
+]
+
+
+def format_report(reports: list[KernelReport]) -> str:
+    rows = [[f(r) for _, f in _COLUMNS] for r in reports]
+    head = [c for c, _ in _COLUMNS]
+    widths = [
+        max(len(head[i]), *(len(row[i]) for row in rows)) if rows else len(head[i]) for i in range(len(head))
+    ]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _merge(paths: list[str]) -> int:
+    reports = []
+    for p in paths:
+        with open(p) as f:
+            reports += [KernelReport(**r) for r in json.load(f)]
+    reports.sort(key=lambda r: (-r.arch, r.name, r.triton))
+    print(format_report(reports))
+    bad = [r for r in reports if not r.ok]
+    for r in bad:
+        print(f"FAIL sm_{r.arch} triton {r.triton} {r.name}: {'; '.join(r.problems)}")
+    return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--module", action="append", help="kernel module to check (repeatable; default: MODULES)")
+    ap.add_argument(
+        "--arch", action="append", type=int, help="compute capability, 90 or 80 (repeatable; default: both)"
+    )
     ap.add_argument("--only", default=None, help="compile only specs whose name contains this substring")
+    ap.add_argument("--report", action="store_true", help="print the resource table")
+    ap.add_argument("--json", default=None, help="write the per-kernel results to this JSON file")
+    ap.add_argument(
+        "--merge", nargs="+", default=None, help="print one table from JSON files of earlier runs"
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="print full tracebacks of failures")
     args = ap.parse_args(argv)
+    if args.merge:
+        return _merge(args.merge)
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         print(
@@ -162,43 +478,53 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a 3.9 warning, keeps the 3.6 default
+    import triton
 
-    specs, notes, errors = collect_specs(args.module or MODULES)
-    for line in notes + errors:
-        print(line)
-    if args.only:
-        specs = [s for s in specs if args.only in s[0]]
-    if not specs:
+    version = triton.__version__
+    archs = args.arch or list(ARCHS)
+    bad_arch = [a for a in archs if a not in MAX_SHARED]
+    if bad_arch:
+        print(f"compile_check: unsupported --arch {bad_arch}; choose from {sorted(MAX_SHARED)}")
+        return 2
+    failures, total, reports = 0, 0, []
+    t_all = time.perf_counter()
+    for arch in archs:
+        try:
+            specs, notes, errors = collect_specs(args.module or MODULES, arch)
+        except Exception:
+            traceback.print_exc()
+            return 1
+        for line in notes + errors:
+            print(f"sm_{arch}: {line}")
+        failures += len(errors)
+        if args.only:
+            specs = [s for s in specs if args.only in s[0]]
+        total += len(specs)
+        for spec in specs:
+            rep = check_spec(spec, arch, version)
+            reports.append(rep)
+            if rep.ok:
+                extra = f"regs={rep.registers}, spill={rep.spill_stores}/{rep.spill_loads} B, shared={rep.shared} B"
+                print(f"OK   sm_{arch} {spec[0]} ({extra}, {rep.seconds:.1f} s)")
+            else:
+                failures += 1
+                print(f"FAIL sm_{arch} {spec[0]}: {'; '.join(rep.problems)} ({rep.seconds:.1f} s)")
+                if args.verbose and rep.error:
+                    traceback.print_exc()
+    if not total:
         print("compile_check: no kernels to compile")
         return 1
-    failures = len(errors)
-    t_all = time.perf_counter()
-    for spec in specs:
-        name = spec[0]
-        t0 = time.perf_counter()
-        try:
-            kernel = compile_spec(spec)
-        except Exception as exc:  # report every kernel, then fail
-            failures += 1
-            first = str(exc).strip().splitlines()
-            print(f"FAIL {name}: {type(exc).__name__}: {first[0] if first else ''}")
-            if args.verbose:
-                traceback.print_exc()
-            continue
-        shared = _shared_bytes(kernel)
-        dt = time.perf_counter() - t0
-        if shared is not None and shared > SM90_MAX_SHARED:
-            failures += 1
-            print(
-                f"FAIL {name}: needs {shared} B of shared memory, sm_90 allows {SM90_MAX_SHARED} ({dt:.1f} s)"
-            )
-            continue
-        extra = f"shared={shared} B" if shared is not None else "shared=?"
-        print(f"OK   {name} ({extra}, {dt:.1f} s)")
-    total = time.perf_counter() - t_all
+    elapsed = time.perf_counter() - t_all
+    if args.report:
+        print()
+        print(format_report(reports))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in reports], f, indent=1)
+    ok = sum(r.ok for r in reports)
     print(
-        f"compile_check: {len(specs) - failures + len(errors)}/{len(specs)} kernels compiled for sm_90 in {total:.1f} s"
-        + (f"; {len(errors)} module error(s)" if errors else "")
+        f"compile_check: {ok}/{total} kernels compiled and checked for {', '.join(f'sm_{a}' for a in archs)} "
+        f"with triton {version} in {elapsed:.1f} s"
     )
     return 1 if failures else 0
 

@@ -24,6 +24,7 @@ Launchers here trust their inputs (shapes, dtypes, unit last-dim stride); valida
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -39,6 +40,8 @@ __all__ = [
     "permute_rows_launch",
     "MAX_ROW_BLOCK",
     "kernel_compile_specs",
+    "compile_cases",
+    "compile_specs",
 ]
 
 # Widest row (next power of two) the single-tile row kernels keep in registers.
@@ -47,15 +50,27 @@ MAX_ROW_BLOCK = 32768
 _TILE_ELEMS = 4096
 
 
+def _check_interpreter() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from .attention_configs import check_interpreter
+
+        check_interpreter()
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _target_programs(device: torch.device) -> int:
-    """Programs of the persistent backward kernels: a few waves on a GPU, a handful when interpreting."""
+    """Programs of the persistent backward kernels: a few waves on a GPU, a handful when interpreting
+    (meta tensors: the compile check's target GPU)."""
     if device.type == "cuda":
         return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "meta":
+        from .attention_configs import device_arch
+
+        return 4 * _SM_COUNT[90 if device_arch(device) >= 90 else 80]
     return 8
 
 
@@ -119,7 +134,8 @@ def _mot_rms_norm_fwd_kernel(
     m = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+    # masked rows contribute exactly zero (rsqrt(0 + eps) is inf when eps = 0, and inf * 0 is NaN)
+    rstd = tl.where(rmask, tl.rsqrt(tl.sum(x * x, axis=1) / H + eps), 0.0)
     # Qwen2RMSNorm: normalise in fp32, cast to the input dtype, then multiply by the weight
     xh = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     expert = (rows >= n_und).to(tl.int32)
@@ -158,7 +174,8 @@ def _mot_rms_norm_bwd_kernel(
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+        # rows beyond the segment contribute exactly zero, whatever eps (rsqrt(0) = inf, inf * 0 = NaN)
+        rstd = tl.where(rows < end, tl.rsqrt(tl.sum(x * x, axis=1) / H + eps), 0.0)
         xh = x * rstd[:, None]
         dw += tl.sum(dy * xh.to(X.dtype.element_ty).to(tl.float32), axis=0)
         g = dy * w[None, :]
@@ -178,6 +195,7 @@ def rms_norm_fwd(
     x: torch.Tensor, n_und: int, w: torch.Tensor, eps: float, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """x [N, H] (unit column stride), w [2, H] contiguous -> y [N, H] in out_dtype."""
+    _check_interpreter()
     N, H = x.shape
     y = torch.empty((N, H), dtype=out_dtype, device=x.device)
     if N == 0 or H == 0:
@@ -205,6 +223,7 @@ def rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, n_und: int, w: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx [N, H] in x.dtype, dw_und [H] fp32, dw_gen [H] fp32."""
+    _check_interpreter()
     N, H = x.shape
     dx = torch.empty((N, H), dtype=x.dtype, device=x.device)
     rpp, p_und, P = _segment_split(N, n_und, _target_programs(x.device))
@@ -284,6 +303,15 @@ def _head_tile(
 
 
 @triton.jit
+def _head_rstd(x1, x2, rmask, NH, eps, D: tl.constexpr, BLOCK_NH: tl.constexpr):
+    """1 / RMS of each (token, head) as [BLOCK_T, BLOCK_NH, 1]; exactly 0 on padded tokens and heads,
+    so they contribute zero to every sum even with eps = 0 (rsqrt(0) = inf, inf * 0 = NaN)."""
+    ok = rmask[:, None] & (tl.arange(0, BLOCK_NH) < NH)[None, :]
+    r = tl.rsqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / D + eps)
+    return tl.where(ok, r, 0.0)[:, :, None]
+
+
+@triton.jit
 def _norm_rope_fwd_heads(
     X, Y, W, rows64, rmask, expert, stride_xr, stride_xh, stride_yr, stride_yh, NH,
     c1, c2, s1, s2, eps,
@@ -294,7 +322,7 @@ def _norm_rope_fwd_heads(
     ox, m = _head_tile(rows64, rmask, NH, stride_xr, stride_xh, HALF, BLOCK_NH, BLOCK_HALF)
     x1 = tl.load(X + ox, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(X + ox + HALF, mask=m, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / D + eps)[:, :, None]
+    rstd = _head_rstd(x1, x2, rmask, NH, eps, D, BLOCK_NH)
     cols = tl.arange(0, BLOCK_HALF)
     wm = rmask[:, None] & (cols < HALF)[None, :]
     pw = W + expert[:, None] * D + cols[None, :]
@@ -349,7 +377,7 @@ def _norm_rope_bwd_heads(
     x2 = tl.load(X + ox + HALF, mask=m, other=0.0).to(tl.float32)
     dy1 = tl.load(DY + ody, mask=m, other=0.0).to(tl.float32)
     dy2 = tl.load(DY + ody + HALF, mask=m, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / D + eps)[:, :, None]
+    rstd = _head_rstd(x1, x2, rmask, NH, eps, D, BLOCK_NH)
     cols = tl.arange(0, BLOCK_HALF)
     cm = cols < HALF
     w1 = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)[None, None, :]
@@ -446,6 +474,7 @@ def _qk_blocks(N: int, HQ: int, HK: int, D: int) -> tuple[int, int, int, int, in
 def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
     """q [N, HQ, D], k [N, HK, D] (unit last stride), wq/wk [2, D] contiguous, cos/sin [N, D] (unit last
     stride) -> (q_out, k_out) contiguous in out_dtype."""
+    _check_interpreter()
     N, HQ, D = q.shape
     HK = k.shape[1]
     qo = torch.empty((N, HQ, D), dtype=out_dtype, device=q.device)
@@ -465,6 +494,7 @@ def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
 def qk_norm_rope_bwd(dqo, dko, q, k, n_und, wq, wk, cos, sin, eps, need_dcs: bool):
     """dqo/dko: gradients of the outputs (their dtype is the forward's output dtype).
     -> dq [N, HQ, D] (q.dtype), dk, dwq_und, dwq_gen, dwk_und, dwk_gen [D] fp32, dcos/dsin [N, D] fp32 (or [0])."""
+    _check_interpreter()
     N, HQ, D = q.shape
     HK = k.shape[1]
     dev = q.device
@@ -558,6 +588,7 @@ def _swiglu_blocks(N: int, INTER: int) -> tuple[int, int, tuple[int, int], int]:
 
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    _check_interpreter()
     N, INTER = gate.shape
     y = torch.empty((N, INTER), dtype=gate.dtype, device=gate.device)
     if N == 0 or INTER == 0:
@@ -580,6 +611,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_interpreter()
     N, INTER = gate.shape
     dg = torch.empty((N, INTER), dtype=gate.dtype, device=gate.device)
     du = torch.empty((N, INTER), dtype=up.dtype, device=up.device)
@@ -638,6 +670,7 @@ def _permute_rows_kernel(
 
 def permute_rows_launch(x: torch.Tensor, index: torch.Tensor, scatter: bool) -> torch.Tensor:
     """x [N, C] (unit column stride), index [N] int32/int64 contiguous, a permutation (trusted)."""
+    _check_interpreter()
     N, C = x.shape
     y = torch.empty((N, C), dtype=x.dtype, device=x.device)
     if N == 0 or C == 0:
@@ -662,205 +695,77 @@ def permute_rows_launch(x: torch.Tensor, index: torch.Tensor, scatter: bool) -> 
 
 
 # ============================================================================================ AOT compile specs
-def kernel_compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, int], dict]]:
-    """``(name, jit_fn, signature, constexprs, options)`` for every kernel here, fp16 and bf16, at
-    BAGEL-7B sizes (hidden 3584, head_dim 128 with 28/4 heads, intermediate 18944) plus a small odd
-    size, with the launchers' block sizes and ``num_warps`` (format of :mod:`bagel_kernels.compile_check`;
-    published as :func:`bagel_kernels.mot.sm90_compile_specs`).
+_SM_COUNT = {90: 132, 80: 108}  # H100 SXM, A100: the SM counts the persistent backward kernels size for
 
-    For ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))``.
-    Constexpr arguments appear in ``constexprs`` and, typed ``"constexpr"``, in ``signature`` (triton
-    3.x's ASTSource wants every argument in the signature)."""
-    specs: list[tuple[str, object, dict[str, str], dict[str, int], dict]] = []
 
-    def add(name, fn, sig, consts, num_warps, aligned):
-        """aligned: the sizes are multiples of 16, so at run time Triton specialises the strides and
-        the integer sizes named in ``aligned`` as divisible by 16 (what makes loads vectorise)."""
-        full = dict(sig)
-        full.update({k: "constexpr" for k in consts})
-        div = [a for a, t in sig.items() if t.startswith("*")]
-        if aligned:
-            div += [a for a in sig if a.startswith("stride")] + list(aligned)
-        specs.append((name, fn, full, dict(consts), {"num_warps": num_warps, "divisible_by_16": div}))
+def _compile_case(dtype, n, n_und, hidden, hq, hk, d, inter, need_dcs=False):
+    """A thunk running every launcher on meta tensors laid out as the model hands them over: hidden
+    states [N, hidden], q/k head views of the projection outputs, cos/sin [N, D] in the model dtype,
+    the experts' weights stacked [2, ...], gate/up [N, inter], an int64 row permutation."""
 
-    for dt in ("fp16", "bf16"):
-        p = "*" + dt
-        for H in (3584, 97):
-            al = ("H",) if H % 16 == 0 else ()
-            BM, BH = _row_blocks(32768, H)
-            add(
-                f"mot_rms_norm_fwd[{dt},H={H}]",
-                _mot_rms_norm_fwd_kernel,
-                {
-                    "X": p,
-                    "W": p,
-                    "Y": p,
-                    "N": "i32",
-                    "H": "i32",
-                    "n_und": "i32",
-                    "stride_x": "i32",
-                    "stride_y": "i32",
-                    "eps": "fp32",
-                },
-                {"BLOCK_M": BM, "BLOCK_H": BH},
-                _num_warps(BM * BH),
-                al,
+    def run():
+        meta = torch.device("meta")
+
+        def empty(*shape, dt=dtype):
+            return torch.empty(shape, dtype=dt, device=meta)
+
+        x, w = empty(n, hidden), empty(2, hidden)
+        y = rms_norm_fwd(x, n_und, w, 1e-6, dtype)
+        rms_norm_bwd(torch.empty_like(y), x, n_und, w, 1e-6)
+        q = empty(n, hq * d).view(n, hq, d)
+        k = empty(n, hk * d).view(n, hk, d)
+        wq, wk, cos, sin = empty(2, d), empty(2, d), empty(n, d), empty(n, d)
+        qo, ko = qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, 1e-6, dtype)
+        qk_norm_rope_bwd(
+            torch.empty_like(qo), torch.empty_like(ko), q, k, n_und, wq, wk, cos, sin, 1e-6, need_dcs
+        )
+        gate, up = empty(n, inter), empty(n, inter)
+        h = swiglu_fwd(gate, up)
+        swiglu_bwd(torch.empty_like(h), gate, up)
+        perm = torch.empty((n,), dtype=torch.int64, device=meta)
+        permute_rows_launch(x, perm, scatter=False)
+        permute_rows_launch(x, perm, scatter=True)
+
+    return run
+
+
+def compile_cases(arch: int) -> list[tuple]:
+    """``(tag, thunk, extra_options)`` per layout compiled for ``arch``: BAGEL-7B's language model in
+    bf16 (hidden 3584, 28/4 heads of 128, intermediate 18944; a 16k pack cut to a length that is not
+    a multiple of 16) on every architecture; on sm_90 also cos/sin gradients and fp16 at small odd
+    sizes (hidden 97, 3/1 heads of 72, intermediate 200), where no size is a multiple of 16."""
+    cases = [
+        ("{kernel}[bf16,BAGEL-7B]", _compile_case(torch.bfloat16, 16381, 9000, 3584, 28, 4, 128, 18944), {})
+    ]
+    if arch >= 90:
+        cases.append(
+            (
+                "{kernel}[fp16,odd,dcs]",
+                _compile_case(torch.float16, 1001, 333, 97, 3, 1, 72, 200, need_dcs=True),
+                {},
             )
-            BM, BH = _row_blocks(64, H)
-            add(
-                f"mot_rms_norm_bwd[{dt},H={H}]",
-                _mot_rms_norm_bwd_kernel,
-                {
-                    "X": p,
-                    "W": p,
-                    "DY": p,
-                    "DX": p,
-                    "DWP": "*fp32",
-                    "N": "i32",
-                    "H": "i32",
-                    "n_und": "i32",
-                    "stride_x": "i32",
-                    "stride_dy": "i32",
-                    "stride_dx": "i32",
-                    "rows_per_prog": "i32",
-                    "progs_und": "i32",
-                    "eps": "fp32",
-                },
-                {"BLOCK_M": BM, "BLOCK_H": BH},
-                _bwd_warps(_num_warps(BM * BH)),
-                al,
+        )
+    return cases
+
+
+def compile_specs(arch: int = 90) -> list[tuple]:
+    """Specs of every launch of :func:`compile_cases` for ``arch`` (format of
+    :mod:`bagel_kernels.compile_check`), derived from the launchers as they run on that GPU."""
+    from .compile_check import specs_from_launches
+
+    specs = specs_from_launches(compile_cases(arch), arch)
+    # the gather and the scatter are one kernel with a constexpr switch: tell them apart by name
+    out, seen = [], {}
+    for name, fn, sig, const, opts in specs:
+        if fn is _permute_rows_kernel:
+            name = name.replace(
+                "permute_rows[", f"permute_rows[{'scatter' if const['SCATTER'] else 'gather'},"
             )
-        for HQ, HK, D in ((28, 4, 128), (3, 1, 72)):
-            BT, BHQ, BHK, BHALF, nw = _qk_blocks(32768, HQ, HK, D)
-            consts = {"D": D, "BLOCK_T": BT, "BLOCK_HQ": BHQ, "BLOCK_HK": BHK, "BLOCK_HALF": BHALF}
-            al = ("HQ",) if D % 16 == 0 else ()  # strides are multiples of D
-            add(
-                f"mot_qk_norm_rope_fwd[{dt},D={D}]",
-                _mot_qk_norm_rope_fwd_kernel,
-                {
-                    "Q": p,
-                    "K": p,
-                    "WQ": p,
-                    "WK": p,
-                    "COS": "*fp32",
-                    "SIN": "*fp32",
-                    "QO": p,
-                    "KO": p,
-                    "N": "i32",
-                    "HQ": "i32",
-                    "HK": "i32",
-                    "n_und": "i32",
-                    "stride_qr": "i32",
-                    "stride_qh": "i32",
-                    "stride_kr": "i32",
-                    "stride_kh": "i32",
-                    "stride_cr": "i32",
-                    "stride_sr": "i32",
-                    "stride_qor": "i32",
-                    "stride_qoh": "i32",
-                    "stride_kor": "i32",
-                    "stride_koh": "i32",
-                    "eps": "fp32",
-                },
-                consts,
-                nw,
-                al,
-            )
-            for need in (0, 1):
-                add(
-                    f"mot_qk_norm_rope_bwd[{dt},D={D},dcs={need}]",
-                    _mot_qk_norm_rope_bwd_kernel,
-                    {
-                        "Q": p,
-                        "K": p,
-                        "WQ": p,
-                        "WK": p,
-                        "COS": "*fp32",
-                        "SIN": "*fp32",
-                        "DQO": p,
-                        "DKO": p,
-                        "DQ": p,
-                        "DK": p,
-                        "DWQP": "*fp32",
-                        "DWKP": "*fp32",
-                        "DCOS": "*fp32",
-                        "DSIN": "*fp32",
-                        "N": "i32",
-                        "HQ": "i32",
-                        "HK": "i32",
-                        "n_und": "i32",
-                        "rows_per_prog": "i32",
-                        "progs_und": "i32",
-                        "stride_qr": "i32",
-                        "stride_qh": "i32",
-                        "stride_kr": "i32",
-                        "stride_kh": "i32",
-                        "stride_cr": "i32",
-                        "stride_sr": "i32",
-                        "stride_dqor": "i32",
-                        "stride_dqoh": "i32",
-                        "stride_dkor": "i32",
-                        "stride_dkoh": "i32",
-                        "stride_dqr": "i32",
-                        "stride_dqh": "i32",
-                        "stride_dkr": "i32",
-                        "stride_dkh": "i32",
-                        "eps": "fp32",
-                    },
-                    {**consts, "NEED_DCS": need},
-                    _bwd_warps(nw),
-                    al,
-                )
-        for INTER in (18944, 200):
-            al = ("INTER",) if INTER % 16 == 0 else ()
-            BM, BN, _, nw = _swiglu_blocks(32768, INTER)
-            add(
-                f"swiglu_fwd[{dt},I={INTER}]",
-                _swiglu_fwd_kernel,
-                {
-                    "G": p,
-                    "U": p,
-                    "Y": p,
-                    "N": "i32",
-                    "INTER": "i32",
-                    "stride_g": "i32",
-                    "stride_u": "i32",
-                    "stride_y": "i32",
-                },
-                {"BLOCK_M": BM, "BLOCK_N": BN},
-                nw,
-                al,
-            )
-            add(
-                f"swiglu_bwd[{dt},I={INTER}]",
-                _swiglu_bwd_kernel,
-                {
-                    "G": p,
-                    "U": p,
-                    "DY": p,
-                    "DG": p,
-                    "DU": p,
-                    "N": "i32",
-                    "INTER": "i32",
-                    "stride_g": "i32",
-                    "stride_u": "i32",
-                    "stride_dy": "i32",
-                    "stride_dg": "i32",
-                    "stride_du": "i32",
-                },
-                {"BLOCK_M": BM, "BLOCK_N": BN},
-                nw,
-                al,
-            )
-        for scatter in (0, 1):
-            BLOCK_C = 1024
-            BM = _TILE_ELEMS // BLOCK_C
-            add(
-                f"permute_rows[{dt},scatter={scatter}]",
-                _permute_rows_kernel,
-                {"X": p, "IDX": "*i64", "Y": p, "N": "i32", "C": "i32", "stride_x": "i32", "stride_y": "i32"},
-                {"SCATTER": scatter, "BLOCK_M": BM, "BLOCK_C": BLOCK_C},
-                _num_warps(BM * BLOCK_C),
-                ("C",),
-            )
-    return specs
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name}#{seen[name]}", fn, sig, const, opts))
+    return out
+
+
+def kernel_compile_specs(arch: int = 90) -> list[tuple]:
+    """:func:`compile_specs` (published as :func:`bagel_kernels.mot.sm90_compile_specs`)."""
+    return compile_specs(arch)

@@ -204,13 +204,61 @@ def _reference_unchecked(images, patch_coords, patch_size, patches, weight, bias
 class ExtensionStatus:
     """Whether the compiled op is usable: ``loaded`` (the library is loaded and the op registered),
     ``cpu`` / ``cuda`` (a kernel for that device is registered), ``path`` of the library, and
-    ``reason``: why it is absent or which kernel is missing ("" when everything is there)."""
+    ``reason``: why it is absent or which kernel is missing ("" when everything is there), with the
+    build's own record when it has one (a failed CUDA build: where the toolkit was taken from and the
+    last lines of the compiler's output); ``build``: that record in one line ("" when none)."""
 
     loaded: bool
     cpu: bool
     cuda: bool
     path: str | None
     reason: str
+    build: str = ""
+
+
+def _build_record() -> dict | None:
+    """What setup.py wrote about the last build (``_build_status.json``), or None."""
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_status.json")
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _build_summary(rec: dict | None) -> str:
+    if not rec:
+        return ""
+    tries = ", ".join(
+        f"{a.get('kind')} {'ok' if a.get('ok') else 'FAILED'}"
+        for a in rec.get("attempts", [])
+        if isinstance(a, dict)
+    )
+    return (
+        f"build {rec.get('time', '?')}: CUDA {rec.get('cuda', '?')} ({rec.get('cuda_why', '')}); attempts: "
+        f"{tries or 'none'}; CUDA_HOME={rec.get('cuda_home')} (from {rec.get('cuda_home_how')}); "
+        f"nvcc {rec.get('nvcc')}; torch {rec.get('torch')} (CUDA {rec.get('torch_cuda')})"
+    )
+
+
+def _no_cuda_reason(rec: dict | None) -> str:
+    if not rec:
+        return "no CUDA kernel (built without CUDA: torch without CUDA or no toolkit at build time; no build record)"
+    if rec.get("cuda") == "failed":
+        tail = next(
+            (a.get("error_tail", "") for a in rec.get("attempts", []) if isinstance(a, dict)
+             and str(a.get("kind", "")).startswith("cuda") and not a.get("ok")),
+            "",
+        )  # fmt: skip
+        return (
+            f"no CUDA kernel: the CUDA build FAILED ({rec.get('cuda_why', '')}; CUDA_HOME={rec.get('cuda_home')} "
+            f"from {rec.get('cuda_home_how')}, nvcc {rec.get('nvcc')}, torch {rec.get('torch')} "
+            f"CUDA {rec.get('torch_cuda')}); last compiler output:\n{tail}"
+        )
+    return f"no CUDA kernel (built without CUDA: {rec.get('cuda_why') or 'no reason recorded'})"
 
 
 _lock = threading.Lock()
@@ -244,13 +292,16 @@ def _load() -> ExtensionStatus:
         else:
             why = ""
         if spec is None or spec.origin is None:
+            rec = _build_record()
             return ExtensionStatus(
                 False,
                 False,
                 False,
                 None,
                 f"{_EXT_MODULE} is not built {why}(install with `pip install --no-build-isolation -e .` "
-                "with torch present; BAGEL_KERNELS_SKIP_EXT=1 or a missing compiler skip it)",
+                "with torch present; BAGEL_KERNELS_SKIP_EXT=1 or a missing compiler skip it)"
+                + (f"; {_no_cuda_reason(rec)}" if rec and rec.get("cuda") == "failed" else ""),
+                _build_summary(rec),
             )
         path = spec.origin
         try:
@@ -263,14 +314,11 @@ def _load() -> ExtensionStatus:
             )
     _register_python_parts()
     cpu, cuda = _has_kernel("CPU"), _has_kernel("CUDA")
-    missing = (
-        []
-        if cuda
-        else ["no CUDA kernel (built without CUDA: torch without CUDA or no toolkit at build time)"]
-    )
+    rec = _build_record()
+    missing = [] if cuda else [_no_cuda_reason(rec)]
     if not cpu:
         missing.append("no CPU kernel")
-    return ExtensionStatus(True, cpu, cuda, path, "; ".join(missing))
+    return ExtensionStatus(True, cpu, cuda, path, "; ".join(missing), _build_summary(rec))
 
 
 def extension_status() -> ExtensionStatus:

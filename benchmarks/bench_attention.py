@@ -351,7 +351,17 @@ def _run_header(args, dtype) -> list[str]:
         f"- commit: {commit or '?'}",
         f"- command: `{' '.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if args is not None else []))}`",
         f"- dtype: {str(dtype)[6:]}; times are medians (ms); TFLOP/s on visible pairs (fwd 4*D*Hq*pairs, fwd+bwd 3.5x)",
-    ]
+    ] + _tile_lines(dtype)
+
+
+def _tile_lines(dtype) -> list[str]:
+    """The Triton tiles this run used per head dim, and where they came from (tuned table or default)."""
+    if not CUDA:
+        return ["- tiles: interpreter test tiles (CPU)"]
+    from bagel_kernels.attention_configs import config_for, config_origin
+
+    cap = torch.cuda.get_device_capability()
+    return [f"- tiles D={d}: {config_for(cap, dtype, d)} ({config_origin(cap, dtype, d)})" for d in (128, 72)]
 
 
 def write_markdown(path: str, rows: list[Row], header: list[str], check: str) -> None:

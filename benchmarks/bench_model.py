@@ -18,8 +18,18 @@ Variants (one model; the backend is switched between runs):
     ours (auto)          Triton attention, grouped MoT routing with Triton ops, fused patch embedding
     + attribution rows   one component at a time (full mode; --quick keeps the first three)
 
-Reported: median step ms, tokens/s, speed-up vs upstream-equivalent, peak memory, and the loss of one
-seeded step relative to the upstream path (the paths compute the same function; bf16 noise only).
+Reported: median step ms, tokens/s, speed-up vs upstream-equivalent, peak memory, the loss of one
+seeded step relative to the upstream path (the paths compute the same function; bf16 noise only), and
+model TFLOP/s per GPU and MFU counted with BAGEL's own language-model FLOP formula (see
+:func:`bagel_lm_flops`), the unit of the published BAGEL training figures.
+
+MFU run (``--mfu``, on by default on a GPU): BAGEL-7B layer shapes with as many LLM layers as fit one
+GPU (``--mfu-layers``, default ``auto``: estimated from free memory, halved once on OOM) and the ViT cut
+in the same proportion (26 ViT layers per 28 LLM layers), one 16k pack, ours (auto) and the
+upstream-equivalent path. Next to it, the published figures of 32xH100 runs: official BAGEL 176.9
+TFLOP/s/GPU (17.9% MFU) and Megatron-Bridge's BAGEL 234.3 TFLOP/s/GPU (23.7% MFU). Differences that
+remain: no FSDP communication (one GPU), no VAE encoding inside the step (latents come encoded), fewer
+layers than the full model.
 Without CUDA the script prints "needs CUDA" and exits 0; ``--tiny`` runs the same code on a tiny model
 on the CPU (Triton under its interpreter) to check the script itself: its times mean nothing.
 """
@@ -72,6 +82,63 @@ VARIANTS = [
     ("ours, torch patch embed", "auto", "auto", "torch", False, None),
 ]
 QUICK_VARIANTS = 3
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+# Published training throughput of BAGEL-7B-MoT, TFLOP/s per GPU (MFU), both on 32xH100, counted with the
+# formula below: quoted for comparison, not measured here.
+PUBLISHED = [
+    ("official BAGEL (32xH100, published)", 176.9, 0.179),
+    ("Megatron-Bridge BAGEL (32xH100, published)", 234.3, 0.237),
+]
+
+
+def bagel_lm_flops(llm_config, sequence_length: int, sample_lens) -> float:
+    """Training FLOPs (forward + backward) of one pack, counted as upstream BAGEL's training script counts
+    them for its MFU log: ``qwen2_flop_coefficients`` and the ``flops_all_token`` line of
+    ``train/pretrain_unified_navit.py`` in github.com/ByteDance-Seed/Bagel (added by PR #274, "add MFU &
+    gradient accumulation"). Written here from that definition:
+
+        per-token weights  N = L * (3 * H * I  +  H * (Hq*D + 2 * Hkv*D + Hq*D))  +  2 * V * H
+        FLOPs              = 6 * N * sequence_length  +  12 * D * Hq * L * sum(sample_len ** 2)
+
+    (MLP gate/up/down, q/k/v/o projections, embedding and LM head; 6 = 2 forward + 4 backward per
+    weight; the attention term counts every (query, key) pair of a sample as if unmasked, like the
+    upstream log, with ``sample_lens`` as the batch carries them, pad sample included). Only the
+    language model counts: the ViT, connector and flow-matching head are not in the formula. Each
+    token goes through one expert's weights, so the MoT doubling of parameters does not appear."""
+    H = llm_config.hidden_size
+    V = llm_config.vocab_size
+    L = llm_config.num_hidden_layers
+    Hq = llm_config.num_attention_heads
+    Hkv = llm_config.num_key_value_heads
+    I = llm_config.intermediate_size  # noqa: E741
+    D = getattr(llm_config, "head_dim", None) or H // Hq
+    per_token = L * (3 * H * I + H * (2 * Hq * D + 2 * Hkv * D)) + 2 * V * H
+    square = sum(int(n) ** 2 for n in sample_lens)
+    return 6.0 * per_token * float(sequence_length) + 12.0 * D * Hq * L * float(square)
+
+
+def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    """Dense bf16 peak per GPU used for MFU: the values upstream BAGEL's script uses (H100/H200/H800
+    989, A100/A800 312), ``override`` when given, None when unknown (no MFU printed)."""
+    if override:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    if any(t in name for t in ("H100", "H200", "H800")):
+        return 989.0
+    if any(t in name for t in ("A100", "A800")):
+        return 312.0
+    return None
+
+
+def flops_cells(flops: float, ms: float, peak: float | None) -> tuple[str, str]:
+    tflops = flops / (ms * 1e-3) / 1e12
+    return (f"{tflops:.1f}" if tflops >= 1 else f"{tflops:.3g}"), (
+        "-" if not peak else f"{100 * tflops / peak:.1f}%"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -183,8 +250,108 @@ def seeded_loss(step) -> float:
     return float(step().detach())
 
 
+# ---------------------------------------------------------------------------------------------- MFU run
+RECORDS: list[dict] = []  # every timed row of the last run (the tests check the arithmetic on them)
+
+
+def _auto_llm_layers(tokens: int, device: torch.device) -> int:
+    """LLM layers of BAGEL-7B shapes that fit the free memory of one GPU for a training step on a pack of
+    ``tokens`` (bf16 weights and gradients of both experts, the activations a MoT layer keeps for the
+    backward, the embedding and LM head), at most 28."""
+    if device.type != "cuda":
+        return 2
+    c = BagelConfig.bagel_7b_mot(llm_layers=1, vit_layers=1).llm_config
+    H, I, V = c.hidden_size, c.intermediate_size, c.vocab_size  # noqa: E741
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * (H // c.num_attention_heads)
+    params = 2 * (3 * H * I + H * qkv + H * H)  # two experts
+    per_layer = 2 * 2 * params + 2 * tokens * (10 * H + 3 * I + qkv)  # weights + grads, activations
+    fixed = 2 * 2 * (2 * V * H) + 6 * 2**30  # embedding + LM head with grads, ViT, logits, workspace
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(28, int((0.85 * free - fixed) // per_layer)))
+
+
+def mfu_run(args, device: torch.device, dtype: torch.dtype):
+    """Model TFLOP/s per GPU and MFU at BAGEL-7B layer shapes with as many LLM layers as fit one GPU."""
+    from common import Table, device_info
+
+    t_start = time.perf_counter()
+    size = 240 if args.tiny else 16384
+    layers = args.mfu_layers
+    peak_tf = peak_tflops(device, args.peak_tflops)
+    table = Table(
+        "Model TFLOP/s per GPU and MFU (BAGEL's LM FLOP formula)"
+        + (
+            ", tiny CPU model (interpreter: times are meaningless)"
+            if args.tiny
+            else ", BAGEL-7B layer shapes, bf16"
+        ),
+        ["LLM layers", "ViT layers", "variant", "step ms (median)", "tokens/s", "model TFLOP/s/GPU", "MFU"],
+    )
+    variants = [v for v in VARIANTS if v[0] in ("ours (auto)", "upstream-equivalent")]
+    reps, warmup = (1, 1) if args.tiny else (2, 1)
+    n_layers = _auto_llm_layers(size, device) if layers == "auto" else int(layers)
+    for attempt in range(2):
+        vit_layers = max(1, round(26 * n_layers / 28))
+        model = None
+        try:
+            torch.manual_seed(0)
+            cfg = (
+                BagelConfig.tiny(llm_layers=n_layers, vit_layers=vit_layers)
+                if args.tiny
+                else BagelConfig.bagel_7b_mot(llm_layers=n_layers, vit_layers=vit_layers)
+            )
+            with torch.device(device):
+                model = BagelForUnifiedMultimodal(cfg)
+            model = model.to(dtype)
+            samples = realistic_samples(size, cfg, seed=size, tiny=args.tiny)
+            batch = pack_samples(samples, cfg, max_num_tokens=size, rng=0, device=device)
+            batch["padded_latent"] = batch["padded_latent"].to(dtype)
+            batch["packed_vit_tokens"] = batch["packed_vit_tokens"].to(dtype)
+            L = batch["sequence_length"]
+            flops = bagel_lm_flops(cfg.llm_config, L, batch["sample_lens"])
+            for variant in variants:
+                set_variant(model, variant, args.tiny)
+                ms, _ = time_step(make_step(model, batch), device, reps, warmup)
+                model.zero_grad(set_to_none=True)
+                tf, mfu = flops_cells(flops, ms, peak_tf)
+                table.add([n_layers, vit_layers, variant[0], f"{ms:.1f}", f"{L / ms * 1e3:,.0f}", tf, mfu])
+                RECORDS.append({"table": "mfu", "variant": variant[0], "layers": n_layers, "size": size, "ms": ms,
+                                "flops": flops, "tflops": tf, "mfu": mfu, "tokens": L,
+                                "sample_lens": [int(n) for n in batch["sample_lens"]]})  # fmt: skip
+            break
+        except torch.OutOfMemoryError:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if attempt == 1 or n_layers == 1:
+                table.add([n_layers, vit_layers, "out of memory", "-", "-", "-", "-"])
+                break
+            table.note(f"{n_layers} LLM layers ran out of memory; retried with {max(1, n_layers // 2)}")
+            table.rows = [r for r in table.rows if r[0] != str(n_layers)]
+            n_layers = max(1, n_layers // 2)
+    for name, tf, mfu in PUBLISHED:
+        table.add(["28", "26", name, "-", "-", f"{tf:.1f}", f"{100 * mfu:.1f}%"])
+    table.note(
+        "model TFLOP/s/GPU = BAGEL's language-model FLOPs of the pack (6 x LM weights per token + 12 D Hq L per "
+        "squared sample length; bench_model.bagel_lm_flops, after upstream's train/pretrain_unified_navit.py) / step time"
+    )
+    table.note(
+        f"MFU against {peak_tf} TFLOP/s (dense bf16 peak upstream uses for H100/H200)"
+        if peak_tf
+        else "MFU: peak unknown"
+    )
+    table.note(
+        "published rows are 32xH100 runs of the full 28-layer model with FSDP and on-the-fly VAE encoding, quoted for "
+        "comparison; this run is one GPU, fewer layers, latents pre-encoded"
+    )
+    table.note(device_info(device))
+    table.note(f"{time.perf_counter() - t_start:.0f} s for this table")
+    return table
+
+
 # ---------------------------------------------------------------------------------------------- main
 def run(args) -> str:
+    RECORDS.clear()
     from common import Table, device_info, save_plot
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -213,8 +380,11 @@ def run(args) -> str:
             "speed-up vs upstream-eq.",
             "peak GiB",
             "loss rel. diff",
+            "model TFLOP/s/GPU",
+            "MFU",
         ],
     )
+    peak_tf = peak_tflops(device, args.peak_tflops)
     series: dict[str, list] = {v[0]: [] for v in variants}
     for size in sizes:
         samples = realistic_samples(size, cfg, seed=size, tiny=args.tiny)
@@ -235,7 +405,17 @@ def run(args) -> str:
                 ms, peak = time_step(step, device, reps, warmup)
             except Exception as exc:  # record and go on: one failing backend must not hide the others
                 table.add(
-                    [f"{size}", name, "failed", "-", "-", "-", f"{type(exc).__name__}: {str(exc)[:120]}"]
+                    [
+                        f"{size}",
+                        name,
+                        "failed",
+                        "-",
+                        "-",
+                        "-",
+                        f"{type(exc).__name__}: {str(exc)[:120]}",
+                        "-",
+                        "-",
+                    ]
                 )
                 continue
             finally:
@@ -247,7 +427,20 @@ def run(args) -> str:
                 f"{abs(loss - base_loss) / max(abs(base_loss), 1e-12):.1e}" if base_loss is not None else "-"
             )
             peak_s = "-" if peak != peak else f"{peak / 1024:.1f}"
-            table.add([f"{size}", name, f"{ms:.1f}", f"{L / ms * 1e3:,.0f}", speed, peak_s, rel])
+            flops = bagel_lm_flops(cfg.llm_config, L, batch["sample_lens"])
+            tf, mfu = flops_cells(flops, ms, peak_tf)
+            table.add([f"{size}", name, f"{ms:.1f}", f"{L / ms * 1e3:,.0f}", speed, peak_s, rel, tf, mfu])
+            RECORDS.append(
+                {
+                    "table": "step",
+                    "variant": name,
+                    "size": size,
+                    "ms": ms,
+                    "flops": flops,
+                    "tflops": tf,
+                    "mfu": mfu,
+                }
+            )
             series[name].append((size, L / ms * 1e3))
     table.note(
         "upstream-equivalent: FlexAttention (block mask built per batch) + per-op gather/scatter routing in the LM; "
@@ -259,9 +452,16 @@ def run(args) -> str:
     table.note(
         f"median of {reps} timed steps after {warmup} warm-up steps (plus one seeded step for the loss check)"
     )
+    table.note(
+        f"model TFLOP/s/GPU: BAGEL's language-model FLOP formula (bench_model.bagel_lm_flops, as upstream's "
+        f"training script logs it) for this {cfg.llm_config.num_hidden_layers}-layer LM over the step time; "
+        f"MFU against {peak_tf if peak_tf else 'an unknown'} TFLOP/s dense bf16 peak"
+    )
     table.note(device_info(device))
-    table.note(f"{time.perf_counter() - t_start:.0f} s for the whole script")
+    table.note(f"{time.perf_counter() - t_start:.0f} s for this table")
     text = table.render()
+    if args.mfu:
+        text += "\n" + mfu_run(args, device, dtype).render()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_model.md"), "w") as f:
@@ -285,6 +485,15 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--tiny", action="store_true", help="tiny model on the CPU (script check; times meaningless)"
+    )
+    p.add_argument("--no-mfu", dest="mfu", action="store_false", help="skip the MFU run")
+    p.add_argument(
+        "--mfu-layers",
+        default="auto",
+        help="LLM layers of the MFU run (default auto: as many as fit the GPU)",
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak TFLOP/s per GPU for MFU (default: by GPU name)"
     )
     args = p.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():

@@ -370,6 +370,226 @@ def test_bad_inputs_raise_value_error():
         triton_packed_attention(q, kv, kv, mask, config=AttnConfig(block_m=48))
 
 
+@pytest.mark.parametrize("one_hot", [False, True], ids=["uniform", "one-hot"])
+def test_rows_whose_best_score_is_below_minus_1e30(one_hot):
+    """The running max starts at -inf: q = 1e15, k = -q gives scaled scores near -4e30 for every pair
+    (a start at -1e30 returned 0 for these rows); with ``one_hot`` the keys' scores differ by ~1e28, so
+    each row attends to its least negative visible key only. The forward against float64. (Gradients
+    are not compared: at |scores| ~ 1e30 an fp32 log-sum-exp cannot hold log2 of the row sum, one ulp
+    being ~1e23, so no fp32 backward that recomputes P from it is meaningful there.)"""
+    mask = _mask(random_pack(random.Random(23), 3, text=(1, 30), image=(1, 40)))
+    n, d = mask.total_len, 16
+    q = torch.full((n, 2, d), 1e15)
+    k = -torch.full((n, 1, d), 1e15)
+    if one_hot:
+        k = k * (1 + 0.01 * torch.rand(n, 1, 1))
+    v = torch.randn(n, 1, d)
+    out = triton_packed_attention(q, k, v, mask)
+    ref = attention_reference(q.double(), k.double(), v.double(), mask)
+    _close(out, ref, torch.float32, "fwd", "out")
+    assert out.abs().amax() > 0.1  # not the zeros a finite start gives
+
+
+def test_stride_alignment_of_model_layouts():
+    """The launchers pass strides divided by the largest power of two (at most one 16-byte vector)
+    that divides all of them: SigLIP's fused-qkv views (3456, 72) give 8 for bf16; odd strides 1."""
+    from bagel_kernels.attention_triton import _stride_align
+
+    qkv = torch.empty(10, 3456, dtype=torch.bfloat16)
+    q = qkv[:, :1152].view(10, 16, 72)
+    assert _stride_align((q, torch.empty(10, 16, 72, dtype=torch.bfloat16))) == 8
+    assert _stride_align((torch.empty(10, 4, 128),)) == 4  # fp32: 4 elements per 16 bytes
+    assert _stride_align((torch.empty(10, 3, 37, dtype=torch.float16),)) == 1
+    assert _stride_align((torch.empty(10, 2, 36, dtype=torch.float16),)) == 4
+    assert _stride_align((torch.empty(10, 2, 64).expand(10, 2, 64)[:, :1],)) == 4
+
+
+# ------------------------------------------------------------------------------------------ registered ops: bad input
+def _raw_args(hq=2, hkv=1, d=16):
+    mask = PackedMask.from_splits([10, 18], [4, 6, 5, 13], ["causal", "full", "causal", "noise"])
+    n = mask.total_len  # 28
+    cfg = AttnConfig(16, 16, 16, 16, 16, 16)
+    fwd_t, bwd_t = prepare_mask(mask, cfg)
+    q, k, v = (t.detach() for t in _make_qkv(n, hq, hkv, d, torch.float32))
+    return dict(
+        q=q, k=k, v=v, kv_lo=mask.kv_lo, kv_hi=mask.kv_hi, row_index=None, fwd_tables=list(fwd_t),
+        bwd_tables=list(bwd_t), scale=0.25, blocks=cfg.blocks(), launch=cfg.launch(),
+    )  # fmt: skip
+
+
+def _fwd_op(a):
+    return torch.ops.bagel_kernels.packed_attention_fwd(
+        a["q"], a["k"], a["v"], a["kv_lo"], a["kv_hi"], a["row_index"], a["fwd_tables"], a["bwd_tables"],
+        a["scale"], a["blocks"], a["launch"],
+    )  # fmt: skip
+
+
+def _bwd_op(a, grad_out=None, out=None, lse=None):
+    if out is None:
+        out, lse = _fwd_op(_raw_args())
+    return torch.ops.bagel_kernels.packed_attention_bwd(
+        torch.randn_like(out) if grad_out is None else grad_out, a["q"], a["k"], a["v"], out, lse,
+        a["kv_lo"], a["kv_hi"], a["row_index"], a["bwd_tables"], a["scale"], a["blocks"], a["launch"],
+    )  # fmt: skip
+
+
+def _i32(*vals):
+    return torch.tensor(vals, dtype=torch.int32)
+
+
+BAD_OP_INPUTS = {
+    # name: (edit of the arguments, error message pattern)
+    "kv_lo length 1": (lambda a: a.update(kv_lo=_i32(0)), "kv_lo has 1 entries, expected 28"),
+    "kv_hi int64": (lambda a: a.update(kv_hi=a["kv_hi"].long()), "kv_hi must be a 1-D int32"),
+    "kv_hi beyond N": (lambda a: a.update(kv_hi=a["kv_hi"] + 100), r"kv_hi holds values outside \[0, 28\]"),
+    "row_index short": (lambda a: a.update(row_index=_i32(*range(27))), "row_index has 27 entries"),
+    "row_index 10**6": (
+        lambda a: a.update(row_index=torch.cat((_i32(10**6), torch.arange(1, 28, dtype=torch.int32)))),
+        "row_index must be a permutation",
+    ),
+    "row_index repeated": (lambda a: a.update(row_index=torch.zeros(28, dtype=torch.int32)), "permutation"),
+    "q_kv_ptr short": (lambda a: a["fwd_tables"].__setitem__(0, a["fwd_tables"][0][:-1]), "q_kv_ptr has"),
+    "q_kv_ptr past nnz": (
+        lambda a: a["fwd_tables"].__setitem__(0, a["fwd_tables"][0] + 1000),
+        "q_kv_ptr holds values outside",
+    ),
+    "q_kv_idx out of range": (
+        lambda a: a["fwd_tables"].__setitem__(1, a["fwd_tables"][1] + 7),
+        "q_kv_idx holds values outside",
+    ),
+    "q_kv_full short": (lambda a: a["fwd_tables"].__setitem__(2, a["fwd_tables"][2][:1]), "q_kv_full has 1"),
+    "m_order negative": (lambda a: a["fwd_tables"].__setitem__(3, a["fwd_tables"][3] - 5), "m_order holds"),
+    "3 fwd tables": (lambda a: a["fwd_tables"].pop(), "fwd_tables must hold 4"),
+    "bwd kv_q_end short": (
+        lambda a: a["bwd_tables"].__setitem__(1, a["bwd_tables"][1][:1]),
+        "kv_q_end has 1",
+    ),
+    "bwd n_order 10**6": (
+        lambda a: a["bwd_tables"].__setitem__(4, a["bwd_tables"][4] + 10**6),
+        "n_order holds values outside",
+    ),
+    "block not a power of two": (lambda a: a.update(blocks=[16, 16, 16, 24, 16, 16]), "block_n1=24"),
+    "3 warps": (lambda a: a.update(launch=[3, 1, 4, 1]), "fwd_warps=3"),
+    "negative scale": (lambda a: a.update(scale=-1.0), "softmax_scale"),
+    "nan scale": (lambda a: a.update(scale=float("nan")), "softmax_scale"),
+    "k of other length": (lambda a: a.update(k=a["k"][:27], v=a["v"][:27]), "k/v must be"),
+    "v other dtype": (lambda a: a.update(v=a["v"].double()), "dtype"),
+    "heads not divisible": (
+        lambda a: a.update(q=torch.randn(28, 3, 16), k=torch.randn(28, 2, 16), v=torch.randn(28, 2, 16)),
+        "multiple of key/value heads",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_OP_INPUTS))
+def test_registered_fwd_op_checks_its_inputs(name):
+    """torch.ops.bagel_kernels.packed_attention_fwd is public: every size is checked against T and
+    the tiles (values too, on CPU tensors), before any kernel reads."""
+    edit, match = BAD_OP_INPUTS[name]
+    a = _raw_args()
+    edit(a)
+    with pytest.raises(ValueError, match=match):
+        _fwd_op(a)
+
+
+def test_registered_bwd_op_checks_its_inputs():
+    a = _raw_args()
+    out, lse = _fwd_op(a)
+    dq, dk, dv = _bwd_op(a, out=out, lse=lse)  # the good call works
+    assert dq.shape == a["q"].shape and torch.isfinite(dq).all()
+    with pytest.raises(ValueError, match="lse must be a float32"):
+        _bwd_op(a, out=out, lse=lse[:, :-1])
+    with pytest.raises(ValueError, match="grad_out must be shaped"):
+        _bwd_op(a, grad_out=torch.randn(27, 2, 16), out=out, lse=lse)
+    with pytest.raises(ValueError, match="out must be shaped"):
+        _bwd_op(a, out=out[:27], lse=lse)
+    for name in ("kv_lo length 1", "bwd kv_q_end short", "bwd n_order 10**6", "row_index 10**6"):
+        b = _raw_args()
+        BAD_OP_INPUTS[name][0](b)
+        with pytest.raises(ValueError, match=BAD_OP_INPUTS[name][1]):
+            _bwd_op(b, out=out, lse=lse)
+
+
+_CLAMP_SCRIPT = """
+import os, random, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from bagel_kernels import PackedMask
+from bagel_kernels.attention_triton import AttnConfig, _launch_bwd, _launch_fwd, prepare_mask
+from bagel_kernels.testing import random_pack
+
+mask = PackedMask.from_splits(*random_pack(random.Random(3), 3, text=(1, 20), image=(1, 20)).as_tuple())
+n, cfg = mask.total_len, AttnConfig(16, 16, 16, 16, 16, 16)
+fwd_t, bwd_t = prepare_mask(mask, cfg)
+q, k, v = torch.randn(n, 2, 16), torch.randn(n, 1, 16), torch.randn(n, 1, 16)
+big = lambda t, s: (t.long() * 0 + s).to(torch.int32)
+bad_fwd = [big(fwd_t[0], 10**6), big(fwd_t[1], -10**6), fwd_t[2], big(fwd_t[3], 10**6)]
+bad_bwd = [big(t, 10**6) for t in bwd_t[:5]] + [big(bwd_t[5], -7), big(bwd_t[6], 10**6), bwd_t[7], big(bwd_t[8], -1)]
+ridx = torch.full((n,), 10**6, dtype=torch.int32)
+out, lse = torch.zeros(n, 2, 16), torch.zeros(2, n)
+_launch_fwd(q, k, v, mask.kv_lo, mask.kv_hi, ridx, bad_fwd, 0.25, cfg.blocks(), cfg.launch(), out, lse)
+grads = [torch.zeros_like(t) for t in (q, k, v)]
+_launch_bwd(torch.randn(n, 2, 16), q, k, v, out, lse, mask.kv_lo, mask.kv_hi, ridx, bad_bwd, 0.25,
+            cfg.blocks(), cfg.launch(), *grads)
+print("survived", all(bool(torch.isfinite(t).all()) for t in [out, *grads]))
+"""
+
+
+def test_kernels_clamp_table_values(tmp_path):
+    """Values the ops do not check on a GPU (that would cost a device sync) cannot make the kernels
+    address memory outside the tensors: block ids, CSR pointers and row indices are clamped. Run in a
+    subprocess: an out-of-bounds access under the interpreter may crash the process."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLAMP_SCRIPT], capture_output=True, text=True, timeout=300, env=env, cwd=root
+    )
+    assert proc.returncode == 0 and "survived True" in proc.stdout, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ tile tables
+def test_tuned_table_lookup(tmp_path, monkeypatch):
+    """An entry keyed (arch, Triton major.minor, dtype, head dim) overrides the named fields of the
+    default; other keys keep the default; a malformed table warns and falls back."""
+    import json
+
+    from bagel_kernels import attention_configs as ac
+
+    path = tmp_path / "table.json"
+    entry = {"arch": "sm90", "triton": "3.6", "dtype": "bf16", "head_dim": 72,
+             "config": {"block_m": 64, "fwd_warps": 4}}  # fmt: skip
+    path.write_text(json.dumps({"format": 1, "entries": [entry]}))
+    monkeypatch.setenv(ac.TABLE_ENV, str(path))
+    ac._table_cache.clear()
+    base = ac.default_for(90, False, 72, "3.6")
+    got = ac.config_for((9, 0), torch.bfloat16, 72, "3.6.0")
+    assert (got.block_m, got.fwd_warps) == (64, 4) and got.block_n == base.block_n
+    assert ac.config_for(90, torch.bfloat16, 72, "3.9") == ac.default_for(90, False, 72, "3.9")
+    assert ac.config_for(90, torch.float16, 72, "3.6") == base
+    assert ac.config_for(80, torch.bfloat16, 72, "3.6") == ac.default_for(80, False, 72, "3.6")
+    path.write_text(json.dumps({"format": 1, "entries": [dict(entry, config={"block_q": 64})]}))
+    ac._table_cache.clear()
+    with pytest.warns(UserWarning, match="malformed"):
+        assert ac.config_for(90, torch.bfloat16, 72, "3.6") == base
+    with pytest.raises(ValueError, match="unknown AttnConfig fields"):
+        ac.load_tuned_table(path)
+    ac._table_cache.clear()
+
+
+def test_package_table_is_valid():
+    """The table shipped in the package parses, and every entry names a known architecture."""
+    from bagel_kernels import attention_configs as ac
+
+    table = ac.load_tuned_table(ac.TABLE_PATH)
+    for (arch, _ver, dtype, d), fields in table.items():
+        assert arch in ("sm90", "sm80") and dtype in ("fp16", "bf16", "fp32") and 0 < d <= 256
+        ac.AttnConfig.from_dict(fields)
+
+
 # ------------------------------------------------------------------------------------------ torch.library
 def _op_args(n=40, hq=2, hkv=1, d=16):
     mask = _mask(random_pack(random.Random(19), 3, text=(1, 8), image=(1, 10)))

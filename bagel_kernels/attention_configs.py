@@ -1,0 +1,300 @@
+"""Tile configurations of the Triton attention kernels: built-in defaults per GPU architecture and
+Triton version, plus a tuned table (``attention_tuned.json``) written by ``benchmarks/tune_attention.py``.
+
+Lookup (:func:`config_for`), first match wins:
+
+1. the tuned table: an entry with the same GPU architecture (``"sm90"``), Triton ``major.minor``
+   (``"3.6"``), dtype (``"bf16"``) and head dim (``72``). The table is the package's
+   ``attention_tuned.json``, or the file named by ``BAGEL_KERNELS_ATTN_TABLE`` (``gpu_check.sh`` points
+   it at the table it has just tuned). An entry's ``config`` may name only some fields of
+   :class:`AttnConfig`; the others come from step 2, so tables written before a field existed stay valid.
+2. the built-in defaults: :data:`_DEFAULTS` per (architecture family, fp32 or 16-bit, padded head dim),
+   then :data:`_OVERRIDES` for Triton versions whose compiler needs other tiles there.
+
+Architecture families: ``90`` for compute capability >= 9.0 (Hopper: 227 KiB of shared memory per
+block), ``80`` below (the table is checked for A100, sm_80, 163 KiB); there are no tables before sm_80.
+Every default is compiled by ``python -m bagel_kernels.compile_check --report`` for sm_90 and sm_80 on
+the oldest and newest Triton the package supports, which fails when a kernel spills registers inside a
+main loop or needs more shared memory than the architecture has.
+
+Adding a program or a tile field (e.g. the one-pass atomic dQ backward of issue 15): give
+:class:`AttnConfig` a new field with a default, set it per key in the tables below where the default is
+not right, and add the launch to :func:`bagel_kernels.attention_triton.compile_cases` (the compile check
+derives signatures, alignment and the values launched from the launchers themselves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "AttnConfig",
+    "check_interpreter",
+    "TABLE_PATH",
+    "arch_family",
+    "config_for",
+    "compile_target",
+    "config_origin",
+    "load_tuned_table",
+    "table_key",
+    "triton_version",
+]
+
+TABLE_PATH = Path(__file__).with_name("attention_tuned.json")
+TABLE_ENV = "BAGEL_KERNELS_ATTN_TABLE"
+TABLE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Tile shapes and launch parameters.
+
+    Forward tiles are ``block_m x block_n``; the backward's dK/dV programs use ``block_m1 x block_n1``
+    (key blocks of ``block_n1``) and its dQ programs ``block_m2 x block_n2``. ``*_warps``/``*_stages``
+    matter on the GPU only."""
+
+    block_m: int = 64
+    block_n: int = 32
+    block_m1: int = 32
+    block_n1: int = 64
+    block_m2: int = 64
+    block_n2: int = 32
+    fwd_warps: int = 4
+    fwd_stages: int = 2
+    bwd_warps: int = 4
+    bwd_stages: int = 2
+
+    def blocks(self) -> list[int]:
+        return [self.block_m, self.block_n, self.block_m1, self.block_n1, self.block_m2, self.block_n2]
+
+    def launch(self) -> list[int]:
+        return [self.fwd_warps, self.fwd_stages, self.bwd_warps, self.bwd_stages]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, base: AttnConfig | None = None) -> AttnConfig:
+        """``base`` (default: the class defaults) with the fields named in ``d`` replaced."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown AttnConfig fields {unknown} (known: {sorted(names)})")
+        for k, v in d.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"AttnConfig field {k} must be a positive int, got {v!r}")
+        return dataclasses.replace(base if base is not None else cls(), **d)
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, 1 << (int(d) - 1).bit_length())
+
+
+def arch_family(capability: tuple[int, int] | int) -> int:
+    """90 for sm_90 and newer, 80 for sm_8x (tables exist for these two)."""
+    major = capability[0] if isinstance(capability, tuple) else int(capability) // 10
+    if major >= 9:
+        return 90
+    if major == 8:
+        return 80
+    raise ValueError(f"the Triton attention kernels need sm_80 or newer, got compute capability {capability}")
+
+
+def triton_version() -> str:
+    """``major.minor`` of the installed Triton."""
+    import triton
+
+    parts = triton.__version__.split(".")
+    return ".".join(parts[:2])
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:2])
+
+
+# ------------------------------------------------------------------------------------------ defaults
+# (arch family, fp32, padded head dim) -> config. 16-bit D=128 on sm_90 starts from PyTorch
+# FlexAttention's H100 choice for the forward (128x64, 8 warps, 3 stages). The backward of D=128 uses
+# 32x128 dK/dV and 128x32 dQ tiles: the 64x128 / 128x64 tiles FlexAttention uses spill 240/168 bytes
+# inside the dK/dV loop on triton 3.6 (255 registers). On sm_80 (mma.sync keeps the accumulators and
+# the operands in registers) 16-bit D=128 runs 64x64 backward tiles, D<=64 32x64 / 64x32 with 4 warps;
+# the 8-warp 64x64 D=64 backward and the 32x128 D=128 backward spill there. fp32 runs exact ``ieee``
+# dots (no tensor cores): correctness, not speed, is its purpose; its D=128 backward needs 16x16 tiles
+# on triton 3.6 (larger ones spill in the loop). Every entry at the model's layouts is compiled and
+# resource-checked by ``python -m bagel_kernels.compile_check --report`` for sm_90 and sm_80 on triton
+# 3.6 and 3.9 (CI), which fails on a spill inside a loop or too much shared memory.
+_C = AttnConfig
+_DEFAULTS: dict[tuple[int, bool, int], AttnConfig] = {
+    (90, False, 16): _C(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
+    (90, False, 32): _C(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
+    (90, False, 64): _C(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
+    (90, False, 128): _C(128, 64, 32, 128, 128, 32, 8, 3, 8, 3),
+    (90, False, 256): _C(64, 32, 32, 64, 64, 32, 4, 3, 8, 2),
+    (90, True, 16): _C(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
+    (90, True, 32): _C(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
+    (90, True, 64): _C(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
+    (90, True, 128): _C(32, 64, 16, 16, 16, 16, 8, 3, 4, 1),
+    (90, True, 256): _C(32, 32, 32, 32, 32, 32, 4, 2, 8, 1),
+    # A100: 163 KiB of shared memory per block, mma.sync (no wgmma), 2 warp groups less forgiving
+    (80, False, 16): _C(128, 64, 32, 64, 64, 32, 4, 3, 4, 2),
+    (80, False, 32): _C(128, 64, 32, 64, 64, 32, 4, 3, 4, 2),
+    (80, False, 64): _C(128, 64, 32, 64, 64, 32, 4, 3, 4, 2),
+    (80, False, 128): _C(128, 64, 64, 64, 64, 64, 8, 2, 8, 2),
+    (80, False, 256): _C(64, 32, 32, 64, 64, 32, 4, 2, 8, 1),
+    (80, True, 16): _C(64, 32, 16, 32, 32, 16, 8, 2, 4, 1),
+    (80, True, 32): _C(64, 32, 16, 32, 32, 16, 8, 2, 4, 1),
+    (80, True, 64): _C(64, 32, 16, 32, 32, 16, 8, 2, 4, 1),
+    (80, True, 128): _C(64, 32, 16, 16, 16, 16, 8, 2, 4, 1),
+    (80, True, 256): _C(32, 32, 32, 32, 32, 32, 4, 1, 8, 1),
+}
+# (arch family, oldest Triton, newest Triton (inclusive), fp32, padded head dim) -> fields to replace
+_OVERRIDES: list[tuple[int, str, str, bool, int, dict]] = []
+
+
+def default_for(arch: int, fp32: bool, head_dim: int, version: str | None = None) -> AttnConfig:
+    """The built-in configuration (no tuned table) for an architecture family and Triton version."""
+    fam = arch_family(arch)
+    d = _pad_dim(head_dim)
+    cfg = _DEFAULTS[(fam, bool(fp32), d)]
+    v = _vtuple(version or triton_version())
+    for a, lo, hi, f32, dp, fields in _OVERRIDES:
+        if a == fam and f32 == bool(fp32) and dp == d and _vtuple(lo) <= v <= _vtuple(hi):
+            cfg = dataclasses.replace(cfg, **fields)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ tuned table
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_table_cache: dict[str, dict] = {}
+
+
+def table_key(arch: int, version: str, dtype: torch.dtype | str, head_dim: int) -> tuple[str, str, str, int]:
+    """``("sm90", "3.6", "bf16", 72)``: the key of a tuned-table entry."""
+    dt = dtype if isinstance(dtype, str) else _DTYPE_NAMES[dtype]
+    return (f"sm{arch_family(arch)}", ".".join(version.split(".")[:2]), dt, int(head_dim))
+
+
+def _table_path() -> Path:
+    env = os.environ.get(TABLE_ENV, "").strip()
+    return Path(env) if env else TABLE_PATH
+
+
+def load_tuned_table(path: str | os.PathLike | None = None) -> dict[tuple, dict]:
+    """``{key: config fields}`` of a tuned table (empty when the file does not exist). A malformed
+    file raises ValueError naming it."""
+    p = Path(path) if path is not None else _table_path()
+    if not p.exists():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+        if data.get("format") != TABLE_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {TABLE_FORMAT}")
+        out = {}
+        for e in data["entries"]:
+            key = table_key(int(e["arch"].removeprefix("sm")), e["triton"], e["dtype"], e["head_dim"])
+            AttnConfig.from_dict(e["config"])  # validate now, not at the first launch
+            out[key] = dict(e["config"])
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"tuned attention table {p} is malformed: {exc}") from exc
+
+
+def _tuned() -> dict[tuple, dict]:
+    p = str(_table_path())
+    hit = _table_cache.get(p)
+    if hit is None:
+        try:
+            hit = load_tuned_table(p)
+        except ValueError as exc:  # a broken table must not stop training: warn, use the defaults
+            warnings.warn(f"{exc}; using the built-in tile defaults", stacklevel=3)
+            hit = {}
+        _table_cache[p] = hit
+    return hit
+
+
+def config_for(
+    arch: int | tuple[int, int], dtype: torch.dtype, head_dim: int, version: str | None = None
+) -> AttnConfig:
+    """Configuration for a GPU (compute capability ``(9, 0)`` or ``90``), dtype, head dim and Triton
+    version (default: the installed one): the tuned entry if there is one, else the default."""
+    cap = arch if isinstance(arch, int) else arch[0] * 10 + arch[1]
+    v = version or triton_version()
+    base = default_for(cap, dtype == torch.float32, head_dim, v)
+    fields = _tuned().get(table_key(cap, v, dtype, head_dim))
+    return base if fields is None else AttnConfig.from_dict(fields, base)
+
+
+def config_origin(
+    arch: int | tuple[int, int], dtype: torch.dtype, head_dim: int, version: str | None = None
+) -> str:
+    """Where :func:`config_for` takes its answer from: the tuned table (and which file) or the default."""
+    cap = arch if isinstance(arch, int) else arch[0] * 10 + arch[1]
+    key = table_key(cap, version or triton_version(), dtype, head_dim)
+    return (
+        f"tuned entry {key} of {_table_path()}"
+        if key in _tuned()
+        else f"built-in default (no tuned entry {key})"
+    )
+
+
+# ------------------------------------------------------------------------------------------ compile target
+# Which GPU the launchers choose configs for when they see "meta" tensors: the compile check runs the
+# launchers on meta tensors with the kernels' run() intercepted, so that it compiles exactly the launches
+# the launchers make on that GPU.
+_compile_arch: contextvars.ContextVar[int | None] = contextvars.ContextVar("bagel_compile_arch", default=None)
+
+
+@contextlib.contextmanager
+def compile_target(arch: int):
+    token = _compile_arch.set(int(arch))
+    try:
+        yield
+    finally:
+        _compile_arch.reset(token)
+
+
+def device_arch(device: torch.device) -> int | None:
+    """Compute capability as ``major * 10 + minor`` of a CUDA device, the compile target for meta
+    tensors, or None (CPU: the interpreter)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    if device.type == "meta":
+        arch = _compile_arch.get()
+        if arch is None:
+            raise ValueError("meta tensors reach the Triton launchers only under compile_target(arch)")
+        return arch
+    return None
+
+
+# ------------------------------------------------------------------------------------------ interpreter
+_interp_ok: bool | None = None
+
+
+def check_interpreter() -> None:
+    """Under ``TRITON_INTERPRET=1``: triton 3.6's interpreter turns loop bounds into Python ints with
+    ``int(array)``, which numpy >= 2.4 refuses for 1-element arrays (fixed in triton 3.7). Raise a
+    clear error instead of that TypeError from inside a kernel."""
+    global _interp_ok
+    if _interp_ok is None:
+        import numpy as np
+
+        np_v = tuple(int(x) for x in np.__version__.split(".")[:2])
+        _interp_ok = not (_vtuple(triton_version()) < (3, 7) and np_v >= (2, 4))
+    if not _interp_ok and os.environ.get("TRITON_INTERPRET") == "1":
+        import numpy as np
+
+        raise RuntimeError(
+            f"the Triton interpreter of triton {triton_version()} fails with numpy {np.__version__} "
+            "(loop bounds: 'only 0-dimensional arrays can be converted'); install numpy<2.4 "
+            "or triton>=3.7 to run the kernels on the CPU"
+        )
