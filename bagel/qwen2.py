@@ -666,7 +666,7 @@ def _check_context_inputs(L: int, device, sample_lens, attention_mask, packed_po
             f"attention_mask must be a bagel_kernels.PackedMask (or a list of per-sample dense masks), got "
             f"{type(attention_mask).__name__}"
         )
-    if attention_mask.row_index is not None:
+    if attention_mask._row_index is not None:
         raise ValueError("attention_mask must not carry a row_index: the model attaches its own")
     if attention_mask.total_len < L:
         raise ValueError(

@@ -814,7 +814,7 @@ def triton_packed_attention(
         v,
         mask.kv_lo,
         mask.kv_hi,
-        mask.row_index,
+        mask._row_index,  # the mask's own validated copy (the property hands out copies)
         fwd_tables,
         bwd_tables,
         scale,
