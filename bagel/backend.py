@@ -2,18 +2,24 @@
 
 ``"auto"`` picks the fastest backend the inputs allow (Triton / CUDA on GPUs, the reference elsewhere);
 the reference values (``sdpa`` / ``torch`` / ``torch``) are the pure-PyTorch paths that every kernel is
-tested against.
+tested against. The allowed names are the kernels' own: each op family's backends as declared to the
+dispatcher (:mod:`bagel_kernels.dispatch`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bagel_kernels.attention import ATTENTION
+from bagel_kernels.mot import MOT
+from bagel_kernels.patch_embed import PATCH_EMBED
+
 __all__ = ["BagelBackendConfig", "ATTENTION_BACKENDS", "MOT_BACKENDS", "PATCH_EMBED_BACKENDS"]
 
-ATTENTION_BACKENDS = ("auto", "triton", "flex", "sdpa")
-MOT_BACKENDS = ("auto", "triton", "torch")
-PATCH_EMBED_BACKENDS = ("auto", "cuda", "cpu_ext", "torch")
+FAMILIES = {"attention": ATTENTION, "mot": MOT, "patch_embed": PATCH_EMBED}  # config field -> family
+ATTENTION_BACKENDS = ATTENTION.names
+MOT_BACKENDS = MOT.names
+PATCH_EMBED_BACKENDS = PATCH_EMBED.names
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,8 @@ class BagelBackendConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
-        for field, allowed in (
-            ("attention", ATTENTION_BACKENDS),
-            ("mot", MOT_BACKENDS),
-            ("patch_embed", PATCH_EMBED_BACKENDS),
-        ):
-            value = getattr(self, field)
+        for field, family in FAMILIES.items():
+            value, allowed = getattr(self, field), family.names
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(
                     f"{field}={value!r} is not a valid backend; allowed values: {', '.join(map(repr, allowed))}"

@@ -551,7 +551,7 @@ def _positive_float(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from bagel.backend import ATTENTION_BACKENDS, MOT_BACKENDS, PATCH_EMBED_BACKENDS  # no torch
+    from bagel.backend_names import ATTENTION_BACKENDS, MOT_BACKENDS, PATCH_EMBED_BACKENDS  # no torch
 
     p = OneLineParser(prog="bagel-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=_int_at_least(1), default=300)

@@ -35,6 +35,7 @@ import torch
 
 from bagel_kernels import PackedMask
 from bagel_kernels.mask import _as_int, _as_int_list
+from bagel_kernels.reference import patchify
 
 __all__ = [
     "SpecialTokens",
@@ -182,18 +183,6 @@ class EditSample:
 
 
 # ---------------------------------------------------------------------------------------------- utilities
-def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``[C, H, W]`` -> ``[(H/p)*(W/p), p*p*C]``, patches row-major, each (row, column, channel) as BAGEL."""
-    p = patch_size
-    if image.dim() != 3:
-        raise ValueError(f"image must be [C, H, W], got shape {tuple(image.shape)}")
-    c, h, w = image.shape
-    if h % p or w % p:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-    x = image.reshape(c, h // p, p, w // p, p)
-    return torch.einsum("chpwq->hwpqc", x).reshape(-1, p * p * c)
-
-
 def flattened_position_ids(
     num_h: int, num_w: int, max_num_patches_per_side: int, interpolate: bool = False
 ) -> torch.Tensor:

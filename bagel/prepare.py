@@ -43,6 +43,7 @@ from bagel.validation import DeviceChecks, as_index
 from bagel_kernels import PackedMask
 from bagel_kernels.attention import prepare_attention
 from bagel_kernels.mask import _as_int, _as_int_list
+from bagel_kernels.reference import patchify
 
 __all__ = [
     "PackInputs",
@@ -533,12 +534,8 @@ def _gen_fields(model: nn.Module, gen: _Latents | None, row, mse_idx, mse_target
 def patchify_latents(padded_latent: torch.Tensor, shapes: Sequence[tuple[int, int]], p: int) -> torch.Tensor:
     """``[n, C, H, W]`` latents -> ``[sum(h*w), p*p*C]`` tokens, image by image, row-major over the
     ``h x w`` patch grid, each token ordered (row in patch, column in patch, channel) as upstream."""
-    C = padded_latent.shape[1]
-    out = []
-    for latent, (h, w) in zip(padded_latent, shapes, strict=True):
-        x = latent[:, : h * p, : w * p].reshape(C, h, p, w, p)
-        out.append(torch.einsum("chpwq->hwpqc", x).reshape(h * w, p * p * C))
-    return torch.cat(out, dim=0)
+    crops = (latent[:, : h * p, : w * p] for latent, (h, w) in zip(padded_latent, shapes, strict=True))
+    return torch.cat([patchify(x, p) for x in crops], dim=0)
 
 
 def _numel(x) -> int:

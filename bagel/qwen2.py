@@ -56,6 +56,7 @@ from bagel.fusion import fusable
 from bagel.validation import DeviceChecks, HasBackend
 from bagel_kernels import PackedMask, mot
 from bagel_kernels.attention import packed_attention, prepare_attention
+from bagel_kernels.reference import apply_rope, qwen2_rms_norm, rope_inv_freq, rope_tables
 
 __all__ = [
     "LAYER_MODULES",
@@ -142,9 +143,7 @@ class Qwen2RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * xf.to(x.dtype)
+        return qwen2_rms_norm(x, self.weight, self.variance_epsilon, stats_dtype=torch.float32)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -177,8 +176,7 @@ class Qwen2RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self, device=None) -> torch.Tensor:
-        exps = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        return 1.0 / (self.theta**exps)
+        return rope_inv_freq(self.head_dim, self.theta, device)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,10 +184,7 @@ class Qwen2RotaryEmbedding(nn.Module):
         # recompute when model.to(dtype) cast the buffer or it was never materialised (meta device)
         if inv_freq.dtype != torch.float32 or inv_freq.is_meta:
             inv_freq = self._inv_freq()
-        inv_freq = inv_freq.to(position_ids.device)
-        freqs = position_ids.float()[:, None] * inv_freq.float()[None, :]  # [L, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [L, D]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_tables(position_ids, inv_freq.to(position_ids.device), dtype)
 
 
 class PackedAttention(nn.Module):
@@ -350,13 +345,6 @@ def _freeze_rows(x: torch.Tensor, n: int, active: bool) -> torch.Tensor:
     return _ZeroGradRows.apply(x, n)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE alone: ``x * cos + rotate_half(x) * sin``; x [L, h, D], cos/sin [L, D]."""
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
-
-
 def _call_rows(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None) -> torch.Tensor:
     """The module path of an op on grouped rows: ``und(x)`` when not routed, else
     ``cat(und(x[:n]), gen(x[n:]))`` (two contiguous slices, so any module works)."""
@@ -388,7 +376,7 @@ def _qk_norm_rope(attn: PackedAttention, q, k, ctx: PackContext, fused: bool):
     if not fused:  # the norm modules (Identity without qk_norm), then RoPE
         q = _call_rows(q, n, attn.q_norm, attn._sibling("q_norm"))
         k = _call_rows(k, n, attn.k_norm, attn._sibling("k_norm"))
-    return _rope(q, ctx.cos, ctx.sin), _rope(k, ctx.cos, ctx.sin)
+    return apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
 
 
 def _norm(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, fused: bool, backend: str):

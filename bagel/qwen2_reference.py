@@ -5,7 +5,7 @@ weights, and scatters the result back into a full ``[L, ...]`` tensor; attention
 in its original order. ``freeze_und`` detaches exactly what upstream detaches. Every module is called
 (decoder layers, attention, projections, norms, MLPs: through ``__call__``, so hooks fire and swapped-in
 modules act), and RMSNorm and the SwiGLU MLP run their own torch ``forward``, independent of
-:mod:`bagel_kernels.mot`; RoPE is written out here.
+:mod:`bagel_kernels.mot`; RoPE is :func:`bagel_kernels.reference.apply_rope`.
 
 It reads the parameters of a :class:`bagel.qwen2.Qwen2ForCausalLM`, so the same state_dict serves both.
 How to swap it in:
@@ -37,6 +37,7 @@ from bagel.qwen2 import (
 )
 from bagel.validation import DeviceChecks
 from bagel_kernels import PackedMask, packed_attention
+from bagel_kernels.reference import apply_rope
 
 __all__ = [
     "forward_train_reference",
@@ -47,15 +48,9 @@ __all__ = [
 ]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """HF Qwen2 RoPE on packed q [L, Hq, D], k [L, Hkv, D] with cos/sin [L, D]."""
-    c, s = cos[:, None, :], sin[:, None, :]
-    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def _routed(x: torch.Tensor, und: torch.Tensor, gen: torch.Tensor, f_und, f_gen, out_dim: int | None = None):

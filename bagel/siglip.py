@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -36,6 +35,7 @@ from bagel.backend import BagelBackendConfig
 from bagel.fusion import float_dtype, fusable
 from bagel.validation import HasBackend
 from bagel_kernels import PackedMask, packed_attention
+from bagel_kernels.reference import apply_rope, patch_embed_reference, rope_inv_freq, rope_tables
 
 with needs_extra():
     from transformers.activations import ACT2FN
@@ -72,10 +72,7 @@ def patch_embed(
         from bagel_kernels.patch_embed import fused_patch_embed
 
         return fused_patch_embed(patches, weight, bias, pos_table, pos_ids, backend=backend)
-    out = F.linear(patches, weight, bias)
-    if pos_table is not None:
-        out = out + pos_table[pos_ids]
-    return out
+    return patch_embed_reference(patches, weight, bias, pos_table, pos_ids)
 
 
 def vit_rope_cos_sin(
@@ -85,30 +82,20 @@ def vit_rope_cos_sin(
 
     Returns ``cos_h, sin_h, cos_w, sin_w``, each ``[N, head_dim // 2]`` (both halves repeated), computed
     in fp32 from row ``id // grid_side`` and column ``id % grid_side`` and cast to ``dtype``."""
-    dim = head_dim // 2
-    inv_freq = 1.0 / (
-        base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=position_ids.device).float() / dim)
-    )
+    inv_freq = rope_inv_freq(head_dim // 2, base, position_ids.device)
     ids = position_ids.long()
     out = []
     for coord in (ids // grid_side, ids % grid_side):
-        freqs = coord.float()[:, None] * inv_freq[None, :]  # [N, dim/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [N, dim]
-        out += [emb.cos().to(dtype), emb.sin().to(dtype)]
+        out += rope_tables(coord, inv_freq, dtype)  # cos, sin [N, head_dim // 2]
     return tuple(out)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
 def _rope_2d(x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Rotate the first half of every head by the row tables, the second half by the column tables."""
     cos_h, sin_h, cos_w, sin_w = tables
     half = x.shape[-1] // 2
-    return torch.cat([_rotate(x[..., :half], cos_h, sin_h), _rotate(x[..., half:], cos_w, sin_w)], dim=-1)
+    rows, cols = apply_rope(x[..., :half], cos_h, sin_h), apply_rope(x[..., half:], cos_w, sin_w)
+    return torch.cat([rows, cols], dim=-1)
 
 
 class SiglipVisionEmbeddings(nn.Module):

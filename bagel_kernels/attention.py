@@ -28,12 +28,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .dispatch import Backend, Family, Request
 from .mask import PackedMask
 
 __all__ = [
     "packed_attention",
     "prepare_attention",
     "available_backends",
+    "ATTENTION",
     "BACKENDS",
     "MAX_HEAD_DIM",
     "flex_block_mask",
@@ -212,31 +214,25 @@ def _flex_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) 
     return out[0].transpose(0, 1)
 
 
-def _flex_reasons(q, k, v, mask) -> list[str]:
+def _flex_reasons(req: Request) -> list[str]:
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
         return ["FlexAttention is not available in this torch"]
     reasons = []
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if req.device.type == "cpu" and req.backward:
         reasons.append("FlexAttention has no backward on CPU")
-    if q.device.type == "cuda" and q.shape[-1] < 16:
-        reasons.append(f"head dim {q.shape[-1]} is below the compiled FlexAttention minimum of 16")
+    if req.device.type == "cuda" and req.sizes["head_dim"] < 16:
+        reasons.append(f"head dim {req.sizes['head_dim']} is below the compiled FlexAttention minimum of 16")
     return reasons
 
 
 # ---------------------------------------------------------------------------------------------- triton
-def _triton_reasons(q, k, v, mask) -> list[str]:
+def _triton_reasons(req: Request) -> list[str]:
     try:
         from . import attention_triton  # noqa: F401
     except ImportError as exc:
         return [f"the Triton kernels cannot be imported ({exc})"]
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return [
-            f"Triton runs on CUDA devices (got {q.device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
-        ]
-    if q.dtype == torch.float64:
-        return ["float64 is for the reference backends only"]
     return []
 
 
@@ -247,40 +243,39 @@ def _triton_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool
 
 
 # ---------------------------------------------------------------------------------------------- registry
-@dataclass(frozen=True)
-class AttentionBackend:
-    name: str
-    forward: Callable
-    reasons: Callable[..., list[str]]  # extra refusals beyond the common checks
-    handles_row_index: bool = False  # reads rows through mask.row_index itself
+# Each backend's declaration (bagel_kernels.dispatch); ``impl`` is its forward, ``(q, k, v, mask, scale,
+# deterministic) -> out``, and the Triton one reads rows through ``mask.row_index`` itself.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+ATTENTION = Family(
+    "attention",
+    {
+        "triton": Backend(
+            "triton",
+            devices=("cuda",),
+            dtypes=_KERNEL_DTYPES,  # float64 is for the reference backends only
+            limits={"head_dim": (1, MAX_HEAD_DIM)},
+            interpreted=True,
+            hook=_triton_reasons,
+            impl=_triton_forward,
+        ),
+        "flex": Backend("flex", dtypes=_DTYPES, hook=_flex_reasons, impl=_flex_forward),
+        "sdpa": Backend("sdpa", dtypes=_DTYPES, impl=_sdpa_forward),
+    },
+    # triton on CPU is interpretation (slow), so "auto" never takes it there
+    auto={"cuda": ("triton", "flex", "sdpa"), "*": ("sdpa", "flex")},
+)
+BACKENDS = ATTENTION.backends  # name -> Backend, in declaration order
+_ROW_INDEX_BACKENDS = ("triton",)  # read rows through mask.row_index inside the kernel
 
 
-def _no_reasons(q, k, v, mask) -> list[str]:
-    return []
-
-
-BACKENDS: dict[str, AttentionBackend] = {
-    "triton": AttentionBackend("triton", _triton_forward, _triton_reasons, handles_row_index=True),
-    "flex": AttentionBackend("flex", _flex_forward, _flex_reasons),
-    "sdpa": AttentionBackend("sdpa", _sdpa_forward, _no_reasons),
-}
-
-# "auto" priority per device type; triton on CPU is interpretation (slow), so it is never auto there
-_AUTO_ORDER = {"cuda": ("triton", "flex", "sdpa")}
-_AUTO_DEFAULT = ("sdpa", "flex")
+def _request(device, dtype: torch.dtype, head_dim: int, backward: bool = False) -> Request:
+    return Request(torch.device(device), dtype, {"head_dim": head_dim}, backward)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends usable on ``device`` for ordinary inputs, in "auto" priority order."""
-    device = torch.device(device)
-    probe = torch.zeros(1, 1, 64, device=device)
-    m = PackedMask.from_splits([1], [1], ["causal"], device=device)
-    order = _AUTO_ORDER.get(device.type, _AUTO_DEFAULT) + tuple(BACKENDS)
-    seen: list[str] = []
-    for name in order:
-        if name not in seen and not BACKENDS[name].reasons(probe, probe, probe, m):
-            seen.append(name)
-    return seen
+    return ATTENTION.available(_request(device, torch.float32, 64))
 
 
 def prepare_attention(
@@ -289,19 +284,18 @@ def prepare_attention(
     """Build now what ``backend`` derives from ``mask`` (Triton block tables and launch orders, the
     FlexAttention block mask), cached on the mask, so that a ``torch.compile`` region calling
     :func:`packed_attention` with this mask only reads them (building them has data-dependent
-    shapes). Returns the backend that "auto" resolves to for such inputs."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(
-            f"unknown attention backend {backend!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}"
-        )
-    probe = torch.empty(1, 1, head_dim, device=device, dtype=dtype)
+    shapes). Returns the backend that "auto" resolves to for such inputs (a named backend that
+    refuses them is returned unprepared: :func:`packed_attention` reports why)."""
+    ATTENTION.check_name(backend)
+    req = _request(device, dtype, head_dim)
     if backend == "auto":
-        order = _AUTO_ORDER.get(torch.device(device).type, _AUTO_DEFAULT)
-        backend = next((n for n in order if not BACKENDS[n].reasons(probe, probe, probe, mask)), order[-1])
-    if backend == "triton" and not BACKENDS["triton"].reasons(probe, probe, probe, mask):
+        backend = ATTENTION.choose(backend, req).name
+    if ATTENTION.backends[backend].reasons(req):
+        return backend
+    if backend == "triton":
         from .attention_triton import default_config, prepare_mask
 
-        prepare_mask(mask, default_config(probe.device, dtype, head_dim))
+        prepare_mask(mask, default_config(torch.device(device), dtype, head_dim))
     elif backend == "flex":
         flex_kv_blocks(mask)
     return backend
@@ -391,38 +385,21 @@ def packed_attention(
     activations finite (as training does) or use eager ``sdpa`` to localise a bad sample.
     """
     _validate(q, k, v, mask)
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(
-            f"unknown attention backend {backend!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}"
-        )
+    ATTENTION.check_name(backend)
     T = q.shape[0]
     if T < mask.total_len:
         mask = mask.truncated(T)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else _check_scale(softmax_scale)
-    if backend == "auto":
-        order = _AUTO_ORDER.get(q.device.type, _AUTO_DEFAULT)
-        refusals = {}
-        for name in order:
-            reasons = BACKENDS[name].reasons(q, k, v, mask)
-            if not reasons:
-                backend = name
-                break
-            refusals[name] = reasons
-        else:
-            detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in refusals.items())
-            raise ValueError(f"no attention backend accepts these inputs ({detail})")
-    be = BACKENDS[backend]
-    reasons = be.reasons(q, k, v, mask)
-    if reasons:
-        raise ValueError(f"attention backend {backend!r} refuses these inputs: {'; '.join(reasons)}")
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    be = ATTENTION.choose(backend, _request(q.device, q.dtype, q.shape[-1], backward)).backend
     if T == 0:
         # no tokens: the same empty [0, Hq, D] on every backend, still attached to q, k and v so that
         # a backward runs and gives them (empty) zero gradients
         return q * 0 + (k.sum() + v.sum()).to(q.dtype)
     idx = mask._row_index
-    if idx is not None and not be.handles_row_index:
+    if idx is not None and be.name not in _ROW_INDEX_BACKENDS:
         gidx = idx.long()
-        out = be.forward(
+        out = be.impl(
             q.index_select(0, gidx),
             k.index_select(0, gidx),
             v.index_select(0, gidx),
@@ -431,4 +408,4 @@ def packed_attention(
             deterministic,
         )
         return torch.empty_like(out).index_copy(0, gidx, out)
-    return be.forward(q, k, v, mask, scale, deterministic)
+    return be.impl(q, k, v, mask, scale, deterministic)

@@ -41,11 +41,24 @@ Every Triton path is a ``torch.library.custom_op`` in the ``bagel_kernels`` name
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .dispatch import Backend, Family, Request
+from .reference import (
+    apply_rope,
+    mot_linear_reference,
+    mot_qk_norm_rope_reference,
+    mot_rms_norm_reference,
+    permute_rows_reference,
+    qwen2_rms_norm,
+    rope_inv_freq,
+    rope_tables,
+    rotate_half,
+    swiglu_reference,
+)
 
 __all__ = [
     "mot_rms_norm",
@@ -66,21 +79,41 @@ __all__ = [
     "BACKENDS",
 ]
 
-BACKENDS = ("auto", "triton", "torch")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TORCH_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 _MAX_ROW_BLOCK = 32768  # widest row the single-tile kernels hold (= mot_triton.MAX_ROW_BLOCK)
+
 
 # triton is optional (Linux only); its absence only removes the "triton" backend. Looked up, not
 # imported: the kernels module is imported on first use, after TRITON_INTERPRET has been decided.
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def _triton_reasons(req: Request) -> list[str]:
+    return [] if _HAS_TRITON else ["needs the triton package, which is not installed"]
+
+
+# The routed ops' backends (bagel_kernels.dispatch). ``row_width``: the widest row one kernel tile holds
+# (H for the RMSNorm; heads padded to a power of two times D for q/k norm + RoPE).
+MOT = Family(
+    "mot",
+    {
+        "triton": Backend(
+            "triton",
+            devices=("cuda",),
+            dtypes=_KERNEL_DTYPES,
+            limits={"row_width": (0, _MAX_ROW_BLOCK)},
+            interpreted=True,
+            hook=_triton_reasons,
+        ),
+        "torch": Backend("torch"),
+    },
+    auto={"cuda": ("triton", "torch"), "*": ("torch",)},  # never the interpreter on CPU
+)
+BACKENDS = MOT.names
+
+
 # ============================================================================================ validation
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _check_tensor(name: str, t, dims: int | None = None, dtypes=_TORCH_DTYPES) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -116,30 +149,10 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
-def _resolve_backend(backend, device: torch.device, dtype: torch.dtype, kernel_ok: bool = True) -> str:
-    """ "triton" or "torch". ``kernel_ok`` False: the inputs exceed what the kernels take."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        usable = _HAS_TRITON and device.type == "cuda" and dtype in _KERNEL_DTYPES and kernel_ok
-        return "triton" if usable else "torch"
-    if backend == "triton":
-        if not _HAS_TRITON:
-            raise ValueError("backend='triton' needs the triton package, which is not installed")
-        if device.type != "cuda" and not _interpreting():
-            raise ValueError(
-                f"backend='triton' runs on CUDA devices (got {device.type}); set TRITON_INTERPRET=1 before "
-                "importing triton to interpret the kernels on CPU, or use backend='torch'"
-            )
-        if dtype not in _KERNEL_DTYPES:
-            raise ValueError(
-                f"backend='triton' takes fp16, bf16 or fp32 inputs, got {dtype}; use backend='torch'"
-            )
-        if not kernel_ok:
-            raise ValueError(
-                f"backend='triton': rows wider than {_MAX_ROW_BLOCK} elements are unsupported; use backend='torch'"
-            )
-    return backend
+def _resolve_backend(backend, device: torch.device, dtype: torch.dtype, row_width: int | None = None) -> str:
+    """ "triton" or "torch" for inputs on ``device`` in ``dtype`` whose widest kernel row is ``row_width``."""
+    sizes = {} if row_width is None else {"row_width": row_width}
+    return MOT.choose(backend, Request(device, dtype, sizes)).name
 
 
 def _unit_last(t: Tensor) -> Tensor:
@@ -252,96 +265,9 @@ def _check_index_args(x, index) -> None:
 
 
 # ============================================================================================ plain torch math
-def qwen2_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """Qwen2RMSNorm over the last dim: ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)``."""
-    x32 = x.to(torch.float32) if x.dtype != torch.float64 else x
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """``[x1, x2] -> [-x2, x1]`` over the last dim (Qwen2's rotary convention)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [M, heads, D], cos/sin [M, D] (cast to x's dtype, as Qwen2 hands them over)."""
-    c = cos.to(x.dtype)[:, None, :]
-    s = sin.to(x.dtype)[:, None, :]
-    return x * c + rotate_half(x) * s
-
-
-def _swiglu_math(gate: Tensor, up: Tensor) -> Tensor:
-    return F.silu(gate) * up
-
-
-# ============================================================================================ references
-def mot_rms_norm_reference(
-    x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor, eps: float = 1e-6
-) -> Tensor:
-    """Per-expert gather -> Qwen2RMSNorm -> scatter, the way upstream BAGEL routes every layer."""
-    N, H = x.shape
-    out = x.new_zeros((N, H), dtype=_norm_out_dtype(x.dtype, weight_und.dtype))
-    for idx, w in (
-        (torch.arange(0, n_und, device=x.device), weight_und),
-        (torch.arange(n_und, N, device=x.device), weight_gen),
-    ):
-        out[idx] = qwen2_rms_norm(x[idx], w, eps).to(out.dtype)
-    return out
-
-
-def mot_qk_norm_rope_reference(
-    q: Tensor,
-    k: Tensor,
-    n_und: int,
-    q_weight_und: Tensor,
-    q_weight_gen: Tensor,
-    k_weight_und: Tensor,
-    k_weight_gen: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    eps: float = 1e-6,
-) -> tuple[Tensor, Tensor]:
-    """Per expert: gather the tokens, Qwen2RMSNorm per head, rotary with the tokens' cos/sin, scatter."""
-    N = q.shape[0]
-    dt = _norm_out_dtype(q.dtype, q_weight_und.dtype)
-    qo = q.new_zeros(q.shape, dtype=dt)
-    ko = k.new_zeros(k.shape, dtype=dt)
-    und = torch.arange(0, n_und, device=q.device)
-    gen = torch.arange(n_und, N, device=q.device)
-    for idx, wq, wk in ((und, q_weight_und, k_weight_und), (gen, q_weight_gen, k_weight_gen)):
-        qo[idx] = _rope(qwen2_rms_norm(q[idx], wq, eps), cos[idx], sin[idx]).to(dt)
-        ko[idx] = _rope(qwen2_rms_norm(k[idx], wk, eps), cos[idx], sin[idx]).to(dt)
-    return qo, ko
-
-
-def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
-    """``silu(gate) * up`` (Qwen2MLP's activation)."""
-    return _swiglu_math(gate, up)
-
-
-def mot_linear_reference(
-    x: Tensor,
-    n_und: int,
-    weight_und: Tensor,
-    bias_und: Tensor | None,
-    weight_gen: Tensor,
-    bias_gen: Tensor | None,
-) -> Tensor:
-    """Per-expert gather -> ``F.linear`` -> scatter."""
-    N = x.shape[0]
-    out = x.new_zeros((N, weight_und.shape[0]))
-    for idx, w, b in (
-        (torch.arange(0, n_und, device=x.device), weight_und, bias_und),
-        (torch.arange(n_und, N, device=x.device), weight_gen, bias_gen),
-    ):
-        out[idx] = F.linear(x[idx], w, b)
-    return out
-
-
-def permute_rows_reference(x: Tensor, index: Tensor) -> Tensor:
-    return x[index.long()]
+    return apply_rope(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 # ============================================================================================ rms norm
@@ -413,7 +339,7 @@ def mot_rms_norm(
     if weight_gen.dtype != weight_und.dtype:
         raise ValueError(f"weight_gen has dtype {weight_gen.dtype} but weight_und has {weight_und.dtype}")
     _check_eps(eps)
-    be = _resolve_backend(backend, x.device, x.dtype, H <= _MAX_ROW_BLOCK)
+    be = _resolve_backend(backend, x.device, x.dtype, H)
     if be == "triton":
         return _mot_rms_norm_op(x, n_und, weight_und, weight_gen, float(eps))
     dt = _norm_out_dtype(x.dtype, weight_und.dtype)
@@ -613,8 +539,8 @@ def mot_qk_norm_rope(
             raise ValueError(f"{name} must have shape (N, head_dim) = {(N, D)}, got {tuple(t.shape)}")
         _check_same_device("q", q, **{name: t})
     _check_eps(eps)
-    kernel_ok = max(_next_pow2(HQ), _next_pow2(k.shape[1])) * D <= _MAX_ROW_BLOCK
-    be = _resolve_backend(backend, q.device, q.dtype, kernel_ok)
+    row_width = max(_next_pow2(HQ), _next_pow2(k.shape[1])) * D
+    be = _resolve_backend(backend, q.device, q.dtype, row_width)
     if be == "triton":
         return _mot_qk_norm_rope_op(
             q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, float(eps)
@@ -640,8 +566,7 @@ def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
     per device so that a training step pays no host-to-device copy (and no sync) for it."""
     key = (head_dim, theta, device)
     if key not in _INV_FREQ:
-        exps = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
-        _INV_FREQ[key] = (1.0 / (theta**exps)).to(device)
+        _INV_FREQ[key] = rope_inv_freq(head_dim, theta).to(device)
     return _INV_FREQ[key]
 
 
@@ -662,10 +587,7 @@ def rope_cos_sin(
         raise ValueError(f"theta must be a positive number, got {theta!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    inv_freq = _inv_freq(head_dim, float(theta), position_ids.device)
-    freqs = position_ids[:, None].float() * inv_freq[None, :]  # [N, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return rope_tables(position_ids, _inv_freq(head_dim, float(theta), position_ids.device), dtype)
 
 
 # ============================================================================================ swiglu
@@ -725,7 +647,7 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:
     be = _resolve_backend(backend, gate.device, gate.dtype)
     if be == "triton":
         return _swiglu_op(gate, up)
-    return _swiglu_math(gate, up)
+    return swiglu_reference(gate, up)
 
 
 # ============================================================================================ routed linear
@@ -859,23 +781,10 @@ def mot_linear(
 
     ``"auto"``/``"triton"``: one custom op doing two GEMMs on the contiguous slices straight into one
     preallocated output (no cat, no gather/scatter); backward likewise (dx into one buffer, dW/db per
-    expert, only the gradients autograd asks for). ``"torch"``: two ``F.linear`` and a ``cat``."""
-    _check_tensor("x", x, dims=2)
-    N, Hin = x.shape
-    _check_n_und(n_und, N)
-    _check_tensor("weight_und", weight_und, dims=2)
-    Hout = weight_und.shape[0]
-    for name, w in (("weight_und", weight_und), ("weight_gen", weight_gen)):
-        _check_weight(name, w, (Hout, Hin), x)
-        if w.dtype != x.dtype:
-            raise ValueError(f"{name} has dtype {w.dtype} but x has {x.dtype}")
-    for name, b in (("bias_und", bias_und), ("bias_gen", bias_gen)):
-        if b is not None:
-            _check_weight(name, b, (Hout,), x)
-            if b.dtype != x.dtype:
-                raise ValueError(f"{name} has dtype {b.dtype} but x has {x.dtype}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    expert, only the gradients autograd asks for). ``"torch"``: two ``F.linear`` and a ``cat``. The op
+    is BLAS GEMMs (no Triton kernel), so it runs wherever torch does and "triton" is only a name check."""
+    _check_linear_args(x, n_und, weight_und, bias_und, weight_gen, bias_gen)
+    MOT.check_name(backend)
     if backend == "torch":
         x = _gemm_rows(x)
         return torch.cat(
@@ -958,9 +867,7 @@ def _permute_backend(x: Tensor, index: Tensor, backend: str) -> str:
     if index.shape[0] != x.shape[0]:
         raise ValueError(f"index has {index.shape[0]} entries but x has {x.shape[0]} rows")
     _check_same_device("x", x, index=index)
-    if backend == "auto" and x.dtype not in _KERNEL_DTYPES:
-        return "torch"  # e.g. integer rows: plain indexing
-    return _resolve_backend(backend, x.device, x.dtype)
+    return _resolve_backend(backend, x.device, x.dtype)  # auto: integer rows take plain indexing
 
 
 def permute_rows(x: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:

@@ -43,10 +43,20 @@ import importlib.util
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import Backend, Family, Request
+from .reference import (
+    patch_embed_images_reference,
+    patch_embed_reference,
+    patch_grid_view,
+    patchify,
+    patchify_images,
+)
 
 __all__ = [
     "BACKENDS",
@@ -62,47 +72,14 @@ __all__ = [
     "patch_embed_images_reference",
 ]
 
-BACKENDS = ("auto", "cuda", "cpu_ext", "torch")
 _OP_NAME = "bagel_kernels_ext::fused_patch_embed"
 _EXT_MODULE = "bagel_kernels._C"
 _EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REF_DTYPES = _EXT_DTYPES + (torch.float64,)  # float64: the torch path only (references, gradcheck)
 
 
-# ------------------------------------------------------------------------------------------ reference
-def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """BAGEL's ``data.data_utils.patchify``: one image ``[C, H, W]`` (H, W multiples of p) ->
-    ``[(H/p) * (W/p), p * p * C]``; patches row-major over the grid, each vector ordered
-    (pixel row, pixel col, channel) with the channel fastest."""
-    p = patch_size
-    c, h, w = image.shape
-    if h % p or w % p:
-        raise ValueError(f"image of size {h}x{w} is not a multiple of patch_size={p}")
-    x = image.reshape(c, h // p, p, w // p, p)  # [C, h, p, w, p]
-    x = torch.einsum("chpwq->hwpqc", x)  # [h, w, p, p, C]
-    return x.reshape(-1, p * p * c)
-
-
-def _patch_grid_view(images: torch.Tensor, p: int) -> torch.Tensor:
-    """``[B, H//p, W//p, p, p, C]`` view of ``images`` (no copy): element ``[b, r, c, pi, pj, ch]`` is
-    ``images[b, ch, r*p + pi, c*p + pj]``."""
-    B, C, H, W = images.shape
-    sB, sC, sH, sW = images.stride()
-    return images.as_strided(
-        (B, H // p, W // p, p, p, C), (sB, p * sH, p * sW, sH, sW, sC), images.storage_offset()
-    )
-
-
-def patchify_images(images: torch.Tensor, patch_coords: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Gather the patches named by ``patch_coords`` ``[N, 3]`` = (image, patch row, patch col) from a
-    padded batch ``[B, C, H, W]`` -> ``[N, C * p * p]`` in BAGEL's patchify order (one gather)."""
-    p = patch_size
-    grid = _patch_grid_view(images, p)  # [B, Hp, Wp, p, p, C]
-    coords = patch_coords.long()
-    patches = grid[coords[:, 0], coords[:, 1], coords[:, 2]]  # [N, p, p, C]
-    return patches.reshape(patches.shape[0], -1)
-
-
+# ------------------------------------------------------------------------------------------ torch path
+# (patchify and the references live in bagel_kernels.reference and are re-exported here)
 def image_patch_coords(
     image_sizes: list[tuple[int, int]],
     patch_size: int,
@@ -132,35 +109,6 @@ def image_patch_coords(
             0, dtype=torch.long, device=device
         )
     return torch.cat(coords).to(device), torch.cat(ids).to(device)
-
-
-def patch_embed_reference(
-    patches: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    pos_table: torch.Tensor | None = None,
-    pos_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The unfused PyTorch path: ``F.linear(patches, weight, bias) + F.embedding(pos_ids, pos_table)``."""
-    out = F.linear(patches, weight, bias)
-    if pos_table is not None:
-        out = out + F.embedding(pos_ids.long(), pos_table)
-    return out
-
-
-def patch_embed_images_reference(
-    images: torch.Tensor,
-    patch_coords: torch.Tensor,
-    patch_size: int,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    pos_table: torch.Tensor | None = None,
-    pos_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Unfused PyTorch path from raw images: :func:`patchify_images` then :func:`patch_embed_reference`."""
-    return patch_embed_reference(
-        patchify_images(images, patch_coords, patch_size), weight, bias, pos_table, pos_ids
-    )
 
 
 def _valid_rows(n, device, table_rows, pos_ids, image_shape=None, patch_coords=None, patch_size=0):
@@ -337,48 +285,56 @@ def last_backend() -> tuple[str, str]:
     return _last
 
 
+def _extension_reasons(kernel: str) -> Callable[[Request], list[str]]:
+    """The hook of an extension backend: its ``kernel`` ("cpu" or "cuda") must be built and loaded."""
+
+    def reasons(req: Request) -> list[str]:
+        st = extension_status()
+        if getattr(st, kernel):
+            return []
+        return [f"the extension's {kernel} kernel is not available: {st.reason or 'extension not loaded'}"]
+
+    return reasons
+
+
+# The backends (bagel_kernels.dispatch). "auto" takes the fastest correct path per device: on CPU that is
+# torch (BLAS GEMM + add), the extension's CPU kernel being 6.6x slower at so400m shapes
+# (benchmarks/test_microbench.py), so "cpu_ext" runs only when named (tests, parity).
+PATCH_EMBED = Family(
+    "patch_embed",
+    {
+        "cuda": Backend("cuda", devices=("cuda",), dtypes=_EXT_DTYPES, hook=_extension_reasons("cuda")),
+        "cpu_ext": Backend("cpu_ext", devices=("cpu",), dtypes=_EXT_DTYPES, hook=_extension_reasons("cpu")),
+        "torch": Backend("torch", dtypes=_REF_DTYPES),
+    },
+    auto={"cuda": ("cuda", "torch"), "*": ("torch",)},
+)
+BACKENDS = PATCH_EMBED.names
+
+
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, device_type: str, dtype_name: str) -> str:
     """Backend that runs for these arguments; records it for :func:`last_backend`. Evaluated eagerly
     (also while torch.compile traces), so loading and warnings stay out of compiled graphs."""
     global _last
-    st = extension_status()
-    ext_dtype = dtype_name in ("float32", "float16", "bfloat16")
-    if backend == "torch":
-        _last = ("torch", "requested")
-        return "torch"
-    if backend in ("cuda", "cpu_ext"):
-        want = "cuda" if backend == "cuda" else "cpu"
-        if device_type != want:
-            raise ValueError(f"backend={backend!r} needs {want} tensors, got {device_type} tensors")
-        if not (st.cuda if want == "cuda" else st.cpu):
-            raise ValueError(f"backend={backend!r} is not available: {st.reason or 'extension not loaded'}")
-        if not ext_dtype:
-            raise ValueError(f"backend={backend!r} supports float32, float16 and bfloat16, got {dtype_name}")
-        _last = (backend, "requested")
-        return backend
-    # auto: the fastest correct path per device. On CPU that is torch (BLAS GEMM + add): the
-    # extension's CPU kernel is 6.6x slower at so400m shapes (benchmarks/test_microbench.py), so it
-    # runs only when named ("cpu_ext"), for tests and parity.
-    if device_type == "cpu":
-        _last = ("torch", "auto: the torch path (BLAS) is the fastest on CPU")
-        return "torch"
-    if device_type == "cuda" and st.cuda and ext_dtype:
+    extension_status()
+    dtype = getattr(torch, dtype_name)
+    choice = PATCH_EMBED.choose(backend, Request(torch.device(device_type), dtype))
+    if backend != "auto":
+        _last = (choice.name, "requested")
+    elif choice.name == "cuda":
         _last = ("cuda", "auto: CUDA extension kernel")
-        return "cuda"
-    if not ext_dtype:
-        why = f"auto: {dtype_name} is not supported by the extension"
-    elif device_type not in ("cpu", "cuda"):
-        why = f"auto: no extension kernel for {device_type} tensors"
-    else:
-        why = f"auto: extension unavailable for {device_type}: {st.reason or 'no kernel for this device'}"
-    _last = ("torch", why)
-    if why not in _warned and ext_dtype:
-        _warned.add(why)
-        warnings.warn(
-            f"fused_patch_embed falls back to the unfused torch path ({why})", RuntimeWarning, stacklevel=3
-        )
-    return "torch"
+    elif device_type == "cpu":
+        _last = ("torch", "auto: the torch path (BLAS) is the fastest on CPU")
+    else:  # the extension was wanted and cannot run: say why, and warn once per reason
+        skipped = "; ".join(f"{n}: {', '.join(r)}" for n, r in choice.skipped.items())
+        why = f"auto: {skipped or f'no extension kernel for {device_type} tensors'}"
+        _last = ("torch", why)
+        if why not in _warned and dtype in _EXT_DTYPES:
+            _warned.add(why)
+            message = f"fused_patch_embed falls back to the unfused torch path ({why})"
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return choice.name
 
 
 # --------------------------------------------------------------------------- torch.library: fake + autograd
@@ -442,7 +398,7 @@ def _backward(ctx, grad):
         elif images:
             p = ctx.patch_size
             grad_input = torch.zeros_like(input, memory_format=torch.contiguous_format)
-            view = _patch_grid_view(grad_input, p)  # [B, Hp, Wp, p, p, C]
+            view = patch_grid_view(grad_input, p)  # [B, Hp, Wp, p, p, C]
             c = patch_coords.long()
             view.index_put_(
                 (c[:, 0], c[:, 1], c[:, 2]), gp.reshape(-1, p, p, input.shape[1]), accumulate=True
@@ -549,8 +505,7 @@ def fused_patch_embed(
     pos_table ``[P, E]`` and pos_ids ``[N]`` (int32/int64), both or neither. One floating dtype for all
     (float32/float16/bfloat16; float64 with backend="torch"), one device. Differentiable in patches,
     weight, bias and pos_table. See the module docstring for ``backend`` and ``check_indices``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    PATCH_EMBED.check_name(backend)
     if not isinstance(patches, torch.Tensor) or patches.dim() != 2:
         raise ValueError(
             f"patches must be a 2-D tensor [N, C*p*p], got {getattr(patches, 'shape', type(patches))}"
@@ -586,8 +541,7 @@ def fused_patch_embed_images(
     ``patch_coords[n, 0]`` of the padded batch ``images [B, C, H, W]`` (pixels beyond the last whole
     patch are never read). Equals ``fused_patch_embed(patchify_images(images, patch_coords, p), ...)``;
     with every patch of an image in order it equals BAGEL's :func:`patchify` of that image."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    PATCH_EMBED.check_name(backend)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(
             f"images must be a 4-D tensor [B, C, H, W], got {getattr(images, 'shape', type(images))}"
