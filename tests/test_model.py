@@ -31,9 +31,8 @@ from bagel import (
 )
 from bagel.embeddings import get_2d_sincos_pos_embed
 from bagel.modeling import _convert_patch_embedding_for_packed_vit, _prepare_config_for_stage, _stage_to_int
-from bagel.packing import patchify
 from bagel.siglip import SiglipVisionEmbeddings, vit_rope_cos_sin
-from bagel_kernels.reference import dense_mask_from_rule
+from bagel_kernels.reference import dense_mask_from_rule, patchify
 from bagel_kernels.testing import tolerance
 
 FWD_ATOL, FWD_RTOL = tolerance("float32", "fwd")
@@ -191,11 +190,10 @@ def upstream_forward(model: BagelForUnifiedMultimodal, b: dict) -> dict:
     packed[b["packed_vit_token_indexes"]] = model.model.connector(feats) + model.model.vit_pos_embed(
         b["packed_vit_position_ids"]
     )
-    p, C = model.latent_patch_size, model.latent_channel
+    p = model.latent_patch_size
     lat = []
     for latent, (h, w) in zip(b["padded_latent"], b["patchified_vae_latent_shapes"], strict=True):
-        latent = latent[:, : h * p, : w * p].reshape(C, h, p, w, p)
-        lat.append(torch.einsum("chpwq->hwpqc", latent).reshape(-1, p * p * C))
+        lat.append(patchify(latent[:, : h * p, : w * p], p))  # upstream's patchify, BAGEL's order
     clean = torch.cat(lat, dim=0)
     noise = torch.randn_like(clean)
     t = torch.sigmoid(b["packed_timesteps"])

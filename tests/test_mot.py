@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bagel_kernels import mot
+from bagel_kernels import mot, reference
 from bagel_kernels.testing import tolerance
 
 HAS_CUDA = torch.cuda.is_available()
@@ -76,7 +76,7 @@ def test_mot_rms_norm(backend, dtype, n_und):
     g = torch.randn(N, H, device=DEV, dtype=dtype)
     y.backward(g)
     ins64 = f64([x, wu, wg])
-    ref = mot.mot_rms_norm_reference(ins64[0], n_und, ins64[1], ins64[2], 1e-6)
+    ref = reference.mot_rms_norm_reference(ins64[0], n_und, ins64[1], ins64[2], 1e-6)
     assert_close(y, ref, dtype, "fwd", "y")
     ref.backward(g.double())
     check_grads([x, wu, wg], ins64, dtype, ["x", "weight_und", "weight_gen"])
@@ -99,7 +99,7 @@ def test_mot_rms_norm_fp32_weights_promote_and_frozen_und():
     y.sum().backward()
     assert wu.grad is None
     ins64 = f64([x, wu, wg])
-    ref = mot.mot_rms_norm_reference(ins64[0], 20, ins64[1], ins64[2])
+    ref = reference.mot_rms_norm_reference(ins64[0], 20, ins64[1], ins64[2])
     # the kernel rounds x_hat to fp16 before the fp32 weight multiply (as Qwen2 does): fp16 tolerance
     assert_close(y, ref, torch.float16, "fwd", "y")
     ref.sum().backward()
@@ -154,7 +154,7 @@ def test_mot_qk_norm_rope(backend, dtype, n_und, hq, hkv, d):
     ins64 = f64(ins)
     # cos/sin rounded to the activations' dtype first, as in Qwen2 (the kernel does the same)
     c64, s64 = (t.to(dtype).double().detach().requires_grad_() for t in (cos, sin))
-    qr, kr = mot.mot_qk_norm_rope_reference(ins64[0], ins64[1], n_und, *ins64[2:6], c64, s64)
+    qr, kr = reference.mot_qk_norm_rope_reference(ins64[0], ins64[1], n_und, *ins64[2:6], c64, s64)
     assert_close(qo, qr, dtype, "fwd", "q_out")
     assert_close(ko, kr, dtype, "fwd", "k_out")
     ((qr * gq.double()).sum() + (kr * gk.double()).sum()).backward()
@@ -175,7 +175,7 @@ def test_mot_qk_norm_rope_frozen_weights_and_constant_tables():
     (qo.sum() + ko.pow(2).sum()).backward()
     assert wqu.grad is None and wku.grad is None
     ins64 = f64([q, k, wqu, wqg, wku, wkg])
-    qr, kr = mot.mot_qk_norm_rope_reference(*ins64[:2], 8, *ins64[2:], cos.double(), sin.double())
+    qr, kr = reference.mot_qk_norm_rope_reference(*ins64[:2], 8, *ins64[2:], cos.double(), sin.double())
     (qr.sum() + kr.pow(2).sum()).backward()
     check_grads(
         [q, k, wqg, wkg], [ins64[0], ins64[1], ins64[3], ins64[5]], torch.float32, ["q", "k", "wqg", "wkg"]
@@ -215,7 +215,7 @@ def test_swiglu(backend, dtype):
     g = torch.randn_like(y)
     y.backward(g)
     ins64 = f64([gate, up])
-    ref = mot.swiglu_reference(*ins64)
+    ref = reference.swiglu_reference(*ins64)
     assert_close(y, ref, dtype, "fwd", "y")
     ref.backward(g.double())
     check_grads([gate, up], ins64, dtype, ["gate", "up"])
@@ -226,7 +226,7 @@ def test_swiglu_stride0_grad_and_one_sided():
     up = nan_view((13, 97), torch.float32)
     mot.swiglu(gate, up, backend="triton").sum().backward()
     g64 = gate.detach().double().requires_grad_()
-    mot.swiglu_reference(g64, up.double()).sum().backward()
+    reference.swiglu_reference(g64, up.double()).sum().backward()
     assert_close(gate.grad, g64.grad, torch.float32, "bwd", "dgate")
 
 
@@ -249,7 +249,7 @@ def test_mot_linear(dtype, n_und, backend, bias):
     ins = [x, wu, wg] + [b for b in (bu, bg) if b is not None]
     ins64 = f64(ins)
     m = {id(t): t64 for t, t64 in zip(ins, ins64, strict=True)}
-    ref = mot.mot_linear_reference(
+    ref = reference.mot_linear_reference(
         m[id(x)],
         n_und,
         m[id(wu)],
@@ -475,7 +475,7 @@ def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
     # auto never picks the interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     y = mot.mot_rms_norm(x, 2, torch.ones(8), torch.ones(8))
-    torch.testing.assert_close(y, mot.mot_rms_norm_reference(x, 2, torch.ones(8), torch.ones(8)))
+    torch.testing.assert_close(y, reference.mot_rms_norm_reference(x, 2, torch.ones(8), torch.ones(8)))
 
 
 # ============================================================================================ opcheck / compile
@@ -656,7 +656,7 @@ def _lowp_cases(device, dtype, n, n_und, hid, inter, hq, hkv, d):
         "mot_rms_norm",
         lambda *a: mot.mot_rms_norm(a[0], n_und, a[1], a[2], backend="triton"),
         lambda *a: mot.mot_rms_norm(a[0], n_und, a[1], a[2], backend="torch"),
-        lambda *a: mot.mot_rms_norm_reference(a[0], n_und, a[1], a[2]),
+        lambda *a: reference.mot_rms_norm_reference(a[0], n_und, a[1], a[2]),
         [x, wu, wg],
         [dy],
     )
@@ -667,7 +667,9 @@ def _lowp_cases(device, dtype, n, n_und, hid, inter, hq, hkv, d):
         "mot_qk_norm_rope",
         lambda *a: mot.mot_qk_norm_rope(a[0], a[1], n_und, *a[2:], cos, sin, backend="triton"),
         lambda *a: mot.mot_qk_norm_rope(a[0], a[1], n_und, *a[2:], cos, sin, backend="torch"),
-        lambda *a: mot.mot_qk_norm_rope_reference(a[0], a[1], n_und, *a[2:], cos.double(), sin.double()),
+        lambda *a: reference.mot_qk_norm_rope_reference(
+            a[0], a[1], n_und, *a[2:], cos.double(), sin.double()
+        ),
         [q, k, *ws],
         [r(n, hq, d), r(n, hkv, d)],
     )
@@ -675,7 +677,7 @@ def _lowp_cases(device, dtype, n, n_und, hid, inter, hq, hkv, d):
         "swiglu",
         lambda a, b: mot.swiglu(a, b, backend="triton"),
         lambda a, b: mot.swiglu(a, b, backend="torch"),
-        mot.swiglu_reference,
+        reference.swiglu_reference,
         [r(n, inter, scale=2.0), r(n, inter)],
         [r(n, inter)],
     )
@@ -704,7 +706,7 @@ def test_gpu_bf16_bagel_shapes(n_und):
     g = torch.randn_like(y)
     y.backward(g)
     x64 = x.detach().double().requires_grad_()
-    ref = mot.mot_rms_norm_reference(x64, n_und, wu.double(), wg.double())
+    ref = reference.mot_rms_norm_reference(x64, n_und, wu.double(), wg.double())
     assert_close(y, ref, dt, "fwd", "rms y")
     ref.backward(g.double())
     assert_close(x.grad, x64.grad, dt, "bwd", "rms dx")

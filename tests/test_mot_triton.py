@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bagel_kernels import mot
+from bagel_kernels import mot, reference
 from bagel_kernels.testing import tolerance
 
 
@@ -30,7 +30,7 @@ def test_rms_norm_eps_zero_gradients_finite():
     g = torch.randn(n, h)
     y.backward(g)
     x64, wu64, wg64 = (t.detach().double().requires_grad_() for t in (x, wu, wg))
-    ref = mot.mot_rms_norm_reference(x64, n_und, wu64, wg64, 0.0)
+    ref = reference.mot_rms_norm_reference(x64, n_und, wu64, wg64, 0.0)
     ref.backward(g.double())
     _close(y, ref, torch.float32, "fwd", "y")
     for name, a, b in (
@@ -53,7 +53,9 @@ def test_qk_norm_rope_eps_zero_gradients_finite():
     ((qo * gq).sum() + (ko * gk).sum()).backward()
     ins = [q, k, *ws, cos, sin]
     ins64 = [t.detach().double().requires_grad_() for t in ins]
-    qr, kr = mot.mot_qk_norm_rope_reference(ins64[0], ins64[1], n_und, *ins64[2:6], ins64[6], ins64[7], 0.0)
+    qr, kr = reference.mot_qk_norm_rope_reference(
+        ins64[0], ins64[1], n_und, *ins64[2:6], ins64[6], ins64[7], 0.0
+    )
     ((qr * gq.double()).sum() + (kr * gk.double()).sum()).backward()
     _close(qo, qr, torch.float32, "fwd", "q_out")
     _close(ko, kr, torch.float32, "fwd", "k_out")

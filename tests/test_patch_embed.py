@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bagel_kernels import patch_embed as pe
+from bagel_kernels import reference
 from bagel_kernels.testing import tolerance
 
 OP = "bagel_kernels_ext::fused_patch_embed"
@@ -78,7 +79,7 @@ def close(actual, expected, dtype, direction, name):
 def reference64(x, w, b, t, ids):
     """float64 reference and its input gradients for grad_out ``dy``."""
     leaves = [None if a is None else a.detach().double().requires_grad_(True) for a in (x, w, b, t)]
-    out = pe.patch_embed_reference(leaves[0], leaves[1], leaves[2], leaves[3], ids)
+    out = reference.patch_embed_reference(leaves[0], leaves[1], leaves[2], leaves[3], ids)
     return out, leaves
 
 
@@ -126,7 +127,7 @@ def test_torch_backend_is_the_reference(dtype, N, K, E, table):
     out = pe.fused_patch_embed(x, w, b, t, ids, backend="torch")
     assert pe.last_backend()[0] == "torch"
     grads = torch.autograd.grad(out, [a for a in (x, w, b, t) if a is not None], dy)
-    ref = pe.patch_embed_reference(x, w, b, t, ids)
+    ref = reference.patch_embed_reference(x, w, b, t, ids)
     want = torch.autograd.grad(ref, [a for a in (x, w, b, t) if a is not None], dy)
     assert torch.equal(out, ref)
     assert all(torch.equal(g, r) for g, r in zip(grads, want, strict=True))
@@ -202,9 +203,21 @@ def _loop_patchify(image: torch.Tensor, p: int) -> torch.Tensor:
 def test_patchify_matches_bagel_order():
     img = torch.randn(3, 10, 15)
     ref = _loop_patchify(img, 5)
-    torch.testing.assert_close(pe.patchify(img, 5), ref, atol=0, rtol=0)
+    torch.testing.assert_close(reference.patchify(img, 5), ref, atol=0, rtol=0)
     coords, _ = pe.image_patch_coords([(10, 15)], 5)
-    torch.testing.assert_close(pe.patchify_images(img[None], coords, 5), ref, atol=0, rtol=0)
+    torch.testing.assert_close(reference.patchify_images(img[None], coords, 5), ref, atol=0, rtol=0)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("C,p,size", [(3, 5, (10, 15)), (3, 14, (28, 42)), (1, 2, (4, 2))])
+def test_kernel_patch_order_is_the_python_patchify(C, p, size):
+    """The C++ kernels gather each patch in the order csrc/patch_embed.h states; with an identity weight
+    the raw-image entry hands that order back, and it is reference.patchify's, bit for bit."""
+    img = torch.randn(C, *size)
+    coords, _ = pe.image_patch_coords([size], p)
+    eye = torch.eye(C * p * p)
+    out = pe.fused_patch_embed_images(img[None], coords, p, eye, backend="cpu_ext")
+    assert torch.equal(out, reference.patchify(img, p))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -228,7 +241,7 @@ def test_images_entry_matches_patchified_entry(backend, dtype):
     p, C, E = 14, 3, 200
     images, coords, ids = make_images([(56, 42), (28, 70), (43, 30)], C, p, dtype, pad=(5, 3))
     _, w, b, t, _ = make_inputs(1, C * p * p, E, dtype, table_rows=int(ids.max()) + 1)
-    patches = pe.patchify_images(images, coords, p)
+    patches = reference.patchify_images(images, coords, p)
     out_img = pe.fused_patch_embed_images(images, coords, p, w, b, t, ids, backend=backend)
     out_pat = pe.fused_patch_embed(patches, w, b, t, ids, backend=backend)
     assert out_img.shape == (coords.shape[0], E)
@@ -258,7 +271,7 @@ def _close_to_images_reference(out, dy, inputs, coords, p, ids):
     """``out`` (backward already run with ``dy``) and the gradients of ``inputs`` = (images, weight,
     bias, pos_table) against the float64 raw-image reference."""
     leaves = [a.detach().double().requires_grad_(True) for a in inputs]
-    ref = pe.patch_embed_images_reference(leaves[0], coords, p, leaves[1], leaves[2], leaves[3], ids)
+    ref = reference.patch_embed_images_reference(leaves[0], coords, p, leaves[1], leaves[2], leaves[3], ids)
     ref.backward(dy.double())
     close(out, ref, out.dtype, "fwd", "out")
     for name, ours, theirs in zip(("images", "weight", "bias", "pos_table"), inputs, leaves, strict=True):
@@ -407,7 +420,7 @@ def test_unchecked_bad_coords_nan_forward_and_backward_drops_them(backend):
     dy = torch.randn_like(out)
     out.backward(dy)
     leaves = [a.detach().double().requires_grad_(True) for a in (images, w, b, t)]
-    ref = pe.patch_embed_images_reference(
+    ref = reference.patch_embed_images_reference(
         leaves[0], coords[good], p, leaves[1], leaves[2], leaves[3], ids[good]
     )
     ref.backward(dy[good].double())
@@ -628,7 +641,7 @@ def test_gpu_images_entry(monkeypatch, no_tf32, kernel, dtype, p, E, sizes, pad)
     )
     _fill_cache_with_nan()
     out = pe.fused_patch_embed_images(images, coords, p, w, b, t, ids, backend="cuda")
-    patches = pe.patchify_images(images.detach(), coords, p)
+    patches = reference.patchify_images(images.detach(), coords, p)
     out_pat = pe.fused_patch_embed(patches, w.detach(), b.detach(), t.detach(), ids, backend="cuda")
     # the tensor-core kernel sums the images entry in another k order: equal up to rounding
     close(out.detach(), out_pat, dtype, "fwd", "images vs patches entry")
