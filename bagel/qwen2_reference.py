@@ -37,7 +37,7 @@ from bagel.qwen2 import (
 )
 from bagel.validation import DeviceChecks
 from bagel_kernels import PackedMask, packed_attention
-from bagel_kernels.reference import apply_rope
+from bagel_kernels.reference import apply_rope, gather_scatter
 
 __all__ = [
     "forward_train_reference",
@@ -51,15 +51,6 @@ __all__ = [
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """HF Qwen2 RoPE on packed q [L, Hq, D], k [L, Hkv, D] with cos/sin [L, D]."""
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-
-def _routed(x: torch.Tensor, und: torch.Tensor, gen: torch.Tensor, f_und, f_gen, out_dim: int | None = None):
-    """Upstream routing: ``out[und] = f_und(x[und]); out[gen] = f_gen(x[gen])`` into a zero tensor."""
-    shape = (x.shape[0], out_dim) if out_dim is not None else x.shape
-    out = x.new_zeros(shape)
-    out[und] = f_und(x[und])
-    out[gen] = f_gen(x[gen])
-    return out
 
 
 def _attention(attn: PackedAttention, x: torch.Tensor, ctx: ReferenceContext) -> torch.Tensor:
@@ -97,7 +88,7 @@ def _attention(attn: PackedAttention, x: torch.Tensor, ctx: ReferenceContext) ->
     o = packed_attention(q, k, v, ctx.mask, backend=ctx.attention, deterministic=ctx.deterministic)
     o = o.reshape(L, Hq * D)
     if routed:
-        return _routed(o, und, gen, attn.o_proj, attn.o_proj_moe_gen, attn.hidden_size)
+        return gather_scatter(o, und, gen, attn.o_proj, attn.o_proj_moe_gen, attn.hidden_size)
     return attn.o_proj(o)
 
 
@@ -129,7 +120,7 @@ def _layer_body(layer: Qwen2DecoderLayer, x: torch.Tensor, ctx: ReferenceContext
     frz = ctx.freeze_und and ra  # upstream's MoE and dense layers ignore freeze_und
     residual = x
     if ra:
-        h = _routed(x, und, gen, layer.input_layernorm, layer.input_layernorm_moe_gen)
+        h = gather_scatter(x, und, gen, layer.input_layernorm, layer.input_layernorm_moe_gen)
     else:
         h = layer.input_layernorm(x)
     a = layer.self_attn(h, ctx)
@@ -145,7 +136,7 @@ def _layer_body(layer: Qwen2DecoderLayer, x: torch.Tensor, ctx: ReferenceContext
         m[gen] = layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(x[gen]))
     elif rm:
         h = layer.post_attention_layernorm(x)
-        m = _routed(h, und, gen, layer.mlp, layer.mlp_moe_gen)
+        m = gather_scatter(h, und, gen, layer.mlp, layer.mlp_moe_gen)
     else:
         m = layer.mlp(layer.post_attention_layernorm(x))
     return residual + m

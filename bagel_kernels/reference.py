@@ -5,8 +5,8 @@ paths, ``python -m bagel_kernels.check``, the benchmarks and the tests import th
 
     attention     dense_mask_from_rule, attention_reference
     Qwen2 math    qwen2_rms_norm, rotate_half, apply_rope, rope_inv_freq, rope_tables
-    MoT routing   mot_rms_norm_reference, mot_qk_norm_rope_reference, swiglu_reference,
-                  mot_linear_reference, permute_rows_reference  (upstream's per-expert gather/scatter)
+    MoT routing   gather_scatter (upstream's per-expert routing of one op), mot_rms_norm_reference,
+                  mot_qk_norm_rope_reference, swiglu_reference, mot_linear_reference, permute_rows_reference
     patches       patchify (BAGEL's patch order), patch_grid_view, patchify_images,
                   patch_embed_reference, patch_embed_images_reference
 
@@ -32,6 +32,7 @@ __all__ = [
     "apply_rope",
     "rope_inv_freq",
     "rope_tables",
+    "gather_scatter",
     "mot_rms_norm_reference",
     "mot_qk_norm_rope_reference",
     "swiglu_reference",
@@ -143,6 +144,15 @@ def rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tupl
 
 
 # ---------------------------------------------------------------------------------------------- MoT routing
+def gather_scatter(x: Tensor, und: Tensor, gen: Tensor, f_und, f_gen, out_dim: int | None = None) -> Tensor:
+    """Upstream BAGEL's routing of one op over any two index sets: ``out[und] = f_und(x[und])``,
+    ``out[gen] = f_gen(x[gen])``, into a zero tensor of x's dtype, ``[N, out_dim]`` (x's shape when None)."""
+    out = x.new_zeros(x.shape if out_dim is None else (x.shape[0], out_dim))
+    out[und] = f_und(x[und])
+    out[gen] = f_gen(x[gen])
+    return out
+
+
 def _expert_rows(n_und: int, n: int, device) -> tuple[Tensor, Tensor]:
     return torch.arange(0, n_und, device=device), torch.arange(n_und, n, device=device)
 

@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -122,32 +121,11 @@ def build_cases(quick: bool) -> list[Case]:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def time_ms(fn, budget_ms: float = 250.0, min_reps: int = 3, max_reps: int = 40) -> float:
-    """Median wall time of ``fn`` in ms after two warm-up calls (CUDA events on the GPU; on the CPU
-    smoke run one warm-up and one timed call, the interpreter being slow)."""
-    fn()
-    if not CUDA:
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    fn()
-    times: list[float] = []
-    spent = 0.0
-    while len(times) < max_reps and (len(times) < min_reps or spent < budget_ms):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t = (time.perf_counter() - t0) * 1e3
-        times.append(t)
-        spent += t
-    return statistics.median(times)
+from common import time_ms  # noqa: E402  (the benchmarks' one timing helper)
+
+# two warm-up calls, then at least 3 timed (CUDA events) for 250 ms, at most 40; on the CPU smoke run
+# one warm-up and one timed call, the interpreter being slow
+TIMING = dict(reps=3, warmup=2, budget_ms=250.0, max_reps=40) if CUDA else dict(reps=1, warmup=1)
 
 
 _FLEX = {}
@@ -261,9 +239,9 @@ def bench_case(case: Case, dtype: torch.dtype, device: str) -> list[Row]:
                 q.grad = k.grad = v.grad = None
                 fn(q, k, v).backward(grad)
 
-            row.fwd_ms = time_ms(fwd)
+            row.fwd_ms = time_ms(fwd, q.device, **TIMING)
             row.fwd_tflops = fwd_flop / row.fwd_ms / 1e9
-            row.fb_ms = time_ms(fwd_bwd)
+            row.fb_ms = time_ms(fwd_bwd, q.device, **TIMING)
             row.fb_tflops = 3.5 * fwd_flop / row.fb_ms / 1e9
         except Exception as exc:  # report, never crash the run
             row.note = _short_error(exc)

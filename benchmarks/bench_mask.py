@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
 import threading
 import time
@@ -31,26 +30,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import Table, device_info, save_plot  # noqa: E402
+from common import Table, device_info, save_plot, time_ms  # noqa: E402
 
 from bagel_kernels import PackedMask  # noqa: E402
 from bagel_kernels.attention import flex_block_mask  # noqa: E402
 from bagel_kernels.testing import realistic_pack  # noqa: E402
-
-
-def _time(fn, device, repeats):
-    fn()  # warm-up (compilation for the compiled variant)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-        del out
-    return statistics.median(times)
 
 
 def _rss() -> int:
@@ -188,7 +172,7 @@ def run(args) -> Table:
         base = None
         for name, fn in methods:
             try:
-                ms = _time(fn, device, repeats)
+                ms = time_ms(fn, device, repeats, 1, wall=True)  # 1 warm-up: compilation
                 peak, kept = _peak_bytes(fn, device)
             except Exception as exc:  # a baseline that cannot run is reported, not fatal
                 table.add(

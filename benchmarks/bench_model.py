@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
 import time
 
@@ -55,7 +54,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common import sync  # noqa: E402
+from common import sync, time_ms  # noqa: E402
 
 from bagel import (  # noqa: E402
     BagelBackendConfig,
@@ -235,14 +234,9 @@ def time_step(step, device, reps: int, warmup: int) -> tuple[float, float]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+    ms = time_ms(step, device, reps, 0, wall=True)  # a whole step, host work included
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else float("nan")
-    return statistics.median(times), peak
+    return ms, peak
 
 
 def seeded_loss(step) -> float:

@@ -311,23 +311,11 @@ def run_layer(args, device, dims, table_rows: list, notes: list):
 
 
 # ---------------------------------------------------------------------------------------------- op benchmarks
-def _rms(x, w, eps):
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _scatter2(x, und, gen, f_und, f_gen, out_shape):
-    out = x.new_zeros(out_shape)
-    out[und] = f_und(x[und])
-    out[gen] = f_gen(x[gen])
-    return out
-
-
 def run_ops(args, device, dims, info, rows: list):
     import torch.nn.functional as F
 
-    from bagel.qwen2_reference import apply_rotary
     from bagel_kernels import mot
+    from bagel_kernels.reference import apply_rope, gather_scatter, qwen2_rms_norm, swiglu_reference
 
     L, n, dtype, D = info["L"], info["n_und"], info["dtype"], info["D"]
     und, gen, perm = info["und"], info["gen"], info["perm"]
@@ -350,8 +338,8 @@ def run_ops(args, device, dims, info, rows: list):
             f"mot_rms_norm [{L}, {H}]",
             lambda b: fwd_bwd(lambda t: mot.mot_rms_norm(t, n, w1, w2, eps, backend=b), [x], [w1, w2], dy),
             fwd_bwd(
-                lambda t: _scatter2(
-                    t, und, gen, lambda u: _rms(u, w1, eps), lambda v: _rms(v, w2, eps), t.shape
+                lambda t: gather_scatter(
+                    t, und, gen, lambda u: qwen2_rms_norm(u, w1, eps), lambda v: qwen2_rms_norm(v, w2, eps)
                 ),
                 [x],
                 [w1, w2],
@@ -365,9 +353,11 @@ def run_ops(args, device, dims, info, rows: list):
     dq, dk = rnd(L, Hq, D, grad=False), rnd(L, Hkv, D, grad=False)
 
     def qk_gs(qq, kk):
-        q_ = _scatter2(qq, und, gen, lambda u: _rms(u, qw1, eps), lambda v: _rms(v, qw2, eps), qq.shape)
-        k_ = _scatter2(kk, und, gen, lambda u: _rms(u, kw1, eps), lambda v: _rms(v, kw2, eps), kk.shape)
-        return apply_rotary(q_, k_, cos, sin)
+        outs = []
+        for t, wa, wb in ((qq, qw1, qw2), (kk, kw1, kw2)):
+            f_und, f_gen = (lambda u, w=w: qwen2_rms_norm(u, w, eps) for w in (wa, wb))
+            outs.append(apply_rope(gather_scatter(t, und, gen, f_und, f_gen), cos, sin))
+        return tuple(outs)
 
     cases.append(
         (
@@ -388,7 +378,7 @@ def run_ops(args, device, dims, info, rows: list):
         (
             f"swiglu [{L}, {inter}]",
             lambda b: fwd_bwd(lambda a, c: mot.swiglu(a, c, backend=b), [gt, up], [], dh),
-            fwd_bwd(lambda a, c: F.silu(a) * c, [gt, up], [], dh),
+            fwd_bwd(swiglu_reference, [gt, up], [], dh),
         )
     )
     # routed linear: the q projection (bias) and the MLP gate projection
@@ -405,13 +395,8 @@ def run_ops(args, device, dims, info, rows: list):
                     lambda t: mot.mot_linear(t, n, wa, ba, wb, bb, backend=b), [xx], ps, dyo
                 ),
                 fwd_bwd(
-                    lambda t, wa=wa, wb=wb, ba=ba, bb=bb, out_f=out_f: _scatter2(
-                        t,
-                        und,
-                        gen,
-                        lambda u: F.linear(u, wa, ba),
-                        lambda v: F.linear(v, wb, bb),
-                        (t.shape[0], out_f),
+                    lambda t, wa=wa, wb=wb, ba=ba, bb=bb, out_f=out_f: gather_scatter(
+                        t, und, gen, lambda u: F.linear(u, wa, ba), lambda v: F.linear(v, wb, bb), out_f
                     ),
                     [xx],
                     ps,
@@ -434,14 +419,10 @@ def run_ops(args, device, dims, info, rows: list):
         )
     )
 
-    for name, make, gather_scatter in cases:
+    for name, make, upstream in cases:
         t_tri = time_ms(make("triton"), device, args.reps, args.warmup)
         t_torch = time_ms(make("torch"), device, args.reps, args.warmup)
-        t_gs = (
-            time_ms(gather_scatter, device, args.reps, args.warmup)
-            if gather_scatter is not None
-            else float("nan")
-        )
+        t_gs = time_ms(upstream, device, args.reps, args.warmup) if upstream is not None else float("nan")
         rows.append((name, t_tri, t_torch, t_gs))
 
 

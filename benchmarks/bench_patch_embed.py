@@ -27,7 +27,6 @@ import random
 import sys
 
 import torch
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -36,6 +35,7 @@ if HERE not in sys.path:
 from common import Table, device_info, save_plot, time_ms  # noqa: E402
 
 from bagel_kernels import patch_embed as pe  # noqa: E402
+from bagel_kernels import reference  # noqa: E402
 
 SO400M = dict(patch=14, channels=3, hidden=1152, side=70)  # BAGEL: vit_max_num_patch_per_side = 70
 TINY = dict(patch=4, channels=3, hidden=64, side=8)
@@ -80,7 +80,7 @@ def build_case(n_img: int, px, dims, device, dtype, seed: int = 0):
     weight = (torch.randn(E, K, generator=g) * K**-0.5).to(device=device, dtype=dtype)
     bias = (torch.randn(E, generator=g) * 0.02).to(device=device, dtype=dtype)
     table = (torch.randn(side * side, E, generator=g) * 0.02).to(device=device, dtype=dtype)
-    patches = pe.patchify_images(images, coords, p).contiguous()
+    patches = reference.patchify_images(images, coords, p).contiguous()
     label = (
         f"{n_img} x {px}px"
         if px != "mixed"
@@ -107,11 +107,10 @@ def paths(c, fused_backend: str):
     p, ids, coords = c["p"], c["ids"], c["coords"]
 
     def unfused_patches(w, b, t):
-        return F.linear(c["patches"], w, b) + F.embedding(ids, t)
+        return reference.patch_embed_reference(c["patches"], w, b, t, ids)
 
     def unfused_images(w, b, t):
-        x = pe.patchify_images(c["images"], coords, p)
-        return F.linear(x, w, b) + F.embedding(ids, t)
+        return reference.patch_embed_images_reference(c["images"], coords, p, w, b, t, ids)
 
     def fused(entry, check):
         if entry == "patches":

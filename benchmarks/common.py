@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: a markdown table, device/version info, a plot."""
+"""Shared helpers of the benchmark scripts: a markdown table, the timing helper, device info, a plot."""
 
 from __future__ import annotations
 
@@ -48,25 +48,47 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device: torch.device, reps: int, warmup: int) -> float:
-    """Median ms of ``fn()`` over ``reps`` calls after ``warmup`` calls (CUDA events on a GPU, wall
-    clock elsewhere)."""
+def _timed_call(fn, device: torch.device, wall: bool) -> float:
+    """ms of one ``fn()``: CUDA events on a GPU, else (or with ``wall``) the wall clock with the device
+    synchronised after the call. What ``fn`` returns is freed after the clock stops."""
+    if device.type == "cuda" and not wall:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        _out = fn()  # held until the clock has stopped
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    _out = fn()
+    sync(device)
+    ms = (time.perf_counter() - t0) * 1e3
+    del _out
+    return ms
+
+
+def time_ms(
+    fn,
+    device: torch.device,
+    reps: int,
+    warmup: int,
+    *,
+    budget_ms: float = 0.0,
+    max_reps: int | None = None,
+    wall: bool = False,
+) -> float:
+    """Median ms of ``fn()`` over ``reps`` timed calls after ``warmup`` untimed ones; with ``budget_ms``,
+    more calls while the timed ones total less than it (``max_reps`` at most). The one timing helper of
+    every benchmark: CUDA events on a GPU (device time), the wall clock elsewhere; ``wall=True`` takes
+    the wall clock with a sync after each call on the GPU too (host work included: mask building, a
+    whole training step)."""
+    device = torch.device(device)
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    limit = max(reps, max_reps or reps)
+    times: list[float] = []
+    while len(times) < limit and (len(times) < reps or sum(times) < budget_ms):
+        times.append(_timed_call(fn, device, wall))
     return statistics.median(times)
 
 

@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -28,6 +29,7 @@ if HERE not in sys.path:
 from bench_mask import _dense_per_sample  # noqa: E402
 
 from bagel_kernels import PackedMask, mot, packed_attention  # noqa: E402
+from bagel_kernels.reference import gather_scatter, qwen2_rms_norm  # noqa: E402
 from bagel_kernels.testing import realistic_pack  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
@@ -83,13 +85,7 @@ def test_rms_norm_gather_scatter(benchmark):
     x, _, und, gen = _routed()
     w1, w2 = torch.rand(x.shape[1]), torch.rand(x.shape[1])
 
-    def run():
-        out = torch.empty_like(x)
-        out[und] = mot.qwen2_rms_norm(x[und], w1)
-        out[gen] = mot.qwen2_rms_norm(x[gen], w2)
-        return out
-
-    benchmark(run)
+    benchmark(gather_scatter, x, und, gen, lambda u: qwen2_rms_norm(u, w1), lambda v: qwen2_rms_norm(v, w2))
 
 
 @pytest.mark.benchmark(group="mot-linear")
@@ -106,13 +102,7 @@ def test_linear_gather_scatter(benchmark):
     w1, w2 = torch.randn(768, x.shape[1]), torch.randn(768, x.shape[1])
     b1, b2 = torch.randn(768), torch.randn(768)
 
-    def run():
-        out = x.new_empty(x.shape[0], 768)
-        out[und] = torch.nn.functional.linear(x[und], w1, b1)
-        out[gen] = torch.nn.functional.linear(x[gen], w2, b2)
-        return out
-
-    benchmark(run)
+    benchmark(gather_scatter, x, und, gen, lambda u: F.linear(u, w1, b1), lambda v: F.linear(v, w2, b2), 768)
 
 
 @pytest.mark.benchmark(group="swiglu")
