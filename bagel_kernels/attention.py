@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

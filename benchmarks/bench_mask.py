@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import Table, device_info, save_plot, time_ms  # noqa: E402
+from common import Table, device_info, save_plot, time_ms, write_results  # noqa: E402
 
 from bagel_kernels import PackedMask  # noqa: E402
 from bagel_kernels.attention import flex_block_mask  # noqa: E402
@@ -197,18 +197,14 @@ def run(args) -> Table:
         "after warm-up (memory the allocator kept from earlier builds is not counted: a lower bound). "
         "result MiB: what the built mask keeps."
     )
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        table.write(os.path.join(args.out, "bench_mask.md"))
-        save_plot(
-            os.path.join(args.out, "bench_mask.png"),
-            plot,
-            "tokens per pack",
-            "build time (ms)",
-            "Mask construction",
-            logx=True,
-            logy=True,
-        )
+    write_results(
+        args.out,
+        "bench_mask",
+        table.render(),
+        lambda path: save_plot(
+            path, plot, "tokens per pack", "build time (ms)", "Mask construction", logx=True, logy=True
+        ),
+    )
     return table
 
 

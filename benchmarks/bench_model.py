@@ -54,7 +54,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common import sync, time_ms  # noqa: E402
+from common import no_gpu, sync, time_ms, write_results  # noqa: E402
 
 from bagel import (  # noqa: E402
     BagelBackendConfig,
@@ -456,18 +456,19 @@ def run(args) -> str:
     text = table.render()
     if args.mfu:
         text += "\n" + mfu_run(args, device, dtype).render()
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_model.md"), "w") as f:
-            f.write(text)
-        save_plot(
-            os.path.join(args.out, "bench_model.png"),
+    write_results(
+        args.out,
+        "bench_model",
+        text,
+        lambda path: save_plot(
+            path,
             series,
             "pack size (tokens incl. pad)",
             "training tokens/s (fwd+bwd)",
             "BAGEL training step: tokens/s per backend",
             logx=True,
-        )
+        ),
+    )
     return text
 
 
@@ -490,10 +491,7 @@ def main(argv=None) -> int:
         "--peak-tflops", type=float, default=None, help="peak TFLOP/s per GPU for MFU (default: by GPU name)"
     )
     args = p.parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
-        print(
-            "bench_model: needs CUDA (BAGEL-7B-shaped bf16 training step); nothing measured. Use --tiny to check the script on CPU."
-        )
+    if no_gpu("bench_model", args.tiny, "a BAGEL-7B-shaped bf16 training step"):
         return 0
     print(run(args))
     return 0

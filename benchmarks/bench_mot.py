@@ -38,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import sync, time_ms  # noqa: E402
+from common import no_gpu, sync, time_ms, write_results  # noqa: E402
 
 BAGEL_7B = dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28, theta=1e6)
 TINY = dict(hidden=128, inter=256, heads=4, kv_heads=2, layers=28, theta=1e4)
@@ -509,11 +509,7 @@ def run(args) -> str:
         "permute_rows: the torch column is x[perm] (its backward an index_put); the grouped layout pays it once per forward"
     )
     text = t1.render() + "\n" + t2.render()
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_mot.md"), "w") as f:
-            f.write(text)
-        _plot(os.path.join(args.out, "bench_mot.png"), layer_rows, op_rows)
+    write_results(args.out, "bench_mot", text, lambda path: _plot(path, layer_rows, op_rows))
     return text
 
 
@@ -536,10 +532,7 @@ def main(argv=None) -> int:
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.reps, args.warmup = 1, 1
-    elif not torch.cuda.is_available():
-        print(
-            "bench_mot: needs CUDA (BAGEL-7B shapes in bf16); no GPU here, nothing measured. Use --tiny to check the script on CPU."
-        )
+    elif no_gpu("bench_mot", args.tiny, "BAGEL-7B shapes in bf16"):
         return 0
     else:
         args.reps, args.warmup = (5, 2) if args.quick else (15, 3)

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import Table, device_info, save_plot, time_ms  # noqa: E402
+from common import Table, device_info, no_gpu, save_plot, time_ms, write_results  # noqa: E402
 
 from bagel_kernels import patch_embed as pe  # noqa: E402
 from bagel_kernels import reference  # noqa: E402
@@ -212,16 +212,18 @@ def run(args) -> str:
     table.note(
         "max |diff| = largest elementwise difference of the forward output from the unfused path of the same input"
     )
-    os.makedirs(args.out, exist_ok=True)
-    md = os.path.join(args.out, "bench_patch_embed.md")
-    table.write(md)
-    save_plot(
-        os.path.join(args.out, "bench_patch_embed.png"),
-        {k: v for k, v in plot.items() if not k.startswith("unfused")},
-        "patches N",
-        "forward speed-up vs unfused torch",
-        "fused patch embedding (so400m, bf16)" if not tiny else "tiny CPU check",
-        logx=True,
+    write_results(
+        args.out,
+        "bench_patch_embed",
+        table.render(),
+        lambda path: save_plot(
+            path,
+            {k: v for k, v in plot.items() if not k.startswith("unfused")},
+            "patches N",
+            "forward speed-up vs unfused torch",
+            "fused patch embedding (so400m, bf16)" if not tiny else "tiny CPU check",
+            logx=True,
+        ),
     )
     return table.render()
 
@@ -234,10 +236,7 @@ def main(argv=None) -> int:
         "--tiny", action="store_true", help="tiny shapes on the CPU (checks the script; times mean nothing)"
     )
     args = ap.parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
-        print(
-            "bench_patch_embed: needs CUDA (no GPU here); nothing measured. Use --tiny to check the script on the CPU."
-        )
+    if no_gpu("bench_patch_embed", args.tiny, "so400m shapes in bf16"):
         return 0
     print(run(args))
     return 0

@@ -92,6 +92,29 @@ def time_ms(
     return statistics.median(times)
 
 
+def no_gpu(script: str, tiny: bool, what: str) -> bool:
+    """True, after saying so, when a GPU benchmark has nothing to measure: no CUDA device and no ``--tiny``
+    (which runs the same code on tiny shapes on the CPU to check the script)."""
+    if tiny or torch.cuda.is_available():
+        return False
+    print(
+        f"{script}: needs CUDA ({what}); no GPU here, nothing measured. Use --tiny to check the script on CPU."
+    )
+    return True
+
+
+def write_results(out: str | None, name: str, markdown: str, plot=None) -> None:
+    """``{name}.md`` (the markdown) and ``{name}.png`` (``plot(path)`` draws it) in the folder ``out``,
+    created if needed; nothing when ``out`` is None."""
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    if plot is not None:
+        plot(os.path.join(out, f"{name}.png"))
+
+
 def git_commit() -> str:
     if os.environ.get("BAGEL_COMMIT"):  # set by gpu_check.sh callers whose copy of the tree has no .git
         return os.environ["BAGEL_COMMIT"][:12]

@@ -57,4 +57,3 @@ def test_rope_matches_transformers():
     assert torch.equal(ours_q, reference.apply_rope(q, cos, sin))
     assert torch.equal(ours_k, hk[0].transpose(0, 1))
     assert torch.equal(torch.stack(mot.rope_cos_sin(pos, 16, 1e6)), torch.stack((cos, sin)))
-
