@@ -83,7 +83,8 @@ class Backend:
         device = request.device.type
         on_interpreter = self.interpreted and device == "cpu" and interpreting()
         if self.devices is not None and device not in self.devices and not on_interpreter:
-            hint = "; set TRITON_INTERPRET=1 to interpret the kernels on the CPU" if self.interpreted else ""
+            cpu_hint = self.interpreted and device == "cpu"
+            hint = "; set TRITON_INTERPRET=1 to interpret the kernels on the CPU" if cpu_hint else ""
             out.append(f"runs on {' or '.join(self.devices)} tensors (got {device}{hint})")
         if self.dtypes is not None and request.dtype not in self.dtypes:
             names = ", ".join(_dtype_name(d) for d in self.dtypes)
