@@ -22,10 +22,12 @@ Shapes (N tokens, H hidden, I intermediate, Hq/Hkv heads, D head dim):
 
 Backends (``backend=``): ``"triton"`` (our kernels; on CPU only under ``TRITON_INTERPRET=1``),
 ``"torch"`` (plain PyTorch on the two contiguous slices, autograd by torch) and ``"auto"`` (triton on
-CUDA when the inputs fit the kernels, torch otherwise). :func:`mot_linear` has no Triton kernel: its
-``"auto"``/``"triton"`` path is the custom op running two BLAS GEMMs into one preallocated output.
-The ``*_reference`` functions are the plain per-expert gather/scatter formulation (what upstream BAGEL
-does every layer); tests and benchmarks compare against them.
+CUDA when the inputs fit the kernels, torch otherwise), as declared in :data:`MOT` (the dispatcher of
+:mod:`bagel_kernels.dispatch`). :func:`mot_linear` has no Triton kernel: its ``"auto"``/``"triton"`` path
+is the custom op running two BLAS GEMMs into one preallocated output.
+The ``*_reference`` functions (defined in :mod:`bagel_kernels.reference`, importable from here) are the
+plain per-expert gather/scatter formulation (what upstream BAGEL does every layer); tests and
+benchmarks compare against them.
 
 Dtypes: fp16, bf16, fp32 (the torch backend and the references also take fp64). Norm weights may
 have another float dtype than the activations; the output then has the promoted dtype, as
@@ -77,6 +79,7 @@ __all__ = [
     "rotate_half",
     "sm90_compile_specs",
     "BACKENDS",
+    "MOT",
 ]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

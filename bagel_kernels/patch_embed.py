@@ -60,6 +60,7 @@ from .reference import (
 
 __all__ = [
     "BACKENDS",
+    "PATCH_EMBED",
     "ExtensionStatus",
     "extension_status",
     "last_backend",
