@@ -54,7 +54,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common import no_gpu, sync, time_ms, write_results  # noqa: E402
+from common import run_script, sync, time_ms, write_results  # noqa: E402
 
 from bagel import (  # noqa: E402
     BagelBackendConfig,
@@ -490,11 +490,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="peak TFLOP/s per GPU for MFU (default: by GPU name)"
     )
-    args = p.parse_args(argv)
-    if no_gpu("bench_model", args.tiny, "a BAGEL-7B-shaped bf16 training step"):
-        return 0
-    print(run(args))
-    return 0
+    return run_script(p, run, "bench_model", "a BAGEL-7B-shaped bf16 training step", argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import Table, device_info, no_gpu, save_plot, time_ms, write_results  # noqa: E402
+from common import Table, device_info, run_script, save_plot, time_ms, write_results  # noqa: E402
 
 from bagel_kernels import patch_embed as pe  # noqa: E402
 from bagel_kernels import reference  # noqa: E402
@@ -235,11 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--tiny", action="store_true", help="tiny shapes on the CPU (checks the script; times mean nothing)"
     )
-    args = ap.parse_args(argv)
-    if no_gpu("bench_patch_embed", args.tiny, "so400m shapes in bf16"):
-        return 0
-    print(run(args))
-    return 0
+    return run_script(ap, run, "bench_patch_embed", "so400m shapes in bf16", argv)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,15 @@ def no_gpu(script: str, tiny: bool, what: str) -> bool:
     return True
 
 
+def run_script(parser, run, script: str, what: str, argv=None) -> int:
+    """``main`` of a GPU benchmark: parse ``argv``; without a GPU and ``--tiny`` say so and measure
+    nothing (:func:`no_gpu`), else print ``run(args)`` (its markdown). Exit status 0 either way."""
+    args = parser.parse_args(argv)
+    if not no_gpu(script, args.tiny, what):
+        print(run(args))
+    return 0
+
+
 def write_results(out: str | None, name: str, markdown: str, plot=None) -> None:
     """``{name}.md`` (the markdown) and ``{name}.png`` (``plot(path)`` draws it) in the folder ``out``,
     created if needed; nothing when ``out`` is None."""
