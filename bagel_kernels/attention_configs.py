@@ -94,8 +94,8 @@ class AttnConfig:
     bwd_warps: int = 4
     bwd_stages: int = 2
     onepass: int = 0
-    onepass_block_m: int = 16
-    onepass_block_n: int = 32
+    onepass_block_m: int = 64
+    onepass_block_n: int = 16
     onepass_warps: int = 4
     onepass_stages: int = 2
     dsplit: int = 1
