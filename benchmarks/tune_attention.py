@@ -30,7 +30,8 @@ package's ``attention_tuned.json``); the entries of the tuned keys ``(GPU arch, 
 bf16, head dim)`` are replaced, each with what was measured; the file is rewritten after every shape
 (written as it goes). ``--budget-s`` bounds the sweep: each (shape, program) gets its share of it (what
 one leaves unused goes to the next); past its share a program's remaining candidates are skipped and
-the best so far is kept, so that every program of every shape gets measured. ``benchmarks/gpu_check.sh`` runs this first and points the later
+the best so far is kept, so that every program of every shape gets measured.
+``benchmarks/gpu_check.sh`` runs this first and points the later
 benchmarks at the new table (``BAGEL_KERNELS_ATTN_TABLE``); commit the table it copies to its output
 folder as ``bagel_kernels/attention_tuned.json``.
 
@@ -92,7 +93,7 @@ ONEPASS_CANDIDATES = {
     80: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 1), (64, 64, 8, 1)],
 }  # fmt: skip
 KINDS = ("fwd", "bwd", "onepass")
-ONEPASS_MARGIN = 0.97  # the one-pass backward becomes the default where it takes < 97% of the two-program time
+ONEPASS_MARGIN = 0.97  # the one-pass backward is the default where it takes < 97% of the two-program time
 DTYPE = torch.bfloat16
 
 
@@ -176,14 +177,14 @@ class _Op:
 
     def fwd(self):
         return _packed_attention_fwd(
-            self.q, self.k, self.v, *self.common, self.fwd_t, self.bwd_t, self.scale, self.blocks, self.launch,
-            self.dsplit, self.tma, self.onepass,
+            self.q, self.k, self.v, *self.common, self.fwd_t, self.bwd_t, self.scale,
+            self.blocks, self.launch, self.dsplit, self.tma, self.onepass,
         )  # fmt: skip
 
     def bwd(self, do, out, lse):
         return _packed_attention_bwd(
-            do, self.q, self.k, self.v, out, lse, *self.common, self.bwd_t, self.scale, self.blocks, self.launch,
-            self.dsplit, self.onepass,
+            do, self.q, self.k, self.v, out, lse, *self.common, self.bwd_t, self.scale,
+            self.blocks, self.launch, self.dsplit, self.onepass,
         )  # fmt: skip
 
 
@@ -228,7 +229,7 @@ _KIND_FIELDS = {
 _SWEEP = {"fwd": FWD_CANDIDATES, "bwd": BWD_CANDIDATES, "onepass": ONEPASS_CANDIDATES}
 
 
-def candidates(base: ac.AttnConfig, fam: int, kind: str, dry: bool, shape: Shape | None = None) -> list[ac.AttnConfig]:
+def candidates(base: ac.AttnConfig, fam: int, kind: str, dry: bool) -> list[ac.AttnConfig]:
     names = _KIND_FIELDS[kind]
     out = [base] + [dataclasses.replace(base, **dict(zip(names, c, strict=True))) for c in _SWEEP[kind][fam]]
     seen, uniq = set(), []
