@@ -928,6 +928,26 @@ def test_gpu_random_packs(dtype, hq, hkv, d):
 
 
 @gpu
+@pytest.mark.parametrize(
+    "dtype,hq,hkv,d",
+    [(torch.bfloat16, 28, 4, 128), (torch.bfloat16, 16, 16, 72), (torch.float16, 8, 2, 64)],
+    ids=["bf16-qwen", "bf16-siglip", "fp16-d64"],
+)
+def test_gpu_onepass_backward(dtype, hq, hkv, d):
+    """The one-pass backward on the GPU (real atomics, racing programs) with the GPU's tiles, against
+    the float64 reference; and the padded SigLIP layout (``dsplit=0``) that the benchmark times."""
+    rng = random.Random(hq + d + 1)
+    mask = PackedMask.from_splits(
+        *random_pack(rng, 4, text=(1, 80), image=(1, 250)).as_tuple(), device="cuda"
+    )
+    q, k, v = _make_qkv(mask.total_len, hq, hkv, d, dtype, device="cuda")
+    cfg = default_config(q.device, dtype, d)
+    _check_against_reference(q, k, v, mask, dtype, config=dataclasses.replace(cfg, onepass=1))
+    if d == 72:
+        _check_against_reference(q, k, v, mask, dtype, config=dataclasses.replace(cfg, dsplit=0, tma=1))
+
+
+@gpu
 def test_gpu_fp32_exact_dots():
     mask = PackedMask.from_splits(
         *random_pack(random.Random(3), 4, text=(1, 80), image=(1, 250)).as_tuple(), device="cuda"
