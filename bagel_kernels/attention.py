@@ -368,9 +368,10 @@ def packed_attention(
             negative scale raise the same ValueError on every backend).
         backend: ``"auto"``, ``"triton"``, ``"flex"`` or ``"sdpa"``.
         deterministic: True promises a bit-identical backward on repeated runs: the Triton kernels
-            use no atomics, FlexAttention's backward is two-pass (no atomics), and the sdpa backend
-            runs SDPA's math kernel (see ``_sdpa``). False lets a backend take a faster
-            non-deterministic backward where it has one.
+            run their two-program backward (no atomics), FlexAttention's backward is two-pass (no
+            atomics), and the sdpa backend runs SDPA's math kernel (see ``_sdpa``). False lets a backend
+            take a faster non-deterministic backward where it has one (Triton: the one-pass backward
+            with atomic dQ, where its configuration selects it).
 
     Returns ``[T, Hq, D]`` in q's dtype. Rows that see no key are zero (with zero gradients). ``T = 0``
     gives an empty ``[0, Hq, D]`` on every backend, with a working backward (empty gradients).

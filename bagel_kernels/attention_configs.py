@@ -38,6 +38,9 @@ import torch
 
 __all__ = [
     "AttnConfig",
+    "ONEPASS_DEFAULT",
+    "default_for",
+    "dim_split",
     "check_interpreter",
     "TABLE_PATH",
     "arch_family",
@@ -52,15 +55,33 @@ __all__ = [
 TABLE_PATH = Path(__file__).with_name("attention_tuned.json")
 TABLE_ENV = "BAGEL_KERNELS_ATTN_TABLE"
 TABLE_FORMAT = 1
+FLAG_FIELDS = ("onepass", "dsplit", "tma")
+# The backward ``deterministic=False`` runs where no tuned entry says otherwise: 0 = the two-program
+# backward (today's), 1 = the one-pass backward. Decided by the first GPU measurement
+# (``benchmarks/gpu_check.sh``: the tuner times both and writes ``onepass`` into each tuned entry;
+# ``bench_attention`` reports both); flipping it here flips every built-in default.
+ONEPASS_DEFAULT = 0
 
 
 @dataclass(frozen=True)
 class AttnConfig:
-    """Tile shapes and launch parameters.
+    """Tile shapes, launch parameters and kernel variants.
 
-    Forward tiles are ``block_m x block_n``; the backward's dK/dV programs use ``block_m1 x block_n1``
-    (key blocks of ``block_n1``) and its dQ programs ``block_m2 x block_n2``. ``*_warps``/``*_stages``
-    matter on the GPU only."""
+    Forward tiles are ``block_m x block_n``; the deterministic (two-program) backward's dK/dV programs
+    use ``block_m1 x block_n1`` (key blocks of ``block_n1``) and its dQ programs ``block_m2 x block_n2``;
+    the one-pass backward's programs ``onepass_block_m x onepass_block_n`` (key blocks of
+    ``onepass_block_n``). ``*_warps``/``*_stages`` matter on the GPU only.
+
+    Variants (0 or 1):
+        onepass  ``deterministic=False`` runs the one-pass backward (dK/dV programs that also add
+                 dS K to an fp32 dQ accumulator with atomics: 5 products per tile pair instead of 7);
+                 ``deterministic=True`` never does. Default :data:`ONEPASS_DEFAULT`.
+        dsplit   a head dim that is no power of two runs as two column blocks when that is narrower
+                 than padding (72 -> 64 + 16 instead of 128); 0 pads as before.
+        tma      the forward reads K/V through tensor descriptors (TMA) where usable: sm_90+, no
+                 row index, 16-byte aligned strides; elsewhere it falls back to pointer loads.
+    The defaults of this class are the interpreter's (CPU tests): small tiles, every program kind a
+    different shape, so that a mixed-up block index cannot go unnoticed."""
 
     block_m: int = 64
     block_n: int = 32
@@ -72,6 +93,13 @@ class AttnConfig:
     fwd_stages: int = 2
     bwd_warps: int = 4
     bwd_stages: int = 2
+    onepass: int = 0
+    onepass_block_m: int = 64
+    onepass_block_n: int = 16
+    onepass_warps: int = 4
+    onepass_stages: int = 2
+    dsplit: int = 1
+    tma: int = 0
 
     def blocks(self) -> list[int]:
         return [self.block_m, self.block_n, self.block_m1, self.block_n1, self.block_m2, self.block_n2]
@@ -90,13 +118,32 @@ class AttnConfig:
         if unknown:
             raise ValueError(f"unknown AttnConfig fields {unknown} (known: {sorted(names)})")
         for k, v in d.items():
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if k in FLAG_FIELDS:
+                if not isinstance(v, int) or isinstance(v, bool) or v not in (0, 1):
+                    raise ValueError(f"AttnConfig field {k} must be 0 or 1, got {v!r}")
+            elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"AttnConfig field {k} must be a positive int, got {v!r}")
         return dataclasses.replace(base if base is not None else cls(), **d)
 
 
 def _pad_dim(d: int) -> int:
     return max(16, 1 << (int(d) - 1).bit_length())
+
+
+def dim_split(d: int, split: bool = True) -> tuple[int, int]:
+    """``(DA, DB)``: the column blocks the attention kernels cut a head dim ``d`` into, powers of two
+    >= 16 (``DB = 0``: one block). Without ``split``, or where it saves nothing, one block of ``d``
+    padded to a power of two (72 -> 128); with it, the largest power of two <= ``d`` plus the rest
+    padded, when that is narrower: 72 -> 64 + 16 (80 of the padded 128 columns), 80 -> 64 + 16,
+    96 -> 64 + 32, 40 -> 32 + 16, 136 -> 128 + 16; 24 (16 + 16 = 32) and 100 (64 + 64) stay one block."""
+    d = int(d)
+    pad = _pad_dim(d)
+    if split and d > 16:
+        a = 1 << (d.bit_length() - 1)  # largest power of two <= d
+        b = _pad_dim(d - a) if d > a else 0
+        if b and a + b < pad:
+            return a, b
+    return pad, 0
 
 
 def arch_family(capability: tuple[int, int] | int) -> int:
@@ -156,15 +203,44 @@ _DEFAULTS: dict[tuple[int, bool, int], AttnConfig] = {
     (80, True, 128): _C(64, 32, 16, 16, 16, 16, 8, 2, 4, 1),
     (80, True, 256): _C(32, 32, 32, 32, 32, 32, 4, 1, 8, 1),
 }
+# The one-pass backward's tiles and launch (block_m, block_n, warps, stages) where they are not those of
+# the two-program backward's dK/dV programs (block_m1, block_n1, bwd_warps, bwd_stages): its programs
+# hold a fifth product's operands and result. sm_90 D=256: 32x64 spills in the loop (255 registers).
+_ONEPASS_TILES: dict[tuple[int, bool, int], tuple[int, int, int, int]] = {
+    (90, False, 256): (32, 32, 8, 2),
+}
+# Split head dims (``dsplit``; see :func:`dim_split`): (arch family, fp32, DA, DB) -> fields replacing
+# those of the padded head dim's entry where its tiles do not fit the split layout. sm_80, 72 = 64 + 16:
+# the 8-warp 64x64 backward of D=128 spills 1-10 KB inside the loop with two column blocks (mma.sync
+# keeps both blocks' operands in registers), the one-pass backward's 64x64 2 KB.
+_SPLIT_TILES: dict[tuple[int, bool, int, int], dict] = {
+    (80, False, 64, 16): dict(
+        block_m1=16, block_n1=64, block_m2=64, block_n2=16, bwd_warps=4, bwd_stages=2,
+        onepass_block_m=16, onepass_block_n=64, onepass_warps=8, onepass_stages=2,
+    ),
+}  # fmt: skip
 # (arch family, oldest Triton, newest Triton (inclusive), fp32, padded head dim) -> fields to replace
 _OVERRIDES: list[tuple[int, str, str, bool, int, dict]] = []
 
 
-def default_for(arch: int, fp32: bool, head_dim: int, version: str | None = None) -> AttnConfig:
-    """The built-in configuration (no tuned table) for an architecture family and Triton version."""
+def default_for(
+    arch: int, fp32: bool, head_dim: int, version: str | None = None, dsplit: bool = True
+) -> AttnConfig:
+    """The built-in configuration (no tuned table) for an architecture family and Triton version.
+    ``dsplit=False``: the padded head-dim layout with its tiles (the kernels before the split)."""
     fam = arch_family(arch)
     d = _pad_dim(head_dim)
     cfg = _DEFAULTS[(fam, bool(fp32), d)]
+    bm, bn, w, st = _ONEPASS_TILES.get(
+        (fam, bool(fp32), d), (cfg.block_m1, cfg.block_n1, cfg.bwd_warps, cfg.bwd_stages)
+    )
+    cfg = dataclasses.replace(
+        cfg, onepass=ONEPASS_DEFAULT, onepass_block_m=bm, onepass_block_n=bn, onepass_warps=w,
+        onepass_stages=st, dsplit=int(bool(dsplit)),
+    )  # fmt: skip
+    da, db = dim_split(head_dim, dsplit)
+    if db:
+        cfg = dataclasses.replace(cfg, **_SPLIT_TILES.get((fam, bool(fp32), da, db), {}))
     v = _vtuple(version or triton_version())
     for a, lo, hi, f32, dp, fields in _OVERRIDES:
         if a == fam and f32 == bool(fp32) and dp == d and _vtuple(lo) <= v <= _vtuple(hi):

@@ -297,15 +297,33 @@ def _parse_ptxas(log: str) -> tuple[int | None, int | None, int | None]:
     )
 
 
+def _ptxas_for(arch: int) -> tuple[str, list[str]]:
+    """The ptxas the installed Triton runs for ``arch`` and the extra flags it passes: triton 3.9
+    assembles sm_90 with its CUDA 13 ``ptxas-blackwell`` (the plain ``ptxas`` it ships is 12.9 and
+    rejects that PTX) and adds ``--regAllocOptLevel=2``."""
+    try:
+        import triton.backends.nvidia.compiler as nvc
+
+        path = nvc.get_ptxas(arch).path
+        with open(nvc.__file__) as f:
+            extra = ["--regAllocOptLevel=2"] if "--regAllocOptLevel=2" in f.read() else []
+        return path, extra
+    except (ImportError, AttributeError, TypeError, OSError):
+        return _nv_tool("ptxas"), []
+
+
 def _ptxas_log(ptx: str) -> str:
-    """``ptxas -v`` on a kernel's PTX with the flags triton uses (when the compile came from the cache)."""
+    """``ptxas -v`` on a kernel's PTX with the ptxas and flags triton uses (when the compile came
+    from the cache, triton printed no log)."""
     target = re.search(r"^\.target\s+(\w+)", ptx, re.M)
+    arch = int(re.sub(r"\D", "", target.group(1)))
+    tool, extra = _ptxas_for(arch)
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         proc = subprocess.run(
-            [_nv_tool("ptxas"), "-lineinfo", "-v", f"--gpu-name={target.group(1)}", src, "-o", src + ".o"],
+            [tool, "-lineinfo", "-v", *extra, f"--gpu-name={target.group(1)}", src, "-o", src + ".o"],
             capture_output=True,
             text=True,
         )

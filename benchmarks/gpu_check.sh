@@ -8,12 +8,18 @@
 #                         BAGEL_KERNELS_REQUIRE_CUDA=1 (a failed CUDA kernel fails the step; the log is
 #                         OUTDIR/pip_install.log; extension_status() with the build record is printed)
 #   3. compile check      every Triton kernel for this GPU's architecture, resource table
-#   4. tune               benchmarks/tune_attention.py: tile sweep for the forward and backward at the
-#                         LLM and SigLIP pack shapes; the table goes to OUTDIR/attention_tuned.json (commit
+#   4. tune               benchmarks/tune_attention.py: tile sweep for the forward, the two-program and the
+#                         one-pass backward at the LLM and SigLIP pack shapes (the forward also with TMA on
+#                         the SigLIP layout); each entry records which backward was faster and sets
+#                         onepass=1 where the one-pass one wins (the default backward of deterministic=False,
+#                         decided by this measurement); the table goes to OUTDIR/attention_tuned.json (commit
 #                         it as bagel_kernels/attention_tuned.json) and every later step uses it
 #                         (BAGEL_KERNELS_ATTN_TABLE)
-#   5. benchmarks         bench_attention, bench_model (with the MFU run), then the GPU tests, bench_mot,
-#                         the equivalence report, bench_patch_embed, bench_mask
+#   5. benchmarks         bench_attention (both backward variants timed alone and with the forward, TMA, the
+#                         SigLIP head-dim split against the padded kernel of before, flex with prebuilt and
+#                         per-pack masks, and the goals of issue 15 next to the measured numbers),
+#                         bench_model (with the MFU run), then the GPU tests, bench_mot, the equivalence
+#                         report, bench_patch_embed, bench_mask
 # OUTDIR gets, as it goes: gpu_check.log (everything printed), steps.tsv (status and seconds of every
 # step), pip_install.log, compile_check.json, attention_tuned.json, results_partial.md; at the end
 # results.md (all tables + versions + commit + the step table) and one PNG per benchmark.
@@ -142,7 +148,7 @@ if [ -f "$OUT/attention_tuned.json" ]; then
   echo "later steps read the tile table $BAGEL_KERNELS_ATTN_TABLE"
 fi
 
-cap_of() { case "$1" in attention) echo 100;; model) echo 170;; mot|mask) echo 60;; *) echo 40;; esac; }
+cap_of() { case "$1" in attention) echo 130;; model) echo 170;; mot|mask) echo 60;; *) echo 40;; esac; }
 
 for b in ${BENCHES-attention model}; do run_step "bench_$b" "$(cap_of "$b")" bench "$b"; done
 

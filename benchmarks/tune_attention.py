@@ -10,9 +10,17 @@ For each shape the model runs,
     vit   SigLIP so400m: 4 images (1024 + 2304 + 4900 + 729 patches, one ``full`` split each), 16 heads
           of 72, q/k/v views into one fused qkv projection output, bf16
 
-it sweeps candidate tiles (block sizes, warps, stages) for the forward program, then, with the forward's
-winner, for the backward launch (its dK/dV and dQ programs together). Every candidate is first checked
-against the SDPA backend in fp32 on a 2k-token pack of the same kind (output, or dq/dk/dv; bf16
+it sweeps candidate tiles (block sizes, warps, stages) for three programs, each with the winners so far:
+
+    fwd       the forward (on sm_90, for the SigLIP layout, the winner is also tried with K/V through
+              tensor descriptors: ``tma=1``)
+    bwd       the deterministic two-program backward (its dK/dV and dQ programs together)
+    onepass   the one-pass backward (dK/dV programs adding dQ with fp32 atomics; ``onepass_*`` tiles)
+
+then sets ``onepass`` in the entry: 1 when the fastest one-pass backward beats the fastest two-program
+one by more than 3% (``deterministic=False`` then runs it; ``deterministic=True`` never does), else 0.
+This is how the first GPU measurement decides the default backward per key. Every candidate is first
+checked against the SDPA backend in fp32 on a 2k-token pack of the same kind (output, or dq/dk/dv; bf16
 tolerances of ``bagel_kernels.testing``); one that fails the check, fails to compile or runs out of
 resources is skipped and reported. Survivors are timed (median of CUDA-event-timed calls) and the fastest
 wins; the built-in default is always the first candidate, so a winner is never slower than it.
@@ -20,8 +28,10 @@ wins; the built-in default is always the first candidate, so a winner is never s
 The table (format of :mod:`bagel_kernels.attention_configs`) starts from ``--base`` (default: the
 package's ``attention_tuned.json``); the entries of the tuned keys ``(GPU arch, Triton major.minor,
 bf16, head dim)`` are replaced, each with what was measured; the file is rewritten after every shape
-(written as it goes). ``--budget-s`` bounds the sweep: when it is spent, the remaining candidates are
-skipped and the best so far is kept. ``benchmarks/gpu_check.sh`` runs this first and points the later
+(written as it goes). ``--budget-s`` bounds the sweep: each (shape, program) gets its share of it (what
+one leaves unused goes to the next); past its share a program's remaining candidates are skipped and
+the best so far is kept, so that every program of every shape gets measured.
+``benchmarks/gpu_check.sh`` runs this first and points the later
 benchmarks at the new table (``BAGEL_KERNELS_ATTN_TABLE``); commit the table it copies to its output
 folder as ``bagel_kernels/attention_tuned.json``.
 
@@ -56,6 +66,7 @@ from common import device_info, git_commit, time_ms  # noqa: E402
 from bagel_kernels import PackedMask, packed_attention  # noqa: E402
 from bagel_kernels import attention_configs as ac  # noqa: E402
 from bagel_kernels.attention_triton import (  # noqa: E402
+    _op_params,
     _packed_attention_bwd,
     _packed_attention_fwd,
     prepare_mask,
@@ -75,6 +86,14 @@ BWD_CANDIDATES = {
     80: [(64, 64, 64, 64, 8, 2), (32, 64, 64, 32, 8, 2), (32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 8, 3),
          (32, 128, 128, 32, 8, 1), (16, 64, 64, 16, 4, 2)],
 }  # fmt: skip
+# one-pass backward (onepass_block_m, onepass_block_n, warps, stages)
+ONEPASS_CANDIDATES = {
+    90: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3), (16, 128, 8, 3),
+         (64, 128, 8, 2), (32, 64, 8, 3)],
+    80: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 1), (64, 64, 8, 1)],
+}  # fmt: skip
+KINDS = ("fwd", "bwd", "onepass")
+ONEPASS_MARGIN = 0.97  # the one-pass backward is the default where it takes < 97% of the two-program time
 DTYPE = torch.bfloat16
 
 
@@ -144,24 +163,43 @@ def make_inputs(shape: Shape, mask: PackedMask, device, seed: int):
     return q, k, v, mask
 
 
-def _op_args(cfg, q, k, v, mask):
-    fwd_t, bwd_t = prepare_mask(mask, cfg)
-    return (q, k, v, mask.kv_lo, mask.kv_hi, mask.row_index, fwd_t, bwd_t, q.shape[-1] ** -0.5,
-            cfg.blocks(), cfg.launch())  # fmt: skip
+class _Op:
+    """The registered ops with one candidate's tables and variant arguments (``kind``: fwd, bwd, onepass)."""
+
+    def __init__(self, cfg: ac.AttnConfig, kind: str, q, k, v, mask):
+        self.onepass = kind == "onepass"
+        blocks, launch = _op_params(cfg, self.onepass)
+        fwd_t, bwd_t = prepare_mask(mask, cfg, self.onepass)
+        self.q, self.k, self.v = q, k, v
+        self.common = (mask.kv_lo, mask.kv_hi, mask.row_index)
+        self.fwd_t, self.bwd_t, self.scale = fwd_t, bwd_t, q.shape[-1] ** -0.5
+        self.blocks, self.launch, self.dsplit, self.tma = blocks, launch, bool(cfg.dsplit), bool(cfg.tma)
+
+    def fwd(self):
+        return _packed_attention_fwd(
+            self.q, self.k, self.v, *self.common, self.fwd_t, self.bwd_t, self.scale,
+            self.blocks, self.launch, self.dsplit, self.tma, self.onepass,
+        )  # fmt: skip
+
+    def bwd(self, do, out, lse):
+        return _packed_attention_bwd(
+            do, self.q, self.k, self.v, out, lse, *self.common, self.bwd_t, self.scale,
+            self.blocks, self.launch, self.dsplit, self.onepass,
+        )  # fmt: skip
 
 
 def _check(cfg, shape: Shape, device, kind: str) -> str:
     """'' when the candidate matches the fp32 SDPA backend on the check pack, else why not."""
     q, k, v, mask = make_inputs(shape, shape.check_mask, device, seed=7)
-    args = _op_args(cfg, q, k, v, mask)
-    out, lse = _packed_attention_fwd(*args)
+    op = _Op(cfg, kind, q, k, v, mask)
+    out, lse = op.fwd()
     qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = packed_attention(qr, kr, vr, mask, backend="sdpa")
     if kind == "fwd":
         pairs = [("out", out, ref)]
     else:
         do = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(device=device, dtype=DTYPE)
-        dq, dk, dv = _packed_attention_bwd(do, q, k, v, out, lse, *args[3:6], args[7], *args[8:])
+        dq, dk, dv = op.bwd(do, out, lse)
         rq, rk, rv = torch.autograd.grad(ref, (qr, kr, vr), do.float())
         pairs = [("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)]
     atol, rtol = tolerance(DTYPE, "fwd" if kind == "fwd" else "bwd")
@@ -175,53 +213,46 @@ def _check(cfg, shape: Shape, device, kind: str) -> str:
 
 def _time(cfg, shape: Shape, device, kind: str, reps: int, warmup: int) -> float:
     q, k, v, mask = make_inputs(shape, shape.mask, device, seed=3)
-    args = _op_args(cfg, q, k, v, mask)
+    op = _Op(cfg, kind, q, k, v, mask)
     if kind == "fwd":
-        return time_ms(lambda: _packed_attention_fwd(*args), device, reps, warmup)
-    out, lse = _packed_attention_fwd(*args)
+        return time_ms(op.fwd, device, reps, warmup)
+    out, lse = op.fwd()
     do = torch.randn_like(out)
-    return time_ms(
-        lambda: _packed_attention_bwd(do, q, k, v, out, lse, *args[3:6], args[7], *args[8:]),
-        device,
-        reps,
-        warmup,
-    )
+    return time_ms(lambda: op.bwd(do, out, lse), device, reps, warmup)
+
+
+_KIND_FIELDS = {
+    "fwd": ("block_m", "block_n", "fwd_warps", "fwd_stages"),
+    "bwd": ("block_m1", "block_n1", "block_m2", "block_n2", "bwd_warps", "bwd_stages"),
+    "onepass": ("onepass_block_m", "onepass_block_n", "onepass_warps", "onepass_stages"),
+}
+_SWEEP = {"fwd": FWD_CANDIDATES, "bwd": BWD_CANDIDATES, "onepass": ONEPASS_CANDIDATES}
 
 
 def candidates(base: ac.AttnConfig, fam: int, kind: str, dry: bool) -> list[ac.AttnConfig]:
-    out = [base]
-    if kind == "fwd":
-        for bm, bn, w, st in FWD_CANDIDATES[fam]:
-            out.append(dataclasses.replace(base, block_m=bm, block_n=bn, fwd_warps=w, fwd_stages=st))
-    else:
-        for bm1, bn1, bm2, bn2, w, st in BWD_CANDIDATES[fam]:
-            out.append(
-                dataclasses.replace(
-                    base, block_m1=bm1, block_n1=bn1, block_m2=bm2, block_n2=bn2, bwd_warps=w, bwd_stages=st
-                )
-            )
+    names = _KIND_FIELDS[kind]
+    out = [base] + [dataclasses.replace(base, **dict(zip(names, c, strict=True))) for c in _SWEEP[kind][fam]]
     seen, uniq = set(), []
     for c in out:
         if c not in seen:
             seen.add(c)
             uniq.append(c)
     if dry:  # the interpreter: the default and one other small candidate per program
-        other = (
-            dict(block_m=32, block_n=64)
-            if kind == "fwd"
-            else dict(block_m1=64, block_n1=32, block_m2=32, block_n2=64)
-        )
+        other = {
+            "fwd": dict(block_m=32, block_n=64),
+            "bwd": dict(block_m1=64, block_n1=32, block_m2=32, block_n2=64),
+            "onepass": dict(onepass_block_m=32, onepass_block_n=32),
+        }[kind]
         uniq = [base, dataclasses.replace(base, **other)]
     return uniq
 
 
-_DRY_TILES = dict(block_m=64, block_n=32, block_m1=32, block_n1=64, block_m2=64, block_n2=32)
+_DRY_TILES = dict(block_m=64, block_n=32, block_m1=32, block_n1=64, block_m2=64, block_n2=32,
+                  onepass_block_m=64, onepass_block_n=16)  # fmt: skip
 
 
 def _fields(cfg: ac.AttnConfig, kind: str) -> dict:
-    names = ("block_m", "block_n", "fwd_warps", "fwd_stages") if kind == "fwd" else (
-        "block_m1", "block_n1", "block_m2", "block_n2", "bwd_warps", "bwd_stages")  # fmt: skip
-    return {n: getattr(cfg, n) for n in names}
+    return {n: getattr(cfg, n) for n in _KIND_FIELDS[kind]}
 
 
 def _write(path: str, entries: dict) -> None:
@@ -265,19 +296,32 @@ def tune(args) -> int:
 
     for line in lines:
         print(line)
-    for shape in shapes(dry):
+    all_shapes = shapes(dry)
+    n_slots, slot = len(all_shapes) * len(KINDS), 0
+    for shape in all_shapes:
         default = ac.default_for(arch, False, shape.d, version)
         best = default if not dry else dataclasses.replace(default, **_DRY_TILES)
         measured = {}
-        for kind in ("fwd", "bwd"):
+        for kind in KINDS:
+            slot += 1
+            deadline = args.budget_s * slot / n_slots  # this program's share, plus what earlier ones left
             base_ms = None
             best_ms = None
-            for i, cand in enumerate(candidates(best, fam, kind, dry)):
+            winner = best
+            cands = candidates(best, fam, kind, dry)
+            if kind == "fwd" and not shape.row_index and (dry or fam >= 90):
+                cands.append(None)  # placeholder: the forward's winner with TMA, decided below
+            for i, cand in enumerate(cands):
+                if cand is None:
+                    if best_ms is None:
+                        continue
+                    cand = dataclasses.replace(winner, tma=1)
                 label = ", ".join(f"{k}={v}" for k, v in _fields(cand, kind).items())
-                if i > 0 and time.perf_counter() - t0 > args.budget_s:
-                    emit(
-                        f"| {shape.name} | {kind} | {label} | skipped: budget of {args.budget_s:.0f} s spent | - | - |"
-                    )
+                if kind == "fwd" and cand.tma:
+                    label += ", tma=1"
+                if i > 0 and time.perf_counter() - t0 > deadline:
+                    emit(f"| {shape.name} | {kind} | {label} | skipped: its share of the {args.budget_s:.0f} s "
+                         "budget is spent | - | - |")  # fmt: skip
                     continue
                 try:
                     why = _check(cand, shape, device, kind)
@@ -286,9 +330,8 @@ def tune(args) -> int:
                         continue
                     ms = _time(cand, shape, device, kind, reps, warmup)
                 except Exception as exc:  # compile errors, out of resources: skip the candidate
-                    emit(
-                        f"| {shape.name} | {kind} | {label} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | - | - |"
-                    )
+                    err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                    emit(f"| {shape.name} | {kind} | {label} | error: {err} | - | - |")
                     if args.verbose:
                         traceback.print_exc()
                     continue
@@ -301,6 +344,13 @@ def tune(args) -> int:
                 best = winner
                 measured[f"{kind}_ms"] = round(best_ms, 4)
                 measured[f"{kind}_default_ms"] = round(base_ms, 4)
+        # the default backward for deterministic=False: the one-pass one only where clearly faster
+        if "bwd_ms" in measured and "onepass_ms" in measured:
+            faster = measured["onepass_ms"] < ONEPASS_MARGIN * measured["bwd_ms"]
+            best = dataclasses.replace(best, onepass=int(faster))
+            measured["backward"] = "one-pass" if faster else "two-program"
+            emit(f"| {shape.name} | backward | {measured['backward']} (one-pass {measured['onepass_ms']:.3f} ms, "
+                 f"two-program {measured['bwd_ms']:.3f} ms) | | | |")  # fmt: skip
         emit(f"| {shape.name} | winner | {best} | | | |")
         if dry or not measured:
             continue

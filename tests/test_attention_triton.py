@@ -8,6 +8,7 @@ Tolerances: ``bagel_kernels.testing.tolerance`` (one table per dtype and directi
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -18,6 +19,7 @@ from bagel_kernels.attention_triton import (
     AttnConfig,
     _launch_bwd,
     _launch_fwd,
+    _op_params,
     _packed_attention_bwd,
     _packed_attention_fwd,
     default_config,
@@ -339,6 +341,208 @@ def test_empty_pack():
     assert q.grad.shape == q.shape
 
 
+# ------------------------------------------------------------------------------------------ one-pass backward
+ONEPASS = AttnConfig(onepass=1)
+
+
+def _backward_paths(monkeypatch) -> list[bool]:
+    """Records the ``onepass`` flag of every backward launch."""
+    import bagel_kernels.attention_triton as at
+
+    seen, launch = [], at._launch_bwd
+
+    def spy(*args, **kwargs):
+        seen.append(bool(kwargs.get("onepass", False)))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(at, "_launch_bwd", spy)
+    return seen
+
+
+def test_backward_choice(monkeypatch):
+    """The built-in default stays the two-program backward for every call until a GPU measurement
+    flips it (``ONEPASS_DEFAULT``); ``onepass=1`` selects the one-pass backward for
+    ``deterministic=False`` only: ``deterministic=True`` never runs the atomic path."""
+    from bagel_kernels import attention_configs as ac
+
+    assert ac.ONEPASS_DEFAULT == 0 and default_config("cpu", torch.float32, 64).onepass == 0
+    for arch, fp32, d in ((90, False, 128), (90, False, 72), (80, False, 128), (90, True, 64)):
+        assert ac.default_for(arch, fp32, d).onepass == 0
+    seen = _backward_paths(monkeypatch)
+    mask = _mask(random_pack(random.Random(30), 2, text=(1, 20), image=(1, 20)))
+    q, k, v = _make_qkv(mask.total_len, 2, 1, 16, torch.float32)
+    for cfg, det in ((None, False), (None, True), (ONEPASS, True), (ONEPASS, False)):
+        triton_packed_attention(q, k, v, mask, deterministic=det, config=cfg).sum().backward()
+    assert seen == [False, False, False, True]
+    packed_attention(q, k, v, mask, backend="triton", deterministic=False).sum().backward()
+    assert seen[-1] is False
+
+
+@pytest.mark.parametrize(
+    "dtype,hq,hkv,d,ridx",
+    [
+        (torch.float32, 4, 2, 64, False),
+        (torch.float16, 4, 2, 64, True),
+        (torch.float32, 3, 3, 32, True),
+        (torch.float16, 7, 1, 72, False),
+        (torch.float32, 7, 1, 96, True),
+    ],
+    ids=["fp32-gqa2", "fp16-gqa2-ridx", "fp32-gqa1-ridx", "fp16-gqa7-d72", "fp32-gqa7-d96-ridx"],
+)
+def test_onepass_backward(dtype, hq, hkv, d, ridx):
+    """The one-pass backward (dQ summed by fp32 atomics from the dK/dV programs) against float64.
+    Under the interpreter the programs run one after another, so the atomic additions cannot race
+    here: these tests check its arithmetic (tiles, GQA groups, row index, masks, split head dims),
+    not its behaviour under contention, which only a GPU shows."""
+    rng = random.Random(40 + d + hq)
+    mask = _mask(random_pack(rng, 3, text=(1, 30), image=(1, 40)))
+    q, k, v = _make_qkv(mask.total_len, hq, hkv, d, dtype)
+    if not ridx:
+        _check_against_reference(q, k, v, mask, dtype, config=ONEPASS)
+        return
+    n = mask.total_len
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(d))
+    pmask = mask.with_row_index(perm.to(torch.int32))
+
+    def scatter(t):  # token i -> row perm[i]
+        return torch.empty_like(t).index_copy(0, perm, t)
+
+    qp, kp, vp = (scatter(t.detach()).requires_grad_() for t in (q, k, v))
+    out_p = triton_packed_attention(qp, kp, vp, pmask, config=ONEPASS)
+    grad_out = torch.randn(out_p.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads_p = torch.autograd.grad(out_p, (qp, kp, vp), scatter(grad_out))
+    ref, rgrads = _reference(q, k, v, mask, None, grad_out)
+    _close(out_p[perm], ref, dtype, "fwd", "out")
+    for a, b, name in zip(grads_p, rgrads, ("dq", "dk", "dv"), strict=True):
+        _close(a[perm], b, dtype, "bwd", name)
+
+
+@pytest.mark.parametrize("name", list(EDGE_LAYOUTS))
+def test_onepass_edge_layouts(name):
+    """Every mask kind (one-token splits of every mode, all-noise, all-full, plain causal, a sample
+    that is no multiple of a tile) through the one-pass backward."""
+    sample_lens, split_lens, modes = EDGE_LAYOUTS[name]
+    mask = PackedMask.from_splits(sample_lens, split_lens, modes)
+    q, k, v = _make_qkv(mask.total_len, 2, 1, 32, torch.float32)
+    _check_against_reference(q, k, v, mask, torch.float32, config=ONEPASS)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_onepass_pad_sample_truncated(dtype):
+    """T < total_len (the pad sample): the mask truncated to the T tokens present."""
+    layout = random_pack(random.Random(31), 3, text=(1, 30), image=(1, 40), pad=17)
+    mask = _mask(layout).truncated(_mask(layout).total_len - 17)
+    q, k, v = _make_qkv(mask.total_len, 4, 2, 32, dtype)
+    _check_against_reference(q, k, v, mask, dtype, config=ONEPASS)
+
+
+def test_onepass_dead_rows_nan_views_and_zero_scale():
+    """Rows that see no key get zero dq; q/k/v as views into NaN-filled buffers (split head dim 40 =
+    32 + 16, the pad columns NaN) read nothing stray; scale 0 gives dq = dk = 0 exactly."""
+    lens = [6, 9, 5]
+    masks = [torch.tril(torch.ones(n, n, dtype=torch.bool), diagonal=-1) for n in lens]
+    mask = PackedMask.from_dense(masks)
+    q, k, v = _make_qkv(mask.total_len, 2, 1, 40, torch.float32, nan_pad=True)
+    cfg = dataclasses.replace(ONEPASS, onepass_block_m=16, onepass_block_n=16)
+    out, (dq, _, _) = _check_against_reference(q, k, v, mask, torch.float32, config=cfg)
+    assert torch.equal(dq[[0, 15]], torch.zeros_like(dq[[0, 15]]))
+    _, (dq, dk, _) = _check_against_reference(q, k, v, mask, torch.float32, scale=0.0, config=cfg)
+    assert not dq.any() and not dk.any()
+
+
+def test_onepass_nan_filled_output_buffers():
+    """The one-pass launcher writes every element of dq, dk, dv (NaN-filled before), the fp32 dQ
+    accumulator included (zeroed by the delta kernel, NaN would survive otherwise)."""
+    mask = _mask(random_pack(random.Random(32), 4, text=(1, 30), image=(1, 40)))
+    n, hq, hkv, d = mask.total_len, 4, 2, 24
+    blocks, launch = _op_params(ONEPASS, True)
+    fwd_t, bwd_t = prepare_mask(mask, ONEPASS, True)
+    q, k, v = (t.detach() for t in _make_qkv(n, hq, hkv, d, torch.float32))
+    out, lse = torch.empty(n, hq, d), torch.empty(hq, n)
+    _launch_fwd(q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, d**-0.5, blocks, launch, out, lse)
+    do = torch.randn(n, hq, d)
+    grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
+    real_empty = torch.empty
+
+    def nan_empty(*shape, **kw):  # the accumulator, and every other scratch tensor, starts as NaN
+        t = real_empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    import bagel_kernels.attention_triton as at
+
+    at.torch.empty = nan_empty
+    try:
+        _launch_bwd(do, q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, d**-0.5, blocks, launch,
+                    *grads, onepass=True)  # fmt: skip
+    finally:
+        at.torch.empty = real_empty
+    for gr in grads:
+        assert not gr.isnan().any()
+    _, rgrads = _reference(q, k, v, mask, None, do)
+    for a, b in zip(grads, rgrads, strict=True):
+        _close(a, b, torch.float32, "bwd", "grad")
+
+
+@pytest.mark.parametrize("dq_trans", [True, False], ids=["dqT-wgmma-form", "dsk-mma-form"])
+def test_onepass_gpu_code_path_under_interpreter(monkeypatch, dq_trans):
+    """fp16 operands straight into tl.dot (the GPU branch), with both forms of the dQ product: dQ^T =
+    K^T dS^T (sm_90) and dS K (sm_80)."""
+    import bagel_kernels.attention_triton as at
+
+    monkeypatch.setattr(at, "_kernel_flags", lambda q: {"LOWP_DOT": True, "DOT_PREC": "tf32"})
+    monkeypatch.setattr(at, "_dq_transposed", lambda q: dq_trans)
+    mask = _mask(random_pack(random.Random(37), 4, text=(1, 20), image=(1, 40)))  # 142 tokens
+    q, k, v = _make_qkv(mask.total_len, 2, 1, 72, torch.float16)
+    _check_against_reference(q, k, v, mask, torch.float16, config=ONEPASS)
+
+
+# ------------------------------------------------------------------------------------------ head-dim split
+def test_dim_split_widths():
+    """Non-power-of-two head dims run as a power-of-two block plus a padded remainder when that is
+    narrower than padding: at most 80/72 of the useful MMA work for SigLIP's 72."""
+    from bagel_kernels.attention_triton import dim_split
+
+    assert dim_split(72) == (64, 16) and sum(dim_split(72)) / 72 <= 80 / 72
+    assert dim_split(80) == (64, 16) and dim_split(96) == (64, 32) and dim_split(40) == (32, 16)
+    assert dim_split(136) == (128, 16) and dim_split(48) == (32, 16)
+    for d in (16, 24, 32, 64, 100, 128, 200, 256, 1, 8):  # nothing to save
+        assert dim_split(d) == (max(16, 1 << (d - 1).bit_length()), 0)
+    assert dim_split(72, split=False) == (128, 0)
+    for d in range(1, 257):
+        a, b = dim_split(d)
+        assert a + b >= d and a >= 16 and (b == 0 or b >= 16) and not a & (a - 1) and not b & (b - 1)
+
+
+@pytest.mark.parametrize(
+    "d,dtype,split",
+    [(96, torch.float16, 1), (80, torch.float32, 1), (72, torch.float32, 0), (72, torch.float16, 0)],
+    ids=["d96-fp16", "d80-fp32", "d72-fp32-padded", "d72-fp16-padded"],
+)
+def test_split_and_padded_head_dims(d, dtype, split):
+    """Other split sizes (96 = 64 + 32, 80 = 64 + 16), and the padded layout (``dsplit=0``, the kernels
+    before the split), forward and both backwards against float64."""
+    mask = _mask(random_pack(random.Random(37), 4, text=(1, 20), image=(1, 40)))  # 142 tokens
+    q, k, v = _make_qkv(mask.total_len, 2, 1, d, dtype)
+    _check_against_reference(q, k, v, mask, dtype, config=AttnConfig(dsplit=split))
+    if split:
+        _check_against_reference(q, k, v, mask, dtype, config=AttnConfig(dsplit=split, onepass=1))
+
+
+# ------------------------------------------------------------------------------------------ TMA
+@pytest.mark.parametrize("d,dtype", [(72, torch.float32), (64, torch.float16)], ids=["d72-fp32", "d64-fp16"])
+def test_tma_forward_under_interpreter(d, dtype):
+    """``tma=1``: the forward reads K/V through tensor descriptors (two per tensor for a split head
+    dim); views into NaN-filled buffers check that rows >= N and columns >= D come back as zeros.
+    With a row index the launcher falls back to pointer loads."""
+    from bagel_kernels.attention_triton import _stride_align, _tma_usable
+
+    mask = _mask(random_pack(random.Random(60 + d), 3, text=(1, 30), image=(1, 40)))
+    q, k, v = _make_qkv(mask.total_len, 4, 2, d, dtype, nan_pad=True)
+    assert _tma_usable(q, k, v, None, _stride_align((k, v)))
+    assert not _tma_usable(q, k, v, mask.kv_lo, _stride_align((k, v)))
+    _check_against_reference(q, k, v, mask, dtype, config=AttnConfig(tma=1))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_inputs_raise_value_error():
     mask = PackedMask.from_splits([10], [10], ["causal"])
@@ -590,6 +794,38 @@ def test_package_table_is_valid():
         ac.AttnConfig.from_dict(fields)
 
 
+def test_config_variants_and_onepass_flip(tmp_path, monkeypatch):
+    """The variant fields take 0 or 1; split head dims get their own tiles where the padded entry's do
+    not fit (sm_80, 72 = 64 + 16), ``dsplit=False`` gives the padded layout with the padded entry's
+    tiles (the kernels before the split); one line ``"onepass": 1`` in a tuned entry makes that key's
+    ``deterministic=False`` backward the one-pass one."""
+    import json
+
+    from bagel_kernels import attention_configs as ac
+
+    cfg = ac.AttnConfig.from_dict({"onepass": 1, "dsplit": 0, "tma": 1})
+    assert (cfg.onepass, cfg.dsplit, cfg.tma) == (1, 0, 1)
+    for bad in ({"onepass": 2}, {"tma": True}, {"dsplit": -1}, {"onepass_block_m": 0}):
+        with pytest.raises(ValueError, match="AttnConfig field"):
+            ac.AttnConfig.from_dict(bad)
+    split, padded = ac.default_for(80, False, 72, "3.9"), ac.default_for(80, False, 72, "3.9", dsplit=False)
+    d128 = ac.default_for(80, False, 128, "3.9")
+    assert split.dsplit == 1 and (split.block_m1, split.onepass_block_m) == (16, 16)
+    assert padded.dsplit == 0 and padded.blocks() == d128.blocks() and padded.launch() == d128.launch()
+    assert ac.default_for(90, False, 72, "3.9").blocks() == ac.default_for(90, False, 128, "3.9").blocks()
+    big = ac.default_for(90, False, 256, "3.9")
+    assert (big.onepass_block_m, big.onepass_block_n) == (32, 32) and (big.block_m1, big.block_n1) == (32, 64)
+    path = tmp_path / "table.json"
+    entry = {"arch": "sm90", "triton": "3.6", "dtype": "bf16", "head_dim": 128, "config": {"onepass": 1}}
+    path.write_text(json.dumps({"format": 1, "entries": [entry]}))
+    monkeypatch.setenv(ac.TABLE_ENV, str(path))
+    ac._table_cache.clear()
+    try:
+        assert ac.config_for(90, torch.bfloat16, 128, "3.6").onepass == 1
+        assert ac.config_for(90, torch.bfloat16, 72, "3.6").onepass == 0
+    finally:
+        ac._table_cache.clear()
+
 # ------------------------------------------------------------------------------------------ torch.library
 def _op_args(n=40, hq=2, hkv=1, d=16):
     mask = _mask(random_pack(random.Random(19), 3, text=(1, 8), image=(1, 10)))
@@ -628,6 +864,23 @@ def test_opcheck_bwd():
     args = (do, q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, 0.25, cfg.blocks(), cfg.launch())
     torch.library.opcheck(_packed_attention_bwd, args)
 
+
+
+def test_opcheck_onepass_and_variants():
+    """The ops with their variant arguments: the forward with the padded layout and TMA, the one-pass
+    backward (its tables built for the one-pass tiles)."""
+    mask, _, _, _, q, k, v = _op_args(d=24)
+    cfg = AttnConfig(16, 16, 16, 16, 16, 16, onepass=1, onepass_block_m=16, onepass_block_n=32)
+    fwd_t, bwd_t = prepare_mask(mask, cfg, True)
+    blocks, launch = _op_params(cfg, True)
+    args = (q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, blocks, launch, False, True, True)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(_packed_attention_fwd, args, test_utils=utils)
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = _packed_attention_fwd(q, k, v, *args[3:11])
+    bargs = (torch.randn_like(out), q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, 0.25, blocks, launch,
+             True, True)  # fmt: skip
+    torch.library.opcheck(_packed_attention_bwd, bargs, test_utils=utils)
 
 def test_torch_compile_fullgraph():
     layout = random_pack(random.Random(20), 3, text=(1, 20), image=(1, 30), pad=6)
@@ -672,6 +925,26 @@ def test_gpu_random_packs(dtype, hq, hkv, d):
     )
     q, k, v = _make_qkv(mask.total_len, hq, hkv, d, dtype, device="cuda")
     _check_against_reference(q, k, v, mask, dtype)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "dtype,hq,hkv,d",
+    [(torch.bfloat16, 28, 4, 128), (torch.bfloat16, 16, 16, 72), (torch.float16, 8, 2, 64)],
+    ids=["bf16-qwen", "bf16-siglip", "fp16-d64"],
+)
+def test_gpu_onepass_backward(dtype, hq, hkv, d):
+    """The one-pass backward on the GPU (real atomics, racing programs) with the GPU's tiles, against
+    the float64 reference; and the padded SigLIP layout (``dsplit=0``) that the benchmark times."""
+    rng = random.Random(hq + d + 1)
+    mask = PackedMask.from_splits(
+        *random_pack(rng, 4, text=(1, 80), image=(1, 250)).as_tuple(), device="cuda"
+    )
+    q, k, v = _make_qkv(mask.total_len, hq, hkv, d, dtype, device="cuda")
+    cfg = default_config(q.device, dtype, d)
+    _check_against_reference(q, k, v, mask, dtype, config=dataclasses.replace(cfg, onepass=1))
+    if d == 72:
+        _check_against_reference(q, k, v, mask, dtype, config=dataclasses.replace(cfg, dsplit=0, tma=1))
 
 
 @gpu

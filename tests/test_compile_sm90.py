@@ -66,22 +66,32 @@ def test_module_kernels_compile_for_sm90(module):
 
 def test_attention_specs_cover_the_model_shapes():
     """The registry names the kernels and shapes the model runs (Qwen2 D=128 with and without the
-    MoT row index, SigLIP D=72), each with fwd, delta and bwd kernels."""
+    MoT row index, SigLIP D=72), each with fwd, delta and bwd kernels, and the one-pass backward
+    (delta with the dQ accumulator zeroed, the one-pass program, the dQ cast) at the same shapes; the
+    padded D=72 layout (``dsplit=0``) and, on sm_90, the forward with TMA."""
     specs, notes, errors = collect_specs(["bagel_kernels.attention_triton"])
     assert not errors and not notes
     names = {s[0].split(":", 1)[1] for s in specs}
-    for tag in ("bf16_d128", "bf16_d128_ridx", "bf16_d72", "fp32_d128"):
+    for tag in ("bf16_d128", "bf16_d128_ridx", "bf16_d72", "fp32_d128", "bf16_d72_pad"):
         for kind in ("attn_fwd", "attn_bwd_delta", "attn_bwd"):
             assert f"{kind}_{tag}" in names
+    for tag in ("bf16_d128_1p", "bf16_d128_ridx_1p", "bf16_d72_1p", "fp32_d128_1p"):
+        for kind in ("attn_bwd_delta", "attn_bwd_onepass", "attn_dq_cast"):
+            assert f"{kind}_{tag}" in names
+        assert f"attn_fwd_{tag}" not in names and f"attn_bwd_{tag}" not in names
+    assert {"attn_fwd_bf16_d128_tma", "attn_fwd_bf16_d72_tma"} <= names
     for name, fn, sig, const, opts in specs:
         assert set(sig) == set(fn.arg_names), name
         assert {a for a, t in sig.items() if t == "constexpr"} == set(const), name
         assert opts.get("num_warps") in (4, 8), name
-    assert {s[0] for s in collect_specs(["bagel_kernels.attention_triton"], 80)[0]} >= {
+    sm80 = {s[0] for s in collect_specs(["bagel_kernels.attention_triton"], 80)[0]}
+    assert sm80 >= {
         f"attention_triton:{kind}_{tag}"
         for tag in ("bf16_d128", "bf16_d128_ridx", "bf16_d72")
         for kind in ("attn_fwd", "attn_bwd_delta", "attn_bwd")
     }
+    assert sm80 >= {f"attention_triton:attn_bwd_onepass_{tag}_1p" for tag in ("bf16_d128", "bf16_d72")}
+    assert not any("tma" in n for n in sm80)  # no TMA before sm_90
 
 
 def test_specs_specialise_like_the_runtime():
@@ -89,11 +99,16 @@ def test_specs_specialise_like_the_runtime():
     SigLIP's q/k/v are views of a fused qkv output (row stride 3456, head stride 72), so the head
     stride is not divisible by 16; the launcher passes strides divided by ALIGN = 8 (8 bf16 = one
     16-byte vector) and 72 / 8 = 9 stays unspecialised; GROUP = 1 (16/16 heads) becomes a constant,
-    as the runtime makes every integer argument equal to 1; the pack length 16381 is no multiple of 16."""
+    as the runtime makes every integer argument equal to 1; the pack length 16381 is no multiple of 16.
+    Head dim 72 runs as two column blocks of 64 + 16 (``DA``, ``DB``), the padded layout of
+    ``dsplit=0`` as one block of 128 (what ``D_PAD`` was before the split)."""
     specs = {s[0]: s for s in collect_specs(["bagel_kernels.attention_triton"], 90)[0]}
     _, _, sig, const, opts = specs["attention_triton:attn_fwd_bf16_d72"]
     div = set(opts["divisible_by_16"])
-    assert const["ALIGN"] == 8 and const["D"] == 72 and const["D_PAD"] == 128
+    assert const["ALIGN"] == 8 and const["D"] == 72 and (const["DA"], const["DB"]) == (64, 16)
+    pad = specs["attention_triton:attn_fwd_bf16_d72_pad"][3]
+    assert (pad["DA"], pad["DB"]) == (128, 0)
+    assert const["USE_TMA"] is False and specs["attention_triton:attn_fwd_bf16_d72_tma"][3]["USE_TMA"] is True
     assert "stride_qt" in div and "stride_qh" not in div and "N" not in div
     assert {"Q", "K", "V", "Out", "LSE"} <= div  # k and v start 1152 and 2304 elements in: aligned
     assert sig["GROUP"] == "constexpr" and const["GROUP"] == 1
