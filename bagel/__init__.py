@@ -1,8 +1,6 @@
 """bagel: the BAGEL model layer (config, Qwen2 MoT LM, SigLIP-NaViT, flow-matching head, packing,
 checkpoint I/O) running on the kernels of :mod:`bagel_kernels`."""
 
-from typing import TYPE_CHECKING
-
 # Names are imported on first use (PEP 562), so that `import bagel.packing` or a command-line entry
 # point (`bagel-demo --help`, a usage error) does not pay for transformers and the model's modules.
 _EXPORTS = {
@@ -55,52 +53,5 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-if TYPE_CHECKING:
-    from .backend import BagelBackendConfig
-    from .checkpoint import LoadReport
-    from .config import BagelConfig
-    from .modeling import BagelForUnifiedMultimodal, BagelModel
-    from .packing import (
-        EditSample,
-        Sample,
-        SpecialTokens,
-        T2ISample,
-        Text,
-        TextSample,
-        UnderstandingSample,
-        VaeImage,
-        VitImage,
-        pack_samples,
-        synthetic_sample,
-        synthetic_samples,
-    )
-    from .prepare import PackInputs, PreparedPack
-    from .qwen2 import Qwen2ForCausalLM, Qwen2Model
-    from .qwen2_reference import Qwen2ForCausalLMReference
-    from .siglip import SiglipVisionModel
-
-__all__ = [
-    "BagelBackendConfig",
-    "BagelConfig",
-    "BagelModel",
-    "BagelForUnifiedMultimodal",
-    "PackInputs",
-    "PreparedPack",
-    "LoadReport",
-    "Qwen2ForCausalLM",
-    "Qwen2Model",
-    "Qwen2ForCausalLMReference",
-    "SiglipVisionModel",
-    "SpecialTokens",
-    "Text",
-    "VitImage",
-    "VaeImage",
-    "Sample",
-    "TextSample",
-    "UnderstandingSample",
-    "T2ISample",
-    "EditSample",
-    "pack_samples",
-    "synthetic_sample",
-    "synthetic_samples",
-]
+# the public names, in one place: the lazy table above
+__all__ = list(_EXPORTS)

@@ -495,13 +495,9 @@ def _all_reduce(t, device, op: str):
 
 def _worker(rank: int, world: int, port: int, args) -> None:
     """One process of ``bagel-demo --nproc N`` (a torchrun-style environment on one machine)."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    from bagel.distributed import set_local_env
+
+    set_local_env(rank, world, port)
     _run_distributed(args)
 
 
@@ -651,17 +647,14 @@ def main(argv=None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: this process is one rank
         _run_distributed(args)
     elif args.nproc > 1:
-        import socket
-
         import torch
         import torch.multiprocessing as mp
 
+        from bagel.distributed import free_port
+
         if torch.cuda.is_available() and args.device != "cpu" and args.nproc > torch.cuda.device_count():
             p.error(f"--nproc {args.nproc} exceeds the {torch.cuda.device_count()} visible GPUs")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        mp.spawn(_worker, args=(args.nproc, port, args), nprocs=args.nproc)
+        mp.spawn(_worker, args=(args.nproc, free_port(), args), nprocs=args.nproc)
     else:
         return 130 if train(args)["interrupted"] else 0
     return 0

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init_distributed", "apply_fsdp2", "cleanup", "decoder_layers"]
+__all__ = ["init_distributed", "apply_fsdp2", "cleanup", "decoder_layers", "free_port", "set_local_env"]
 
 
 def init_distributed(
@@ -55,6 +55,28 @@ def init_distributed(
             device_id=device if device.type == "cuda" else None,
         )
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a one-machine process group)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_local_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives process ``rank`` of ``world`` on one machine (rendezvous at
+    ``127.0.0.1:port``), for processes started with ``torch.multiprocessing.spawn``; then
+    :func:`init_distributed` joins the group."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
 
 
 def cleanup() -> None:

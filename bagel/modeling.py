@@ -59,7 +59,7 @@ from bagel.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
 from bagel.prepare import GroupedPack, PackInputs, PreparedPack, patchify_latents
 from bagel.qwen2 import Qwen2ForCausalLM
 from bagel.siglip import SiglipVisionModel
-from bagel.validation import check_backend
+from bagel.validation import backend_property, check_backend
 
 __all__ = [
     "BagelModel",
@@ -244,17 +244,14 @@ class BagelForUnifiedMultimodal(nn.Module):
         # all-gather is a collective). Set by bagel.distributed.apply_fsdp2.
         self.vit_stand_in = False
 
-    @property
-    def backend(self) -> BagelBackendConfig:
-        """The kernel choice; setting it (checked) updates the language model and the ViT."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: BagelBackendConfig) -> None:
-        self._backend = check_backend(value)
-        self.model.language_model.backend = value
-        if self.config.visual_und:
-            self.model.vit_model.backend = value
+    # the kernel choice; setting it (checked) updates the language model and the ViT
+    backend = backend_property(
+        lambda self: (
+            (self.model.language_model, self.model.vit_model)
+            if self.config.visual_und
+            else (self.model.language_model,)
+        )
+    )
 
     # -------------------------------------------------------------- HF-style accessors
     @classmethod

@@ -206,13 +206,24 @@ class PackedAttention(nn.Module):
         self.head_dim = config_head_dim(config)
         self.qk_norm = bool(getattr(config, "qk_norm", False))
         self.eps = config.rms_norm_eps
+        self._add_weights("")
+
+    def _add_weights(self, suffix: str) -> None:
+        """The projections and q/k norms of one expert, named ``q_proj<suffix>`` and so on (created in
+        the checkpoint's key order, so parameter initialisation draws the same random numbers)."""
         qd, kvd = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(self.hidden_size, qd, bias=True)
-        self.k_proj = nn.Linear(self.hidden_size, kvd, bias=True)
-        self.v_proj = nn.Linear(self.hidden_size, kvd, bias=True)
-        self.o_proj = nn.Linear(qd, self.hidden_size, bias=False)
-        self.q_norm = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
-        self.k_norm = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
+        h = self.hidden_size
+        for name, (fan_in, fan_out, bias) in (
+            ("q_proj", (h, qd, True)),
+            ("k_proj", (h, kvd, True)),
+            ("v_proj", (h, kvd, True)),
+            ("o_proj", (qd, h, False)),
+        ):
+            setattr(self, name + suffix, nn.Linear(fan_in, fan_out, bias=bias))
+        for name in ("q_norm", "k_norm"):
+            setattr(
+                self, name + suffix, Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
+            )
 
     def _sibling(self, name: str) -> nn.Module | None:
         return getattr(self, name + "_moe_gen") if self.routed else None
@@ -242,13 +253,7 @@ class PackedAttentionMoT(PackedAttention):
 
     def __init__(self, config, layer_idx: int | None = None):
         super().__init__(config, layer_idx)
-        qd, kvd = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        self.q_proj_moe_gen = nn.Linear(self.hidden_size, qd, bias=True)
-        self.k_proj_moe_gen = nn.Linear(self.hidden_size, kvd, bias=True)
-        self.v_proj_moe_gen = nn.Linear(self.hidden_size, kvd, bias=True)
-        self.o_proj_moe_gen = nn.Linear(qd, self.hidden_size, bias=False)
-        self.q_norm_moe_gen = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
-        self.k_norm_moe_gen = Qwen2RMSNorm(self.head_dim, self.eps) if self.qk_norm else nn.Identity()
+        self._add_weights("_moe_gen")
 
 
 def _same_eps(*norms) -> bool:

@@ -18,7 +18,7 @@ import torch
 
 from bagel.backend import BagelBackendConfig
 
-__all__ = ["DeviceChecks", "as_index", "check_backend", "HasBackend"]
+__all__ = ["DeviceChecks", "as_index", "backend_property", "check_backend", "HasBackend"]
 
 
 class DeviceChecks:
@@ -83,14 +83,24 @@ def check_backend(value) -> BagelBackendConfig:
     return value
 
 
+def backend_property(children=None) -> property:
+    """A ``backend`` attribute kept in ``self._backend``, checked by :func:`check_backend` when set;
+    ``children(self)`` lists the submodules that take the new value too."""
+
+    def get(self) -> BagelBackendConfig:
+        return self._backend
+
+    def set_(self, value: BagelBackendConfig) -> None:
+        self._backend = check_backend(value)
+        for child in children(self) if children is not None else ():
+            child.backend = value
+
+    return property(
+        get, set_, doc="The kernel choice (a :class:`bagel.backend.BagelBackendConfig`), checked when set."
+    )
+
+
 class HasBackend:
     """Mixin of the modules that pick kernels: a ``backend`` attribute, checked when set."""
 
-    @property
-    def backend(self) -> BagelBackendConfig:
-        """The kernel choice (a :class:`bagel.backend.BagelBackendConfig`), checked when set."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: BagelBackendConfig) -> None:
-        self._backend = check_backend(value)
+    backend = backend_property()

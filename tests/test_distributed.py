@@ -16,8 +16,6 @@ Every multi-process run has a bounded wall time: a hang fails the test instead o
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 import pytest
@@ -25,16 +23,11 @@ import torch
 import torch.multiprocessing as mp
 
 from bagel import BagelBackendConfig, BagelConfig, BagelForUnifiedMultimodal, pack_samples, synthetic_samples
+from bagel.distributed import free_port, set_local_env
 
 WORLD = 2
 STEPS = 2
 ATOL, RTOL = 2e-5, 1e-4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(backend: BagelBackendConfig) -> BagelForUnifiedMultimodal:
@@ -65,13 +58,7 @@ def _loss(model, batch, prepared: bool = False):
 
 
 def _worker(rank: int, port: int, backend: BagelBackendConfig, prepared: bool, result_path: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_RANK=str(rank),
-    )
+    set_local_env(rank, WORLD, port)
     from torch.distributed.fsdp import FSDPModule
 
     from bagel.distributed import apply_fsdp2, cleanup, decoder_layers, init_distributed
@@ -130,7 +117,7 @@ def _single_process(backend: BagelBackendConfig):
 def _spawn(backend, prepared, tmp_path, timeout_s=240):
     path = str(tmp_path / "fsdp_result.pt")
     ctx = mp.start_processes(
-        _worker, args=(_free_port(), backend, prepared, path), nprocs=WORLD, start_method="spawn", join=False
+        _worker, args=(free_port(), backend, prepared, path), nprocs=WORLD, start_method="spawn", join=False
     )
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1):
