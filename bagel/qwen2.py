@@ -53,7 +53,7 @@ from torch import nn
 
 from bagel.backend import BagelBackendConfig
 from bagel.fusion import fusable
-from bagel.validation import DeviceChecks, HasBackend
+from bagel.validation import DeviceChecks, HasBackend, as_index
 from bagel_kernels import PackedMask, mot
 from bagel_kernels.attention import packed_attention, prepare_attention
 from bagel_kernels.reference import apply_rope, qwen2_rms_norm, rope_inv_freq, rope_tables
@@ -545,19 +545,6 @@ _LAYER_CLASSES = {
 
 
 # ---------------------------------------------------------------------------------------------- input checks
-def _check_index(idx, name: str, L: int, device) -> torch.Tensor:
-    if not isinstance(idx, torch.Tensor):
-        try:
-            idx = torch.as_tensor(idx, dtype=torch.long)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name} must be a 1-D integer tensor: {exc}") from None
-    if idx.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(idx.shape)}")
-    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer indexes, got dtype {idx.dtype}")
-    return idx.to(device=device, dtype=torch.long)
-
-
 def prepare_routing(
     L: int,
     packed_und_token_indexes,
@@ -583,7 +570,7 @@ def _routing_indexes(
     gen = (
         torch.zeros(0, dtype=torch.long, device=device)
         if gen_arg is None
-        else _check_index(gen_arg, "packed_gen_token_indexes", L, device)
+        else as_index(gen_arg, "packed_gen_token_indexes", device)
     )
     if und_arg is None:
         checks.add((gen < 0) | (gen >= L), f"packed_gen_token_indexes has entries outside [0, {L})")
@@ -594,7 +581,7 @@ def _routing_indexes(
             lambda: _raise_cover(int(n_und), gen.numel(), L),
         )
     else:
-        und = _check_index(und_arg, "packed_und_token_indexes", L, device)
+        und = as_index(und_arg, "packed_und_token_indexes", device)
         if und.numel() + gen.numel() != L:
             _raise_cover(und.numel(), gen.numel(), L)
     for name, t in (("packed_und_token_indexes", und), ("packed_gen_token_indexes", gen)):

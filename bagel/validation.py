@@ -61,6 +61,8 @@ def as_index(t, name: str, device: torch.device, *, allow_bool_len: int | None =
             t = torch.as_tensor(t)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{name} must be a 1-D integer tensor: {exc}") from None
+        if t.numel() == 0:  # an empty list has no element type (torch makes it float32)
+            t = t.long()
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if t.dtype == torch.bool:

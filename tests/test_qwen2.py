@@ -419,6 +419,15 @@ def test_bad_inputs_raise():
         call(packed_und_token_indexes=torch.cat([und[:-1], gen[:1]]))
     with pytest.raises(ValueError, match="packed_gen_token_indexes"):
         call(packed_gen_token_indexes=gen.float())
+    # a Python list of floats is refused too, not truncated to integers (0.5 -> 0 would alias a token)
+    with pytest.raises(ValueError, match="packed_gen_token_indexes must hold integers"):
+        call(packed_gen_token_indexes=[float(i) + 0.5 for i in gen.tolist()])
+    with pytest.raises(ValueError, match="packed_und_token_indexes must hold integers"):
+        call(packed_und_token_indexes=[float(i) for i in und.tolist()])
+    # lists of ints are taken as they are
+    assert torch.equal(
+        call(packed_und_token_indexes=und.tolist(), packed_gen_token_indexes=gen.tolist()), call()
+    )
     with pytest.raises(ValueError, match="outside"):
         call(packed_gen_token_indexes=torch.cat([gen[:-1], torch.tensor([L + 3])]))
     with pytest.raises(ValueError, match="hidden size"):
