@@ -77,7 +77,6 @@ __all__ = [
     "permute_rows_reference",
     "qwen2_rms_norm",
     "rotate_half",
-    "sm90_compile_specs",
     "BACKENDS",
     "MOT",
 ]
@@ -959,13 +958,3 @@ def _grouped_order_trusted(und_indexes: Tensor, gen_indexes: Tensor) -> tuple[Te
     perm = torch.cat((und_indexes, gen_indexes)).long()
     return perm, _inverse_permutation(perm), und_indexes.numel()
 
-
-# ============================================================================================ compile specs
-def sm90_compile_specs() -> list[tuple]:
-    """``(name, jit_fn, signature, constexprs, options)`` of every MoT kernel for fp16 and bf16, in
-    the format of :mod:`bagel_kernels.compile_check` (signature lists constexpr arguments as
-    ``"constexpr"``; options carry the launch ``num_warps``). See
-    :func:`bagel_kernels.mot_triton.kernel_compile_specs`."""
-    from .mot_triton import kernel_compile_specs
-
-    return kernel_compile_specs()

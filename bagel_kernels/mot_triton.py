@@ -39,7 +39,6 @@ __all__ = [
     "swiglu_bwd",
     "permute_rows_launch",
     "MAX_ROW_BLOCK",
-    "kernel_compile_specs",
     "compile_cases",
     "compile_specs",
 ]
@@ -765,7 +764,3 @@ def compile_specs(arch: int = 90) -> list[tuple]:
         out.append((name if seen[name] == 1 else f"{name}#{seen[name]}", fn, sig, const, opts))
     return out
 
-
-def kernel_compile_specs(arch: int = 90) -> list[tuple]:
-    """:func:`compile_specs` (published as :func:`bagel_kernels.mot.sm90_compile_specs`)."""
-    return compile_specs(arch)
