@@ -319,11 +319,15 @@ def _head_rstd(x1, x2, rmask, NH, eps, D: tl.constexpr, BLOCK_NH: tl.constexpr):
 
 @triton.jit
 def _norm_rope_fwd_heads(
-    X, Y, W, rows64, rmask, expert, stride_xr, stride_xh, stride_yr, stride_yh, NH,
-    c1, c2, s1, s2, eps,
-    D: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):  # fmt: skip
-    """Per-head RMSNorm of the tokens' heads with their expert's weight (W [2, D]), then rotary."""
+    x, y, W, tok, NH, cs, eps, D: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
+    """Per-head RMSNorm of the tokens' heads with their expert's weight (W [2, D]), then rotary.
+    ``x``, ``y``: (pointer, row stride, head stride) of the input and output heads; ``tok``: the
+    tokens (64-bit rows, mask, expert); ``cs``: their cos/sin halves (:func:`_load_cos_sin`)."""
+    X, stride_xr, stride_xh = x
+    Y, stride_yr, stride_yh = y
+    rows64, rmask, expert = tok
+    c1, c2, s1, s2 = cs
     HALF: tl.constexpr = D // 2
     ox, m = _head_tile(rows64, rmask, NH, stride_xr, stride_xh, HALF, BLOCK_NH, BLOCK_HALF)
     x1 = tl.load(X + ox, mask=m, other=0.0).to(tl.float32)
@@ -358,24 +362,30 @@ def _mot_qk_norm_rope_fwd_kernel(
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     expert = (rows >= n_und).to(tl.int32)
-    c1, c2, s1, s2 = _load_cos_sin(
-        COS, SIN, rows64, rmask, stride_cr, stride_sr, D // 2, QO.dtype.element_ty, BLOCK_HALF
+    cs = _load_cos_sin(COS, SIN, rows64, rmask, stride_cr, stride_sr, D // 2, QO.dtype.element_ty, BLOCK_HALF)
+    tok = (rows64, rmask, expert)
+    _norm_rope_fwd_heads(
+        (Q, stride_qr, stride_qh), (QO, stride_qor, stride_qoh), WQ, tok, HQ, cs, eps, D, BLOCK_HQ, BLOCK_HALF
     )
-    _norm_rope_fwd_heads(Q, QO, WQ, rows64, rmask, expert, stride_qr, stride_qh, stride_qor, stride_qoh, HQ,
-                         c1, c2, s1, s2, eps, D, BLOCK_HQ, BLOCK_HALF)  # fmt: skip
-    _norm_rope_fwd_heads(K, KO, WK, rows64, rmask, expert, stride_kr, stride_kh, stride_kor, stride_koh, HK,
-                         c1, c2, s1, s2, eps, D, BLOCK_HK, BLOCK_HALF)  # fmt: skip
+    _norm_rope_fwd_heads(
+        (K, stride_kr, stride_kh), (KO, stride_kor, stride_koh), WK, tok, HK, cs, eps, D, BLOCK_HK, BLOCK_HALF
+    )
 
 
 @triton.jit
 def _norm_rope_bwd_heads(
-    X, DY, DX, W, rows64, rmask, stride_xr, stride_xh, stride_dyr, stride_dyh, stride_dxr, stride_dxh,
-    NH, c1, c2, s1, s2, eps,
-    D: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):  # fmt: skip
-    """Backward for the tokens' heads (one expert, weight W [D]). Writes dx; returns the weight
-    gradient halves [BLOCK_HALF] (summed over tokens and heads) and the cos/sin gradient halves
+    x, dy, dx, W, tok, NH, cs, eps, D: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
+    """Backward for the tokens' heads (one expert, weight W [D]). ``x``, ``dy``, ``dx``: (pointer,
+    row stride, head stride) of the input heads, the output's gradient and the input's; ``tok``: the
+    tokens (64-bit rows, mask); ``cs``: their cos/sin halves. Writes dx; returns the weight gradient
+    halves [BLOCK_HALF] (summed over tokens and heads) and the cos/sin gradient halves
     [BLOCK_T, BLOCK_HALF] (summed over heads)."""
+    X, stride_xr, stride_xh = x
+    DY, stride_dyr, stride_dyh = dy
+    DX, stride_dxr, stride_dxh = dx
+    rows64, rmask = tok
+    c1, c2, s1, s2 = cs
     HALF: tl.constexpr = D // 2
     ox, m = _head_tile(rows64, rmask, NH, stride_xr, stride_xh, HALF, BLOCK_NH, BLOCK_HALF)
     ody, _ = _head_tile(rows64, rmask, NH, stride_dyr, stride_dyh, HALF, BLOCK_NH, BLOCK_HALF)
@@ -438,16 +448,17 @@ def _mot_qk_norm_rope_bwd_kernel(
         rows = r0 + tl.arange(0, BLOCK_T)
         rmask = rows < end
         rows64 = rows.to(tl.int64)
-        c1, c2, s1, s2 = _load_cos_sin(
+        cs = _load_cos_sin(
             COS, SIN, rows64, rmask, stride_cr, stride_sr, HALF, DQO.dtype.element_ty, BLOCK_HALF
         )
+        tok = (rows64, rmask)
         a1, a2, qc1, qc2, qs1, qs2 = _norm_rope_bwd_heads(
-            Q, DQO, DQ, WQ + expert * D, rows64, rmask, stride_qr, stride_qh, stride_dqor, stride_dqoh,
-            stride_dqr, stride_dqh, HQ, c1, c2, s1, s2, eps, D, BLOCK_HQ, BLOCK_HALF,
+            (Q, stride_qr, stride_qh), (DQO, stride_dqor, stride_dqoh), (DQ, stride_dqr, stride_dqh),
+            WQ + expert * D, tok, HQ, cs, eps, D, BLOCK_HQ, BLOCK_HALF,
         )  # fmt: skip
         b1, b2, kc1, kc2, ks1, ks2 = _norm_rope_bwd_heads(
-            K, DKO, DK, WK + expert * D, rows64, rmask, stride_kr, stride_kh, stride_dkor, stride_dkoh,
-            stride_dkr, stride_dkh, HK, c1, c2, s1, s2, eps, D, BLOCK_HK, BLOCK_HALF,
+            (K, stride_kr, stride_kh), (DKO, stride_dkor, stride_dkoh), (DK, stride_dkr, stride_dkh),
+            WK + expert * D, tok, HK, cs, eps, D, BLOCK_HK, BLOCK_HALF,
         )  # fmt: skip
         dwq1 += a1
         dwq2 += a2
