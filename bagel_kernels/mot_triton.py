@@ -18,7 +18,10 @@ accumulates its weight-gradient partial sum in fp32 registers and writes one row
 buffer, which torch reduces per expert afterwards. No atomics: the backward is deterministic.
 
 Launchers here trust their inputs (shapes, dtypes, unit last-dim stride); validation lives in
-:mod:`bagel_kernels.mot`.
+:mod:`bagel_kernels.mot`. Tiles and launch shapes travel as named tuples and reach the kernels as
+keywords; the kernels' own signatures stay flat (pointers, sizes, strides, constexprs: what a launch
+binds), while the ``@triton.jit`` helpers take (pointer, row stride, head stride) views and tiles
+as tuples.
 """
 
 from __future__ import annotations

@@ -56,6 +56,17 @@ struct Params {
   int pair_out;  // bias, table rows and out rows may be accessed 2 elements (4 bytes) at a time
 };
 
+// First output row and column of this block's BM x BN tile. Consecutive blocks share one row tile (its
+// A rows stay in L2); the weight is small and L2-resident.
+struct TileOrigin {
+  int64_t m0, n0;
+};
+template <int BM, int BN>
+__device__ __forceinline__ TileOrigin block_tile_origin(int64_t hidden) {
+  const int64_t n_tiles = (hidden + BN - 1) / BN;
+  return {(static_cast<int64_t>(blockIdx.x) / n_tiles) * BM, (static_cast<int64_t>(blockIdx.x) % n_tiles) * BN};
+}
+
 __device__ __forceinline__ float nan_f() {
   return __int_as_float(0x7fffffff);
 }
@@ -191,10 +202,8 @@ __global__ void __launch_bounds__(MMA_THREADS) pe_mma_kernel(const Params P) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int64_t n_tiles = (P.hidden + MMA_BN - 1) / MMA_BN;
-  // Consecutive blocks share one row tile (its A rows stay in L2); the weight is small and L2-resident.
-  const int64_t m0 = (static_cast<int64_t>(blockIdx.x) / n_tiles) * MMA_BM;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) % n_tiles) * MMA_BN;
+  const TileOrigin origin = block_tile_origin<MMA_BM, MMA_BN>(P.hidden);
+  const int64_t m0 = origin.m0, n0 = origin.n0;
 
   if (IMAGES) {
     fill_chunks(P, chunk);
@@ -415,9 +424,8 @@ __global__ void __launch_bounds__(S_THREADS) pe_simt_kernel(const Params P) {
   const int tid = threadIdx.x;
   const int tx = tid & 15;
   const int ty = tid >> 4;
-  const int64_t n_tiles = (P.hidden + S_BN - 1) / S_BN;
-  const int64_t m0 = (static_cast<int64_t>(blockIdx.x) / n_tiles) * S_BM;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) % n_tiles) * S_BN;
+  const TileOrigin origin = block_tile_origin<S_BM, S_BN>(P.hidden);
+  const int64_t m0 = origin.m0, n0 = origin.n0;
   const scalar_t* __restrict__ A = static_cast<const scalar_t*>(P.input);
   const scalar_t* __restrict__ Wt = static_cast<const scalar_t*>(P.weight);
 
