@@ -43,6 +43,7 @@ Every Triton path is a ``torch.library.custom_op`` in the ``bagel_kernels`` name
 from __future__ import annotations
 
 import importlib.util
+from typing import NamedTuple, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,6 @@ __all__ = [
     "permute_rows_reference",
     "qwen2_rms_norm",
     "rotate_half",
-    "sm90_compile_specs",
     "BACKENDS",
     "MOT",
 ]
@@ -181,6 +181,15 @@ def _op_check(op: str, fn, *args) -> None:
         fn(*args)
     except ValueError as exc:
         raise ValueError(f"torch.ops.bagel_kernels.{op}: {exc}") from None
+
+
+# torch.library's schema types of the annotations the ops' inputs use (what infer_schema gives them)
+_SCHEMA_TYPES = {Tensor: "Tensor", Tensor | None: "Tensor?", int: "SymInt", float: "float"}
+
+
+def _schema_args(inputs: type) -> str:
+    """The schema's argument list of an op whose inputs the NamedTuple ``inputs`` declares, in order."""
+    return ", ".join(f"{_SCHEMA_TYPES[t]} {name}" for name, t in get_type_hints(inputs).items())
 
 
 def _check_rows(x: Tensor, n_und, width: int, *, ref_name: str = "x") -> None:
@@ -352,126 +361,104 @@ def mot_rms_norm(
 
 
 # ============================================================================================ q/k norm + rope
-@torch.library.custom_op("bagel_kernels::mot_qk_norm_rope", mutates_args=())
-def _mot_qk_norm_rope_op(
-    q: Tensor,
-    k: Tensor,
-    n_und: int,
-    q_weight_und: Tensor,
-    q_weight_gen: Tensor,
-    k_weight_und: Tensor,
-    k_weight_gen: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    eps: float,
-) -> tuple[Tensor, Tensor]:
+class _QKInputs(NamedTuple):
+    """The inputs of the q/k op, in its schema's order; the backward op takes them too, after the
+    output gradients. The two ops' schemas are built from this one declaration (:data:`_QK_SCHEMA`),
+    so their Python bodies take ``*inputs``. (Flat parameter lists stay where they are the documented
+    API: :func:`mot_qk_norm_rope` and its reference.)"""
+
+    q: Tensor
+    k: Tensor
+    n_und: int
+    q_weight_und: Tensor
+    q_weight_gen: Tensor
+    k_weight_und: Tensor
+    k_weight_gen: Tensor
+    cos: Tensor
+    sin: Tensor
+    eps: float
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.q_weight_und, self.q_weight_gen, self.k_weight_und, self.k_weight_gen
+
+
+_QK_SCHEMA = _schema_args(_QKInputs)
+
+
+def _qk_kernel_args(op: str, a: _QKInputs):
+    """The q/k op's checks (``_op_check``) and its inputs as the launchers take them
+    (:class:`bagel_kernels.mot_triton.QKArgs`: unit last strides, the experts' weights stacked)."""
+    from .mot_triton import QKArgs
+
+    _op_check(op, _check_qk_args, a.q, a.k, a.n_und, a.weights(), a.cos, a.sin)
+    return QKArgs(
+        q=_unit_last(a.q),
+        k=_unit_last(a.k),
+        n_und=a.n_und,
+        wq=torch.stack((a.q_weight_und, a.q_weight_gen)),
+        wk=torch.stack((a.k_weight_und, a.k_weight_gen)),
+        cos=_unit_last(a.cos),
+        sin=_unit_last(a.sin),
+        eps=a.eps,
+    )
+
+
+def _qk_out_dtype(a: _QKInputs) -> torch.dtype:
+    return _norm_out_dtype(a.q.dtype, a.q_weight_und.dtype)
+
+
+@torch.library.custom_op(
+    "bagel_kernels::mot_qk_norm_rope", mutates_args=(), schema=f"({_QK_SCHEMA}) -> (Tensor, Tensor)"
+)
+def _mot_qk_norm_rope_op(*inputs) -> tuple[Tensor, Tensor]:
     from .mot_triton import qk_norm_rope_fwd
 
-    _op_check(
-        "mot_qk_norm_rope",
-        _check_qk_args,
-        q,
-        k,
-        n_und,
-        (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen),
-        cos,
-        sin,
-    )
-    wq = torch.stack((q_weight_und, q_weight_gen))
-    wk = torch.stack((k_weight_und, k_weight_gen))
-    return qk_norm_rope_fwd(
-        _unit_last(q),
-        _unit_last(k),
-        n_und,
-        wq,
-        wk,
-        _unit_last(cos),
-        _unit_last(sin),
-        eps,
-        _norm_out_dtype(q.dtype, q_weight_und.dtype),
-    )
+    a = _QKInputs(*inputs)
+    return qk_norm_rope_fwd(_qk_kernel_args("mot_qk_norm_rope", a), _qk_out_dtype(a))
 
 
 @_mot_qk_norm_rope_op.register_fake
-def _(q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps):
-    dt = _norm_out_dtype(q.dtype, q_weight_und.dtype)
-    return q.new_empty(q.shape, dtype=dt), k.new_empty(k.shape, dtype=dt)
+def _(*inputs):
+    a = _QKInputs(*inputs)
+    dt = _qk_out_dtype(a)
+    return a.q.new_empty(a.q.shape, dtype=dt), a.k.new_empty(a.k.shape, dtype=dt)
 
 
-@torch.library.custom_op("bagel_kernels::mot_qk_norm_rope_backward", mutates_args=())
-def _mot_qk_norm_rope_bwd_op(
-    dq_out: Tensor,
-    dk_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    n_und: int,
-    q_weight_und: Tensor,
-    q_weight_gen: Tensor,
-    k_weight_und: Tensor,
-    k_weight_gen: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    eps: float,
-    need_cos_sin: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+_QK_GRADS = ", ".join(["Tensor"] * 8)  # dq, dk, the four weights' gradients, dcos, dsin
+
+
+@torch.library.custom_op(
+    "bagel_kernels::mot_qk_norm_rope_backward",
+    mutates_args=(),
+    schema=f"(Tensor dq_out, Tensor dk_out, {_QK_SCHEMA}, bool need_cos_sin) -> ({_QK_GRADS})",
+)
+def _mot_qk_norm_rope_bwd_op(dq_out: Tensor, dk_out: Tensor, *inputs_need_cos_sin) -> tuple[Tensor, ...]:
+    """Gradients of q, k, the four weights (their dtype) and, when ``need_cos_sin``, cos and sin
+    (else empty ``[0]`` tensors)."""
     from .mot_triton import qk_norm_rope_bwd
 
     op = "mot_qk_norm_rope_backward"
-    weights = (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)
-    _op_check(op, _check_qk_args, q, k, n_und, weights, cos, sin)
-    _op_check(op, _check_like, "dq_out", dq_out, q, "q")
-    _op_check(op, _check_like, "dk_out", dk_out, k, "k")
-    wq = torch.stack((q_weight_und, q_weight_gen))
-    wk = torch.stack((k_weight_und, k_weight_gen))
-    dq, dk, dqwu, dqwg, dkwu, dkwg, dcos, dsin = qk_norm_rope_bwd(
-        _unit_last(dq_out),
-        _unit_last(dk_out),
-        _unit_last(q),
-        _unit_last(k),
-        n_und,
-        wq,
-        wk,
-        _unit_last(cos),
-        _unit_last(sin),
-        eps,
-        need_cos_sin,
-    )
-    wdt = q_weight_und.dtype
-    return (
-        dq,
-        dk,
-        dqwu.to(wdt),
-        dqwg.to(wdt),
-        dkwu.to(wdt),
-        dkwg.to(wdt),
-        dcos.to(cos.dtype),
-        dsin.to(sin.dtype),
-    )
+    *inputs, need_cos_sin = inputs_need_cos_sin
+    a = _QKInputs(*inputs)
+    args = _qk_kernel_args(op, a)
+    _op_check(op, _check_like, "dq_out", dq_out, a.q, "q")
+    _op_check(op, _check_like, "dk_out", dk_out, a.k, "k")
+    dq, dk, *dw, dcos, dsin = qk_norm_rope_bwd(_unit_last(dq_out), _unit_last(dk_out), args, need_cos_sin)
+    wdt = a.q_weight_und.dtype
+    return (dq, dk, *(g.to(wdt) for g in dw), dcos.to(a.cos.dtype), dsin.to(a.sin.dtype))
 
 
 @_mot_qk_norm_rope_bwd_op.register_fake
-def _(
-    dq_out,
-    dk_out,
-    q,
-    k,
-    n_und,
-    q_weight_und,
-    q_weight_gen,
-    k_weight_und,
-    k_weight_gen,
-    cos,
-    sin,
-    eps,
-    need_cos_sin,
-):
-    cs = cos.shape if need_cos_sin else (0,)
+def _(dq_out, dk_out, *inputs_need_cos_sin):
+    *inputs, need_cos_sin = inputs_need_cos_sin
+    a = _QKInputs(*inputs)
+    cs = a.cos.shape if need_cos_sin else (0,)
     return (
-        q.new_empty(q.shape),
-        k.new_empty(k.shape),
-        *(w.new_empty(w.shape) for w in (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)),
-        cos.new_empty(cs),
-        sin.new_empty(cs),
+        a.q.new_empty(a.q.shape),
+        a.k.new_empty(a.k.shape),
+        *(w.new_empty(w.shape) for w in a.weights()),
+        a.cos.new_empty(cs),
+        a.sin.new_empty(cs),
     )
 
 
@@ -676,16 +663,24 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> None:
         torch.addmm(bias, a, b, out=out)
 
 
-@torch.library.custom_op("bagel_kernels::mot_linear", mutates_args=())
-def _mot_linear_op(
-    x: Tensor,
-    n_und: int,
-    weight_und: Tensor,
-    bias_und: Tensor | None,
-    weight_gen: Tensor,
-    bias_gen: Tensor | None,
-) -> Tensor:
-    _op_check("mot_linear", _check_linear_args, x, n_und, weight_und, bias_und, weight_gen, bias_gen)
+class _LinearInputs(NamedTuple):
+    """The inputs of the routed-linear op, in its schema's order (the schema is built from this
+    declaration, as for the q/k op; :func:`mot_linear` keeps the documented flat parameters)."""
+
+    x: Tensor
+    n_und: int
+    weight_und: Tensor
+    bias_und: Tensor | None
+    weight_gen: Tensor
+    bias_gen: Tensor | None
+
+
+@torch.library.custom_op(
+    "bagel_kernels::mot_linear", mutates_args=(), schema=f"({_schema_args(_LinearInputs)}) -> Tensor"
+)
+def _mot_linear_op(*inputs) -> Tensor:
+    x, n_und, weight_und, bias_und, weight_gen, bias_gen = inputs
+    _op_check("mot_linear", _check_linear_args, *inputs)
     out = x.new_empty((x.shape[0], weight_und.shape[0]))
     _mm_into(out[:n_und], x[:n_und], weight_und.t(), bias_und)
     _mm_into(out[n_und:], x[n_und:], weight_gen.t(), bias_gen)
@@ -693,8 +688,9 @@ def _mot_linear_op(
 
 
 @_mot_linear_op.register_fake
-def _(x, n_und, weight_und, bias_und, weight_gen, bias_gen):
-    return x.new_empty((x.shape[0], weight_und.shape[0]))
+def _(*inputs):
+    a = _LinearInputs(*inputs)
+    return a.x.new_empty((a.x.shape[0], a.weight_und.shape[0]))
 
 
 @torch.library.custom_op("bagel_kernels::mot_linear_backward", mutates_args=())
@@ -958,14 +954,3 @@ def _grouped_order_trusted(und_indexes: Tensor, gen_indexes: Tensor) -> tuple[Te
     partition the sequence (the model validates once at its boundary): no check, no host sync."""
     perm = torch.cat((und_indexes, gen_indexes)).long()
     return perm, _inverse_permutation(perm), und_indexes.numel()
-
-
-# ============================================================================================ compile specs
-def sm90_compile_specs() -> list[tuple]:
-    """``(name, jit_fn, signature, constexprs, options)`` of every MoT kernel for fp16 and bf16, in
-    the format of :mod:`bagel_kernels.compile_check` (signature lists constexpr arguments as
-    ``"constexpr"``; options carry the launch ``num_warps``). See
-    :func:`bagel_kernels.mot_triton.kernel_compile_specs`."""
-    from .mot_triton import kernel_compile_specs
-
-    return kernel_compile_specs()

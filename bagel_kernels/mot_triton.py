@@ -18,13 +18,17 @@ accumulates its weight-gradient partial sum in fp32 registers and writes one row
 buffer, which torch reduces per expert afterwards. No atomics: the backward is deterministic.
 
 Launchers here trust their inputs (shapes, dtypes, unit last-dim stride); validation lives in
-:mod:`bagel_kernels.mot`.
+:mod:`bagel_kernels.mot`. Tiles and launch shapes travel as named tuples and reach the kernels as
+keywords; the kernels' own signatures stay flat (pointers, sizes, strides, constexprs: what a launch
+binds), while the ``@triton.jit`` helpers take (pointer, row stride, head stride) views and tiles
+as tuples.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,13 +37,13 @@ import triton.language as tl
 __all__ = [
     "rms_norm_fwd",
     "rms_norm_bwd",
+    "QKArgs",
     "qk_norm_rope_fwd",
     "qk_norm_rope_bwd",
     "swiglu_fwd",
     "swiglu_bwd",
     "permute_rows_launch",
     "MAX_ROW_BLOCK",
-    "kernel_compile_specs",
     "compile_cases",
     "compile_specs",
 ]
@@ -48,6 +52,20 @@ __all__ = [
 MAX_ROW_BLOCK = 32768
 # Elements a program handles per tile in the memory-bound kernels (rows x columns).
 _TILE_ELEMS = 4096
+# SwiGLU: elements per tile and the widest column block (a tile is one row at BAGEL's 18944 columns).
+_SWIGLU_TILE_ELEMS = 2048
+# Row permutation: the widest column block (rows wider than this take several column programs).
+_PERMUTE_MAX_COLS = 1024
+# Warps per tile size: the first (elements, warps) pair whose threshold the tile reaches; else 2.
+_WARPS_BY_TILE = ((16384, 16), (4096, 8), (1024, 4))
+_MIN_WARPS = 2
+_MAX_WARPS = 16
+# Persistent backward kernels: programs per SM on a GPU (a few waves), and in all under the interpreter.
+_WAVES_PER_SM = 4
+_INTERPRETER_PROGRAMS = 8
+# SM counts the persistent backward kernels size for when compiling for a GPU that is not here
+# (H100 SXM, A100).
+_SM_COUNT = {90: 132, 80: 108}
 
 
 def _check_interpreter() -> None:
@@ -66,37 +84,47 @@ def _target_programs(device: torch.device) -> int:
     """Programs of the persistent backward kernels: a few waves on a GPU, a handful when interpreting
     (meta tensors: the compile check's target GPU)."""
     if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _WAVES_PER_SM * _sm_count(index)
     if device.type == "meta":
         from .attention_configs import device_arch
 
-        return 4 * _SM_COUNT[90 if device_arch(device) >= 90 else 80]
-    return 8
+        return _WAVES_PER_SM * _SM_COUNT[90 if device_arch(device) >= 90 else 80]
+    return _INTERPRETER_PROGRAMS
 
 
 def _num_warps(elems: int) -> int:
-    if elems >= 16384:
-        return 16
-    if elems >= 4096:
-        return 8
-    if elems >= 1024:
-        return 4
-    return 2
+    for threshold, warps in _WARPS_BY_TILE:
+        if elems >= threshold:
+            return warps
+    return _MIN_WARPS
 
 
 def _bwd_warps(fwd_warps: int) -> int:
     """Warps of the persistent backward kernels: twice the forward's for the same tile, which halves
     the registers per thread (ptxas, sm_90, bf16: qk bwd 160 -> 87, rms bwd 101 -> 58) and keeps
     more warps resident per SM."""
-    return min(2 * fwd_warps, 16)
+    return min(2 * fwd_warps, _MAX_WARPS)
 
 
-def _segment_split(N: int, n_und: int, target: int) -> tuple[int, int, int]:
-    """(rows_per_program, programs_und, programs_total) so that no program straddles n_und."""
+class _Segments(NamedTuple):
+    """How a persistent backward kernel splits the rows: no program straddles ``n_und``."""
+
+    rows_per_prog: int
+    progs_und: int  # programs [0, progs_und) cover [0, n_und), the others [n_und, N)
+    programs: int
+
+
+def _segment_split(N: int, n_und: int, target: int) -> _Segments:
     rpp = max(1, triton.cdiv(N, max(1, target)))
     p_und = triton.cdiv(n_und, rpp)
     p_gen = triton.cdiv(N - n_und, rpp)
-    return rpp, p_und, p_und + p_gen
+    return _Segments(rpp, p_und, p_und + p_gen)
+
+
+def _per_expert(partials: torch.Tensor, seg: _Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-program weight-gradient partials ``[P, ...]`` summed per expert: (und, gen)."""
+    return partials[: seg.progs_und].sum(0), partials[seg.progs_und :].sum(0)
 
 
 @triton.jit
@@ -185,10 +213,18 @@ def _mot_rms_norm_bwd_kernel(
     tl.store(DWP + pid.to(tl.int64) * H + cols, dw, mask=cmask)
 
 
-def _row_blocks(N: int, H: int) -> tuple[int, int]:
+class _RowTiles(NamedTuple):
+    """Tile of the row kernels: ``BLOCK_M`` rows of ``BLOCK_H`` (the row width padded to a power of two)."""
+
+    BLOCK_M: int
+    BLOCK_H: int
+    num_warps: int
+
+
+def _row_tiles(N: int, H: int) -> _RowTiles:
     BLOCK_H = triton.next_power_of_2(max(H, 1))
     BLOCK_M = max(1, min(_TILE_ELEMS // BLOCK_H, triton.next_power_of_2(max(N, 1))))
-    return BLOCK_M, BLOCK_H
+    return _RowTiles(BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=_num_warps(BLOCK_M * BLOCK_H))
 
 
 def rms_norm_fwd(
@@ -200,22 +236,9 @@ def rms_norm_fwd(
     y = torch.empty((N, H), dtype=out_dtype, device=x.device)
     if N == 0 or H == 0:
         return y
-    BLOCK_M, BLOCK_H = _row_blocks(N, H)
-    grid = (triton.cdiv(N, BLOCK_M),)
-    _mot_rms_norm_fwd_kernel[grid](
-        x,
-        w,
-        y,
-        N,
-        H,
-        n_und,
-        x.stride(0),
-        y.stride(0),
-        eps,
-        BLOCK_M=BLOCK_M,
-        BLOCK_H=BLOCK_H,
-        num_warps=_num_warps(BLOCK_M * BLOCK_H),
-    )
+    tiles = _row_tiles(N, H)
+    grid = (triton.cdiv(N, tiles.BLOCK_M),)
+    _mot_rms_norm_fwd_kernel[grid](x, w, y, N, H, n_und, x.stride(0), y.stride(0), eps, **tiles._asdict())
     return y
 
 
@@ -226,32 +249,18 @@ def rms_norm_bwd(
     _check_interpreter()
     N, H = x.shape
     dx = torch.empty((N, H), dtype=x.dtype, device=x.device)
-    rpp, p_und, P = _segment_split(N, n_und, _target_programs(x.device))
+    seg = _segment_split(N, n_und, _target_programs(x.device))
     if N == 0 or H == 0:
         z = torch.zeros((H,), dtype=torch.float32, device=x.device)
         return dx, z, z.clone()
-    BLOCK_M, BLOCK_H = _row_blocks(min(N, rpp), H)
-    dwp = torch.empty((P, H), dtype=torch.float32, device=x.device)
-    _mot_rms_norm_bwd_kernel[(P,)](
-        x,
-        w,
-        dy,
-        dx,
-        dwp,
-        N,
-        H,
-        n_und,
-        x.stride(0),
-        dy.stride(0),
-        dx.stride(0),
-        rpp,
-        p_und,
-        eps,
-        BLOCK_M=BLOCK_M,
-        BLOCK_H=BLOCK_H,
-        num_warps=_bwd_warps(_num_warps(BLOCK_M * BLOCK_H)),
-    )
-    return dx, dwp[:p_und].sum(0), dwp[p_und:].sum(0)
+    tiles = _row_tiles(min(N, seg.rows_per_prog), H)
+    dwp = torch.empty((seg.programs, H), dtype=torch.float32, device=x.device)
+    _mot_rms_norm_bwd_kernel[(seg.programs,)](
+        x, w, dy, dx, dwp, N, H, n_und, x.stride(0), dy.stride(0), dx.stride(0),
+        seg.rows_per_prog, seg.progs_und, eps,
+        **tiles._replace(num_warps=_bwd_warps(tiles.num_warps))._asdict(),
+    )  # fmt: skip
+    return (dx, *_per_expert(dwp, seg))
 
 
 # ============================================================================================ q/k RMSNorm + RoPE
@@ -313,11 +322,15 @@ def _head_rstd(x1, x2, rmask, NH, eps, D: tl.constexpr, BLOCK_NH: tl.constexpr):
 
 @triton.jit
 def _norm_rope_fwd_heads(
-    X, Y, W, rows64, rmask, expert, stride_xr, stride_xh, stride_yr, stride_yh, NH,
-    c1, c2, s1, s2, eps,
-    D: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):  # fmt: skip
-    """Per-head RMSNorm of the tokens' heads with their expert's weight (W [2, D]), then rotary."""
+    x, y, W, tok, NH, cs, eps, D: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
+    """Per-head RMSNorm of the tokens' heads with their expert's weight (W [2, D]), then rotary.
+    ``x``, ``y``: (pointer, row stride, head stride) of the input and output heads; ``tok``: the
+    tokens (64-bit rows, mask, expert); ``cs``: their cos/sin halves (:func:`_load_cos_sin`)."""
+    X, stride_xr, stride_xh = x
+    Y, stride_yr, stride_yh = y
+    rows64, rmask, expert = tok
+    c1, c2, s1, s2 = cs
     HALF: tl.constexpr = D // 2
     ox, m = _head_tile(rows64, rmask, NH, stride_xr, stride_xh, HALF, BLOCK_NH, BLOCK_HALF)
     x1 = tl.load(X + ox, mask=m, other=0.0).to(tl.float32)
@@ -352,24 +365,30 @@ def _mot_qk_norm_rope_fwd_kernel(
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     expert = (rows >= n_und).to(tl.int32)
-    c1, c2, s1, s2 = _load_cos_sin(
-        COS, SIN, rows64, rmask, stride_cr, stride_sr, D // 2, QO.dtype.element_ty, BLOCK_HALF
+    cs = _load_cos_sin(COS, SIN, rows64, rmask, stride_cr, stride_sr, D // 2, QO.dtype.element_ty, BLOCK_HALF)
+    tok = (rows64, rmask, expert)
+    _norm_rope_fwd_heads(
+        (Q, stride_qr, stride_qh), (QO, stride_qor, stride_qoh), WQ, tok, HQ, cs, eps, D, BLOCK_HQ, BLOCK_HALF
     )
-    _norm_rope_fwd_heads(Q, QO, WQ, rows64, rmask, expert, stride_qr, stride_qh, stride_qor, stride_qoh, HQ,
-                         c1, c2, s1, s2, eps, D, BLOCK_HQ, BLOCK_HALF)  # fmt: skip
-    _norm_rope_fwd_heads(K, KO, WK, rows64, rmask, expert, stride_kr, stride_kh, stride_kor, stride_koh, HK,
-                         c1, c2, s1, s2, eps, D, BLOCK_HK, BLOCK_HALF)  # fmt: skip
+    _norm_rope_fwd_heads(
+        (K, stride_kr, stride_kh), (KO, stride_kor, stride_koh), WK, tok, HK, cs, eps, D, BLOCK_HK, BLOCK_HALF
+    )
 
 
 @triton.jit
 def _norm_rope_bwd_heads(
-    X, DY, DX, W, rows64, rmask, stride_xr, stride_xh, stride_dyr, stride_dyh, stride_dxr, stride_dxh,
-    NH, c1, c2, s1, s2, eps,
-    D: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):  # fmt: skip
-    """Backward for the tokens' heads (one expert, weight W [D]). Writes dx; returns the weight
-    gradient halves [BLOCK_HALF] (summed over tokens and heads) and the cos/sin gradient halves
+    x, dy, dx, W, tok, NH, cs, eps, D: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
+    """Backward for the tokens' heads (one expert, weight W [D]). ``x``, ``dy``, ``dx``: (pointer,
+    row stride, head stride) of the input heads, the output's gradient and the input's; ``tok``: the
+    tokens (64-bit rows, mask); ``cs``: their cos/sin halves. Writes dx; returns the weight gradient
+    halves [BLOCK_HALF] (summed over tokens and heads) and the cos/sin gradient halves
     [BLOCK_T, BLOCK_HALF] (summed over heads)."""
+    X, stride_xr, stride_xh = x
+    DY, stride_dyr, stride_dyh = dy
+    DX, stride_dxr, stride_dxh = dx
+    rows64, rmask = tok
+    c1, c2, s1, s2 = cs
     HALF: tl.constexpr = D // 2
     ox, m = _head_tile(rows64, rmask, NH, stride_xr, stride_xh, HALF, BLOCK_NH, BLOCK_HALF)
     ody, _ = _head_tile(rows64, rmask, NH, stride_dyr, stride_dyh, HALF, BLOCK_NH, BLOCK_HALF)
@@ -432,16 +451,17 @@ def _mot_qk_norm_rope_bwd_kernel(
         rows = r0 + tl.arange(0, BLOCK_T)
         rmask = rows < end
         rows64 = rows.to(tl.int64)
-        c1, c2, s1, s2 = _load_cos_sin(
+        cs = _load_cos_sin(
             COS, SIN, rows64, rmask, stride_cr, stride_sr, HALF, DQO.dtype.element_ty, BLOCK_HALF
         )
+        tok = (rows64, rmask)
         a1, a2, qc1, qc2, qs1, qs2 = _norm_rope_bwd_heads(
-            Q, DQO, DQ, WQ + expert * D, rows64, rmask, stride_qr, stride_qh, stride_dqor, stride_dqoh,
-            stride_dqr, stride_dqh, HQ, c1, c2, s1, s2, eps, D, BLOCK_HQ, BLOCK_HALF,
+            (Q, stride_qr, stride_qh), (DQO, stride_dqor, stride_dqoh), (DQ, stride_dqr, stride_dqh),
+            WQ + expert * D, tok, HQ, cs, eps, D, BLOCK_HQ, BLOCK_HALF,
         )  # fmt: skip
         b1, b2, kc1, kc2, ks1, ks2 = _norm_rope_bwd_heads(
-            K, DKO, DK, WK + expert * D, rows64, rmask, stride_kr, stride_kh, stride_dkor, stride_dkoh,
-            stride_dkr, stride_dkh, HK, c1, c2, s1, s2, eps, D, BLOCK_HK, BLOCK_HALF,
+            (K, stride_kr, stride_kh), (DKO, stride_dkor, stride_dkoh), (DK, stride_dkr, stride_dkh),
+            WK + expert * D, tok, HK, cs, eps, D, BLOCK_HK, BLOCK_HALF,
         )  # fmt: skip
         dwq1 += a1
         dwq2 += a2
@@ -461,40 +481,75 @@ def _mot_qk_norm_rope_bwd_kernel(
     tl.store(DWKP + p64 + HALF + cols, dwk2, mask=cm)
 
 
-def _qk_blocks(N: int, HQ: int, HK: int, D: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_T, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, num_warps) for up to N tokens per program."""
+class _QKTiles(NamedTuple):
+    """Tile of the q/k kernels: ``BLOCK_T`` tokens, their q and k heads padded to powers of two, the
+    half head dim padded likewise."""
+
+    BLOCK_T: int
+    BLOCK_HQ: int
+    BLOCK_HK: int
+    BLOCK_HALF: int
+    num_warps: int
+
+
+def _qk_tiles(N: int, HQ: int, HK: int, D: int) -> _QKTiles:
+    """The tile for up to N tokens per program."""
     BLOCK_HQ = triton.next_power_of_2(max(HQ, 1))
     BLOCK_HK = triton.next_power_of_2(max(HK, 1))
     BLOCK_HALF = triton.next_power_of_2(max(D // 2, 1))
     per_token = 2 * max(BLOCK_HQ, BLOCK_HK) * BLOCK_HALF
     BLOCK_T = max(1, min(_TILE_ELEMS // per_token, triton.next_power_of_2(max(N, 1))))
-    return BLOCK_T, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, _num_warps(BLOCK_T * per_token)
+    return _QKTiles(
+        BLOCK_T=BLOCK_T,
+        BLOCK_HQ=BLOCK_HQ,
+        BLOCK_HK=BLOCK_HK,
+        BLOCK_HALF=BLOCK_HALF,
+        num_warps=_num_warps(BLOCK_T * per_token),
+    )
 
 
-def qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, eps, out_dtype):
-    """q [N, HQ, D], k [N, HK, D] (unit last stride), wq/wk [2, D] contiguous, cos/sin [N, D] (unit last
-    stride) -> (q_out, k_out) contiguous in out_dtype."""
+class QKArgs(NamedTuple):
+    """The q/k norm + RoPE launchers' inputs: q ``[N, HQ, D]``, k ``[N, HK, D]`` (unit last stride),
+    the experts' weights stacked ``wq``/``wk`` ``[2, D]`` contiguous (und, gen), cos/sin ``[N, D]``
+    (unit last stride)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    n_und: int
+    wq: torch.Tensor
+    wk: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    eps: float
+
+
+def qk_norm_rope_fwd(a: QKArgs, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (q_out, k_out) contiguous in out_dtype."""
     _check_interpreter()
+    q, k, cos, sin = a.q, a.k, a.cos, a.sin
     N, HQ, D = q.shape
     HK = k.shape[1]
     qo = torch.empty((N, HQ, D), dtype=out_dtype, device=q.device)
     ko = torch.empty((N, HK, D), dtype=out_dtype, device=q.device)
     if N == 0 or D == 0:
         return qo, ko
-    BLOCK_T, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(N, HQ, HK, D)
-    _mot_qk_norm_rope_fwd_kernel[(triton.cdiv(N, BLOCK_T),)](
-        q, k, wq, wk, cos, sin, qo, ko, N, HQ, HK, n_und,
+    tiles = _qk_tiles(N, HQ, HK, D)
+    _mot_qk_norm_rope_fwd_kernel[(triton.cdiv(N, tiles.BLOCK_T),)](
+        q, k, a.wq, a.wk, cos, sin, qo, ko, N, HQ, HK, a.n_und,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), eps,
-        D=D, BLOCK_T=BLOCK_T, BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=nw,
+        qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), a.eps,
+        D=D, **tiles._asdict(),
     )  # fmt: skip
     return qo, ko
 
 
-def qk_norm_rope_bwd(dqo, dko, q, k, n_und, wq, wk, cos, sin, eps, need_dcs: bool):
+def qk_norm_rope_bwd(
+    dqo: torch.Tensor, dko: torch.Tensor, a: QKArgs, need_dcs: bool
+) -> tuple[torch.Tensor, ...]:
     """dqo/dko: gradients of the outputs (their dtype is the forward's output dtype).
     -> dq [N, HQ, D] (q.dtype), dk, dwq_und, dwq_gen, dwk_und, dwk_gen [D] fp32, dcos/dsin [N, D] fp32 (or [0])."""
     _check_interpreter()
+    q, k, cos, sin = a.q, a.k, a.cos, a.sin
     N, HQ, D = q.shape
     HK = k.shape[1]
     dev = q.device
@@ -503,88 +558,83 @@ def qk_norm_rope_bwd(dqo, dko, q, k, n_und, wq, wk, cos, sin, eps, need_dcs: boo
     shape_cs = (N, D) if need_dcs else (0,)
     dcos = torch.empty(shape_cs, dtype=torch.float32, device=dev)
     dsin = torch.empty(shape_cs, dtype=torch.float32, device=dev)
-    rpp, p_und, P = _segment_split(N, n_und, _target_programs(dev))
+    seg = _segment_split(N, a.n_und, _target_programs(dev))
     if N == 0 or D == 0:
         z = [torch.zeros((D,), dtype=torch.float32, device=dev) for _ in range(4)]
         return dq, dk, *z, dcos, dsin
-    dwqp = torch.empty((P, D), dtype=torch.float32, device=dev)
-    dwkp = torch.empty((P, D), dtype=torch.float32, device=dev)
-    BLOCK_T, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, nw = _qk_blocks(min(N, rpp), HQ, HK, D)
-    _mot_qk_norm_rope_bwd_kernel[(P,)](
-        q, k, wq, wk, cos, sin, dqo, dko, dq, dk, dwqp, dwkp, dcos, dsin,
-        N, HQ, HK, n_und, rpp, p_und,
+    dwqp = torch.empty((seg.programs, D), dtype=torch.float32, device=dev)
+    dwkp = torch.empty((seg.programs, D), dtype=torch.float32, device=dev)
+    tiles = _qk_tiles(min(N, seg.rows_per_prog), HQ, HK, D)
+    _mot_qk_norm_rope_bwd_kernel[(seg.programs,)](
+        q, k, a.wq, a.wk, cos, sin, dqo, dko, dq, dk, dwqp, dwkp, dcos, dsin,
+        N, HQ, HK, a.n_und, seg.rows_per_prog, seg.progs_und,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         dqo.stride(0), dqo.stride(1), dko.stride(0), dko.stride(1),
-        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), eps,
-        D=D, NEED_DCS=need_dcs, BLOCK_T=BLOCK_T,
-        BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_HALF=BLOCK_HALF, num_warps=_bwd_warps(nw),
+        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), a.eps,
+        D=D, NEED_DCS=need_dcs, **tiles._replace(num_warps=_bwd_warps(tiles.num_warps))._asdict(),
     )  # fmt: skip
-    return (
-        dq, dk, dwqp[:p_und].sum(0), dwqp[p_und:].sum(0), dwkp[:p_und].sum(0), dwkp[p_und:].sum(0), dcos, dsin,
-    )  # fmt: skip
+    return (dq, dk, *_per_expert(dwqp, seg), *_per_expert(dwkp, seg), dcos, dsin)
 
 
 # ============================================================================================ SwiGLU
 @triton.jit
-def _swiglu_fwd_kernel(
-    G,
-    U,
-    Y,
-    N,
-    INTER,
-    stride_g,
-    stride_u,
-    stride_y,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _swiglu_tile(G, U, N, INTER, stride_g, stride_u, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's ``[BLOCK_M, BLOCK_N]`` tile: 64-bit row offsets ``[BLOCK_M, 1]``, columns
+    ``[1, BLOCK_N]``, its mask, and gate and up loaded as fp32."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = (rows < N)[:, None] & (cols < INTER)[None, :]
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    m = (rows < N)[:, None] & (cols < INTER)
     rows64 = rows.to(tl.int64)[:, None]
-    g = tl.load(G + rows64 * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G + rows64 * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + rows64 * stride_u + cols, mask=m, other=0.0).to(tl.float32)
+    return rows64, cols, m, g, u
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    G, U, Y,  # gate, up [N, INTER] (row strides), Y [N, INTER] contiguous
+    N, INTER, stride_g, stride_u, stride_y,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows64, cols, m, g, u = _swiglu_tile(G, U, N, INTER, stride_g, stride_u, BLOCK_M, BLOCK_N)
     y = g * tl.sigmoid(g) * u
-    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
+    tl.store(Y + rows64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    G,
-    U,
-    DY,
-    DG,
-    DU,
-    N,
-    INTER,
-    stride_g,
-    stride_u,
-    stride_dy,
-    stride_dg,
-    stride_du,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = (rows < N)[:, None] & (cols < INTER)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    g = tl.load(G + rows64 * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    G, U, DY, DG, DU,
+    N, INTER, stride_g, stride_u, stride_dy, stride_dg, stride_du,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows64, cols, m, g, u = _swiglu_tile(G, U, N, INTER, stride_g, stride_u, BLOCK_M, BLOCK_N)
+    dy = tl.load(DY + rows64 * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
     dg = dy * u * sig * (1.0 + g * (1.0 - sig))
     du = dy * silu
-    tl.store(DG + rows64 * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty), mask=m)
-    tl.store(DU + rows64 * stride_du + cols[None, :], du.to(DU.dtype.element_ty), mask=m)
+    tl.store(DG + rows64 * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=m)
+    tl.store(DU + rows64 * stride_du + cols, du.to(DU.dtype.element_ty), mask=m)
 
 
-def _swiglu_blocks(N: int, INTER: int) -> tuple[int, int, tuple[int, int], int]:
-    BLOCK_N = min(triton.next_power_of_2(max(INTER, 1)), 2048)
-    BLOCK_M = max(1, min(2048 // BLOCK_N, triton.next_power_of_2(max(N, 1))))
+class _Launch2D(NamedTuple):
+    """Grid and tile of the 2-D elementwise kernels (row blocks x column blocks)."""
+
+    grid: tuple[int, int]
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+
+    def config(self) -> dict:
+        """The launch's compile-time keywords."""
+        return {"BLOCK_M": self.BLOCK_M, "BLOCK_N": self.BLOCK_N, "num_warps": self.num_warps}
+
+
+def _swiglu_launch(N: int, INTER: int) -> _Launch2D:
+    BLOCK_N = min(triton.next_power_of_2(max(INTER, 1)), _SWIGLU_TILE_ELEMS)
+    BLOCK_M = max(1, min(_SWIGLU_TILE_ELEMS // BLOCK_N, triton.next_power_of_2(max(N, 1))))
     grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(INTER, BLOCK_N))
-    return BLOCK_M, BLOCK_N, grid, _num_warps(BLOCK_M * BLOCK_N)
+    return _Launch2D(grid=grid, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=_num_warps(BLOCK_M * BLOCK_N))
 
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -593,19 +643,9 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty((N, INTER), dtype=gate.dtype, device=gate.device)
     if N == 0 or INTER == 0:
         return y
-    BLOCK_M, BLOCK_N, grid, nw = _swiglu_blocks(N, INTER)
-    _swiglu_fwd_kernel[grid](
-        gate,
-        up,
-        y,
-        N,
-        INTER,
-        gate.stride(0),
-        up.stride(0),
-        y.stride(0),
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        num_warps=nw,
+    launch = _swiglu_launch(N, INTER)
+    _swiglu_fwd_kernel[launch.grid](
+        gate, up, y, N, INTER, gate.stride(0), up.stride(0), y.stride(0), **launch.config()
     )
     return y
 
@@ -617,24 +657,12 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     du = torch.empty((N, INTER), dtype=up.dtype, device=up.device)
     if N == 0 or INTER == 0:
         return dg, du
-    BLOCK_M, BLOCK_N, grid, nw = _swiglu_blocks(N, INTER)
-    _swiglu_bwd_kernel[grid](
-        gate,
-        up,
-        dy,
-        dg,
-        du,
-        N,
-        INTER,
-        gate.stride(0),
-        up.stride(0),
-        dy.stride(0),
-        dg.stride(0),
-        du.stride(0),
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        num_warps=nw,
-    )
+    launch = _swiglu_launch(N, INTER)
+    _swiglu_bwd_kernel[launch.grid](
+        gate, up, dy, dg, du, N, INTER,
+        gate.stride(0), up.stride(0), dy.stride(0), dg.stride(0), du.stride(0),
+        **launch.config(),
+    )  # fmt: skip
     return dg, du
 
 
@@ -675,58 +703,69 @@ def permute_rows_launch(x: torch.Tensor, index: torch.Tensor, scatter: bool) -> 
     y = torch.empty((N, C), dtype=x.dtype, device=x.device)
     if N == 0 or C == 0:
         return y
-    BLOCK_C = min(triton.next_power_of_2(C), 1024)
+    BLOCK_C = min(triton.next_power_of_2(C), _PERMUTE_MAX_COLS)
     BLOCK_M = max(1, min(_TILE_ELEMS // BLOCK_C, triton.next_power_of_2(N)))
     grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(C, BLOCK_C))
     _permute_rows_kernel[grid](
-        x,
-        index,
-        y,
-        N,
-        C,
-        x.stride(0),
-        y.stride(0),
-        SCATTER=scatter,
-        BLOCK_M=BLOCK_M,
-        BLOCK_C=BLOCK_C,
-        num_warps=_num_warps(BLOCK_M * BLOCK_C),
-    )
+        x, index, y, N, C, x.stride(0), y.stride(0),
+        SCATTER=scatter, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_M * BLOCK_C),
+    )  # fmt: skip
     return y
 
 
 # ============================================================================================ AOT compile specs
-_SM_COUNT = {90: 132, 80: 108}  # H100 SXM, A100: the SM counts the persistent backward kernels size for
+class _Layout(NamedTuple):
+    """Sizes of one model layout the launchers are compiled for."""
+
+    dtype: torch.dtype
+    tokens: int
+    n_und: int
+    hidden: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    need_dcs: bool = False  # the q/k backward also computes cos/sin gradients
 
 
-def _compile_case(dtype, n, n_und, hidden, hq, hk, d, inter, need_dcs=False):
-    """A thunk running every launcher on meta tensors laid out as the model hands them over: hidden
-    states [N, hidden], q/k head views of the projection outputs, cos/sin [N, D] in the model dtype,
-    the experts' weights stacked [2, ...], gate/up [N, inter], an int64 row permutation."""
+# Qwen2's RMSNorm eps (a runtime argument: any value compiles the same kernel).
+_EPS = 1e-6
+# BAGEL-7B's language model in bf16; a 16k pack cut to a length that is not a multiple of 16.
+_BAGEL_7B = _Layout(
+    torch.bfloat16, tokens=16381, n_und=9000, hidden=3584, q_heads=28, kv_heads=4, head_dim=128,
+    intermediate=18944,
+)  # fmt: skip
+# fp16 at small odd sizes where no size is a multiple of 16, with cos/sin gradients.
+_ODD = _Layout(
+    torch.float16, tokens=1001, n_und=333, hidden=97, q_heads=3, kv_heads=1, head_dim=72, intermediate=200,
+    need_dcs=True,
+)  # fmt: skip
 
-    def run():
-        meta = torch.device("meta")
 
-        def empty(*shape, dt=dtype):
-            return torch.empty(shape, dtype=dt, device=meta)
+def _run_launchers(c: _Layout) -> None:
+    """Every launcher on meta tensors laid out as the model hands them over: hidden states
+    [N, hidden], q/k head views of the projection outputs, cos/sin [N, D] in the model dtype, the
+    experts' weights stacked [2, ...], gate/up [N, inter], an int64 row permutation."""
+    meta = torch.device("meta")
+    n, d = c.tokens, c.head_dim
 
-        x, w = empty(n, hidden), empty(2, hidden)
-        y = rms_norm_fwd(x, n_und, w, 1e-6, dtype)
-        rms_norm_bwd(torch.empty_like(y), x, n_und, w, 1e-6)
-        q = empty(n, hq * d).view(n, hq, d)
-        k = empty(n, hk * d).view(n, hk, d)
-        wq, wk, cos, sin = empty(2, d), empty(2, d), empty(n, d), empty(n, d)
-        qo, ko = qk_norm_rope_fwd(q, k, n_und, wq, wk, cos, sin, 1e-6, dtype)
-        qk_norm_rope_bwd(
-            torch.empty_like(qo), torch.empty_like(ko), q, k, n_und, wq, wk, cos, sin, 1e-6, need_dcs
-        )
-        gate, up = empty(n, inter), empty(n, inter)
-        h = swiglu_fwd(gate, up)
-        swiglu_bwd(torch.empty_like(h), gate, up)
-        perm = torch.empty((n,), dtype=torch.int64, device=meta)
-        permute_rows_launch(x, perm, scatter=False)
-        permute_rows_launch(x, perm, scatter=True)
+    def empty(*shape, dt=c.dtype):
+        return torch.empty(shape, dtype=dt, device=meta)
 
-    return run
+    x, w = empty(n, c.hidden), empty(2, c.hidden)
+    y = rms_norm_fwd(x, c.n_und, w, _EPS, c.dtype)
+    rms_norm_bwd(torch.empty_like(y), x, c.n_und, w, _EPS)
+    q = empty(n, c.q_heads * d).view(n, c.q_heads, d)
+    k = empty(n, c.kv_heads * d).view(n, c.kv_heads, d)
+    qk = QKArgs(q, k, c.n_und, wq=empty(2, d), wk=empty(2, d), cos=empty(n, d), sin=empty(n, d), eps=_EPS)
+    qo, ko = qk_norm_rope_fwd(qk, c.dtype)
+    qk_norm_rope_bwd(torch.empty_like(qo), torch.empty_like(ko), qk, c.need_dcs)
+    gate, up = empty(n, c.intermediate), empty(n, c.intermediate)
+    h = swiglu_fwd(gate, up)
+    swiglu_bwd(torch.empty_like(h), gate, up)
+    perm = torch.empty((n,), dtype=torch.int64, device=meta)
+    permute_rows_launch(x, perm, scatter=False)
+    permute_rows_launch(x, perm, scatter=True)
 
 
 def compile_cases(arch: int) -> list[tuple]:
@@ -734,17 +773,9 @@ def compile_cases(arch: int) -> list[tuple]:
     bf16 (hidden 3584, 28/4 heads of 128, intermediate 18944; a 16k pack cut to a length that is not
     a multiple of 16) on every architecture; on sm_90 also cos/sin gradients and fp16 at small odd
     sizes (hidden 97, 3/1 heads of 72, intermediate 200), where no size is a multiple of 16."""
-    cases = [
-        ("{kernel}[bf16,BAGEL-7B]", _compile_case(torch.bfloat16, 16381, 9000, 3584, 28, 4, 128, 18944), {})
-    ]
+    cases = [("{kernel}[bf16,BAGEL-7B]", functools.partial(_run_launchers, _BAGEL_7B), {})]
     if arch >= 90:
-        cases.append(
-            (
-                "{kernel}[fp16,odd,dcs]",
-                _compile_case(torch.float16, 1001, 333, 97, 3, 1, 72, 200, need_dcs=True),
-                {},
-            )
-        )
+        cases.append(("{kernel}[fp16,odd,dcs]", functools.partial(_run_launchers, _ODD), {}))
     return cases
 
 
@@ -764,8 +795,3 @@ def compile_specs(arch: int = 90) -> list[tuple]:
         seen[name] = seen.get(name, 0) + 1
         out.append((name if seen[name] == 1 else f"{name}#{seen[name]}", fn, sig, const, opts))
     return out
-
-
-def kernel_compile_specs(arch: int = 90) -> list[tuple]:
-    """:func:`compile_specs` (published as :func:`bagel_kernels.mot.sm90_compile_specs`)."""
-    return compile_specs(arch)

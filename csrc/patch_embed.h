@@ -14,6 +14,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <optional>
 
@@ -33,25 +34,76 @@ struct PatchEmbedShape {
   bool has_table = false;
 };
 
+// The kernels index one image with 32-bit offsets: C * H * W must stay below this.
+constexpr int64_t kMaxImageElements = int64_t(1) << 31;
+
+// The op's arguments, in the schema's order (references to the caller's, valid for the call).
+struct PatchEmbedArgs {
+  const at::Tensor& input;
+  const at::Tensor& weight;
+  const std::optional<at::Tensor>& bias;
+  const std::optional<at::Tensor>& pos_table;
+  const std::optional<at::Tensor>& pos_ids;
+  const std::optional<at::Tensor>& patch_coords;
+  int64_t patch_size;
+  bool check_indices;
+};
+
 // Validates shapes, dtypes and devices (TORCH_CHECK_VALUE, which Python sees as ValueError, with the
 // argument's name) and returns the call's shape. `device_type` is the dispatch key's device.
-PatchEmbedShape check_patch_embed_args(
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& pos_table,
-    const std::optional<at::Tensor>& pos_ids,
-    const std::optional<at::Tensor>& patch_coords,
-    int64_t patch_size,
-    c10::DeviceType device_type);
+PatchEmbedShape check_patch_embed_args(const PatchEmbedArgs& a, c10::DeviceType device_type);
 
 // Checks 0 <= pos_ids < P and the coordinates against the image batch. On CUDA this costs one
 // device-to-host copy (a synchronisation); callers skip it with check_indices=false, in which case
 // the kernels write NaN rows for out-of-range ids instead of reading out of bounds.
-void check_patch_embed_indices(
-    const PatchEmbedShape& s,
-    const std::optional<at::Tensor>& pos_ids,
-    const std::optional<at::Tensor>& patch_coords);
+void check_patch_embed_indices(const PatchEmbedShape& s, const PatchEmbedArgs& a);
+
+// The operands both kernels read, prepared the same way: the input with a unit inner stride (images
+// contiguous), the position table contiguous, ids and coordinates as contiguous int64 (undefined
+// tensors where absent), and the output [N, hidden] in the input's dtype.
+struct PatchEmbedOperands {
+  at::Tensor input, table, ids, coords, out;
+};
+
+// A device's kernel: computes `o.out` from the validated call.
+using PatchEmbedRun = void (*)(const PatchEmbedArgs& a, const PatchEmbedShape& s, const PatchEmbedOperands& o);
+
+// The op's implementation for one device, with the schema's signature (what TORCH_LIBRARY_IMPL
+// registers): validates the arguments, checks the indices when asked to (under a guard for the
+// input's device), prepares the operands and runs the device's kernel.
+template <c10::DeviceType kDevice, PatchEmbedRun kRun>
+at::Tensor fused_patch_embed_impl(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& pos_table, const std::optional<at::Tensor>& pos_ids,
+    const std::optional<at::Tensor>& patch_coords, int64_t patch_size, bool check_indices) {
+  const PatchEmbedArgs a{input, weight, bias, pos_table, pos_ids, patch_coords, patch_size, check_indices};
+  const PatchEmbedShape s = check_patch_embed_args(a, kDevice);
+  const c10::DeviceGuard guard(input.device());
+  if (check_indices) {
+    check_patch_embed_indices(s, a);
+  }
+  PatchEmbedOperands o;
+  o.out = at::empty({s.N, s.hidden}, input.options());
+  if (s.N == 0 || s.hidden == 0) {
+    return o.out;
+  }
+  o.input = input;
+  if (s.images || input.stride(1) != 1 || input.stride(0) < s.K) {
+    o.input = input.contiguous();
+  }
+  o.table = s.has_table ? pos_table->contiguous() : at::Tensor();
+  o.ids = s.has_table ? pos_ids->to(at::kLong).contiguous() : at::Tensor();
+  o.coords = s.images ? patch_coords->to(at::kLong).contiguous() : at::Tensor();
+  kRun(a, s, o);
+  return o.out;
+}
+
+// Registers fused_patch_embed_impl<DEVICE, RUN> as the op's kernel for the dispatch key DEVICE (CPU or
+// CUDA); used once at file scope by each device's source (which includes <torch/library.h>).
+#define BAGEL_REGISTER_PATCH_EMBED(DEVICE, RUN)                                                           \
+  TORCH_LIBRARY_IMPL(bagel_kernels_ext, DEVICE, m) {                                                      \
+    m.impl("fused_patch_embed", &bagel_kernels_ext::fused_patch_embed_impl<c10::DeviceType::DEVICE, RUN>); \
+  }
 
 // Offset of element k of a patch vector relative to the patch's top-left pixel of channel 0 in a
 // contiguous [B, C, H, W] batch (see the order above).

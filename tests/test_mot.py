@@ -603,10 +603,10 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 # ============================================================================================ compile specs
-def test_sm90_compile_specs_cover_every_kernel():
+def test_compile_specs_cover_every_kernel():
     from bagel_kernels import mot_triton
 
-    specs = mot.sm90_compile_specs()
+    specs = mot_triton.compile_specs(90)
     kernels = {getattr(mot_triton, n) for n in dir(mot_triton) if n.startswith("_") and n.endswith("_kernel")}
     assert {spec[1] for spec in specs} == kernels
     assert len({spec[0] for spec in specs}) == len(specs)

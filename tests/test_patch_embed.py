@@ -591,20 +591,21 @@ GPU_CASES = [
 ]
 
 
-def _use_cuda_kernel(monkeypatch, kernel: str) -> None:
-    """The extension's CUDA kernel must be built; ``kernel="simt"`` forces its SIMT variant."""
+@pytest.fixture(params=["auto", "simt"])
+def cuda_kernel(request, monkeypatch) -> str:
+    """Each variant of the extension's CUDA kernel, which must be built: "auto" (the tensor-core
+    kernel where it applies) and "simt" (forced)."""
     if not _ext_cuda():
         pytest.fail(f"no CUDA kernel: {pe.extension_status()}")
-    if kernel == "simt":
+    if request.param == "simt":
         monkeypatch.setenv("BAGEL_KERNELS_PATCH_EMBED_KERNEL", "simt")
+    return request.param
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["auto", "simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,K,E,table", GPU_CASES)
-def test_gpu_forward_and_gradients(monkeypatch, no_tf32, kernel, dtype, N, K, E, table):
-    _use_cuda_kernel(monkeypatch, kernel)
+def test_gpu_forward_and_gradients(cuda_kernel, no_tf32, dtype, N, K, E, table):
     x, w, b, t, ids = make_inputs(N, K, E, dtype, device="cuda", table_rows=table, grad=True)
     dy = torch.randn(N, E, dtype=dtype, device="cuda")
     _fill_cache_with_nan()
@@ -628,11 +629,9 @@ GPU_IMAGE_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["auto", "simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("p,E,sizes,pad", GPU_IMAGE_CASES)
-def test_gpu_images_entry(monkeypatch, no_tf32, kernel, dtype, p, E, sizes, pad):
-    _use_cuda_kernel(monkeypatch, kernel)
+def test_gpu_images_entry(cuda_kernel, no_tf32, dtype, p, E, sizes, pad):
     C = 3
     images, coords, ids = make_images(sizes, C, p, dtype, device="cuda", pad=pad)
     images.requires_grad_(True)

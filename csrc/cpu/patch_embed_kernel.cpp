@@ -107,43 +107,17 @@ void patch_embed_cpu_impl(
   });
 }
 
-at::Tensor fused_patch_embed_cpu(
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& pos_table,
-    const std::optional<at::Tensor>& pos_ids,
-    const std::optional<at::Tensor>& patch_coords,
-    int64_t patch_size,
-    bool check_indices) {
-  const PatchEmbedShape s =
-      check_patch_embed_args(input, weight, bias, pos_table, pos_ids, patch_coords, patch_size, c10::DeviceType::CPU);
-  if (check_indices) {
-    check_patch_embed_indices(s, pos_ids, patch_coords);
-  }
-  at::Tensor out = at::empty({s.N, s.hidden}, input.options());
-  if (s.N == 0 || s.hidden == 0) {
-    return out;
-  }
-  at::Tensor in = input;
-  if (s.images || in.stride(1) != 1 || in.stride(0) < s.K) {
-    in = in.contiguous();
-  }
-  const at::Tensor weight_f = weight.to(at::kFloat).contiguous();
-  const at::Tensor bias_f = s.has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor table = s.has_table ? pos_table->contiguous() : at::Tensor();
-  const at::Tensor ids = s.has_table ? pos_ids->to(at::kLong).contiguous() : at::Tensor();
-  const at::Tensor coords = s.images ? patch_coords->to(at::kLong).contiguous() : at::Tensor();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_patch_embed_cpu", [&] {
-    patch_embed_cpu_impl<scalar_t>(s, in, weight_f, bias_f, table, ids, coords, out);
+// The CPU kernel: the weight (and bias) converted to float once per call.
+void run_patch_embed_cpu(const PatchEmbedArgs& a, const PatchEmbedShape& s, const PatchEmbedOperands& o) {
+  const at::Tensor weight_f = a.weight.to(at::kFloat).contiguous();
+  const at::Tensor bias_f = s.has_bias ? a.bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = o.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.input.scalar_type(), "fused_patch_embed_cpu", [&] {
+    patch_embed_cpu_impl<scalar_t>(s, o.input, weight_f, bias_f, o.table, o.ids, o.coords, out);
   });
-  return out;
 }
 
 }  // namespace
 }  // namespace bagel_kernels_ext
 
-TORCH_LIBRARY_IMPL(bagel_kernels_ext, CPU, m) {
-  m.impl("fused_patch_embed", &bagel_kernels_ext::fused_patch_embed_cpu);
-}
+BAGEL_REGISTER_PATCH_EMBED(CPU, bagel_kernels_ext::run_patch_embed_cpu)

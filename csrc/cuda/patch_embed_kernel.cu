@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace bagel_kernels_ext {
 namespace {
@@ -54,6 +55,17 @@ struct Params {
   int vec_b;     // weight rows may be read 4 elements at a time
   int pair_out;  // bias, table rows and out rows may be accessed 2 elements (4 bytes) at a time
 };
+
+// First output row and column of this block's BM x BN tile. Consecutive blocks share one row tile (its
+// A rows stay in L2); the weight is small and L2-resident.
+struct TileOrigin {
+  int64_t m0, n0;
+};
+template <int BM, int BN>
+__device__ __forceinline__ TileOrigin block_tile_origin(int64_t hidden) {
+  const int64_t n_tiles = (hidden + BN - 1) / BN;
+  return {(static_cast<int64_t>(blockIdx.x) / n_tiles) * BM, (static_cast<int64_t>(blockIdx.x) % n_tiles) * BN};
+}
 
 __device__ __forceinline__ float nan_f() {
   return __int_as_float(0x7fffffff);
@@ -97,44 +109,43 @@ __device__ __forceinline__ void fill_koff(const Params& P, int* koff) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Element types for the tensor-core kernel: raw 16-bit storage, float conversion, the mma opcode.
-struct Bf16 {
-  using scalar = __nv_bfloat16;
-  static __device__ __forceinline__ float to_float(uint16_t v) {
-    return __bfloat162float(__ushort_as_bfloat16(v));
-  }
-  static __device__ __forceinline__ uint16_t from_float(float v) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  }
-  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-  }
-};
+// mma.sync m16n8k16 with float32 accumulators for the 16-bit input type TYPE ("bf16" or "f16").
+#define PE_MMA_M16N8K16(TYPE, c, a, b)                                                                       \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+               "{%8,%9}, {%0,%1,%2,%3};\n"                                                                  \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
 
-struct Fp16 {
-  using scalar = __half;
+// Element types for the tensor-core kernel: raw 16-bit storage, float conversion, the mma opcode.
+template <bool kBf16>
+struct Half16 {
+  using scalar = std::conditional_t<kBf16, __nv_bfloat16, __half>;
   static __device__ __forceinline__ float to_float(uint16_t v) {
-    return __half2float(__ushort_as_half(v));
+    if constexpr (kBf16) {
+      return __bfloat162float(__ushort_as_bfloat16(v));
+    } else {
+      return __half2float(__ushort_as_half(v));
+    }
   }
   static __device__ __forceinline__ uint16_t from_float(float v) {
-    return __half_as_ushort(__float2half_rn(v));
+    if constexpr (kBf16) {
+      return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    } else {
+      return __half_as_ushort(__float2half_rn(v));
+    }
   }
   static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    if constexpr (kBf16) {
+      PE_MMA_M16N8K16("bf16", c, a, b);
+    } else {
+      PE_MMA_M16N8K16("f16", c, a, b);
+    }
 #endif
   }
 };
+using Bf16 = Half16<true>;
+using Fp16 = Half16<false>;
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* smem_ptr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -147,8 +158,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* smem_ptr) {
 
 // mma kernel, images: the kernel's K axis is (channel c, pixel row pi, pixel col pj padded to pp), so
 // every aligned group of 4 k is up to 4 adjacent pixels of one image row. chunk[k / 4] packs the group's
-// offset from the patch's top-left pixel (<< 3) with its count of real pixels (1..4; the rest is padding,
-// whose weight columns are zero).
+// offset from the patch's top-left pixel (<< kChunkCountBits) with its count of real pixels (1..4; the
+// rest is padding, whose weight columns are zero) in the low bits.
+constexpr int kChunkCountBits = 3;
+constexpr int kChunkCountMask = (1 << kChunkCountBits) - 1;
+// Offsets a chunk can hold (a non-negative int): larger single images take the SIMT kernel.
+constexpr int64_t kMaxChunkOffset = int64_t(1) << (31 - kChunkCountBits);
+
 __device__ __forceinline__ void fill_chunks(const Params& P, int* chunk) {
   for (int64_t g = threadIdx.x; g < P.K / 4; g += blockDim.x) {
     const int64_t k = 4 * g;
@@ -157,7 +173,7 @@ __device__ __forceinline__ void fill_chunks(const Params& P, int* chunk) {
     const int64_t c = q / P.p;
     const int64_t pi = q - c * P.p;
     const int64_t valid = P.p - pj < 4 ? P.p - pj : 4;
-    chunk[g] = static_cast<int>((((c * P.H + pi) * P.W + pj) << 3) | valid);
+    chunk[g] = static_cast<int>((((c * P.H + pi) * P.W + pj) << kChunkCountBits) | valid);
   }
 }
 
@@ -186,10 +202,8 @@ __global__ void __launch_bounds__(MMA_THREADS) pe_mma_kernel(const Params P) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int64_t n_tiles = (P.hidden + MMA_BN - 1) / MMA_BN;
-  // Consecutive blocks share one row tile (its A rows stay in L2); the weight is small and L2-resident.
-  const int64_t m0 = (static_cast<int64_t>(blockIdx.x) / n_tiles) * MMA_BM;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) % n_tiles) * MMA_BN;
+  const TileOrigin origin = block_tile_origin<MMA_BM, MMA_BN>(P.hidden);
+  const int64_t m0 = origin.m0, n0 = origin.n0;
 
   if (IMAGES) {
     fill_chunks(P, chunk);
@@ -217,8 +231,8 @@ __global__ void __launch_bounds__(MMA_THREADS) pe_mma_kernel(const Params P) {
     const int64_t k = k0 + kq;
     if (IMAGES) {
       const int code = k < P.K ? chunk[k >> 2] : 0;  // K is a multiple of 4 here
-      const int64_t off = code >> 3;
-      const int nv = code & 7;  // 0 beyond K: zeros
+      const int64_t off = code >> kChunkCountBits;
+      const int nv = code & kChunkCountMask;  // 0 beyond K: zeros
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         if (!a_ok[i] || nv == 0) {
@@ -410,9 +424,8 @@ __global__ void __launch_bounds__(S_THREADS) pe_simt_kernel(const Params P) {
   const int tid = threadIdx.x;
   const int tx = tid & 15;
   const int ty = tid >> 4;
-  const int64_t n_tiles = (P.hidden + S_BN - 1) / S_BN;
-  const int64_t m0 = (static_cast<int64_t>(blockIdx.x) / n_tiles) * S_BM;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) % n_tiles) * S_BN;
+  const TileOrigin origin = block_tile_origin<S_BM, S_BN>(P.hidden);
+  const int64_t m0 = origin.m0, n0 = origin.n0;
   const scalar_t* __restrict__ A = static_cast<const scalar_t*>(P.input);
   const scalar_t* __restrict__ Wt = static_cast<const scalar_t*>(P.weight);
 
@@ -499,13 +512,19 @@ __global__ void __launch_bounds__(S_THREADS) pe_simt_kernel(const Params P) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Dynamic shared memory a block gets without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize).
+constexpr size_t kDefaultSharedMemoryPerBlock = 48 * 1024;
+// Blocks of a 1-D grid (gridDim.x < 2^31).
+constexpr int64_t kMaxGridBlocks = int64_t(1) << 31;
+
 bool aligned(const void* ptr, size_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
 int compute_capability_major(int device) {
-  static int cache[128] = {0};  // 0: not queried yet (a benign race: every writer stores the same value)
-  if (device < 0 || device >= 128) {
+  constexpr int kCachedDevices = 128;
+  static int cache[kCachedDevices] = {0};  // 0: not queried yet (a benign race: every writer stores the same value)
+  if (device < 0 || device >= kCachedDevices) {
     int major = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     return major;
@@ -527,7 +546,7 @@ bool force_simt() {
 template <typename Kernel>
 void launch(Kernel kernel, int64_t blocks, int threads, size_t smem_dynamic, size_t smem_static, int device,
             const Params& P, cudaStream_t stream) {
-  if (smem_dynamic + smem_static > 48 * 1024) {
+  if (smem_dynamic + smem_static > kDefaultSharedMemoryPerBlock) {
     int optin = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     TORCH_CHECK_VALUE(smem_dynamic + smem_static <= static_cast<size_t>(optin), "fused_patch_embed: C*p*p=", P.K,
@@ -536,48 +555,25 @@ void launch(Kernel kernel, int64_t blocks, int threads, size_t smem_dynamic, siz
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem_dynamic)));
   }
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "fused_patch_embed: too many tiles (", blocks, ")");
+  TORCH_CHECK(blocks < kMaxGridBlocks, "fused_patch_embed: too many tiles (", blocks, ")");
   kernel<<<static_cast<unsigned int>(blocks), threads, smem_dynamic, stream>>>(P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor fused_patch_embed_cuda(
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& pos_table,
-    const std::optional<at::Tensor>& pos_ids,
-    const std::optional<at::Tensor>& patch_coords,
-    int64_t patch_size,
-    bool check_indices) {
-  const PatchEmbedShape s =
-      check_patch_embed_args(input, weight, bias, pos_table, pos_ids, patch_coords, patch_size, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(input.device());
-  if (check_indices) {
-    check_patch_embed_indices(s, pos_ids, patch_coords);
-  }
-  at::Tensor out = at::empty({s.N, s.hidden}, input.options());
-  if (s.N == 0 || s.hidden == 0) {
-    return out;
-  }
-  at::Tensor in = input;
-  if (s.images || in.stride(1) != 1 || in.stride(0) < s.K) {
-    in = in.contiguous();
-  }
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor b = s.has_bias ? bias->contiguous() : at::Tensor();
-  const at::Tensor table = s.has_table ? pos_table->contiguous() : at::Tensor();
-  const at::Tensor ids = s.has_table ? pos_ids->to(at::kLong).contiguous() : at::Tensor();
-  const at::Tensor coords = s.images ? patch_coords->to(at::kLong).contiguous() : at::Tensor();
+// The CUDA kernels: the tensor-core kernel for float16/bfloat16 on sm_80+, the SIMT kernel otherwise.
+void run_patch_embed_cuda(const PatchEmbedArgs& a, const PatchEmbedShape& s, const PatchEmbedOperands& o) {
+  const at::Tensor& in = o.input;
+  const at::Tensor w = a.weight.contiguous();
+  const at::Tensor b = s.has_bias ? a.bias->contiguous() : at::Tensor();
 
   Params P;
   P.input = in.data_ptr();
   P.weight = w.data_ptr();
   P.bias = s.has_bias ? b.data_ptr() : nullptr;
-  P.table = s.has_table ? table.data_ptr() : nullptr;
-  P.pos_ids = s.has_table ? ids.data_ptr<int64_t>() : nullptr;
-  P.coords = s.images ? coords.data_ptr<int64_t>() : nullptr;
-  P.out = out.data_ptr();
+  P.table = s.has_table ? o.table.data_ptr() : nullptr;
+  P.pos_ids = s.has_table ? o.ids.data_ptr<int64_t>() : nullptr;
+  P.coords = s.images ? o.coords.data_ptr<int64_t>() : nullptr;
+  P.out = o.out.data_ptr();
   P.N = s.N;
   P.K = s.K;
   P.hidden = s.hidden;
@@ -597,12 +593,11 @@ at::Tensor fused_patch_embed_cuda(
                (P.table == nullptr || aligned(P.table, 2 * esize));
 
   P.pp = 0;
-  const int device = input.get_device();
+  const int device = in.get_device();
   const int cc_major = compute_capability_major(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const bool half_kind = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
-  // The chunk table packs an image offset into 28 bits: larger single images take the SIMT kernel.
-  const bool chunk_fits = !s.images || s.C * s.H * s.W < (int64_t(1) << 28);
+  const bool half_kind = in.scalar_type() == at::kHalf || in.scalar_type() == at::kBFloat16;
+  const bool chunk_fits = !s.images || s.C * s.H * s.W < kMaxChunkOffset;
 
   if (half_kind && cc_major >= 8 && chunk_fits && !force_simt()) {
     const int64_t blocks = ((s.N + MMA_BM - 1) / MMA_BM) * ((s.hidden + MMA_BN - 1) / MMA_BN);
@@ -622,7 +617,7 @@ at::Tensor fused_patch_embed_cuda(
       P.vec_b = aligned(P.weight, 4 * esize);
       chunk_bytes = static_cast<size_t>(P.K / 4) * sizeof(int);
     }
-    if (input.scalar_type() == at::kBFloat16) {
+    if (in.scalar_type() == at::kBFloat16) {
       if (s.images) {
         launch(pe_mma_kernel<Bf16, true>, blocks, MMA_THREADS, chunk_bytes, smem_static, device, P, stream);
       } else {
@@ -635,7 +630,7 @@ at::Tensor fused_patch_embed_cuda(
         launch(pe_mma_kernel<Fp16, false>, blocks, MMA_THREADS, 0, smem_static, device, P, stream);
       }
     }
-    return out;
+    return;
   }
 
   const size_t koff_bytes = s.images ? static_cast<size_t>(s.K) * sizeof(int) : 0;
@@ -649,7 +644,7 @@ at::Tensor fused_patch_embed_cuda(
       launch(pe_simt_kernel<scalar_t, false>, blocks, S_THREADS, 0, smem_static, device, P, stream);
     }
   };
-  switch (input.scalar_type()) {
+  switch (in.scalar_type()) {
     case at::kFloat:
       run(float{});
       break;
@@ -660,12 +655,9 @@ at::Tensor fused_patch_embed_cuda(
       run(at::BFloat16{});
       break;
   }
-  return out;
 }
 
 }  // namespace
 }  // namespace bagel_kernels_ext
 
-TORCH_LIBRARY_IMPL(bagel_kernels_ext, CUDA, m) {
-  m.impl("fused_patch_embed", &bagel_kernels_ext::fused_patch_embed_cuda);
-}
+BAGEL_REGISTER_PATCH_EMBED(CUDA, bagel_kernels_ext::run_patch_embed_cuda)
