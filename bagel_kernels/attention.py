@@ -15,6 +15,11 @@ the device, that accepts the inputs, and a refusal lists every backend's reasons
     sdpa     any          fp16, bf16, fp32+    reference: per-sample SDPA with the sample's dense mask
                                                (inside torch.compile: one SDPA over the pack's dense mask)
     (+ float64 too, for references)
+
+The Triton backend's registered ops (``bagel_kernels::packed_attention_fwd`` and ``_bwd``, with their
+fake and autograd registrations) and :func:`triton_packed_attention` live here, like the MoT family's
+ops in :mod:`bagel_kernels.mot`; its kernels, launchers and block tables in
+:mod:`bagel_kernels.attention_triton`.
 """
 
 from __future__ import annotations

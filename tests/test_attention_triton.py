@@ -1,4 +1,5 @@
-"""Triton packed attention (``bagel_kernels.attention_triton``, its ops in ``bagel_kernels.attention``) against the float64 dense reference.
+"""Triton packed attention (kernels in ``bagel_kernels.attention_triton``, ops and
+``triton_packed_attention`` in ``bagel_kernels.attention``) against the float64 dense reference.
 
 CPU: the kernels run under TRITON_INTERPRET=1 (set by conftest) in fp32 and fp16 on packs of a few
 hundred tokens, with the interpreter tile config (fwd 64x32, dK/dV 32x64, dQ 64x32: different on
