@@ -17,7 +17,7 @@ import torch
 
 from bagel_kernels import PackedMask, packed_attention
 from bagel_kernels.attention import _packed_attention_bwd, _packed_attention_fwd, triton_packed_attention
-from bagel_kernels.attention_configs import AttnConfig
+from bagel_kernels.attention_configs import AttnConfig, Blocks
 from bagel_kernels.attention_triton import (
     KernelArgs,
     _launch_bwd,
@@ -30,6 +30,11 @@ from bagel_kernels.reference import attention_reference
 from bagel_kernels.testing import random_pack, realistic_pack, tolerance
 
 CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def _square_tiles(b: int, **fields) -> AttnConfig:
+    """Every tile (forward, dK/dV, dQ) ``b x b``; ``fields`` set the others."""
+    return AttnConfig(**dict.fromkeys(Blocks._fields, b), **fields)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -111,9 +116,9 @@ def test_gqa_and_head_dims(hq, hkv, d):
 @pytest.mark.parametrize(
     "config",
     [
-        AttnConfig(16, 16, 16, 16, 16, 16),
-        AttnConfig(32, 64, 64, 32, 32, 64),
-        AttnConfig(128, 128, 128, 128, 128, 128),
+        _square_tiles(16),
+        AttnConfig(block_m=32, block_n=64, block_m1=64, block_n1=32, block_m2=32, block_n2=64),
+        _square_tiles(128),
     ],
     ids=["16x16", "swapped", "one-block"],
 )
@@ -216,9 +221,7 @@ def test_dead_rows_from_dense():
     masks[1][:, :] = masks[1] | torch.eye(9, dtype=torch.bool)  # this sample has no dead row
     mask = PackedMask.from_dense(masks)
     q, k, v = _make_qkv(mask.total_len, 2, 1, 16, torch.float32)
-    out, (dq, _, _) = _check_against_reference(
-        q, k, v, mask, torch.float32, config=AttnConfig(16, 16, 16, 16, 16, 16)
-    )
+    out, (dq, _, _) = _check_against_reference(q, k, v, mask, torch.float32, config=_square_tiles(16))
     dead = [0, 15]  # first rows of samples 0 and 2
     assert torch.equal(out[dead], torch.zeros_like(out[dead]))
     assert torch.equal(dq[dead], torch.zeros_like(dq[dead]))
@@ -599,7 +602,7 @@ def test_stride_alignment_of_model_layouts():
 def _raw_args(hq=2, hkv=1, d=16):
     mask = PackedMask.from_splits([10, 18], [4, 6, 5, 13], ["causal", "full", "causal", "noise"])
     n = mask.total_len  # 28
-    cfg = AttnConfig(16, 16, 16, 16, 16, 16)
+    cfg = _square_tiles(16)
     fwd_t, bwd_t = prepare_mask(mask, cfg)
     q, k, v = (t.detach() for t in _make_qkv(n, hq, hkv, d, torch.float32))
     return dict(
@@ -706,12 +709,12 @@ import os, random, sys
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from bagel_kernels import PackedMask
-from bagel_kernels.attention_configs import AttnConfig
+from bagel_kernels.attention_configs import AttnConfig, Blocks
 from bagel_kernels.attention_triton import BwdTables, FwdTables, KernelArgs, _launch_bwd, _launch_fwd, prepare_mask
 from bagel_kernels.testing import random_pack
 
 mask = PackedMask.from_splits(*random_pack(random.Random(3), 3, text=(1, 20), image=(1, 20)).as_tuple())
-n, cfg = mask.total_len, AttnConfig(16, 16, 16, 16, 16, 16)
+n, cfg = mask.total_len, AttnConfig(**dict.fromkeys(Blocks._fields, 16))
 fwd_t, bwd_t = prepare_mask(mask, cfg)
 q, k, v = torch.randn(n, 2, 16), torch.randn(n, 1, 16), torch.randn(n, 1, 16)
 big = lambda t, s: (t.long() * 0 + s).to(torch.int32)
@@ -826,7 +829,7 @@ def _op_args(n=40, hq=2, hkv=1, d=16):
     mask = _mask(random_pack(random.Random(19), 3, text=(1, 8), image=(1, 10)))
     mask = mask.truncated(min(n, mask.total_len))
     n = mask.total_len
-    cfg = AttnConfig(16, 16, 16, 16, 16, 16)
+    cfg = _square_tiles(16)
     fwd_t, bwd_t = (list(t) for t in prepare_mask(mask, cfg))
     q, k, v = _make_qkv(n, hq, hkv, d, torch.float32)
     return mask, cfg, fwd_t, bwd_t, q, k, v
@@ -864,7 +867,7 @@ def test_opcheck_onepass_and_variants():
     """The ops with their variant arguments: the forward with the padded layout and TMA, the one-pass
     backward (its tables built for the one-pass tiles)."""
     mask, _, _, _, q, k, v = _op_args(d=24)
-    cfg = AttnConfig(16, 16, 16, 16, 16, 16, onepass=1, onepass_block_m=16, onepass_block_n=32)
+    cfg = _square_tiles(16, onepass=1, onepass_block_m=16, onepass_block_n=32)
     fwd_t, bwd_t = (list(t) for t in prepare_mask(mask, cfg, True))
     blocks, launch = (list(t) for t in _op_params(cfg, True))
     args = (q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, blocks, launch, False, True, True)
