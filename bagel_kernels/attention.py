@@ -15,6 +15,11 @@ the device, that accepts the inputs, and a refusal lists every backend's reasons
     sdpa     any          fp16, bf16, fp32+    reference: per-sample SDPA with the sample's dense mask
                                                (inside torch.compile: one SDPA over the pack's dense mask)
     (+ float64 too, for references)
+
+The Triton backend's registered ops (``bagel_kernels::packed_attention_fwd`` and ``_bwd``, with their
+fake and autograd registrations) and :func:`triton_packed_attention` live here, like the MoT family's
+ops in :mod:`bagel_kernels.mot`; its kernels, launchers and block tables in
+:mod:`bagel_kernels.attention_triton`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .attention_configs import AttnConfig
 from .dispatch import Backend, Family, Request
 from .mask import PackedMask
 
@@ -39,6 +45,7 @@ __all__ = [
     "flex_block_mask",
     "flex_kv_blocks",
     "flex_compiled",
+    "triton_packed_attention",
 ]
 
 MAX_HEAD_DIM = 256
@@ -226,6 +233,177 @@ def _flex_reasons(req: Request) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- triton
+# The Triton kernels' registered ops (kernels, launchers and block tables: bagel_kernels.attention_triton,
+# imported when an op runs). The tables travel as tensor lists and the tiles as int lists, which is what
+# a torch.library schema takes; inside, they are typed (attention_triton.FwdTables/BwdTables/KernelArgs,
+# attention_configs.Blocks/Launch). The schemas' flat argument lists are a documented exception to the
+# ~10-parameter rule (as are the Triton kernels' pointer and stride lists).
+@torch.library.custom_op("bagel_kernels::packed_attention_fwd", mutates_args=())
+def _packed_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_lo: torch.Tensor, kv_hi: torch.Tensor, row_index: torch.Tensor | None,
+    fwd_tables: list[torch.Tensor], bwd_tables: list[torch.Tensor],
+    scale: float, blocks: list[int], launch: list[int],
+    dsplit: bool = True, tma: bool = False, onepass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Returns ``(out [N, Hq, D], lse [Hq, N] fp32)``. ``bwd_tables`` and ``onepass`` are unused
+    here; they ride along so that autograd can hand them to the backward op (``onepass``: the
+    one-pass backward, ``bwd_tables`` then being built for its tiles, see
+    :func:`~bagel_kernels.attention_triton.prepare_mask`). ``dsplit``: head-dim split
+    (:func:`~bagel_kernels.attention_configs.dim_split`); ``tma``: K/V through tensor descriptors
+    where usable."""
+    from . import attention_triton as at
+
+    given = at.KernelArgs(kv_lo, kv_hi, row_index, None, scale, blocks, launch)
+    args = at._check_op_inputs(q, k, v, given, fwd_tables, bwd_tables)
+    args = args._replace(tables=at.FwdTables(*fwd_tables), dsplit=dsplit, tma=tma)
+    N, Hq, D = q.shape
+    q, k, v = at._row_major(q), at._row_major(k), at._row_major(v)
+    out = torch.empty((N, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, N), dtype=torch.float32, device=q.device)
+    at._launch_fwd(q, k, v, out, lse, args)
+    return out, lse
+
+
+@_packed_attention_fwd.register_fake
+def _(q, k, v, kv_lo, kv_hi, row_index, fwd_tables, bwd_tables, scale, blocks, launch, dsplit=True, tma=False,
+      onepass=False):  # fmt: skip
+    N, Hq, D = q.shape
+    return q.new_empty((N, Hq, D)), q.new_empty((Hq, N), dtype=torch.float32)
+
+
+def _check_fwd_results(q: torch.Tensor, grad_out, out, lse) -> None:
+    """The backward op's ``grad_out``, ``out`` and ``lse`` against q's shape, dtype and device."""
+    N, Hq, _ = q.shape
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.device != q.device:
+            raise ValueError(f"{name} must be shaped and placed like q {tuple(q.shape)} on {q.device}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+    if out.dtype != q.dtype:
+        raise ValueError(f"out has dtype {out.dtype}, q {q.dtype}")
+    if (
+        not isinstance(lse, torch.Tensor)
+        or lse.shape != (Hq, N)
+        or lse.dtype != torch.float32
+        or lse.device != q.device
+    ):
+        raise ValueError(f"lse must be a float32 [{Hq}, {N}] tensor on {q.device}")
+
+
+@torch.library.custom_op("bagel_kernels::packed_attention_bwd", mutates_args=())
+def _packed_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    kv_lo: torch.Tensor, kv_hi: torch.Tensor, row_index: torch.Tensor | None, bwd_tables: list[torch.Tensor],
+    scale: float, blocks: list[int], launch: list[int], dsplit: bool = True, onepass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Returns ``(dq, dk, dv)`` shaped like q, k, v. ``onepass``: the one-pass backward (dQ by fp32
+    atomics, not bit-reproducible) over the first five ``bwd_tables`` with the tiles ``block_m1 x
+    block_n1`` of ``blocks``; else the deterministic two-program backward."""
+    from . import attention_triton as at
+
+    given = at.KernelArgs(kv_lo, kv_hi, row_index, None, scale, blocks, launch)
+    args = at._check_op_inputs(q, k, v, given, bwd_tables=bwd_tables)
+    args = args._replace(tables=at.BwdTables(*bwd_tables), dsplit=dsplit, onepass=onepass)
+    _check_fwd_results(q, grad_out, out, lse)
+    grad_out = grad_out.to(q.dtype)
+    q, k, v, out, grad_out = (at._row_major(t) for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    at._launch_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, args)
+    return dq, dk, dv
+
+
+@_packed_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dsplit=True,
+      onepass=False):  # fmt: skip
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_lo, kv_hi, row_index, _fwd_tables, bwd_tables, scale, blocks, launch, *flags = inputs
+    dsplit, _tma, onepass = (list(flags) + [True, False, False][len(flags) :])[:3]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_lo, kv_hi, row_index, *bwd_tables)
+    ctx.scale, ctx.blocks, ctx.launch = scale, blocks, launch
+    ctx.dsplit, ctx.onepass = dsplit, onepass
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kv_lo, kv_hi, row_index, *bwd_tables = ctx.saved_tensors
+    dq, dk, dv = _packed_attention_bwd(
+        grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, ctx.scale, ctx.blocks, ctx.launch,
+        ctx.dsplit, ctx.onepass,
+    )  # fmt: skip
+    grads = (dq, dk, dv, None, None, None, [None] * 4, [None] * 9, None, None, None)
+    # the dispatcher drops trailing arguments equal to their defaults: one gradient per input it kept
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+
+_packed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: PackedMask,
+    scale: float | None = None,
+    deterministic: bool = False,
+    *,
+    config: AttnConfig | None = None,
+) -> torch.Tensor:
+    """Packed attention with the Triton kernels: ``[N, Hq, D]`` in q's dtype, differentiable in q, k, v.
+
+    q: ``[N, Hq, D]``, k/v: ``[N, Hkv, D]`` with ``N == mask.total_len`` (the dispatcher truncates
+    the mask to the tokens present), ``Hq % Hkv == 0``, ``D <= 256``, fp16/bf16/fp32, any strides.
+    Rows listed by ``mask.row_index`` are read and written through it. Rows that see no key give
+    zeros and zero gradients. ``config`` overrides the tile shapes and variants (tests, tuning).
+
+    ``deterministic=True`` always runs the two-program backward (no atomics: bit-identical across
+    runs). ``deterministic=False`` runs the one-pass backward (dQ accumulated with fp32 atomics)
+    where the configuration selects it (``AttnConfig.onepass``: off in the built-in defaults until a
+    GPU measurement decides, see :mod:`bagel_kernels.attention_configs`), else the same two-program
+    backward."""
+    from . import attention_triton as at
+
+    if not isinstance(mask, PackedMask):
+        raise ValueError(f"mask must be a PackedMask, got {type(mask).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if isinstance(t, torch.Tensor) and t.device != mask.device:
+            raise ValueError(f"{name} is on {t.device} but the mask is on {mask.device}")
+    at._check_qkv(q, k, v)
+    N, Hq, D = q.shape
+    if N != mask.total_len:
+        raise ValueError(f"q has {N} tokens but mask.total_len is {mask.total_len}; truncate the mask first")
+    scale = D**-0.5 if scale is None else float(scale)
+    at._check_scale(scale)
+    cfg = config if config is not None else at.default_config(q.device, q.dtype, D)
+    onepass = bool(cfg.onepass) and not deterministic
+    blocks, launch = at._op_params(cfg, onepass)
+    at._check_blocks(blocks, launch)
+    fwd_tables, bwd_tables = at.prepare_mask(mask, cfg, onepass)
+    out, _lse = _packed_attention_fwd(
+        q,
+        k,
+        v,
+        mask.kv_lo,
+        mask.kv_hi,
+        mask._row_index,  # the mask's own validated copy (the property hands out copies)
+        list(fwd_tables),
+        list(bwd_tables),
+        scale,
+        list(blocks),
+        list(launch),
+        bool(cfg.dsplit),
+        bool(cfg.tma),
+        onepass,
+    )
+    return out
+
+
 def _triton_reasons(req: Request) -> list[str]:
     try:
         from . import attention_triton  # noqa: F401
@@ -235,8 +413,6 @@ def _triton_reasons(req: Request) -> list[str]:
 
 
 def _triton_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) -> torch.Tensor:
-    from .attention_triton import triton_packed_attention
-
     return triton_packed_attention(q, k, v, mask, scale, deterministic=deterministic)
 
 

@@ -33,11 +33,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 __all__ = [
     "AttnConfig",
+    "Blocks",
+    "Launch",
     "ONEPASS_DEFAULT",
     "default_for",
     "dim_split",
@@ -61,6 +64,28 @@ FLAG_FIELDS = ("onepass", "dsplit", "tma")
 # (``benchmarks/gpu_check.sh``: the tuner times both and writes ``onepass`` into each tuned entry;
 # ``bench_attention`` reports both); flipping it here flips every built-in default.
 ONEPASS_DEFAULT = 0
+
+
+class Blocks(NamedTuple):
+    """Tile sizes handed to the attention ops (``list[int]`` in their schema): forward, the
+    deterministic backward's dK/dV programs (the one-pass program's when it runs), its dQ programs."""
+
+    block_m: int
+    block_n: int
+    block_m1: int
+    block_n1: int
+    block_m2: int
+    block_n2: int
+
+
+class Launch(NamedTuple):
+    """Launch parameters handed to the attention ops (``list[int]`` in their schema); the backward
+    slots carry the one-pass program's when it runs."""
+
+    fwd_warps: int
+    fwd_stages: int
+    bwd_warps: int
+    bwd_stages: int
 
 
 @dataclass(frozen=True)
@@ -101,11 +126,11 @@ class AttnConfig:
     dsplit: int = 1
     tma: int = 0
 
-    def blocks(self) -> list[int]:
-        return [self.block_m, self.block_n, self.block_m1, self.block_n1, self.block_m2, self.block_n2]
+    def blocks(self) -> Blocks:
+        return Blocks(*(getattr(self, f) for f in Blocks._fields))
 
-    def launch(self) -> list[int]:
-        return [self.fwd_warps, self.fwd_stages, self.bwd_warps, self.bwd_stages]
+    def launch(self) -> Launch:
+        return Launch(*(getattr(self, f) for f in Launch._fields))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -179,29 +204,39 @@ def _vtuple(v: str) -> tuple[int, ...]:
 # on triton 3.6 (larger ones spill in the loop). Every entry at the model's layouts is compiled and
 # resource-checked by ``python -m bagel_kernels.compile_check --report`` for sm_90 and sm_80 on triton
 # 3.6 and 3.9 (CI), which fails on a spill inside a loop or too much shared memory.
-_C = AttnConfig
+def _tiles(*, fwd: tuple[int, int, int, int], bwd: tuple[int, int, int, int, int, int]) -> AttnConfig:
+    """A config from ``fwd = (block_m, block_n, fwd_warps, fwd_stages)`` and ``bwd = (block_m1, block_n1,
+    block_m2, block_n2, bwd_warps, bwd_stages)`` (the tuner's candidate format), other fields default."""
+    bm, bn, fw, fs = fwd
+    bm1, bn1, bm2, bn2, bw, bs = bwd
+    return AttnConfig(
+        block_m=bm, block_n=bn, block_m1=bm1, block_n1=bn1, block_m2=bm2, block_n2=bn2,
+        fwd_warps=fw, fwd_stages=fs, bwd_warps=bw, bwd_stages=bs,
+    )  # fmt: skip
+
+
 _DEFAULTS: dict[tuple[int, bool, int], AttnConfig] = {
-    (90, False, 16): _C(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
-    (90, False, 32): _C(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
-    (90, False, 64): _C(128, 128, 64, 64, 64, 64, 8, 3, 4, 3),
-    (90, False, 128): _C(128, 64, 32, 128, 128, 32, 8, 3, 8, 3),
-    (90, False, 256): _C(64, 32, 32, 64, 64, 32, 4, 3, 8, 2),
-    (90, True, 16): _C(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
-    (90, True, 32): _C(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
-    (90, True, 64): _C(128, 32, 16, 32, 32, 16, 8, 3, 4, 1),
-    (90, True, 128): _C(32, 64, 16, 16, 16, 16, 8, 3, 4, 1),
-    (90, True, 256): _C(32, 32, 32, 32, 32, 32, 4, 2, 8, 1),
+    (90, False, 16): _tiles(fwd=(128, 128, 8, 3), bwd=(64, 64, 64, 64, 4, 3)),
+    (90, False, 32): _tiles(fwd=(128, 128, 8, 3), bwd=(64, 64, 64, 64, 4, 3)),
+    (90, False, 64): _tiles(fwd=(128, 128, 8, 3), bwd=(64, 64, 64, 64, 4, 3)),
+    (90, False, 128): _tiles(fwd=(128, 64, 8, 3), bwd=(32, 128, 128, 32, 8, 3)),
+    (90, False, 256): _tiles(fwd=(64, 32, 4, 3), bwd=(32, 64, 64, 32, 8, 2)),
+    (90, True, 16): _tiles(fwd=(128, 32, 8, 3), bwd=(16, 32, 32, 16, 4, 1)),
+    (90, True, 32): _tiles(fwd=(128, 32, 8, 3), bwd=(16, 32, 32, 16, 4, 1)),
+    (90, True, 64): _tiles(fwd=(128, 32, 8, 3), bwd=(16, 32, 32, 16, 4, 1)),
+    (90, True, 128): _tiles(fwd=(32, 64, 8, 3), bwd=(16, 16, 16, 16, 4, 1)),
+    (90, True, 256): _tiles(fwd=(32, 32, 4, 2), bwd=(32, 32, 32, 32, 8, 1)),
     # A100: 163 KiB of shared memory per block, mma.sync (no wgmma), 2 warp groups less forgiving
-    (80, False, 16): _C(128, 64, 32, 64, 64, 32, 4, 3, 4, 2),
-    (80, False, 32): _C(128, 64, 32, 64, 64, 32, 4, 3, 4, 2),
-    (80, False, 64): _C(128, 64, 32, 64, 64, 32, 4, 3, 4, 2),
-    (80, False, 128): _C(128, 64, 64, 64, 64, 64, 8, 2, 8, 2),
-    (80, False, 256): _C(64, 32, 32, 64, 64, 32, 4, 2, 8, 1),
-    (80, True, 16): _C(64, 32, 16, 32, 32, 16, 8, 2, 4, 1),
-    (80, True, 32): _C(64, 32, 16, 32, 32, 16, 8, 2, 4, 1),
-    (80, True, 64): _C(64, 32, 16, 32, 32, 16, 8, 2, 4, 1),
-    (80, True, 128): _C(64, 32, 16, 16, 16, 16, 8, 2, 4, 1),
-    (80, True, 256): _C(32, 32, 32, 32, 32, 32, 4, 1, 8, 1),
+    (80, False, 16): _tiles(fwd=(128, 64, 4, 3), bwd=(32, 64, 64, 32, 4, 2)),
+    (80, False, 32): _tiles(fwd=(128, 64, 4, 3), bwd=(32, 64, 64, 32, 4, 2)),
+    (80, False, 64): _tiles(fwd=(128, 64, 4, 3), bwd=(32, 64, 64, 32, 4, 2)),
+    (80, False, 128): _tiles(fwd=(128, 64, 8, 2), bwd=(64, 64, 64, 64, 8, 2)),
+    (80, False, 256): _tiles(fwd=(64, 32, 4, 2), bwd=(32, 64, 64, 32, 8, 1)),
+    (80, True, 16): _tiles(fwd=(64, 32, 8, 2), bwd=(16, 32, 32, 16, 4, 1)),
+    (80, True, 32): _tiles(fwd=(64, 32, 8, 2), bwd=(16, 32, 32, 16, 4, 1)),
+    (80, True, 64): _tiles(fwd=(64, 32, 8, 2), bwd=(16, 32, 32, 16, 4, 1)),
+    (80, True, 128): _tiles(fwd=(64, 32, 8, 2), bwd=(16, 16, 16, 16, 4, 1)),
+    (80, True, 256): _tiles(fwd=(32, 32, 4, 1), bwd=(32, 32, 32, 32, 8, 1)),
 }
 # The one-pass backward's tiles and launch (block_m, block_n, warps, stages) where they are not those of
 # the two-program backward's dK/dV programs (block_m1, block_n1, bwd_warps, bwd_stages): its programs

@@ -51,8 +51,11 @@ Under ``TRITON_INTERPRET=1`` (CPU tests) every operand is upcast to fp32 right a
 (bf16/fp16 arithmetic is unreliable in the interpreter); on the GPU ``tl.dot`` takes fp16/bf16
 operands with fp32 accumulation, and fp32 inputs use ``input_precision="ieee"`` (exact fp32).
 
-Registered ops: ``bagel_kernels::packed_attention_fwd`` and ``bagel_kernels::packed_attention_bwd``
-(``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``); the tables travel as tensor
+This module holds the kernels, their launchers, the block tables (:func:`prepare_mask`) and the compile
+specs (:func:`compile_cases`, :func:`compile_specs`). The registered ops that call the launchers,
+``bagel_kernels::packed_attention_fwd`` and ``bagel_kernels::packed_attention_bwd``
+(``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``), and the public
+``triton_packed_attention`` live in :mod:`bagel_kernels.attention`; the tables travel as tensor
 arguments, so ``torch.compile(fullgraph=True)`` traces through ``triton_packed_attention`` once the
 mask's tables exist (:func:`prepare_mask` builds them ahead, outside the compiled region).
 """
@@ -64,27 +67,42 @@ import dataclasses
 import math
 import os
 from dataclasses import astuple
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention_configs import AttnConfig, check_interpreter, config_for, default_for, device_arch, dim_split
+from .attention_configs import (
+    AttnConfig,
+    Blocks,
+    Launch,
+    check_interpreter,
+    config_for,
+    default_for,
+    device_arch,
+    dim_split,
+)
 from .mask import PackedMask
 
 __all__ = [
-    "AttnConfig",
+    "BwdTables",
+    "FwdTables",
+    "KernelArgs",
     "default_config",
     "prepare_mask",
-    "triton_packed_attention",
-    "dim_split",
     "compile_cases",
     "compile_specs",
-    "sm90_compile_specs",
 ]
 
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
+# kv_lo of the key columns beyond the pack: an interval start no query reaches (such keys see nothing)
+_LO_NONE = tl.constexpr(_INT32_MAX)
+# longest pack the kernels take: token indices and tile offsets (block start + tile) stay int32
+_MAX_TOKENS = _INT32_MAX // 2
+# rows per program of the row-wise kernels (delta, one-pass dQ cast)
+_ROW_BLOCK = 64
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -164,6 +182,173 @@ def _clamp(x, hi):
 
 
 @triton.jit
+def _load_pair(base_a, base_b, rows, ok, stride_a, stride_b, DA: tl.constexpr, DB: tl.constexpr,
+               D: tl.constexpr, LOWP_DOT: tl.constexpr):  # fmt: skip
+    """Two tensors read at the same rows (K and V of a key block, Q and dO of a query block):
+    ``(a, b, a2, b2)``, ``a2``/``b2`` their second column block when ``DB > 0`` (else ``a``/``b``
+    again, unused)."""
+    a = _load_cols(base_a, rows, ok, stride_a, 0, DA, D, LOWP_DOT)
+    b = _load_cols(base_b, rows, ok, stride_b, 0, DA, D, LOWP_DOT)
+    a2, b2 = a, b
+    if DB > 0:
+        a2 = _load_cols(base_a, rows, ok, stride_a, DA, DB, D, LOWP_DOT)
+        b2 = _load_cols(base_b, rows, ok, stride_b, DA, DB, D, LOWP_DOT)
+    return a, b, a2, b2
+
+
+@triton.jit
+def _load_split(base, rows, ok, stride_t, DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr,
+                LOWP_DOT: tl.constexpr):  # fmt: skip
+    """``(x, x2)``: the column blocks of a tile (``x2`` is ``x`` again, unused, when ``DB == 0``)."""
+    x = _load_cols(base, rows, ok, stride_t, 0, DA, D, LOWP_DOT)
+    x2 = x
+    if DB > 0:
+        x2 = _load_cols(base, rows, ok, stride_t, DA, DB, D, LOWP_DOT)
+    return x, x2
+
+
+@triton.jit
+def _q_program(M_ORDER, rank, HQ, GROUP, N, BLOCK_M: tl.constexpr):
+    """Query block and heads of a (query block, q head) program: ``(h, hk, m, offs_m, row_ok)``. Table
+    values are clamped into range (scalar work): bad tables give a wrong answer (the ops check values
+    where that is cheap), never an access outside the tensors."""
+    h = rank % HQ
+    m = _clamp(tl.load(M_ORDER + rank // HQ), tl.cdiv(N, BLOCK_M) - 1)
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return h, h // GROUP, m, offs_m, offs_m < N
+
+
+@triton.jit
+def _csr_range(Q_KV_PTR, m, NNZ):
+    """``[start, end)``: the entries of query block ``m`` in a CSR table, clamped to ``[0, NNZ]``."""
+    start = _clamp(tl.load(Q_KV_PTR + m), NNZ)
+    end = _clamp(tl.load(Q_KV_PTR + m + 1), NNZ)
+    return start, end
+
+
+@triton.jit
+def _csr_tile(Q_KV_IDX, Q_KV_FULL, i, N, BLOCK_N: tl.constexpr):
+    """Entry ``i`` of a CSR table: ``(n, full, offs_n, col_ok)``, the key block (clamped), whether the
+    tile is full, its key columns and which of them lie in the pack."""
+    n = _clamp(tl.load(Q_KV_IDX + i), tl.cdiv(N, BLOCK_N) - 1)
+    full = tl.load(Q_KV_FULL + i)
+    offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return n, full, offs_n, offs_n < N
+
+
+@triton.jit
+def _zeros_split(ROWS: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """fp32 accumulators ``(x, x2)`` of ``ROWS`` rows for the two column blocks (``x2`` is ``x``,
+    unused, when ``DB == 0``)."""
+    x = tl.zeros([ROWS, DA], dtype=tl.float32)
+    x2 = x
+    if DB > 0:
+        x2 = tl.zeros([ROWS, DB], dtype=tl.float32)
+    return x, x2
+
+
+@triton.jit
+def _store_pair(base, rows, ok, stride_t, x, x2, DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr):
+    """Stores ``x`` (columns ``[0, DA)``) and, when ``DB > 0``, ``x2`` (the second column block)."""
+    _store_cols(base, rows, ok, stride_t, x, 0, DA, D)
+    if DB > 0:
+        _store_cols(base, rows, ok, stride_t, x2, DA, DB, D)
+
+
+@triton.jit
+def _dot_t(a, b, a2, b2, DB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``a b^T`` in fp32 over the head dim's column blocks (``a2 b2^T`` added when ``DB > 0``)."""
+    s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+    if DB > 0:
+        s = tl.dot(a2, tl.trans(b2), s, input_precision=DOT_PREC)
+    return s
+
+
+@triton.jit
+def _dot_acc(a, b, b2, acc, acc2, DB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``(acc + a b, acc2 + a b2)``: a product accumulated into both column blocks."""
+    acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    if DB > 0:
+        acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PREC)
+    return acc, acc2
+
+
+@triton.jit
+def _lowp(x, dtype, LOWP_DOT: tl.constexpr):
+    """``x`` cast to the 16-bit operand type of the next ``tl.dot`` on the GPU (kept fp32 otherwise)."""
+    y = x
+    if LOWP_DOT:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
+def _kv_bounds(KV_LO, KV_HI, offs_n, col_ok, full, BLOCK_N: tl.constexpr):
+    """The visibility intervals of a key block, loaded only for partial tiles (``full == 0``).
+
+    They are loaded ahead of the product, so that their latency hides behind it. Loaded on every tile
+    (outside a branch) the pipeliner moves them into shared memory, but the extra dependent loads cost
+    K and V a stage: with 3 stages (triton 3.9, sm_90) K/V get 2 buffers instead of 3, and only 5
+    stages give 3 back."""
+    lo = tl.full([BLOCK_N], _LO_NONE, dtype=tl.int32)
+    hi = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if full == 0:
+        lo = tl.load(KV_LO + offs_n, mask=col_ok, other=_LO_NONE)
+        hi = tl.load(KV_HI + offs_n, mask=col_ok, other=0)
+    return lo, hi
+
+
+@triton.jit
+def _fwd_init(BLOCK_M: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """The online softmax's start: ``(m_i, l_i, acc, acc2)``. The running max starts at -inf (a finite
+    start would clip rows whose best scaled score lies below it and return 0 for them)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, acc2 = _zeros_split(BLOCK_M, DA, DB)
+    return m_i, l_i, acc, acc2
+
+
+@triton.jit
+def _fwd_softmax_step(s, m_i, l_i, acc, acc2, v, v2, qk_scale, DB: tl.constexpr, LOWP_DOT: tl.constexpr,
+                      DOT_PREC: tl.constexpr):  # fmt: skip
+    """One tile of the online softmax: ``s`` (masked, unscaled scores) folded into the running max
+    ``m_i``, the row sums ``l_i`` and the accumulators ``acc``/``acc2`` (``+= P V``).
+
+    The max is taken over the raw scores times the scale (> 0: the launchers replace scale 0 by
+    q = 0), so that scaling and subtracting the max fuse into one FMA per score. ``m_use`` guards the
+    rescale of rows that have seen no key yet (max still -inf), so that no -inf - -inf NaN appears."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    p = _lowp(p, v.dtype, LOWP_DOT)
+    acc = tl.dot(p, v, acc, input_precision=DOT_PREC)
+    if DB > 0:
+        acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PREC)
+    return m_new, l_i, acc, acc2
+
+
+@triton.jit
+def _fwd_epilogue(Out, LSE, h, offs_m, rows_q, row_ok, N, stride_ot, stride_oh, m_i, l_i, acc, acc2,
+                  D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):  # fmt: skip
+    """LSE (log2 domain, +inf for rows that see nothing) and ``out = acc / l`` (0 for those rows)."""
+    alive = l_i > 0.0
+    inv = tl.where(alive, l_i, 1.0)
+    lse = tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), float("inf"))
+    tl.store(LSE + h.to(tl.int64) * N + offs_m, lse, mask=row_ok)
+    o_base = Out + h.to(tl.int64) * stride_oh
+    # one column block divided and stored after the other: both quotients live at once cost ~30 registers
+    _store_cols(o_base, rows_q, row_ok, stride_ot, acc / inv[:, None], 0, DA, D)
+    if DB > 0:
+        _store_cols(o_base, rows_q, row_ok, stride_ot, acc2 / inv[:, None], DA, DB, D)
+
+
+# Kernel and helper parameter lists stay flat (pointers, strides, sizes, constexprs): a Triton kernel
+# takes scalars and pointers only, and the helpers are inlined into it. This is the one documented
+# exception to the project's "at most ~10 parameters" rule (as are the op schemas of torch.library).
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, LSE,
     KV_LO, KV_HI, ROW_IDX,
@@ -181,22 +366,12 @@ def _attn_fwd_kernel(
     stride_kt, stride_kh = stride_kt * ALIGN, stride_kh * ALIGN
     stride_vt, stride_vh = stride_vt * ALIGN, stride_vh * ALIGN
     stride_ot, stride_oh = stride_ot * ALIGN, stride_oh * ALIGN
-    pid = tl.program_id(0)
-    h = pid % HQ
-    # table values are clamped into range (scalar work): bad tables give a wrong answer (the ops
-    # check values where that is cheap), never an access outside the tensors
-    m = _clamp(tl.load(M_ORDER + pid // HQ), tl.cdiv(N, BLOCK_M) - 1)
-    hk = h // GROUP
-
-    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N
+    h, hk, m, offs_m, row_ok = _q_program(M_ORDER, tl.program_id(0), HQ, GROUP, N, BLOCK_M)
     rows_q = _load_rows(ROW_IDX, offs_m, row_ok, N, HAS_ROW_IDX)
     q_base = Q + h.to(tl.int64) * stride_qh
     k_base = K + hk.to(tl.int64) * stride_kh
     v_base = V + hk.to(tl.int64) * stride_vh
-    q = _load_cols(q_base, rows_q, row_ok, stride_qt, 0, DA, D, LOWP_DOT)
-    if DB > 0:
-        q2 = _load_cols(q_base, rows_q, row_ok, stride_qt, DA, DB, D, LOWP_DOT)
+    q, q2 = _load_split(q_base, rows_q, row_ok, stride_qt, DA, DB, D, LOWP_DOT)
     if USE_TMA:
         # K/V tiles by the tensor-memory accelerator (no row index; the launcher checks the 16-byte
         # alignment TMA needs): rows >= N and columns >= D are zero-filled by the hardware
@@ -206,79 +381,38 @@ def _attn_fwd_kernel(
             k_desc2 = tl.make_tensor_descriptor(k_base, [N, D], [stride_kt, 1], [BLOCK_N, DB])
             v_desc2 = tl.make_tensor_descriptor(v_base, [N, D], [stride_vt, 1], [BLOCK_N, DB])
 
-    # The running max starts at -inf (a finite start would clip rows whose best scaled score lies
-    # below it and return 0 for them); ``m_use`` guards the rescale of rows that have seen no key yet
-    # (max still -inf), so that no -inf - -inf NaN appears.
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
-    if DB > 0:
-        acc2 = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
-
-    start = _clamp(tl.load(Q_KV_PTR + m), NNZ)
-    end = _clamp(tl.load(Q_KV_PTR + m + 1), NNZ)
+    m_i, l_i, acc, acc2 = _fwd_init(BLOCK_M, DA, DB)
+    start, end = _csr_range(Q_KV_PTR, m, NNZ)
     for i in range(start, end):
-        n = _clamp(tl.load(Q_KV_IDX + i), tl.cdiv(N, BLOCK_N) - 1)
-        full = tl.load(Q_KV_FULL + i)
-        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        # The partial-tile bounds are loaded ahead of the product, so that their latency hides behind
-        # it, and only for partial tiles. Loaded on every tile (outside a branch) the pipeliner moves
-        # them into shared memory, but the extra dependent loads cost K and V a stage: with 3 stages
-        # (triton 3.9, sm_90) K/V get 2 buffers instead of 3, and only 5 stages give 3 back.
-        lo = tl.full([BLOCK_N], 2147483647, dtype=tl.int32)
-        hi = tl.zeros([BLOCK_N], dtype=tl.int32)
-        if full == 0:
-            lo = tl.load(KV_LO + offs_n, mask=col_ok, other=2147483647)
-            hi = tl.load(KV_HI + offs_n, mask=col_ok, other=0)
+        n, full, offs_n, col_ok = _csr_tile(Q_KV_IDX, Q_KV_FULL, i, N, BLOCK_N)
+        lo, hi = _kv_bounds(KV_LO, KV_HI, offs_n, col_ok, full, BLOCK_N)
         if USE_TMA:
             k = k_desc.load([n * BLOCK_N, 0])
             v = v_desc.load([n * BLOCK_N, 0])
+            k2, v2 = k, v
             if DB > 0:
                 k2 = k_desc2.load([n * BLOCK_N, DA])
                 v2 = v_desc2.load([n * BLOCK_N, DA])
             if not LOWP_DOT:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-                if DB > 0:
-                    k2, v2 = k2.to(tl.float32), v2.to(tl.float32)
+                k, v, k2, v2 = k.to(tl.float32), v.to(tl.float32), k2.to(tl.float32), v2.to(tl.float32)
         else:
             rows_k = _load_rows(ROW_IDX, offs_n, col_ok, N, HAS_ROW_IDX)
-            k = _load_cols(k_base, rows_k, col_ok, stride_kt, 0, DA, D, LOWP_DOT)
-            v = _load_cols(v_base, rows_k, col_ok, stride_vt, 0, DA, D, LOWP_DOT)
-            if DB > 0:
-                k2 = _load_cols(k_base, rows_k, col_ok, stride_kt, DA, DB, D, LOWP_DOT)
-                v2 = _load_cols(v_base, rows_k, col_ok, stride_vt, DA, DB, D, LOWP_DOT)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BM, BN], unscaled
-        if DB > 0:
-            s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+            k, v, k2, v2 = _load_pair(
+                k_base, v_base, rows_k, col_ok, stride_kt, stride_vt, DA, DB, D, LOWP_DOT
+            )
+        s = _dot_t(q, k, q2, k2, DB, DOT_PREC)  # [BM, BN], unscaled
         # Only the mask sits in the branch and ONE softmax update follows: two branches that each
         # return their own max and P make triton 3.6's software pipeliner fail (PassManager::run).
         if full == 0:
             vis = (lo[None, :] <= offs_m[:, None]) & (offs_m[:, None] < hi[None, :])
             s = tl.where(vis, s, float("-inf"))
-        # max of the raw scores times the scale (> 0: the launchers replace scale 0 by q = 0), so
-        # that scaling and subtracting the max fuse into one FMA per score
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if LOWP_DOT:
-            p = p.to(V.dtype.element_ty)
-        acc = tl.dot(p, v, acc, input_precision=DOT_PREC)
-        if DB > 0:
-            acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc, acc2 = _fwd_softmax_step(
+            s, m_i, l_i, acc, acc2, v, v2, qk_scale, DB, LOWP_DOT, DOT_PREC
+        )
 
-    alive = l_i > 0.0
-    inv = tl.where(alive, l_i, 1.0)
-    lse = tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), float("inf"))
-    tl.store(LSE + h.to(tl.int64) * N + offs_m, lse, mask=row_ok)
-    o_base = Out + h.to(tl.int64) * stride_oh
-    _store_cols(o_base, rows_q, row_ok, stride_ot, acc / inv[:, None], 0, DA, D)
-    if DB > 0:
-        _store_cols(o_base, rows_q, row_ok, stride_ot, acc2 / inv[:, None], DA, DB, D)
+    _fwd_epilogue(
+        Out, LSE, h, offs_m, rows_q, row_ok, N, stride_ot, stride_oh, m_i, l_i, acc, acc2, D, DA, DB
+    )
 
 
 @triton.jit
@@ -325,6 +459,31 @@ def _attn_dq_cast_kernel(
 
 
 @triton.jit
+def _atomic_dq(DQ_ACC, h, offs_m, row_ok, N, ds_c, k, k2, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+               DOT_PREC: tl.constexpr, DQ_TRANS: tl.constexpr):  # fmt: skip
+    """The one-pass backward's fifth product: this key block's share of dQ = dS K, added in fp32 by
+    atomics to the accumulator ``DQ_ACC`` ``[HQ, N, D]`` (mask order). ``ds_c`` is dS^T ``[BN, BM]``."""
+    acc_base = DQ_ACC + h.to(tl.int64) * N * D
+    rows_acc = offs_m.to(tl.int64)
+    if DQ_TRANS:
+        # as dQ^T = K^T dS^T: dS^T is the B operand and goes through shared memory, so that the
+        # product runs on wgmma (sm_90); dS K would take dS^T transposed from registers, which only
+        # mma.sync does. On sm_80 (mma.sync anyway) this form spills, hence the switch.
+        dq_t = tl.dot(tl.trans(k), ds_c, input_precision=DOT_PREC)  # [DA, BM]
+        _atomic_add_rows_t(acc_base, rows_acc, row_ok, D, dq_t, 0, DA, D)
+        if DB > 0:
+            dq2_t = tl.dot(tl.trans(k2), ds_c, input_precision=DOT_PREC)
+            _atomic_add_rows_t(acc_base, rows_acc, row_ok, D, dq2_t, DA, DB, D)
+    else:
+        ds_q = tl.trans(ds_c)  # [BM, BN]
+        dq = tl.dot(ds_q, k, input_precision=DOT_PREC)  # [BM, DA]
+        _atomic_add_cols(acc_base, rows_acc, row_ok, D, dq, 0, DA, D)
+        if DB > 0:
+            dq2 = tl.dot(ds_q, k2, input_precision=DOT_PREC)
+            _atomic_add_cols(acc_base, rows_acc, row_ok, D, dq2, DA, DB, D)
+
+
+@triton.jit
 def _attn_bwd_dkdv_program(
     rank, Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,
     KV_LO, KV_HI, ROW_IDX, KV_Q_START, KV_Q_END, KV_MAX_LO, KV_MIN_HI, N_ORDER,
@@ -345,12 +504,8 @@ def _attn_bwd_dkdv_program(
     rows_k = _load_rows(ROW_IDX, offs_n, col_ok, N, HAS_ROW_IDX)
     k_base = K + hk.to(tl.int64) * stride_kh
     v_base = V + hk.to(tl.int64) * stride_vh
-    k = _load_cols(k_base, rows_k, col_ok, stride_kt, 0, DA, D, LOWP_DOT)
-    v = _load_cols(v_base, rows_k, col_ok, stride_vt, 0, DA, D, LOWP_DOT)
-    if DB > 0:
-        k2 = _load_cols(k_base, rows_k, col_ok, stride_kt, DA, DB, D, LOWP_DOT)
-        v2 = _load_cols(v_base, rows_k, col_ok, stride_vt, DA, DB, D, LOWP_DOT)
-    lo = tl.load(KV_LO + offs_n, mask=col_ok, other=2147483647)
+    k, v, k2, v2 = _load_pair(k_base, v_base, rows_k, col_ok, stride_kt, stride_vt, DA, DB, D, LOWP_DOT)
+    lo = tl.load(KV_LO + offs_n, mask=col_ok, other=_LO_NONE)
     hi = tl.load(KV_HI + offs_n, mask=col_ok, other=0)
     max_lo = tl.load(KV_MAX_LO + n)
     min_hi = tl.load(KV_MIN_HI + n)
@@ -358,11 +513,8 @@ def _attn_bwd_dkdv_program(
     m_start = _clamp(tl.load(KV_Q_START + n), num_mb)
     num_m = _clamp(tl.load(KV_Q_END + n), num_mb) - m_start
 
-    dk = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
-    if DB > 0:
-        dk2 = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
-        dv2 = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
+    dk, dk2 = _zeros_split(BLOCK_N, DA, DB)
+    dv, dv2 = _zeros_split(BLOCK_N, DA, DB)
     # one flat loop over (q head of the group, query block): a single pipelined loop
     for it in range(0, GROUP * num_m):
         g = it // num_m
@@ -373,70 +525,31 @@ def _attn_bwd_dkdv_program(
         rows_q = _load_rows(ROW_IDX, offs_m, row_ok, N, HAS_ROW_IDX)
         q_base = Q + h.to(tl.int64) * stride_qh
         do_base = DO + h.to(tl.int64) * stride_doh
-        q = _load_cols(q_base, rows_q, row_ok, stride_qt, 0, DA, D, LOWP_DOT)
-        do = _load_cols(do_base, rows_q, row_ok, stride_dot, 0, DA, D, LOWP_DOT)
-        if DB > 0:
-            q2 = _load_cols(q_base, rows_q, row_ok, stride_qt, DA, DB, D, LOWP_DOT)
-            do2 = _load_cols(do_base, rows_q, row_ok, stride_dot, DA, DB, D, LOWP_DOT)
+        q, do, q2, do2 = _load_pair(
+            q_base, do_base, rows_q, row_ok, stride_qt, stride_dot, DA, DB, D, LOWP_DOT
+        )
         # lse = +inf for rows beyond the pack and rows that see nothing: their P is exactly 0
         lse = tl.load(LSE + h.to(tl.int64) * N + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + h.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
-        if DB > 0:
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-            s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=DOT_PREC) * qk_scale  # [BN, BM]
-        else:
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
+        s_t = _dot_t(k, q, k2, q2, DB, DOT_PREC) * qk_scale  # [BN, BM]
         p_t = tl.math.exp2(s_t - lse[None, :])
         partial = (max_lo > m * BLOCK_M) | (min_hi < tl.minimum((m + 1) * BLOCK_M, N))
         if partial:
             vis = (lo[:, None] <= offs_m[None, :]) & (offs_m[None, :] < hi[:, None])
             p_t = tl.where(vis, p_t, 0.0)
-        if LOWP_DOT:
-            p_c = p_t.to(DO.dtype.element_ty)
-        else:
-            p_c = p_t
-        dv = tl.dot(p_c, do, dv, input_precision=DOT_PREC)
-        if DB > 0:
-            dv2 = tl.dot(p_c, do2, dv2, input_precision=DOT_PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM]
-        if DB > 0:
-            dp_t = tl.dot(v2, tl.trans(do2), dp_t, input_precision=DOT_PREC)
+        p_c = _lowp(p_t, DO.dtype.element_ty, LOWP_DOT)
+        dv, dv2 = _dot_acc(p_c, do, do2, dv, dv2, DB, DOT_PREC)
+        dp_t = _dot_t(v, do, v2, do2, DB, DOT_PREC)  # [BN, BM]
         ds_t = p_t * (dp_t - delta[None, :])
-        if LOWP_DOT:
-            ds_c = ds_t.to(Q.dtype.element_ty)
-        else:
-            ds_c = ds_t
-        dk = tl.dot(ds_c, q, dk, input_precision=DOT_PREC)
-        if DB > 0:
-            dk2 = tl.dot(ds_c, q2, dk2, input_precision=DOT_PREC)
+        ds_c = _lowp(ds_t, Q.dtype.element_ty, LOWP_DOT)
+        dk, dk2 = _dot_acc(ds_c, q, q2, dk, dk2, DB, DOT_PREC)
         if ATOMIC_DQ:
-            # the fifth product: this key block's share of dQ = dS K, added in fp32 by atomics
-            acc_base = DQ_ACC + h.to(tl.int64) * N * D
-            rows_acc = offs_m.to(tl.int64)
-            if DQ_TRANS:
-                # as dQ^T = K^T dS^T: dS^T is the B operand and goes through shared memory, so that
-                # the product runs on wgmma (sm_90); dS K would take dS^T transposed from registers,
-                # which only mma.sync does. On sm_80 (mma.sync anyway) this form spills, hence the switch.
-                dq_t = tl.dot(tl.trans(k), ds_c, input_precision=DOT_PREC)  # [DA, BM]
-                _atomic_add_rows_t(acc_base, rows_acc, row_ok, D, dq_t, 0, DA, D)
-                if DB > 0:
-                    dq2_t = tl.dot(tl.trans(k2), ds_c, input_precision=DOT_PREC)
-                    _atomic_add_rows_t(acc_base, rows_acc, row_ok, D, dq2_t, DA, DB, D)
-            else:
-                ds_q = tl.trans(ds_c)  # [BM, BN]
-                dq = tl.dot(ds_q, k, input_precision=DOT_PREC)  # [BM, DA]
-                _atomic_add_cols(acc_base, rows_acc, row_ok, D, dq, 0, DA, D)
-                if DB > 0:
-                    dq2 = tl.dot(ds_q, k2, input_precision=DOT_PREC)
-                    _atomic_add_cols(acc_base, rows_acc, row_ok, D, dq2, DA, DB, D)
+            _atomic_dq(DQ_ACC, h, offs_m, row_ok, N, ds_c, k, k2, D, DA, DB, DOT_PREC, DQ_TRANS)
 
     dk_base = DK + hk.to(tl.int64) * stride_dkh
     dv_base = DV + hk.to(tl.int64) * stride_dvh
-    _store_cols(dk_base, rows_k, col_ok, stride_dkt, dk * sm_scale, 0, DA, D)
-    _store_cols(dv_base, rows_k, col_ok, stride_dvt, dv, 0, DA, D)
-    if DB > 0:
-        _store_cols(dk_base, rows_k, col_ok, stride_dkt, dk2 * sm_scale, DA, DB, D)
-        _store_cols(dv_base, rows_k, col_ok, stride_dvt, dv2, DA, DB, D)
+    _store_pair(dk_base, rows_k, col_ok, stride_dkt, dk * sm_scale, dk2 * sm_scale, DA, DB, D)
+    _store_pair(dv_base, rows_k, col_ok, stride_dvt, dv, dv2, DA, DB, D)
 
 
 @triton.jit
@@ -450,64 +563,35 @@ def _attn_bwd_dq_program(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROW_IDX: tl.constexpr, LOWP_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    h = rank % HQ
-    m = _clamp(tl.load(M_ORDER + rank // HQ), tl.cdiv(N, BLOCK_M) - 1)
-    hk = h // GROUP
-    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N
+    h, hk, m, offs_m, row_ok = _q_program(M_ORDER, rank, HQ, GROUP, N, BLOCK_M)
     rows_q = _load_rows(ROW_IDX, offs_m, row_ok, N, HAS_ROW_IDX)
     q_base = Q + h.to(tl.int64) * stride_qh
     do_base = DO + h.to(tl.int64) * stride_doh
     k_base = K + hk.to(tl.int64) * stride_kh
     v_base = V + hk.to(tl.int64) * stride_vh
-    q = _load_cols(q_base, rows_q, row_ok, stride_qt, 0, DA, D, LOWP_DOT)
-    do = _load_cols(do_base, rows_q, row_ok, stride_dot, 0, DA, D, LOWP_DOT)
-    if DB > 0:
-        q2 = _load_cols(q_base, rows_q, row_ok, stride_qt, DA, DB, D, LOWP_DOT)
-        do2 = _load_cols(do_base, rows_q, row_ok, stride_dot, DA, DB, D, LOWP_DOT)
+    q, do, q2, do2 = _load_pair(q_base, do_base, rows_q, row_ok, stride_qt, stride_dot, DA, DB, D, LOWP_DOT)
     lse = tl.load(LSE + h.to(tl.int64) * N + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + h.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
-    if DB > 0:
-        dq2 = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
-    start = _clamp(tl.load(Q_KV_PTR + m), NNZ)
-    end = _clamp(tl.load(Q_KV_PTR + m + 1), NNZ)
+    dq, dq2 = _zeros_split(BLOCK_M, DA, DB)
+    start, end = _csr_range(Q_KV_PTR, m, NNZ)
     for i in range(start, end):
-        n = _clamp(tl.load(Q_KV_IDX + i), tl.cdiv(N, BLOCK_N) - 1)
-        full = tl.load(Q_KV_FULL + i)
-        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
+        n, full, offs_n, col_ok = _csr_tile(Q_KV_IDX, Q_KV_FULL, i, N, BLOCK_N)
         rows_k = _load_rows(ROW_IDX, offs_n, col_ok, N, HAS_ROW_IDX)
-        k = _load_cols(k_base, rows_k, col_ok, stride_kt, 0, DA, D, LOWP_DOT)
-        v = _load_cols(v_base, rows_k, col_ok, stride_vt, 0, DA, D, LOWP_DOT)
-        if DB > 0:
-            k2 = _load_cols(k_base, rows_k, col_ok, stride_kt, DA, DB, D, LOWP_DOT)
-            v2 = _load_cols(v_base, rows_k, col_ok, stride_vt, DA, DB, D, LOWP_DOT)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
+        k, v, k2, v2 = _load_pair(k_base, v_base, rows_k, col_ok, stride_kt, stride_vt, DA, DB, D, LOWP_DOT)
+        s = _dot_t(q, k, q2, k2, DB, DOT_PREC) * qk_scale  # [BM, BN]
         p = tl.math.exp2(s - lse[:, None])
         if full == 0:
-            lo = tl.load(KV_LO + offs_n, mask=col_ok, other=2147483647)
+            lo = tl.load(KV_LO + offs_n, mask=col_ok, other=_LO_NONE)
             hi = tl.load(KV_HI + offs_n, mask=col_ok, other=0)
             vis = (lo[None, :] <= offs_m[:, None]) & (offs_m[:, None] < hi[None, :])
             p = tl.where(vis, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BM, BN]
-        if DB > 0:
-            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        if LOWP_DOT:
-            ds = ds.to(K.dtype.element_ty)
-        dq = tl.dot(ds, k, dq, input_precision=DOT_PREC)
-        if DB > 0:
-            dq2 = tl.dot(ds, k2, dq2, input_precision=DOT_PREC)
+        dp = _dot_t(do, v, do2, v2, DB, DOT_PREC)  # [BM, BN]
+        ds = _lowp(p * (dp - delta[:, None]), K.dtype.element_ty, LOWP_DOT)
+        dq, dq2 = _dot_acc(ds, k, k2, dq, dq2, DB, DOT_PREC)
 
     dq_base = DQ + h.to(tl.int64) * stride_dqh
-    _store_cols(dq_base, rows_q, row_ok, stride_dqt, dq * sm_scale, 0, DA, D)
-    if DB > 0:
-        _store_cols(dq_base, rows_q, row_ok, stride_dqt, dq2 * sm_scale, DA, DB, D)
+    _store_pair(dq_base, rows_q, row_ok, stride_dqt, dq * sm_scale, dq2 * sm_scale, DA, DB, D)
 
 
 @triton.jit
@@ -570,17 +654,12 @@ def _attn_bwd_onepass_kernel(
     """The one-pass backward (``deterministic=False`` when chosen): dK/dV programs only, each also
     adding dS K to the fp32 dQ accumulator with atomics (5 products per tile pair instead of 7).
     The order of the atomic additions varies from run to run, so dQ is not bit-reproducible."""
-    stride_qt, stride_qh = stride_qt * ALIGN, stride_qh * ALIGN
-    stride_kt, stride_kh = stride_kt * ALIGN, stride_kh * ALIGN
-    stride_vt, stride_vh = stride_vt * ALIGN, stride_vh * ALIGN
-    stride_dot, stride_doh = stride_dot * ALIGN, stride_doh * ALIGN
-    stride_dkt, stride_dkh = stride_dkt * ALIGN, stride_dkh * ALIGN
-    stride_dvt, stride_dvh = stride_dvt * ALIGN, stride_dvh * ALIGN
+    A = ALIGN  # strides arrive divided by ALIGN (see the forward kernel)
     _attn_bwd_dkdv_program(
         tl.program_id(0), Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,
         KV_LO, KV_HI, ROW_IDX, KV_Q_START, KV_Q_END, KV_MAX_LO, KV_MIN_HI, N_ORDER,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-        stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        stride_qt * A, stride_qh * A, stride_kt * A, stride_kh * A, stride_vt * A, stride_vh * A,
+        stride_dot * A, stride_doh * A, stride_dkt * A, stride_dkh * A, stride_dvt * A, stride_dvh * A,
         N, qk_scale, sm_scale, HKV, HQ // HKV,
         D, DA, DB, BLOCK_M, BLOCK_N, HAS_ROW_IDX, LOWP_DOT, DOT_PREC, True, DQ_TRANS,
     )  # fmt: skip
@@ -606,17 +685,43 @@ def default_config(device: torch.device | str, dtype: torch.dtype, head_dim: int
     return config_for(arch, dtype, head_dim)
 
 
-def _op_params(config: AttnConfig, onepass: bool) -> tuple[list[int], list[int]]:
-    """``(blocks, launch)`` handed to the ops: the dK/dV slots (``blocks[2:4]``, ``launch[2:4]``) carry
-    the one-pass program's tiles and launch parameters when ``onepass``."""
+def _op_params(config: AttnConfig, onepass: bool) -> tuple[Blocks, Launch]:
+    """``(blocks, launch)`` handed to the ops: the dK/dV slots (``block_m1``/``block_n1``,
+    ``bwd_warps``/``bwd_stages``) carry the one-pass program's tiles and launch parameters when ``onepass``."""
     blocks, launch = config.blocks(), config.launch()
     if onepass:
-        blocks[2:4] = [config.onepass_block_m, config.onepass_block_n]
-        launch[2:4] = [config.onepass_warps, config.onepass_stages]
+        blocks = blocks._replace(block_m1=config.onepass_block_m, block_n1=config.onepass_block_n)
+        launch = launch._replace(bwd_warps=config.onepass_warps, bwd_stages=config.onepass_stages)
     return blocks, launch
 
 
 # ================================================================================================ tables
+class FwdTables(NamedTuple):
+    """The forward's block tables (``block_m x block_n`` tiles): the CSR list of non-empty key blocks of
+    each query block, whether each listed tile is full, and the launch order of the query blocks."""
+
+    q_kv_ptr: torch.Tensor
+    q_kv_idx: torch.Tensor
+    q_kv_full: torch.Tensor
+    m_order: torch.Tensor
+
+
+class BwdTables(NamedTuple):
+    """The backward's block tables: per key block (``block_m1 x block_n1``, or the one-pass tiles) the
+    range of query blocks that see it, the bounds deciding fullness and the launch order; then the dQ
+    programs' CSR tables (``block_m2 x block_n2``, as in :class:`FwdTables`)."""
+
+    kv_q_start: torch.Tensor
+    kv_q_end: torch.Tensor
+    kv_max_lo: torch.Tensor
+    kv_min_hi: torch.Tensor
+    n_order: torch.Tensor
+    q_kv_ptr: torch.Tensor
+    q_kv_idx: torch.Tensor
+    q_kv_full: torch.Tensor
+    m_order: torch.Tensor
+
+
 def _lpt_order(work: torch.Tensor) -> torch.Tensor:
     """Block ids by decreasing work (longest processing time first), int32."""
     return torch.sort(work.long(), descending=True, stable=True).indices.to(torch.int32)
@@ -624,15 +729,11 @@ def _lpt_order(work: torch.Tensor) -> torch.Tensor:
 
 def prepare_mask(
     mask: PackedMask, config: AttnConfig, onepass: bool | None = None
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[FwdTables, BwdTables]:
     """The block tables and launch orders the kernels need for ``config`` (cached on the mask).
 
-    Returns ``(fwd_tables, bwd_tables)``:
-        fwd_tables = [q_kv_ptr, q_kv_idx, q_kv_full, m_order]                    (block_m x block_n)
-        bwd_tables = [kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order,       (block_m1 x block_n1, or
-                                                                                  the one-pass tiles)
-                      q_kv_ptr, q_kv_idx, q_kv_full, m_order]                    (block_m2 x block_n2)
-    ``onepass`` picks the backward the tables are for (the one-pass program reads only the first five,
+    Returns ``(fwd_tables, bwd_tables)`` (:class:`FwdTables` at ``block_m x block_n``; :class:`BwdTables`
+    at ``block_m1 x block_n1``, or the one-pass tiles, then ``block_m2 x block_n2``). ``onepass`` picks the backward the tables are for (the one-pass program reads only the first five,
     at ``onepass_block_m x onepass_block_n``); None: the one ``config`` selects for
     ``deterministic=False``, with the deterministic backward's tables built too (so that a
     ``torch.compile`` region finds both). Call it (or run one eager step) before ``torch.compile``
@@ -653,45 +754,55 @@ def prepare_mask(
     f = mask.block_tables(config.block_m, config.block_n)
     b1 = mask.block_tables(bm1, bn1)
     b2 = mask.block_tables(config.block_m2, config.block_n2)
-    fwd = [f.q_kv_ptr, f.q_kv_idx, f.q_kv_full, _lpt_order(f.q_kv_ptr[1:] - f.q_kv_ptr[:-1])]
-    bwd = [
-        b1.kv_q_start,
-        b1.kv_q_end,
-        b1.kv_max_lo,
-        b1.kv_min_hi,
-        _lpt_order(b1.kv_q_end - b1.kv_q_start),
-        b2.q_kv_ptr,
-        b2.q_kv_idx,
-        b2.q_kv_full,
-        _lpt_order(b2.q_kv_ptr[1:] - b2.q_kv_ptr[:-1]),
-    ]
+    fwd = FwdTables(f.q_kv_ptr, f.q_kv_idx, f.q_kv_full, _lpt_order(f.q_kv_ptr[1:] - f.q_kv_ptr[:-1]))
+    bwd = BwdTables(
+        kv_q_start=b1.kv_q_start,
+        kv_q_end=b1.kv_q_end,
+        kv_max_lo=b1.kv_max_lo,
+        kv_min_hi=b1.kv_min_hi,
+        n_order=_lpt_order(b1.kv_q_end - b1.kv_q_start),
+        q_kv_ptr=b2.q_kv_ptr,
+        q_kv_idx=b2.q_kv_idx,
+        q_kv_full=b2.q_kv_full,
+        m_order=_lpt_order(b2.q_kv_ptr[1:] - b2.q_kv_ptr[:-1]),
+    )
     mask._cache[key] = (fwd, bwd)
     return fwd, bwd
 
 
 # ================================================================================================ launchers
-_FWD_TABLES = ("q_kv_ptr", "q_kv_idx", "q_kv_full", "m_order")
-_BWD_TABLES = (
-    "kv_q_start", "kv_q_end", "kv_max_lo", "kv_min_hi", "n_order", "q_kv_ptr", "q_kv_idx", "q_kv_full", "m_order",
-)  # fmt: skip
+class KernelArgs(NamedTuple):
+    """What the launchers take besides the tensors they read and write: the mask's interval vectors and
+    row index (mask order), the block tables (:class:`FwdTables` or :class:`BwdTables`), the softmax
+    scale, the tiles and launch parameters, and the variants (``dsplit``: head-dim split, see
+    :func:`dim_split`; ``tma``: the forward's K/V through tensor descriptors where :func:`_tma_usable`
+    allows; ``onepass``: the one-pass backward)."""
+
+    kv_lo: torch.Tensor
+    kv_hi: torch.Tensor
+    row_index: torch.Tensor | None
+    tables: FwdTables | BwdTables | None
+    scale: float
+    blocks: Blocks
+    launch: Launch
+    dsplit: bool = True
+    tma: bool = False
+    onepass: bool = False
 
 
 def _check_blocks(blocks, launch) -> None:
-    if not isinstance(blocks, (list, tuple)) or len(blocks) != 6:
-        raise ValueError(
-            f"blocks must be 6 tile sizes (block_m, block_n, block_m1, block_n1, block_m2, block_n2), got {blocks!r}"
-        )
-    for name, b in zip(
-        ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2"), blocks, strict=True
-    ):
+    if not isinstance(blocks, (list, tuple)) or len(blocks) != len(Blocks._fields):
+        raise ValueError(f"blocks must be 6 tile sizes ({', '.join(Blocks._fields)}), got {blocks!r}")
+    for name, b in zip(Blocks._fields, blocks, strict=True):
         if not isinstance(b, int) or b < 16 or b > 256 or b & (b - 1):
             raise ValueError(f"{name}={b} must be a power of two between 16 and 256")
-    if not isinstance(launch, (list, tuple)) or len(launch) != 4:
-        raise ValueError(f"launch must be [fwd_warps, fwd_stages, bwd_warps, bwd_stages], got {launch!r}")
-    for name, w in (("fwd_warps", launch[0]), ("bwd_warps", launch[2])):
+    if not isinstance(launch, (list, tuple)) or len(launch) != len(Launch._fields):
+        raise ValueError(f"launch must be [{', '.join(Launch._fields)}], got {launch!r}")
+    lp = Launch(*launch)
+    for name, w in (("fwd_warps", lp.fwd_warps), ("bwd_warps", lp.bwd_warps)):
         if w not in (1, 2, 4, 8, 16):
             raise ValueError(f"{name}={w} must be 1, 2, 4, 8 or 16")
-    for name, st in (("fwd_stages", launch[1]), ("bwd_stages", launch[3])):
+    for name, st in (("fwd_stages", lp.fwd_stages), ("bwd_stages", lp.bwd_stages)):
         if not isinstance(st, int) or not 1 <= st <= 8:
             raise ValueError(f"{name}={st} must be an int in [1, 8]")
 
@@ -737,7 +848,7 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
     if not 0 < D <= 256:
         raise ValueError(f"head dim {D} is unsupported by the Triton backend (1..256)")
-    if N >= _INT32_MAX // 2:
+    if N >= _MAX_TOKENS:
         raise ValueError(f"q has {N} tokens, beyond the int32 token indices of the kernels")
 
 
@@ -746,64 +857,78 @@ def _check_scale(scale) -> None:
         raise ValueError(f"softmax_scale must be finite and non-negative for the Triton backend, got {scale}")
 
 
-def _check_op_inputs(
-    q, k, v, kv_lo, kv_hi, row_index, scale, blocks, launch, fwd_tables=None, bwd_tables=None
-):
+def _check_csr(prefix: str, tables, nm: int, nn: int, dev) -> None:
+    """A CSR table set ``(q_kv_ptr, q_kv_idx, q_kv_full, m_order)`` for ``nm`` query and ``nn`` key blocks."""
+    ptr, idx, full, order = tables
+    _check_vector(f"{prefix}q_kv_ptr", ptr, nm + 1, dev)
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"{prefix}q_kv_idx must be a tensor")
+    nnz = idx.numel()
+    _check_vector(f"{prefix}q_kv_idx", idx, nnz, dev)
+    _check_vector(f"{prefix}q_kv_full", full, nnz, dev)
+    _check_vector(f"{prefix}m_order", order, nm, dev)
+    _check_range(f"{prefix}q_kv_ptr", ptr, 0, nnz)
+    _check_range(f"{prefix}q_kv_idx", idx, 0, nn - 1)
+    _check_range(f"{prefix}m_order", order, 0, nm - 1)
+
+
+def _check_fwd_tables(fwd_tables, n: int, blocks: Blocks, dev) -> None:
+    if len(fwd_tables) != len(FwdTables._fields):
+        raise ValueError(f"fwd_tables must hold 4 tensors {FwdTables._fields}, got {len(fwd_tables)}")
+    bm, bn = blocks.block_m, blocks.block_n
+    try:
+        _check_csr("fwd_tables.", fwd_tables, triton.cdiv(n, bm), triton.cdiv(n, bn), dev)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (fwd_tables are built for N={n}, block_m={bm}, block_n={bn})") from None
+
+
+def _check_bwd_tables(bwd_tables, n: int, blocks: Blocks, dev) -> None:
+    if len(bwd_tables) != len(BwdTables._fields):
+        raise ValueError(f"bwd_tables must hold 9 tensors {BwdTables._fields}, got {len(bwd_tables)}")
+    _, _, bm1, bn1, bm2, bn2 = blocks
+    nn1, nm1 = triton.cdiv(n, bn1), triton.cdiv(n, bm1)
+    names = BwdTables._fields
+    try:
+        for name, t in zip(names[:5], bwd_tables[:5], strict=True):
+            _check_vector(f"bwd_tables.{name}", t, nn1, dev)
+        for name, t in zip(names[:2], bwd_tables[:2], strict=True):
+            _check_range(f"bwd_tables.{name}", t, 0, nm1)
+        _check_range("bwd_tables.n_order", bwd_tables[4], 0, nn1 - 1)
+        _check_csr("bwd_tables.", bwd_tables[5:], triton.cdiv(n, bm2), triton.cdiv(n, bn2), dev)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc} (bwd_tables are built for N={n}, block_m1={bm1}, block_n1={bn1}, "
+            f"block_m2={bm2}, block_n2={bn2})"
+        ) from None
+
+
+def _check_op_inputs(q, k, v, args: KernelArgs, fwd_tables=None, bwd_tables=None) -> KernelArgs:
     """Everything the registered ops are handed (they are public: ``torch.ops.bagel_kernels.*``):
     shapes, dtypes and devices always; the values of the index vectors and tables when they are on
     the CPU (on a GPU that would cost a device sync; the kernels clamp table values instead, so bad
-    ones give a wrong answer but no access outside the tensors)."""
+    ones give a wrong answer but no access outside the tensors). ``args`` carries the op's arguments
+    as given (its ``tables`` unused: the tables are checked before they are typed). Returns ``args``
+    with its tiles and launch parameters typed (:class:`Blocks`, :class:`Launch`)."""
     _check_qkv(q, k, v)
-    _check_scale(scale)
-    _check_blocks(blocks, launch)
+    _check_scale(args.scale)
+    _check_blocks(args.blocks, args.launch)
     n, dev = q.shape[0], q.device
-    _check_vector("kv_lo", kv_lo, n, dev)
-    _check_vector("kv_hi", kv_hi, n, dev)
-    _check_vector("row_index", row_index, n, dev, optional=True)
-    _check_range("kv_lo", kv_lo, 0, n)
-    _check_range("kv_hi", kv_hi, 0, n)
+    _check_vector("kv_lo", args.kv_lo, n, dev)
+    _check_vector("kv_hi", args.kv_hi, n, dev)
+    _check_vector("row_index", args.row_index, n, dev, optional=True)
+    _check_range("kv_lo", args.kv_lo, 0, n)
+    _check_range("kv_hi", args.kv_hi, 0, n)
+    row_index = args.row_index
     if row_index is not None and row_index.device.type == "cpu" and n:
         counts = torch.bincount(row_index.long().clamp(-1, n) + 1, minlength=n + 2)
         if counts[0] or counts[-1] or (counts[1:-1] != 1).any():
             raise ValueError(f"row_index must be a permutation of range({n})")
-    bm, bn, bm1, bn1, bm2, bn2 = blocks
-
-    def csr(prefix, tables, nm, nn):
-        ptr, idx, full, order = tables
-        _check_vector(f"{prefix}q_kv_ptr", ptr, nm + 1, dev)
-        if not isinstance(idx, torch.Tensor):
-            raise ValueError(f"{prefix}q_kv_idx must be a tensor")
-        nnz = idx.numel()
-        _check_vector(f"{prefix}q_kv_idx", idx, nnz, dev)
-        _check_vector(f"{prefix}q_kv_full", full, nnz, dev)
-        _check_vector(f"{prefix}m_order", order, nm, dev)
-        _check_range(f"{prefix}q_kv_ptr", ptr, 0, nnz)
-        _check_range(f"{prefix}q_kv_idx", idx, 0, nn - 1)
-        _check_range(f"{prefix}m_order", order, 0, nm - 1)
-
+    blocks = Blocks(*args.blocks)
     if fwd_tables is not None:
-        if len(fwd_tables) != 4:
-            raise ValueError(f"fwd_tables must hold 4 tensors {_FWD_TABLES}, got {len(fwd_tables)}")
-        try:
-            csr("fwd_tables.", fwd_tables, triton.cdiv(n, bm), triton.cdiv(n, bn))
-        except ValueError as exc:
-            raise ValueError(f"{exc} (fwd_tables are built for N={n}, block_m={bm}, block_n={bn})") from None
+        _check_fwd_tables(fwd_tables, n, blocks, dev)
     if bwd_tables is not None:
-        if len(bwd_tables) != 9:
-            raise ValueError(f"bwd_tables must hold 9 tensors {_BWD_TABLES}, got {len(bwd_tables)}")
-        nn1, nm1 = triton.cdiv(n, bn1), triton.cdiv(n, bm1)
-        try:
-            for name, t in zip(_BWD_TABLES[:5], bwd_tables[:5], strict=True):
-                _check_vector(f"bwd_tables.{name}", t, nn1, dev)
-            for name, t in zip(_BWD_TABLES[:2], bwd_tables[:2], strict=True):
-                _check_range(f"bwd_tables.{name}", t, 0, nm1)
-            _check_range("bwd_tables.n_order", bwd_tables[4], 0, nn1 - 1)
-            csr("bwd_tables.", bwd_tables[5:], triton.cdiv(n, bm2), triton.cdiv(n, bn2))
-        except ValueError as exc:
-            raise ValueError(
-                f"{exc} (bwd_tables are built for N={n}, block_m1={bm1}, block_n1={bn1}, "
-                f"block_m2={bm2}, block_n2={bn2})"
-            ) from None
+        _check_bwd_tables(bwd_tables, n, blocks, dev)
+    return args._replace(blocks=blocks, launch=Launch(*args.launch))
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -881,91 +1006,83 @@ def _tma_allocator(device: torch.device, on: bool):
         _allocation._allocator.reset(token)
 
 
-def _launch_fwd(
-    q, k, v, kv_lo, kv_hi, row_index, fwd_tables, scale, blocks, launch, out, lse, *, dsplit=True, tma=False
-) -> None:
-    """Writes ``out`` [N, Hq, D] and ``lse`` [Hq, N] (fp32, log2 domain). Scale 0 (uniform weights
-    over the visible keys) runs as q = 0 with scale 1: the kernels take the row max of unscaled scores.
-    ``dsplit``: cut a non-power-of-two head dim into two column blocks (:func:`dim_split`); ``tma``:
-    read K/V through tensor descriptors where :func:`_tma_usable` allows."""
+def _launch_fwd(q, k, v, out, lse, args: KernelArgs) -> None:
+    """Writes ``out`` [N, Hq, D] and ``lse`` [Hq, N] (fp32, log2 domain) over ``args.tables``
+    (:class:`FwdTables`). Scale 0 (uniform weights over the visible keys) runs as q = 0 with scale 1:
+    the kernels take the row max of unscaled scores."""
     N, Hq, D = q.shape
     Hkv = k.shape[1]
     if N == 0:
         return
+    scale = args.scale
     if scale == 0.0:
         q, scale = torch.zeros_like(q), 1.0
-    q_kv_ptr, q_kv_idx, q_kv_full, m_order = fwd_tables
-    bm, bn = blocks[0], blocks[1]
+    t, ridx, blocks, launch = args.tables, args.row_index, args.blocks, args.launch
     flags = _kernel_flags(q)
     al = _stride_align((q, k, v, out))
-    da, db = dim_split(D, dsplit)
-    use_tma = bool(tma) and _tma_usable(q, k, v, row_index, _stride_align((k, v)))
-    grid = (triton.cdiv(N, bm) * Hq,)
+    da, db = dim_split(D, args.dsplit)
+    use_tma = bool(args.tma) and _tma_usable(q, k, v, ridx, _stride_align((k, v)))
+    grid = (triton.cdiv(N, blocks.block_m) * Hq,)
     with _device_guard(q), _tma_allocator(q.device, use_tma):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse,
-            kv_lo, kv_hi, row_index if row_index is not None else kv_lo,
-            q_kv_ptr, q_kv_idx, q_kv_full, m_order,
-            *(st // al for t in (q, k, v, out) for st in t.stride()[:2]),
-            N, q_kv_idx.numel(), scale * _LOG2E,
-            HQ=Hq, GROUP=Hq // Hkv, D=D, DA=da, DB=db, ALIGN=al, BLOCK_M=bm, BLOCK_N=bn,
-            HAS_ROW_IDX=row_index is not None, **flags, USE_TMA=use_tma,
-            num_warps=launch[0], num_stages=launch[1],
+            args.kv_lo, args.kv_hi, ridx if ridx is not None else args.kv_lo,
+            t.q_kv_ptr, t.q_kv_idx, t.q_kv_full, t.m_order,
+            *(st // al for x in (q, k, v, out) for st in x.stride()[:2]),
+            N, t.q_kv_idx.numel(), scale * _LOG2E,
+            HQ=Hq, GROUP=Hq // Hkv, D=D, DA=da, DB=db, ALIGN=al, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+            HAS_ROW_IDX=ridx is not None, **flags, USE_TMA=use_tma,
+            num_warps=launch.fwd_warps, num_stages=launch.fwd_stages,
         )  # fmt: skip
 
 
-def _launch_bwd(
-    do, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dq, dk, dv,
-    *, dsplit=True, onepass=False,
-) -> None:  # fmt: skip
-    """Writes ``dq``, ``dk``, ``dv``. ``onepass``: the one-pass backward (dK/dV programs adding dQ
-    into an fp32 accumulator with atomics, then one pass scaling and casting it into ``dq``), run
-    over ``bwd_tables[:5]`` with the tiles ``blocks[2:4]`` and launch ``launch[2:4]``; else the
-    deterministic two-program backward."""
+def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, args: KernelArgs) -> None:
+    """Writes ``dq``, ``dk``, ``dv`` over ``args.tables`` (:class:`BwdTables`). ``args.onepass``: the
+    one-pass backward (dK/dV programs adding dQ into an fp32 accumulator with atomics, then one pass
+    scaling and casting it into ``dq``), run over the tables' first five with the tiles
+    ``block_m1 x block_n1`` and launch ``bwd_warps``/``bwd_stages``; else the deterministic
+    two-program backward."""
     N, Hq, D = q.shape
     Hkv = k.shape[1]
     if N == 0:
         return
-    sm_scale = scale
+    sm_scale = scale = args.scale
     if scale == 0.0:  # as in the forward; sm_scale = 0 makes dq and dk exactly 0
         q, scale = torch.zeros_like(q), 1.0
     flags = _kernel_flags(q)
     D_PAD = _pad_dim(D)
-    da, db = dim_split(D, dsplit)
-    ridx = row_index if row_index is not None else kv_lo
-    has_ridx = row_index is not None
+    da, db = dim_split(D, args.dsplit)
+    ridx = args.row_index if args.row_index is not None else args.kv_lo
+    has_ridx, onepass = args.row_index is not None, bool(args.onepass)
+    t, blocks, launch = args.tables, args.blocks, args.launch
+    bm1, bn1, bm2, bn2 = blocks.block_m1, blocks.block_n1, blocks.block_m2, blocks.block_n2
     with _device_guard(q):
         delta = torch.empty((Hq, N), dtype=torch.float32, device=q.device)
         # the one-pass backward's dQ accumulator, [Hq, N, D] in mask order, zeroed by the delta kernel
         dq_acc = torch.empty((Hq, N, D), dtype=torch.float32, device=q.device) if onepass else delta
-        block = 64
         al = _stride_align((out, do))
-        _attn_bwd_delta_kernel[(triton.cdiv(N, block), Hq)](
+        _attn_bwd_delta_kernel[(triton.cdiv(N, _ROW_BLOCK), Hq)](
             out, do, delta, ridx, dq_acc,
-            *(st // al for t in (out, do) for st in t.stride()[:2]),
-            N, D=D, D_PAD=D_PAD, ALIGN=al, BLOCK=block, HAS_ROW_IDX=has_ridx, ZERO_DQ=bool(onepass),
+            *(st // al for x in (out, do) for st in x.stride()[:2]),
+            N, D=D, D_PAD=D_PAD, ALIGN=al, BLOCK=_ROW_BLOCK, HAS_ROW_IDX=has_ridx, ZERO_DQ=onepass,
         )  # fmt: skip
-        kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order, q_kv_ptr, q_kv_idx, q_kv_full, m_order = (
-            bwd_tables
-        )
-        _, _, bm1, bn1, bm2, bn2 = blocks
+        dkdv_tables = (t.kv_q_start, t.kv_q_end, t.kv_max_lo, t.kv_min_hi, t.n_order)
         if onepass:
             al = _stride_align((q, k, v, do, dk, dv))
             _attn_bwd_onepass_kernel[(triton.cdiv(N, bn1) * Hkv,)](
                 q, k, v, do, dq_acc, dk, dv, lse, delta,
-                kv_lo, kv_hi, ridx,
-                kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order,
-                *(st // al for t in (q, k, v, do, dk, dv) for st in t.stride()[:2]),
+                args.kv_lo, args.kv_hi, ridx, *dkdv_tables,
+                *(st // al for x in (q, k, v, do, dk, dv) for st in x.stride()[:2]),
                 N, scale * _LOG2E, sm_scale,
                 HQ=Hq, HKV=Hkv, D=D, DA=da, DB=db, ALIGN=al, BLOCK_M=bm1, BLOCK_N=bn1,
                 HAS_ROW_IDX=has_ridx, **flags, DQ_TRANS=_dq_transposed(q),
-                num_warps=launch[2], num_stages=launch[3],
+                num_warps=launch.bwd_warps, num_stages=launch.bwd_stages,
             )  # fmt: skip
             al = _stride_align((dq,))
-            _attn_dq_cast_kernel[(triton.cdiv(N, block), Hq)](
+            _attn_dq_cast_kernel[(triton.cdiv(N, _ROW_BLOCK), Hq)](
                 dq_acc, dq, ridx,
                 *(st // al for st in dq.stride()[:2]),
-                N, sm_scale, D=D, D_PAD=D_PAD, ALIGN=al, BLOCK=block, HAS_ROW_IDX=has_ridx,
+                N, sm_scale, D=D, D_PAD=D_PAD, ALIGN=al, BLOCK=_ROW_BLOCK, HAS_ROW_IDX=has_ridx,
             )  # fmt: skip
             return
         num_dkdv = triton.cdiv(N, bn1) * Hkv
@@ -973,194 +1090,15 @@ def _launch_bwd(
         al = _stride_align((q, k, v, do, dq, dk, dv))
         _attn_bwd_kernel[(num_dkdv + num_dq,)](
             q, k, v, do, dq, dk, dv, lse, delta,
-            kv_lo, kv_hi, ridx,
-            kv_q_start, kv_q_end, kv_max_lo, kv_min_hi, n_order,
-            q_kv_ptr, q_kv_idx, q_kv_full, m_order,
-            *(st // al for t in (q, k, v, do, dq, dk, dv) for st in t.stride()[:2]),
-            N, num_dkdv, q_kv_idx.numel(), scale * _LOG2E, sm_scale,
+            args.kv_lo, args.kv_hi, ridx, *dkdv_tables,
+            t.q_kv_ptr, t.q_kv_idx, t.q_kv_full, t.m_order,
+            *(st // al for x in (q, k, v, do, dq, dk, dv) for st in x.stride()[:2]),
+            N, num_dkdv, t.q_kv_idx.numel(), scale * _LOG2E, sm_scale,
             HQ=Hq, HKV=Hkv, D=D, DA=da, DB=db, ALIGN=al,
             BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2,
             HAS_ROW_IDX=has_ridx, **flags,
-            num_warps=launch[2], num_stages=launch[3],
+            num_warps=launch.bwd_warps, num_stages=launch.bwd_stages,
         )  # fmt: skip
-
-
-# ================================================================================================ custom ops
-@torch.library.custom_op("bagel_kernels::packed_attention_fwd", mutates_args=())
-def _packed_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_lo: torch.Tensor,
-    kv_hi: torch.Tensor,
-    row_index: torch.Tensor | None,
-    fwd_tables: list[torch.Tensor],
-    bwd_tables: list[torch.Tensor],
-    scale: float,
-    blocks: list[int],
-    launch: list[int],
-    dsplit: bool = True,
-    tma: bool = False,
-    onepass: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out [N, Hq, D], lse [Hq, N] fp32)``. ``bwd_tables`` and ``onepass`` are unused
-    here; they ride along so that autograd can hand them to the backward op (``onepass``: the
-    one-pass backward, ``bwd_tables`` then being built for its tiles, see :func:`prepare_mask`).
-    ``dsplit``: head-dim split (:func:`dim_split`); ``tma``: K/V through tensor descriptors where
-    usable."""
-    _check_op_inputs(q, k, v, kv_lo, kv_hi, row_index, scale, blocks, launch, fwd_tables, bwd_tables)
-    N, Hq, D = q.shape
-    q, k, v = _row_major(q), _row_major(k), _row_major(v)
-    out = torch.empty((N, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((Hq, N), dtype=torch.float32, device=q.device)
-    _launch_fwd(
-        q, k, v, kv_lo, kv_hi, row_index, fwd_tables, scale, blocks, launch, out, lse, dsplit=dsplit, tma=tma
-    )
-    return out, lse
-
-
-@_packed_attention_fwd.register_fake
-def _(q, k, v, kv_lo, kv_hi, row_index, fwd_tables, bwd_tables, scale, blocks, launch, dsplit=True, tma=False,
-      onepass=False):  # fmt: skip
-    N, Hq, D = q.shape
-    return q.new_empty((N, Hq, D)), q.new_empty((Hq, N), dtype=torch.float32)
-
-
-@torch.library.custom_op("bagel_kernels::packed_attention_bwd", mutates_args=())
-def _packed_attention_bwd(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    kv_lo: torch.Tensor,
-    kv_hi: torch.Tensor,
-    row_index: torch.Tensor | None,
-    bwd_tables: list[torch.Tensor],
-    scale: float,
-    blocks: list[int],
-    launch: list[int],
-    dsplit: bool = True,
-    onepass: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dq, dk, dv)`` shaped like q, k, v. ``onepass``: the one-pass backward (dQ by fp32
-    atomics, not bit-reproducible) over ``bwd_tables[:5]`` with tiles ``blocks[2:4]``; else the
-    deterministic two-program backward."""
-    _check_op_inputs(q, k, v, kv_lo, kv_hi, row_index, scale, blocks, launch, bwd_tables=bwd_tables)
-    N, Hq, D = q.shape
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.device != q.device:
-            raise ValueError(f"{name} must be shaped and placed like q {tuple(q.shape)} on {q.device}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
-    if out.dtype != q.dtype:
-        raise ValueError(f"out has dtype {out.dtype}, q {q.dtype}")
-    if (
-        not isinstance(lse, torch.Tensor)
-        or lse.shape != (Hq, N)
-        or lse.dtype != torch.float32
-        or lse.device != q.device
-    ):
-        raise ValueError(f"lse must be a float32 [{Hq}, {N}] tensor on {q.device}")
-    grad_out = grad_out.to(q.dtype)
-    q, k, v, out, grad_out = (_row_major(t) for t in (q, k, v, out, grad_out))
-    lse = lse.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _launch_bwd(
-        grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dq, dk, dv,
-        dsplit=dsplit, onepass=onepass,
-    )  # fmt: skip
-    return dq, dk, dv
-
-
-@_packed_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dsplit=True,
-      onepass=False):  # fmt: skip
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, kv_lo, kv_hi, row_index, _fwd_tables, bwd_tables, scale, blocks, launch, *flags = inputs
-    dsplit, _tma, onepass = (list(flags) + [True, False, False][len(flags) :])[:3]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_lo, kv_hi, row_index, *bwd_tables)
-    ctx.scale, ctx.blocks, ctx.launch = scale, blocks, launch
-    ctx.dsplit, ctx.onepass = dsplit, onepass
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kv_lo, kv_hi, row_index, *bwd_tables = ctx.saved_tensors
-    dq, dk, dv = _packed_attention_bwd(
-        grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, ctx.scale, ctx.blocks, ctx.launch,
-        ctx.dsplit, ctx.onepass,
-    )  # fmt: skip
-    grads = (dq, dk, dv, None, None, None, [None] * 4, [None] * 9, None, None, None)
-    # the dispatcher drops trailing arguments equal to their defaults: one gradient per input it kept
-    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
-
-
-_packed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ================================================================================================ public
-def triton_packed_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: PackedMask,
-    scale: float | None = None,
-    deterministic: bool = False,
-    *,
-    config: AttnConfig | None = None,
-) -> torch.Tensor:
-    """Packed attention with the Triton kernels: ``[N, Hq, D]`` in q's dtype, differentiable in q, k, v.
-
-    q: ``[N, Hq, D]``, k/v: ``[N, Hkv, D]`` with ``N == mask.total_len`` (the dispatcher truncates
-    the mask to the tokens present), ``Hq % Hkv == 0``, ``D <= 256``, fp16/bf16/fp32, any strides.
-    Rows listed by ``mask.row_index`` are read and written through it. Rows that see no key give
-    zeros and zero gradients. ``config`` overrides the tile shapes and variants (tests, tuning).
-
-    ``deterministic=True`` always runs the two-program backward (no atomics: bit-identical across
-    runs). ``deterministic=False`` runs the one-pass backward (dQ accumulated with fp32 atomics)
-    where the configuration selects it (``AttnConfig.onepass``: off in the built-in defaults until a
-    GPU measurement decides, see :mod:`bagel_kernels.attention_configs`), else the same two-program
-    backward."""
-    if not isinstance(mask, PackedMask):
-        raise ValueError(f"mask must be a PackedMask, got {type(mask).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if isinstance(t, torch.Tensor) and t.device != mask.device:
-            raise ValueError(f"{name} is on {t.device} but the mask is on {mask.device}")
-    _check_qkv(q, k, v)
-    N, Hq, D = q.shape
-    if N != mask.total_len:
-        raise ValueError(f"q has {N} tokens but mask.total_len is {mask.total_len}; truncate the mask first")
-    scale = D**-0.5 if scale is None else float(scale)
-    _check_scale(scale)
-    cfg = config if config is not None else default_config(q.device, q.dtype, D)
-    onepass = bool(cfg.onepass) and not deterministic
-    blocks, launch = _op_params(cfg, onepass)
-    _check_blocks(blocks, launch)
-    fwd_tables, bwd_tables = prepare_mask(mask, cfg, onepass)
-    out, _lse = _packed_attention_fwd(
-        q,
-        k,
-        v,
-        mask.kv_lo,
-        mask.kv_hi,
-        mask._row_index,  # the mask's own validated copy (the property hands out copies)
-        fwd_tables,
-        bwd_tables,
-        scale,
-        blocks,
-        launch,
-        bool(cfg.dsplit),
-        bool(cfg.tma),
-        onepass,
-    )
-    return out
 
 
 # ================================================================================================ compile specs
@@ -1195,7 +1133,7 @@ def _compile_case(
         onepass = bool(cfg.onepass)
         blocks, launch = _op_params(cfg, onepass)
         fwd_t, bwd_t = prepare_mask(mask, cfg, onepass)
-        fwd_t, bwd_t = [t.to(meta) for t in fwd_t], [t.to(meta) for t in bwd_t]
+        fwd_t, bwd_t = FwdTables(*(t.to(meta) for t in fwd_t)), BwdTables(*(t.to(meta) for t in bwd_t))
         ridx = torch.randperm(n).to(torch.int32).to(meta) if row_index else None
 
         def empty(*shape):
@@ -1210,18 +1148,15 @@ def _compile_case(
             q, k, v = empty(n, hq, d), empty(n, hkv, d), empty(n, hkv, d)
         out, do = empty(n, hq, d), empty(n, hq, d)
         lse = torch.empty((hq, n), dtype=torch.float32, device=meta)
-        kv_lo, kv_hi = mask.kv_lo.to(meta), mask.kv_hi.to(meta)
-        args = (kv_lo, kv_hi, ridx)
-        split = bool(cfg.dsplit)
+        args = KernelArgs(
+            mask.kv_lo.to(meta), mask.kv_hi.to(meta), ridx, fwd_t, d**-0.5, blocks, launch,
+            dsplit=bool(cfg.dsplit), tma=bool(cfg.tma), onepass=onepass,
+        )  # fmt: skip
         if fwd:
-            tma = bool(cfg.tma)
-            _launch_fwd(q, k, v, *args, fwd_t, d**-0.5, blocks, launch, out, lse, dsplit=split, tma=tma)
+            _launch_fwd(q, k, v, out, lse, args)
         if bwd:
             grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-            _launch_bwd(
-                do, q, k, v, out, lse, *args, bwd_t, d**-0.5, blocks, launch, *grads,
-                dsplit=split, onepass=onepass,
-            )  # fmt: skip
+            _launch_bwd(do, q, k, v, out, lse, *grads, args._replace(tables=bwd_t))
 
     return run
 
@@ -1262,14 +1197,9 @@ def compile_cases(arch: int) -> list[tuple]:
     return cases
 
 
-def compile_specs(arch: int = 90) -> list[tuple]:
+def compile_specs(arch: int) -> list[tuple]:
     """Specs of every kernel launch of :func:`compile_cases` for ``arch`` (format of
     :mod:`bagel_kernels.compile_check`), derived from the launchers as they run on that GPU."""
     from .compile_check import specs_from_launches
 
     return specs_from_launches(compile_cases(arch), arch)
-
-
-def sm90_compile_specs() -> list[tuple]:
-    """:func:`compile_specs` for sm_90 (the name older callers use)."""
-    return compile_specs(90)

@@ -17,8 +17,8 @@ interpreter replaces the kernels; the script refuses to run then). Exit code 0 w
 
 Where the specs come from
 -------------------------
-Each kernel module in :data:`MODULES` defines ``compile_specs(arch) -> list[tuple]`` (an older module
-may define only ``sm90_compile_specs()``, used for sm_90). Our modules build them with
+Each kernel module in :data:`MODULES` defines ``compile_specs(arch) -> list[tuple]`` (a module without
+it is skipped with a note). Our modules build them with
 :func:`specs_from_launches`: the module's launchers run on ``meta`` tensors shaped and strided as the
 model produces them at BAGEL-7B sizes, with ``JITFunction.run`` intercepted, and each intercepted launch
 goes through Triton's own argument binder, the code the runtime uses to specialise a launch (pointers
@@ -180,15 +180,11 @@ def collect_specs(modules: list[str], arch: int = 90) -> tuple[list[tuple], list
             errors.append(f"FAIL {name}: import error: {type(exc).__name__}: {exc}")
             continue
         fn = getattr(mod, "compile_specs", None)
-        call = (lambda fn=fn: fn(arch)) if fn is not None else None
-        if call is None and arch == 90 and hasattr(mod, "sm90_compile_specs"):
-            call = mod.sm90_compile_specs
-        if call is None:
-            what = "no compile_specs()" if hasattr(mod, "sm90_compile_specs") else "no sm90_compile_specs()"
-            notes.append(f"skip {name}: {what} for sm_{arch}")
+        if fn is None:
+            notes.append(f"skip {name}: no compile_specs()")
             continue
         try:
-            mod_specs = list(call())
+            mod_specs = list(fn(arch))
         except Exception as exc:
             errors.append(f"FAIL {name}: compile specs raised {type(exc).__name__}: {exc}")
             continue

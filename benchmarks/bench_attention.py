@@ -20,7 +20,7 @@ Backends (what each row times: fwd, bwd = the backward alone, fwd+bwd):
     triton+tma      the forward reading K/V through tensor descriptors (``AttnConfig.tma=1``; sm_90+)
     triton-padD     ViT only: "today's kernel": head dim 72 padded to 128 with the padded layout's
                     built-in tiles (``default_for(..., dsplit=False)``), to compare with the 64 + 16 split
-    flex            the ``flex`` backend's own path: ``flex_compiled()`` (compiled once for dynamic
+    flex            ``packed_attention(backend="flex")``: ``flex_compiled()`` (compiled once for dynamic
                     lengths) with the BlockMask tables ``flex_kv_blocks(mask)`` prebuilt
     flex+mask       compiled ``flex_attention`` with the block mask built on every call by
                     ``create_block_mask`` (``flex_block_mask``), as upstream BAGEL training pays for it
@@ -65,8 +65,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from bagel_kernels import PackedMask, packed_attention  # noqa: E402
 from bagel_kernels import attention_configs as ac  # noqa: E402
-from bagel_kernels.attention import flex_block_mask, flex_compiled, flex_kv_blocks  # noqa: E402
-from bagel_kernels.attention_triton import default_config, triton_packed_attention  # noqa: E402
+from bagel_kernels.attention import flex_block_mask, flex_kv_blocks, triton_packed_attention  # noqa: E402
+from bagel_kernels.attention_triton import default_config  # noqa: E402
 from bagel_kernels.testing import PackLayout, realistic_pack, tolerance  # noqa: E402
 
 BACKENDS = (
@@ -163,22 +163,6 @@ def _flex_upstream(q, k, v, block_mask, scale):
     return out[0].transpose(0, 1)
 
 
-def _flex_backend(q, k, v, mask, scale):
-    """The ``flex`` backend's path: ``flex_compiled()`` (one compile for every length) over the BlockMask
-    tables of :func:`flex_kv_blocks` (cached on the mask)."""
-    out = flex_compiled()(
-        q.transpose(0, 1).unsqueeze(0),
-        k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0),
-        mask.kv_lo,
-        mask.kv_hi,
-        *flex_kv_blocks(mask),
-        scale,
-        q.shape[1] != k.shape[1],
-    )
-    return out[0].transpose(0, 1)
-
-
 def triton_config(backend: str, case: Case, q) -> ac.AttnConfig | None:
     """The configuration a Triton variant runs (None: the configured default, as the backend picks it)."""
     cfg = default_config(q.device, q.dtype, case.d)
@@ -217,12 +201,14 @@ def make_fn(backend: str, case: Case, q, k, v):
         return lambda q, k, v: packed_attention(q, k, v, pmask, backend="triton")
     if backend == "flex":
         flex_kv_blocks(mask)  # prebuilt
-        return lambda q, k, v: _flex_backend(q, k, v, mask, scale)
+        return lambda q, k, v: packed_attention(q, k, v, mask, backend="flex")
     if backend == "flex+mask":
         return lambda q, k, v: _flex_upstream(q, k, v, flex_block_mask(mask), scale)
     if backend == "flex+tables":
         layout = case.layout.as_tuple()
-        return lambda q, k, v: _flex_backend(q, k, v, PackedMask.from_splits(*layout, device=q.device), scale)
+        return lambda q, k, v: packed_attention(
+            q, k, v, PackedMask.from_splits(*layout, device=q.device), backend="flex"
+        )
     if backend == "sdpa-loop":
         return lambda q, k, v: packed_attention(q, k, v, mask, backend="sdpa")
     if backend == "dense-causal":

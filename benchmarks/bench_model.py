@@ -50,12 +50,10 @@ import torch  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from common import run_script, sync, time_ms, write_results  # noqa: E402
+from common import run_script, sync, time_ms, use_checkout, write_results  # noqa: E402
 
+use_checkout()
 from bagel import (  # noqa: E402
     BagelBackendConfig,
     BagelConfig,

@@ -6,9 +6,19 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def use_checkout() -> None:
+    """Put the repository root first on ``sys.path``, so that a script run from a checkout imports this
+    checkout's ``bagel`` and ``bagel_kernels`` (not an installed copy)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
 
 
 class Table:

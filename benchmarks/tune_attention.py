@@ -55,22 +55,14 @@ if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is i
 
 import torch  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (HERE, ROOT):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+# run as a script (benchmarks/gpu_check.sh): its folder, with common.py, is on sys.path
+from common import device_info, git_commit, time_ms, use_checkout  # noqa: E402
 
-from common import device_info, git_commit, time_ms  # noqa: E402
-
+use_checkout()
 from bagel_kernels import PackedMask, packed_attention  # noqa: E402
 from bagel_kernels import attention_configs as ac  # noqa: E402
-from bagel_kernels.attention_triton import (  # noqa: E402
-    _op_params,
-    _packed_attention_bwd,
-    _packed_attention_fwd,
-    prepare_mask,
-)
+from bagel_kernels.attention import _packed_attention_bwd, _packed_attention_fwd  # noqa: E402
+from bagel_kernels.attention_triton import _op_params, prepare_mask  # noqa: E402
 from bagel_kernels.testing import random_pack, realistic_pack, tolerance  # noqa: E402
 
 # candidates per architecture family: forward (block_m, block_n, warps, stages); backward
@@ -168,8 +160,9 @@ class _Op:
 
     def __init__(self, cfg: ac.AttnConfig, kind: str, q, k, v, mask):
         self.onepass = kind == "onepass"
-        blocks, launch = _op_params(cfg, self.onepass)
-        fwd_t, bwd_t = prepare_mask(mask, cfg, self.onepass)
+        # the ops' schemas take lists (the named tuples are the Python-side types)
+        blocks, launch = (list(t) for t in _op_params(cfg, self.onepass))
+        fwd_t, bwd_t = (list(t) for t in prepare_mask(mask, cfg, self.onepass))
         self.q, self.k, self.v = q, k, v
         self.common = (mask.kv_lo, mask.kv_hi, mask.row_index)
         self.fwd_t, self.bwd_t, self.scale = fwd_t, bwd_t, q.shape[-1] ** -0.5

@@ -1,4 +1,5 @@
-"""Triton packed attention (``bagel_kernels.attention_triton``) against the float64 dense reference.
+"""Triton packed attention (kernels in ``bagel_kernels.attention_triton``, ops and
+``triton_packed_attention`` in ``bagel_kernels.attention``) against the float64 dense reference.
 
 CPU: the kernels run under TRITON_INTERPRET=1 (set by conftest) in fp32 and fp16 on packs of a few
 hundred tokens, with the interpreter tile config (fwd 64x32, dK/dV 32x64, dQ 64x32: different on
@@ -15,21 +16,25 @@ import pytest
 import torch
 
 from bagel_kernels import PackedMask, packed_attention
+from bagel_kernels.attention import _packed_attention_bwd, _packed_attention_fwd, triton_packed_attention
+from bagel_kernels.attention_configs import AttnConfig, Blocks
 from bagel_kernels.attention_triton import (
-    AttnConfig,
+    KernelArgs,
     _launch_bwd,
     _launch_fwd,
     _op_params,
-    _packed_attention_bwd,
-    _packed_attention_fwd,
     default_config,
     prepare_mask,
-    triton_packed_attention,
 )
 from bagel_kernels.reference import attention_reference
 from bagel_kernels.testing import random_pack, realistic_pack, tolerance
 
 CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def _square_tiles(b: int, **fields) -> AttnConfig:
+    """Every tile (forward, dK/dV, dQ) ``b x b``; ``fields`` set the others."""
+    return AttnConfig(**dict.fromkeys(Blocks._fields, b), **fields)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -111,9 +116,9 @@ def test_gqa_and_head_dims(hq, hkv, d):
 @pytest.mark.parametrize(
     "config",
     [
-        AttnConfig(16, 16, 16, 16, 16, 16),
-        AttnConfig(32, 64, 64, 32, 32, 64),
-        AttnConfig(128, 128, 128, 128, 128, 128),
+        _square_tiles(16),
+        AttnConfig(block_m=32, block_n=64, block_m1=64, block_n1=32, block_m2=32, block_n2=64),
+        _square_tiles(128),
     ],
     ids=["16x16", "swapped", "one-block"],
 )
@@ -216,9 +221,7 @@ def test_dead_rows_from_dense():
     masks[1][:, :] = masks[1] | torch.eye(9, dtype=torch.bool)  # this sample has no dead row
     mask = PackedMask.from_dense(masks)
     q, k, v = _make_qkv(mask.total_len, 2, 1, 16, torch.float32)
-    out, (dq, _, _) = _check_against_reference(
-        q, k, v, mask, torch.float32, config=AttnConfig(16, 16, 16, 16, 16, 16)
-    )
+    out, (dq, _, _) = _check_against_reference(q, k, v, mask, torch.float32, config=_square_tiles(16))
     dead = [0, 15]  # first rows of samples 0 and 2
     assert torch.equal(out[dead], torch.zeros_like(out[dead]))
     assert torch.equal(dq[dead], torch.zeros_like(dq[dead]))
@@ -250,26 +253,12 @@ def test_nan_filled_output_buffers():
     q, k, v = (t.detach() for t in _make_qkv(n, hq, hkv, d, torch.float32))
     out = torch.full((n, hq, d), float("nan"))
     lse = torch.full((hq, n), float("nan"))
-    _launch_fwd(q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, d**-0.5, cfg.blocks(), cfg.launch(), out, lse)
+    args = KernelArgs(mask.kv_lo, mask.kv_hi, None, fwd_t, d**-0.5, cfg.blocks(), cfg.launch())
+    _launch_fwd(q, k, v, out, lse, args)
     assert not out.isnan().any() and not lse.isnan().any()
     do = torch.randn(n, hq, d)
     grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
-    _launch_bwd(
-        do,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        mask.kv_lo,
-        mask.kv_hi,
-        None,
-        bwd_t,
-        d**-0.5,
-        cfg.blocks(),
-        cfg.launch(),
-        *grads,
-    )
+    _launch_bwd(do, q, k, v, out, lse, *grads, args._replace(tables=bwd_t))
     for gr in grads:
         assert not gr.isnan().any()
     ref, rgrads = _reference(q, k, v, mask, None, do)
@@ -351,9 +340,9 @@ def _backward_paths(monkeypatch) -> list[bool]:
 
     seen, launch = [], at._launch_bwd
 
-    def spy(*args, **kwargs):
-        seen.append(bool(kwargs.get("onepass", False)))
-        return launch(*args, **kwargs)
+    def spy(*args):
+        seen.append(bool(args[-1].onepass))  # the KernelArgs
+        return launch(*args)
 
     monkeypatch.setattr(at, "_launch_bwd", spy)
     return seen
@@ -459,7 +448,8 @@ def test_onepass_nan_filled_output_buffers():
     fwd_t, bwd_t = prepare_mask(mask, ONEPASS, True)
     q, k, v = (t.detach() for t in _make_qkv(n, hq, hkv, d, torch.float32))
     out, lse = torch.empty(n, hq, d), torch.empty(hq, n)
-    _launch_fwd(q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, d**-0.5, blocks, launch, out, lse)
+    args = KernelArgs(mask.kv_lo, mask.kv_hi, None, fwd_t, d**-0.5, blocks, launch)
+    _launch_fwd(q, k, v, out, lse, args)
     do = torch.randn(n, hq, d)
     grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
     real_empty = torch.empty
@@ -472,8 +462,7 @@ def test_onepass_nan_filled_output_buffers():
 
     at.torch.empty = nan_empty
     try:
-        _launch_bwd(do, q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, d**-0.5, blocks, launch,
-                    *grads, onepass=True)  # fmt: skip
+        _launch_bwd(do, q, k, v, out, lse, *grads, args._replace(tables=bwd_t, onepass=True))
     finally:
         at.torch.empty = real_empty
     for gr in grads:
@@ -500,7 +489,7 @@ def test_onepass_gpu_code_path_under_interpreter(monkeypatch, dq_trans):
 def test_dim_split_widths():
     """Non-power-of-two head dims run as a power-of-two block plus a padded remainder when that is
     narrower than padding: at most 80/72 of the useful MMA work for SigLIP's 72."""
-    from bagel_kernels.attention_triton import dim_split
+    from bagel_kernels.attention_configs import dim_split
 
     assert dim_split(72) == (64, 16) and sum(dim_split(72)) / 72 <= 80 / 72
     assert dim_split(80) == (64, 16) and dim_split(96) == (64, 32) and dim_split(40) == (32, 16)
@@ -568,8 +557,9 @@ def test_bad_inputs_raise_value_error():
     fwd_t, bwd_t = prepare_mask(PackedMask.from_splits([300], [300], ["causal"]), cfg)
     with pytest.raises(ValueError, match="fwd_tables"):
         _packed_attention_fwd(
-            q, kv, kv, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch()
-        )
+            q, kv, kv, mask.kv_lo, mask.kv_hi, None, list(fwd_t), list(bwd_t), 0.25, list(cfg.blocks()),
+            list(cfg.launch()),
+        )  # fmt: skip
     with pytest.raises(ValueError, match="power of two"):
         triton_packed_attention(q, kv, kv, mask, config=AttnConfig(block_m=48))
 
@@ -612,12 +602,12 @@ def test_stride_alignment_of_model_layouts():
 def _raw_args(hq=2, hkv=1, d=16):
     mask = PackedMask.from_splits([10, 18], [4, 6, 5, 13], ["causal", "full", "causal", "noise"])
     n = mask.total_len  # 28
-    cfg = AttnConfig(16, 16, 16, 16, 16, 16)
+    cfg = _square_tiles(16)
     fwd_t, bwd_t = prepare_mask(mask, cfg)
     q, k, v = (t.detach() for t in _make_qkv(n, hq, hkv, d, torch.float32))
     return dict(
         q=q, k=k, v=v, kv_lo=mask.kv_lo, kv_hi=mask.kv_hi, row_index=None, fwd_tables=list(fwd_t),
-        bwd_tables=list(bwd_t), scale=0.25, blocks=cfg.blocks(), launch=cfg.launch(),
+        bwd_tables=list(bwd_t), scale=0.25, blocks=list(cfg.blocks()), launch=list(cfg.launch()),
     )  # fmt: skip
 
 
@@ -719,22 +709,24 @@ import os, random, sys
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from bagel_kernels import PackedMask
-from bagel_kernels.attention_triton import AttnConfig, _launch_bwd, _launch_fwd, prepare_mask
+from bagel_kernels.attention_configs import AttnConfig, Blocks
+from bagel_kernels.attention_triton import BwdTables, FwdTables, KernelArgs, _launch_bwd, _launch_fwd, prepare_mask
 from bagel_kernels.testing import random_pack
 
 mask = PackedMask.from_splits(*random_pack(random.Random(3), 3, text=(1, 20), image=(1, 20)).as_tuple())
-n, cfg = mask.total_len, AttnConfig(16, 16, 16, 16, 16, 16)
+n, cfg = mask.total_len, AttnConfig(**dict.fromkeys(Blocks._fields, 16))
 fwd_t, bwd_t = prepare_mask(mask, cfg)
 q, k, v = torch.randn(n, 2, 16), torch.randn(n, 1, 16), torch.randn(n, 1, 16)
 big = lambda t, s: (t.long() * 0 + s).to(torch.int32)
-bad_fwd = [big(fwd_t[0], 10**6), big(fwd_t[1], -10**6), fwd_t[2], big(fwd_t[3], 10**6)]
-bad_bwd = [big(t, 10**6) for t in bwd_t[:5]] + [big(bwd_t[5], -7), big(bwd_t[6], 10**6), bwd_t[7], big(bwd_t[8], -1)]
+bad_fwd = FwdTables(big(fwd_t[0], 10**6), big(fwd_t[1], -10**6), fwd_t[2], big(fwd_t[3], 10**6))
+bad_bwd = BwdTables(*[big(t, 10**6) for t in bwd_t[:5]], big(bwd_t[5], -7), big(bwd_t[6], 10**6), bwd_t[7],
+                    big(bwd_t[8], -1))
 ridx = torch.full((n,), 10**6, dtype=torch.int32)
 out, lse = torch.zeros(n, 2, 16), torch.zeros(2, n)
-_launch_fwd(q, k, v, mask.kv_lo, mask.kv_hi, ridx, bad_fwd, 0.25, cfg.blocks(), cfg.launch(), out, lse)
+args = KernelArgs(mask.kv_lo, mask.kv_hi, ridx, bad_fwd, 0.25, cfg.blocks(), cfg.launch())
+_launch_fwd(q, k, v, out, lse, args)
 grads = [torch.zeros_like(t) for t in (q, k, v)]
-_launch_bwd(torch.randn(n, 2, 16), q, k, v, out, lse, mask.kv_lo, mask.kv_hi, ridx, bad_bwd, 0.25,
-            cfg.blocks(), cfg.launch(), *grads)
+_launch_bwd(torch.randn(n, 2, 16), q, k, v, out, lse, *grads, args._replace(tables=bad_bwd))
 print("survived", all(bool(torch.isfinite(t).all()) for t in [out, *grads]))
 """
 
@@ -826,27 +818,33 @@ def test_config_variants_and_onepass_flip(tmp_path, monkeypatch):
     finally:
         ac._table_cache.clear()
 
+
 # ------------------------------------------------------------------------------------------ torch.library
+def _op_lists(cfg):
+    """``(blocks, launch)`` as the ops' schemas take them (lists)."""
+    return list(cfg.blocks()), list(cfg.launch())
+
+
 def _op_args(n=40, hq=2, hkv=1, d=16):
     mask = _mask(random_pack(random.Random(19), 3, text=(1, 8), image=(1, 10)))
     mask = mask.truncated(min(n, mask.total_len))
     n = mask.total_len
-    cfg = AttnConfig(16, 16, 16, 16, 16, 16)
-    fwd_t, bwd_t = prepare_mask(mask, cfg)
+    cfg = _square_tiles(16)
+    fwd_t, bwd_t = (list(t) for t in prepare_mask(mask, cfg))
     q, k, v = _make_qkv(n, hq, hkv, d, torch.float32)
     return mask, cfg, fwd_t, bwd_t, q, k, v
 
 
 def test_opcheck_fwd():
     mask, cfg, fwd_t, bwd_t, q, k, v = _op_args()
-    args = (q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch())
+    args = (q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, *_op_lists(cfg))
     torch.library.opcheck(_packed_attention_fwd, args)
 
 
 def test_opcheck_fwd_row_index():
     mask, cfg, fwd_t, bwd_t, q, k, v = _op_args()
     ridx = torch.randperm(mask.total_len).to(torch.int32)
-    args = (q, k, v, mask.kv_lo, mask.kv_hi, ridx, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch())
+    args = (q, k, v, mask.kv_lo, mask.kv_hi, ridx, fwd_t, bwd_t, 0.25, *_op_lists(cfg))
     torch.library.opcheck(
         _packed_attention_fwd,
         args,
@@ -858,21 +856,20 @@ def test_opcheck_bwd():
     mask, cfg, fwd_t, bwd_t, q, k, v = _op_args()
     q, k, v = (t.detach() for t in (q, k, v))
     out, lse = _packed_attention_fwd(
-        q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, cfg.blocks(), cfg.launch()
+        q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, *_op_lists(cfg)
     )
     do = torch.randn_like(out)
-    args = (do, q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, 0.25, cfg.blocks(), cfg.launch())
+    args = (do, q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, 0.25, *_op_lists(cfg))
     torch.library.opcheck(_packed_attention_bwd, args)
-
 
 
 def test_opcheck_onepass_and_variants():
     """The ops with their variant arguments: the forward with the padded layout and TMA, the one-pass
     backward (its tables built for the one-pass tiles)."""
     mask, _, _, _, q, k, v = _op_args(d=24)
-    cfg = AttnConfig(16, 16, 16, 16, 16, 16, onepass=1, onepass_block_m=16, onepass_block_n=32)
-    fwd_t, bwd_t = prepare_mask(mask, cfg, True)
-    blocks, launch = _op_params(cfg, True)
+    cfg = _square_tiles(16, onepass=1, onepass_block_m=16, onepass_block_n=32)
+    fwd_t, bwd_t = (list(t) for t in prepare_mask(mask, cfg, True))
+    blocks, launch = (list(t) for t in _op_params(cfg, True))
     args = (q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, blocks, launch, False, True, True)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(_packed_attention_fwd, args, test_utils=utils)
@@ -881,6 +878,7 @@ def test_opcheck_onepass_and_variants():
     bargs = (torch.randn_like(out), q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, 0.25, blocks, launch,
              True, True)  # fmt: skip
     torch.library.opcheck(_packed_attention_bwd, bargs, test_utils=utils)
+
 
 def test_torch_compile_fullgraph():
     layout = random_pack(random.Random(20), 3, text=(1, 20), image=(1, 30), pad=6)
@@ -913,34 +911,25 @@ def _sdpa_fp32(q, k, v, mask, grad_out):
 
 
 @gpu
+@pytest.mark.parametrize("onepass", [False, True], ids=["default", "onepass"])
 @pytest.mark.parametrize(
     "dtype,hq,hkv,d",
     [(torch.bfloat16, 28, 4, 128), (torch.bfloat16, 16, 16, 72), (torch.float16, 8, 2, 64)],
     ids=["bf16-qwen", "bf16-siglip", "fp16-d64"],
 )
-def test_gpu_random_packs(dtype, hq, hkv, d):
-    rng = random.Random(hq + d)  # at most ~3.6k tokens: the float64 dense reference stays < ~15 GB
+def test_gpu_random_packs(dtype, hq, hkv, d, onepass):
+    """Random packs on the GPU with the GPU's tiles against the float64 reference: the configured
+    backward, or (``onepass``) the one-pass backward (real atomics, racing programs) and, for SigLIP's
+    72, the padded layout (``dsplit=0``) with TMA that the benchmark times."""
+    # at most ~3.6k tokens: the float64 dense reference stays < ~15 GB
+    rng = random.Random(hq + d + int(onepass))
     mask = PackedMask.from_splits(
         *random_pack(rng, 4, text=(1, 80), image=(1, 250)).as_tuple(), device="cuda"
     )
     q, k, v = _make_qkv(mask.total_len, hq, hkv, d, dtype, device="cuda")
-    _check_against_reference(q, k, v, mask, dtype)
-
-
-@gpu
-@pytest.mark.parametrize(
-    "dtype,hq,hkv,d",
-    [(torch.bfloat16, 28, 4, 128), (torch.bfloat16, 16, 16, 72), (torch.float16, 8, 2, 64)],
-    ids=["bf16-qwen", "bf16-siglip", "fp16-d64"],
-)
-def test_gpu_onepass_backward(dtype, hq, hkv, d):
-    """The one-pass backward on the GPU (real atomics, racing programs) with the GPU's tiles, against
-    the float64 reference; and the padded SigLIP layout (``dsplit=0``) that the benchmark times."""
-    rng = random.Random(hq + d + 1)
-    mask = PackedMask.from_splits(
-        *random_pack(rng, 4, text=(1, 80), image=(1, 250)).as_tuple(), device="cuda"
-    )
-    q, k, v = _make_qkv(mask.total_len, hq, hkv, d, dtype, device="cuda")
+    if not onepass:
+        _check_against_reference(q, k, v, mask, dtype)
+        return
     cfg = default_config(q.device, dtype, d)
     _check_against_reference(q, k, v, mask, dtype, config=dataclasses.replace(cfg, onepass=1))
     if d == 72:
