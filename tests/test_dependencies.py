@@ -33,7 +33,7 @@ def test_core_dependencies_hold_no_model_plotting_or_test_library():
     extras = {name: _names(reqs) for name, reqs in project["optional-dependencies"].items()}
     assert {"transformers", "safetensors"} <= extras["model"]
     assert {"bagel-kernels", "matplotlib"} <= extras["demo"]  # bagel-kernels[model]: the demo runs the model
-    assert {"bagel-kernels", "pytest", "hypothesis", "peft"} <= extras["test"]
+    assert {"bagel-kernels", "pytest", "pytest-xdist", "hypothesis", "peft"} <= extras["test"]
 
 
 def test_kernels_import_and_run_without_the_optional_libraries():
