@@ -210,27 +210,36 @@ def _check_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
     _check_same_device(ref_name, ref, **{name: t})
 
 
+# Each op's arguments are checked by one function that the public function calls too; the ops add
+# what their kernels need on top (``_check_rows``: a kernel dtype, rows no wider than one tile).
 def _check_rms_args(x, n_und, weight_und, weight_gen) -> None:
     _check_tensor("x", x, dims=2)
-    _check_rows(x, n_und, x.shape[1])
+    _check_n_und(n_und, x.shape[0])
     for name, w in (("weight_und", weight_und), ("weight_gen", weight_gen)):
         _check_weight(name, w, (x.shape[1],), x)
     if weight_gen.dtype != weight_und.dtype:
         raise ValueError(f"weight_gen has dtype {weight_gen.dtype} but weight_und has {weight_und.dtype}")
 
 
+def _check_rms_kernel_args(x, n_und, weight_und, weight_gen) -> None:
+    _check_rms_args(x, n_und, weight_und, weight_gen)
+    _check_rows(x, None, x.shape[1])
+
+
 def _check_qk_args(q, k, n_und, weights, cos, sin) -> None:
     _check_tensor("q", q, dims=3)
     _check_tensor("k", k, dims=3)
-    N, HQ, D = q.shape
-    if k.shape[0] != N or k.shape[2] != D or k.dtype != q.dtype:
-        raise ValueError(
-            f"k must be [N={N}, Hkv, D={D}] in q's dtype {q.dtype}, got {k.dtype} {tuple(k.shape)}"
-        )
-    if D % 2:
-        raise ValueError(f"head dim {D} must be even for rotary embedding")
+    N, _, D = q.shape
+    if k.shape[0] != N:
+        raise ValueError(f"k must be [N, Hkv, D] like q: k has {k.shape[0]} tokens but q has {N}")
+    if k.shape[2] != D:
+        raise ValueError(f"k must be [N, Hkv, D] like q: k head dim {k.shape[2]} differs from q head dim {D}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"k must be in q's dtype: k has dtype {k.dtype} but q has {q.dtype}")
+    if D % 2 != 0:
+        raise ValueError(f"head dim (q.shape[2]) must be even for rotary embedding, got {D}")
     _check_same_device("q", q, k=k)
-    _check_rows(q, n_und, max(_next_pow2(HQ), _next_pow2(k.shape[1])) * D, ref_name="q")
+    _check_n_und(n_und, N)
     names = ("q_weight_und", "q_weight_gen", "k_weight_und", "k_weight_gen")
     for name, w in zip(names, weights, strict=True):
         _check_weight(name, w, (D,), q, "q")
@@ -240,12 +249,31 @@ def _check_qk_args(q, k, n_und, weights, cos, sin) -> None:
         _check_weight(name, t, (N, D), q, "q")
 
 
+def _qk_row_width(q: Tensor, k: Tensor) -> int:
+    """The widest kernel row of the q/k op: all heads of q or of k, each padded to a power of two."""
+    return max(_next_pow2(q.shape[1]), _next_pow2(k.shape[1])) * q.shape[2]
+
+
+def _check_qk_kernel_args(q, k, n_und, weights, cos, sin) -> None:
+    _check_qk_args(q, k, n_und, weights, cos, sin)
+    _check_rows(q, None, _qk_row_width(q, k), ref_name="q")
+
+
 def _check_swiglu_args(gate, up) -> None:
     _check_tensor("gate", gate, dims=2)
-    _check_rows(gate, None, 1, ref_name="gate")
-    _check_like("up", up, gate, "gate")
+    _check_tensor("up", up, dims=2)
+    if up.shape != gate.shape:
+        raise ValueError(
+            f"up must have the shape of gate: up has shape {tuple(up.shape)} but gate has {tuple(gate.shape)}"
+        )
     if up.dtype != gate.dtype:
         raise ValueError(f"up has dtype {up.dtype} but gate has {gate.dtype}")
+    _check_same_device("gate", gate, up=up)
+
+
+def _check_swiglu_kernel_args(gate, up) -> None:
+    _check_swiglu_args(gate, up)
+    _check_rows(gate, None, 1, ref_name="gate")
 
 
 def _check_linear_args(x, n_und, weight_und, bias_und, weight_gen, bias_gen) -> None:
@@ -287,7 +315,7 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def _mot_rms_norm_op(x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tensor, eps: float) -> Tensor:
     from .mot_triton import rms_norm_fwd
 
-    _op_check("mot_rms_norm", _check_rms_args, x, n_und, weight_und, weight_gen)
+    _op_check("mot_rms_norm", _check_rms_kernel_args, x, n_und, weight_und, weight_gen)
     w = torch.stack((weight_und, weight_gen))
     return rms_norm_fwd(_unit_last(x), n_und, w, eps, _norm_out_dtype(x.dtype, weight_und.dtype))
 
@@ -303,7 +331,7 @@ def _mot_rms_norm_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from .mot_triton import rms_norm_bwd
 
-    _op_check("mot_rms_norm_backward", _check_rms_args, x, n_und, weight_und, weight_gen)
+    _op_check("mot_rms_norm_backward", _check_rms_kernel_args, x, n_und, weight_und, weight_gen)
     _op_check("mot_rms_norm_backward", _check_like, "dy", dy, x, "x")
     w = torch.stack((weight_und, weight_gen))
     dx, dwu, dwg = rms_norm_bwd(_unit_last(dy), _unit_last(x), n_und, w, eps)
@@ -343,15 +371,9 @@ def mot_rms_norm(
     ``y = weight * (x32 * rsqrt(mean(x32^2, -1) + eps)).to(x.dtype)`` per row, fp32 statistics.
     x: ``[N, H]`` (any row stride); weights ``[H]``, same dtype as each other. Output ``[N, H]`` in
     ``promote_types(x.dtype, weight.dtype)``. One launch for both experts."""
-    _check_tensor("x", x, dims=2)
-    N, H = x.shape
-    _check_n_und(n_und, N)
-    _check_weight("weight_und", weight_und, (H,), x)
-    _check_weight("weight_gen", weight_gen, (H,), x)
-    if weight_gen.dtype != weight_und.dtype:
-        raise ValueError(f"weight_gen has dtype {weight_gen.dtype} but weight_und has {weight_und.dtype}")
+    _check_rms_args(x, n_und, weight_und, weight_gen)
     _check_eps(eps)
-    be = _resolve_backend(backend, x.device, x.dtype, H)
+    be = _resolve_backend(backend, x.device, x.dtype, x.shape[1])
     if be == "triton":
         return _mot_rms_norm_op(x, n_und, weight_und, weight_gen, float(eps))
     dt = _norm_out_dtype(x.dtype, weight_und.dtype)
@@ -390,7 +412,7 @@ def _qk_kernel_args(op: str, a: _QKInputs):
     (:class:`bagel_kernels.mot_triton.QKArgs`: unit last strides, the experts' weights stacked)."""
     from .mot_triton import QKArgs
 
-    _op_check(op, _check_qk_args, a.q, a.k, a.n_und, a.weights(), a.cos, a.sin)
+    _op_check(op, _check_qk_kernel_args, a.q, a.k, a.n_und, a.weights(), a.cos, a.sin)
     return QKArgs(
         q=_unit_last(a.q),
         k=_unit_last(a.k),
@@ -504,33 +526,10 @@ def mot_qk_norm_rope(
     dtype; cos, sin: ``[N, D]`` per token, in the grouped row order (any float dtype, e.g. from
     :func:`rope_cos_sin`). Returns ``(q_out, k_out)`` in ``promote_types(q.dtype, weight.dtype)``.
     One launch covers q and k of both experts, forward and backward."""
-    _check_tensor("q", q, dims=3)
-    _check_tensor("k", k, dims=3)
-    N, HQ, D = q.shape
-    if k.shape[0] != N:
-        raise ValueError(f"k has {k.shape[0]} tokens but q has {N}")
-    if k.shape[2] != D:
-        raise ValueError(f"k head dim {k.shape[2]} differs from q head dim {D}")
-    if k.dtype != q.dtype:
-        raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype}")
-    if D % 2 != 0:
-        raise ValueError(f"head dim (q.shape[2]) must be even for rotary embedding, got {D}")
-    _check_same_device("q", q, k=k)
-    _check_n_und(n_und, N)
-    names = ("q_weight_und", "q_weight_gen", "k_weight_und", "k_weight_gen")
     weights = (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)
-    for name, w in zip(names, weights, strict=True):
-        _check_weight(name, w, (D,), q, "q")
-        if w.dtype != q_weight_und.dtype:
-            raise ValueError(f"{name} has dtype {w.dtype} but q_weight_und has {q_weight_und.dtype}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        _check_tensor(name, t, dims=2)
-        if tuple(t.shape) != (N, D):
-            raise ValueError(f"{name} must have shape (N, head_dim) = {(N, D)}, got {tuple(t.shape)}")
-        _check_same_device("q", q, **{name: t})
+    _check_qk_args(q, k, n_und, weights, cos, sin)
     _check_eps(eps)
-    row_width = max(_next_pow2(HQ), _next_pow2(k.shape[1])) * D
-    be = _resolve_backend(backend, q.device, q.dtype, row_width)
+    be = _resolve_backend(backend, q.device, q.dtype, _qk_row_width(q, k))
     if be == "triton":
         return _mot_qk_norm_rope_op(
             q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, float(eps)
@@ -585,7 +584,7 @@ def rope_cos_sin(
 def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
     from .mot_triton import swiglu_fwd
 
-    _op_check("swiglu", _check_swiglu_args, gate, up)
+    _op_check("swiglu", _check_swiglu_kernel_args, gate, up)
     return swiglu_fwd(_unit_last(gate), _unit_last(up))
 
 
@@ -598,7 +597,7 @@ def _(gate, up):
 def _swiglu_bwd_op(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     from .mot_triton import swiglu_bwd
 
-    _op_check("swiglu_backward", _check_swiglu_args, gate, up)
+    _op_check("swiglu_backward", _check_swiglu_kernel_args, gate, up)
     _op_check("swiglu_backward", _check_like, "dy", dy, gate, "gate")
     return swiglu_bwd(_unit_last(dy), _unit_last(gate), _unit_last(up))
 
@@ -627,13 +626,7 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:
 
     gate, up: ``[N, I]`` of one dtype (any row stride, e.g. the two halves of a fused gate/up
     projection); output ``[N, I]`` contiguous. The backward recomputes ``silu`` (nothing extra saved)."""
-    _check_tensor("gate", gate, dims=2)
-    _check_tensor("up", up, dims=2)
-    if up.shape != gate.shape:
-        raise ValueError(f"up has shape {tuple(up.shape)} but gate has {tuple(gate.shape)}")
-    if up.dtype != gate.dtype:
-        raise ValueError(f"up has dtype {up.dtype} but gate has {gate.dtype}")
-    _check_same_device("gate", gate, up=up)
+    _check_swiglu_args(gate, up)
     be = _resolve_backend(backend, gate.device, gate.dtype)
     if be == "triton":
         return _swiglu_op(gate, up)
