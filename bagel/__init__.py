@@ -1,45 +1,43 @@
 """bagel: the BAGEL model layer (config, Qwen2 MoT LM, SigLIP-NaViT, flow-matching head, packing,
 checkpoint I/O) running on the kernels of :mod:`bagel_kernels`."""
 
-# Names are imported on first use (PEP 562), so that `import bagel.packing` or a command-line entry
+# Names are imported on first use (PEP 562), so that `import bagel.data.packing` or a command-line entry
 # point (`bagel-demo --help`, a usage error) does not pay for transformers and the model's modules.
 _EXPORTS = {
-    "BagelBackendConfig": ".backend",
-    "LoadReport": ".checkpoint",
-    "BagelConfig": ".config",
-    "BagelForUnifiedMultimodal": ".modeling",
-    "BagelModel": ".modeling",
-    "PackInputs": ".prepare",
-    "PreparedPack": ".prepare",
-    "EditSample": ".packing",
-    "Sample": ".packing",
-    "SpecialTokens": ".packing",
-    "T2ISample": ".packing",
-    "Text": ".packing",
-    "TextSample": ".packing",
-    "UnderstandingSample": ".packing",
-    "VaeImage": ".packing",
-    "VitImage": ".packing",
-    "pack_samples": ".packing",
-    "synthetic_sample": ".packing",
-    "synthetic_samples": ".packing",
-    "Qwen2ForCausalLM": ".qwen2",
-    "Qwen2Model": ".qwen2",
-    "Qwen2ForCausalLMReference": ".qwen2_reference",
-    "SiglipVisionModel": ".siglip",
+    "BagelBackendConfig": ".model.backend",
+    "LoadReport": ".io.checkpoint",
+    "BagelConfig": ".model.config",
+    "BagelForUnifiedMultimodal": ".model.modeling",
+    "BagelModel": ".model.modeling",
+    "PackInputs": ".model.prepare",
+    "PreparedPack": ".model.prepare",
+    "EditSample": ".data.packing",
+    "Sample": ".data.packing",
+    "SpecialTokens": ".data.packing",
+    "T2ISample": ".data.packing",
+    "Text": ".data.packing",
+    "TextSample": ".data.packing",
+    "UnderstandingSample": ".data.packing",
+    "VaeImage": ".data.packing",
+    "VitImage": ".data.packing",
+    "pack_samples": ".data.packing",
+    "synthetic_sample": ".data.packing",
+    "synthetic_samples": ".data.packing",
+    "Qwen2ForCausalLM": ".model.qwen2",
+    "Qwen2Model": ".model.qwen2",
+    "Qwen2ForCausalLMReference": ".model.qwen2_reference",
+    "SiglipVisionModel": ".model.siglip",
 }
 
 
-_SUBMODULES = {
-    "backend", "checkpoint", "cli", "config", "demo", "distributed", "embeddings", "fusion", "modeling",
-    "packing", "prepare", "qwen2", "qwen2_reference", "siglip", "validation",
-}  # fmt: skip
+# the rooms, lowest first: io and model never import data, train, generate or cli
+_SUBMODULES = {"extras", "io", "model", "data", "vae", "train", "generate", "cli"}
 
 
 def __getattr__(name: str):
     import importlib
 
-    if name in _SUBMODULES:  # `import bagel; bagel.checkpoint...` keeps working
+    if name in _SUBMODULES:  # `import bagel; bagel.io.checkpoint...` keeps working
         return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:

@@ -12,7 +12,7 @@ flex-style to 8k and 16k tokens (``sum(sample_lens)``; tokens/s counts the real 
 Variants (one model; the backend is switched between runs):
 
     upstream-equivalent  LM attention FlexAttention with its block mask built per batch, LM routing by
-                         per-op gather/scatter (``bagel.qwen2_reference``, plain torch ops), torch patch
+                         per-op gather/scatter (``bagel.model.qwen2_reference``, plain torch ops), torch patch
                          embedding; the ViT runs our Triton varlen kernel, standing in for the
                          flash-attn varlen call upstream makes there (no mask to build)
     ours (auto)          Triton attention, grouped MoT routing with Triton ops, fused patch embedding
@@ -67,7 +67,7 @@ from bagel import (  # noqa: E402
     UnderstandingSample,
     pack_samples,
 )
-from bagel.packing import sample_num_tokens  # noqa: E402
+from bagel.data.packing import sample_num_tokens  # noqa: E402
 
 # (name, LM attention, MoT, patch_embed, gather/scatter LM, ViT attention or None = same as LM)
 VARIANTS = [

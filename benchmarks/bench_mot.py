@@ -7,9 +7,9 @@ on a realistic pack (``bagel_kernels.testing.realistic_pack``): generation token
 (inside noise splits, and the clean VAE image of edit samples), everything else (text, ViT patches,
 image bracket tokens) is understanding. Forward+backward median ms of one layer:
 
-    (a) grouped      bagel.qwen2 fast path: rows grouped by expert once, routed ops on two contiguous
+    (a) grouped      bagel.model.qwen2 fast path: rows grouped by expert once, routed ops on two contiguous
                      slices (mot backend "triton"), Triton attention reading rows through the permutation
-    (b) gather/scat. bagel.qwen2_reference layer: per-op x[und] / x[gen] gather and scatter (upstream),
+    (b) gather/scat. bagel.model.qwen2_reference layer: per-op x[und] / x[gen] gather and scatter (upstream),
                      plain torch ops, the SAME Triton attention in pack order (only routing differs)
     (c) dense        Qwen2DecoderLayer (one expert) on the same tokens, same kernels: the floor
 
@@ -159,9 +159,9 @@ def fwd_bwd(f, inputs: list[torch.Tensor], params: list[torch.Tensor], dy: torch
 def run_layer(args, device, dims, table_rows: list, notes: list):
     from transformers import Qwen2Config
 
-    from bagel.backend import BagelBackendConfig
-    from bagel.qwen2 import PackContext, Qwen2DecoderLayer, Qwen2MoTDecoderLayer
-    from bagel.qwen2_reference import reference_layer_forward
+    from bagel.model.backend import BagelBackendConfig
+    from bagel.model.qwen2 import PackContext, Qwen2DecoderLayer, Qwen2MoTDecoderLayer
+    from bagel.model.qwen2_reference import reference_layer_forward
     from bagel_kernels import mot
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

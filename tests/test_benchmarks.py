@@ -28,7 +28,7 @@ def bench_mask_args(out):
 
 
 def test_bagel_bench_cli_unknown_benchmark():
-    from bagel.cli import bench_main
+    from bagel.cli.bench import bench_main
 
     with pytest.raises(SystemExit):
         bench_main(["--only", "nonexistent"])

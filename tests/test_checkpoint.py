@@ -11,13 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bagel import BagelBackendConfig, BagelConfig, BagelForUnifiedMultimodal, Qwen2ForCausalLMReference
-from bagel.checkpoint import (
-    classify_key,
-    find_weight_files,
-    load_checkpoint_into,
-    read_safetensors_header,
-    save_checkpoint,
-)
+from bagel.io.checkpoint import classify_key, load_checkpoint_into, save_checkpoint
+from bagel.io.files import find_weight_files, read_safetensors_header
 
 REF = dict(backend=BagelBackendConfig.reference(), language_model_cls=Qwen2ForCausalLMReference)
 

@@ -37,7 +37,7 @@ ATOL, RTOL = 1e-5, 1e-5  # fp32; compiled (aot_eager) and eager run the same ker
 # (attention, mot, torch.compile backend, activation checkpointing). "aot_eager" also traces the
 # backward through every custom op's autograd and fake implementation: the all-kernel combination, and
 # the sdpa + MoT-kernel one with every decoder layer under non-reentrant torch.utils.checkpoint (as
-# bagel.distributed.apply_fsdp2 sets it). The others bring no op of their own, so Dynamo's capture
+# bagel.train.distributed.apply_fsdp2 sets it). The others bring no op of their own, so Dynamo's capture
 # ("eager", where a graph break would show) is what they need checked. The fused patch-embedding op is
 # traced by tests/test_patch_embed.py; "torch" keeps these runs short.
 CASES = [

@@ -4,7 +4,7 @@ import csv
 
 import torch
 
-from bagel.demo import DemoData, _parser, train
+from bagel.cli.demo import DemoData, _parser, train
 
 
 def test_demo_data_packs_to_the_budget():
@@ -41,7 +41,7 @@ import time  # noqa: E402
 
 import pytest  # noqa: E402
 
-from bagel import demo  # noqa: E402
+from bagel.cli import demo  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +94,7 @@ def _bad_demo_args(tmp_path):
 def test_demo_usage_errors_are_one_line_and_immediate(tmp_path):
     for args, needle in _bad_demo_args(tmp_path):
         args = [*args, "--device", "cpu"] if "--device" not in args else args
-        rc, err, seconds = _run_cli("bagel.demo", args)
+        rc, err, seconds = _run_cli("bagel.cli.demo", args)
         _assert_usage_error(rc, err, seconds, "bagel-demo", needle)
 
 
@@ -102,7 +102,7 @@ def test_demo_argument_checks_import_no_torch(tmp_path):
     """The refusals run before torch (and the model's modules) are imported."""
     cases = [a for a, _ in _bad_demo_args(tmp_path) if "flex" not in a]
     code = (
-        f"import sys\nfrom bagel.demo import main\nfor args in {cases!r}:\n"
+        f"import sys\nfrom bagel.cli.demo import main\nfor args in {cases!r}:\n"
         "    try:\n        main(args + ['--device', 'cpu'] if '--device' not in args else args)\n"
         "    except SystemExit as e:\n        assert e.code == 2, (args, e.code)\n"
         "    else:\n        raise AssertionError(args)\n"
@@ -120,9 +120,9 @@ def test_demo_argument_checks_import_no_torch(tmp_path):
         ("bagel_kernels.check", "python -m bagel_kernels.check", ["--backends", "foo"], "--backends"),
         ("bagel_kernels.check", "python -m bagel_kernels.check", ["--device", "tpu"], "--device"),
         ("bagel_kernels.check", "python -m bagel_kernels.check", ["--tokens", "0"], "--tokens"),
-        ("bagel.cli", "bagel-bench", ["--only", "foo"], "--only"),
-        ("bagel.cli", "bagel-bench", ["--device", "tpu"], "--device"),
-        ("bagel.cli", "bagel-bench", ["--out", "{a_file}"], "--out"),
+        ("bagel.cli.bench", "bagel-bench", ["--only", "foo"], "--only"),
+        ("bagel.cli.bench", "bagel-bench", ["--device", "tpu"], "--device"),
+        ("bagel.cli.bench", "bagel-bench", ["--out", "{a_file}"], "--out"),
     ],
 )
 def test_other_clis_refuse_bad_arguments_in_one_line(tmp_path, module, prog, args, needle):
@@ -135,7 +135,7 @@ def test_other_clis_refuse_bad_arguments_in_one_line(tmp_path, module, prog, arg
 def test_min_tokens_is_the_largest_sample():
     """``--tokens`` below min_tokens() is refused because some sample would not fit: the bound is
     reached by the largest crops and never exceeded, and packs of exactly min_tokens() always build."""
-    from bagel.packing import sample_num_tokens
+    from bagel.data.packing import sample_num_tokens
 
     args = demo._parser().parse_args([])
     config = demo._demo_config(args)
@@ -151,7 +151,7 @@ def test_min_tokens_is_the_largest_sample():
 def test_pack_calls_pack_samples_once(monkeypatch):
     """The data builder counts tokens per sample and packs once (it re-packed the whole list for every
     added sample: quadratic). Same samples, same pack as that builder."""
-    import bagel.packing as packing
+    import bagel.data.packing as packing
     from bagel import BagelConfig
 
     config = BagelConfig.tiny(vae_config={"z_channels": 4, "downsample": 4}, max_latent_size=16)

@@ -38,7 +38,7 @@ def test_core_dependencies_hold_no_model_plotting_or_test_library():
 
 def test_kernels_import_and_run_without_the_optional_libraries():
     """In a fresh interpreter where the optional libraries cannot be imported: every bagel_kernels module
-    imports and an attention call runs; bagel.packing works; the model layer names the extra it needs."""
+    imports and an attention call runs; bagel.data.packing works; the model layer names the extra it needs."""
     code = textwrap.dedent(
         f"""
         import importlib, sys
@@ -52,13 +52,13 @@ def test_kernels_import_and_run_without_the_optional_libraries():
         mask = bagel_kernels.PackedMask.from_splits([5, 3], [2, 3, 3], ["causal", "full", "causal"])
         q = torch.randn(8, 2, 16)
         assert bagel_kernels.packed_attention(q, q, q, mask, backend="sdpa").shape == (8, 2, 16)
-        import bagel.packing
+        import bagel.data.packing
         try:
             from bagel import BagelConfig
         except ModuleNotFoundError as exc:
             assert "bagel-kernels[model]" in str(exc), str(exc)
         else:
-            raise AssertionError("bagel.config imported without transformers")
+            raise AssertionError("bagel.model.config imported without transformers")
         loaded = sorted(m for m, v in sys.modules.items() if v is not None and m.partition(".")[0] in {OPTIONAL!r})
         assert not loaded, loaded
         print("ok")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bagel import backend_names
-from bagel.backend import FAMILIES, BagelBackendConfig
+from bagel.model.backend import FAMILIES, BagelBackendConfig
 from bagel_kernels import PackedMask, mot, packed_attention
 from bagel_kernels import patch_embed as pe
 from bagel_kernels.attention import ATTENTION

@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bagel import BagelBackendConfig, BagelConfig, BagelForUnifiedMultimodal, pack_samples, synthetic_samples
-from bagel.distributed import free_port, set_local_env
+from bagel.train.distributed import free_port, set_local_env
 
 WORLD = 2
 STEPS = 2
@@ -61,7 +61,7 @@ def _worker(rank: int, port: int, backend: BagelBackendConfig, prepared: bool, r
     set_local_env(rank, WORLD, port)
     from torch.distributed.fsdp import FSDPModule
 
-    from bagel.distributed import apply_fsdp2, cleanup, decoder_layers, init_distributed
+    from bagel.train.distributed import apply_fsdp2, cleanup, decoder_layers, init_distributed
 
     init_distributed(timeout_s=120)
     model = _model(backend)
@@ -159,7 +159,7 @@ def test_fsdp2_matches_single_process(backend, prepared, tmp_path):
 
 
 def test_apply_fsdp2_needs_a_process_group():
-    from bagel.distributed import apply_fsdp2
+    from bagel.train.distributed import apply_fsdp2
 
     with pytest.raises(ValueError, match="process group"):
         apply_fsdp2(_model(BagelBackendConfig.reference()))
@@ -211,7 +211,7 @@ def test_stand_in_and_zero_ties_give_every_parameter_a_gradient_and_change_nothi
 @pytest.mark.parametrize("launch", ["nproc", "torchrun"])
 def test_demo_runs_on_two_processes(launch, tmp_path):
     """``bagel-demo --nproc 2`` (spawned workers) and ``torchrun --standalone --nproc-per-node 2 -m
-    bagel.demo``: 3 steps; rank 0 alone reports and writes the CSV, whose token counts (and the final
+    bagel.cli.demo``: 3 steps; rank 0 alone reports and writes the CSV, whose token counts (and the final
     tokens/s line) sum both ranks' packs."""
     import re
     import subprocess
@@ -219,10 +219,10 @@ def test_demo_runs_on_two_processes(launch, tmp_path):
 
     args = ["--steps", "3", "--tokens", "256", "--device", "cpu", "--out", str(tmp_path)]
     if launch == "nproc":
-        cmd = [sys.executable, "-m", "bagel.demo", "--nproc", "2", *args]
+        cmd = [sys.executable, "-m", "bagel.cli.demo", "--nproc", "2", *args]
     else:
         run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        cmd = [*run, "-m", "bagel.demo", *args]
+        cmd = [*run, "-m", "bagel.cli.demo", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("bagel-demo:") == 1 and "x 2 processes (FSDP2)" in res.stdout

@@ -1,6 +1,6 @@
 """Fine-tuning: the model calls its modules, so PEFT LoRA adapters, quantised linears and forward hooks
 act on every backend; fused kernels that read raw weights stand in only for stock modules with nothing
-attached (bagel.fusion.fusable, decided once per pack).
+attached (bagel.model.fusion.fusable, decided once per pack).
 
 On the tiny stage-2 MoT model (BagelConfig.tiny) and one ~160-token pack of understanding, text-to-image,
 edit and text samples: LoRA (the real ``peft`` package) on q/k/v/o and the MLP projections of both
@@ -31,8 +31,8 @@ from bagel import (
     pack_samples,
     synthetic_samples,
 )
-from bagel.fusion import fusable
-from bagel.qwen2 import LayerFusion
+from bagel.model.fusion import fusable
+from bagel.model.qwen2 import LayerFusion
 from bagel_kernels.testing import tolerance
 
 FWD_ATOL, FWD_RTOL = tolerance("float32", "fwd")

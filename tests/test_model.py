@@ -29,9 +29,13 @@ from bagel import (
     pack_samples,
     synthetic_samples,
 )
-from bagel.embeddings import get_2d_sincos_pos_embed
-from bagel.modeling import _convert_patch_embedding_for_packed_vit, _prepare_config_for_stage, _stage_to_int
-from bagel.siglip import SiglipVisionEmbeddings, vit_rope_cos_sin
+from bagel.model.embeddings import get_2d_sincos_pos_embed
+from bagel.model.modeling import (
+    _convert_patch_embedding_for_packed_vit,
+    _prepare_config_for_stage,
+    _stage_to_int,
+)
+from bagel.model.siglip import SiglipVisionEmbeddings, vit_rope_cos_sin
 from bagel_kernels.reference import dense_mask_from_rule, patchify
 from bagel_kernels.testing import tolerance
 
@@ -510,7 +514,7 @@ def test_upstream_vit_rope_buffers_are_reported_not_errors(tmp_path):
     """Upstream checkpoints trained with ViT RoPE carry ``vit_model.vision_model.rope.{cos,sin}_{h,w}``
     (persistent buffers of its RotaryEmbedding2D): loading with strict=True reports them as recomputed
     (the model computes those tables from the patch positions) and loads everything else."""
-    from bagel.checkpoint import save_checkpoint
+    from bagel.io.checkpoint import save_checkpoint
 
     cfg = BagelConfig.tiny(vit_rope=True)
     model = reference_model(cfg)

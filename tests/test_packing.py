@@ -1,4 +1,4 @@
-"""bagel.packing: packs built like BAGEL's PackedDataset (hand-computed expectations), masks that follow
+"""bagel.data.packing: packs built like BAGEL's PackedDataset (hand-computed expectations), masks that follow
 the rule of DESIGN.md sec. 3, flex-style padding, and clear errors."""
 
 import random
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bagel import BagelConfig
-from bagel.packing import (
+from bagel.data.packing import (
     EditSample,
     Sample,
     SpecialTokens,

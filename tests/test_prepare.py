@@ -1,4 +1,4 @@
-"""bagel.prepare: the forward's inputs declared once, the preparation's result kinds, and validation read
+"""bagel.model.prepare: the forward's inputs declared once, the preparation's result kinds, and validation read
 back from the device ONCE per forward.
 
 Host reads are counted on CPU with a dispatch mode that sees every operation reading tensor values back
@@ -26,8 +26,8 @@ from bagel import (
     pack_samples,
     synthetic_samples,
 )
-from bagel.prepare import GroupedPack, PackInputs, PreparedPack, ReferencePack
-from bagel.qwen2 import PackContext, prepare_routing
+from bagel.model.prepare import GroupedPack, PackInputs, PreparedPack, ReferencePack
+from bagel.model.qwen2 import PackContext, prepare_routing
 from bagel_kernels import PackedMask, mot
 
 TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"

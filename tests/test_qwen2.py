@@ -1,6 +1,6 @@
-"""bagel.qwen2: the grouped MoT language model against the upstream-style gather/scatter reference.
+"""bagel.model.qwen2: the grouped MoT language model against the upstream-style gather/scatter reference.
 
-The reference (bagel.qwen2_reference) runs on a float64 copy of the same parameters; the model under
+The reference (bagel.model.qwen2_reference) runs on a float64 copy of the same parameters; the model under
 test runs in fp32 with every backend combination. Forward outputs and the gradients of the input and
 of EVERY parameter are compared with the fp32 tolerances of bagel_kernels.testing (accumulated over
 two layers of fp32 math: the same budget the kernels get). The reference itself is pinned to
@@ -18,9 +18,9 @@ import pytest
 import torch
 from transformers import Qwen2Config
 
-from bagel.backend import BagelBackendConfig
-from bagel.qwen2 import LAYER_MODULES, Qwen2ForCausalLM
-from bagel.qwen2_reference import Qwen2ForCausalLMReference, forward_train_reference
+from bagel.model.backend import BagelBackendConfig
+from bagel.model.qwen2 import LAYER_MODULES, Qwen2ForCausalLM
+from bagel.model.qwen2_reference import Qwen2ForCausalLMReference, forward_train_reference
 from bagel_kernels import PackedMask
 from bagel_kernels.testing import random_pack, tolerance
 

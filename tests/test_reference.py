@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from bagel import packing, qwen2, qwen2_reference
+from bagel.data import packing
+from bagel.model import qwen2, qwen2_reference
 from bagel_kernels import mot, reference
 from bagel_kernels import patch_embed as pe
 
 
 def test_public_names_are_the_reference_definitions():
-    """The names users import from mot / patch_embed / bagel.packing are the reference's own objects."""
+    """The names users import from mot / patch_embed / bagel.data.packing are the reference's own objects."""
     for module, names in (
         (mot, ("mot_rms_norm_reference", "mot_qk_norm_rope_reference", "swiglu_reference",
                "mot_linear_reference", "permute_rows_reference", "qwen2_rms_norm", "rotate_half")),

@@ -30,10 +30,10 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from bagel._extras import needs_extra
-from bagel.backend import BagelBackendConfig
-from bagel.fusion import float_dtype, fusable
-from bagel.validation import HasBackend
+from bagel.extras import needs_extra
+from bagel.model.backend import BagelBackendConfig
+from bagel.model.fusion import float_dtype, fusable
+from bagel.model.validation import HasBackend
 from bagel_kernels import PackedMask, packed_attention
 from bagel_kernels.reference import apply_rope, patch_embed_reference, rope_inv_freq, rope_tables
 
@@ -140,7 +140,7 @@ class SiglipVisionEmbeddings(nn.Module):
 
     def fusable(self) -> bool:
         """Whether the fused patch-embedding op may stand in for ``patch_embedding`` (and
-        ``position_embedding``): both the stock modules with nothing attached (:func:`bagel.fusion.fusable`)."""
+        ``position_embedding``): both the stock modules with nothing attached (:func:`bagel.model.fusion.fusable`)."""
         if not fusable(nn.Linear, self.patch_embedding):
             return False
         if self.use_rope:

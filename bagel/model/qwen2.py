@@ -14,7 +14,7 @@ clean) the ``*_moe_gen`` ones; a model with MoE/MoT layers also routes the final
 ``norm_moe_gen``.
 
 How the training forward runs (``forward_train``): instead of gathering and scattering tokens around
-every routed op (upstream BAGEL; kept as the reference in :mod:`bagel.qwen2_reference`), the pack is
+every routed op (upstream BAGEL; kept as the reference in :mod:`bagel.model.qwen2_reference`), the pack is
 permuted ONCE so that understanding rows form the block ``[0, n_und)`` and generation rows the block
 ``[n_und, L)``. Every routed op then works on two contiguous slices (:mod:`bagel_kernels.mot`), the
 attention kernel reads and writes rows through the permutation (``PackedMask.with_row_index``) while
@@ -29,13 +29,13 @@ Modules are called: a routed op on grouped rows is ``und(x[:n_und])`` and ``gen(
 PEFT LoRA layer, a quantised linear or a forward hook works on every backend. The fused kernels that
 read raw weights (both experts' RMSNorm in one launch, q/k norm fused with RoPE, two GEMMs into one
 buffer, the MLP split around one SwiGLU kernel) stand in for modules only where those are the stock
-classes with nothing attached (:func:`bagel.fusion.fusable`), decided once per pack by
+classes with nothing attached (:func:`bagel.model.fusion.fusable`), decided once per pack by
 :meth:`Qwen2Model.fusion_plan` and carried in the :class:`PackContext`.
 
 ``config`` is a ``transformers.Qwen2Config`` carrying BAGEL's extra attributes ``qk_norm`` (bool,
 per-head RMSNorm of q and k before RoPE), ``layer_module`` (one of the three names above) and
 ``freeze_und`` (bool: no gradient reaches the understanding side, upstream semantics, see
-:class:`Qwen2Model`). Kernels are picked by a :class:`bagel.backend.BagelBackendConfig`.
+:class:`Qwen2Model`). Kernels are picked by a :class:`bagel.model.backend.BagelBackendConfig`.
 
 Shapes: L = tokens of the pack (``sequence_length``), H = hidden size, Hq/Hkv = query/key-value
 heads, D = head dim, I = MLP intermediate size.
@@ -51,9 +51,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from bagel.backend import BagelBackendConfig
-from bagel.fusion import fusable
-from bagel.validation import DeviceChecks, HasBackend, as_index
+from bagel.model.backend import BagelBackendConfig
+from bagel.model.fusion import fusable
+from bagel.model.validation import DeviceChecks, HasBackend, as_index
 from bagel_kernels import PackedMask, mot
 from bagel_kernels.attention import packed_attention, prepare_attention
 from bagel_kernels.reference import apply_rope, qwen2_rms_norm, rope_inv_freq, rope_tables
@@ -193,7 +193,7 @@ class PackedAttention(nn.Module):
 
     ``forward(x, ctx)``: the attention sub-block on normed hidden states ``x`` [L, H]; ``ctx`` is the
     pack's :class:`PackContext` (grouped rows) or another context that runs it (the gather/scatter
-    reference's, :mod:`bagel.qwen2_reference`)."""
+    reference's, :mod:`bagel.model.qwen2_reference`)."""
 
     routed = False  # the *_moe_gen siblings serve generation rows
 
@@ -229,7 +229,7 @@ class PackedAttention(nn.Module):
         return getattr(self, name + "_moe_gen") if self.routed else None
 
     def fusion_plan(self) -> dict[str, bool]:
-        """Which of this module's ops may run fused this pack (see :func:`bagel.fusion.fusable`)."""
+        """Which of this module's ops may run fused this pack (see :func:`bagel.model.fusion.fusable`)."""
         plan = {
             name: fusable(nn.Linear, getattr(self, name), self._sibling(name))
             for name in ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -466,7 +466,7 @@ class Qwen2DecoderLayer(nn.Module):
         return getattr(self, name + "_moe_gen") if routed else None
 
     def fusion_plan(self) -> LayerFusion:
-        """This layer's :class:`LayerFusion` for the modules it holds now (see :func:`bagel.fusion.fusable`)."""
+        """This layer's :class:`LayerFusion` for the modules it holds now (see :func:`bagel.model.fusion.fusable`)."""
         ra, rm = self.routed_attention, self.routed_mlp
         plan = {}
         for name in ("input_layernorm", "post_attention_layernorm"):
@@ -706,7 +706,7 @@ class Qwen2Model(HasBackend, nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         layer_cls = _LAYER_CLASSES[self.layer_module]
         self.layers = nn.ModuleList([layer_cls(config, i) for i in range(config.num_hidden_layers)])
-        # recompute each decoder layer in backward (bagel.distributed.apply_fsdp2 turns it on)
+        # recompute each decoder layer in backward (bagel.train.distributed.apply_fsdp2 turns it on)
         self.gradient_checkpointing = False
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if self.use_moe:
@@ -783,7 +783,7 @@ class Qwen2Model(HasBackend, nn.Module):
     def fusion_plan(self) -> FusionPlan:
         """Which fused kernels this pack takes, decided from the modules the model holds now: per
         decoder layer (:meth:`Qwen2DecoderLayer.fusion_plan`) and for the final norm(s). Stock modules
-        with nothing attached run fused; any other module is called (see :func:`bagel.fusion.fusable`).
+        with nothing attached run fused; any other module is called (see :func:`bagel.model.fusion.fusable`).
         Run eagerly once per pack by :meth:`prepare_context`, outside any compiled region."""
         layers = []
         for i, layer in enumerate(self.layers):

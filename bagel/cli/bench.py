@@ -23,7 +23,7 @@ CPU_BENCHES = ("mask",)
 
 def _bench_dir() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.dirname(here), "benchmarks")
+    path = os.path.join(os.path.dirname(os.path.dirname(here)), "benchmarks")
     if not os.path.isdir(path):
         sys.stderr.write(
             f"bagel-bench: error: the benchmarks/ folder was not found next to the package ({path}); "

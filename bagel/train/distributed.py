@@ -1,10 +1,10 @@
 """Data-parallel training with FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-Each rank packs its own batches (``bagel.packing.pack_samples`` with its own samples); FSDP2 shards the
+Each rank packs its own batches (``bagel.data.packing.pack_samples`` with its own samples); FSDP2 shards the
 parameters, gathers each decoder layer's weights just before it runs and frees them after, and averages
 the gradients across ranks (reduce-scatter with mean). Our custom ops run inside unchanged.
 
-    from bagel.distributed import init_distributed, apply_fsdp2, cleanup
+    from bagel.train.distributed import init_distributed, apply_fsdp2, cleanup
     rank, world, device = init_distributed()           # reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK
     model = BagelForUnifiedMultimodal(config).to(device); model.initialize_weights()
     apply_fsdp2(model)                                 # one unit per LLM and ViT decoder layer + the root

@@ -4,7 +4,7 @@ Host checks (types, shapes, lengths) raise at once. Checks of tensor VALUES (ind
 partition of the sequence, ...) run on the tensors' device and are collected in a
 :class:`DeviceChecks`, which reads them all back in ONE host synchronisation. A public entry point
 (``BagelForUnifiedMultimodal.forward`` / ``prepare_pack``, ``Qwen2Model.prepare_context``,
-:func:`bagel.qwen2.prepare_routing`) validates once this way and then builds on the validated tensors
+:func:`bagel.model.qwen2.prepare_routing`) validates once this way and then builds on the validated tensors
 through the trusted (unchecked, private) paths of :mod:`bagel_kernels` (``mot._grouped_order_trusted``,
 ``mot._permute_rows_trusted``, ``PackedMask._with_row_index_trusted`` / ``_truncated_trusted``), which
 the public kernel functions keep checking for outside callers.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from bagel.backend import BagelBackendConfig
+from bagel.model.backend import BagelBackendConfig
 
 __all__ = ["DeviceChecks", "as_index", "backend_property", "check_backend", "HasBackend"]
 
@@ -79,7 +79,7 @@ def as_index(t, name: str, device: torch.device, *, allow_bool_len: int | None =
 
 
 def check_backend(value) -> BagelBackendConfig:
-    """``value`` if it is a :class:`bagel.backend.BagelBackendConfig`, else ValueError."""
+    """``value`` if it is a :class:`bagel.model.backend.BagelBackendConfig`, else ValueError."""
     if not isinstance(value, BagelBackendConfig):
         raise ValueError(f"backend must be a BagelBackendConfig, got {type(value).__name__}")
     return value
@@ -98,7 +98,7 @@ def backend_property(children=None) -> property:
             child.backend = value
 
     return property(
-        get, set_, doc="The kernel choice (a :class:`bagel.backend.BagelBackendConfig`), checked when set."
+        get, set_, doc="The kernel choice (a :class:`bagel.model.backend.BagelBackendConfig`), checked when set."
     )
 
 

@@ -19,17 +19,17 @@ select-layer offset is applied exactly once, however many times a config is save
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
 
-from bagel._extras import needs_extra
+from bagel.extras import needs_extra
+from bagel.io.files import find_weight_files, read_json, read_safetensors_header
 
 with needs_extra():
     from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
-__all__ = ["BagelConfig", "DEFAULT_VAE_CONFIG", "LAYER_MODULES", "read_json"]
+__all__ = ["BagelConfig", "DEFAULT_VAE_CONFIG", "LAYER_MODULES"]
 
 # FLUX VAE as used by BAGEL: 16 latent channels, 8x spatial downsampling.
 DEFAULT_VAE_CONFIG = {"z_channels": 16, "downsample": 8}
@@ -85,30 +85,6 @@ def _check_field(name: str, value: Any, kind: str, minimum) -> None:
 def _field(name: str, value: Any, kind: str, minimum=None) -> Any:
     _check_field(name, value, kind, minimum)
     return float(value) if kind == "real" else value
-
-
-def read_json(file: str | os.PathLike) -> dict:
-    """A JSON object from ``file``; ValueError naming the file for bytes that are not UTF-8, text that
-    is not JSON, or JSON that is not an object."""
-    file = os.fspath(file)
-    try:
-        with open(file, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ValueError(f"{file}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{file}: not UTF-8 text (byte {exc.start}); expected a JSON file") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"{file}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-        ) from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object at the top level, got {type(data).__name__}")
-    return data
 
 
 def _coerce_text_config(cfg: Any, visual_gen: bool) -> Qwen2Config:
@@ -546,8 +522,6 @@ class BagelConfig(PretrainedConfig):
 
 def _checkpoint_shapes(path: str, keys: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """Shapes of ``keys`` in ``path``'s ``ema.safetensors`` (header only), when present."""
-    from .checkpoint import find_weight_files, read_safetensors_header
-
     out: dict[str, tuple[int, ...]] = {}
     try:
         files = find_weight_files(path)

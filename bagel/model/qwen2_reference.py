@@ -7,7 +7,7 @@ in its original order. ``freeze_und`` detaches exactly what upstream detaches. E
 modules act), and RMSNorm and the SwiGLU MLP run their own torch ``forward``, independent of
 :mod:`bagel_kernels.mot`; RoPE is :func:`bagel_kernels.reference.apply_rope`.
 
-It reads the parameters of a :class:`bagel.qwen2.Qwen2ForCausalLM`, so the same state_dict serves both.
+It reads the parameters of a :class:`bagel.model.qwen2.Qwen2ForCausalLM`, so the same state_dict serves both.
 How to swap it in:
 
     hidden = forward_train_reference(lm, packed_sequence, sample_lens, mask, position_ids, und, gen)
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bagel.backend import BagelBackendConfig
-from bagel.qwen2 import (
+from bagel.model.backend import BagelBackendConfig
+from bagel.model.qwen2 import (
     PackedAttention,
     Qwen2DecoderLayer,
     Qwen2ForCausalLM,
@@ -35,7 +35,7 @@ from bagel.qwen2 import (
     _check_inputs,
     _routing_indexes,
 )
-from bagel.validation import DeviceChecks
+from bagel.model.validation import DeviceChecks
 from bagel_kernels import PackedMask, packed_attention
 from bagel_kernels.reference import apply_rope, gather_scatter
 

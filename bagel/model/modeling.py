@@ -13,7 +13,7 @@ Every submodule is called (embeddings, ViT tower, connector, timestep embedder, 
 position tables, LM layers, heads), so PEFT LoRA layers, quantised linears and hooks take effect on
 every backend; fused kernels that read raw weights stand in only for stock modules with nothing
 attached, decided once per pack in :meth:`~BagelForUnifiedMultimodal.prepare_pack`
-(``Qwen2Model.fusion_plan``, ``SiglipVisionModel.fusion_plan``; see :mod:`bagel.fusion`).
+(``Qwen2Model.fusion_plan``, ``SiglipVisionModel.fusion_plan``; see :mod:`bagel.model.fusion`).
 
 Forward (one pack, see DESIGN.md section 2):
 
@@ -30,9 +30,9 @@ marking a clean conditioning image (t = 0, no MSE), and ``eps = torch.randn_like
 global generator as upstream (seed it with ``torch.manual_seed`` for reproducibility).
 
 ``forward(**batch)`` is ``forward_prepared(prepare_pack(**batch))``: ``prepare_pack`` (the steps of
-:mod:`bagel.prepare`) does everything that depends on the data in Python or needs a host sync
+:mod:`bagel.model.prepare`) does everything that depends on the data in Python or needs a host sync
 (validation, read back from the device once; masks from the split lists, grouping by expert, kernel
-block tables, patchifying, drawing the noise) and returns a :class:`~bagel.prepare.PreparedPack` (a
+block tables, patchifying, drawing the noise) and returns a :class:`~bagel.model.prepare.PreparedPack` (a
 ``GroupedPack`` for the grouped kernel path, a ``ReferencePack`` for a language model with its own
 ``forward_train``); ``forward_prepared`` is the model body from embeddings to losses, tensor work and
 custom ops only, which ``torch.compile(fullgraph=True, dynamic=True)`` traces::
@@ -51,15 +51,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bagel import prepare
-from bagel.backend import BagelBackendConfig
-from bagel.checkpoint import LoadReport, load_checkpoint_into, save_checkpoint
-from bagel.config import BagelConfig
-from bagel.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
-from bagel.prepare import GroupedPack, PackInputs, PreparedPack, patchify_latents
-from bagel.qwen2 import Qwen2ForCausalLM
-from bagel.siglip import SiglipVisionModel
-from bagel.validation import backend_property, check_backend
+from bagel.io.checkpoint import LoadReport, load_checkpoint_into, save_checkpoint
+from bagel.model import prepare
+from bagel.model.backend import BagelBackendConfig
+from bagel.model.config import BagelConfig
+from bagel.model.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
+from bagel.model.prepare import GroupedPack, PackInputs, PreparedPack, patchify_latents
+from bagel.model.qwen2 import Qwen2ForCausalLM
+from bagel.model.siglip import SiglipVisionModel
+from bagel.model.validation import backend_property, check_backend
 
 __all__ = [
     "BagelModel",
@@ -144,8 +144,8 @@ class BagelModel(nn.Module):
         config: the :class:`BagelConfig` (used as is; see :func:`_prepare_config_for_stage`).
         backend: kernel choice given to the language model and the ViT (default: all ``"auto"``);
             :attr:`BagelForUnifiedMultimodal.backend` changes it later.
-        language_model_cls: class of the language model (default :class:`bagel.qwen2.Qwen2ForCausalLM`;
-            e.g. ``bagel.qwen2_reference.Qwen2ForCausalLMReference`` for upstream's gather/scatter
+        language_model_cls: class of the language model (default :class:`bagel.model.qwen2.Qwen2ForCausalLM`;
+            e.g. ``bagel.model.qwen2_reference.Qwen2ForCausalLMReference`` for upstream's gather/scatter
             routing). Same parameters either way.
     """
 
@@ -237,11 +237,11 @@ class BagelForUnifiedMultimodal(nn.Module):
         # weight zero, so that each gets a (zero) gradient even when the pack does not use it (no image
         # for the ViT, no generation tokens, no CE tokens). FSDP2 reduce-scatters only the gradients that
         # exist, so ranks packing different sample kinds would otherwise disagree on the collective's
-        # size. Set by bagel.distributed.apply_fsdp2 to the root unit's parameters; None: off.
+        # size. Set by bagel.train.distributed.apply_fsdp2 to the root unit's parameters; None: off.
         self.zero_grad_prefixes: tuple[str, ...] | None = None
         # Run the ViT on a one-patch stand-in, tied into the losses with weight zero, when a pack has no
         # image: under FSDP2 with one unit per ViT layer every rank must run every unit (each unit's
-        # all-gather is a collective). Set by bagel.distributed.apply_fsdp2.
+        # all-gather is a collective). Set by bagel.train.distributed.apply_fsdp2.
         self.vit_stand_in = False
 
     # the kernel choice; setting it (checked) updates the language model and the ViT
@@ -262,6 +262,10 @@ class BagelForUnifiedMultimodal(nn.Module):
         )
         return model_type == BagelConfig.model_type
 
+    def checkpoint_module(self) -> BagelModel:
+        """The module whose ``state_dict()`` keys are the checkpoint's keys (``self.model``)."""
+        return self.model
+
     def get_input_embeddings(self) -> nn.Module:
         return self.model.language_model.get_input_embeddings()
 
@@ -272,7 +276,7 @@ class BagelForUnifiedMultimodal(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         """Whether the decoder layers recompute their activations in backward (HF's attribute; PEFT reads
         it). Switched per stack by ``gradient_checkpointing`` on ``model.model.language_model.model`` and
-        ``model.model.vit_model.vision_model.encoder`` (``bagel.distributed.apply_fsdp2`` sets both)."""
+        ``model.model.vit_model.vision_model.encoder`` (``bagel.train.distributed.apply_fsdp2`` sets both)."""
         return bool(self.model.language_model.model.gradient_checkpointing)
 
     def enable_input_require_grads(self) -> None:
@@ -331,7 +335,7 @@ class BagelForUnifiedMultimodal(nn.Module):
                 ``device`` (where the weights are materialised; default float32 on the CPU); the rest
                 override :class:`BagelConfig` fields.
 
-        The :class:`bagel.checkpoint.LoadReport` (loaded / missing / unexpected / VAE keys ...) is attached
+        The :class:`bagel.io.checkpoint.LoadReport` (loaded / missing / unexpected / VAE keys ...) is attached
         as ``model.load_report`` and summarised in the log."""
         stage_int = _stage_to_int(stage)
         backend = kwargs.pop("backend", None)
@@ -404,15 +408,15 @@ class BagelForUnifiedMultimodal(nn.Module):
         Runs in two parts: :meth:`prepare_pack` (eager, once per pack: validation, masks, grouping,
         noise) and :meth:`forward_prepared` (the tensor work from embeddings to losses, which
         ``torch.compile(fullgraph=True)`` traces). The arguments are gathered into one
-        :class:`bagel.prepare.PackInputs`, the signature's single declaration."""
+        :class:`bagel.model.prepare.PackInputs`, the signature's single declaration."""
         inputs = PackInputs.from_locals(locals())
         return self._forward_prepared(prepare.prepare_pack(self, inputs))
 
     def prepare_pack(self, *args: Any, **kwargs: Any) -> PreparedPack:
         """The once-per-pack part of :meth:`forward`, run eagerly: takes :meth:`forward`'s arguments (or
-        one :class:`bagel.prepare.PackInputs`) and returns a :class:`bagel.prepare.PreparedPack`, a
-        :class:`~bagel.prepare.GroupedPack` for the grouped kernel path or a
-        :class:`~bagel.prepare.ReferencePack` for a language model with its own ``forward_train``.
+        one :class:`bagel.model.prepare.PackInputs`) and returns a :class:`bagel.model.prepare.PreparedPack`, a
+        :class:`~bagel.model.prepare.GroupedPack` for the grouped kernel path or a
+        :class:`~bagel.model.prepare.ReferencePack` for a language model with its own ``forward_train``.
 
         Validates every input (host checks at once; the value checks on the device, read back in ONE
         synchronisation), builds the attention masks with the tables their kernels read (the pack's and
@@ -420,9 +424,9 @@ class BagelForUnifiedMultimodal(nn.Module):
         that grouped order, the patchified clean latents, the flow-matching times and the noise (drawn
         here from the global generator). The result holds only tensors, ints and the prepared masks, so
         :meth:`forward_prepared` has no host sync and no Python that depends on the data; prepare the
-        next pack while the current one trains if you like. The steps are in :mod:`bagel.prepare`.
+        next pack while the current one trains if you like. The steps are in :mod:`bagel.model.prepare`.
 
-        Under FSDP2 (:func:`bagel.distributed.apply_fsdp2`) a pack without an image gets a one-patch
+        Under FSDP2 (:func:`bagel.train.distributed.apply_fsdp2`) a pack without an image gets a one-patch
         stand-in for the ViT (``vit_stand_in``), so that every rank runs every ViT layer's unit."""
         return prepare.prepare_pack(self, PackInputs.of(*args, **kwargs))
 

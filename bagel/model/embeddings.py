@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bagel._extras import needs_extra
-from bagel.fusion import float_dtype
+from bagel.extras import needs_extra
+from bagel.model.fusion import float_dtype
 
 with needs_extra():
     from transformers.activations import ACT2FN

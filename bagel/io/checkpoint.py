@@ -23,25 +23,20 @@ unreadable input raises ValueError naming the file and the field.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import logging
-import math
 import os
 import re
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
-from bagel._extras import needs_extra
+from bagel.extras import needs_extra
+from bagel.io.files import ST_FLOAT_DTYPES, WEIGHTS_NAME, find_weight_files, read_safetensors_header
 
 __all__ = [
     "LoadReport",
     "classify_key",
-    "find_weight_files",
-    "read_safetensors_header",
     "load_checkpoint_into",
     "save_checkpoint",
     "WEIGHTS_NAME",
@@ -49,9 +44,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "ema.safetensors"
-_FALLBACK_NAMES = ("model.safetensors",)
-_INDEX_NAMES = ("ema.safetensors.index.json", "model.safetensors.index.json")
 
 _LAYER = r"^language_model\.model\.layers\.\d+\."
 _UND = [
@@ -134,168 +126,14 @@ class LoadReport:
         return f"LoadReport({self.summary()})"
 
 
-# safetensors dtype name -> bytes per element
-_ST_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_ST_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
-
-
-def _allowed_roots(folder: str) -> list[str]:
-    """Real paths under which the files of checkpoint ``folder`` may live: the folder itself, plus, for
-    a Hugging Face cache snapshot (``.../models--X/snapshots/<rev>``), that repository's ``blobs/``."""
-    root = os.path.realpath(folder)
-    roots = [root]
-    parent = os.path.dirname(root)
-    if os.path.basename(parent) == "snapshots":
-        blobs = os.path.join(os.path.dirname(parent), "blobs")
-        if os.path.isdir(blobs):
-            roots.append(os.path.realpath(blobs))
-    return roots
-
-
-def _inside(path: str, roots: list[str]) -> bool:
-    real = os.path.realpath(path)
-    return any(os.path.commonpath([real, r]) == r for r in roots)
-
-
-def _shard_path(folder: str, name, index_file: str, roots: list[str]) -> str:
-    """``folder/name`` for a shard listed in an index, refusing names that leave the folder."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{index_file}: weight_map values must be shard file names, got {name!r}")
-    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        raise ValueError(
-            f"{index_file}: weight_map names the shard {name!r}, which is outside the checkpoint folder "
-            f"{folder!r}; shard names must be relative paths inside it"
-        )
-    path = os.path.join(folder, name)
-    if not _inside(path, roots):
-        raise ValueError(
-            f"{index_file}: the shard {name!r} resolves to {os.path.realpath(path)!r}, outside the "
-            f"checkpoint folder {folder!r} (a symlink leading out is refused)"
-        )
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"{index_file}: the shard {name!r} listed in weight_map does not exist in {folder!r}"
-        )
-    return path
-
-
-def find_weight_files(path: str | os.PathLike) -> list[str]:
-    """The safetensors files of a checkpoint directory: ``ema.safetensors``, else ``model.safetensors``,
-    else the shards listed by an ``*.safetensors.index.json`` (each inside the directory)."""
-    from .config import read_json
-
-    path = os.fspath(path)
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        return [path]
-    roots = _allowed_roots(path) if os.path.isdir(path) else []
-    for name in (WEIGHTS_NAME, *_FALLBACK_NAMES):
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            if not _inside(f, roots):
-                raise ValueError(
-                    f"{f} resolves to {os.path.realpath(f)!r}, outside the checkpoint folder {path!r} "
-                    "(a symlink leading out is refused)"
-                )
-            return [f]
-    for name in _INDEX_NAMES:
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            weight_map = read_json(f).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{f}: field 'weight_map' must be a non-empty object {{key: shard file}}")
-            names = set()
-            for key, shard in weight_map.items():
-                if not isinstance(shard, str):
-                    raise ValueError(f"{f}: weight_map[{key!r}] must be a shard file name, got {shard!r}")
-                names.add(shard)
-            return [_shard_path(path, s, f, roots) for s in sorted(names)]
-    raise ValueError(f"no {WEIGHTS_NAME} (or model.safetensors / safetensors index) found in {path!r}")
-
-
-def read_safetensors_header(file: str) -> dict:
-    """The JSON header of a safetensors file (``{key: {"dtype", "shape", "data_offsets"}}``), without
-    reading any tensor data, validated against the file: ValueError naming the file (and the key and
-    field) when the header length, the JSON, a dtype, a shape or a tensor's byte range is wrong, e.g.
-    for random bytes, a file cut short, or another format."""
-    try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(
-                    f"{file}: not a safetensors file: {size} bytes, fewer than the 8-byte header length"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _MAX_HEADER):
-                raise ValueError(
-                    f"{file}: header length field says {n} bytes but the file holds {size - 8} after it "
-                    f"(limit {_MAX_HEADER}): not a safetensors file, or cut short"
-                )
-            raw = f.read(n)
-    except OSError as exc:
-        raise ValueError(f"{file}: cannot be read ({exc.strerror or exc})") from None
-    if len(raw) < n:
-        raise ValueError(f"{file}: header cut short ({len(raw)} of {n} bytes)")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{file}: the safetensors header is not UTF-8: not a safetensors file") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: the safetensors header is not valid JSON ({exc.msg})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{file}: the safetensors header must be a JSON object, got {type(header).__name__}")
-    meta = header.pop("__metadata__", None)
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise ValueError(f"{file}: field '__metadata__' must map strings to strings")
-    data_len = size - 8 - n
-    spans = []
-    for key, info in header.items():
-        where = f"{file}: tensor {key!r}"
-        if not isinstance(info, dict):
-            raise ValueError(f"{where}: expected an object with dtype, shape and data_offsets")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _ST_ITEMSIZE:
-            raise ValueError(f"{where}: field 'dtype' = {dtype!r} is not a safetensors dtype")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise ValueError(f"{where}: field 'shape' = {shape!r} must be a list of non-negative ints")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_len
-        ):
-            raise ValueError(
-                f"{where}: field 'data_offsets' = {offsets!r} must be [begin, end] within the file's "
-                f"{data_len} data bytes (a file cut short?)"
-            )
-        nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]
-        if offsets[1] - offsets[0] != nbytes:
-            raise ValueError(
-                f"{where}: field 'data_offsets' = {offsets} spans {offsets[1] - offsets[0]} bytes but "
-                f"{dtype} {shape} needs {nbytes}"
-            )
-        spans.append((offsets[0], offsets[1], key))
-    spans.sort()
-    for (_, end, a), (begin, _, b) in itertools.pairwise(spans):
-        if begin < end:
-            raise ValueError(f"{file}: the data of tensors {a!r} and {b!r} overlap")
-    return header
-
-
 def _dtype_fits(st_dtype: str, target: torch.Tensor) -> bool:
     """Whether checkpoint data of ``st_dtype`` may be copied into ``target``: floating into floating
     (any precision), integers into integers, bools into bools; never integers/bools into floats."""
     if target.is_floating_point():
-        return st_dtype in _ST_FLOAT
+        return st_dtype in ST_FLOAT_DTYPES
     if target.dtype == torch.bool:
         return st_dtype == "BOOL"
-    return st_dtype not in _ST_FLOAT and st_dtype != "BOOL"
+    return st_dtype not in ST_FLOAT_DTYPES and st_dtype != "BOOL"
 
 
 def _conv_to_linear_weight(w: torch.Tensor) -> torch.Tensor:
@@ -306,10 +144,11 @@ def _conv_to_linear_weight(w: torch.Tensor) -> torch.Tensor:
 
 def _checkpoint_root(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose ``state_dict()`` keys are checkpoint keys: ``model.model`` for a
-    ``BagelForUnifiedMultimodal`` (its :class:`bagel.modeling.BagelModel` container), else ``model``."""
-    from bagel.modeling import BagelForUnifiedMultimodal
-
-    return model.model if isinstance(model, BagelForUnifiedMultimodal) else model
+    ``BagelForUnifiedMultimodal`` (its :class:`bagel.model.modeling.BagelModel` container, which the class
+    names through its ``checkpoint_module()`` method), else ``model``. Duck-typed, so that this lower room
+    never imports the model."""
+    getter = getattr(type(model), "checkpoint_module", None)
+    return model.checkpoint_module() if callable(getter) else model
 
 
 def load_checkpoint_into(

@@ -5,7 +5,7 @@
 
 The data are real images that matplotlib ships (its sample photographs and elevation maps), cropped at
 random, described by short captions over a 32-word vocabulary (which image, which part, which colour,
-how bright), and packed the way BAGEL's pipeline packs them (``bagel.packing``):
+how bright), and packed the way BAGEL's pipeline packs them (``bagel.data.packing``):
 
 - understanding: the crop through the ViT, then "describe" and the caption (CE on the caption);
 - text-to-image: the caption, then the crop's latent to generate (flow-matching MSE);
@@ -86,7 +86,7 @@ def max_sample_tokens(
     side_units: tuple[int, int] = DEMO_SIDE_UNITS,
 ) -> int:
     """Tokens of the largest sample :class:`DemoData` can draw (an edit sample of the largest crop),
-    computed from the settings alone, as :func:`bagel.packing.sample_num_tokens` counts them."""
+    computed from the settings alone, as :func:`bagel.data.packing.sample_num_tokens` counts them."""
     side = math.lcm(vit_patch, downsample * latent_patch) * max(side_units)
     vit = (side // vit_patch) ** 2 + 2  # patches + image bracket tokens
     vae = (side // (downsample * latent_patch)) ** 2 + 2
@@ -106,7 +106,7 @@ def _load_images() -> dict:
     """RGB float arrays in [0, 1] from matplotlib's sample data (photographs and colour-mapped DEMs)."""
     import numpy as np
 
-    from bagel._extras import needs_extra
+    from bagel.extras import needs_extra
 
     with needs_extra():
         import matplotlib
@@ -145,7 +145,7 @@ class DemoData:
     def __init__(self, config, seed: int = 0, side_units: tuple[int, int] = DEMO_SIDE_UNITS):
         import torch
 
-        from bagel.packing import SpecialTokens
+        from bagel.data.packing import SpecialTokens
 
         self.config = config
         self.rng = random.Random(seed)
@@ -208,7 +208,7 @@ class DemoData:
         return torch.tanh(torch.einsum("cr,rhw->chw", self.vae_proj, pooled * 2 - 1) * 1.5)
 
     def sample(self):
-        from bagel.packing import EditSample, T2ISample, UnderstandingSample
+        from bagel.data.packing import EditSample, T2ISample, UnderstandingSample
 
         crop, caption = self._crop()
         pixels = crop * 2 - 1  # the ViT sees [-1, 1]
@@ -224,8 +224,8 @@ class DemoData:
     def pack(self, tokens: int, device):
         """Samples until the next one would not fit in ``tokens``, packed once and padded flex-style to
         exactly ``tokens``. Linear in the pack size: each sample's tokens are counted on its own
-        (:func:`bagel.packing.sample_num_tokens`), and :func:`bagel.packing.pack_samples` runs once."""
-        from bagel.packing import pack_samples, sample_num_tokens
+        (:func:`bagel.data.packing.sample_num_tokens`), and :func:`bagel.data.packing.pack_samples` runs once."""
+        from bagel.data.packing import pack_samples, sample_num_tokens
 
         samples, used = [], 0
         while True:
@@ -413,7 +413,7 @@ def _build_model(args, world: int, device):
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     if world > 1:
-        from bagel.distributed import apply_fsdp2
+        from bagel.train.distributed import apply_fsdp2
 
         apply_fsdp2(model)
     return model, n_params
@@ -495,14 +495,14 @@ def _all_reduce(t, device, op: str):
 
 def _worker(rank: int, world: int, port: int, args) -> None:
     """One process of ``bagel-demo --nproc N`` (a torchrun-style environment on one machine)."""
-    from bagel.distributed import set_local_env
+    from bagel.train.distributed import set_local_env
 
     set_local_env(rank, world, port)
     _run_distributed(args)
 
 
 def _run_distributed(args) -> dict:
-    from bagel.distributed import cleanup, init_distributed
+    from bagel.train.distributed import cleanup, init_distributed
 
     rank, world, device = init_distributed(device=args.device)
     try:
@@ -650,7 +650,7 @@ def main(argv=None) -> int:
         import torch
         import torch.multiprocessing as mp
 
-        from bagel.distributed import free_port
+        from bagel.train.distributed import free_port
 
         if torch.cuda.is_available() and args.device != "cpu" and args.nproc > torch.cuda.device_count():
             p.error(f"--nproc {args.nproc} exceeds the {torch.cuda.device_count()} visible GPUs")

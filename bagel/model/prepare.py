@@ -37,9 +37,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bagel.fusion import float_device, float_dtype
-from bagel.qwen2 import PackContext, Qwen2ForCausalLM, _check_context_inputs, _check_cut
-from bagel.validation import DeviceChecks, as_index
+from bagel.model.fusion import float_device, float_dtype
+from bagel.model.qwen2 import PackContext, Qwen2ForCausalLM, _check_context_inputs, _check_cut
+from bagel.model.validation import DeviceChecks, as_index
 from bagel_kernels import PackedMask
 from bagel_kernels.attention import prepare_attention
 from bagel_kernels.mask import _as_int, _as_int_list
@@ -150,7 +150,7 @@ class PreparedPack:
 
 @dataclass(kw_only=True)
 class GroupedPack(PreparedPack):
-    """A pack for the grouped (kernel) path: ``lm`` is the :class:`bagel.qwen2.PackContext` that
+    """A pack for the grouped (kernel) path: ``lm`` is the :class:`bagel.model.qwen2.PackContext` that
     ``Qwen2Model.decode`` reads; the rows are grouped by expert."""
 
     lm: PackContext
