@@ -46,9 +46,9 @@ from bagel.cli import demo  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_cli(module: str, args: list[str], timeout: float = 120):
+def _run_cli(module: str, args: list[str], timeout: float = 120, env: dict | None = None):
     """``python -m module args`` -> (returncode, stderr, seconds); a run past ``timeout`` fails the test."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
     t0 = time.perf_counter()
     try:
         res = subprocess.run(
@@ -88,6 +88,12 @@ def _bad_demo_args(tmp_path):
         (["--out", str(a_file / "sub")], "--out"),  # cannot be created: a file is in the way
         (["--out", str(taken)], "losses.csv"),
         (["--attention", "flex", "--device", "cpu"], "flex"),
+        # unbounded values would run for minutes (or exhaust memory) before the first step
+        (["--tokens", "3000000000"], "--tokens"),
+        (["--layers", "100000000"], "--layers"),
+        (["--hidden", "100000000"], "--hidden"),
+        (["--seed", "99999999999999999999999999"], "--seed"),
+        (["--nproc", "100000000"], "--nproc"),
     ]
 
 
@@ -112,6 +118,15 @@ def test_demo_argument_checks_import_no_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "False False"
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [({"WORLD_SIZE": "abc"}, "WORLD_SIZE"), ({"WORLD_SIZE": "-2"}, "WORLD_SIZE")],
+)
+def test_demo_refuses_a_bad_launcher_environment(env, needle):
+    rc, err, seconds = _run_cli("bagel.cli.demo", ["--device", "cpu"], env=env)
+    _assert_usage_error(rc, err, seconds, "bagel-demo", needle)
 
 
 @pytest.mark.parametrize(

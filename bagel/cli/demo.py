@@ -523,7 +523,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _int_at_least(minimum: int):
+# Upper bounds of the integer flags: past them a run would take hours or exhaust memory before its
+# first step (a pack is padded to --tokens; the kernels address at most 2**31 rows), so they are usage
+# errors at once rather than a hang.
+MAX_TOKENS = 1 << 20
+MAX_LAYERS = 256
+MAX_HIDDEN = 16384
+MAX_STEPS = 10**9
+MAX_NPROC = 1024
+MAX_SEED = 2**32 - 1  # rank r draws its data with seed + 1000 * r: well inside every generator's range
+
+
+def _int_at_least(minimum: int, maximum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -531,6 +542,8 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is above the maximum {maximum}")
         return value
 
     return parse
@@ -550,25 +563,27 @@ def _parser() -> argparse.ArgumentParser:
     from bagel.backend_names import ATTENTION_BACKENDS, MOT_BACKENDS, PATCH_EMBED_BACKENDS  # no torch
 
     p = OneLineParser(prog="bagel-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=_int_at_least(1), default=300)
+    p.add_argument("--steps", type=_int_at_least(1, MAX_STEPS), default=300)
     p.add_argument(
         "--tokens",
-        type=_int_at_least(min_tokens()),
+        type=_int_at_least(min_tokens(), MAX_TOKENS),
         default=512,
-        help=f"tokens per pack (flex-style padded to this; at least {min_tokens()}, the largest sample)",
+        help=f"tokens per pack (flex-style padded to this; {min_tokens()} (the largest sample) to {MAX_TOKENS})",
     )
     p.add_argument("--out", default="bagel-demo-out", help="output folder (created; must be writable)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--mot", default="auto", choices=MOT_BACKENDS)
     p.add_argument("--patch-embed", dest="patch_embed", default="auto", choices=PATCH_EMBED_BACKENDS)
-    p.add_argument("--hidden", type=_int_at_least(8), default=64, help="LLM width (a multiple of 8)")
-    p.add_argument("--layers", type=_int_at_least(1), default=2)
+    p.add_argument(
+        "--hidden", type=_int_at_least(8, MAX_HIDDEN), default=64, help="LLM width (a multiple of 8)"
+    )
+    p.add_argument("--layers", type=_int_at_least(1, MAX_LAYERS), default=2)
     p.add_argument("--lr", type=_positive_float, default=2e-3)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0)
     p.add_argument(
         "--nproc",
-        type=_int_at_least(1),
+        type=_int_at_least(1, MAX_NPROC),
         default=1,
         help="processes on this machine (FSDP2; gloo on CPU, nccl on GPUs); under torchrun it is implied",
     )
@@ -644,7 +659,10 @@ def main(argv=None) -> int:
         check_args(args)
     except UsageError as exc:
         p.error(str(exc))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: this process is one rank
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not (world.isascii() and world.isdigit() and int(world) >= 1):
+        p.error(f"the environment variable WORLD_SIZE={world!r} must be an integer >= 1 (set by torchrun)")
+    if int(world) > 1:  # launched by torchrun: this process is one rank
         _run_distributed(args)
     elif args.nproc > 1:
         import torch
