@@ -321,6 +321,22 @@ def _configure():
     return [ext], {"build_ext": TolerantBuildExt}
 
 
+# The benchmark scripts travel with a wheel (bagel-bench runs them; a source checkout is not needed):
+# installed as data under <prefix>/share/bagel-kernels/benchmarks, where bagel.cli.bench looks when the
+# package is not an editable install next to its benchmarks/ folder.
+BENCH_DATA_DIR = "share/bagel-kernels/benchmarks"
+
+
+def _bench_data_files() -> list[tuple[str, list[str]]]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = sorted(
+        os.path.join("benchmarks", f)
+        for f in os.listdir(os.path.join(here, "benchmarks"))
+        if f.endswith((".py", ".md"))
+    )
+    return [(BENCH_DATA_DIR, files)]
+
+
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import find_cuda_root from it
     ext_modules, cmdclass = _configure()
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    setup(ext_modules=ext_modules, cmdclass=cmdclass, data_files=_bench_data_files())

@@ -21,16 +21,24 @@ GPU_BENCHES = ("attention", "mot", "patch_embed", "model")
 CPU_BENCHES = ("mask",)
 
 
-def _bench_dir() -> str:
+def bench_dirs() -> list[str]:
+    """Where the benchmark scripts may be, in order: the source checkout next to the package (an editable
+    install), then the copy a wheel installs under ``<prefix>/share/bagel-kernels/benchmarks``."""
     here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.dirname(os.path.dirname(here)), "benchmarks")
-    if not os.path.isdir(path):
-        sys.stderr.write(
-            f"bagel-bench: error: the benchmarks/ folder was not found next to the package ({path}); "
-            "run it from a source checkout installed with `pip install -e .`\n"
-        )
-        raise SystemExit(2)
-    return path
+    checkout = os.path.join(os.path.dirname(os.path.dirname(here)), "benchmarks")
+    installed = os.path.join(sys.prefix, "share", "bagel-kernels", "benchmarks")
+    return [checkout, installed]
+
+
+def find_bench_dir() -> str:
+    for path in bench_dirs():
+        if os.path.isfile(os.path.join(path, "common.py")):
+            return path
+    sys.stderr.write(
+        "bagel-bench: error: the benchmark scripts were found neither in a source checkout nor in the "
+        f"installed copy (looked in {', '.join(bench_dirs())}); reinstall bagel-kernels\n"
+    )
+    raise SystemExit(2)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -74,7 +82,7 @@ def bench_main(argv=None) -> int:
             os.remove(probe)
         except OSError as exc:
             p.error(f"--out {args.out!r} is not a writable folder ({exc.strerror or exc})")
-    bdir = _bench_dir()
+    bdir = find_bench_dir()
 
     import torch
 
