@@ -22,7 +22,7 @@ fi
 # reinstall (and rebuild the extension) only when the build inputs changed since the last set-up
 stamp=.venv/.bagel-kernels-installed
 if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py csrc -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
-  $VPY -m pip install -q --no-build-isolation -e ".[model,demo,test,bench]"
+  $VPY -m pip install -q --no-build-isolation -e ".[model,data,train,lora,tensorboard,demo,test,bench]"
   touch "$stamp"
 fi
 $VPY - <<'PY'
