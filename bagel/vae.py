@@ -715,7 +715,8 @@ def _iter_images(source: str, column: str) -> Iterator[tuple[str, Any]]:
     parquet file's ``column`` (bytes, or a ``{"bytes": ...}`` struct as Hugging Face datasets write)."""
     import io
 
-    from PIL import Image
+    with needs_extra():
+        from PIL import Image
 
     if os.path.isdir(source):
         for name in sorted(os.listdir(source)):
@@ -723,7 +724,8 @@ def _iter_images(source: str, column: str) -> Iterator[tuple[str, Any]]:
                 with Image.open(os.path.join(source, name)) as img:
                     yield os.path.splitext(name)[0], img.convert("RGB")
         return
-    import pyarrow.parquet as pq
+    with needs_extra():
+        import pyarrow.parquet as pq
 
     table = pq.read_table(source, columns=[column])
     for row, value in enumerate(table.column(column).to_pylist()):

@@ -367,6 +367,20 @@ def test_pack_layout_hand_computed(tiny):
         assert not rest.any()
 
 
+def test_pack_layout_equals_pack_samples(tiny):
+    """The layout equals what bagel.data.packing.pack_samples builds from the same latents one by one."""
+    from bagel import BagelConfig
+    from bagel.data.packing import T2ISample, pack_samples
+
+    images = [_images(3, 16, 48, seed=4), _images(3, 32, 16, seed=5)]
+    out = tiny.encode_to_pack_layout(images, sample=False)
+    latents = tiny.encode_images(images, sample=False, multiple_of=2)
+    config = BagelConfig.tiny(latent_channels=16, latent_patch_size=2)
+    pack = pack_samples([T2ISample([1, 2], lat) for lat in latents], config, rng=0)
+    assert pack["patchified_vae_latent_shapes"] == out["patchified_vae_latent_shapes"] == [(1, 3), (2, 1)]
+    assert torch.equal(pack["padded_latent"], out["padded_latent"])
+
+
 def test_pack_layout_samples_in_list_order(tiny):
     """With a generator, images of equal size encoded together draw the same noise as one by one."""
     images = [_images(3, 16, 32, seed=1), _images(3, 32, 16, seed=2), _images(3, 16, 32, seed=3)]
@@ -408,6 +422,35 @@ def test_encode_main_folder(tmp_path, tiny):
     b = torch.from_numpy(arrays["b"][2:18]).permute(2, 0, 1).float() / 127.5 - 1
     torch.testing.assert_close(lat["a"], tiny.encode(a[None], sample=False)[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(lat["b"], tiny.encode(b[None], sample=False)[0], rtol=0, atol=1e-5)
+
+
+def test_encode_main_parquet(tmp_path, tiny):
+    """A parquet column of PNG bytes in Hugging Face's {"bytes": ...} struct, resized by --image-size;
+    posterior samples from --seed are the ones encode_images draws from that seed."""
+    import io
+
+    import numpy as np
+
+    PIL = pytest.importorskip("PIL.Image")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = np.random.default_rng(2)
+    pngs, tensors = [], []
+    for shape in [(16, 16, 3), (16, 16, 3), (16, 16, 3)]:
+        arr = rng.integers(0, 256, shape, dtype=np.uint8)
+        buf = io.BytesIO()
+        PIL.fromarray(arr).save(buf, format="PNG")
+        pngs.append({"bytes": buf.getvalue(), "path": None})
+        tensors.append(torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1)
+    pq.write_table(pa.table({"img": pngs}), str(tmp_path / "d.parquet"))
+    out = tmp_path / "lat.safetensors"
+    argv = [str(tmp_path / "d.parquet"), str(out), "--tiny-random", "7", "--column", "img", "--seed", "3"]
+    assert encode_main([*argv, "--image-size", "16", "16", "--batch-size", "2"]) == 0
+    lat = safetensors_torch.load_file(str(out))
+    assert sorted(lat) == ["00000000", "00000001", "00000002"]
+    want = tiny.encode_images(tensors, generator=torch.Generator().manual_seed(3))
+    for key, w in zip(sorted(lat), want, strict=True):
+        torch.testing.assert_close(lat[key], w, rtol=0, atol=1e-5)
 
 
 def test_encode_main_usage_errors(tmp_path, capsys):
