@@ -12,7 +12,17 @@ from collections.abc import Iterator
 
 __all__ = ["EXTRAS", "needs_extra"]
 
-EXTRAS = {"transformers": "model", "safetensors": "model", "matplotlib": "demo"}
+EXTRAS = {
+    "transformers": "model",
+    "safetensors": "model",
+    "matplotlib": "demo",
+    "PIL": "data",
+    "pyarrow": "data",
+    "yaml": "data",
+    "tqdm": "train",
+    "peft": "lora",
+    "tensorboard": "tensorboard",
+}
 
 
 @contextlib.contextmanager
