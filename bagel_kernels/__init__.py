@@ -1,6 +1,6 @@
 """bagel-kernels: packed varlen attention and MoT routing kernels for training BAGEL."""
 
-from . import mot  # noqa: E402  (the MoT routed ops; imports no Triton until a kernel runs)
+from . import linear_cross_entropy, mot  # noqa: E402  (op modules: import no Triton until a kernel runs)
 from .attention import BACKENDS, available_backends, packed_attention
 from .mask import ATTN_MODES, BlockTables, PackedMask
 
@@ -11,6 +11,7 @@ __all__ = [
     "PackedMask",
     "available_backends",
     "packed_attention",
+    "linear_cross_entropy",
     "mot",
     "fused_patch_embed",
 ]

@@ -70,7 +70,7 @@ __all__ = [
     "main",
 ]
 
-MODULES = ["bagel_kernels.attention_triton", "bagel_kernels.mot_triton"]
+MODULES = ["bagel_kernels.attention_triton", "bagel_kernels.mot_triton", "bagel_kernels.linear_cross_entropy"]
 ARCHS = (90, 80)
 # bytes of shared memory one block may use (opt-in maximum), and one SM has, per architecture
 MAX_SHARED = {90: 232448, 80: 166912}
