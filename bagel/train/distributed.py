@@ -23,7 +23,55 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init_distributed", "apply_fsdp2", "cleanup", "decoder_layers", "free_port", "set_local_env"]
+__all__ = [
+    "init_distributed",
+    "init_single_process_group",
+    "read_launch_env",
+    "build_mesh",
+    "apply_fsdp2",
+    "cleanup",
+    "decoder_layers",
+    "free_port",
+    "set_local_env",
+]
+
+_USAGE = (
+    "launch with torchrun (e.g. `torchrun --nproc-per-node 8 ...`), which sets RANK, WORLD_SIZE, "
+    "LOCAL_RANK, MASTER_ADDR and MASTER_PORT, or unset WORLD_SIZE for one process"
+)
+
+
+def _env_int(name: str, default: int | None, minimum: int) -> int | None:
+    text = os.environ.get(name)
+    if text is None or text.strip() == "":
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer; {_USAGE}") from None
+    if value < minimum:
+        raise ValueError(f"environment variable {name}={text!r} must be >= {minimum}; {_USAGE}")
+    return value
+
+
+def read_launch_env() -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)`` from torchrun's environment, checked: ValueError naming the
+    variable for a value that is not a non-negative integer, ``WORLD_SIZE > 1`` without ``RANK``, a
+    ``RANK`` outside ``[0, WORLD_SIZE)`` or a ``LOCAL_RANK`` above ``RANK``. Defaults without torchrun:
+    world 1, rank 0, local rank 0; ``LOCAL_RANK`` unset with several ranks means one machine (= ``RANK``)."""
+    world = _env_int("WORLD_SIZE", 1, 1)
+    rank = _env_int("RANK", None, 0)
+    local = _env_int("LOCAL_RANK", None, 0)
+    if world > 1 and rank is None:
+        raise ValueError(f"WORLD_SIZE={world} is set but RANK is not; {_USAGE}")
+    rank = 0 if rank is None else rank
+    if rank >= world:
+        raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world}); {_USAGE}")
+    if local is None:
+        local = rank
+    if local > rank:
+        raise ValueError(f"LOCAL_RANK={local} exceeds RANK={rank}; {_USAGE}")
+    return world, rank, local
 
 
 def init_distributed(
@@ -36,9 +84,10 @@ def init_distributed(
     an index also means GPU ``LOCAL_RANK``); ``backend`` defaults to nccl for a CUDA device, else
     gloo. ``timeout_s`` bounds every collective, so a rank that stops answering fails the others
     instead of hanging them. Returns ``(rank, world_size, device)``; with ``WORLD_SIZE`` unset or 1
-    no group is created and ``(0, 1, device)`` comes back."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    no group is created and ``(0, 1, device)`` comes back. A malformed environment (``WORLD_SIZE=abc``,
+    ``WORLD_SIZE=2`` without ``RANK``, ``LOCAL_RANK=x``) is a ValueError naming the variable
+    (:func:`read_launch_env`), raised before anything is created."""
+    world, rank, local = read_launch_env()
     if device is None:
         device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
@@ -87,6 +136,41 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def init_single_process_group(device: torch.device, timeout_s: float = 600.0) -> None:
+    """A process group of one rank (world size 1), so that a single process runs the same sharded code
+    path as many (FSDP2, DTensor shards, ``torch.distributed.checkpoint``). No-op when a group exists."""
+    if dist.is_initialized():
+        return
+    store = dist.HashStore()
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        store=store,
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def build_mesh(device: torch.device, hybrid_shard_size: int = 0):
+    """The FSDP2 device mesh over all ranks: 1-D (shard over everyone) for ``hybrid_shard_size`` 0, else
+    2-D ``("replicate", "shard")`` with parameters sharded within groups of ``hybrid_shard_size``
+    consecutive ranks (e.g. one node) and replicated across the groups (hybrid sharding, HSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    kind = device.type
+    if not hybrid_shard_size or hybrid_shard_size == world:
+        return init_device_mesh(kind, (world,), mesh_dim_names=("shard",))
+    if hybrid_shard_size < 1 or world % hybrid_shard_size:
+        raise ValueError(
+            f"distributed.hybrid_shard_size={hybrid_shard_size} must divide the world size {world}"
+        )
+    return init_device_mesh(
+        kind, (world // hybrid_shard_size, hybrid_shard_size), mesh_dim_names=("replicate", "shard")
+    )
+
+
 def decoder_layers(model: nn.Module, vit: bool = True) -> list[nn.Module]:
     """The decoder layers of a :class:`bagel.BagelForUnifiedMultimodal` (LLM layers, then, with ``vit``,
     the ViT encoder layers of ``model.model``)."""
@@ -125,7 +209,7 @@ def apply_fsdp2(
     non-reentrant ``torch.utils.checkpoint`` around the layer's ``__call__`` (so FSDP2's hooks run inside
     it); the pack context and its :class:`bagel_kernels.PackedMask` (kernel tables built once per pack
     by ``prepare_pack``) pass through as ordinary Python objects and are only read in the recomputation.
-    ``mesh``: a 1-D ``DeviceMesh`` (default: all ranks). ``mp_policy``: a
+    ``mesh``: a 1-D ``DeviceMesh`` (default: all ranks) or a 2-D one for hybrid sharding (:func:`build_mesh`). ``mp_policy``: a
     ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 parameters, fp32 reduction); call the model
     as ``model(**batch)`` then, so that the pack is prepared in the compute dtype.
     ``model.forward_prepared`` is registered as a forward method (it runs the root unit's hooks too).
