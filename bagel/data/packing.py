@@ -11,6 +11,7 @@ A sample is a list of segments, each its own attention split:
                            image is ``full`` with timestep -inf (position then +1); an image to
                            generate is ``noise`` with one random timestep logit ~ N(0, 1) for all its
                            tokens, MSE on them, and the position does not advance
+    DroppedImage()         a conditioning image removed by CFG dropout: no tokens, position +1
 
 Convenience samples: :class:`TextSample`, :class:`UnderstandingSample`, :class:`T2ISample`,
 :class:`EditSample` (or a plain list of segments / :class:`Sample`). :func:`pack_samples` returns a
@@ -42,6 +43,7 @@ __all__ = [
     "Text",
     "VitImage",
     "VaeImage",
+    "DroppedImage",
     "Sample",
     "TextSample",
     "UnderstandingSample",
@@ -107,14 +109,29 @@ class VitImage:
 class VaeImage:
     """A VAE-encoded image ``latent [z_channels, h*p, w*p]``. ``noised=True``: an image to generate
     (``noise`` split, MSE); False: a clean conditioning image (``full`` split, timestep -inf).
-    ``timestep``: the logit for a noised image (default drawn from N(0, 1))."""
+    ``timestep``: the logit for a noised image (default drawn from N(0, 1)).
 
-    latent: torch.Tensor
+    Before encoding (the data pipeline's output) the image may carry ``pixels [3, H, W]`` in [-1, 1]
+    and ``latent=None``, H and W multiples of ``config.latent_downsample`` (VAE downsample x latent
+    patch size): :func:`sample_num_tokens` counts its tokens from the pixels, and
+    ``bagel.data.loader.encode_vae_images`` fills ``latent``. :func:`pack_samples` needs the latent."""
+
+    latent: torch.Tensor | None = None
     noised: bool = True
     timestep: float | None = None
+    pixels: torch.Tensor | None = None
 
 
-Segment = Text | VitImage | VaeImage
+@dataclass
+class DroppedImage:
+    """A conditioning image removed by classifier-free-guidance dropout: no tokens, no split, but the
+    sample's RoPE position still advances by one, as upstream's ``pack_sequence`` does for a dropped
+    ViT or VAE image. ``kind`` ("vit" or "vae") is kept for the record."""
+
+    kind: str = "vit"
+
+
+Segment = Text | VitImage | VaeImage | DroppedImage
 
 
 @dataclass
@@ -202,6 +219,9 @@ def flattened_position_ids(
     return (rows[:, None] * m + cols[None, :]).flatten()
 
 
+LOSS_REDUCTIONS = ("square", "sample", "token")
+
+
 def len2weight(n: int, reduction: str = "square") -> float:
     """Upstream's CE weight of a text split of ``n`` tokens: 1 ("token"), 1/n ("sample"), 1/sqrt(n) ("square")."""
     if n == 0:
@@ -265,14 +285,20 @@ def _segments(sample: Any) -> list[Segment]:
     if not segs:
         raise ValueError("a sample has no segments")
     for s in segs:
-        if not isinstance(s, (Text, VitImage, VaeImage)):
-            raise ValueError(f"unknown segment type {type(s).__name__}; use Text, VitImage or VaeImage")
+        if not isinstance(s, (Text, VitImage, VaeImage, DroppedImage)):
+            raise ValueError(
+                f"unknown segment type {type(s).__name__}; use Text, VitImage, VaeImage or DroppedImage"
+            )
+    if all(isinstance(s, DroppedImage) for s in segs):
+        raise ValueError("a sample has no segments with tokens (only DroppedImage)")
     return segs
 
 
 def sample_num_tokens(sample: Any, config) -> int:
     """Tokens ``sample`` takes in a pack (bos/eos and image bracket tokens included), without packing it:
-    text ``len(ids) + 2``, a ViT image ``(H/p)*(W/p) + 2``, a VAE latent ``h*w + 2``."""
+    text ``len(ids) + 2``, a ViT image ``(H/p)*(W/p) + 2``, a VAE latent ``h*w + 2`` (or, for a VAE
+    image still in pixels, ``(H/s)*(W/s) + 2`` with ``s = config.latent_downsample``), a
+    :class:`DroppedImage` 0."""
     n = 0
     for seg in _segments(sample):
         if isinstance(seg, Text):
@@ -282,9 +308,15 @@ def sample_num_tokens(sample: Any, config) -> int:
         elif isinstance(seg, VitImage):
             p = config.vision_config.patch_size
             n += (seg.pixels.shape[-2] // p) * (seg.pixels.shape[-1] // p) + 2
-        else:
-            p = config.latent_patch_size
-            n += (seg.latent.shape[-2] // p) * (seg.latent.shape[-1] // p) + 2
+        elif isinstance(seg, VaeImage):
+            if seg.latent is None:
+                if seg.pixels is None:
+                    raise ValueError("a VaeImage needs a latent or pixels")
+                s = config.latent_downsample
+                n += (seg.pixels.shape[-2] // s) * (seg.pixels.shape[-1] // s) + 2
+            else:
+                p = config.latent_patch_size
+                n += (seg.latent.shape[-2] // p) * (seg.latent.shape[-1] // p) + 2
     return n
 
 
@@ -325,6 +357,8 @@ def pack_samples(
         raise ValueError("max_num_tokens (flex-style padding) needs mask_format='splits'")
     if max_num_tokens is not None:
         max_num_tokens = _as_int(max_num_tokens, "max_num_tokens")
+    if not isinstance(loss_reduction, str) or loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction={loss_reduction!r} must be one of {', '.join(LOSS_REDUCTIONS)}")
     if not isinstance(rng, random.Random):
         rng = random.Random(rng)
     tok = special_tokens if special_tokens is not None else SpecialTokens.for_config(config)
@@ -428,6 +462,9 @@ class _PackBuilder:
         modes: list[str] = []
         for seg in segs:
             split_start = self.curr
+            if isinstance(seg, DroppedImage):
+                self.rope += 1  # upstream: a dropped conditioning image still takes a position
+                continue
             if isinstance(seg, Text):
                 mode = self.text(si, seg)
             elif isinstance(seg, VitImage):
@@ -455,6 +492,11 @@ class _PackBuilder:
     def text(self, si: int, seg: Text) -> str:
         """``[bos] + ids + [eos]``, causal; next-token CE on ``ids + [eos]`` when ``seg.loss``."""
         tok, ce = self.tok, self.ce
+        for name in ("loss", "special_token_loss"):
+            value = getattr(seg, name)
+            if not isinstance(value, (bool, np.bool_)):
+                # Text(loss="no") would switch the loss on: refuse anything but a bool
+                raise ValueError(f"samples[{si}] Text.{name} must be a bool, got {value!r}")
         ids = _ids(seg.ids, f"samples[{si}] text ids", self.vocab)
         start = self.curr
         for token in [tok.bos] + ids:
@@ -515,6 +557,11 @@ class _PackBuilder:
         if not config.visual_gen:
             raise ValueError(f"samples[{si}] has a VAE image but the config has visual_gen=False (stage 1)")
         lat = seg.latent
+        if lat is None:
+            raise ValueError(
+                f"samples[{si}] has a VAE image without a latent (pixels only): encode it first with "
+                "bagel.data.encode_vae_images(samples, vae)"
+            )
         p = config.latent_patch_size
         h, w = _image(lat, f"samples[{si}] latent", config.latent_channels, p, f"latent_patch_size {p}")
         if vae.latents and lat.dtype != vae.latents[0].dtype:
