@@ -21,22 +21,24 @@ fused linear cross-entropy does; an fp32 accumulator would cost twice the weight
 in fp32.
 
 Memory. Rows go through in chunks of ``chunk_size`` (default: the rows whose logits fit in
-:data:`DEFAULT_CHUNK_BYTES` = 256 MiB, 882 rows at V = 152064 in bf16); only one ``[chunk, V]`` logits
-buffer exists at a time. When gradients will be taken, the forward turns each chunk's logits in place
+:data:`DEFAULT_CHUNK_BYTES` = 256 MiB, 880 rows at V = 152064 in bf16); only one ``[chunk, V]`` logits
+buffer (plus, on the torch backend, its fp32 copy) exists at a time. When gradients will be taken, the forward turns each chunk's logits in place
 into ``dz`` (the Triton kernel :func:`_lce_rows_kernel`: one program per row, an online max/sum-exp
 pass over V, then a pass writing ``dz``), folds it into ``dhidden`` (``dz @ weight``) and ``dweight``
 (``+= dz^T hidden``) at once, and keeps only those (Liger-Kernel's fused linear cross-entropy): the
-backward scales them by the incoming gradient. Three GEMMs in all, as ``F.linear`` + ``F.cross_entropy``
-take, and nothing ``N x V`` survives. Gradients wrt a frozen weight (or bias, or hidden) are neither
-computed nor stored.
+backward scales them by the incoming gradient (out of place: the forward op's outputs are not mutated,
+so the backward briefly holds a second weight-sized buffer; 16-bit gradients are scaled in fp32 and
+rounded once). Three GEMMs in all, as ``F.linear`` + ``F.cross_entropy`` take, and nothing ``N x V``
+survives. Gradients wrt a frozen weight (or bias, or hidden) are neither computed nor stored.
 
 ``reduction="none"``: the per-token gradients scale row by row, but ``dweight`` and ``dbias`` are sums
 over rows and can be rescaled only by one number. The backward therefore uses the precomputed
 gradients when the incoming gradient is one value broadcast to every token (stride 0, which is what
 ``loss.sum()`` and ``loss.mean()`` hand back in eager mode); for any other incoming gradient (a
-weighted sum, a mask, a ``torch.compile`` graph, which makes it contiguous) it recomputes: a second
-chunked pass over the logits with the saved ``lse``, four GEMMs in all, still exact. Pass
-``fuse_backward=False`` to skip the precomputation when you know the weights are not uniform.
+weighted sum, a mask, or a contiguous copy of a uniform one, as a ``torch.compile`` graph may hand over)
+it recomputes: a second chunked pass over the logits with the saved ``lse``, exact. That costs four
+GEMMs with ``fuse_backward=False`` (nothing precomputed) and six when the forward's precomputed
+gradients go unused, so pass ``fuse_backward=False`` when you know the weights are not uniform.
 
 Backends (``backend=``): ``"triton"`` (the row kernel; CUDA, or CPU under ``TRITON_INTERPRET=1``),
 ``"torch"`` (the same chunked algorithm with the row step in PyTorch, any device), ``"auto"``
@@ -77,7 +79,7 @@ __all__ = [
 ]
 
 REDUCTIONS = ("none", "sum", "mean")
-# Bytes of one chunk's logits (hidden's dtype). 256 MiB: 882 rows at V = 152064 in bf16, enough rows
+# Bytes of one chunk's logits (hidden's dtype). 256 MiB: 880 rows at V = 152064 in bf16, enough rows
 # for the chunk GEMMs to run near peak, small next to the 1 GiB the full logits of 3.5k tokens take.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # Row kernel: the widest V block one program loads at a time, and its warps per block width.
@@ -213,7 +215,7 @@ def _rows_torch(logits, labels, ignore_index, loss, lse, scale, forward, write_g
     rows, V = logits.shape
     if rows == 0:
         return
-    x = logits.float()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 for fp64 inputs
     labels = labels.long()
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < V)
@@ -416,7 +418,7 @@ def _lce_op(
     ``loss_i`` summed over the rows (unit weights) that the ``grad_*`` flags ask for (else ``[0]``)."""
     _op_check("linear_cross_entropy", hidden, weight, labels, bias, ignore_index, reduction, chunk_size)
     _check_backend_name("linear_cross_entropy", backend)
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     N = hidden.shape[0]
     loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -479,7 +481,7 @@ def _lce_bwd_op(
             f"torch.ops.bagel_kernels.{op}: grad_loss must have shape {want} and lse ({N},), "
             f"got {tuple(grad_loss.shape)} and {tuple(lse.shape)}"
         )
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     scale = _row_scale(grad_loss, count, reduction, N)
     dh, dw, db = _chunked_pass(
         hidden, weight, labels, bias, ignore_index, chunk_size, backend, None, lse.float().contiguous(), scale,

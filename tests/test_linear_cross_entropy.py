@@ -185,12 +185,28 @@ def test_no_grad_forward_and_backends_agree():
         _close(out, ref, torch.float32, "fwd", "loss")
 
 
-def test_int32_labels_and_noncontiguous_hidden():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
+def test_label_dtypes_and_strided_inputs(backend, label_dtype):
     hidden, weight, labels, b = _inputs(40, 16, 97, ignored=(2,))
     h = hidden.detach()[::2]  # row stride 32
-    out = linear_cross_entropy(h, weight, labels[::2].int(), bias=b, reduction="none", backend="triton")
+    y = torch.stack([labels.to(label_dtype), labels.to(label_dtype)], 1)[::2, 1]  # stride 4
+    assert not y.is_contiguous()
+    out = linear_cross_entropy(h, weight, y, bias=b, reduction="none", backend=backend)
     ref = linear_cross_entropy_reference(h, weight, labels[::2], bias=b, reduction="none")
     _close(out, ref, torch.float32, "fwd", "loss")
+
+
+def test_float64_on_the_torch_backend():
+    """fp64 inputs: logits and softmax in fp64, loss and lse kept in fp32, so fp32 rounding remains."""
+    hidden, weight, labels, b = _inputs(15, 8, 97, torch.float64, ignored=(1,))
+    loss = linear_cross_entropy(
+        hidden, weight, labels, bias=b, reduction="sum", chunk_size=4, backend="torch"
+    )
+    loss.backward()
+    ref = _reference(hidden, weight, labels, b, "sum", torch.tensor(1.0))
+    _close(loss, ref[0], torch.float32, "fwd", "loss")
+    torch.testing.assert_close(weight.grad, ref[2], atol=1e-6, rtol=1e-5)
 
 
 # ============================================================================================ row kernel
@@ -397,3 +413,21 @@ def test_gpu_bf16_large_vocab(reduction):
         err = (a.double() - r).abs().max().item()
         err_m = (m.double() - r).abs().max().item()
         assert err <= 2 * err_m + 1e-2 * r.abs().max().item() + 1e-6, f"{name}: {err} vs mirror {err_m}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_op_allocates_the_full_logits(backend):
+    """Forward + backward at N = 128, V = 2000 in chunks of 16: no single aten op allocates anything near
+    the ``N x V`` logits (1 MB in fp32); the largest allocation is one chunk's logits (128 kB)."""
+    N, H, V, chunk = 128, 8, 2000, 16
+    hidden, weight, labels, _ = _inputs(N, H, V, bias=False, device="cpu")
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        loss = linear_cross_entropy(
+            hidden, weight, labels, reduction="sum", chunk_size=chunk, backend=backend
+        )
+        loss.backward()
+    allocs = [e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::")]
+    assert max(allocs) <= chunk * V * 4, max(allocs)
+    assert hidden.grad is not None and weight.grad is not None
