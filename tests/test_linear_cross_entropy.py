@@ -431,3 +431,17 @@ def test_no_op_allocates_the_full_logits(backend):
     allocs = [e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::")]
     assert max(allocs) <= chunk * V * 4, max(allocs)
     assert hidden.grad is not None and weight.grad is not None
+
+
+def test_benchmark_script_tiny(tmp_path, monkeypatch):
+    """benchmarks/bench_linear_cross_entropy.py --tiny runs and writes its table (one row per method)."""
+    import os
+
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    monkeypatch.syspath_prepend(bench_dir)
+    import bench_linear_cross_entropy as bench
+
+    assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "bench_linear_cross_entropy.md").read_text()
+    for method in ("upstream", "mirror", "ours-fused", "ours-recomp", "ours-torch"):
+        assert f"| {method} |" in table
