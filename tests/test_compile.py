@@ -129,7 +129,7 @@ def test_lora_model_body_fullgraph_without_recompiling():
     model = _model(BagelBackendConfig(attention="sdpa", mot="torch", patch_embed="torch"))
     targets = r".*(language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj(_moe_gen)?|mlp\.down_proj)|encoder\.layers\.\d+\.self_attn\.q_proj)"
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
-    assert not model.model.language_model.model.fusion_plan().layers[0].q_proj
+    assert not model.model.language_model.model.fusion_plan().layers[0].fused("q_proj")
     count = CompileCounterWithBackend("eager")
     body = torch.compile(model.forward_prepared, fullgraph=True, dynamic=True, backend=count)
     frames = []

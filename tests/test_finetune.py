@@ -175,18 +175,22 @@ def test_fusion_plan_follows_the_modules():
     assert model.model.vit_model.fusion_plan()
 
     h = layer.input_layernorm_moe_gen.register_forward_hook(lambda m, i, o: None)
-    assert not lm.fusion_plan().layers[0].input_layernorm and lm.fusion_plan().layers[1].input_layernorm
+    assert not lm.fusion_plan().layers[0].fused("input_layernorm") and lm.fusion_plan().layers[1].fused(
+        "input_layernorm"
+    )
     h.remove()
     h = layer.self_attn.k_norm.register_forward_pre_hook(lambda m, i: None)
-    assert not lm.fusion_plan().layers[0].qk_norm
+    assert not lm.fusion_plan().layers[0].fused("qk_norm")
     h.remove()
     h = layer.mlp.register_forward_hook(lambda m, i, o: None)
-    assert not lm.fusion_plan().layers[0].mlp
+    assert not lm.fusion_plan().layers[0].fused("mlp")
     h.remove()
     h = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
     try:
         plan = lm.fusion_plan()
-        assert not any(vars(p)[f] for p in plan.layers for f in vars(p)) and not plan.norm
+        ops = ("input_layernorm", "post_attention_layernorm", "q_proj", "k_proj", "v_proj", "o_proj")
+        ops += ("qk_norm", "mlp", "gate_proj", "up_proj", "down_proj")
+        assert not any(p.fused(op) for p in plan.layers for op in ops) and not plan.norm
         assert not model.model.vit_model.fusion_plan()
     finally:
         h.remove()
@@ -215,9 +219,17 @@ def test_fusion_plan_follows_the_modules():
 
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
     plan = peft_model.base_model.model.model.language_model.model.fusion_plan().layers[0]
-    assert not plan.q_proj and not plan.down_proj and plan.mlp  # the MLP is split, down_proj called
-    assert plan.k_proj and plan.v_proj and plan.o_proj and plan.gate_proj and plan.up_proj
-    assert plan.input_layernorm and plan.qk_norm
+    assert (
+        not plan.fused("q_proj") and not plan.fused("down_proj") and plan.fused("mlp")
+    )  # the MLP is split, down_proj called
+    assert (
+        plan.fused("k_proj")
+        and plan.fused("v_proj")
+        and plan.fused("o_proj")
+        and plan.fused("gate_proj")
+        and plan.fused("up_proj")
+    )
+    assert plan.fused("input_layernorm") and plan.fused("qk_norm")
 
 
 # ---------------------------------------------------------------------------------------------- LoRA (peft)
@@ -293,8 +305,15 @@ def test_quantised_linear_modules(batch, base_state, backend):
 
         _swap(ref.model, path, stock)
     plan = quant.model.language_model.model.fusion_plan().layers
-    assert not plan[0].q_proj and not plan[0].k_proj and not plan[0].down_proj and not plan[1].o_proj
-    assert not plan[1].gate_proj and plan[0].v_proj and not quant.model.vit_model.fusion_plan()
+    assert (
+        not plan[0].fused("q_proj")
+        and not plan[0].fused("k_proj")
+        and not plan[0].fused("down_proj")
+        and not plan[1].fused("o_proj")
+    )
+    assert (
+        not plan[1].fused("gate_proj") and plan[0].fused("v_proj") and not quant.model.vit_model.fusion_plan()
+    )
     out, grads = run(quant, batch)
     ref_out, ref_grads = run(ref, batch)
     assert_out_close(out, ref_out)

@@ -25,15 +25,15 @@ from typing import Any
 
 from bagel.extras import needs_extra
 from bagel.io.files import find_weight_files, read_json, read_safetensors_header
+from bagel.model.qwen2 import DECODER_LAYERS
 
 with needs_extra():
     from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
-__all__ = ["BagelConfig", "DEFAULT_VAE_CONFIG", "LAYER_MODULES"]
+__all__ = ["BagelConfig", "DEFAULT_VAE_CONFIG"]
 
 # FLUX VAE as used by BAGEL: 16 latent channels, 8x spatial downsampling.
 DEFAULT_VAE_CONFIG = {"z_channels": 16, "downsample": 8}
-LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoEDecoderLayer", "Qwen2MoTDecoderLayer")
 
 _QWEN_BAGEL_DEFAULTS = {"qk_norm": True, "freeze_und": False}
 
@@ -105,8 +105,10 @@ def _coerce_text_config(cfg: Any, visual_gen: bool) -> Qwen2Config:
             setattr(cfg, key, value)
     if getattr(cfg, "layer_module", None) is None:
         cfg.layer_module = "Qwen2MoTDecoderLayer" if visual_gen else "Qwen2DecoderLayer"
-    if cfg.layer_module not in LAYER_MODULES:
-        raise ValueError(f"llm_config.layer_module={cfg.layer_module!r} is not one of {LAYER_MODULES}")
+    if cfg.layer_module not in DECODER_LAYERS:
+        raise ValueError(
+            f"llm_config.layer_module={cfg.layer_module!r} is not one of {tuple(DECODER_LAYERS)}"
+        )
     return cfg
 
 
@@ -260,8 +262,10 @@ class BagelConfig(PretrainedConfig):
             theta = params.get("rope_theta")
         if theta is not None:
             _check_field("llm_config.rope_theta", theta, "real", 0)
-        if not isinstance(getattr(tc, "layer_module", None), str) or tc.layer_module not in LAYER_MODULES:
-            raise ValueError(f"llm_config.layer_module={tc.layer_module!r} is not one of {LAYER_MODULES}")
+        if not isinstance(getattr(tc, "layer_module", None), str) or tc.layer_module not in DECODER_LAYERS:
+            raise ValueError(
+                f"llm_config.layer_module={tc.layer_module!r} is not one of {tuple(DECODER_LAYERS)}"
+            )
         for name in ("visual_und", "visual_gen", "interpolate_pos", "vit_rope"):
             _check_field(name, getattr(self, name), "bool", None)
         for name in (

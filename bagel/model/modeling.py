@@ -57,7 +57,7 @@ from bagel.model.backend import BagelBackendConfig
 from bagel.model.config import BagelConfig
 from bagel.model.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
 from bagel.model.prepare import GroupedPack, PackInputs, PreparedPack, patchify_latents
-from bagel.model.qwen2 import Qwen2ForCausalLM
+from bagel.model.qwen2 import DECODER_LAYERS, Qwen2ForCausalLM, Qwen2RotaryEmbedding
 from bagel.model.siglip import SiglipVisionModel
 from bagel.model.validation import backend_property, check_backend
 
@@ -92,6 +92,12 @@ def _stage_to_int(stage: int | str) -> int:
     return value
 
 
+def _routed(layer_module) -> bool:
+    """Whether the decoder block ``layer_module`` names routes a sub-block by expert (MoE, MoT)."""
+    cls = DECODER_LAYERS.get(layer_module) if isinstance(layer_module, str) else None
+    return cls is not None and bool(cls.routed_attention or cls.routed_mlp)
+
+
 def _prepare_config_for_stage(config: BagelConfig) -> None:
     """Apply the stage to ``config`` in place, before the modules are built (idempotent).
 
@@ -112,7 +118,7 @@ def _prepare_config_for_stage(config: BagelConfig) -> None:
             tc.layer_module = "Qwen2DecoderLayer"
         else:
             config.visual_gen = True
-            if getattr(tc, "layer_module", None) not in ("Qwen2MoTDecoderLayer", "Qwen2MoEDecoderLayer"):
+            if not _routed(getattr(tc, "layer_module", None)):
                 tc.layer_module = "Qwen2MoTDecoderLayer"
     elif getattr(tc, "layer_module", None) is None:
         tc.layer_module = "Qwen2MoTDecoderLayer" if config.visual_gen else "Qwen2DecoderLayer"
@@ -225,7 +231,7 @@ class BagelForUnifiedMultimodal(nn.Module):
         self._backend = BagelBackendConfig() if backend is None else backend
         self.hidden_size = config.text_config.hidden_size
         self.num_heads = config.text_config.num_attention_heads
-        self.use_moe = "Mo" in config.text_config.layer_module
+        self.use_moe = _routed(config.text_config.layer_module)
         if config.visual_gen:
             self.latent_patch_size = config.latent_patch_size
             self.latent_channel = config.latent_channels
@@ -296,8 +302,8 @@ class BagelForUnifiedMultimodal(nn.Module):
         lm = m.language_model
         lm.init_weights()
         for mod in lm.modules():
-            if hasattr(mod, "inv_freq") and hasattr(mod, "_inv_freq"):
-                mod.inv_freq = mod._inv_freq(mod.inv_freq.device)
+            if isinstance(mod, Qwen2RotaryEmbedding):
+                mod.reset_parameters()
         bagel_linears = []
         if self.config.visual_und:
             m.vit_model.init_weights()
@@ -408,8 +414,30 @@ class BagelForUnifiedMultimodal(nn.Module):
         Runs in two parts: :meth:`prepare_pack` (eager, once per pack: validation, masks, grouping,
         noise) and :meth:`forward_prepared` (the tensor work from embeddings to losses, which
         ``torch.compile(fullgraph=True)`` traces). The arguments are gathered into one
-        :class:`bagel.model.prepare.PackInputs`, the signature's single declaration."""
-        inputs = PackInputs.from_locals(locals())
+        :class:`bagel.model.prepare.PackInputs`, which :meth:`prepare_pack` also takes."""
+        inputs = PackInputs(
+            sequence_length=sequence_length,
+            packed_text_ids=packed_text_ids,
+            packed_text_indexes=packed_text_indexes,
+            sample_lens=sample_lens,
+            packed_position_ids=packed_position_ids,
+            nested_attention_masks=nested_attention_masks,
+            split_lens=split_lens,
+            attn_modes=attn_modes,
+            packed_vit_tokens=packed_vit_tokens,
+            packed_vit_token_indexes=packed_vit_token_indexes,
+            packed_vit_position_ids=packed_vit_position_ids,
+            vit_token_seqlens=vit_token_seqlens,
+            padded_latent=padded_latent,
+            patchified_vae_latent_shapes=patchified_vae_latent_shapes,
+            packed_latent_position_ids=packed_latent_position_ids,
+            packed_vae_token_indexes=packed_vae_token_indexes,
+            packed_timesteps=packed_timesteps,
+            mse_loss_indexes=mse_loss_indexes,
+            ce_loss_indexes=ce_loss_indexes,
+            packed_label_ids=packed_label_ids,
+            ce_loss_weights=ce_loss_weights,
+        )
         return self._forward_prepared(prepare.prepare_pack(self, inputs))
 
     def prepare_pack(self, *args: Any, **kwargs: Any) -> PreparedPack:

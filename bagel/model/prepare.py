@@ -23,7 +23,7 @@ The steps, top to bottom (each raises ValueError naming the field on bad input):
 Host checks raise as soon as they fail; value checks (index ranges, the partition, labels, the MSE
 rows, the mask cut at ``sequence_length``) run on the device and are read back once, after which the
 grouping builds on the validated tensors through trusted paths that check nothing again
-(``Qwen2Model._trusted_context``). Shapes: L = sequence_length, N = ViT patches, V = VAE latent tokens,
+(``Qwen2Model.build_context``). Shapes: L = sequence_length, N = ViT patches, V = VAE latent tokens,
 P = p*p*C latent patch size.
 """
 
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from bagel.model.fusion import float_device, float_dtype
-from bagel.model.qwen2 import PackContext, Qwen2ForCausalLM, _check_context_inputs, _check_cut
+from bagel.model.qwen2 import PackContext, Qwen2ForCausalLM, add_cut_check
 from bagel.model.validation import DeviceChecks, as_index
 from bagel_kernels import PackedMask
 from bagel_kernels.attention import prepare_attention
@@ -85,11 +85,6 @@ class PackInputs:
     ce_loss_weights: torch.Tensor | None = None
 
     NAMES: ClassVar[tuple[str, ...]]  # the field names, in order (set below)
-
-    @classmethod
-    def from_locals(cls, values: dict[str, Any]) -> PackInputs:
-        """From a mapping holding every field by name, e.g. the ``locals()`` of ``forward``."""
-        return cls(**{name: values[name] for name in cls.NAMES})
 
     @classmethod
     def of(cls, *args: Any, **kwargs: Any) -> PackInputs:
@@ -210,12 +205,14 @@ def prepare_pack(model: nn.Module, inputs: PackInputs) -> GroupedPack | Referenc
     checks = DeviceChecks()
     text = _text(inputs, device, cfg.text_config.vocab_size, checks)
     pos_ids = as_index(inputs.packed_position_ids, "packed_position_ids", device)
+    if pos_ids.numel() != L:
+        raise ValueError(f"packed_position_ids has {pos_ids.numel()} entries, sequence_length is {L}")
     vit = _vit(model, inputs, device, checks) if has_vit else None
     gen = _latents(model, inputs, device, checks) if has_gen else None
     _check_partition(L, text.idx, vit and vit.idx, gen and gen.idx, checks)
     ce_idx, labels = _ce_indexes(inputs, L, cfg.text_config.vocab_size, device, checks)
     mse_idx, mse_target_rows = _mse_indexes(inputs, L, gen, device, checks)
-    _check_cut(mask, L, checks)
+    add_cut_check(mask, L, checks)
     checks.raise_first()
 
     und = text.idx if vit is None else torch.cat([text.idx, vit.idx])
@@ -475,12 +472,11 @@ def _group_for_lm(model, L, sample_lens, mask, pos_ids, und, vae_idx, device, dt
     lm = model.model.language_model
     if not _grouped_lm(lm):
         return (sample_lens, mask, pos_ids, *((und, vae_idx) if model.use_moe else (None, None)))
-    mask, pos = _check_context_inputs(L, device, sample_lens, mask, pos_ids)  # host checks only
     routing = None
     if model.use_moe:
         gen = vae_idx if vae_idx is not None else torch.zeros(0, dtype=torch.long, device=device)
         routing = (und, gen)
-    return lm.model._trusted_context(mask._truncated_trusted(L), pos, routing, device=device, dtype=dtype)
+    return lm.model.build_context(mask._truncated_trusted(L), pos_ids, routing, device=device, dtype=dtype)
 
 
 def _grouped_lm(lm: nn.Module) -> bool:

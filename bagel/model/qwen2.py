@@ -60,6 +60,8 @@ from bagel_kernels.reference import apply_rope, qwen2_rms_norm, rope_inv_freq, r
 
 __all__ = [
     "LAYER_MODULES",
+    "DECODER_LAYERS",
+    "decoder_layer",
     "Qwen2RMSNorm",
     "Qwen2MLP",
     "Qwen2RotaryEmbedding",
@@ -76,9 +78,26 @@ __all__ = [
     "config_rope_theta",
     "config_head_dim",
     "prepare_routing",
+    "routing_indexes",
+    "check_inputs",
+    "check_sequence",
+    "check_context_inputs",
+    "add_cut_check",
 ]
 
-LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoEDecoderLayer", "Qwen2MoTDecoderLayer")
+# decoder-block classes by ``config.layer_module`` name, filled by @decoder_layer (the config's check
+# reads it too). A new block is one subclass of Qwen2DecoderLayer with this decorator.
+DECODER_LAYERS: dict[str, type[nn.Module]] = {}
+
+
+def decoder_layer(cls: type[nn.Module]) -> type[nn.Module]:
+    """Register a decoder-block class under its class name, the value ``config.layer_module`` names.
+
+    A block is a :class:`Qwen2DecoderLayer` subclass: it declares which sub-blocks are routed
+    (``routed_attention``, ``routed_mlp``), creates its ``*_moe_gen`` siblings, and inherits the grouped
+    forward, the fusion plan and the gather/scatter reference, which read those two flags."""
+    DECODER_LAYERS[cls.__name__] = cls
+    return cls
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -114,8 +133,8 @@ def config_head_dim(config) -> int:
 
 def _validate_config(config) -> None:
     layer_module = getattr(config, "layer_module", "Qwen2DecoderLayer")
-    if layer_module not in LAYER_MODULES:
-        raise ValueError(f"config.layer_module={layer_module!r} is not one of {LAYER_MODULES}")
+    if layer_module not in DECODER_LAYERS:
+        raise ValueError(f"config.layer_module={layer_module!r} is not one of {tuple(DECODER_LAYERS)}")
     if config.num_key_value_heads <= 0 or config.num_attention_heads % config.num_key_value_heads != 0:
         raise ValueError(
             f"config.num_attention_heads={config.num_attention_heads} must be a multiple of "
@@ -173,17 +192,23 @@ class Qwen2RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = config_head_dim(config)
         self.theta = config_rope_theta(config)
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
-    def _inv_freq(self, device=None) -> torch.Tensor:
+    def compute_inv_freq(self, device=None) -> torch.Tensor:
+        """The fp32 inverse frequencies ``[D/2]`` (kept in fp32: in bf16 the angles of far positions lose
+        their precision)."""
         return rope_inv_freq(self.head_dim, self.theta, device)
+
+    def reset_parameters(self) -> None:
+        """Recompute ``inv_freq`` in fp32 on its device (after ``to_empty`` or a dtype cast)."""
+        self.inv_freq = self.compute_inv_freq(self.inv_freq.device)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
         # recompute when model.to(dtype) cast the buffer or it was never materialised (meta device)
         if inv_freq.dtype != torch.float32 or inv_freq.is_meta:
-            inv_freq = self._inv_freq()
+            inv_freq = self.compute_inv_freq()
         return rope_tables(position_ids, inv_freq.to(position_ids.device), dtype)
 
 
@@ -265,24 +290,30 @@ def _same_eps(*norms) -> bool:
 # ---------------------------------------------------------------------------------------------- fusion plan
 @dataclass(frozen=True)
 class LayerFusion:
-    """Which fused kernels one decoder layer takes for a pack; each flag covers the module of that
-    name and, in a routed op, its ``*_moe_gen`` sibling. True: a kernel reads the stock modules' raw
+    """Which fused kernels one decoder layer takes for a pack, by op name (``input_layernorm``,
+    ``q_proj``, ``qk_norm``, ``mlp``, ``gate_proj``, ...; each name covers the module of that name and,
+    in a routed op, its ``*_moe_gen`` sibling). A fused op has a kernel read the stock modules' raw
     weights (both experts' RMSNorm in one launch, q/k norm fused with RoPE, two GEMMs into one buffer,
-    the MLP as its projections around one SwiGLU kernel). False: the modules are called (``und(x[:n])``
-    and ``gen(x[n:])`` on the grouped rows), so a LoRA layer, a quantised linear or a hook acts.
-    Linears that are not routed are always called (a stock nn.Linear is one ``F.linear`` either way)."""
+    the MLP as its projections around one SwiGLU kernel); a called op has its modules called
+    (``und(x[:n])`` and ``gen(x[n:])`` on the grouped rows), so a LoRA layer, a quantised linear or a
+    hook acts. Linears that are not routed are always called (a stock nn.Linear is one ``F.linear``
+    either way).
 
-    input_layernorm: bool = True
-    post_attention_layernorm: bool = True
-    q_proj: bool = True
-    k_proj: bool = True
-    v_proj: bool = True
-    o_proj: bool = True
-    qk_norm: bool = True
-    mlp: bool = True  # False: the MLP modules are called whole
-    gate_proj: bool = True
-    up_proj: bool = True
-    down_proj: bool = True
+    ``called``: the ops whose modules are called; every other op is fused. ``all_called``: no fusion
+    at all (a layer of a kind the model does not know runs its own forward). A new decoder block with
+    new op names needs no change here: its plan lists what it calls."""
+
+    called: frozenset[str] = frozenset()
+    all_called: bool = False
+
+    def fused(self, name: str) -> bool:
+        """Whether the op ``name`` runs as a fused kernel in this pack."""
+        return not self.all_called and name not in self.called
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, bool]) -> LayerFusion:
+        """From ``{op name: fusable}`` (the modules' :meth:`fusion_plan` answers)."""
+        return cls(called=frozenset(name for name, ok in flags.items() if not ok))
 
 
 @dataclass(frozen=True)
@@ -293,7 +324,7 @@ class FusionPlan:
     norm: bool = True
 
 
-_UNFUSED = LayerFusion(**{f: False for f in LayerFusion.__dataclass_fields__})
+_UNFUSED = LayerFusion(all_called=True)
 
 
 # ---------------------------------------------------------------------------------------------- grouped forward
@@ -324,7 +355,7 @@ class PackContext:
         if self.fusion is not None and layer_idx is not None:
             return self.fusion.layers[layer_idx]
         if isinstance(owner, PackedAttention):
-            return LayerFusion(**owner.fusion_plan())
+            return LayerFusion.from_flags(owner.fusion_plan())
         return owner.fusion_plan()
 
 
@@ -404,12 +435,12 @@ def _linear(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, fuse
 def _mlp(x: torch.Tensor, n: int, und: nn.Module, gen: nn.Module | None, plan: LayerFusion, backend: str):
     """SwiGLU MLP of grouped rows. Stock Qwen2MLP modules with nothing attached run as their three
     projections (each fused or called per ``plan``) around one SwiGLU kernel; others are called."""
-    if not plan.mlp:
+    if not plan.fused("mlp"):
         return _call_rows(x, n, und, gen)
 
     def proj(name: str, inp: torch.Tensor) -> torch.Tensor:
         sibling = None if gen is None else getattr(gen, name)
-        return _linear(inp, n, getattr(und, name), sibling, getattr(plan, name), backend)
+        return _linear(inp, n, getattr(und, name), sibling, plan.fused(name), backend)
 
     h = mot.swiglu(proj("gate_proj", x), proj("up_proj", x), backend=backend)  # [L, I]
     return proj("down_proj", h)  # [L, H]
@@ -424,12 +455,12 @@ def _attention(attn: PackedAttention, x: torch.Tensor, ctx: PackContext) -> torc
     plan = ctx.layer_fusion(attn.layer_idx, attn)
 
     def proj(name: str, inp: torch.Tensor) -> torch.Tensor:
-        return _linear(inp, n, getattr(attn, name), attn._sibling(name), getattr(plan, name), be)
+        return _linear(inp, n, getattr(attn, name), attn._sibling(name), plan.fused(name), be)
 
     q = proj("q_proj", x).view(L, attn.num_heads, attn.head_dim)
     k = proj("k_proj", x).view(L, attn.num_key_value_heads, attn.head_dim)
     v = proj("v_proj", x).view(L, attn.num_key_value_heads, attn.head_dim)
-    q, k = _qk_norm_rope(attn, q, k, ctx, plan.qk_norm)
+    q, k = _qk_norm_rope(attn, q, k, ctx, plan.fused("qk_norm"))
     frz = ctx.freeze_und and attn.routed
     q, k, v = (_freeze_rows(t, n, frz) for t in (q, k, v))
     o = packed_attention(
@@ -440,6 +471,7 @@ def _attention(attn: PackedAttention, x: torch.Tensor, ctx: PackContext) -> torc
 
 
 # ---------------------------------------------------------------------------------------------- layers
+@decoder_layer
 class Qwen2DecoderLayer(nn.Module):
     """Dense pre-norm decoder layer: ``x += attn(norm(x)); x += mlp(norm(x))``.
 
@@ -483,7 +515,7 @@ class Qwen2DecoderLayer(nn.Module):
             plan[name] = plan["mlp"] and fusable(
                 nn.Linear, getattr(und, name), None if gen is None else getattr(gen, name)
             )
-        return LayerFusion(**plan)
+        return LayerFusion.from_flags(plan)
 
     def forward_grouped(self, x: torch.Tensor, ctx: PackContext) -> torch.Tensor:
         """One layer on grouped hidden states ``x`` [L, H] (see :class:`PackContext`)."""
@@ -491,14 +523,21 @@ class Qwen2DecoderLayer(nn.Module):
         n = ctx.n_und
         ra, rm = self.routed_attention, self.routed_mlp
         plan = ctx.layer_fusion(self.layer_idx, self)
-        h = _norm(x, n, self.input_layernorm, self._sibling("input_layernorm", ra), plan.input_layernorm, be)
+        h = _norm(
+            x,
+            n,
+            self.input_layernorm,
+            self._sibling("input_layernorm", ra),
+            plan.fused("input_layernorm"),
+            be,
+        )
         x = x + self.self_attn(h, ctx)
         h = _norm(
             x,
             n,
             self.post_attention_layernorm,
             self._sibling("post_attention_layernorm", ra),
-            plan.post_attention_layernorm,
+            plan.fused("post_attention_layernorm"),
             be,
         )
         m = _mlp(h, n, self.mlp, self._sibling("mlp", rm), plan, be)
@@ -511,6 +550,7 @@ class Qwen2DecoderLayer(nn.Module):
         return ctx.run_layer(self, x)
 
 
+@decoder_layer
 class Qwen2MoEDecoderLayer(Qwen2DecoderLayer):
     """Only the MLP routed (``mlp`` / ``mlp_moe_gen``); norms and attention shared by all tokens."""
 
@@ -521,6 +561,7 @@ class Qwen2MoEDecoderLayer(Qwen2DecoderLayer):
         self.mlp_moe_gen = Qwen2MLP(config)
 
 
+@decoder_layer
 class Qwen2MoTDecoderLayer(Qwen2DecoderLayer):
     """Everything routed: norms, attention projections and q/k norms, MLP (attention itself shared)."""
 
@@ -537,11 +578,7 @@ class Qwen2MoTDecoderLayer(Qwen2DecoderLayer):
         return PackedAttentionMoT(config, self.layer_idx)
 
 
-_LAYER_CLASSES = {
-    "Qwen2DecoderLayer": Qwen2DecoderLayer,
-    "Qwen2MoEDecoderLayer": Qwen2MoEDecoderLayer,
-    "Qwen2MoTDecoderLayer": Qwen2MoTDecoderLayer,
-}
+LAYER_MODULES = tuple(DECODER_LAYERS)  # the built-in blocks
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -557,12 +594,12 @@ def prepare_routing(
     Raises ValueError naming the argument when the two do not partition the sequence. The value
     checks run on the device and are read back once (one host sync)."""
     checks = DeviceChecks()
-    und, gen = _routing_indexes(L, packed_und_token_indexes, packed_gen_token_indexes, device, checks)
+    und, gen = routing_indexes(L, packed_und_token_indexes, packed_gen_token_indexes, device, checks)
     checks.raise_first()
     return und, gen
 
 
-def _routing_indexes(
+def routing_indexes(
     L: int, und_arg, gen_arg, device, checks: DeviceChecks
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`prepare_routing` without the read-back: host checks raise, value checks go to ``checks``
@@ -614,15 +651,15 @@ def _raise_cover(n_und: int, n_gen: int, L: int) -> None:
     )
 
 
-def _check_inputs(model: Qwen2Model, packed_sequence, sample_lens, attention_mask, packed_position_ids):
+def check_inputs(model: Qwen2Model, packed_sequence, sample_lens, attention_mask, packed_position_ids):
     """Validate the LM's inputs; returns the normalised ``(mask, position_ids)``."""
-    _check_sequence(model, packed_sequence)
-    return _check_context_inputs(
+    check_sequence(model, packed_sequence)
+    return check_context_inputs(
         packed_sequence.shape[0], packed_sequence.device, sample_lens, attention_mask, packed_position_ids
     )
 
 
-def _check_sequence(model: Qwen2Model, packed_sequence) -> None:
+def check_sequence(model: Qwen2Model, packed_sequence) -> None:
     cfg = model.config
     if not isinstance(packed_sequence, torch.Tensor) or packed_sequence.dim() != 2:
         raise ValueError(
@@ -637,7 +674,7 @@ def _check_sequence(model: Qwen2Model, packed_sequence) -> None:
         raise ValueError(f"packed_sequence must be floating point, got {packed_sequence.dtype}")
 
 
-def _check_context_inputs(L: int, device, sample_lens, attention_mask, packed_position_ids):
+def check_context_inputs(L: int, device, sample_lens, attention_mask, packed_position_ids):
     """Validate and normalise the mask / positions of a pack of ``L`` tokens (see _check_inputs)."""
     if isinstance(attention_mask, (list, tuple)):
         attention_mask = PackedMask.from_dense(attention_mask, device=device)
@@ -667,7 +704,7 @@ def _check_context_inputs(L: int, device, sample_lens, attention_mask, packed_po
     return attention_mask, packed_position_ids.to(device)
 
 
-def _check_cut(mask: PackedMask, L: int, checks: DeviceChecks) -> None:
+def add_cut_check(mask: PackedMask, L: int, checks: DeviceChecks) -> None:
     """Add to ``checks`` that ``mask`` may be truncated to its first ``L`` tokens (the rows beyond form
     whole splits): :meth:`PackedMask.truncated`'s check, read back with the other checks; a failure
     raises ``truncated``'s own message."""
@@ -683,7 +720,7 @@ def _check_cut(mask: PackedMask, L: int, checks: DeviceChecks) -> None:
 class Qwen2Model(HasBackend, nn.Module):
     """Embeddings, decoder layers, final norm(s) and the rotary tables.
 
-    ``norm_moe_gen`` exists when the layers are MoE or MoT (upstream: ``"Mo" in layer_module``); such a
+    ``norm_moe_gen`` exists when the layers route a sub-block (MoE or MoT; upstream: ``"Mo" in layer_module``); such a
     model then routes the final norm as well.
 
     ``freeze_und`` (upstream semantics): the understanding rows of the input are detached at entry,
@@ -701,10 +738,10 @@ class Qwen2Model(HasBackend, nn.Module):
         self.padding_idx = getattr(config, "pad_token_id", None)
         self.vocab_size = config.vocab_size
         self.layer_module = getattr(config, "layer_module", "Qwen2DecoderLayer")
-        self.use_moe = "Mo" in self.layer_module
+        layer_cls = DECODER_LAYERS[self.layer_module]
+        self.use_moe = layer_cls.routed_attention or layer_cls.routed_mlp
         self.freeze_und = bool(getattr(config, "freeze_und", False))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        layer_cls = _LAYER_CLASSES[self.layer_module]
         self.layers = nn.ModuleList([layer_cls(config, i) for i in range(config.num_hidden_layers)])
         # recompute each decoder layer in backward (bagel.train.distributed.apply_fsdp2 turns it on)
         self.gradient_checkpointing = False
@@ -733,16 +770,16 @@ class Qwen2Model(HasBackend, nn.Module):
         kernels' block tables, RoPE tables in grouped row order. Everything :meth:`decode` reads, so
         that :meth:`decode` holds only tensor work."""
         L = int(sequence_length)
-        mask, pos = _check_context_inputs(L, device, sample_lens, attention_mask, packed_position_ids)
+        mask, pos = check_context_inputs(L, device, sample_lens, attention_mask, packed_position_ids)
         checks = DeviceChecks()
         routing = None
         if self.use_moe or (self.freeze_und and packed_und_token_indexes is not None):
-            routing = _routing_indexes(L, packed_und_token_indexes, packed_gen_token_indexes, device, checks)
-        _check_cut(mask, L, checks)
+            routing = routing_indexes(L, packed_und_token_indexes, packed_gen_token_indexes, device, checks)
+        add_cut_check(mask, L, checks)
         checks.raise_first()
-        return self._trusted_context(mask._truncated_trusted(L), pos, routing, device=device, dtype=dtype)
+        return self.build_context(mask._truncated_trusted(L), pos, routing, device=device, dtype=dtype)
 
-    def _trusted_context(
+    def build_context(
         self,
         mask: PackedMask,
         pos: torch.Tensor,
@@ -811,7 +848,7 @@ class Qwen2Model(HasBackend, nn.Module):
         """:meth:`prepare_context` for ``packed_sequence`` ``[L, H]``, then its rows grouped by expert.
         Returns ``(x, ctx, inv)``: grouped hidden states, the :class:`PackContext` every layer reads,
         and the un-permutation (``ctx.inv``, or None)."""
-        _check_sequence(self, packed_sequence)
+        check_sequence(self, packed_sequence)
         ctx = self.prepare_context(
             packed_sequence.shape[0],
             sample_lens,

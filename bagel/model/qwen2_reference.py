@@ -31,9 +31,9 @@ from bagel.model.qwen2 import (
     Qwen2DecoderLayer,
     Qwen2ForCausalLM,
     Qwen2Model,
-    _check_cut,
-    _check_inputs,
-    _routing_indexes,
+    add_cut_check,
+    check_inputs,
+    routing_indexes,
 )
 from bagel.model.validation import DeviceChecks
 from bagel_kernels import PackedMask, packed_attention
@@ -184,13 +184,13 @@ def forward_train_reference(
     ``attention`` picks the packed_attention backend (default the SDPA reference). The caller's
     ``packed_sequence`` is not modified (upstream detaches its understanding rows in place)."""
     model: Qwen2Model = lm.model if isinstance(lm, Qwen2ForCausalLM) else lm
-    mask, pos = _check_inputs(model, packed_sequence, sample_lens, attention_mask, packed_position_ids)
+    mask, pos = check_inputs(model, packed_sequence, sample_lens, attention_mask, packed_position_ids)
     L = packed_sequence.shape[0]
     checks = DeviceChecks()  # the value checks, read back once
-    und, gen = _routing_indexes(
+    und, gen = routing_indexes(
         L, packed_und_token_indexes, packed_gen_token_indexes, packed_sequence.device, checks
     )
-    _check_cut(mask, L, checks)
+    add_cut_check(mask, L, checks)
     checks.raise_first()
     mask = mask._truncated_trusted(L)
     freeze = model.freeze_und

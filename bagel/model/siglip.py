@@ -35,6 +35,7 @@ from bagel.model.backend import BagelBackendConfig
 from bagel.model.fusion import float_dtype, fusable
 from bagel.model.validation import HasBackend
 from bagel_kernels import PackedMask, packed_attention
+from bagel_kernels.patch_embed import fused_patch_embed
 from bagel_kernels.reference import apply_rope, patch_embed_reference, rope_inv_freq, rope_tables
 
 with needs_extra():
@@ -68,9 +69,6 @@ def patch_embed(
     (``"auto"`` takes the torch path where the extension is not built; a named kernel then raises
     ValueError)."""
     if backend != "torch":
-        # imported on first use, as bagel_kernels exposes it: importing the module imports triton
-        from bagel_kernels.patch_embed import fused_patch_embed
-
         return fused_patch_embed(patches, weight, bias, pos_table, pos_ids, backend=backend)
     return patch_embed_reference(patches, weight, bias, pos_table, pos_ids)
 

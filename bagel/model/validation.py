@@ -98,7 +98,9 @@ def backend_property(children=None) -> property:
             child.backend = value
 
     return property(
-        get, set_, doc="The kernel choice (a :class:`bagel.model.backend.BagelBackendConfig`), checked when set."
+        get,
+        set_,
+        doc="The kernel choice (a :class:`bagel.model.backend.BagelBackendConfig`), checked when set.",
     )
 
 
