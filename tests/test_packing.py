@@ -9,6 +9,7 @@ import torch
 
 from bagel import BagelConfig
 from bagel.data.packing import (
+    DroppedImage,
     EditSample,
     Sample,
     SpecialTokens,
@@ -285,3 +286,41 @@ def test_model_forward_refuses_float_lengths():
     for lens in (np.array([6.9, 5.0], dtype=np.float32), [6.0, 5.0], [6, True]):
         with pytest.raises(ValueError, match="sample_lens"):
             model(**{**batch, "sample_lens": lens})
+
+
+# ---------------------------------------------------------------------------------------------- issue 23 item 13
+@pytest.mark.parametrize("field", ["loss", "special_token_loss"])
+@pytest.mark.parametrize("value", ["no", 1, 0.0, None])
+def test_text_loss_flags_must_be_bools(field, value):
+    # Text(loss="no") used to switch the loss ON (a non-empty string is truthy)
+    seg = Text([1, 2], **{field: value}, special_token_label=3)
+    with pytest.raises(ValueError, match=f"Text.{field} must be a bool"):
+        pack_samples([[seg]], CFG)
+    pack_samples([[Text([1, 2], loss=np.bool_(True))]], CFG)  # numpy bools are bools
+
+
+@pytest.mark.parametrize("reduction", ["bogus", "", None, 1])
+def test_loss_reduction_is_checked_even_without_loss_tokens(reduction):
+    # used to be checked only when a text split carried loss: a typo passed silently on image-only packs
+    with pytest.raises(ValueError, match="loss_reduction"):
+        pack_samples([[Text([1, 2], loss=False)]], CFG, loss_reduction=reduction)
+
+
+# ---------------------------------------------------------------------------------------------- data pipeline forms
+def test_dropped_image_advances_the_position_only():
+    # upstream's pack_sequence: a ViT/VAE image removed by CFG dropout adds no token but rope += 1
+    px = torch.zeros(3, 4, 4)  # one ViT patch
+    out = pack_samples([[DroppedImage("vae"), VitImage(px), Text([5], loss=True)]], CFG)
+    assert out["split_lens"] == [3, 3] and out["attn_modes"] == ["full", "causal"]
+    assert out["packed_position_ids"].tolist() == [1, 1, 1, 2, 3, 4]
+    assert sample_num_tokens([DroppedImage(), Text([5])], CFG) == 3
+    with pytest.raises(ValueError, match="no segments with tokens"):
+        pack_samples([[DroppedImage()]], CFG)
+
+
+def test_vae_image_in_pixels_counts_tokens_and_must_be_encoded_before_packing():
+    s = CFG.latent_downsample  # pixels per latent token side
+    seg = VaeImage(pixels=torch.zeros(3, 2 * s, 3 * s))
+    assert sample_num_tokens([seg], CFG) == 2 * 3 + 2
+    with pytest.raises(ValueError, match="encode it first"):
+        pack_samples([[Text([1]), seg]], CFG)

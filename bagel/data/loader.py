@@ -63,7 +63,6 @@ __all__ = [
 
 logger = logging.getLogger("bagel.data")
 STATE_FORMAT = 1
-_logged_reasons: set[str] = set()  # per process: each skip reason is logged once
 
 
 @dataclass
@@ -187,6 +186,7 @@ class ShardPacker:
         self.buffer: list[RawSample] = []
         self.pending: list[RawSample] = []
         self.skipped: Counter[str] = Counter()
+        self.logged: set[str] = set()  # each skip reason is logged once per shard (worker)
         self.packs = 0
         weights = [g.spec.weight for g in groups]
         total = sum(weights)
@@ -196,8 +196,8 @@ class ShardPacker:
     # --- samples
     def _skip(self, reason: str, detail: str) -> None:
         self.skipped[reason] += 1
-        if reason not in _logged_reasons:
-            _logged_reasons.add(reason)
+        if reason not in self.logged:
+            self.logged.add(reason)
             logger.warning(
                 "skipping a sample: %s (%s); further samples skipped for this reason are counted, not logged",
                 reason,

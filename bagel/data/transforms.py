@@ -4,7 +4,7 @@
   upstream's ``pil_img2rgb``); the size is checked from the header before decoding.
 - :func:`target_size`: upstream's ``MaxLongEdgeMinShortEdgeResize`` arithmetic (scale the long side
   down to ``max_image_size``, the short side up to ``min_image_size``, the area down to
-  ``max_pixels / img_num``, sides rounded to multiples of the stride, at least one stride), plus a cap
+  ``max_pixels / img_num`` (by the square root of the area ratio: see :func:`target_size`), sides rounded to multiples of the stride, at least one stride), plus a cap
   on the long side from the model's position grid: ``vit_max_num_patch_per_side * patch_size`` for the
   ViT, ``max_latent_size * latent_downsample`` for the VAE.
 - :class:`ImageTransform`: resize (bicubic, antialiased, as torchvision does for PIL images) and map
@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from typing import Any
@@ -127,7 +128,9 @@ def target_size(
     w, h = scaled(width, height, scale)
     budget = args.max_pixels / img_num
     if w * h > budget:
-        w, h = scaled(w, h, budget / (w * h))
+        # upstream multiplies the sides by the area ratio itself, which shrinks such images far below
+        # the budget (a 400x400 image with a 128x128 budget becomes 48x48); the sides scale by its root
+        w, h = scaled(w, h, math.sqrt(budget / (w * h)))
     if max(w, h) > max_size:
         w, h = scaled(w, h, max_size / max(w, h))
     # rounding may still leave the long side one stride over the cap; clamp it (never below one stride)
