@@ -22,10 +22,10 @@ in fp32.
 
 Memory. Rows go through in chunks of ``chunk_size`` (default: the rows whose logits fit in
 :data:`DEFAULT_CHUNK_BYTES` = 256 MiB, 880 rows at V = 152064 in bf16); only one ``[chunk, V]`` logits
-buffer (plus, on the torch backend, its fp32 copy) exists at a time. When gradients will be taken, the forward turns each chunk's logits in place
-into ``dz`` (the Triton kernel :func:`_lce_rows_kernel`: one program per row, an online max/sum-exp
-pass over V, then a pass writing ``dz``), folds it into ``dhidden`` (``dz @ weight``) and ``dweight``
-(``+= dz^T hidden``) at once, and keeps only those (Liger-Kernel's fused linear cross-entropy): the
+buffer (plus, on the torch backend, its fp32 copy) exists at a time. When gradients will be taken, the
+forward turns each chunk's logits in place into ``dz`` (the Triton kernel :func:`_lce_rows_kernel`:
+one program per row, an online max/sum-exp pass over V, then a pass writing ``dz``), folds it into
+``dhidden`` (``dz @ weight``) and ``dweight`` (``+= dz^T hidden``) at once, and keeps only those (Liger-Kernel's fused linear cross-entropy): the
 backward scales them by the incoming gradient (out of place: the forward op's outputs are not mutated,
 so the backward briefly holds a second weight-sized buffer; 16-bit gradients are scaled in fp32 and
 rounded once). Three GEMMs in all, as ``F.linear`` + ``F.cross_entropy`` take, and nothing ``N x V``
@@ -48,7 +48,7 @@ autograd registered), so ``torch.compile(fullgraph=True)`` traces through them.
 
 Public: :func:`linear_cross_entropy`, :func:`lm_head_cross_entropy` (takes the ``nn.Linear`` LM head
 and falls back to calling it when it is not a plain ``nn.Linear``), :func:`linear_cross_entropy_reference`,
-:func:`cross_entropy_rows` (the per-chunk row step, for tests), :data:`LCE` (the dispatcher),
+:func:`cross_entropy_rows` (the per-chunk row step, for tests), :data:`LINEAR_CROSS_ENTROPY` (the dispatcher),
 :func:`compile_specs` (sm_90/sm_80 compile check at BAGEL-7B's V = 152064).
 """
 
@@ -72,7 +72,7 @@ __all__ = [
     "default_chunk_size",
     "DEFAULT_CHUNK_BYTES",
     "REDUCTIONS",
-    "LCE",
+    "LINEAR_CROSS_ENTROPY",
     "BACKENDS",
     "compile_cases",
     "compile_specs",
@@ -99,7 +99,7 @@ def _triton_reasons(req: Request) -> list[str]:
     return [] if _HAS_TRITON else ["needs the triton package, which is not installed"]
 
 
-LCE = Family(
+LINEAR_CROSS_ENTROPY = Family(
     "linear_cross_entropy",
     {
         "triton": Backend(
@@ -109,7 +109,7 @@ LCE = Family(
     },
     auto={"cuda": ("triton", "torch"), "*": ("torch",)},  # never the interpreter on CPU
 )
-BACKENDS = LCE.names
+BACKENDS = LINEAR_CROSS_ENTROPY.names
 
 
 # ============================================================================================ Triton kernel
@@ -484,7 +484,8 @@ def _lce_bwd_op(
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     scale = _row_scale(grad_loss, count, reduction, N)
     dh, dw, db = _chunked_pass(
-        hidden, weight, labels, bias, ignore_index, chunk_size, backend, None, lse.float().contiguous(), scale,
+        hidden, weight, labels, bias, ignore_index, chunk_size, backend, None, lse.float().contiguous(),
+        scale,
         grad_hidden, grad_weight, grad_bias and bias is not None,
     )  # fmt: skip
     return (
@@ -639,7 +640,7 @@ def linear_cross_entropy(
         fuse_backward: compute the gradients during the forward (three GEMMs in all). Default: when
             autograd will need them. With ``reduction="none"`` they are used only for a uniform incoming
             gradient (``loss.sum()``, ``loss.mean()``, eager); pass False when you weight the tokens.
-        backend: "auto", "triton" or "torch" (:data:`LCE`).
+        backend: "auto", "triton" or "torch" (:data:`LINEAR_CROSS_ENTROPY`).
 
     Returns: fp32 loss, ``[N]`` or 0-dim. Differentiable in hidden, weight and bias.
     Bad input raises ValueError naming the argument; labels are checked against ``[0, V)`` with one
@@ -660,7 +661,7 @@ def linear_cross_entropy(
     )
     if fuse_backward is None:
         fuse_backward = any(need)
-    be = LCE.choose(backend, Request(hidden.device, hidden.dtype, backward=any(need))).name
+    be = LINEAR_CROSS_ENTROPY.choose(backend, Request(hidden.device, hidden.dtype, backward=any(need))).name
     flags = need if fuse_backward else (False, False, False)
     out = _lce_op(hidden, weight, labels, bias, ignore_index, reduction, chunk_size, be, *flags)
     return out[0]
@@ -707,7 +708,7 @@ def lm_head_cross_entropy(
     return F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction=reduction)
 
 
-# ============================================================================================ AOT compile specs
+# ======================================================================================== AOT compile specs
 # (dtype, rows, V, H): BAGEL-7B's LM head in bf16 (V = 152064, H = 3584) over 2000 CE tokens (three
 # chunks, the last one short), and fp16 with an odd V whose row stride is not a multiple of 16.
 _COMPILE_LAYOUTS = {

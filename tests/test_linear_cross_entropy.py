@@ -78,7 +78,7 @@ def _check(backend, dtype, N, H, V, reduction, chunk, *, ignored=(), bias=True, 
             _close(t.grad, r, dtype, "bwd", f"d{name}")
 
 
-# ============================================================================================ values and gradients
+# ===================================================================================== values and gradients
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_matches_float64_reference(backend, reduction):
@@ -333,14 +333,19 @@ def _opcheck_cases():
     d = [t.detach() for t in (hidden, weight, b)]
     lse = torch.logsumexp(F.linear(d[0], d[1], d[2]), 1)
     count = (labels != -100).sum()
+    g_none, g_sum = torch.randn(9), torch.tensor(0.5)
     cases = []
     for be in BACKENDS:
+        fwd_all = (hidden, weight, labels, b, -100, "none", 4, be, True, True, True)
+        fwd_w = (hidden, weight, labels, None, -100, "mean", 4, be, False, True, False)
+        bwd_all = (g_none, *d[:2], labels, d[2], lse, count, -100, "none", 4, be, True, True, True)
+        bwd_h = (g_sum, *d[:2], labels, None, lse, count, -100, "sum", 4, be, True, False, False)
         cases += [
-            (f"fwd_none_{be}", ops.linear_cross_entropy, (hidden, weight, labels, b, -100, "none", 4, be, True, True, True)),
-            (f"fwd_mean_nobias_{be}", ops.linear_cross_entropy, (hidden, weight, labels, None, -100, "mean", 4, be, False, True, False)),
-            (f"bwd_none_{be}", ops.linear_cross_entropy_backward, (torch.randn(9), *d[:2], labels, d[2], lse, count, -100, "none", 4, be, True, True, True)),
-            (f"bwd_sum_{be}", ops.linear_cross_entropy_backward, (torch.tensor(0.5), *d[:2], labels, None, lse, count, -100, "sum", 4, be, True, False, False)),
-        ]  # fmt: skip
+            (f"fwd_none_{be}", ops.linear_cross_entropy, fwd_all),
+            (f"fwd_mean_nobias_{be}", ops.linear_cross_entropy, fwd_w),
+            (f"bwd_none_{be}", ops.linear_cross_entropy_backward, bwd_all),
+            (f"bwd_sum_{be}", ops.linear_cross_entropy_backward, bwd_h),
+        ]
     return cases
 
 
