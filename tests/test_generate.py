@@ -400,3 +400,17 @@ def test_sampling_temperature_top_p():
     a = generate_text(ctx, generator=torch.Generator().manual_seed(9), **kw)
     b = generate_text(ctx, generator=torch.Generator().manual_seed(9), **kw)
     assert a == b
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "packed"])
+def test_cached_equals_recompute_cuda_bf16(backend):
+    """On a GPU in bf16: every step backend (packed = our Triton kernel) against the recompute path."""
+    m = _model(seed=5).to("cuda", torch.bfloat16)
+    noise = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(
+        num_timesteps=4, initial_noise=noise, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0)
+    )
+    ref = sample_latent_tokens(m, _edit_branches(m, False), (2, 3), **kw)
+    got = sample_latent_tokens(m, _edit_branches(m, True, backend), (2, 3), **kw)
+    torch.testing.assert_close(got, ref, atol=0.1, rtol=0.05)  # bf16 activations through 2 layers, 3 steps

@@ -70,8 +70,8 @@ _MODES = ("causal", "full", "noise")
 @dataclass
 class KVCache:
     """Keys and values of one sequence, per decoder layer: ``keys[i]`` / ``values[i]`` ``[C, Hkv, D]``
-    (keys after ``k_norm`` and RoPE). ``next_position`` is the RoPE position the next chunk starts at
-    (kept by the caller: text advances it by its length, an image by one).
+    (keys after ``k_norm`` and RoPE); ``num_tokens`` = C. The RoPE position of the next chunk is the
+    caller's (:class:`bagel.generate.context.Context` keeps it).
 
     Appending makes new tensors (``torch.cat``) and never writes into old ones, so :meth:`fork` (a
     shallow copy) is a cheap, independent copy: the guidance branches share their common prefix."""
@@ -79,14 +79,13 @@ class KVCache:
     keys: list[torch.Tensor | None]
     values: list[torch.Tensor | None]
     num_tokens: int = 0
-    next_position: int = 0
 
     @classmethod
     def empty(cls, num_layers: int) -> KVCache:
         return cls([None] * num_layers, [None] * num_layers)
 
     def fork(self) -> KVCache:
-        return KVCache(list(self.keys), list(self.values), self.num_tokens, self.next_position)
+        return KVCache(list(self.keys), list(self.values), self.num_tokens)
 
     def layer(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.keys[i], self.values[i]
@@ -247,80 +246,86 @@ def _chunk_mask(chunk: Chunk, num_cached: int, device: torch.device) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def _attend_sdpa(q_parts, k_parts, v_parts, chunks, caches, layer) -> list[torch.Tensor]:
-    out = []
-    for q, k, v, chunk, cache in zip(q_parts, k_parts, v_parts, chunks, caches, strict=True):
-        ck, cv = cache.layer(layer)
-        if ck is not None:
-            k, v = torch.cat([ck, k]), torch.cat([cv, v])
-        mask = _chunk_mask(chunk, 0 if ck is None else ck.shape[0], q.device)
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],  # [1, Hq, Q, D]
-            k.transpose(0, 1)[None],  # [1, Hkv, C + Q, D]
-            v.transpose(0, 1)[None],
-            attn_mask=mask,
-            enable_gqa=q.shape[1] != k.shape[1],
+class _StepAttention:
+    """The attention of one forward, planned once for every layer (the cache lengths are the same in
+    every layer): per-sequence masks (sdpa), cumulative lengths (flash), the pack's PackedMask and the
+    chunks' rows in it (packed). Called per layer with the chunks' q, k, v; returns their outputs."""
+
+    def __init__(self, step: str, chunks: Sequence[Chunk], caches: Sequence[KVCache], attention_backend: str):
+        self.step, self.chunks, self.caches = step, chunks, caches
+        self.attention_backend = attention_backend
+        device = chunks[0].embeds.device
+        cached = [c.num_tokens for c in caches]
+        self.lens_q = [len(c) for c in chunks]
+        if step == "sdpa":
+            self.masks = [_chunk_mask(c, n, device) for c, n in zip(chunks, cached, strict=True)]
+        elif step == "flash":
+            lens_k = [n + q for n, q in zip(cached, self.lens_q, strict=True)]
+            self.cu_q, self.cu_k = _cumulative(self.lens_q, device), _cumulative(lens_k, device)
+            self.max_q, self.max_k = max(self.lens_q), max(lens_k)
+            self.causal = not chunks[0].one_block
+        else:
+            sample_lens, split_lens, modes, self.rows = [], [], [], []
+            start = 0
+            for chunk, C in zip(chunks, cached, strict=True):
+                if C:
+                    split_lens.append(C)
+                    modes.append("full")  # the cache: visible to every later query of the sample
+                split_lens += chunk.split_lens
+                modes += chunk.attn_modes
+                sample_lens.append(C + len(chunk))
+                self.rows.append((start + C, start + C + len(chunk)))
+                start += C + len(chunk)
+            self.mask = PackedMask.from_splits(sample_lens, split_lens, modes, device=device)
+
+    def __call__(self, q_parts, k_parts, v_parts, layer: int) -> list[torch.Tensor]:
+        keys, values = [], []
+        for k, v, cache in zip(k_parts, v_parts, self.caches, strict=True):
+            ck, cv = cache.layer(layer)
+            keys.append(k if ck is None else torch.cat([ck, k]))
+            values.append(v if cv is None else torch.cat([cv, v]))
+        if self.step == "sdpa":
+            out = []
+            for q, k, v, mask in zip(q_parts, keys, values, self.masks, strict=True):
+                o = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None],  # [1, Hq, Q, D]
+                    k.transpose(0, 1)[None],  # [1, Hkv, C + Q, D]
+                    v.transpose(0, 1)[None],
+                    attn_mask=mask,
+                    enable_gqa=q.shape[1] != k.shape[1],
+                )
+                out.append(o[0].transpose(0, 1))  # [Q, Hq, D]
+            return out
+        if self.step == "flash":
+            from flash_attn import flash_attn_varlen_func
+
+            # flash-attn aligns its causal mask to the bottom right: chunk query i sees every cached key
+            # and the chunk's keys up to i, the training mask of a causal chunk after its cache
+            o = flash_attn_varlen_func(
+                torch.cat(q_parts),
+                torch.cat(keys),
+                torch.cat(values),
+                cu_seqlens_q=self.cu_q,
+                cu_seqlens_k=self.cu_k,
+                max_seqlen_q=self.max_q,
+                max_seqlen_k=self.max_k,
+                causal=self.causal,
+            )
+            return list(o.split(self.lens_q))
+        qs = []
+        for q, k in zip(q_parts, keys, strict=True):
+            C = k.shape[0] - q.shape[0]
+            if C:  # the cached rows' queries are not needed: zeros stand in, their outputs are dropped
+                qs.append(q.new_zeros(C, *q.shape[1:]))
+            qs.append(q)
+        o = packed_attention(
+            torch.cat(qs), torch.cat(keys), torch.cat(values), self.mask, backend=self.attention_backend
         )
-        out.append(o[0].transpose(0, 1))  # [Q, Hq, D]
-    return out
+        return [o[a:b] for a, b in self.rows]
 
 
-def _attend_flash(q_parts, k_parts, v_parts, chunks, caches, layer) -> list[torch.Tensor]:
-    from flash_attn import flash_attn_varlen_func
-
-    ks, vs, lens_k = [], [], []
-    for k, v, cache in zip(k_parts, v_parts, caches, strict=True):
-        ck, cv = cache.layer(layer)
-        if ck is not None:
-            k, v = torch.cat([ck, k]), torch.cat([cv, v])
-        ks.append(k)
-        vs.append(v)
-        lens_k.append(k.shape[0])
-    lens_q = [q.shape[0] for q in q_parts]
-    device = q_parts[0].device
-
-    def cu(lens):
-        return F.pad(torch.tensor(lens, device=device).cumsum(0), (1, 0)).to(torch.int32)
-
-    # flash-attn aligns its causal mask to the bottom right: chunk query i sees every cached key and
-    # the chunk's keys up to i, the training mask of a causal chunk after its cache
-    o = flash_attn_varlen_func(
-        torch.cat(q_parts),
-        torch.cat(ks),
-        torch.cat(vs),
-        cu_seqlens_q=cu(lens_q),
-        cu_seqlens_k=cu(lens_k),
-        max_seqlen_q=max(lens_q),
-        max_seqlen_k=max(lens_k),
-        causal=not chunks[0].one_block,
-    )
-    return list(o.split(lens_q))
-
-
-def _attend_packed(q_parts, k_parts, v_parts, chunks, caches, layer, attention_backend) -> list[torch.Tensor]:
-    qs, ks, vs, sample_lens, split_lens, modes, rows = [], [], [], [], [], [], []
-    start = 0
-    for q, k, v, chunk, cache in zip(q_parts, k_parts, v_parts, chunks, caches, strict=True):
-        ck, cv = cache.layer(layer)
-        C = 0 if ck is None else ck.shape[0]
-        if C:
-            # the cached rows' queries are not needed: zeros stand in and their outputs are dropped
-            qs.append(q.new_zeros(C, *q.shape[1:]))
-            ks.append(ck)
-            vs.append(cv)
-            split_lens.append(C)
-            modes.append("full")  # visible to every later query of the sample
-        qs.append(q)
-        ks.append(k)
-        vs.append(v)
-        split_lens += chunk.split_lens
-        modes += chunk.attn_modes
-        sample_lens.append(C + len(chunk))
-        rows.append((start + C, start + C + len(chunk)))
-        start += C + len(chunk)
-    mask = PackedMask.from_splits(sample_lens, split_lens, modes, device=q_parts[0].device)
-    o = packed_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), mask, backend=attention_backend)
-    return [o[a:b] for a, b in rows]
+def _cumulative(lens: list[int], device: torch.device) -> torch.Tensor:
+    return F.pad(torch.tensor(lens, device=device).cumsum(0), (1, 0)).to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -378,6 +383,7 @@ def forward_cached(
     inv_freq = rope_inv_freq(D, _rope_theta(tc)).to(x.device)
     cos, sin = rope_tables(torch.cat([c.positions for c in chunks]).to(x.device), inv_freq, x.dtype)
 
+    attend = _StepAttention(step, chunks, caches, attention_backend)
     x = rows.group(x)
     for i, layer in enumerate(layers):
         attn = layer.self_attn
@@ -390,12 +396,7 @@ def forward_cached(
         k = rows.ungroup(rows.call(k, *_pair(attn, "k_norm")))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         qp, kp, vp = q.split(lens), k.split(lens), v.split(lens)
-        if step == "sdpa":
-            o = _attend_sdpa(qp, kp, vp, chunks, caches, i)
-        elif step == "flash":
-            o = _attend_flash(qp, kp, vp, chunks, caches, i)
-        else:
-            o = _attend_packed(qp, kp, vp, chunks, caches, i, attention_backend)
+        o = attend(qp, kp, vp, i)
         if update:
             for cache, kk, vv in zip(caches, kp, vp, strict=True):
                 cache.append(i, kk, vv)
