@@ -134,7 +134,13 @@ def bagel_config(cfg: TrainConfig):
         bad = sorted(set(cfg.model.tiny) - allowed)
         if bad:
             raise ValueError(f"model.tiny: unknown BagelConfig.tiny argument(s) {bad}")
-        config = BagelConfig.tiny(**dict(cfg.model.tiny))
+        tiny = dict(cfg.model.tiny)
+        if cfg.data.source == "example":  # the example's tokenizer and the FLUX VAE's 16 channels
+            from bagel.data import tiny_tokenizer
+
+            tiny.setdefault("vocab_size", len(tiny_tokenizer()))
+            tiny.setdefault("latent_channels", 16)
+        config = BagelConfig.tiny(**tiny)
     config.stage = cfg.model.stage
     return config
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import textwrap
 import types
 import typing
@@ -112,41 +113,36 @@ class VaeSection:
     micro_batch_size: int = doc(8, "Images per VAE encode call (bounds the encoder's activation memory).")
 
 
+def _data_config_cls():
+    from bagel.data.config import DataConfig
+
+    return DataConfig
+
+
 @dataclass
 class DataSection:
     source: Literal["synthetic", "example", "files"] = doc(
         "synthetic",
-        "synthetic: random samples of data.kinds (no files); example: the built-in example dataset "
-        "(real images, written on first use); files: the dataset group of data.dataset_config.",
-    )
-    dataset_config: str | None = doc(
-        None, "Dataset-group YAML (upstream BAGEL's layout, weights and num_used_data) for source=files."
+        "synthetic: random samples of data.kinds (no files, no tokenizer, no VAE); example: the built-in "
+        "example dataset (real images, written into <output_dir>/example-data on first use); files: the "
+        "dataset group of data.loader.dataset_config_file. example and files run the bagel.data pipeline "
+        "(readers, transforms with CFG dropout, the streaming packer) and encode VAE images with the VAE.",
     )
     tokenizer: str | None = doc(
-        None, "Folder of the Qwen2 tokenizer (read offline). null: the checkpoint folder's own, if any."
+        None,
+        "Folder of the Qwen2 tokenizer (read offline) for source=files. null: model.path's own. The "
+        "example uses the built-in tiny tokenizer.",
     )
     kinds: list = doc(
         ["und", "t2i", "edit", "text"],
         "Sample kinds drawn by the synthetic source (und, t2i, edit, text), uniformly.",
     )
-    max_num_tokens: int = doc(
-        512, "Tokens per pack (flex-style padded to this); never exceeded. Upstream: 32768 on 80 GB."
-    )
-    expected_num_tokens: int | None = doc(
-        None, "Fill packs up to this many tokens before closing them (null: max_num_tokens)."
-    )
-    max_num_tokens_per_sample: int | None = doc(
-        None, "Samples longer than this are dropped (counted). null: max_num_tokens."
-    )
-    num_workers: int = doc(0, "DataLoader worker processes per rank (0: load in the training process).")
-    seed: int = doc(0, "Seed of shuffling, timestep sampling and CFG dropout (each rank derives its own).")
-    text_cond_dropout: float = doc(0.1, "CFG: probability of dropping a sample's conditioning text.")
-    vit_cond_dropout: float = doc(0.3, "CFG: probability of dropping a conditioning ViT image.")
-    vae_cond_dropout: float = doc(0.3, "CFG: probability of dropping a conditioning clean VAE image.")
-    options: dict = doc(
-        {},
-        "Further fields of the data pipeline's DataConfig (bagel.data), passed through by name and "
-        "checked there (e.g. vit_max_num_patch_per_side, max_latent_size).",
+    loader: Any = field(
+        default_factory=lambda: _data_config_cls()(),
+        metadata={
+            "help": "The data pipeline's settings (bagel.data.DataConfig): token budgets of the packs "
+            "(max_num_tokens is also the synthetic source's pack size), CFG dropout, workers, seed."
+        },
     )
 
 
@@ -324,18 +320,18 @@ class TrainConfig:
         need(self.logging.every >= 1, "logging.every", "must be >= 1")
         need(self.loss.ce_weight >= 0, "loss.ce_weight", "must be >= 0")
         need(self.loss.mse_weight >= 0, "loss.mse_weight", "must be >= 0")
-        need(self.data.max_num_tokens >= 1, "data.max_num_tokens", "must be >= 1")
-        need(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
         need(self.vae.micro_batch_size >= 1, "vae.micro_batch_size", "must be >= 1")
         need(self.distributed.hybrid_shard_size >= 0, "distributed.hybrid_shard_size", "must be >= 0")
         need(self.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0")
         need(self.finetune.lora_r >= 1, "finetune.lora_r", "must be >= 1")
         need(0 <= self.finetune.lora_dropout < 1, "finetune.lora_dropout", "must be in [0, 1)")
-        for name in ("text_cond_dropout", "vit_cond_dropout", "vae_cond_dropout"):
-            need(0.0 <= getattr(self.data, name) <= 1.0, f"data.{name}", "must be in [0, 1]")
+        try:
+            self.data.loader.validate()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc).replace("DataConfig.", "data.loader.")) from None
         need(
-            self.data.source != "files" or bool(self.data.dataset_config),
-            "data.dataset_config",
+            self.data.source != "files" or bool(self.data.loader.dataset_config_file),
+            "data.loader.dataset_config_file",
             "data.source=files needs a dataset-group YAML",
         )
         need(
@@ -348,12 +344,6 @@ class TrainConfig:
             "finetune.lora_targets",
             "LoRA needs at least one target",
         )
-        if self.data.expected_num_tokens is not None:
-            need(
-                1 <= self.data.expected_num_tokens <= self.data.max_num_tokens,
-                "data.expected_num_tokens",
-                "must be in [1, data.max_num_tokens]",
-            )
         return self
 
 
@@ -365,7 +355,29 @@ def _get(obj: Any, dotted: str) -> Any:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)
+    if cls is DataSection:
+        hints["loader"] = _data_config_cls()  # the data pipeline's own dataclass, embedded
+    return hints
+
+
+def _field_help(cls: type, f: dataclasses.Field) -> str:
+    """A field's documentation: its ``help`` metadata, else its entry in the class docstring's
+    ``Attributes:`` section (the data pipeline's DataConfig documents its fields there)."""
+    if f.metadata.get("help"):
+        return f.metadata["help"]
+    lines = (cls.__doc__ or "").splitlines()
+    out, on = [], False
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith(f"{f.name}:"):
+            on = True
+            out.append(stripped.split(":", 1)[1].strip())
+        elif on and stripped and not re.match(r"^\w+:", stripped):
+            out.append(stripped)
+        elif on:
+            break
+    return " ".join(out)
 
 
 def _keys(cls: type, prefix: str = "") -> list[str]:
@@ -420,6 +432,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads on / off as booleans
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -571,9 +585,9 @@ def describe_config(config: TrainConfig | None = None) -> str:
         hints = _hints(type(obj))
         for f in dataclasses.fields(obj):
             tp = hints[f.name]
-            help_text = f.metadata.get("help", "")
+            help_text = _field_help(type(obj), f)
             if dataclasses.is_dataclass(tp):
-                lines.append(f"{indent}# {help_text}")
+                lines.extend(f"{indent}# {line}" for line in textwrap.wrap(help_text, 100 - len(indent)))
                 lines.append(f"{indent}{f.name}:")
                 walk(getattr(obj, f.name), indent + "  ")
                 lines.append("")

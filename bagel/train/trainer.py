@@ -150,10 +150,11 @@ def _resume_path(cfg: TrainConfig, ckpt_dir: str) -> str | None:
     return resume
 
 
-def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
+def train(cfg: TrainConfig, *, stop_after: int | None = None, keep_model: bool = False) -> dict:
     """Run (or continue) the training of ``cfg`` on this rank; returns a summary on every rank
-    (``losses``: the step records of this invocation; ``checkpoint``; ``export``). ``stop_after``: leave
-    after that many steps of this invocation (as a killed run would, without the end-of-run saves)."""
+    (``losses``: the step records of this invocation; ``checkpoint``; ``export``; with ``keep_model``
+    also ``model`` and ``ema``). ``stop_after``: leave after that many steps of this invocation (as a
+    killed run would, without the end-of-run saves)."""
     import yaml
 
     from bagel.train.build import build_model
@@ -321,7 +322,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         log.close()
     if rank == 0 and cfg.logging.plot:
         plot_losses(os.path.join(out, "losses.png"), read_records(os.path.join(out, "metrics.jsonl")))
-    return {
+    summary = {
         "losses": records,
         "start_step": start,
         "checkpoint": last_ckpt,
@@ -329,6 +330,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         "rank": rank,
         "world": world,
     }
+    if keep_model:
+        summary.update(model=model, ema=ema)
+    return summary
 
 
 def _save(save_checkpoint, ckpt_dir, step, model, opt, ema, sched, data, cfg) -> str:
