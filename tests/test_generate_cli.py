@@ -5,6 +5,7 @@ usage errors (exit 2); a stage-1 checkpoint asked to draw is a clear error."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -114,3 +115,23 @@ def test_missing_vae_and_stage1(ckpt, tmp_path, capsys):
     # a height the model cannot draw is found once the model is read: still a one-line usage error
     assert main(["--model", ckpt, "--prompt", "x", "--out", str(tmp_path / "o.png"), "--height", "40"]) == 2
     assert "--height" in capsys.readouterr().err
+
+
+def test_bench_generate_tiny(tmp_path, capsys):
+    """benchmarks/bench_generate.py --tiny runs every row on the CPU (times are not asserted)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    import bench_generate
+
+    assert bench_generate.main(["--tiny", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "bench_generate.md").read_text()
+    assert "failed" not in md
+    for row in (
+        "prefill",
+        "step sdpa",
+        "step packed",
+        "step recompute",
+        "image (3 timesteps)",
+        "token cached",
+    ):
+        assert f"| {row} |" in md, row
