@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import Report, device_info, run_script, sync, time_ms, use_checkout  # noqa: E402
+from common import Table, device_info, run_script, sync, time_ms, use_checkout  # noqa: E402
 
 use_checkout()
 
@@ -114,17 +114,33 @@ def guidance(case) -> dict:
     return dict(cfg_text_scale=4.0, cfg_img_scale=img, cfg_interval=(0.0, 1.0), timestep_shift=3.0)
 
 
-def run(args) -> Report:
+def _writer(out: str | None, table: Table):
+    """Rewrites ``out/bench_generate.md`` whole after every row (temporary name, then renamed), so that
+    a run cut off by a time limit keeps every row measured before the cut."""
+
+    def write() -> None:
+        if not out:
+            return
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "bench_generate.md")
+        with open(path + ".tmp", "w") as f:
+            f.write(table.render())
+        os.replace(path + ".tmp", path)
+
+    return write
+
+
+def run(args) -> str:
     if args.tiny:  # a check of the script: a few steps and tokens
         args.timesteps, args.tokens = min(args.timesteps, 3), min(args.tokens, 4)
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     reps, warmup = (2, 1) if args.tiny or args.quick else (5, 2)
     model, vae = build(args, device, dtype)
-    report = Report(args.out, "bench_generate")
-    table = report.table(
+    table = Table(
         "bagel-generate: sampling speed", ["case", "row", "ms", "s per image / ms per token", "peak GiB"]
     )
+    write = _writer(args.out, table)
     backends = ["sdpa", "packed"] + (["flash"] if flash_attn_available() and device.type == "cuda" else [])
 
     def peak_reset():
@@ -134,11 +150,13 @@ def run(args) -> Report:
     def peak() -> str:
         return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device.type == "cuda" else "-"
 
-    def row(case, name, ms, derived="", raw=None):
-        table.add([case["name"], name, f"{ms:.2f}", derived, peak()], raw=raw or {"ms": ms})
+    def row(case, name, ms, derived=""):
+        table.add([case["name"], name, f"{ms:.2f}", derived, peak()])
+        write()
 
     def fail(case, name, exc):
-        table.add([case["name"], name, "failed", f"{type(exc).__name__}: {exc}"[:120], "-"], ok=False)
+        table.add([case["name"], name, "failed", f"{type(exc).__name__}: {exc}"[:120], "-"])
+        write()
 
     for case in cases(args, model.config):
         try:
@@ -193,7 +211,7 @@ def run(args) -> Report:
             vae.decode(latent[None])
             sync(device)
             s = time.perf_counter() - t0
-            row(case, f"image ({args.timesteps} timesteps)", s * 1e3, f"{s:.2f} s/image", raw={"s": s})
+            row(case, f"image ({args.timesteps} timesteps)", s * 1e3, f"{s:.2f} s/image")
         except Exception as exc:  # noqa: BLE001
             fail(case, "image", exc)
     table.note(device_info(device))
@@ -205,12 +223,13 @@ def run(args) -> Report:
         "step = one guided Euler step (all guidance branches in one forward); image = prefill + steps + VAE "
         "decode, one run, step backend 'auto'"
     )
-    return report
+    write()
+    return table.render()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench-out", help="folder for bench_generate.md and .jsonl")
+    ap.add_argument("--out", default="bench-out", help="folder for bench_generate.md")
     ap.add_argument("--layers", type=int, default=28, help="language-model layers (BAGEL-7B-MoT: 28)")
     ap.add_argument("--timesteps", type=int, default=50, help="num_timesteps of the whole-image row")
     ap.add_argument("--tokens", type=int, default=64, help="answer tokens to generate")
