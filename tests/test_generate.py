@@ -262,6 +262,27 @@ def test_mixed_chunk_prefill_matches_recompute(model):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
 
 
+def test_kv_cache_forks_and_growth(model):
+    """Forks never see each other's later tokens (copy on write), and decoding past the buffer's
+    capacity (64 rows at first) regrows it: every step's hidden state equals the recompute path's."""
+    from bagel.generate.context import token_chunk
+
+    cached = Context(model).add_text([1, 2, 3])
+    fork = cached.fork()
+    ref = Context(model, use_cache=False).add_text([1, 2, 3])
+    ref_fork = ref.fork()
+    for i in range(66):
+        token = 10 + i % 50
+        a = cached.add_chunk(token_chunk(model, token, cached.next_position), advance=1)
+        b = ref.add_chunk(token_chunk(model, token, ref.next_position), advance=1)
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+        if i % 20 == 0:  # the fork continues differently and stays consistent
+            a = fork.add_chunk(token_chunk(model, 7, fork.next_position), advance=1)
+            b = ref_fork.add_chunk(token_chunk(model, 7, ref_fork.next_position), advance=1)
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    assert cached.cache.num_tokens == 71 and fork.cache.num_tokens == 9
+
+
 def test_step_backend_choice(model):
     chunk = Chunk(torch.zeros(2, 64), torch.arange(2), torch.zeros(2, dtype=torch.bool), [2], ["causal"])
     cache = KVCache.empty(2)

@@ -29,6 +29,7 @@ def _embed_ids(model: nn.Module, ids: Sequence[int], device: torch.device) -> to
     return model.get_input_embeddings()(torch.tensor(list(ids), dtype=torch.long, device=device))
 
 
+@torch.no_grad()
 def text_chunk(model: nn.Module, tokens: SpecialTokens, ids: Sequence[int], position: int) -> Chunk:
     """``[bos] + ids + [eos]``, one causal split at positions ``position, position + 1, ...``."""
     full = [tokens.bos, *ids, tokens.eos]
@@ -43,6 +44,7 @@ def text_chunk(model: nn.Module, tokens: SpecialTokens, ids: Sequence[int], posi
     )
 
 
+@torch.no_grad()
 def token_chunk(model: nn.Module, token: int, position: int) -> Chunk:
     """One text token at ``position`` (a decoding step)."""
     x = _embed_ids(model, [token], _device(model))
@@ -55,6 +57,7 @@ def token_chunk(model: nn.Module, token: int, position: int) -> Chunk:
     )
 
 
+@torch.no_grad()
 def vit_chunk(model: nn.Module, tokens: SpecialTokens, pixels: torch.Tensor, position: int) -> Chunk:
     """``[start_of_image] + ViT patch embeddings + [end_of_image]``, one full split at ``position``.
     ``pixels [3, H, W]`` in [-1, 1], H and W multiples of the ViT patch size."""
@@ -75,6 +78,7 @@ def vit_chunk(model: nn.Module, tokens: SpecialTokens, pixels: torch.Tensor, pos
     return _bracketed(model, tokens, emb, position, gen=False, mode="full")
 
 
+@torch.no_grad()
 def latent_chunk(
     model: nn.Module,
     tokens: SpecialTokens,

@@ -67,34 +67,75 @@ _MODES = ("causal", "full", "noise")
 
 
 # ---------------------------------------------------------------------------------------------- values
-@dataclass
 class KVCache:
-    """Keys and values of one sequence, per decoder layer: ``keys[i]`` / ``values[i]`` ``[C, Hkv, D]``
-    (keys after ``k_norm`` and RoPE); ``num_tokens`` = C. The RoPE position of the next chunk is the
-    caller's (:class:`bagel.generate.context.Context` keeps it).
+    """Keys and values of one sequence, per decoder layer: :meth:`layer` gives ``[C, Hkv, D]`` each (keys
+    after ``k_norm`` and RoPE), ``num_tokens`` = C. The RoPE position of the next chunk is the caller's
+    (:class:`bagel.generate.context.Context` keeps it).
 
-    Appending makes new tensors (``torch.cat``) and never writes into old ones, so :meth:`fork` (a
-    shallow copy) is a cheap, independent copy: the guidance branches share their common prefix."""
+    Storage grows by doubling, so that decoding a token costs one row write per layer rather than a copy
+    of the whole cache. :meth:`fork` is a cheap independent copy that shares the rows seen so far: the
+    guidance branches share their common prefix. A cache writes in place only into buffers it owns
+    alone; after a fork, the first append of either copy moves its rows into a new buffer (copy on
+    write), so forks never see each other's later tokens."""
 
-    keys: list[torch.Tensor | None]
-    values: list[torch.Tensor | None]
-    num_tokens: int = 0
+    _MIN_CAPACITY = 64
+
+    def __init__(self, num_layers: int):
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self._owned = [False] * num_layers
+        self.num_tokens = 0
 
     @classmethod
     def empty(cls, num_layers: int) -> KVCache:
-        return cls([None] * num_layers, [None] * num_layers)
+        return cls(num_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._keys)
 
     def fork(self) -> KVCache:
-        return KVCache(list(self.keys), list(self.values), self.num_tokens)
+        other = KVCache(self.num_layers)
+        other._keys, other._values = list(self._keys), list(self._values)
+        other.num_tokens = self.num_tokens
+        self._owned = [False] * self.num_layers  # the buffers are shared from now on
+        return other
 
     def layer(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return self.keys[i], self.values[i]
+        k, v = self._keys[i], self._values[i]
+        if k is None or self.num_tokens == 0:
+            return None, None
+        return k[: self.num_tokens], v[: self.num_tokens]
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Add a chunk's keys and values to layer ``i`` (the caller adds to ``num_tokens`` once)."""
-        old_k, old_v = self.keys[i], self.values[i]
-        self.keys[i] = k if old_k is None else torch.cat([old_k, k])
-        self.values[i] = v if old_v is None else torch.cat([old_v, v])
+        """Write a chunk's keys and values after the ``num_tokens`` cached rows of layer ``i`` (the caller
+        adds to ``num_tokens`` once, after every layer)."""
+        n, q = self.num_tokens, k.shape[0]
+        buf_k, buf_v = self._keys[i], self._values[i]
+        if buf_k is None or not self._owned[i] or buf_k.shape[0] < n + q:
+            cap = max(self._MIN_CAPACITY, 2 * (n + q))
+            new_k, new_v = k.new_empty(cap, *k.shape[1:]), v.new_empty(cap, *v.shape[1:])
+            if n:
+                new_k[:n], new_v[:n] = buf_k[:n], buf_v[:n]
+            self._keys[i], self._values[i], self._owned[i] = new_k, new_v, True
+            buf_k, buf_v = new_k, new_v
+        buf_k[n : n + q] = k
+        buf_v[n : n + q] = v
+
+    def with_chunk(
+        self, i: int, k: torch.Tensor, v: torch.Tensor, commit: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of layer ``i`` followed by a chunk's ``[C + Q, Hkv, D]``: appended in place
+        (``commit``; views of the buffers, no copy of the cached rows) or concatenated (the cache is
+        left as it is)."""
+        n, q = self.num_tokens, k.shape[0]
+        if commit:
+            self.append(i, k, v)
+            return self._keys[i][: n + q], self._values[i][: n + q]
+        ck, cv = self.layer(i)
+        if ck is None:
+            return k, v
+        return torch.cat([ck, k]), torch.cat([cv, v])
 
 
 @dataclass
@@ -278,12 +319,9 @@ class _StepAttention:
                 start += C + len(chunk)
             self.mask = PackedMask.from_splits(sample_lens, split_lens, modes, device=device)
 
-    def __call__(self, q_parts, k_parts, v_parts, layer: int) -> list[torch.Tensor]:
-        keys, values = [], []
-        for k, v, cache in zip(k_parts, v_parts, self.caches, strict=True):
-            ck, cv = cache.layer(layer)
-            keys.append(k if ck is None else torch.cat([ck, k]))
-            values.append(v if cv is None else torch.cat([cv, v]))
+    def __call__(self, q_parts, keys, values) -> list[torch.Tensor]:
+        """``q_parts[b]`` ``[Q_b, Hq, D]``; ``keys[b]`` / ``values[b]`` ``[C_b + Q_b, Hkv, D]`` (cache, then
+        chunk)."""
         if self.step == "sdpa":
             out = []
             for q, k, v, mask in zip(q_parts, keys, values, self.masks, strict=True):
@@ -370,8 +408,10 @@ def forward_cached(
     tc = model.config.text_config
     layers = decoder.layers
     for cache in caches:
-        if len(cache.keys) != len(layers):
-            raise ValueError(f"a KVCache of {len(cache.keys)} layers for a model of {len(layers)}")
+        if cache.num_layers != len(layers):
+            raise ValueError(f"a KVCache of {cache.num_layers} layers for a model of {len(layers)}")
+    if update and len({id(c) for c in caches}) != len(caches):
+        raise ValueError("update=True with one KVCache given twice")
     step = resolve_step_backend(backend, chunks, caches)
     attention_backend = model.backend.attention if hasattr(model, "backend") else "auto"
 
@@ -396,10 +436,8 @@ def forward_cached(
         k = rows.ungroup(rows.call(k, *_pair(attn, "k_norm")))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         qp, kp, vp = q.split(lens), k.split(lens), v.split(lens)
-        o = attend(qp, kp, vp, i)
-        if update:
-            for cache, kk, vv in zip(caches, kp, vp, strict=True):
-                cache.append(i, kk, vv)
+        kv = [c.with_chunk(i, kk, vv, update) for c, kk, vv in zip(caches, kp, vp, strict=True)]
+        o = attend(qp, [a for a, _ in kv], [b for _, b in kv])
         o = rows.group(torch.cat(o).reshape(-1, Hq * D))
         x = x + rows.call(o, *_pair(attn, "o_proj"))
         h = rows.call(x, *_pair(layer, "post_attention_layernorm"))
