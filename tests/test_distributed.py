@@ -232,3 +232,45 @@ def test_demo_runs_on_two_processes(launch, tmp_path):
     assert all(t > 256 for t in tokens)  # two packs of at most 256 tokens each, summed over the ranks
     done = re.search(r"trained 3 steps, (\d+) tokens in .* tokens/s", res.stdout)
     assert done and int(done.group(1)) == sum(tokens)
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be >= 1"),
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is outside [0, WORLD_SIZE=2)"),
+        ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK='-1' must be >= 0"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
+        ({"WORLD_SIZE": "4", "RANK": "1", "LOCAL_RANK": "3"}, "LOCAL_RANK=3 exceeds RANK=1"),
+    ],
+)
+def test_init_distributed_names_a_malformed_environment(monkeypatch, env, message):
+    """A torchrun environment that cannot be right is a usage error naming the variable, raised before
+    any process group or device is touched (issue 23 item 14)."""
+    import torch.distributed as dist
+
+    from bagel.train.distributed import init_distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as exc:
+        init_distributed(device="cpu")
+    assert message in str(exc.value) and "torchrun" in str(exc.value)
+    assert not dist.is_initialized()
+
+
+def test_read_launch_env_defaults(monkeypatch):
+    from bagel.train.distributed import read_launch_env
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert read_launch_env() == (1, 0, 0)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    assert read_launch_env() == (8, 5, 5)  # one machine: LOCAL_RANK defaults to RANK
+    monkeypatch.setenv("LOCAL_RANK", " 1 ")
+    assert read_launch_env() == (8, 5, 1)

@@ -49,6 +49,7 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "describe_config",
+    "config_keys",
 ]
 
 
@@ -246,7 +247,7 @@ class FinetuneSection:
         "tower), connectors (connector, vit_pos_embed, time_embedder, vae2llm, llm2vae, "
         "latent_pos_embed); any other entry is a regular expression searched in the parameter name.",
     )
-    lora_r: int = doc(16, "LoRA rank.")
+    lora_r: int = doc(16, "LoRA rank r: the adapters' inner dimension (A is r x in, B is out x r).")
     lora_alpha: float = doc(32.0, "LoRA alpha (scale alpha / r).")
     lora_dropout: float = doc(0.0, "Dropout on the LoRA branch's input.")
     lora_targets: list = doc(
@@ -389,6 +390,19 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
         out.append(key)
         if dataclasses.is_dataclass(hints[f.name]):
             out += _keys(hints[f.name], key + ".")
+    return out
+
+
+def config_keys() -> list[str]:
+    """Every leaf key of the configuration, dotted (``optim.lr``, ``data.loader.seed`` ...)."""
+    out = []
+    for key in _keys(TrainConfig):
+        parent, _, name = key.rpartition(".")
+        cls = TrainConfig
+        for part in parent.split(".") if parent else []:
+            cls = _hints(cls)[part]
+        if not dataclasses.is_dataclass(_hints(cls)[name]):
+            out.append(key)
     return out
 
 
