@@ -7,6 +7,7 @@ the training forward's logits (recovered from its per-token cross entropy); step
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -435,3 +436,25 @@ def test_cached_equals_recompute_cuda_bf16(backend):
     ref = sample_latent_tokens(m, _edit_branches(m, False), (2, 3), **kw)
     got = sample_latent_tokens(m, _edit_branches(m, True, backend), (2, 3), **kw)
     torch.testing.assert_close(got, ref, atol=0.1, rtol=0.05)  # bf16 activations through 2 layers, 3 steps
+
+
+def test_save_samples_for_a_training_runner(model, vae, tmp_path):
+    import json
+
+    model.train()
+    gen = Generator(model, vae)
+    image = torch.zeros(3, 32, 32)
+    files = gen.save_samples([[4, 5], (image, [6, 7])], tmp_path, 100, num_timesteps=2, height=32, width=32)
+    assert model.training  # back in the mode it was in
+    model.eval()
+    assert [os.path.basename(f) for f in files] == ["step00000100_00.png", "step00000100_01.png"]
+    assert all(os.path.isfile(f) for f in files) and not [
+        f for f in os.listdir(files[0].rsplit("/", 1)[0]) if "tmp" in f
+    ]
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["index"], r["prompt"]) for r in records] == [(100, 0, [4, 5]), (100, 1, [6, 7])]
+    # the same seed per index at every step: the same image from the same weights
+    again = gen.save_samples([[4, 5]], tmp_path, 200, num_timesteps=2, height=32, width=32)
+    from PIL import Image
+
+    assert Image.open(again[0]).tobytes() == Image.open(files[0]).tobytes()

@@ -14,12 +14,14 @@ contexts), lets the model write its plan (greedy) and appends it to the full con
 A training runner can keep one Generator and call it every N steps::
 
     gen = Generator(model, vae, tokenizer)
-    for i, prompt in enumerate(prompts):
-        gen.text_to_image(prompt, num_timesteps=25, seed=i).to_pil().save(f"step{step}_{i}.png")
+    gen.save_samples(prompts, run_dir, step, num_timesteps=25)   # run_dir/samples/step00001000_00.png ...
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -375,3 +377,55 @@ class Generator:
             top_p=top_p,
             generator=self._rng(seed, generator),
         )
+
+    def save_samples(
+        self,
+        prompts: Sequence[Any],
+        folder: str | os.PathLike,
+        step: int,
+        *,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Draw a fixed prompt set, for a training runner every N steps: each item is a prompt (text to
+        image) or an ``(image, instruction)`` pair (an edit); item ``i`` is drawn with ``seed + i`` (the
+        same noise at every step, so that the images show what training changed). Writes
+        ``folder/samples/step{step:08d}_{i:02d}.png`` (temporary name, then renamed) and appends one JSON
+        line per image to ``folder/samples.jsonl`` (step, index, prompt, file, seconds). The model is in
+        eval mode while sampling and back in its previous mode after. Returns the files written.
+        ``kwargs`` go to :meth:`text_to_image` / :meth:`edit` (``num_timesteps=25`` ...; an edit keeps its
+        image's size and ignores ``height`` / ``width``)."""
+        out_dir = os.path.join(os.fspath(folder), "samples")
+        os.makedirs(out_dir, exist_ok=True)
+        was_training = self.model.training
+        self.model.eval()
+        files = []
+        try:
+            for i, item in enumerate(prompts):
+                start = time.perf_counter()
+                if isinstance(item, tuple):
+                    image, prompt = item
+                    edit_kw = {k: v for k, v in kwargs.items() if k not in ("height", "width")}
+                    result = self.edit(image, prompt, seed=seed + i, **edit_kw)
+                else:
+                    prompt = item
+                    result = self.text_to_image(prompt, seed=seed + i, **kwargs)
+                name = os.path.join(out_dir, f"step{int(step):08d}_{i:02d}.png")
+                tmp = name + f".tmp-{os.getpid()}.png"
+                result.to_pil().save(tmp)
+                os.replace(tmp, name)
+                files.append(name)
+                record = dict(
+                    step=int(step),
+                    index=i,
+                    prompt=prompt if isinstance(prompt, str) else list(prompt),
+                    file=os.path.relpath(name, os.fspath(folder)),
+                    seconds=round(time.perf_counter() - start, 3),
+                )
+                if result.thinking is not None:
+                    record["thinking"] = result.thinking
+                with open(os.path.join(os.fspath(folder), "samples.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        finally:
+            self.model.train(was_training)
+        return files
