@@ -115,6 +115,9 @@ def test_missing_vae_and_stage1(ckpt, tmp_path, capsys):
     # a height the model cannot draw is found once the model is read: still a one-line usage error
     assert main(["--model", ckpt, "--prompt", "x", "--out", str(tmp_path / "o.png"), "--height", "40"]) == 2
     assert "--height" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--model", ckpt, "--ask", "what", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_bench_generate_tiny(tmp_path, capsys):

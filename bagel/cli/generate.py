@@ -201,6 +201,8 @@ def _load(args: argparse.Namespace, drawing: bool):
     from bagel.model.modeling import BagelForUnifiedMultimodal
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _Refusal(f"--device {args.device}: no CUDA device here (use --device cpu)", code=2)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]

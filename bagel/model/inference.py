@@ -41,7 +41,6 @@ heads, D = head dim.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -181,9 +180,19 @@ class Chunk:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+_FLASH: list = []  # [flash_attn_varlen_func or None], filled on first use
+
+
 def flash_attn_available() -> bool:
-    """Whether flash-attn is importable (checked without importing it)."""
-    return importlib.util.find_spec("flash_attn") is not None
+    """Whether flash-attn's varlen function imports here (tried once; any import failure, a missing
+    package or a broken build, means "not available", never an error)."""
+    if not _FLASH:
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except Exception:  # noqa: BLE001 - optional: ImportError, OSError from a mismatched build, ...
+            flash_attn_varlen_func = None
+        _FLASH.append(flash_attn_varlen_func)
+    return _FLASH[0] is not None
 
 
 def resolve_step_backend(backend: str, chunks: Sequence[Chunk], caches: Sequence[KVCache]) -> str:
@@ -335,8 +344,7 @@ class _StepAttention:
                 out.append(o[0].transpose(0, 1))  # [Q, Hq, D]
             return out
         if self.step == "flash":
-            from flash_attn import flash_attn_varlen_func
-
+            flash_attn_varlen_func = _FLASH[0]
             # flash-attn aligns its causal mask to the bottom right: chunk query i sees every cached key
             # and the chunk's keys up to i, the training mask of a causal chunk after its cache
             o = flash_attn_varlen_func(
