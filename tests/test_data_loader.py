@@ -241,6 +241,20 @@ def test_save_and_restore_mid_epoch_gives_the_same_next_10_packs(example, tok, c
     assert resumed.skip_counts() == first.skip_counts() or num_workers  # counters continue
 
 
+def test_a_group_can_opt_out_of_resuming(tmp_path, tok, cfg):
+    write_jsonl(str(tmp_path / "t.jsonl"), [{"text": f"line {i}"} for i in range(6)])
+    group = {"dataset_names": ["t"], "resume_data_status": False}
+    y = write_config(
+        str(tmp_path), {"text_pretrain": group}, {"text_pretrain": {"t": {"jsonl_path": "t.jsonl"}}}
+    )
+    fresh = take(build_loader(data_config(y), cfg, tok), 3)
+    loader = build_loader(data_config(y), cfg, tok)
+    take(loader, 2)
+    resumed = build_loader(data_config(y), cfg, tok)
+    resumed.load_state_dict(loader.state_dict())
+    assert [p.sample_ids for p in take(resumed, 3)] == [p.sample_ids for p in fresh]
+
+
 def test_restore_refuses_another_layout(example, tok, cfg):
     loader = build_loader(example_config(example), cfg, tok)
     take(loader, 2)

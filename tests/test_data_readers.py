@@ -33,7 +33,7 @@ from bagel.data import (
     pack_samples,
     tiny_tokenizer,
 )
-from bagel.data.config import ImageTransformArgs, load_groups
+from bagel.data.config import ImageTransformArgs, field_docs, load_groups
 from bagel.data.tokenizer import encode_text
 from bagel.data.transforms import ImageTransform, SkipSample, open_image, pil_to_tensor, target_size
 
@@ -163,6 +163,8 @@ def test_data_config_refuses_unknown_and_bad_values():
     with pytest.raises(ValueError, match="long_samples"):
         DataConfig(long_samples="cut")
     assert DataConfig.from_dict(d.to_dict()) == d
+    docs = field_docs()  # every field documented (the trainer's --help reads these)
+    assert set(docs) == set(d.to_dict()) and all(len(v) > 20 for v in docs.values())
 
 
 def test_group_yaml_as_upstream_writes_it(tmp_path):

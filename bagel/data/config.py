@@ -249,7 +249,7 @@ _GROUP_KEYS = (
     "shuffle_lines",
     "shuffle_seed",
     "frame_sampler_args",  # upstream's video frame sampling: accepted, videos are skipped ("video_unsupported")
-    "resume_data_status",
+    "resume_data_status",  # false: on resume this group starts from the beginning (upstream's option)
 )
 _INFO_KEYS = ("data_dir", "jsonl_path", "num_files", "num_total_samples", "parquet_info_path")
 

@@ -314,8 +314,13 @@ class ShardPacker:
         self.rng.setstate(_as_rng_state(state["rng"]))
         self.skipped = Counter(state["skipped"])
         self.packs = int(state["packs"])
-        self.buffer = [self.reread(tuple(i)) for i in state["buffer"]]
-        self.pending = [self.reread(tuple(i)) for i in state["pending"]]
+        # a group with resume_data_status: false (upstream's option) starts over, its waiting samples dropped
+        fresh = {g for g, r in enumerate(self.groups) if not r.spec.resume_data_status}
+        for g in fresh:
+            self.cursors[g] = [0, self.groups[g].lo]
+            self.good[g] = 0
+        self.buffer = [self.reread(tuple(i)) for i in state["buffer"] if i[0] not in fresh]
+        self.pending = [self.reread(tuple(i)) for i in state["pending"] if i[0] not in fresh]
 
 
 def _as_rng_state(s: Any) -> tuple:
