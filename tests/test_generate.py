@@ -458,3 +458,27 @@ def test_save_samples_for_a_training_runner(model, vae, tmp_path):
     from PIL import Image
 
     assert Image.open(again[0]).tobytes() == Image.open(files[0]).tobytes()
+
+
+def test_moe_layers_and_module_hooks():
+    """Qwen2MoEDecoderLayer (only the MLP routed) runs the same cached and recomputed; a forward hook on
+    a generation-expert module (what a LoRA adapter or a quantised linear looks like to the model) acts
+    in the cached path exactly as in the training forward."""
+    cfg = BagelConfig.tiny(layer_module="Qwen2MoEDecoderLayer", vocab_size=VOCAB, max_latent_size=8)
+    m = BagelForUnifiedMultimodal(cfg).eval()
+    randomize_(m, 6)
+    noise = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(num_timesteps=3, initial_noise=noise, cfg_text_scale=3.0, cfg_interval=(0.0, 1.0))
+    plain = sample_latent_tokens(m, _t2i_branches(m, True), (2, 3), **kw)
+    torch.testing.assert_close(
+        plain, sample_latent_tokens(m, _t2i_branches(m, False), (2, 3), **kw), atol=ATOL, rtol=RTOL
+    )
+    mlp = m.model.language_model.model.layers[0].mlp_moe_gen
+    handle = mlp.register_forward_hook(lambda mod, inp, out: out * 0.5)
+    try:
+        hooked = sample_latent_tokens(m, _t2i_branches(m, True), (2, 3), **kw)
+        ref = sample_latent_tokens(m, _t2i_branches(m, False), (2, 3), **kw)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(hooked, ref, atol=ATOL, rtol=RTOL)
+    assert (hooked - plain).abs().max() > 1e-4
