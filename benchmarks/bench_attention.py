@@ -2,13 +2,13 @@
 padded layout, TMA) vs FlexAttention, the per-sample SDPA loop and a dense-causal ceiling, on realistic
 BAGEL packs.
 
-    python benchmarks/bench_attention.py --out DIR [--quick]
+    python benchmarks/bench_attention.py --out DIR [--quick] [--backends a,b,...] [--compile-share-s 60]
 
 Cases (bf16 on CUDA):
     llm-{4k,8k,16k,32k}   ``realistic_pack`` (und / t2i / edit samples), Hq=28, Hkv=4, D=128 (BAGEL-7B)
     vit-{8k,16k}          SigLIP: one ``full`` split per image of 700-4900 patches, 16 heads, D=72
 ``--quick`` (what ``gpu_check.sh`` runs): llm-4k, llm-16k (the pack the goals of issue 15 name), vit-16k.
-Backends (what each row times: fwd, bwd = the backward alone, fwd+bwd):
+Backends (what each row times: fwd, bwd = the backward alone, fwd+bwd), in this order:
     triton          ``packed_attention(backend="triton")``: the configured kernels, ``deterministic=False``
                     (block tables built once per mask)
     triton-1pass    the one-pass backward (dK/dV programs adding dQ with fp32 atomics, 5 products per
@@ -20,23 +20,29 @@ Backends (what each row times: fwd, bwd = the backward alone, fwd+bwd):
     triton+tma      the forward reading K/V through tensor descriptors (``AttnConfig.tma=1``; sm_90+)
     triton-padD     ViT only: "today's kernel": head dim 72 padded to 128 with the padded layout's
                     built-in tiles (``default_for(..., dsplit=False)``), to compare with the 64 + 16 split
+    sdpa-loop       ``packed_attention(backend="sdpa")``: SDPA per sample with its dense mask
+    dense-causal    one causal attention over all tokens, GQA without copies (flash-attn if importable,
+                    else SDPA's flash kernel with ``enable_gqa=True``): a ceiling, in TFLOP/s on its own
+                    N(N+1)/2 pairs
     flex            ``packed_attention(backend="flex")``: ``flex_compiled()`` (compiled once for dynamic
                     lengths) with the BlockMask tables ``flex_kv_blocks(mask)`` prebuilt
     flex+mask       compiled ``flex_attention`` with the block mask built on every call by
                     ``create_block_mask`` (``flex_block_mask``), as upstream BAGEL training pays for it
     flex+tables     the backend's path with the pack's mask and tables built on every call
                     (``PackedMask.from_splits`` + ``flex_kv_blocks``)
-    sdpa-loop       ``packed_attention(backend="sdpa")``: SDPA per sample with its dense mask
-    dense-causal    one causal attention over all tokens, GQA without copies (flash-attn if importable,
-                    else SDPA's flash kernel with ``enable_gqa=True``): a ceiling, in TFLOP/s on its own
-                    N(N+1)/2 pairs
+``--backends`` keeps a subset (the correct phase of ``gpu_check.sh`` runs the quick rows without flex).
 FLOPs count visible pairs only: fwd = 4 * D * Hq * pairs, bwd = 2.5x fwd, fwd+bwd = 3.5x fwd.
-Times are medians of CUDA-event-timed calls. A backend that fails (OOM, compile error) is reported
-in the table, not fatal. Before timing, Triton (default, one-pass, and the SigLIP split) is checked
-against the SDPA backend in fp32 (forward and the three gradients, bf16 tolerances). The markdown
-ends with the goals of issue 15 next to what this run measured.
+Times are medians of CUDA-event-timed calls. Compile cost is kept apart from run cost: a row's first
+calls (forward+backward, then forward: inductor compiles, Triton JIT, block tables) are timed alone
+("first calls s"); the compiled baselines (flex rows, last in the order) get ``--compile-share-s`` seconds
+for them, past which the row says so and is not timed. A backend that fails (OOM, compile error) is
+reported in the table, not fatal. Before timing, Triton (default, one-pass, and the SigLIP split) is
+checked against the SDPA backend in fp32 (forward and the three gradients, bf16 tolerances). The
+markdown ends with the goals of issue 15 next to what this run measured.
 
-Writes ``DIR/bench_attention.md`` (table + run header) and ``DIR/bench_attention.png``.
+Writes ``DIR/bench_attention.md`` row by row as rows are measured (a run cut off keeps every row before
+the cut), ``DIR/bench_attention.jsonl`` (the raw numbers of every row) and ``DIR/bench_attention.png``
+(after every case). Exit status 1 when the correctness check does not pass or every row failed.
 Without CUDA it runs a tiny CPU smoke version (Triton under TRITON_INTERPRET=1, no flex) whose
 numbers are not performance figures and are labelled so.
 """
@@ -63,16 +69,25 @@ if not CUDA:
 
 import torch.nn.functional as F  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from common import CompileTimeout, Report, first_call_s, time_ms, use_checkout  # noqa: E402
+
+use_checkout()
 from bagel_kernels import PackedMask, packed_attention  # noqa: E402
 from bagel_kernels import attention_configs as ac  # noqa: E402
 from bagel_kernels.attention import flex_block_mask, flex_kv_blocks, triton_packed_attention  # noqa: E402
 from bagel_kernels.attention_triton import default_config  # noqa: E402
 from bagel_kernels.testing import PackLayout, realistic_pack, tolerance  # noqa: E402
 
+# the compiled baselines come last: their compiles (timed apart, each within its share) cannot starve
+# the rows before them
 BACKENDS = (
     "triton", "triton-1pass", "triton-2pass", "triton+ridx", "triton+tma", "triton-padD",
-    "flex", "flex+mask", "flex+tables", "sdpa-loop", "dense-causal",
+    "sdpa-loop", "dense-causal", "flex", "flex+mask", "flex+tables",
 )  # fmt: skip
+COMPILED = ("flex", "flex+mask", "flex+tables")  # inductor compiles on first call
 LLM_BACKENDS = tuple(b for b in BACKENDS if b != "triton-padD")
 VIT_BACKENDS = tuple(b for b in BACKENDS if b != "triton+ridx")
 # what each backend times (the others reuse the triton row's forward)
@@ -141,11 +156,10 @@ def build_cases(quick: bool) -> list[Case]:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-from common import time_ms  # noqa: E402  (the benchmarks' one timing helper)
 
 # two warm-up calls, then at least 3 timed (CUDA events) for 250 ms, at most 40; on the CPU smoke run
-# one warm-up and one timed call, the interpreter being slow
-TIMING = dict(reps=3, warmup=2, budget_ms=250.0, max_reps=40) if CUDA else dict(reps=1, warmup=1)
+# one timed call (the first calls, timed apart, are its warm-up), the interpreter being slow
+TIMING = dict(reps=3, warmup=2, budget_ms=250.0, max_reps=40) if CUDA else dict(reps=1, warmup=0)
 
 
 _FLEX_UPSTREAM = {}
@@ -250,6 +264,7 @@ class Row:
     fb_tflops: float = math.nan
     note: str = ""  # why there are no numbers (an error, a skip)
     info: str = ""  # where the numbers come from, when not from their own timing
+    first_s: float = math.nan  # wall seconds of the first calls (compiles included), apart from the run times
     extra: dict = field(default_factory=dict)
 
 
@@ -264,7 +279,20 @@ def _skip_reason(backend: str, q) -> str:
     return ""
 
 
-def bench_case(case: Case, dtype: torch.dtype, device: str) -> list[Row]:
+def bench_case(
+    case: Case,
+    dtype: torch.dtype,
+    device: str,
+    *,
+    table=None,
+    done: list[Row] | None = None,
+    compile_share_s: float | None = None,
+) -> list[Row]:
+    """Every backend of ``case``, one row each, added to ``table`` (a ``common.Table``) as measured.
+    The first calls of a backend (compiles, Triton JIT, block-mask builds) are timed apart as
+    ``first_s``; for a compiled baseline they run under ``compile_share_s`` (past it the row says so and
+    is not timed)."""
+    done = [] if done is None else done
     case.mask = PackedMask.from_splits(*case.layout.as_tuple(), device=device)
     n = case.tokens
     pairs = case.mask.num_visible_pairs()
@@ -283,7 +311,7 @@ def bench_case(case: Case, dtype: torch.dtype, device: str) -> list[Row]:
             row.note = _skip_reason(backend, q)
             if row.note:
                 pass
-            elif same_as_default(backend, case, q) and base is not None:
+            elif same_as_default(backend, case, q) and base is not None and not base.note:
                 # the configured default backward: the triton row already timed these kernels
                 row.bwd_ms, row.bwd_tflops, row.fb_ms, row.fb_tflops = (
                     base.bwd_ms, base.bwd_tflops, base.fb_ms, base.fb_tflops,
@@ -303,6 +331,19 @@ def bench_case(case: Case, dtype: torch.dtype, device: str) -> list[Row]:
                     q.grad = k.grad = v.grad = None
                     fn(q, k, v).backward(grad)
 
+                def first_calls(kinds=kinds):  # each graph a backend compiles: with grad, and without
+                    if "bwd" in kinds or "fb" in kinds:
+                        fwd_bwd()
+                    if "fwd" in kinds:
+                        fwd()
+
+                share = compile_share_s if backend in COMPILED else None
+                try:
+                    row.first_s = first_call_s(first_calls, q.device, share, f"{backend} compile")
+                except CompileTimeout as exc:
+                    row.first_s = float(share)
+                    row.note = f"{exc}: not timed"
+                    raise _Reported() from None
                 if "fwd" in kinds:
                     row.fwd_ms = time_ms(fwd, q.device, **TIMING)
                     row.fwd_tflops = fwd_flop / row.fwd_ms / 1e9
@@ -318,6 +359,8 @@ def bench_case(case: Case, dtype: torch.dtype, device: str) -> list[Row]:
                 if "fb" in kinds:
                     row.fb_ms = time_ms(fwd_bwd, q.device, **TIMING)
                     row.fb_tflops = 3.5 * fwd_flop / row.fb_ms / 1e9
+        except _Reported:
+            pass
         except Exception as exc:  # report, never crash the run
             row.note = _short_error(exc)
             if os.environ.get("BENCH_TRACEBACK"):
@@ -328,7 +371,13 @@ def bench_case(case: Case, dtype: torch.dtype, device: str) -> list[Row]:
                 torch.cuda.empty_cache()
         print(_format_row(row, rows), flush=True)
         rows.append(row)
+        if table is not None:
+            table.add(row_cells(row, done + rows), ok=not row.note, raw=dataclasses.asdict(row))
     return rows
+
+
+class _Reported(Exception):
+    """A row whose note already says why it has no numbers."""
 
 
 def correctness_check(dtype: torch.dtype, device: str) -> str:
@@ -491,27 +540,52 @@ def _tile_lines(dtype) -> list[str]:
     return [f"- tiles D={d}: {config_for(cap, dtype, d)} ({config_origin(cap, dtype, d)})" for d in (128, 72)]
 
 
-def write_markdown(path: str, rows: list[Row], header: list[str], check: str) -> None:
-    lines = ["# bench_attention", ""]
-    if not CUDA:
-        lines += ["**CPU smoke run (Triton interpreter): these numbers are NOT performance figures.**", ""]
-    lines += header + ["", check, ""]
-    lines += [
-        "| case | tokens | visible pairs | backend | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | fwd+bwd ms | "
-        "fwd+bwd TFLOP/s | triton speed-up fwd | bwd | fwd+bwd | note |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+COLUMNS = [
+    "case",
+    "tokens",
+    "visible pairs",
+    "backend",
+    "fwd ms",
+    "fwd TFLOP/s",
+    "bwd ms",
+    "bwd TFLOP/s",
+    "fwd+bwd ms",
+    "fwd+bwd TFLOP/s",
+    "triton speed-up fwd",
+    "bwd",
+    "fwd+bwd",
+    "first calls s (compile)",
+    "note",
+]
+
+
+def row_cells(r: Row, rows: list[Row]) -> list[str]:
+    """The table cells of ``r``; the speed-ups against the triton row of its case among ``rows``."""
+    return [
+        r.case,
+        str(r.tokens),
+        f"{r.pairs:.3e}",
+        r.backend,
+        _fmt(r.fwd_ms, ".3f"),
+        _fmt(r.fwd_tflops, ".1f"),
+        _fmt(r.bwd_ms, ".3f"),
+        _fmt(r.bwd_tflops, ".1f"),
+        _fmt(r.fb_ms, ".3f"),
+        _fmt(r.fb_tflops, ".1f"),
+        _speedup(rows, r, "fwd_ms"),
+        _speedup(rows, r, "bwd_ms"),
+        _speedup(rows, r, "fb_ms"),
+        _fmt(r.first_s, ".1f"),
+        r.note or r.info,
     ]
-    for r in rows:
-        lines.append(
-            f"| {r.case} | {r.tokens} | {r.pairs:.3e} | {r.backend} | {_fmt(r.fwd_ms, '.3f')} | {_fmt(r.fwd_tflops, '.1f')} | "
-            f"{_fmt(r.bwd_ms, '.3f')} | {_fmt(r.bwd_tflops, '.1f')} | {_fmt(r.fb_ms, '.3f')} | {_fmt(r.fb_tflops, '.1f')} | "
-            f"{_speedup(rows, r, 'fwd_ms')} | {_speedup(rows, r, 'bwd_ms')} | {_speedup(rows, r, 'fb_ms')} | {r.note or r.info} |"
-        )
-    lines += [
-        "",
+
+
+def footer(rows: list[Row]) -> str:
+    lines = [
         "Speed-up = backend time / triton time (> 1: triton is faster). For dense-causal the ratio is of "
         "TFLOP/s (triton / ceiling), since it does different work. bwd = the backward alone on a saved "
-        "forward (2.5x the forward's FLOPs).",
+        "forward (2.5x the forward's FLOPs). first calls s = wall time of a backend's first forward+backward "
+        "and forward calls (compiles, Triton JIT, block tables), kept apart from the run times.",
         "",
         "## Goals",
         "",
@@ -520,8 +594,7 @@ def write_markdown(path: str, rows: list[Row], header: list[str], check: str) ->
     ]
     if not CUDA:
         lines += ["(CPU smoke run: the goal column compares interpreter times, which mean nothing.)", ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    return "\n".join(lines)
 
 
 def write_plot(path: str, rows: list[Row], title: str) -> None:
@@ -557,10 +630,23 @@ def write_plot(path: str, rows: list[Row], title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="packed attention benchmark (see module docstring)")
     ap.add_argument(
-        "--out", default="benchmarks/results", help="output directory for bench_attention.md/.png"
+        "--out", default="benchmarks/results", help="output directory for bench_attention.md/.jsonl/.png"
     )
     ap.add_argument("--quick", action="store_true", help="skip the 32k pack")
+    ap.add_argument("--backends", default=None, help=f"comma-separated subset of {','.join(BACKENDS)}")
+    ap.add_argument(
+        "--compile-share-s",
+        type=float,
+        default=60.0,
+        help="seconds a compiled baseline's first calls may take before its row says so (default 60)",
+    )
     args = ap.parse_args(argv)
+    only = None
+    if args.backends:
+        only = [b.strip() for b in args.backends.split(",") if b.strip()]
+        unknown = [b for b in only if b not in BACKENDS]
+        if unknown or not only:
+            ap.error(f"--backends: unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     os.makedirs(args.out, exist_ok=True)
     device = "cuda" if CUDA else "cpu"
     dtype = torch.bfloat16 if CUDA else torch.float32
@@ -568,27 +654,44 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_attention: no CUDA device; running a tiny CPU smoke version under TRITON_INTERPRET=1 "
               "(numbers are not performance figures; the real benchmark needs CUDA)")  # fmt: skip
     t0 = time.perf_counter()
+    report = Report(args.out, "bench_attention")
+    head = ["# bench_attention", ""]
+    if not CUDA:
+        head += ["**CPU smoke run (Triton interpreter): these numbers are NOT performance figures.**", ""]
+    report.text("\n".join(head + _run_header(args, dtype)))
     try:
         check = correctness_check(dtype, device)
     except Exception as exc:
         check = f"correctness check failed to run: {_short_error(exc)}"
     print(check, flush=True)
+    report.text(check)
+    table = report.table("Packed attention", COLUMNS)
+    png = os.path.join(args.out, "bench_attention.png")
+    card = torch.cuda.get_device_name() if CUDA else "CPU smoke run (not performance)"
     rows: list[Row] = []
     for case in build_cases(args.quick):
+        if only is not None:
+            case.backends = tuple(b for b in case.backends if b in only)
         print(f"--- {case.name}: {case.tokens} tokens, Hq={case.hq}, Hkv={case.hkv}, D={case.d}", flush=True)
         try:
-            rows += bench_case(case, dtype, device)
+            rows += bench_case(
+                case, dtype, device, table=table, done=rows, compile_share_s=args.compile_share_s
+            )
         except Exception as exc:  # e.g. OOM allocating the inputs
             print(f"case {case.name} failed: {_short_error(exc)}")
-            rows.append(Row(case.name, case.tokens, 0, "-", note=_short_error(exc)))
-    header = _run_header(args, dtype)
-    md = os.path.join(args.out, "bench_attention.md")
-    png = os.path.join(args.out, "bench_attention.png")
-    write_markdown(md, rows, header, check)
-    card = torch.cuda.get_device_name() if CUDA else "CPU smoke run (not performance)"
-    write_plot(png, rows, f"packed attention, {str(dtype)[6:]}, {card}")
-    print(f"wrote {md} and {png} in {time.perf_counter() - t0:.0f} s")
-    return 0
+            row = Row(case.name, case.tokens, 0, "-", note=_short_error(exc))
+            rows.append(row)
+            table.add(row_cells(row, rows), ok=False, raw=dataclasses.asdict(row))
+        try:  # the plot so far, after every case
+            write_plot(png, rows, f"packed attention, {str(dtype)[6:]}, {card}")
+        except Exception as exc:  # noqa: BLE001  (the numbers matter more than the picture)
+            print(f"plot not drawn: {_short_error(exc)}")
+    report.text(footer(rows))
+    print(f"wrote {report.path('md')} and {png} in {time.perf_counter() - t0:.0f} s")
+    if not check.startswith("correctness") or ": PASS:" not in check:
+        print("bench_attention: the correctness check did not pass")
+        return 1
+    return report.exit_code()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import Table, device_info, save_plot, time_ms, write_results  # noqa: E402
+from common import (  # noqa: E402
+    CompileTimeout,
+    Report,
+    Table,
+    device_info,
+    first_call_s,
+    save_plot,
+    time_ms,
+    use_checkout,
+    write_results,
+)
+
+use_checkout()
 
 from bagel_kernels import PackedMask  # noqa: E402
 from bagel_kernels.attention import flex_block_mask  # noqa: E402
@@ -158,12 +170,23 @@ def _methods(layout, device, with_compile: bool) -> list[tuple[str, object]]:
 
 
 def run(args) -> Table:
+    """The table (attached to its :class:`common.Report`, written row by row to ``args.out``)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [4096, 16384, 65536]
     repeats = 3 if args.quick else 5
-    table = Table(
+    share = getattr(args, "compile_share_s", None)
+    report = Report(args.out, "bench_mask")
+    table = report.table(
         "Mask construction (time per pack, peak memory of the build)",
-        ["tokens", "method", "median ms", "vs PackedMask", "peak build MiB", "result MiB"],
+        [
+            "tokens",
+            "method",
+            "median ms",
+            "vs PackedMask",
+            "peak build MiB",
+            "result MiB",
+            "first call s (compile)",
+        ],
     )
     plot = {}
     for n in sizes:
@@ -171,13 +194,17 @@ def run(args) -> Table:
         methods = _methods(layout, device, with_compile=not args.no_compile)
         base = None
         for name, fn in methods:
-            try:
-                ms = time_ms(fn, device, repeats, 1, wall=True)  # 1 warm-up: compilation
+            first = float("nan")
+            try:  # the first call (compiles, for the compiled variant) apart, within its share
+                first = first_call_s(fn, device, share if "compiled" in name else None, f"{name} compile")
+                ms = time_ms(fn, device, repeats, 0, wall=True)
                 peak, kept = _peak_bytes(fn, device)
+            except CompileTimeout as exc:
+                table.add([n, name, f"not timed: {exc}", "", "", "", f"{share:.0f}"], ok=False)
+                continue
             except Exception as exc:  # a baseline that cannot run is reported, not fatal
-                table.add(
-                    [n, name, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", "", "", ""]
-                )
+                msg = f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
+                table.add([n, name, msg, "", "", "", f"{first:.2f}"], ok=False)
                 continue
             base = ms if base is None else base
             table.add(
@@ -188,19 +215,22 @@ def run(args) -> Table:
                     f"{ms / base:.1f}x",
                     f"{max(peak, 0) / 2**20:.1f}",
                     f"{kept / 2**20:.2f}",
-                ]
+                    f"{first:.2f}",
+                ],
+                raw=dict(tokens=n, method=name, ms=ms, first_s=first, peak_bytes=peak, result_bytes=kept),
             )
             plot.setdefault(name, []).append((n, ms))
     table.note(device_info(device))
     table.note(
         "peak build MiB: on CUDA the allocator's peak; on CPU the growth of the process RSS during one build "
         "after warm-up (memory the allocator kept from earlier builds is not counted: a lower bound). "
-        "result MiB: what the built mask keeps."
+        "result MiB: what the built mask keeps. first call s: the first build (compiles included), apart "
+        "from the median"
     )
     write_results(
         args.out,
         "bench_mask",
-        table.render(),
+        None,  # written row by row
         lambda path: save_plot(
             path, plot, "tokens per pack", "build time (ms)", "Mask construction", logx=True, logy=True
         ),
@@ -215,9 +245,16 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default=None, help="comma-separated pack sizes (default 4096,16384,65536)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the compiled create_block_mask variant")
+    p.add_argument(
+        "--compile-share-s",
+        type=float,
+        default=120.0,
+        help="seconds the compiled variant's first build may take before its row is reported as such",
+    )
     args = p.parse_args(argv)
-    print(run(args).render())
-    return 0
+    table = run(args)
+    print(table.render())
+    return table.report.exit_code()
 
 
 if __name__ == "__main__":

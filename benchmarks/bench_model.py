@@ -19,12 +19,15 @@ Variants (one model; the backend is switched between runs):
     + attribution rows   one component at a time (full mode; --quick keeps the first three)
 
 Reported: median step ms, tokens/s, speed-up vs upstream-equivalent, peak memory, the loss of one
-seeded step relative to the upstream path (the paths compute the same function; bf16 noise only), and
+seeded step relative to the upstream path (the paths compute the same function; bf16 noise only),
 model TFLOP/s per GPU and MFU counted with BAGEL's own language-model FLOP formula (see
-:func:`bagel_lm_flops`), the unit of the published BAGEL training figures.
+:func:`bagel_lm_flops`), the unit of the published BAGEL training figures, and the first step's seconds
+apart (compiles: a flex variant gets ``--compile-share-s`` for them, past which its row says so).
+The model is built on the meta device and materialised on the GPU in bf16 (:func:`build_model`): no
+fp32 copy. Rows are written to ``DIR/bench_model.md`` / ``.jsonl`` as they are measured.
 
 MFU run (``--mfu``, on by default on a GPU): BAGEL-7B layer shapes with as many LLM layers as fit one
-GPU (``--mfu-layers``, default ``auto``: estimated from free memory, halved once on OOM) and the ViT cut
+GPU (``--mfu-layers``, default ``auto``: estimated from the free memory, halved once on OOM) and the ViT cut
 in the same proportion (26 ViT layers per 28 LLM layers), one 16k pack, ours (auto) and the
 upstream-equivalent path. Next to it, the published figures of 32xH100 runs: official BAGEL 176.9
 TFLOP/s/GPU (17.9% MFU) and Megatron-Bridge's BAGEL 234.3 TFLOP/s/GPU (23.7% MFU). Differences that
@@ -51,7 +54,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import run_script, sync, time_ms, use_checkout, write_results  # noqa: E402
+from common import (  # noqa: E402
+    CompileTimeout,
+    Report,
+    Table,
+    bagel_name,
+    device_info,
+    run_script,
+    save_plot,
+    sync,
+    time_limit,
+    time_ms,
+    use_checkout,
+    write_results,
+)
 
 use_checkout()
 from bagel import (  # noqa: E402
@@ -67,11 +83,13 @@ from bagel import (  # noqa: E402
     UnderstandingSample,
     pack_samples,
 )
-from bagel.data.packing import sample_num_tokens  # noqa: E402
 
-# (name, LM attention, MoT, patch_embed, gather/scatter LM, ViT attention or None = same as LM)
+sample_num_tokens = bagel_name("sample_num_tokens")
+
+# (name, LM attention, MoT, patch_embed, gather/scatter LM, ViT attention or None = same as LM; "upstream":
+# the path an upstream user has there, flash-attn's varlen function where installed, else SDPA per image)
 VARIANTS = [
-    ("upstream-equivalent", "flex", "torch", "torch", True, "triton"),
+    ("upstream-equivalent", "flex", "torch", "torch", True, "upstream"),
     ("ours (auto)", "auto", "auto", "auto", False, None),
     ("ours, gather/scatter LM", "triton", "torch", "auto", True, None),
     ("triton attn + torch grouped MoT", "triton", "torch", "auto", False, None),
@@ -202,13 +220,111 @@ def describe(batch: dict) -> str:
 # ---------------------------------------------------------------------------------------------- timing
 
 
+# ---------------------------------------------------------------------------------------------- the model
+def build_model(cfg: BagelConfig, device: torch.device, dtype: torch.dtype) -> BagelForUnifiedMultimodal:
+    """The model materialised directly on ``device`` in ``dtype``: built on the meta device (no memory,
+    no initialisation), cast there, given storage on the device (``to_empty``) and initialised there by
+    ``initialize_weights`` (which also recomputes the non-persistent RoPE buffers). No fp32 copy and no
+    host copy ever exist. The storage is filled with NaN first and checked finite after: a parameter or
+    buffer that ``initialize_weights`` does not write fails here, not as a silently wrong benchmark."""
+    with torch.device("meta"):
+        model = BagelForUnifiedMultimodal(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+
+    def floating():  # read again after the init, which may replace buffers (RoPE tables)
+        return [
+            (n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()
+        ]
+
+    with torch.no_grad():
+        for _, t in floating():
+            t.fill_(float("nan"))
+        model.initialize_weights()
+        tensors = floating()
+        finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()
+    missed = [n for (n, _), ok in zip(tensors, finite, strict=True) if not ok]
+    if missed:
+        raise RuntimeError(
+            f"initialize_weights left {len(missed)} tensors unwritten after to_empty: {missed[:8]}"
+        )
+    return model
+
+
+def upstream_vit_path() -> str:
+    try:
+        import flash_attn  # noqa: F401  (optional: the path upstream BAGEL's ViT takes)
+
+        return "flash-attn varlen"
+    except ImportError:
+        return "SDPA per image"
+
+
+def upstream_vit_attention_class(stock: type) -> type:
+    """A subclass of the model's SigLIP attention whose forward is the one an upstream BAGEL user runs:
+    ``flash_attn_varlen_func`` over the images where flash-attn is installed, else SDPA per image with no
+    mask (each image attends only to itself). Same parameters and projections; only the attention call
+    differs, so the swap is a class change on the module (``stock_class`` restores it)."""
+    import torch.nn.functional as F
+
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+
+    def forward(self, x, mask, backend, rope=None):
+        if rope is not None:
+            raise NotImplementedError("the upstream ViT baseline has no 2-D RoPE (BAGEL's SigLIP uses none)")
+        n = x.shape[0]
+        q, k, v = (
+            p(x).view(n, self.num_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        bounds = [(s, e) for s, e in mask.sample_bounds() if e > s]
+        if flash_attn_varlen_func is not None:
+            cu = torch.tensor([0] + [e for _, e in bounds], dtype=torch.int32, device=x.device)
+            longest = max(e - s for s, e in bounds)
+            o = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=False)
+        else:
+            o = torch.cat(
+                [
+                    F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1)[None] for t in (q, k, v)))[
+                        0
+                    ].transpose(0, 1)
+                    for s, e in bounds
+                ]
+            )
+        return self.out_proj(o.reshape(n, self.embed_dim))
+
+    return type(f"Upstream{stock.__name__}", (stock,), {"forward": forward, "stock_class": stock})
+
+
+_UPSTREAM_VIT: dict = {}  # stock attention class -> its upstream-path subclass
+
+
+def set_vit_attention(model: BagelForUnifiedMultimodal, upstream: bool) -> int:
+    """Switch every SigLIP attention module of the ViT to the upstream path (or back); returns how many."""
+    count = 0
+    for m in model.model.vit_model.modules():
+        stock = getattr(type(m), "stock_class", type(m))
+        if stock.__name__ != "SiglipAttention":
+            continue
+        if upstream:
+            if stock not in _UPSTREAM_VIT:
+                _UPSTREAM_VIT[stock] = upstream_vit_attention_class(stock)
+            m.__class__ = _UPSTREAM_VIT[stock]
+        else:
+            m.__class__ = stock
+        count += 1
+    return count
+
+
 def set_variant(model: BagelForUnifiedMultimodal, variant, cpu: bool) -> None:
     _, attn, mot, pe, gather_scatter, vit_attn = variant
     if cpu and attn == "flex":  # FlexAttention has no CPU backward: the --tiny script check uses SDPA instead
         attn = "sdpa"
     model.backend = BagelBackendConfig(attention=attn, mot=mot, patch_embed=pe)
-    if vit_attn is not None:
+    if vit_attn not in (None, "upstream"):
         model.model.vit_model.backend = BagelBackendConfig(attention=vit_attn, mot=mot, patch_embed=pe)
+    set_vit_attention(model, vit_attn == "upstream")
     # the two LM classes share parameters and differ only in forward_train: switch the routing in place
     model.model.language_model.__class__ = Qwen2ForCausalLMReference if gather_scatter else Qwen2ForCausalLM
 
@@ -242,6 +358,17 @@ def seeded_loss(step) -> float:
     return float(step().detach())
 
 
+def first_step(step, device, variant, share_s: float | None) -> tuple[float, float]:
+    """(seeded loss, wall seconds) of the first step of a variant: its compiles (FlexAttention, Triton JIT)
+    happen here and are reported apart from the step time; a variant that compiles (flex) gets at most
+    ``share_s`` seconds for it (:class:`common.CompileTimeout` past that)."""
+    compiles = variant[1] == "flex" and device.type == "cuda"
+    t0 = time.perf_counter()
+    with time_limit(share_s if compiles else None, f"{variant[0]}: compile"):
+        loss = seeded_loss(step)
+    return loss, time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------------------- MFU run
 RECORDS: list[dict] = []  # every timed row of the last run (the tests check the arithmetic on them)
 
@@ -262,25 +389,31 @@ def _auto_llm_layers(tokens: int, device: torch.device) -> int:
     return max(1, min(28, int((0.85 * free - fixed) // per_layer)))
 
 
-def mfu_run(args, device: torch.device, dtype: torch.dtype):
+def mfu_run(args, device: torch.device, dtype: torch.dtype, report: Report | None = None):
     """Model TFLOP/s per GPU and MFU at BAGEL-7B layer shapes with as many LLM layers as fit one GPU."""
-    from common import Table, device_info
-
     t_start = time.perf_counter()
     size = 240 if args.tiny else 16384
     layers = args.mfu_layers
     peak_tf = peak_tflops(device, args.peak_tflops)
-    table = Table(
-        "Model TFLOP/s per GPU and MFU (BAGEL's LM FLOP formula)"
-        + (
-            ", tiny CPU model (interpreter: times are meaningless)"
-            if args.tiny
-            else ", BAGEL-7B layer shapes, bf16"
-        ),
-        ["LLM layers", "ViT layers", "variant", "step ms (median)", "tokens/s", "model TFLOP/s/GPU", "MFU"],
+    title = "Model TFLOP/s per GPU and MFU (BAGEL's LM FLOP formula)" + (
+        ", tiny CPU model (interpreter: times are meaningless)"
+        if args.tiny
+        else ", BAGEL-7B layer shapes, bf16"
     )
+    columns = [
+        "LLM layers",
+        "ViT layers",
+        "variant",
+        "step ms (median)",
+        "tokens/s",
+        "model TFLOP/s/GPU",
+        "MFU",
+        "first step s (compile)",
+    ]
+    table = report.table(title, columns) if report is not None else Table(title, columns)
     variants = [v for v in VARIANTS if v[0] in ("ours (auto)", "upstream-equivalent")]
     reps, warmup = (1, 1) if args.tiny else (2, 1)
+    share = getattr(args, "compile_share_s", None)
     n_layers = _auto_llm_layers(size, device) if layers == "auto" else int(layers)
     for attempt in range(2):
         vit_layers = max(1, round(26 * n_layers / 28))
@@ -292,9 +425,7 @@ def mfu_run(args, device: torch.device, dtype: torch.dtype):
                 if args.tiny
                 else BagelConfig.bagel_7b_mot(llm_layers=n_layers, vit_layers=vit_layers)
             )
-            with torch.device(device):
-                model = BagelForUnifiedMultimodal(cfg)
-            model = model.to(dtype)
+            model = build_model(cfg, device, dtype)
             samples = realistic_samples(size, cfg, seed=size, tiny=args.tiny)
             batch = pack_samples(samples, cfg, max_num_tokens=size, rng=0, device=device)
             batch["padded_latent"] = batch["padded_latent"].to(dtype)
@@ -303,26 +434,59 @@ def mfu_run(args, device: torch.device, dtype: torch.dtype):
             flops = bagel_lm_flops(cfg.llm_config, L, batch["sample_lens"])
             for variant in variants:
                 set_variant(model, variant, args.tiny)
-                ms, _ = time_step(make_step(model, batch), device, reps, warmup)
+                step = make_step(model, batch)
+                try:
+                    _, first_s = first_step(step, device, variant, share)
+                except CompileTimeout as exc:
+                    table.add(
+                        [n_layers, vit_layers, variant[0], "-", "-", "-", "-", f"{exc}: not timed"], ok=False
+                    )
+                    continue
+                ms, _ = time_step(step, device, reps, warmup)
                 model.zero_grad(set_to_none=True)
                 tf, mfu = flops_cells(flops, ms, peak_tf)
-                table.add([n_layers, vit_layers, variant[0], f"{ms:.1f}", f"{L / ms * 1e3:,.0f}", tf, mfu])
-                RECORDS.append({"table": "mfu", "variant": variant[0], "layers": n_layers, "size": size, "ms": ms,
-                                "flops": flops, "tflops": tf, "mfu": mfu, "tokens": L,
-                                "sample_lens": [int(n) for n in batch["sample_lens"]]})  # fmt: skip
+                record = {
+                    "table": "mfu",
+                    "variant": variant[0],
+                    "layers": n_layers,
+                    "size": size,
+                    "ms": ms,
+                    "flops": flops,
+                    "tflops": tf,
+                    "mfu": mfu,
+                    "tokens": L,
+                    "first_s": first_s,
+                    "sample_lens": [int(n) for n in batch["sample_lens"]],
+                }
+                RECORDS.append(record)
+                table.add(
+                    [
+                        n_layers,
+                        vit_layers,
+                        variant[0],
+                        f"{ms:.1f}",
+                        f"{L / ms * 1e3:,.0f}",
+                        tf,
+                        mfu,
+                        f"{first_s:.1f}",
+                    ],
+                    raw=record,
+                )
             break
         except torch.OutOfMemoryError:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if attempt == 1 or n_layers == 1:
-                table.add([n_layers, vit_layers, "out of memory", "-", "-", "-", "-"])
+                table.add([n_layers, vit_layers, "out of memory", "-", "-", "-", "-", "-"], ok=False)
                 break
-            table.note(f"{n_layers} LLM layers ran out of memory; retried with {max(1, n_layers // 2)}")
             table.rows = [r for r in table.rows if r[0] != str(n_layers)]
+            table.note(f"{n_layers} LLM layers ran out of memory; retried with {max(1, n_layers // 2)}")
             n_layers = max(1, n_layers // 2)
     for name, tf, mfu in PUBLISHED:
-        table.add(["28", "26", name, "-", "-", f"{tf:.1f}", f"{100 * mfu:.1f}%"])
+        table.rows.append(
+            ["28", "26", name, "-", "-", f"{tf:.1f}", f"{100 * mfu:.1f}%", "-"]
+        )  # quoted, not measured
     table.note(
         "model TFLOP/s/GPU = BAGEL's language-model FLOPs of the pack (6 x LM weights per token + 12 D Hq L per "
         "squared sample length; bench_model.bagel_lm_flops, after upstream's train/pretrain_unified_navit.py) / step time"
@@ -333,8 +497,10 @@ def mfu_run(args, device: torch.device, dtype: torch.dtype):
         else "MFU: peak unknown"
     )
     table.note(
-        "published rows are 32xH100 runs of the full 28-layer model with FSDP and on-the-fly VAE encoding, quoted for "
-        "comparison; this run is one GPU, fewer layers, latents pre-encoded"
+        "published rows are 32xH100 runs of the full 28-layer model with FSDP and on-the-fly VAE encoding, "
+        "quoted for comparison; this run is one GPU, fewer layers, latents pre-encoded; the model is built on "
+        "the device in "
+        f"{str(dtype)[6:]} (meta + to_empty + initialize_weights)"
     )
     table.note(device_info(device))
     table.note(f"{time.perf_counter() - t_start:.0f} s for this table")
@@ -342,10 +508,8 @@ def mfu_run(args, device: torch.device, dtype: torch.dtype):
 
 
 # ---------------------------------------------------------------------------------------------- main
-def run(args) -> str:
+def run(args) -> Report:
     RECORDS.clear()
-    from common import Table, device_info, save_plot
-
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     if args.tiny:
@@ -356,14 +520,18 @@ def run(args) -> str:
         sizes = [8192, 16384]
     variants = VARIANTS[:QUICK_VARIANTS] if args.quick else VARIANTS
     reps, warmup = (1, 1) if args.tiny else ((3, 2) if args.quick else (6, 3))
+    report = Report(args.out, "bench_model")
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device(device):
-        model = BagelForUnifiedMultimodal(cfg)
-    model = model.to(dtype)
+    model = build_model(cfg, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    table = Table(
-        f"BAGEL training step (fwd+bwd), {'tiny CPU model (interpreter: times are meaningless)' if args.tiny else 'BAGEL-7B-MoT shapes cut to 2 LLM + 2 ViT layers, bf16'}",
+    shape = (
+        "tiny CPU model (interpreter: times are meaningless)"
+        if args.tiny
+        else "BAGEL-7B-MoT shapes cut to 2 LLM + 2 ViT layers, bf16"
+    )
+    table = report.table(
+        f"BAGEL training step (fwd+bwd), {shape}",
         [
             "pack",
             "variant",
@@ -374,10 +542,19 @@ def run(args) -> str:
             "loss rel. diff",
             "model TFLOP/s/GPU",
             "MFU",
+            "first step s (compile)",
         ],
     )
     peak_tf = peak_tflops(device, args.peak_tflops)
     series: dict[str, list] = {v[0]: [] for v in variants}
+    png = lambda path: save_plot(  # noqa: E731
+        path,
+        series,
+        "pack size (tokens incl. pad)",
+        "training tokens/s (fwd+bwd)",
+        "BAGEL training step: tokens/s per backend",
+        logx=True,
+    )
     for size in sizes:
         samples = realistic_samples(size, cfg, seed=size, tiny=args.tiny)
         batch = pack_samples(samples, cfg, max_num_tokens=size, rng=0, device=device)
@@ -390,24 +567,16 @@ def run(args) -> str:
         base_ms = base_loss = None
         for variant in variants:
             name = variant[0]
+            first_s = float("nan")
             try:
                 set_variant(model, variant, args.tiny)
                 step = make_step(model, batch)
-                loss = seeded_loss(step)
+                loss, first_s = first_step(step, device, variant, args.compile_share_s)
                 ms, peak = time_step(step, device, reps, warmup)
             except Exception as exc:  # record and go on: one failing backend must not hide the others
+                why = f"{type(exc).__name__}: {str(exc)[:120]}"
                 table.add(
-                    [
-                        f"{size}",
-                        name,
-                        "failed",
-                        "-",
-                        "-",
-                        "-",
-                        f"{type(exc).__name__}: {str(exc)[:120]}",
-                        "-",
-                        "-",
-                    ]
+                    [f"{size}", name, "failed", "-", "-", "-", why, "-", "-", f"{first_s:.1f}"], ok=False
                 )
                 continue
             finally:
@@ -421,28 +590,50 @@ def run(args) -> str:
             peak_s = "-" if peak != peak else f"{peak / 1024:.1f}"
             flops = bagel_lm_flops(cfg.llm_config, L, batch["sample_lens"])
             tf, mfu = flops_cells(flops, ms, peak_tf)
-            table.add([f"{size}", name, f"{ms:.1f}", f"{L / ms * 1e3:,.0f}", speed, peak_s, rel, tf, mfu])
-            RECORDS.append(
-                {
-                    "table": "step",
-                    "variant": name,
-                    "size": size,
-                    "ms": ms,
-                    "flops": flops,
-                    "tflops": tf,
-                    "mfu": mfu,
-                }
+            record = {
+                "table": "step",
+                "variant": name,
+                "size": size,
+                "ms": ms,
+                "flops": flops,
+                "tflops": tf,
+                "mfu": mfu,
+                "first_s": first_s,
+                "loss": loss,
+                "peak_mib": peak,
+                "tokens": L,
+            }
+            RECORDS.append(record)
+            table.add(
+                [
+                    f"{size}",
+                    name,
+                    f"{ms:.1f}",
+                    f"{L / ms * 1e3:,.0f}",
+                    speed,
+                    peak_s,
+                    rel,
+                    tf,
+                    mfu,
+                    f"{first_s:.1f}",
+                ],
+                raw=record,
             )
             series[name].append((size, L / ms * 1e3))
+        write_results(args.out, "bench_model", None, png)  # the plot so far
     table.note(
-        "upstream-equivalent: FlexAttention (block mask built per batch) + per-op gather/scatter routing in the LM; "
-        "its ViT uses our Triton varlen kernel in place of upstream's flash-attn varlen call"
+        "upstream-equivalent: FlexAttention (block mask built per batch) + per-op gather/scatter routing in the "
+        f"LM; its ViT takes the path an upstream user has: {upstream_vit_path()} (flash-attn's varlen function where "
+        "installed, else SDPA per image)"
     )
     table.note(
-        f"{n_params / 1e9:.2f} B parameters; tokens/s counts the real tokens (sequence_length), not the pad"
+        f"{n_params / 1e9:.2f} B parameters, built on the device in {str(dtype)[6:]} (meta + to_empty + "
+        "initialize_weights); tokens/s counts the real tokens (sequence_length), not the pad"
     )
     table.note(
-        f"median of {reps} timed steps after {warmup} warm-up steps (plus one seeded step for the loss check)"
+        f"median of {reps} timed steps after {warmup} warm-up steps; the first (seeded) step, compiles "
+        "included, "
+        f"is timed apart (first step s; a compiling variant gets {args.compile_share_s:.0f} s for it)"
     )
     table.note(
         f"model TFLOP/s/GPU: BAGEL's language-model FLOP formula (bench_model.bagel_lm_flops, as upstream's "
@@ -451,23 +642,12 @@ def run(args) -> str:
     )
     table.note(device_info(device))
     table.note(f"{time.perf_counter() - t_start:.0f} s for this table")
-    text = table.render()
     if args.mfu:
-        text += "\n" + mfu_run(args, device, dtype).render()
-    write_results(
-        args.out,
-        "bench_model",
-        text,
-        lambda path: save_plot(
-            path,
-            series,
-            "pack size (tokens incl. pad)",
-            "training tokens/s (fwd+bwd)",
-            "BAGEL training step: tokens/s per backend",
-            logx=True,
-        ),
-    )
-    return text
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the MFU run sizes its layer count on the free memory
+        mfu_run(args, device, dtype, report)
+    return report
 
 
 def main(argv=None) -> int:
@@ -487,6 +667,12 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="peak TFLOP/s per GPU for MFU (default: by GPU name)"
+    )
+    p.add_argument(
+        "--compile-share-s",
+        type=float,
+        default=60.0,
+        help="seconds a compiling variant's first step may take before its row says so (default 60)",
     )
     return run_script(p, run, "bench_model", "a BAGEL-7B-shaped bf16 training step", argv)
 

@@ -38,7 +38,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import no_gpu, sync, time_ms, write_results  # noqa: E402
+from common import (  # noqa: E402
+    Report,
+    bagel_name,
+    device_info,
+    no_gpu,
+    sync,
+    time_ms,
+    use_checkout,
+    write_results,
+)
+
+use_checkout()
 
 BAGEL_7B = dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28, theta=1e6)
 TINY = dict(hidden=128, inter=256, heads=4, kv_heads=2, layers=28, theta=1e4)
@@ -156,13 +167,18 @@ def fwd_bwd(f, inputs: list[torch.Tensor], params: list[torch.Tensor], dy: torch
 
 
 # ---------------------------------------------------------------------------------------------- layer benchmark
-def run_layer(args, device, dims, table_rows: list, notes: list):
+def run_layer(args, device, dims, table, layer_rows: list):
+    """The layer table: rows added to ``table`` as measured ((b), (c), (a), (a')); ``layer_rows`` gets
+    ``(name, ms, peak MiB)`` for the plot."""
     from transformers import Qwen2Config
 
-    from bagel.model.backend import BagelBackendConfig
-    from bagel.model.qwen2 import PackContext, Qwen2DecoderLayer, Qwen2MoTDecoderLayer
-    from bagel.model.qwen2_reference import reference_layer_forward
+    from bagel import BagelBackendConfig
     from bagel_kernels import mot
+
+    PackContext = bagel_name("PackContext")
+    Qwen2DecoderLayer = bagel_name("Qwen2DecoderLayer")
+    Qwen2MoTDecoderLayer = bagel_name("Qwen2MoTDecoderLayer")
+    reference_layer_forward = bagel_name("reference_layer_forward")
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = Qwen2Config(
@@ -180,7 +196,7 @@ def run_layer(args, device, dims, table_rows: list, notes: list):
     layout, mask, L, pos, und, gen, seed = build_pack(args.tokens, args.tiny, device)
     n_gen = gen.numel()
     kinds = {k: layout.sample_kinds.count(k) for k in sorted(set(layout.sample_kinds))}
-    notes.append(
+    table.note(
         f"pack: {L} tokens, {len(layout.sample_lens)} samples {kinds} "
         f"({'random_pack' if args.tiny else 'realistic_pack'} seed {seed}); "
         f"generation tokens {n_gen} = {n_gen / L:.1%} (VAE latents: noise images and edit samples' clean VAE images)"
@@ -239,7 +255,7 @@ def run_layer(args, device, dims, table_rows: list, notes: list):
         ya = mot.permute_rows(mot_layer.forward_grouped(x_g, ctx), inv)
         yb = reference_layer_forward(mot_layer, x, mask_t, cos, sin, und, gen, attention=attn_backend)
         rel = float((ya.float() - yb.float()).abs().max() / yb.float().abs().max())
-    notes.append(f"grouped vs gather/scatter layer output: max |diff| / max |ref| = {rel:.2e} ({dtype})")
+    table.note(f"grouped vs gather/scatter layer output: max |diff| / max |ref| = {rel:.2e} ({dtype})")
 
     # the grouped layout's one-time cost per model forward: entry + x permute + final un-permute (fwd+bwd)
     def once():
@@ -249,31 +265,45 @@ def run_layer(args, device, dims, table_rows: list, notes: list):
         x.grad = None
 
     reps, warm = args.reps, args.warmup
-    t_a = time_ms(grouped, device, reps, warm)
+
+    def add(name, ms, mib, speed, vs):
+        layer_rows.append((name, ms, mib))
+        table.add(
+            [name, f"{ms:.3f}", "-" if mib != mib else f"{mib:.0f}", speed, vs],
+            raw=dict(variant=name, ms=ms, peak_mib=mib),
+        )
+
+    # each row as soon as it is measured: the references first, so that every row has its ratios
     t_b = time_ms(reference, device, reps, warm)
+    add("(b) gather/scatter MoT layer (upstream routing)", t_b, peak_mib(reference, device), "1.00x", "-")
     t_c = time_ms(dense, device, reps, warm)
+    add("(c) dense layer (floor)", t_c, peak_mib(dense, device), f"{t_b / t_c:.2f}x", "+0.0%")
+    t_a = time_ms(grouped, device, reps, warm)
+    add(
+        "(a) grouped MoT layer (ours)",
+        t_a,
+        peak_mib(grouped, device),
+        f"{t_b / t_a:.2f}x",
+        f"{t_a / t_c - 1:+.1%}",
+    )
     t_once = time_ms(once, device, reps, warm)
-    m_a, m_b, m_c = (peak_mib(f, device) for f in (grouped, reference, dense))
     per_layer_once = t_once / dims["layers"]
     t_a_tot = t_a + per_layer_once
-    table_rows += [
-        ("(a) grouped MoT layer (ours)", t_a, m_a, f"{t_b / t_a:.2f}x", f"{t_a / t_c - 1:+.1%}"),
-        (
-            f"(a') + one-time grouping / {dims['layers']} layers",
-            t_a_tot,
-            float("nan"),
-            f"{t_b / t_a_tot:.2f}x",
-            f"{t_a_tot / t_c - 1:+.1%}",
-        ),
-        ("(b) gather/scatter MoT layer (upstream routing)", t_b, m_b, "1.00x", f"{t_b / t_c - 1:+.1%}"),
-        ("(c) dense layer (floor)", t_c, m_c, f"{t_b / t_c:.2f}x", "+0.0%"),
-    ]
-    notes.append(
-        f"one-time grouping per forward (grouped_order + mask row index + RoPE tables + permute in/out, fwd+bwd): {t_once:.3f} ms"
+    add(
+        f"(a') + one-time grouping / {dims['layers']} layers",
+        t_a_tot,
+        float("nan"),
+        f"{t_b / t_a_tot:.2f}x",
+        f"{t_a_tot / t_c - 1:+.1%}",
+    )
+    table.note(
+        f"(b) vs dense: {t_b / t_c - 1:+.1%}; one-time grouping per forward (grouped_order + mask row index "
+        "+ RoPE "
+        f"tables + permute in/out, fwd+bwd): {t_once:.3f} ms"
     )
     goal_a = t_b / t_a_tot >= 1.25
     goal_c = t_a_tot / t_c <= 1.10
-    notes.append(
+    table.note(
         f"goals: (a') >= 1.25x faster than (b): {'MET' if goal_a else 'NOT MET'} ({t_b / t_a_tot:.2f}x); "
         f"(a') within 10% of (c): {'MET' if goal_c else 'NOT MET'} ({t_a_tot / t_c - 1:+.1%})"
     )
@@ -285,14 +315,12 @@ def run_layer(args, device, dims, table_rows: list, notes: list):
             dy,
         )
         t_f = time_ms(flex_ref, device, reps, warm)
-        table_rows.append(
-            (
-                "(u) gather/scatter + FlexAttention (upstream-like)",
-                t_f,
-                peak_mib(flex_ref, device),
-                f"{t_b / t_f:.2f}x",
-                f"{t_f / t_c - 1:+.1%}",
-            )
+        add(
+            "(u) gather/scatter + FlexAttention (upstream-like)",
+            t_f,
+            peak_mib(flex_ref, device),
+            f"{t_b / t_f:.2f}x",
+            f"{t_f / t_c - 1:+.1%}",
         )
     return dict(
         a=t_a,
@@ -311,7 +339,8 @@ def run_layer(args, device, dims, table_rows: list, notes: list):
 
 
 # ---------------------------------------------------------------------------------------------- op benchmarks
-def run_ops(args, device, dims, info, rows: list):
+def run_ops(args, device, dims, info, table, rows: list):
+    """The op table: one row per op added to ``table`` as measured; ``rows`` gets them for the plot."""
     import torch.nn.functional as F
 
     from bagel_kernels import mot
@@ -420,10 +449,25 @@ def run_ops(args, device, dims, info, rows: list):
     )
 
     for name, make, upstream in cases:
-        t_tri = time_ms(make("triton"), device, args.reps, args.warmup)
-        t_torch = time_ms(make("torch"), device, args.reps, args.warmup)
-        t_gs = time_ms(upstream, device, args.reps, args.warmup) if upstream is not None else float("nan")
+        try:
+            t_tri = time_ms(make("triton"), device, args.reps, args.warmup)
+            t_torch = time_ms(make("torch"), device, args.reps, args.warmup)
+            t_gs = time_ms(upstream, device, args.reps, args.warmup) if upstream is not None else float("nan")
+        except Exception as exc:  # one op failing must not hide the others
+            table.add([name, f"failed: {type(exc).__name__}: {str(exc)[:100]}", "-", "-", "-"], ok=False)
+            continue
         rows.append((name, t_tri, t_torch, t_gs))
+        c = t_gs
+        table.add(
+            [
+                name,
+                f"{t_tri:.3f}",
+                f"{t_torch:.3f}",
+                "-" if c != c else f"{c:.3f}",
+                "-" if c != c else f"{c / t_tri:.2f}x",
+            ],
+            raw=dict(op=name, triton_ms=t_tri, torch_ms=t_torch, gather_scatter_ms=t_gs),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -466,32 +510,25 @@ def _plot(path, layer_rows, op_rows):
     plt.close(fig)
 
 
-def run(args) -> str:
-    from common import Table, device_info
-
+def run(args) -> Report:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dims = TINY if args.tiny else BAGEL_7B
-    layer_rows: list = []
-    notes: list = []
+    report = Report(args.out, "bench_mot")
     t0 = time.perf_counter()
-    info = run_layer(args, device, dims, layer_rows, notes)
-    op_rows: list = []
-    run_ops(args, device, dims, info, op_rows)
-
     shape = "tiny CPU shapes (interpreter: times are meaningless)" if args.tiny else "BAGEL-7B shapes, bf16"
-    t1 = Table(
-        f"MoT decoder layer, fwd+bwd, {info['L']} tokens, {shape}",
+    t1 = report.table(
+        f"MoT decoder layer, fwd+bwd, {'a tiny pack' if args.tiny else f'a {args.tokens}-token pack'}, "
+        f"{shape}",
         ["variant", "ms (median)", "peak MiB", "speed-up vs (b)", "vs dense (c)"],
     )
-    for name, ms, mib, sp, vs in layer_rows:
-        t1.add([name, f"{ms:.3f}", "-" if mib != mib else f"{mib:.0f}", sp, vs])
-    for note in notes:
-        t1.note(note)
+    layer_rows: list = []
+    op_rows: list = []
+    plot = lambda path: _plot(path, layer_rows, op_rows)  # noqa: E731
+    info = run_layer(args, device, dims, t1, layer_rows)
     t1.note(device_info(device))
-    t1.note(
-        f"median of {args.reps} timed calls after {args.warmup} warm-up calls; {time.perf_counter() - t0:.0f} s for the whole script"
-    )
-    t2 = Table(
+    t1.note(f"median of {args.reps} timed calls after {args.warmup} warm-up calls")
+    write_results(args.out, "bench_mot", None, plot)
+    t2 = report.table(
         "bagel_kernels.mot ops, fwd+bwd ms (median)",
         [
             "op",
@@ -501,16 +538,13 @@ def run(args) -> str:
             "triton speed-up vs gather/scatter",
         ],
     )
-    for name, a, b, c in op_rows:
-        t2.add(
-            [name, f"{a:.3f}", f"{b:.3f}", "-" if c != c else f"{c:.3f}", "-" if c != c else f"{c / a:.2f}x"]
-        )
+    run_ops(args, device, dims, info, t2, op_rows)
     t2.note(
         "permute_rows: the torch column is x[perm] (its backward an index_put); the grouped layout pays it once per forward"
     )
-    text = t1.render() + "\n" + t2.render()
-    write_results(args.out, "bench_mot", text, lambda path: _plot(path, layer_rows, op_rows))
-    return text
+    t2.note(f"{time.perf_counter() - t0:.0f} s for the whole script")
+    write_results(args.out, "bench_mot", None, plot)
+    return report
 
 
 def main(argv=None) -> int:
@@ -536,8 +570,9 @@ def main(argv=None) -> int:
         return 0
     else:
         args.reps, args.warmup = (5, 2) if args.quick else (15, 3)
-    print(run(args))
-    return 0
+    report = run(args)
+    print(report.render())
+    return report.exit_code()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import Table, device_info, run_script, save_plot, time_ms, write_results  # noqa: E402
+from common import Report, device_info, run_script, save_plot, time_ms, use_checkout, write_results  # noqa: E402
+
+use_checkout()
 
 from bagel_kernels import patch_embed as pe  # noqa: E402
 from bagel_kernels import reference  # noqa: E402
@@ -131,7 +133,7 @@ def paths(c, fused_backend: str):
     }
 
 
-def run(args) -> str:
+def run(args) -> Report:
     tiny = args.tiny
     device = torch.device("cpu" if tiny else "cuda")
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -156,7 +158,8 @@ def run(args) -> str:
         "fwd TFLOP/s",
         "max |diff|",
     ]
-    table = Table(
+    report = Report(args.out, "bench_patch_embed")
+    table = report.table(
         f"Fused patch embedding ({'tiny CPU check, times meaningless' if tiny else 'SigLIP so400m, bf16'})",
         cols,
     )
@@ -194,7 +197,10 @@ def run(args) -> str:
                     f"{base_fb / t_fb:.2f}x",
                     f"{flops / t_f / 1e9:.1f}",
                     f"{diff:.2e}",
-                ]
+                ],
+                raw=dict(
+                    case=c["label"], patches=c["N"], path=name, fwd_ms=t_f, fwd_bwd_ms=t_fb, max_diff=diff
+                ),
             )
             print(table.rows[-1], flush=True)
             plot.setdefault(name, []).append((c["N"], base_f / t_f))
@@ -215,7 +221,7 @@ def run(args) -> str:
     write_results(
         args.out,
         "bench_patch_embed",
-        table.render(),
+        None,  # the Report wrote the table row by row
         lambda path: save_plot(
             path,
             {k: v for k, v in plot.items() if not k.startswith("unfused")},
@@ -225,7 +231,7 @@ def run(args) -> str:
             logx=True,
         ),
     )
-    return table.render()
+    return report
 
 
 def main(argv=None) -> int:

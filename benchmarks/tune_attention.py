@@ -56,7 +56,7 @@ if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is i
 import torch  # noqa: E402
 
 # run as a script (benchmarks/gpu_check.sh): its folder, with common.py, is on sys.path
-from common import device_info, git_commit, time_ms, use_checkout  # noqa: E402
+from common import device_info, git_commit, time_ms, use_checkout, write_atomic  # noqa: E402
 
 use_checkout()
 from bagel_kernels import PackedMask, packed_attention  # noqa: E402
@@ -286,6 +286,17 @@ def tune(args) -> int:
     def emit(line):
         lines.append(line)
         print(line, flush=True)
+        if args.md:  # the table so far: a run cut off by a timeout keeps every measured row
+            write_atomic(args.md, "\n".join(lines) + "\n")
+
+    def record(**fields):
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(dict(bench="tune_attention", **fields)) + "\n")
+
+    if args.jsonl and os.path.exists(args.jsonl):
+        os.remove(args.jsonl)
+    no_measurement = []  # (shape, program) whose every candidate failed
 
     for line in lines:
         print(line)
@@ -315,25 +326,37 @@ def tune(args) -> int:
                 if i > 0 and time.perf_counter() - t0 > deadline:
                     emit(f"| {shape.name} | {kind} | {label} | skipped: its share of the {args.budget_s:.0f} s "
                          "budget is spent | - | - |")  # fmt: skip
+                    record(
+                        shape=shape.name, program=kind, candidate=label, ok=False, check="skipped (budget)"
+                    )
                     continue
                 try:
                     why = _check(cand, shape, device, kind)
                     if why:
                         emit(f"| {shape.name} | {kind} | {label} | FAIL: {why} | - | - |")
+                        record(
+                            shape=shape.name, program=kind, candidate=label, ok=False, check=f"FAIL: {why}"
+                        )
                         continue
                     ms = _time(cand, shape, device, kind, reps, warmup)
                 except Exception as exc:  # compile errors, out of resources: skip the candidate
-                    err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                    err = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
                     emit(f"| {shape.name} | {kind} | {label} | error: {err} | - | - |")
+                    record(shape=shape.name, program=kind, candidate=label, ok=False, check=f"error: {err}")
                     if args.verbose:
                         traceback.print_exc()
                     continue
                 if base_ms is None:
                     base_ms = ms
                 emit(f"| {shape.name} | {kind} | {label} | ok | {ms:.3f} | {base_ms / ms:.2f}x |")
+                record(
+                    shape=shape.name, program=kind, candidate=label, ok=True, ms=ms, vs_default=base_ms / ms
+                )
                 if best_ms is None or ms < best_ms:
                     best_ms, winner = ms, cand
-            if best_ms is not None:
+            if best_ms is None:
+                no_measurement.append(f"{shape.name} {kind}")
+            else:
                 best = winner
                 measured[f"{kind}_ms"] = round(best_ms, 4)
                 measured[f"{kind}_default_ms"] = round(base_ms, 4)
@@ -359,9 +382,9 @@ def tune(args) -> int:
             _write(args.out, entries)
     emit("")
     emit(f"- {device_info(device)}; {time.perf_counter() - t0:.0f} s; table: {args.out or '(not written)'}")
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    if no_measurement:  # a program none of whose candidates ran is a failed tuning, not a tuned one
+        emit(f"- FAILED: no candidate passed for {', '.join(no_measurement)} (see the errors above)")
+        return 1
     return 0
 
 
@@ -371,7 +394,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--base", default=None, help="table to start from (default: the package's attention_tuned.json)"
     )
-    p.add_argument("--md", default=None, help="also write the sweep as a markdown table here")
+    p.add_argument("--md", default=None, help="also write the sweep as a markdown table here (row by row)")
+    p.add_argument("--jsonl", default=None, help="append every candidate's result to this JSON-lines file")
     p.add_argument("--budget-s", type=float, default=120.0, help="seconds the sweep may take (default 120)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per candidate (default 5)")
     p.add_argument("--dry-run", action="store_true", help="CPU: interpreter, tiny packs, nothing written")

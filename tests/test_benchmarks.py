@@ -86,3 +86,16 @@ def test_bench_model_mfu_arithmetic_tiny():
     text = table.render()
     assert "official BAGEL (32xH100, published) | - | - | 176.9 | 17.9%" in text
     assert "Megatron-Bridge BAGEL (32xH100, published) | - | - | 234.3 | 23.7%" in text
+
+
+def test_bench_attention_backends_option_rejects_unknown_names(capsys):
+    import bench_attention
+
+    with pytest.raises(SystemExit):
+        bench_attention.main(["--backends", "triton,flash-4", "--out", "unused"])
+    assert "unknown backend(s) ['flash-4']" in capsys.readouterr().err
+    # the compiled baselines come last, so that their compiles cannot starve the other rows
+    order = list(bench_attention.BACKENDS)
+    assert max(order.index(b) for b in order if b not in bench_attention.COMPILED) < min(
+        order.index(b) for b in bench_attention.COMPILED
+    )
