@@ -335,6 +335,25 @@ def test_edit_and_think_cached_equals_recompute(model, vae, tokenizer):
     torch.testing.assert_close(c.latent, d.latent, atol=ATOL, rtol=RTOL)
 
 
+def test_input_checks(model, vae):
+    ctx = Context(model)
+    with pytest.raises(ValueError, match="ViT image"):
+        ctx.add_vit_image(torch.zeros(3, 10, 8))  # not a multiple of the patch size 4
+    with pytest.raises(ValueError, match="ViT image"):
+        ctx.add_vit_image(torch.zeros(3, 64, 8))  # beyond the 8x8 patch grid
+    with pytest.raises(ValueError, match="VAE latent"):
+        ctx.add_vae_image(torch.zeros(16, 4, 4))  # 16 channels, the model has 4
+    with pytest.raises(ValueError, match="VAE latent"):
+        ctx.add_vae_image(torch.zeros(4, 18, 4))  # 9 latent tokens > max_latent_size 8
+    assert ctx.num_tokens == 0 and ctx.next_position == 0
+    with pytest.raises(ValueError, match="vocabulary"):
+        Generator(
+            model, vae, special_tokens=SpecialTokens(bos=1, eos=2, start_of_image=3, end_of_image=VOCAB)
+        )
+    with pytest.raises(ValueError, match="token ids"):
+        Generator(model, vae).text_to_image([VOCAB + 5], height=32, width=32)
+
+
 def test_stage1_refuses_to_draw(vae):
     m = _model(stage=1)
     with pytest.raises(ValueError, match="stage 1"):

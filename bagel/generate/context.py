@@ -65,6 +65,20 @@ def vit_chunk(model: nn.Module, tokens: SpecialTokens, pixels: torch.Tensor, pos
     if not cfg.visual_und:
         raise ValueError("the model has no ViT (visual_und=False): it cannot look at an image")
     p = cfg.vision_config.patch_size
+    side = cfg.vit_max_num_patch_per_side * p
+    if (
+        not isinstance(pixels, torch.Tensor)
+        or pixels.dim() != 3
+        or pixels.shape[0] != 3
+        or not pixels.is_floating_point()
+        or pixels.shape[1] % p
+        or pixels.shape[2] % p
+        or not (0 < pixels.shape[1] <= side and 0 < pixels.shape[2] <= side)
+    ):
+        got = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(
+            f"a ViT image must be a float [3, H, W] with H, W multiples of the patch size {p} up to {side}, got {got}"
+        )
     device = _device(model)
     patches = patchify(pixels.to(device=device, dtype=float_dtype(m.vit_model)), p)  # [N, 3*p*p]
     pos = flattened_position_ids(
@@ -178,7 +192,25 @@ class Context:
 
     def add_vae_image(self, latent: torch.Tensor) -> Context:
         """Append a clean VAE image: ``latent [C, h*p, w*p]`` as the VAE encodes it (time 0)."""
-        p = self.model.config.latent_patch_size
+        cfg = self.model.config
+        if not cfg.visual_gen:
+            raise ValueError(
+                "a VAE image needs the generation weights: this model is stage 1 (visual_gen=False)"
+            )
+        p, C, top = cfg.latent_patch_size, cfg.latent_channels, cfg.max_latent_size
+        if (
+            not isinstance(latent, torch.Tensor)
+            or latent.dim() != 3
+            or latent.shape[0] != C
+            or not latent.is_floating_point()
+            or latent.shape[1] % p
+            or latent.shape[2] % p
+            or not (0 < latent.shape[1] <= top * p and 0 < latent.shape[2] <= top * p)
+        ):
+            got = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+            raise ValueError(
+                f"a VAE latent must be a float [{C}, h*{p}, w*{p}] with h, w in 1..{top} (max_latent_size), got {got}"
+            )
         grid = (latent.shape[-2] // p, latent.shape[-1] // p)
         toks = patchify(latent, p)
         chunk = latent_chunk(self.model, self.tokens, toks, grid, 0.0, self._next_position, "full")

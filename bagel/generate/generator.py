@@ -104,6 +104,10 @@ class Generator:
 
             special_tokens, _ = add_special_tokens(tokenizer)
         self.tokens = special_tokens if special_tokens is not None else SpecialTokens.for_config(model.config)
+        vocab = model.config.text_config.vocab_size
+        bad = {k: v for k, v in vars(self.tokens).items() if not 0 <= v < vocab}
+        if bad:
+            raise ValueError(f"special token ids {bad} lie outside the model's vocabulary of {vocab}")
         self.backend = backend
         self.use_cache = use_cache
         if vae is not None and model.config.visual_gen:
