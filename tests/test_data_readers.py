@@ -239,6 +239,19 @@ def test_t2i_parquet_layout(tmp_path, tok, cfg):
     assert "ce_loss_indexes" not in out
 
 
+def test_image_as_a_hugging_face_struct(tmp_path, tok, cfg):
+    # parquet exported by Hugging Face datasets stores an image as {"bytes": ..., "path": ...}
+    img = {"bytes": image_bytes(32, 16), "path": "x.png"}
+    write_parquet(
+        str(tmp_path / "t2i" / "a.parquet"), {"image": [img], "captions": [json.dumps({"c": "hi"})]}
+    )
+    y = write_config(
+        str(tmp_path), {"t2i_pretrain": t2i_group()}, {"t2i_pretrain": {"t2i": {"data_dir": "t2i"}}}
+    )
+    segs, _ = first_sample(y, tok, cfg)
+    assert segs[1].pixels.shape == (3, 16, 32)
+
+
 def test_edit_parquet_layout(tmp_path, tok, cfg):
     instr = "flip it"
     write_parquet(

@@ -135,16 +135,22 @@ class GroupReader:
     def describe(self) -> str:
         return "; ".join(s.describe() for s in self.sources)
 
-    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
         if self._order is None or self._order[0] != epoch:
             perm = np.random.default_rng([self.seed, self.index, epoch]).permutation(len(self.unit_sizes))
-            ends = np.cumsum(self.unit_sizes[perm])
+            # one record per unit (JSONL lines): the position is the index into the permutation
+            ends = None if self.total == len(self.unit_sizes) else np.cumsum(self.unit_sizes[perm])
             self._order = (epoch, perm, ends)
         return self._order[1], self._order[2]
 
     def locate(self, epoch: int, pos: int) -> tuple[int, int, int]:
         """Position ``pos`` of epoch ``epoch``'s order -> ``(source, unit in source, row)``."""
+        if not 0 <= pos < self.total:
+            raise IndexError(f"position {pos} is outside the group's {self.total} records")
         perm, ends = self._epoch_order(epoch)
+        if ends is None:
+            u = int(perm[pos])
+            return int(self.unit_src[u]), int(self.unit_idx[u]), 0
         k = int(np.searchsorted(ends, pos, side="right"))
         u = int(perm[k])
         r = pos - (int(ends[k - 1]) if k else 0)

@@ -252,6 +252,10 @@ class SampleBuilder:
         return ids
 
     def _image(self, source: Any) -> Any:
+        if isinstance(source, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
+            source = source.get("bytes") or source.get("path")
+            if source is None:
+                raise SkipSample("missing_field", "an image with neither bytes nor path")
         return open_image(
             source, min_side=self.config.min_image_side, max_pixels=self.config.max_image_pixels
         )
