@@ -474,7 +474,7 @@ def mfu_run(args, device: torch.device, dtype: torch.dtype, report: Report | Non
                 )
             break
         except torch.OutOfMemoryError:
-            del model
+            model = step = batch = None  # noqa: F841  (the step closure holds the model too)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if attempt == 1 or n_layers == 1:
@@ -643,7 +643,7 @@ def run(args) -> Report:
     table.note(device_info(device))
     table.note(f"{time.perf_counter() - t_start:.0f} s for this table")
     if args.mfu:
-        del model
+        model = step = batch = None  # noqa: F841  (free the 2-layer model: the MFU run sizes on free memory)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the MFU run sizes its layer count on the free memory
         mfu_run(args, device, dtype, report)

@@ -68,7 +68,9 @@ class Step:
     """One step of a phase: ``name`` (also its label in the tables), ``cap_s`` (seconds guaranteed), what it
     runs (``kind``: install, gpu_tests, equivalence, tune, compile_check, bench with ``bench`` naming the
     script and ``args`` its options, or command: ``args`` run as given, ``{py}`` and ``{bench_dir}``
-    filled in), and ``show_output``: its last printed lines go into the results."""
+    filled in), and ``show_output``: its last printed lines go into the results. A benchmark finishes
+    when it is done; the tuner's sweep is bounded by its cap, plus at most ``stretch_s`` of the time
+    earlier steps left unused (a reused install)."""
 
     name: str
     cap_s: int
@@ -76,6 +78,7 @@ class Step:
     bench: str = ""
     args: tuple[str, ...] = ()
     show_output: bool = False
+    stretch_s: int = 0  # seconds of what earlier steps left unused that the tuner may spend on its sweep
 
 
 QUICK_ATTENTION_BACKENDS = "triton,triton-1pass,triton-2pass,triton-padD,sdpa-loop,dense-causal"
@@ -102,10 +105,10 @@ def plan(phase: str, compile_check: bool = False) -> list[Step]:
     if phase == "fast":
         return [
             Step("install", 100, "install", show_output=True),  # reused when the machine is still warm
-            Step("tune", 45, "tune"),
+            Step("tune", 40, "tune", stretch_s=60),
             Step("bench_model", 55, "bench", "model", ("--quick",)),
-            Step("bench_mot", 25, "bench", "mot", ("--quick",)),
-            Step("bench_attention", 35, "bench", "attention", ("--quick", "--compile-share-s", "20")),
+            Step("bench_mot", 20, "bench", "mot", ("--quick",)),
+            Step("bench_attention", 45, "bench", "attention", ("--quick", "--compile-share-s", "45")),
             Step("bench_patch_embed", 10, "bench", "patch_embed", ("--quick",)),
             Step(
                 "bench_mask",
@@ -236,6 +239,12 @@ def _has_module(py: str, name: str) -> bool:
     return subprocess.run([py, "-c", probe], capture_output=True, timeout=60).returncode == 0
 
 
+def tune_budget_s(step: Step, limit_s: int) -> int:
+    """Seconds of the tuner's sweep: its cap, plus what it may take of the time earlier steps left
+    unused (``stretch_s`` at most), less 15 s for its start and the table it writes."""
+    return max(10, min(limit_s, step.cap_s + step.stretch_s) - 15)
+
+
 def step_command(step: Step, ctx: dict) -> list[str] | None:
     """The command of ``step`` (None: nothing to run, e.g. the install in a dry run)."""
     py, dry, work = ctx["py"], ctx["dry"], ctx["work"]
@@ -290,7 +299,7 @@ def step_command(step: Step, ctx: dict) -> list[str] | None:
             "--jsonl",
             os.path.join(bench_dir, "tune_attention.jsonl"),
             "--budget-s",
-            str(max(10, step.cap_s - 15)),
+            str(tune_budget_s(step, ctx.get("limit", step.cap_s))),
         ] + (["--dry-run"] if dry else [])
     if step.kind == "bench":
         args = list(step.args)
@@ -431,7 +440,14 @@ class Phase:
     def run_step(self, index: int) -> None:
         step = self.steps[index]
         limit = self.limit_for(index)
-        ctx = dict(py=self.py, dry=self.dry, work=self.work, full=self.full, arch=self.meta.get("arch", 90))
+        ctx = dict(
+            py=self.py,
+            dry=self.dry,
+            work=self.work,
+            full=self.full,
+            arch=self.meta.get("arch", 90),
+            limit=limit,
+        )
         self.say(f"\n=== [{self.elapsed():.0f} s] {step.name} (cap {step.cap_s} s, limit {limit} s)")
         try:
             cmd = step_command(step, ctx)
@@ -469,6 +485,12 @@ class Phase:
             except subprocess.TimeoutExpired:
                 self._kill(self.child)
                 rc, status = None, f"TIMEOUT ({limit} s)"
+            except BaseException:  # the phase itself is stopped (SIGTERM, Ctrl-C): stop the step too
+                self._kill(self.child)
+                self.results.append(
+                    StepResult(step.name, "INTERRUPTED", round(time.monotonic() - t, 1), step.cap_s, limit)
+                )
+                raise
             reader.join(timeout=10)
             if rc:
                 status = f"FAILED (exit {rc})"

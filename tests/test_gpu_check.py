@@ -145,6 +145,45 @@ def test_phase_keeps_rows_of_a_timed_out_step_and_marks_failures(tmp_path):
     assert not os.path.exists(phase.work)  # the work folder is cleaned up
 
 
+_DRIVER = """
+import sys
+sys.path.insert(0, {bench!r})
+import gpu_check
+child = "import os, time; print('child', os.getpid(), flush=True); time.sleep(300)"
+steps = [gpu_check.Step("hangs", 60, "command", args=("{{py}}", "-c", child))]
+phase = gpu_check.Phase("fast", sys.argv[1], dry=True, full=False, compile_check=False, budget_s=100,
+                        py=sys.executable, steps=steps, facts=False)
+sys.exit(phase.run())
+"""
+
+
+def test_phase_stopped_by_sigterm_stops_its_step_and_keeps_its_files(tmp_path):
+    """The device command's own timeout: the driver stops the running step (its whole process group) and
+    leaves OUT complete."""
+    import signal
+
+    out = tmp_path / "OUT"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER.format(bench=BENCH), str(out)], stdout=subprocess.PIPE, text=True
+    )
+    child = None
+    for line in driver.stdout:
+        if line.startswith("child "):
+            child = int(line.split()[1])
+            break
+    assert child is not None
+    driver.send_signal(signal.SIGTERM)
+    driver.stdout.read()
+    assert driver.wait(timeout=30) == 1
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{child}")
+    assert "hangs\tINTERRUPTED" in (out / "fast_steps.tsv").read_text()
+    assert "signal 15" in (out / "fast_log.txt").read_text()
+    assert gpu_check.check_out_dir(str(out), gpu_check.out_files("fast")) == []
+
+
 # ------------------------------------------------------------------------------------------ install
 _FAKE_PYTHON = """#!/usr/bin/env bash
 # stands in for python: pip and the CUDA-extension probe answer as $PIP_RC / $EXT_RC say
