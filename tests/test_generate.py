@@ -264,24 +264,32 @@ def test_mixed_chunk_prefill_matches_recompute(model):
 
 
 def test_kv_cache_forks_and_growth(model):
-    """Forks never see each other's later tokens (copy on write), and decoding past the buffer's
-    capacity (64 rows at first) regrows it: every step's hidden state equals the recompute path's."""
+    """Decoding token by token past the buffer's first capacity (64 rows) regrows it, and a fork never
+    sees the other copy's later tokens (copy on write): each token's hidden state equals that of the
+    same tokens as one causal chunk through the recompute path (one training forward)."""
     from bagel.generate.context import token_chunk
 
-    cached = Context(model).add_text([1, 2, 3])
+    cached = Context(model).add_text([1, 2, 3])  # positions 0..4
     fork = cached.fork()
-    ref = Context(model, use_cache=False).add_text([1, 2, 3])
-    ref_fork = ref.fork()
+    main_tokens, fork_tokens, main_h, fork_h = [], [], [], []
     for i in range(66):
-        token = 10 + i % 50
-        a = cached.add_chunk(token_chunk(model, token, cached.next_position), advance=1)
-        b = ref.add_chunk(token_chunk(model, token, ref.next_position), advance=1)
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
-        if i % 20 == 0:  # the fork continues differently and stays consistent
-            a = fork.add_chunk(token_chunk(model, 7, fork.next_position), advance=1)
-            b = ref_fork.add_chunk(token_chunk(model, 7, ref_fork.next_position), advance=1)
-            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+        main_tokens.append(10 + i % 50)
+        main_h.append(cached.add_chunk(token_chunk(model, main_tokens[-1], cached.next_position), advance=1))
+        if i % 20 == 0:  # the fork continues differently
+            fork_tokens.append(7 + i)
+            fork_h.append(fork.add_chunk(token_chunk(model, fork_tokens[-1], fork.next_position), advance=1))
     assert cached.cache.num_tokens == 71 and fork.cache.num_tokens == 9
+    for tokens, hidden in ((main_tokens, main_h), (fork_tokens, fork_h)):
+        parts = [token_chunk(model, t, 5 + j) for j, t in enumerate(tokens)]
+        run = Chunk(
+            torch.cat([c.embeds for c in parts]),
+            torch.cat([c.positions for c in parts]),
+            torch.zeros(len(parts), dtype=torch.bool),
+            [len(parts)],
+            ["causal"],
+        )
+        ref = Context(model, use_cache=False).add_text([1, 2, 3]).add_chunk(run, advance=len(parts))
+        torch.testing.assert_close(torch.cat(hidden), ref, atol=ATOL, rtol=RTOL)
 
 
 def test_step_backend_choice(model):
