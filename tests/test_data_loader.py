@@ -13,6 +13,7 @@ import pytest
 import torch
 from data_helpers import (
     VAE_ARGS,
+    VIT_ARGS,
     data_config,
     image_bytes,
     model_config,
@@ -165,6 +166,43 @@ def test_buffer_holds_a_sample_that_does_not_fit(tmp_path, tok, cfg):
     assert all(p.num_tokens <= 64 for p in packs)
     for epoch in (0, 1):  # every sample of the first two epochs, exactly once
         assert sorted(pos for _, e, pos in ids if e == epoch) == list(range(8))
+
+
+def test_large_mandatory_samples_never_overflow_and_the_carry_over_stays_bounded(tmp_path, tok, cfg):
+    # three mandatory groups whose samples take 60% of a pack: upstream packs them all regardless of
+    # max_num_tokens; here each waits for a pack of its own, and the waiting list stays short
+    groups, info = {}, {}
+    long = " ".join(["w"] * 17)  # 33 tokens (" w" is two) + bos/eos: > 64 / 2
+    write_jsonl(str(tmp_path / "t.jsonl"), [{"text": long}] * 4)
+    os.makedirs(tmp_path / "img")
+    (tmp_path / "img" / "a.png").write_bytes(image_bytes(24, 24))
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": " ".join(["w"] * 20)}]
+    write_jsonl(str(tmp_path / "v.jsonl"), [{"image": "a.png", "conversations": conv}] * 4)
+    write_parquet(
+        str(tmp_path / "t2i" / "a.parquet"),
+        {"image": [image_bytes(64, 64)] * 4, "captions": [json.dumps({"a": " ".join(["w"] * 20)})] * 4},
+    )
+    groups = {
+        "t2i_pretrain": {"dataset_names": ["t"], "image_transform_args": VAE_ARGS, "is_mandatory": True},
+        "vlm_sft": {"dataset_names": ["v"], "image_transform_args": VIT_ARGS, "is_mandatory": True},
+        "text_pretrain": {"dataset_names": ["x"], "is_mandatory": True},
+    }
+    info = {
+        "t2i_pretrain": {"t": {"data_dir": "t2i"}},
+        "vlm_sft": {"v": {"data_dir": "img", "jsonl_path": "v.jsonl"}},
+        "text_pretrain": {"x": {"jsonl_path": "t.jsonl"}},
+    }
+    y = write_config(str(tmp_path), groups, info)
+    dc = data_config(y, expected_num_tokens=60, max_num_tokens=64, max_num_tokens_per_sample=64)
+    loader = build_loader(dc, cfg, tok)
+    sizes = {
+        g: sample_num_tokens(p.samples[i], cfg)
+        for p in take(loader, 6)
+        for i, (g, _, _) in enumerate(p.sample_ids)
+    }
+    assert len(sizes) == 3 and all(n > 32 for n in sizes.values())
+    for p in take(loader, 30):
+        assert p.num_tokens <= 64 and len(p.state["pending"]) <= 3 + 1  # mandatory groups + 1 carried
 
 
 # ---------------------------------------------------------------------------------------------- sharding

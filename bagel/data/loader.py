@@ -17,8 +17,9 @@ edit sub-chain, CFG dropout, timestep logit) comes from a generator keyed by its
 epoch, position)``, so reading a sample again gives the same sample.
 
 **Packing** (per shard, as upstream's ``PackedDataset``, plus: nothing is lost). A pack opens with the
-samples left over from the previous one, then one sample of every ``is_mandatory`` group. Then, while
-it holds fewer than ``expected_num_tokens``: take a sample from the overflow buffer while the pack is
+samples left over from the previous one, then one sample of every ``is_mandatory`` group not already
+in the pack or waiting (a mandatory sample that does not fit waits for the next pack). Then, while
+it holds fewer than ``expected_num_tokens`` and no sample is waiting: take a sample from the overflow buffer while the pack is
 below ``prefer_buffer_before`` tokens, else from a group chosen by weight. A sample that does not fit
 (``max_num_tokens``) goes to the buffer if it came fresh and the buffer has room; otherwise the pack is
 closed and the sample opens the next one. Samples over ``max_num_tokens_per_sample`` are dropped or
@@ -277,14 +278,21 @@ class ShardPacker:
             s = self.pending.pop(0)
             samples.append(s)
             curr += s.num_tokens
+        # one sample of every mandatory group, unless one is already in the pack or waiting for the next
+        # (so the carry-over stays bounded when mandatory samples are too large to share a pack)
+        present = {s.id[0] for s in samples} | {s.id[0] for s in self.pending}
         for g in self.mandatory:
+            if g in present:
+                continue
             s = self.draw(g)
             if curr + s.num_tokens <= limit:
                 samples.append(s)
                 curr += s.num_tokens
             else:
                 self.pending.append(s)
-        while curr < cfg.expected_num_tokens:
+        # samples still waiting did not fit: this pack is as full as it gets without passing them over
+        # (drawing more here would only add to the waiting list, which then grows without bound)
+        while curr < cfg.expected_num_tokens and not self.pending:
             from_buffer = curr < cfg.prefer_buffer_before and bool(self.buffer)
             s = self.buffer.pop(0) if from_buffer else self.draw(self._choose())
             if curr + s.num_tokens > limit:
