@@ -91,7 +91,8 @@ class DataConfig:
         max_buffer_size: samples that did not fit the current pack wait in a buffer of this size; when it
             is full, a sample that does not fit closes the pack and opens the next one.
         long_samples: "drop" a sample over ``max_num_tokens_per_sample`` (upstream), or "truncate" its
-            trailing text when the sample ends in text and the text keeps at least one token (else drop).
+            trailing text when the sample ends in text and the text keeps at least one token (else drop);
+            a truncated text still closes with ``<|im_end|>``, which then carries a CE label.
         text_cond_dropout_prob: probability that a conditioning text (t2i caption, edit instruction) is
             dropped, for classifier-free guidance.
         vit_cond_dropout_prob: the same for a conditioning ViT image (edit source).

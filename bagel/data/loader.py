@@ -205,8 +205,10 @@ class ShardPacker:
         self.skipped[reason] += 1
         if reason not in self.logged:
             self.logged.add(reason)
+            what = "truncated a sample" if reason == "truncated" else "skipped a sample"
             logger.warning(
-                "skipping a sample: %s (%s); further samples skipped for this reason are counted, not logged",
+                "bagel.data: %s: %s (%s); further ones are counted (loader.skip_counts()), not logged",
+                what,
                 reason,
                 detail,
             )
