@@ -1,8 +1,25 @@
-"""bagel-kernels: packed varlen attention and MoT routing kernels for training BAGEL."""
+"""bagel-kernels: packed varlen attention and MoT routing kernels for training BAGEL.
 
-from . import linear_cross_entropy, mot  # noqa: E402  (op modules: import no Triton until a kernel runs)
-from .attention import BACKENDS, available_backends, packed_attention
-from .mask import ATTN_MODES, BlockTables, PackedMask
+Names are imported on first use (PEP 562): ``import bagel_kernels.backends`` (the backend names and the
+interpreter switch) imports no torch, so that a command line can refuse a bad argument at once.
+"""
+
+import importlib
+
+# public name -> the module that defines it (a module name maps to itself)
+_EXPORTS = {
+    "ATTN_MODES": ".mask",
+    "BlockTables": ".mask",
+    "PackedMask": ".mask",
+    "BACKENDS": ".attention",
+    "available_backends": ".attention",
+    "packed_attention": ".attention",
+    "fused_patch_embed": ".patch_embed",  # loads its compiled extension on first use
+    "linear_cross_entropy": ".linear_cross_entropy",
+    "mot": ".mot",
+    "checks": ".checks",
+    "backends": ".backends",
+}
 
 __all__ = [
     "ATTN_MODES",
@@ -14,13 +31,21 @@ __all__ = [
     "linear_cross_entropy",
     "mot",
     "fused_patch_embed",
+    "checks",
+    "backends",
 ]
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # lazy: the patch-embedding module loads its compiled extension on first use
-    if name == "fused_patch_embed":
-        from .patch_embed import fused_patch_embed
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bagel_kernels' has no attribute {name!r}")
+    mod = importlib.import_module(module, __name__)
+    value = mod if module == f".{name}" else getattr(mod, name)
+    globals()[name] = value
+    return value
 
-        return fused_patch_embed
-    raise AttributeError(f"module 'bagel_kernels' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .attention_configs import AttnConfig
+from .checks import as_int
 from .dispatch import Backend, Family, Request
-from .mask import PackedMask
+from .mask import PackedMask, derived
 
 __all__ = [
     "packed_attention",
@@ -75,12 +76,13 @@ def _sdpa_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) 
     if torch.compiler.is_compiling():
         return _sdpa_dense(q, k, v, mask, scale, deterministic)
     outs = []
+    kv_lo, kv_hi, _ = mask.vectors()
     for s, e in mask.sample_bounds():
         if e <= s:
             continue
         L = e - s
         r = torch.arange(L, device=q.device, dtype=torch.int32)[:, None]
-        vis = ((mask.kv_lo[s:e] - s)[None, :] <= r) & (r < (mask.kv_hi[s:e] - s)[None, :])  # [L, L]
+        vis = ((kv_lo[s:e] - s)[None, :] <= r) & (r < (kv_hi[s:e] - s)[None, :])  # [L, L]
         # rows that see no key: attend a dummy key, then zero the row (SDPA would give NaN); no
         # branch on the data, so the loop has no host sync and traces under torch.compile
         dead = ~vis.any(dim=1)
@@ -106,7 +108,8 @@ def _sdpa_dense(q, k, v, mask: PackedMask, scale: float, deterministic: bool = F
     Memory is O(T^2) per head (it is the reference backend; use triton for long packs)."""
     T = q.shape[0]
     r = torch.arange(T, device=q.device, dtype=torch.int32)[:, None]
-    vis = (mask.kv_lo[None, :] <= r) & (r < mask.kv_hi[None, :])  # [T, T]
+    kv_lo, kv_hi, _ = mask.vectors()
+    vis = (kv_lo[None, :] <= r) & (r < kv_hi[None, :])  # [T, T]
     dead = ~vis.any(dim=1)  # rows that see no key: a dummy key, then zeroed (as in the loop)
     vis = vis | dead[:, None]
     o = _sdpa(
@@ -134,7 +137,7 @@ def flex_block_mask(mask: PackedMask, block_size: int = FLEX_BLOCK, compile: boo
     :func:`flex_kv_blocks`); the benchmarks time it as the per-pack cost upstream pays."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    lo, hi = mask.kv_lo, mask.kv_hi
+    lo, hi, _ = mask.vectors()
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (lo[kv_idx] <= q_idx) & (q_idx < hi[kv_idx])
@@ -157,7 +160,8 @@ def flex_kv_blocks(mask: PackedMask, block_size: int = FLEX_BLOCK) -> tuple[torc
 
     with ``M = Nb = ceil(total_len / block_size)``."""
     key = ("flex_kv", int(block_size))
-    hit = mask._cache.get(key)
+    cache = derived(mask)
+    hit = cache.get(key)
     if hit is not None:
         return hit
     t = mask.block_tables(block_size, block_size)
@@ -175,8 +179,8 @@ def flex_kv_blocks(mask: PackedMask, block_size: int = FLEX_BLOCK) -> tuple[torc
         idx = torch.zeros((t.num_m, t.num_n), dtype=torch.int32, device=dev)
         idx[m_sel, slot] = n_sel.to(torch.int32)
         out += [counts.to(torch.int32).view(1, 1, t.num_m), idx.view(1, 1, t.num_m, t.num_n)]
-    mask._cache[key] = tuple(out)
-    return mask._cache[key]
+    cache[key] = tuple(out)
+    return cache[key]
 
 
 def _flex_call(q, k, v, kv_lo, kv_hi, kv_num, kv_idx, full_num, full_idx, scale: float, gqa: bool):
@@ -210,8 +214,7 @@ def _flex_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) 
         q.transpose(0, 1).unsqueeze(0),  # [1, Hq, T, D]
         k.transpose(0, 1).unsqueeze(0),
         v.transpose(0, 1).unsqueeze(0),
-        mask.kv_lo,
-        mask.kv_hi,
+        *mask.vectors()[:2],
         *flex_kv_blocks(mask),
         scale,
         q.shape[1] != k.shape[1],
@@ -225,6 +228,10 @@ def _flex_reasons(req: Request) -> list[str]:
     except ImportError:
         return ["FlexAttention is not available in this torch"]
     reasons = []
+    if req.device.type == "meta":
+        reasons.append(
+            "FlexAttention cannot run on meta tensors (its block mask is built and compiled per device)"
+        )
     if req.device.type == "cpu" and req.backward:
         reasons.append("FlexAttention has no backward on CPU")
     if req.device.type == "cuda" and req.sizes["head_dim"] < 16:
@@ -389,9 +396,7 @@ def triton_packed_attention(
         q,
         k,
         v,
-        mask.kv_lo,
-        mask.kv_hi,
-        mask._row_index,  # the mask's own validated copy (the property hands out copies)
+        *mask.vectors(),  # the mask's own validated tensors (its attributes hand out copies)
         list(fwd_tables),
         list(bwd_tables),
         scale,
@@ -410,6 +415,16 @@ def _triton_reasons(req: Request) -> list[str]:
     except ImportError as exc:
         return [f"the Triton kernels cannot be imported ({exc})"]
     return []
+
+
+def _triton_prepare(mask: PackedMask, req: Request) -> None:
+    from .attention_triton import default_config, prepare_mask
+
+    prepare_mask(mask, default_config(req.device, req.dtype, req.sizes["head_dim"]))
+
+
+def _flex_prepare(mask: PackedMask, req: Request) -> None:
+    flex_kv_blocks(mask)
 
 
 def _triton_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) -> torch.Tensor:
@@ -432,15 +447,19 @@ ATTENTION = Family(
             interpreted=True,
             hook=_triton_reasons,
             impl=_triton_forward,
+            row_index=True,  # reads rows through mask.row_index inside the kernel
+            prepare=_triton_prepare,
+            compile_specs="bagel_kernels.attention_triton",
         ),
-        "flex": Backend("flex", dtypes=_DTYPES, hook=_flex_reasons, impl=_flex_forward),
+        "flex": Backend(
+            "flex", dtypes=_DTYPES, hook=_flex_reasons, impl=_flex_forward, prepare=_flex_prepare
+        ),
         "sdpa": Backend("sdpa", dtypes=_DTYPES, impl=_sdpa_forward),
     },
     # triton on CPU is interpretation (slow), so "auto" never takes it there
     auto={"cuda": ("triton", "flex", "sdpa"), "*": ("sdpa", "flex")},
 )
 BACKENDS = ATTENTION.backends  # name -> Backend, in declaration order
-_ROW_INDEX_BACKENDS = ("triton",)  # read rows through mask.row_index inside the kernel
 
 
 def _request(device, dtype: torch.dtype, head_dim: int, backward: bool = False) -> Request:
@@ -448,7 +467,13 @@ def _request(device, dtype: torch.dtype, head_dim: int, backward: bool = False) 
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends usable on ``device`` for ordinary inputs, in "auto" priority order."""
+    """Backends usable on ``device`` for ordinary inputs, in "auto" priority order (none on a CUDA
+    device that is not visible)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            return []
     return ATTENTION.available(_request(device, torch.float32, 64))
 
 
@@ -461,17 +486,17 @@ def prepare_attention(
     shapes). Returns the backend that "auto" resolves to for such inputs (a named backend that
     refuses them is returned unprepared: :func:`packed_attention` reports why)."""
     ATTENTION.check_name(backend)
+    if not isinstance(mask, PackedMask):
+        raise ValueError(f"mask must be a PackedMask, got {type(mask).__name__}")
+    head_dim = as_int(head_dim, "head_dim")
     req = _request(device, dtype, head_dim)
     if backend == "auto":
         backend = ATTENTION.choose(backend, req).name
-    if ATTENTION.backends[backend].reasons(req):
+    be = ATTENTION.backends[backend]
+    if be.reasons(req):
         return backend
-    if backend == "triton":
-        from .attention_triton import default_config, prepare_mask
-
-        prepare_mask(mask, default_config(torch.device(device), dtype, head_dim))
-    elif backend == "flex":
-        flex_kv_blocks(mask)
+    if be.prepare is not None:
+        be.prepare(mask, req)
     return backend
 
 
@@ -507,7 +532,7 @@ def _validate(q, k, v, mask) -> None:
         raise ValueError(f"head dim {D} is unsupported (1..{MAX_HEAD_DIM})")
     if T > mask.total_len:
         raise ValueError(f"q has {T} tokens but the mask covers only total_len={mask.total_len}")
-    if mask._row_index is not None and T != mask.total_len:
+    if mask.has_row_index and T != mask.total_len:
         raise ValueError(f"mask carries a row_index over {mask.total_len} tokens but q has {T}")
 
 
@@ -571,8 +596,8 @@ def packed_attention(
         # no tokens: the same empty [0, Hq, D] on every backend, still attached to q, k and v so that
         # a backward runs and gives them (empty) zero gradients
         return q * 0 + (k.sum() + v.sum()).to(q.dtype)
-    idx = mask._row_index
-    if idx is not None and be.name not in _ROW_INDEX_BACKENDS:
+    idx = mask.vectors().row_index
+    if idx is not None and not be.row_index:
         gidx = idx.long()
         out = be.impl(
             q.index_select(0, gidx),

@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import torch
 
+from .backends import interpreting
+
 __all__ = [
     "AttnConfig",
     "Blocks",
@@ -401,7 +403,7 @@ def check_interpreter() -> None:
 
         np_v = tuple(int(x) for x in np.__version__.split(".")[:2])
         _interp_ok = not (_vtuple(triton_version()) < (3, 7) and np_v >= (2, 4))
-    if not _interp_ok and os.environ.get("TRITON_INTERPRET") == "1":
+    if not _interp_ok and interpreting():
         import numpy as np
 
         raise RuntimeError(

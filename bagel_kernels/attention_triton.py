@@ -65,7 +65,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from dataclasses import astuple
 from typing import NamedTuple
 
@@ -83,7 +82,8 @@ from .attention_configs import (
     device_arch,
     dim_split,
 )
-from .mask import PackedMask
+from .backends import interpreting
+from .mask import PackedMask, derived
 
 __all__ = [
     "BwdTables",
@@ -104,10 +104,6 @@ _MAX_TOKENS = _INT32_MAX // 2
 # rows per program of the row-wise kernels (delta, one-pass dQ cast)
 _ROW_BLOCK = 64
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ================================================================================================ kernels
@@ -744,7 +740,8 @@ def prepare_mask(
             prepare_mask(mask, config, False)
         onepass = bool(config.onepass)
     key = ("triton", astuple(config), bool(onepass))
-    hit = mask._cache.get(key)
+    cache = derived(mask)
+    hit = cache.get(key)
     if hit is not None:
         return hit
     if onepass:
@@ -766,7 +763,7 @@ def prepare_mask(
         q_kv_full=b2.q_kv_full,
         m_order=_lpt_order(b2.q_kv_ptr[1:] - b2.q_kv_ptr[:-1]),
     )
-    mask._cache[key] = (fwd, bwd)
+    cache[key] = (fwd, bwd)
     return fwd, bwd
 
 
@@ -943,13 +940,13 @@ def _device_guard(t: torch.Tensor):
 
 def _kernel_flags(q: torch.Tensor) -> dict:
     """``meta`` tensors stand for a GPU: the compile check runs the launchers on them (kernels intercepted)."""
-    if q.device.type not in ("cuda", "meta") and not _interpreting():
+    if q.device.type not in ("cuda", "meta") and not interpreting():
         raise ValueError(
             f"the Triton attention kernels need a CUDA device or TRITON_INTERPRET=1 (q is on {q.device})"
         )
-    if q.device.type != "meta" and _interpreting():
+    if q.device.type != "meta" and interpreting():
         check_interpreter()
-    lowp = q.device.type == "meta" or not _interpreting()
+    lowp = q.device.type == "meta" or not interpreting()
     return {"LOWP_DOT": lowp, "DOT_PREC": "ieee" if (q.dtype == torch.float32 or not lowp) else "tf32"}
 
 
@@ -978,7 +975,7 @@ def _tma_usable(q, k, v, row_index, align: int) -> bool:
     if row_index is not None or align * k.element_size() != 16:
         return False
     if q.device.type == "cpu":
-        return _interpreting()
+        return interpreting()
     arch = device_arch(q.device)
     if arch is None or arch < 90:
         return False

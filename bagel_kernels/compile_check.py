@@ -17,7 +17,8 @@ interpreter replaces the kernels; the script refuses to run then). Exit code 0 w
 
 Where the specs come from
 -------------------------
-Each kernel module in :data:`MODULES` defines ``compile_specs(arch) -> list[tuple]`` (a module without
+Each kernel module in :data:`MODULES` (read from the op families' registries: a backend's
+``compile_specs``) defines ``compile_specs(arch) -> list[tuple]`` (a module without
 it is skipped with a note). Our modules build them with
 :func:`specs_from_launches`: the module's launchers run on ``meta`` tensors shaped and strided as the
 model produces them at BAGEL-7B sizes, with ``JITFunction.run`` intercepted, and each intercepted launch
@@ -57,6 +58,8 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 
+from .backends import interpreting
+
 __all__ = [
     "ARCHS",
     "MAX_SHARED",
@@ -70,7 +73,26 @@ __all__ = [
     "main",
 ]
 
-MODULES = ["bagel_kernels.attention_triton", "bagel_kernels.mot_triton", "bagel_kernels.linear_cross_entropy"]
+
+def kernel_modules() -> list[str]:
+    """The modules whose ``compile_specs(arch)`` list kernels, read from the op families' registries
+    (each backend's ``compile_specs``, :mod:`bagel_kernels.dispatch`), in declaration order."""
+    from .dispatch import families
+
+    out = []
+    for fam in families().values():
+        for be in fam.backends.values():
+            if be.compile_specs is not None and be.compile_specs not in out:
+                out.append(be.compile_specs)
+    # a family whose registry does not declare its compile specs yet (it is being written)
+    for name in _UNDECLARED:
+        if name not in out:
+            out.append(name)
+    return out
+
+
+_UNDECLARED = ("bagel_kernels.linear_cross_entropy",)
+MODULES = kernel_modules()
 ARCHS = (90, 80)
 # bytes of shared memory one block may use (opt-in maximum), and one SM has, per architecture
 MAX_SHARED = {90: 232448, 80: 166912}
@@ -486,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         return _merge(args.merge)
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         print(
             "compile_check: unset TRITON_INTERPRET; the interpreter replaces the kernels that must be compiled"
         )

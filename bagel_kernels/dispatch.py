@@ -1,10 +1,15 @@
 """One backend dispatcher for every op family (attention, MoT, patch embedding).
 
-Each backend declares what it runs: device types, dtypes, size limits by name (``head_dim``,
-``row_width``), whether it also runs under the Triton interpreter, and a ``hook`` for the reasons
-no declaration covers (an optional package that is missing, a compiled extension that is not built,
-no backward on some device). A :class:`Family` holds its backends in declaration order and an
-``"auto"`` priority list per device type. One function, :meth:`Family.choose`, picks:
+Each backend declares everything about itself in one place, its family's registry: device types,
+dtypes, size limits by name (``head_dim``, ``row_width``, ``tokens``), whether it also runs under the
+Triton interpreter, whether it reads rows through a mask's row index itself (``row_index``), what it
+builds ahead from a mask (``prepare``), where its kernels' compile specs live (``compile_specs``, read
+by :mod:`bagel_kernels.compile_check`), and a ``hook`` for the reasons no declaration covers (an
+optional package that is missing, a compiled extension that is not built, no backward on some device,
+meta tensors it cannot trace). A :class:`Family` holds its backends in declaration order and an
+``"auto"`` priority list per device type; the names are declared once, torch-free, in
+:mod:`bagel_kernels.backends` (command lines read them there), and a family refuses to build unless
+its backends are exactly those. One function, :meth:`Family.choose`, picks:
 
     "auto"   the first backend of the device type's priority list that accepts the request
     a name   that backend, if it accepts the request
@@ -12,7 +17,7 @@ no backward on some device). A :class:`Family` holds its backends in declaration
 and when it cannot, raises a ValueError that lists every backend of the family with its reasons
 (``"accepts"`` for one that would run), the way xformers' attention dispatcher reports. An unknown
 name is a ValueError listing the family's names (:attr:`Family.names`, which is also where
-``bagel.BagelBackendConfig`` takes its allowed values from).
+``bagel.BagelBackendConfig`` takes its allowed values from; :func:`family` returns a family by name).
 
 A :class:`Request` is what every check reads: device, dtype, the sizes a backend may limit, and
 whether a backward will run. Building one costs no device work, so choosing never synchronises.
@@ -20,22 +25,19 @@ whether a backward will run. Building one costs no device work, so choosing neve
 
 from __future__ import annotations
 
-import os
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["Request", "Backend", "Choice", "Family", "interpreting"]
+from .backends import AUTO, BACKEND_NAMES, FAMILY_MODULES, interpreting
 
-_AUTO = "auto"
+__all__ = ["Request", "Backend", "Choice", "Family", "family", "families", "interpreting"]
+
+_AUTO = AUTO
 _ANY_DEVICE = "*"  # key of Family.auto for the device types without their own priority list
-
-
-def interpreting() -> bool:
-    """True when Triton runs its kernels on the CPU (``TRITON_INTERPRET=1``: tests, slow)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -67,6 +69,12 @@ class Backend:
         interpreted: a Triton backend, which also runs on CPU tensors under ``TRITON_INTERPRET=1``.
         hook: ``request -> [reasons]`` for whatever the declarations above do not say.
         impl: what the family runs for this backend (e.g. attention's forward function); opaque here.
+        row_index: it reads and writes rows through a mask's row index itself (else the family
+            gathers the rows into mask order before calling it and scatters them back after).
+        prepare: what it builds ahead from a mask (``(mask, request) -> None``, cached outside the
+            mask), so that a ``torch.compile`` region only reads it; None: nothing to build.
+        compile_specs: the module whose ``compile_specs(arch)`` lists its kernels for
+            :mod:`bagel_kernels.compile_check`; None: no kernel of its own to compile.
     """
 
     name: str
@@ -76,6 +84,9 @@ class Backend:
     interpreted: bool = False
     hook: Callable[[Request], list[str]] | None = None
     impl: Any = None
+    row_index: bool = False
+    prepare: Callable[[Any, Request], None] | None = None
+    compile_specs: str | None = None
 
     def reasons(self, request: Request) -> list[str]:
         """Why this backend refuses ``request`` (empty: it accepts)."""
@@ -123,6 +134,12 @@ class Family:
         for key, be in self.backends.items():
             if key != be.name or key == _AUTO:
                 raise ValueError(f"{self.name}: backend registered as {key!r} is named {be.name!r}")
+        declared = BACKEND_NAMES.get(self.name)
+        if declared is not None and tuple(self.backends) != declared:
+            raise ValueError(
+                f"{self.name}: backends {tuple(self.backends)} differ from the names declared in "
+                f"bagel_kernels.backends.BACKEND_NAMES {declared}"
+            )
         if _ANY_DEVICE not in self.auto:
             raise ValueError(f"{self.name}: the auto priority needs a {_ANY_DEVICE!r} entry")
         for order in self.auto.values():
@@ -181,3 +198,16 @@ class Family:
             head = f"{self.name} backend {backend!r} refuses these inputs ({what})"
         every = "; ".join(f"{n}: {', '.join(r) or 'accepts'}" for n, r in self.reasons(request).items())
         return f"{head}. Every {self.name} backend: {every}"
+
+
+def family(name: str) -> Family:
+    """The registry of op family ``name`` (``"attention"``, ``"mot"``, ``"patch_embed"``), imported on first
+    use from the module :data:`bagel_kernels.backends.FAMILY_MODULES` names."""
+    if name not in FAMILY_MODULES:
+        raise ValueError(f"unknown op family {name!r}; families: {', '.join(FAMILY_MODULES)}")
+    return getattr(importlib.import_module(FAMILY_MODULES[name]), name.upper())
+
+
+def families() -> dict[str, Family]:
+    """Every declared op family's registry, by name."""
+    return {name: family(name) for name in FAMILY_MODULES}

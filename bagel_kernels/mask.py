@@ -19,14 +19,26 @@ Block tables for tiled kernels are derived from these vectors in O(N + tiles).
 
 from __future__ import annotations
 
-import operator
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["PackedMask", "BlockTables", "ATTN_MODES", "TILE_EMPTY", "TILE_PARTIAL", "TILE_FULL"]
+from .checks import as_int, as_int_list, has_values
+
+__all__ = [
+    "PackedMask",
+    "BlockTables",
+    "MaskVectors",
+    "derived",
+    "ATTN_MODES",
+    "TILE_EMPTY",
+    "TILE_PARTIAL",
+    "TILE_FULL",
+]
 
 ATTN_MODES = ("causal", "full", "noise")
 TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
@@ -34,47 +46,32 @@ TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
 _BIG = np.iinfo(np.int32).max
 
 
-def _as_int(value, name: str) -> int:
-    """``value`` as a Python int, refusing anything that is not an integer already: bools, floats
-    (integral ones too: ``2.0`` is refused, so that ``2.5`` can never be truncated by accident),
-    strings, and non-integer tensors. Accepts ints, numpy integers and one-element integer tensors."""
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be an int, got the bool {value!r}")
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-            raise ValueError(
-                f"{name} must be an int, got a {value.dtype} tensor of shape {tuple(value.shape)}"
-            )
-        return int(value.item())
-    if isinstance(value, (float, np.floating, str, bytes)):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+# the coercion checks moved to bagel_kernels.checks; these private aliases stay until bagel has switched
+_as_int = as_int
+_as_int_list = as_int_list
+_MAX_BLOCK = 1 << 16  # largest tile side block_tables takes (a bigger block only pads the tables)
+
+# Values derived from a mask (block tables, truncations, each backend's preparations), kept OUTSIDE the
+# immutable mask: one dict per mask, dropped with it. Masks that share interval vectors (a mask and
+# its row-indexed copy) share the dict, since nothing in it depends on the row index.
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _as_int_list(values, name: str) -> list[int]:
-    """A 1-D sequence of ints (list/tuple of ints, integer numpy array or tensor) as a list of Python
-    ints; every element goes through :func:`_as_int` (no float, bool or string is coerced)."""
-    if isinstance(values, torch.Tensor):
-        if values.dim() != 1:
-            raise ValueError(
-                f"{name} must be a 1-D sequence of ints, got a tensor of shape {tuple(values.shape)}"
-            )
-        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integers, got dtype {values.dtype}")
-        return [int(v) for v in values.tolist()]
-    if isinstance(values, np.ndarray):
-        if values.ndim != 1 or values.dtype.kind not in "iu":
-            raise ValueError(
-                f"{name} must be a 1-D sequence of ints, got a numpy array of dtype {values.dtype} "
-                f"and shape {values.shape}"
-            )
-        return [int(v) for v in values.tolist()]
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"{name} must be a sequence of ints, got {type(values).__name__}")
-    return [_as_int(v, f"{name}[{i}]") for i, v in enumerate(values)]
+def _host(x: np.ndarray) -> np.ndarray:
+    """A read-only int32 copy of host interval values (never handed to torch.from_numpy)."""
+    out = np.array(x, dtype=np.int32)
+    out.flags.writeable = False
+    return out
+
+
+def derived(mask: PackedMask) -> dict:
+    """The cache of values derived from ``mask`` (block tables, a backend's prepared tables, ...),
+    kept outside the mask and freed with it. Keys are the caller's; values must depend only on the
+    mask's intervals and sample lengths (never on its row index)."""
+    d = _DERIVED.get(mask)
+    if d is None:
+        d = _DERIVED[mask] = {}
+    return d
 
 
 @dataclass(frozen=True)
@@ -113,6 +110,12 @@ class BlockTables:
         """Number of non-empty (visited) tiles."""
         return int(self.q_kv_idx.numel())
 
+    def to(self, device: torch.device | str) -> BlockTables:
+        """The same tables on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved.update({k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
+        return BlockTables(**moved)
+
     def tile_kinds(self) -> torch.Tensor:
         """Dense ``[num_m, num_n]`` int8 table of TILE_EMPTY / TILE_PARTIAL / TILE_FULL (O(tiles); tests)."""
         kinds = torch.zeros(self.num_m, self.num_n, dtype=torch.int8, device=self.q_kv_idx.device)
@@ -124,30 +127,51 @@ class BlockTables:
         return kinds
 
 
-class PackedMask:
-    """BAGEL's packed attention mask in interval form.
+class MaskVectors(NamedTuple):
+    """A mask's own device tensors, as the backends of this package read them (no copy). Never write
+    into them: the mask is an immutable value (its public attributes hand out copies)."""
 
-    Attributes:
+    kv_lo: torch.Tensor
+    kv_hi: torch.Tensor
+    row_index: torch.Tensor | None
+
+
+class PackedMask:
+    """BAGEL's packed attention mask in interval form: an immutable value.
+
+    Attributes (read-only):
         kv_lo, kv_hi: int32 ``[total_len]``; key ``k`` is seen by queries ``kv_lo[k] <= q < kv_hi[k]``.
+            Reading them returns a copy, so that no change made through them can reach the backends
+            (sdpa, flex and Triton read the same intervals, always).
         sample_lens: tuple of per-sample token counts (the trailing pad sample included).
         total_len: ``sum(sample_lens)``.
         row_index: None, or (after :meth:`with_row_index`) int32 ``[total_len]``: token ``i`` lives at
             row ``row_index[i]`` of the attention inputs. Reading it returns a copy.
+        has_row_index: whether a row index is attached (no copy made).
 
     Build with :meth:`from_splits` (``split_lens``/``attn_modes``) or :meth:`from_dense` (upstream's
     ``nested_attention_masks``). ``to_dense()`` materialises ``[N, N]`` booleans for references only.
 
+    Every mask keeps a host (CPU) copy of its intervals next to the device ones: the checks
+    (:meth:`truncated`) and the derived block tables (:meth:`block_tables`) are computed from host data,
+    so that nothing reads device memory after construction: a mask moved to ``meta`` (``.to("meta")``)
+    or used under ``FakeTensorMode`` works like any other. Derived values live outside the mask
+    (:func:`derived`), never in it.
+
     The constructor ``PackedMask(kv_lo, kv_hi, sample_lens)`` takes the interval vectors directly and
-    validates what every backend relies on (O(N), one host sync): integer tensors (no float, no bool;
-    values compared in int64, so nothing wraps), one per key, and for every key ``k`` of a sample
-    ``[s, e)``: ``s <= kv_lo[k] <= kv_hi[k] <= e``. An interval never leaves its sample (the per-sample
-    sdpa backend and the tiled backends would otherwise disagree) and never leaves ``[0, total_len]``
-    (the block tables index tiles by it). An empty interval is ``kv_lo == kv_hi``. The interval need
-    not contain the key itself: masks built from splits always do (so the query rows of a key block
-    are one contiguous range, DESIGN.md section 3), ``from_dense`` accepts any column-contiguous mask,
-    and the kernels iterate a superset range, in which tiles may be empty, so they do not depend on it.
-    The vectors are copied: later changes to the caller's tensors do not reach the mask.
+    validates what every backend relies on (O(N), one host sync: the vectors are copied to the host):
+    integer tensors (no float, no bool; values compared in int64, so nothing wraps), one per key, and
+    for every key ``k`` of a sample ``[s, e)``: ``s <= kv_lo[k] <= kv_hi[k] <= e``. An interval never
+    leaves its sample (the per-sample sdpa backend and the tiled backends would otherwise disagree) and
+    never leaves ``[0, total_len]`` (the block tables index tiles by it). An empty interval is
+    ``kv_lo == kv_hi``. The interval need not contain the key itself: masks built from splits always do
+    (so the query rows of a key block are one contiguous range, DESIGN.md section 3), ``from_dense``
+    accepts any column-contiguous mask, and the kernels iterate a superset range, in which tiles may be
+    empty, so they do not depend on it. The vectors are copied: later changes to the caller's tensors
+    do not reach the mask.
     """
+
+    _FIELDS = ("_lo", "_hi", "_lo_host", "_hi_host", "_row_index", "_sample_lens", "_total_len")
 
     def __init__(self, kv_lo: torch.Tensor, kv_hi: torch.Tensor, sample_lens: Sequence[int]):
         for name, t in (("kv_lo", kv_lo), ("kv_hi", kv_hi)):
@@ -161,7 +185,12 @@ class PackedMask:
             )
         if kv_lo.device != kv_hi.device:
             raise ValueError(f"kv_lo is on {kv_lo.device} but kv_hi is on {kv_hi.device}")
-        lens = _as_int_list(sample_lens, "sample_lens")
+        if not has_values(kv_lo, kv_hi):
+            raise ValueError(
+                f"kv_lo/kv_hi on {kv_lo.device} hold no values to validate: build the mask from host (CPU) "
+                "vectors, then move it with .to(device)"
+            )
+        lens = as_int_list(sample_lens, "sample_lens")
         if not lens:
             raise ValueError("sample_lens is empty: a pack needs at least one sample")
         if any(n < 0 for n in lens):
@@ -173,49 +202,88 @@ class PackedMask:
             raise ValueError(
                 f"sample_lens sum to {total} but the interval vectors have {kv_lo.numel()} entries"
             )
+        # the one host sync of a mask built from device vectors; the host copy is numpy, so that the
+        # host-side work never meets a torch mode (FakeTensorMode, dispatch modes counting reads)
+        lo = kv_lo.detach().to("cpu", torch.long).numpy()
+        hi = kv_hi.detach().to("cpu", torch.long).numpy()
         if total:
-            dev = kv_lo.device
-            lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
-            ends_t = torch.cumsum(lens_t, 0)
-            s = torch.repeat_interleave(ends_t - lens_t, lens_t, output_size=total)  # sample start per key
-            e = torch.repeat_interleave(ends_t, lens_t, output_size=total)  # sample end per key
-            lo, hi = kv_lo.long(), kv_hi.long()
+            lens_a = np.asarray(lens, dtype=np.int64)
+            ends_a = np.cumsum(lens_a)
+            s = np.repeat(ends_a - lens_a, lens_a)  # sample start per key
+            e = np.repeat(ends_a, lens_a)  # sample end per key
             bad = (lo < s) | (lo > hi) | (hi > e)
-            if bool(bad.any()):  # the one host sync of a valid mask
-                k = int(torch.nonzero(bad)[0])
+            if bad.any():
+                k = int(np.flatnonzero(bad)[0])
                 raise ValueError(
                     f"kv_lo/kv_hi of key {k} give the query interval [{int(lo[k])}, {int(hi[k])}), which is not "
                     f"inside the key's sample [{int(s[k])}, {int(e[k])}); every key needs "
                     "sample_start <= kv_lo <= kv_hi <= sample_end"
                 )
         self._init(
-            kv_lo.to(torch.int32, copy=True).contiguous(),
-            kv_hi.to(torch.int32, copy=True).contiguous(),
+            kv_lo.detach().to(torch.int32, copy=True).contiguous(),
+            kv_hi.detach().to(torch.int32, copy=True).contiguous(),
+            _host(lo),
+            _host(hi),
             tuple(lens),
         )
 
-    def _init(self, kv_lo: torch.Tensor, kv_hi: torch.Tensor, sample_lens: tuple[int, ...]) -> None:
-        self.kv_lo = kv_lo
-        self.kv_hi = kv_hi
-        self.sample_lens = sample_lens
-        self.total_len = int(sum(sample_lens))
-        self._row_index: torch.Tensor | None = None
-        self._tables: dict = {}
-        self._truncated: dict = {}
-        self._cache: dict = {}  # per-backend derived objects (e.g. a FlexAttention block mask)
+    def _init(self, lo: torch.Tensor, hi: torch.Tensor, lo_host: np.ndarray, hi_host: np.ndarray,
+              sample_lens: tuple[int, ...], row_index: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Sets every field once: owned int32 contiguous vectors on the device, their read-only numpy copy
+        on the host, the sample lengths and the row index (an owned int32 copy or None)."""
+        self._lo, self._hi = lo, hi
+        self._lo_host, self._hi_host = lo_host, hi_host
+        self._sample_lens = sample_lens
+        self._total_len = int(sum(sample_lens))
+        self._row_index = row_index
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__ or name not in PackedMask._FIELDS:
+            raise AttributeError(f"PackedMask is immutable: {name} cannot be set")
+        object.__setattr__(self, name, value)
 
     @classmethod
-    def _trusted(cls, kv_lo: torch.Tensor, kv_hi: torch.Tensor, sample_lens: Sequence[int]) -> PackedMask:
-        """A mask from vectors that are valid by construction (int32, owned, inside their samples):
+    def _from_host(cls, lo_host: np.ndarray, hi_host: np.ndarray, sample_lens: Sequence[int]) -> PackedMask:
+        """A CPU mask from host (numpy) vectors that are valid by construction (inside their samples):
         the builders below use it and skip the constructor's O(N) check."""
         out = cls.__new__(cls)
-        out._init(kv_lo.to(torch.int32).contiguous(), kv_hi.to(torch.int32).contiguous(), tuple(sample_lens))
+        lo, hi = _host(lo_host), _host(hi_host)
+        out._init(torch.from_numpy(lo.copy()), torch.from_numpy(hi.copy()), lo, hi, tuple(sample_lens))
         return out
+
+    # ------------------------------------------------------------------ read-only attributes
+    @property
+    def kv_lo(self) -> torch.Tensor:
+        """int32 ``[total_len]``: the first query row that sees each key (a copy)."""
+        return self._lo.clone()
+
+    @property
+    def kv_hi(self) -> torch.Tensor:
+        """int32 ``[total_len]``: one past the last query row that sees each key (a copy)."""
+        return self._hi.clone()
+
+    @property
+    def sample_lens(self) -> tuple[int, ...]:
+        return self._sample_lens
+
+    @property
+    def total_len(self) -> int:
+        return self._total_len
 
     @property
     def row_index(self) -> torch.Tensor | None:
         """int32 ``[total_len]`` or None. A copy: the tensor the kernels read cannot be changed through it."""
         return None if self._row_index is None else self._row_index.clone()
+
+    @property
+    def has_row_index(self) -> bool:
+        """Whether a row index is attached (:meth:`with_row_index`)."""
+        return self._row_index is not None
+
+    def vectors(self) -> MaskVectors:
+        """The mask's own device tensors ``(kv_lo, kv_hi, row_index)``, with no copy: for backends that
+        read them on every call. They must never be written (the public attributes are copies)."""
+        return MaskVectors(self._lo, self._hi, self._row_index)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -228,8 +296,8 @@ class PackedMask:
     ) -> PackedMask:
         """Build the mask from per-sample lengths and the splits (``causal``/``full``/``noise``) of all
         samples, in order. A trailing pad sample (possibly of length 0) is an ordinary causal split."""
-        sample_lens = _as_int_list(sample_lens, "sample_lens")
-        split_lens = _as_int_list(split_lens, "split_lens")
+        sample_lens = as_int_list(sample_lens, "sample_lens")
+        split_lens = as_int_list(split_lens, "split_lens")
         if isinstance(attn_modes, str):
             raise ValueError("attn_modes must be a sequence of strings, one per split, not a single string")
         attn_modes = list(attn_modes)
@@ -276,9 +344,7 @@ class PackedMask:
         t_sample_end = np.repeat(split_sample_end, lens)
         lo = np.where(t_mode == 0, tok, t_start)
         hi = np.where(t_mode == 2, t_end, t_sample_end)
-        mask = cls._trusted(
-            torch.from_numpy(lo.astype(np.int32)), torch.from_numpy(hi.astype(np.int32)), sample_lens
-        )
+        mask = cls._from_host(lo, hi, sample_lens)
         return mask.to(device) if device is not None else mask
 
     @classmethod
@@ -340,22 +406,28 @@ class PackedMask:
             his.append(torch.where(any_row, hi + offset, offset))
             lens.append(L)
             offset += L
-        empty = torch.zeros(0, dtype=torch.int64)
-        mask = cls._trusted(torch.cat(los) if los else empty, torch.cat(his) if his else empty, lens)
+        empty = np.zeros(0, dtype=np.int64)
+        lo_all = torch.cat(los).numpy() if los else empty
+        hi_all = torch.cat(his).numpy() if his else empty
+        mask = cls._from_host(lo_all, hi_all, lens)
         return mask.to(device) if device is not None else mask
 
     # ------------------------------------------------------------------ utilities
     @property
     def device(self) -> torch.device:
-        return self.kv_lo.device
+        return self._lo.device
 
     def to(self, device: torch.device | str) -> PackedMask:
+        """The same mask on ``device`` (``self`` when it is there already). The host copy of the
+        intervals comes along, so a mask on ``meta`` still answers every host-side question."""
         device = torch.device(device)
         if device == self.device:
             return self
-        out = PackedMask._trusted(self.kv_lo.to(device), self.kv_hi.to(device), self.sample_lens)
-        if self._row_index is not None:
-            out._row_index = self._row_index.to(device)  # validated here already, owned by the copy
+        out = PackedMask.__new__(PackedMask)
+        ridx = None if self._row_index is None else self._row_index.to(device)  # validated, owned by the copy
+        out._init(
+            self._lo.to(device), self._hi.to(device), self._lo_host, self._hi_host, self._sample_lens, ridx
+        )
         return out
 
     def __repr__(self) -> str:
@@ -366,50 +438,39 @@ class PackedMask:
     def to_dense(self) -> torch.Tensor:
         """``[N, N]`` bool, True where query row may attend key column. O(N^2): references and tests only."""
         q = torch.arange(self.total_len, device=self.device, dtype=torch.int32).unsqueeze(1)
-        return (self.kv_lo.unsqueeze(0) <= q) & (q < self.kv_hi.unsqueeze(0))
+        return (self._lo.unsqueeze(0) <= q) & (q < self._hi.unsqueeze(0))
 
     def num_visible_pairs(self, length: int | None = None) -> int:
-        """Number of visible (query, key) pairs among the first ``length`` tokens (FLOP counting)."""
+        """Number of visible (query, key) pairs among the first ``length`` tokens (FLOP counting; host data)."""
         m = self if length is None else self.truncated(length)
-        return int((m.kv_hi.long() - m.kv_lo.long()).clamp_min(0).sum())
+        return int(np.clip(m._hi_host.astype(np.int64) - m._lo_host, 0, None).sum())
 
     def truncated(self, length: int) -> PackedMask:
         """The mask restricted to the first ``length`` tokens (pad rows of flex-style packing dropped).
 
-        Raises ValueError when a query before ``length`` would need a key at or after it."""
-        length = _as_int(length, "length")
+        Raises ValueError when a query before ``length`` would need a key at or after it. Checked on the
+        host copy of the intervals: no device read, no sync."""
+        cache = derived(self)
+        hit = cache.get(("truncated", length)) if type(length) is int else None
+        if hit is not None:  # (looked up first: a torch.compile region finds the prepared truncation)
+            return hit
+        length = as_int(length, "length")
         if length == self.total_len:
             return self
         if length < 0 or length > self.total_len:
             raise ValueError(f"sequence length {length} is outside [0, total_len={self.total_len}]")
         if self._row_index is not None:
             raise ValueError("truncate the mask before attaching a row_index (with_row_index)")
-        if length in self._truncated:
-            return self._truncated[length]
-        bad = self._cut_flags(length)
-        if bool(bad.any()):
-            k = length + int(torch.nonzero(bad)[0])
+        tail_lo = self._lo_host[length:]
+        tail_hi = self._hi_host[length:]
+        bad = (tail_lo < length) & (tail_hi > tail_lo)
+        if bad.any():
+            k = length + int(np.flatnonzero(bad)[0])
             raise ValueError(
                 f"sequence length {length} cuts the pack inside an attention span: key {k} is seen by query "
-                f"{int(self.kv_lo[k])} < {length}; the rows beyond the sequence must form whole splits (the pad sample)"
+                f"{int(self._lo_host[k])} < {length}; the rows beyond the sequence must form whole splits (the pad "
+                "sample)"
             )
-        return self._truncated_trusted(length)
-
-    def _cut_flags(self, length: int) -> torch.Tensor:
-        """bool per key at or after ``length``: True where a query before ``length`` sees it, i.e. where
-        :meth:`truncated` refuses the cut. On the device, no sync: for callers that read back all their
-        checks at once before calling :meth:`_truncated_trusted`."""
-        tail_lo = self.kv_lo[length:]
-        tail_hi = self.kv_hi[length:]
-        return (tail_lo < length) & (tail_hi > tail_lo)
-
-    def _truncated_trusted(self, length: int) -> PackedMask:
-        """:meth:`truncated` for an int ``length`` in ``[0, total_len]`` whose cut the caller has checked
-        (no key at or after it seen before it: :meth:`_cut_flags` all False); no host sync."""
-        if length == self.total_len:
-            return self
-        if length in self._truncated:
-            return self._truncated[length]
         ends = np.cumsum(self.sample_lens)
         lens = []
         start = 0
@@ -417,47 +478,60 @@ class PackedMask:
             e = min(int(e), length)
             lens.append(max(e - start, 0))
             start = max(start, e)
+
         # keys before the cut seen only by rows after it get an empty interval inside their sample
-        hi = torch.clamp(self.kv_hi[:length], max=length)
-        lo = torch.minimum(self.kv_lo[:length], hi)
-        out = PackedMask._trusted(lo, hi, lens)
-        self._truncated[length] = out
+        hi_h = np.minimum(self._hi_host[:length], length)
+        lo_h = np.minimum(self._lo_host[:length], hi_h)
+        hi = torch.clamp(self._hi[:length], max=length)
+        lo = torch.minimum(self._lo[:length], hi)
+        out = PackedMask.__new__(PackedMask)
+        out._init(lo.contiguous(), hi.contiguous(), _host(lo_h), _host(hi_h), tuple(lens))
+        cache[("truncated", length)] = out
         return out
 
-    def with_row_index(self, row_index: torch.Tensor) -> PackedMask:
+    def with_row_index(self, row_index) -> PackedMask:
         """The same mask whose token ``i`` lives at row ``row_index[i]`` of q, k, v and the output.
 
         Used by the MoT model, which keeps its hidden states grouped by expert: the attention kernel
-        reads and writes rows through this permutation while iterating in mask order. Validated once
-        here (a permutation of ``range(total_len)``), so kernels can trust it: the mask keeps its own
-        copy (a caller reusing its buffer changes nothing) and hands out copies only."""
-        if not isinstance(row_index, torch.Tensor) or row_index.dim() != 1:
-            raise ValueError("row_index must be a 1-D integer tensor")
-        if row_index.is_floating_point() or row_index.is_complex() or row_index.dtype == torch.bool:
-            raise ValueError(f"row_index must hold integers, got dtype {row_index.dtype}")
-        if row_index.numel() != self.total_len:
-            raise ValueError(
-                f"row_index has {row_index.numel()} entries but the mask has total_len={self.total_len}"
-            )
-        if row_index.device != self.device:
-            raise ValueError(f"row_index is on {row_index.device} but the mask is on {self.device}")
-        # copy first, then validate the copy (in its own dtype, so an int64 beyond int32 cannot wrap)
-        idx = row_index.detach().clone()
-        seen = torch.zeros(self.total_len, dtype=torch.bool, device=self.device)
-        seen[idx.long().clamp(0, max(self.total_len - 1, 0))] = True
-        ok = ((idx >= 0) & (idx < self.total_len)).all() & seen.all()
-        if not bool(ok):  # one host sync
-            raise ValueError("row_index is not a permutation of range(total_len)")
-        return self._with_row_index_trusted(idx)
+        reads and writes rows through this permutation while iterating in mask order.
 
-    def _with_row_index_trusted(self, row_index: torch.Tensor) -> PackedMask:
-        """:meth:`with_row_index` for a permutation that the caller built from indexes it validated
-        itself (the model's grouped order): no value check, no host sync. The mask still keeps its own
-        int32 copy, so later changes to the caller's tensor do not reach the kernels."""
+        ``row_index`` is either a :class:`bagel_kernels.mot.GroupedOrder` (validated when it was built:
+        its ``inv`` is taken with no further check and no sync) or an integer tensor, validated here
+        (a permutation of ``range(total_len)``; one host sync; skipped for tensors without values, i.e.
+        meta and fake tensors). Either way the mask keeps its own int32 copy (a caller reusing its
+        buffer changes nothing) and hands out copies only."""
+        from .mot import GroupedOrder  # the typed, validated row order (mot imports no mask)
+
+        if isinstance(row_index, GroupedOrder):
+            if row_index.total != self.total_len:
+                raise ValueError(
+                    f"the grouped order covers {row_index.total} tokens but the mask has total_len={self.total_len}"
+                )
+            idx = row_index.inv
+        else:
+            if not isinstance(row_index, torch.Tensor) or row_index.dim() != 1:
+                raise ValueError("row_index must be a 1-D integer tensor (or a mot.GroupedOrder)")
+            if row_index.is_floating_point() or row_index.is_complex() or row_index.dtype == torch.bool:
+                raise ValueError(f"row_index must hold integers, got dtype {row_index.dtype}")
+            if row_index.numel() != self.total_len:
+                raise ValueError(
+                    f"row_index has {row_index.numel()} entries but the mask has total_len={self.total_len}"
+                )
+            idx = row_index
+        if idx.device != self.device:
+            raise ValueError(f"row_index is on {idx.device} but the mask is on {self.device}")
+        # copy first, then validate the copy (in its own dtype, so an int64 beyond int32 cannot wrap)
+        idx = idx.detach().clone()
+        if not isinstance(row_index, GroupedOrder) and has_values(idx):
+            seen = torch.zeros(self.total_len, dtype=torch.bool, device=self.device)
+            seen[idx.long().clamp(0, max(self.total_len - 1, 0))] = True
+            ok = ((idx >= 0) & (idx < self.total_len)).all() & seen.all()
+            if not bool(ok):  # one host sync
+                raise ValueError("row_index is not a permutation of range(total_len)")
         out = PackedMask.__new__(PackedMask)
-        out.__dict__.update(self.__dict__)
-        out._row_index = row_index.detach().to(torch.int32, copy=True).contiguous()
-        out._truncated = {}
+        out._init(self._lo, self._hi, self._lo_host, self._hi_host, self._sample_lens,
+                  idx.to(torch.int32).contiguous())  # fmt: skip
+        _DERIVED[out] = derived(self)  # shared: nothing derived depends on the row index
         return out
 
     def sample_bounds(self) -> list[tuple[int, int]]:
@@ -468,79 +542,107 @@ class PackedMask:
             s += n
         return out
 
+    # ------------------------------------------------------------------ old private paths (aliases)
+    # kept until the bagel package has switched to the public API (truncated, with_row_index of a
+    # mot.GroupedOrder, has_row_index); see /work/notes/kernels_api.md
+    def _cut_flags(self, length: int) -> torch.Tensor:
+        tail_lo, tail_hi = self._lo_host[length:], self._hi_host[length:]
+        return torch.from_numpy((tail_lo < length) & (tail_hi > tail_lo))
+
+    def _truncated_trusted(self, length: int) -> PackedMask:
+        return self.truncated(length)
+
+    def _with_row_index_trusted(self, row_index: torch.Tensor) -> PackedMask:
+        out = PackedMask.__new__(PackedMask)
+        idx = row_index.detach().to(torch.int32, copy=True).contiguous()
+        out._init(self._lo, self._hi, self._lo_host, self._hi_host, self._sample_lens, idx)
+        _DERIVED[out] = derived(self)
+        return out
+
     # ------------------------------------------------------------------ block tables
-    def block_tables(self, block_m: int, block_n: int) -> BlockTables:
+    def block_tables(self, block_m: int, block_n: int, *, on_host: bool = False) -> BlockTables:
         """Tile tables for query blocks of ``block_m`` rows and key blocks of ``block_n`` columns
-        (cached per block shape). O(N + non-empty tiles) memory."""
-        key = (int(block_m), int(block_n))
-        if key not in self._tables:
-            self._tables[key] = self._build_tables(*key)
-        return self._tables[key]
+        (cached per block shape, outside the mask: :func:`derived`). O(N + non-empty tiles) memory.
+        Built from the host copy of the intervals, then moved to the mask's device (``on_host``: the
+        host tables, as built)."""
+        bm = as_int(block_m, "block_m")
+        bn = as_int(block_n, "block_n")
+        for name, b in (("block_m", bm), ("block_n", bn)):
+            if not 0 < b <= _MAX_BLOCK:
+                raise ValueError(f"{name}={b} must be a positive block size of at most {_MAX_BLOCK} rows")
+        cache = derived(self)
+        key = ("tables", bm, bn, self.device if not on_host else torch.device("cpu"))
+        hit = cache.get(key)
+        if hit is None:
+            host_key = ("tables", bm, bn, torch.device("cpu"))
+            host = cache.get(host_key)
+            if host is None:
+                host = cache[host_key] = _build_tables(self._lo_host, self._hi_host, bm, bn)
+            hit = cache[key] = host if key == host_key else host.to(self.device)
+        return hit
 
-    def _build_tables(self, block_m: int, block_n: int) -> BlockTables:
-        if block_m <= 0 or block_n <= 0:
-            raise ValueError(f"block sizes must be positive, got block_m={block_m}, block_n={block_n}")
-        dev = self.device
-        N = self.total_len
-        num_m = -(-N // block_m)
-        num_n = -(-N // block_n)
-        pad = num_n * block_n - N
-        lo = self.kv_lo.long()
-        hi = self.kv_hi.long()
-        nonempty = hi > lo
-        big = torch.tensor(_BIG, dtype=torch.long, device=dev)
-        lo_ne = torch.where(nonempty, lo, big)
-        hi_ne = torch.where(nonempty, hi, 0)
-        lo_all = lo
-        hi_all = torch.where(nonempty, hi, -1)
 
-        def blocks(x: torch.Tensor, fill: int) -> torch.Tensor:
-            return torch.nn.functional.pad(x, (0, pad), value=fill).view(num_n, block_n)
+def _build_tables(lo_host: np.ndarray, hi_host: np.ndarray, block_m: int, block_n: int) -> BlockTables:
+    """:class:`BlockTables` of host interval vectors, computed in numpy (no torch op, so no torch mode
+    sees it), as CPU tensors."""
+    N = lo_host.size
+    num_m = -(-N // block_m)
+    num_n = -(-N // block_n)
+    pad = num_n * block_n - N
+    lo = lo_host.astype(np.int64)
+    hi = hi_host.astype(np.int64)
+    nonempty = hi > lo
+    lo_ne = np.where(nonempty, lo, _BIG)
+    hi_ne = np.where(nonempty, hi, 0)
+    lo_all = lo
+    hi_all = np.where(nonempty, hi, -1)
 
-        q_first = blocks(lo_ne, _BIG).min(dim=1).values  # first query row touching the key block
-        q_last = blocks(hi_ne, 0).max(dim=1).values  # one past the last query row
-        has = q_last > 0
-        kv_q_start = torch.where(has, q_first // block_m, 0)
-        kv_q_end = torch.where(has, (q_last + block_m - 1) // block_m, 0)
-        kv_max_lo = blocks(lo_all, _BIG).max(dim=1).values  # padding keys -> never full
-        kv_min_hi = blocks(hi_all, -1).min(dim=1).values
+    def blocks(x: np.ndarray, fill: int) -> np.ndarray:
+        return np.concatenate((x, np.full(pad, fill, dtype=np.int64))).reshape(num_n, block_n)
 
-        # CSR per query block of the non-empty key blocks
-        counts = (kv_q_end - kv_q_start).clamp_min(0)
-        n_ids = torch.repeat_interleave(torch.arange(num_n, device=dev), counts)
-        first_of = torch.cumsum(counts, 0) - counts
-        m_ids = kv_q_start[n_ids] + (torch.arange(n_ids.numel(), device=dev) - first_of[n_ids])
-        order = torch.argsort(m_ids * num_n + n_ids)
-        m_ids, n_ids = m_ids[order], n_ids[order]
-        q_rows_end = torch.clamp((m_ids + 1) * block_m, max=N)
-        full = (kv_max_lo[n_ids] <= m_ids * block_m) & (kv_min_hi[n_ids] >= q_rows_end)
-        per_m = torch.bincount(m_ids, minlength=num_m)
-        q_kv_ptr = torch.zeros(num_m + 1, dtype=torch.long, device=dev)
-        q_kv_ptr[1:] = torch.cumsum(per_m, 0)
-        # key-block span per query block (first and one past last non-empty key block)
-        q_kv_start = torch.full((num_m,), num_n, dtype=torch.long, device=dev)
-        q_kv_end = torch.zeros(num_m, dtype=torch.long, device=dev)
-        if n_ids.numel():
-            q_kv_start.scatter_reduce_(0, m_ids, n_ids, reduce="amin")
-            q_kv_end.scatter_reduce_(0, m_ids, n_ids + 1, reduce="amax")
-        q_kv_start = torch.where(per_m > 0, q_kv_start, 0)
+    q_first = blocks(lo_ne, _BIG).min(axis=1)  # first query row touching the key block
+    q_last = blocks(hi_ne, 0).max(axis=1)  # one past the last query row
+    has = q_last > 0
+    kv_q_start = np.where(has, q_first // block_m, 0)
+    kv_q_end = np.where(has, (q_last + block_m - 1) // block_m, 0)
+    kv_max_lo = blocks(lo_all, _BIG).max(axis=1)  # padding keys -> never full
+    kv_min_hi = blocks(hi_all, -1).min(axis=1)
 
-        def i32(x: torch.Tensor) -> torch.Tensor:
-            return x.to(torch.int32).contiguous()
+    # CSR per query block of the non-empty key blocks
+    counts = np.clip(kv_q_end - kv_q_start, 0, None)
+    n_ids = np.repeat(np.arange(num_n, dtype=np.int64), counts)
+    first_of = np.cumsum(counts) - counts
+    m_ids = kv_q_start[n_ids] + (np.arange(n_ids.size, dtype=np.int64) - first_of[n_ids])
+    order = np.argsort(m_ids * num_n + n_ids, kind="stable")  # the keys are unique
+    m_ids, n_ids = m_ids[order], n_ids[order]
+    q_rows_end = np.minimum((m_ids + 1) * block_m, N)
+    full = (kv_max_lo[n_ids] <= m_ids * block_m) & (kv_min_hi[n_ids] >= q_rows_end)
+    per_m = np.bincount(m_ids, minlength=num_m)
+    q_kv_ptr = np.zeros(num_m + 1, dtype=np.int64)
+    q_kv_ptr[1:] = np.cumsum(per_m)
+    # key-block span per query block (first and one past last non-empty key block)
+    q_kv_start = np.full(num_m, num_n, dtype=np.int64)
+    q_kv_end = np.zeros(num_m, dtype=np.int64)
+    np.minimum.at(q_kv_start, m_ids, n_ids)
+    np.maximum.at(q_kv_end, m_ids, n_ids + 1)
+    q_kv_start = np.where(per_m > 0, q_kv_start, 0)
 
-        return BlockTables(
-            block_m=block_m,
-            block_n=block_n,
-            num_m=num_m,
-            num_n=num_n,
-            total_len=N,
-            q_kv_ptr=i32(q_kv_ptr),
-            q_kv_idx=i32(n_ids),
-            q_kv_full=i32(full),
-            q_kv_start=i32(q_kv_start),
-            q_kv_end=i32(q_kv_end),
-            kv_q_start=i32(kv_q_start),
-            kv_q_end=i32(kv_q_end),
-            kv_max_lo=i32(kv_max_lo.clamp(max=_BIG)),
-            kv_min_hi=i32(kv_min_hi),
-        )
+    def i32(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))
+
+    return BlockTables(
+        block_m=block_m,
+        block_n=block_n,
+        num_m=num_m,
+        num_n=num_n,
+        total_len=N,
+        q_kv_ptr=i32(q_kv_ptr),
+        q_kv_idx=i32(n_ids),
+        q_kv_full=i32(full),
+        q_kv_start=i32(q_kv_start),
+        q_kv_end=i32(q_kv_end),
+        kv_q_start=i32(kv_q_start),
+        kv_q_end=i32(kv_q_end),
+        kv_max_lo=i32(np.minimum(kv_max_lo, _BIG)),
+        kv_min_hi=i32(kv_min_hi),
+    )

@@ -49,6 +49,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import (
+    as_float,
+    as_int,
+    check_like,
+    check_same_device,
+    check_tensor,
+    check_weight,
+    has_values,
+    next_pow2,
+)
 from .dispatch import Backend, Family, Request
 from .reference import (
     apply_rope,
@@ -108,6 +118,7 @@ MOT = Family(
             limits={"row_width": (0, _MAX_ROW_BLOCK)},
             interpreted=True,
             hook=_triton_reasons,
+            compile_specs="bagel_kernels.mot_triton",
         ),
         "torch": Backend("torch"),
     },
@@ -117,39 +128,11 @@ BACKENDS = MOT.names
 
 
 # ============================================================================================ validation
-def _check_tensor(name: str, t, dims: int | None = None, dtypes=_TORCH_DTYPES) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dims is not None and t.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{name} has dtype {t.dtype}; supported: {names}")
-
-
-def _check_same_device(ref_name: str, ref: Tensor, **others) -> None:
-    for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
 def _check_n_und(n_und, N) -> None:
     if isinstance(n_und, bool) or not isinstance(n_und, (int, torch.SymInt)):
         raise ValueError(f"n_und must be an int, got {type(n_und).__name__}")
     if n_und < 0 or n_und > N:
         raise ValueError(f"n_und={n_und} is outside [0, N={N}]")
-
-
-def _check_weight(name: str, w, shape: tuple, ref: Tensor, ref_name: str = "x") -> None:
-    _check_tensor(name, w, dims=len(shape))
-    if tuple(w.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(w.shape)}")
-    _check_same_device(ref_name, ref, **{name: w})
-
-
-def _check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
 def _resolve_backend(backend, device: torch.device, dtype: torch.dtype, row_width: int | None = None) -> str:
@@ -202,21 +185,13 @@ def _check_rows(x: Tensor, n_und, width: int, *, ref_name: str = "x") -> None:
         raise ValueError(f"rows of {width} elements exceed the kernels' limit of {_MAX_ROW_BLOCK}")
 
 
-def _check_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
-    """``t`` has ``ref``'s shape and device (a gradient of ``ref``, or its partner operand)."""
-    _check_tensor(name, t, dims=ref.dim(), dtypes=_KERNEL_DTYPES)
-    if t.shape != ref.shape:
-        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
-    _check_same_device(ref_name, ref, **{name: t})
-
-
 # Each op's arguments are checked by one function that the public function calls too; the ops add
 # what their kernels need on top (``_check_rows``: a kernel dtype, rows no wider than one tile).
 def _check_rms_args(x, n_und, weight_und, weight_gen) -> None:
-    _check_tensor("x", x, dims=2)
+    check_tensor("x", x, dims=2, dtypes=_TORCH_DTYPES)
     _check_n_und(n_und, x.shape[0])
     for name, w in (("weight_und", weight_und), ("weight_gen", weight_gen)):
-        _check_weight(name, w, (x.shape[1],), x)
+        check_weight(name, w, (x.shape[1],), x, dtypes=_TORCH_DTYPES)
     if weight_gen.dtype != weight_und.dtype:
         raise ValueError(f"weight_gen has dtype {weight_gen.dtype} but weight_und has {weight_und.dtype}")
 
@@ -227,8 +202,8 @@ def _check_rms_kernel_args(x, n_und, weight_und, weight_gen) -> None:
 
 
 def _check_qk_args(q, k, n_und, weights, cos, sin) -> None:
-    _check_tensor("q", q, dims=3)
-    _check_tensor("k", k, dims=3)
+    check_tensor("q", q, dims=3, dtypes=_TORCH_DTYPES)
+    check_tensor("k", k, dims=3, dtypes=_TORCH_DTYPES)
     N, _, D = q.shape
     if k.shape[0] != N:
         raise ValueError(f"k must be [N, Hkv, D] like q: k has {k.shape[0]} tokens but q has {N}")
@@ -238,20 +213,20 @@ def _check_qk_args(q, k, n_und, weights, cos, sin) -> None:
         raise ValueError(f"k must be in q's dtype: k has dtype {k.dtype} but q has {q.dtype}")
     if D % 2 != 0:
         raise ValueError(f"head dim (q.shape[2]) must be even for rotary embedding, got {D}")
-    _check_same_device("q", q, k=k)
+    check_same_device("q", q, k=k)
     _check_n_und(n_und, N)
     names = ("q_weight_und", "q_weight_gen", "k_weight_und", "k_weight_gen")
     for name, w in zip(names, weights, strict=True):
-        _check_weight(name, w, (D,), q, "q")
+        check_weight(name, w, (D,), q, "q", dtypes=_TORCH_DTYPES)
         if w.dtype != weights[0].dtype:
             raise ValueError(f"{name} has dtype {w.dtype} but q_weight_und has {weights[0].dtype}")
     for name, t in (("cos", cos), ("sin", sin)):
-        _check_weight(name, t, (N, D), q, "q")
+        check_weight(name, t, (N, D), q, "q", dtypes=_TORCH_DTYPES)
 
 
 def _qk_row_width(q: Tensor, k: Tensor) -> int:
     """The widest kernel row of the q/k op: all heads of q or of k, each padded to a power of two."""
-    return max(_next_pow2(q.shape[1]), _next_pow2(k.shape[1])) * q.shape[2]
+    return max(next_pow2(q.shape[1]), next_pow2(k.shape[1])) * q.shape[2]
 
 
 def _check_qk_kernel_args(q, k, n_und, weights, cos, sin) -> None:
@@ -260,15 +235,15 @@ def _check_qk_kernel_args(q, k, n_und, weights, cos, sin) -> None:
 
 
 def _check_swiglu_args(gate, up) -> None:
-    _check_tensor("gate", gate, dims=2)
-    _check_tensor("up", up, dims=2)
+    check_tensor("gate", gate, dims=2, dtypes=_TORCH_DTYPES)
+    check_tensor("up", up, dims=2, dtypes=_TORCH_DTYPES)
     if up.shape != gate.shape:
         raise ValueError(
             f"up must have the shape of gate: up has shape {tuple(up.shape)} but gate has {tuple(gate.shape)}"
         )
     if up.dtype != gate.dtype:
         raise ValueError(f"up has dtype {up.dtype} but gate has {gate.dtype}")
-    _check_same_device("gate", gate, up=up)
+    check_same_device("gate", gate, up=up)
 
 
 def _check_swiglu_kernel_args(gate, up) -> None:
@@ -277,31 +252,33 @@ def _check_swiglu_kernel_args(gate, up) -> None:
 
 
 def _check_linear_args(x, n_und, weight_und, bias_und, weight_gen, bias_gen) -> None:
-    _check_tensor("x", x, dims=2)
+    check_tensor("x", x, dims=2, dtypes=_TORCH_DTYPES)
     _check_n_und(n_und, x.shape[0])
-    _check_tensor("weight_und", weight_und, dims=2)
+    check_tensor("weight_und", weight_und, dims=2, dtypes=_TORCH_DTYPES)
     hout = weight_und.shape[0]
     for name, w in (("weight_und", weight_und), ("weight_gen", weight_gen)):
-        _check_weight(name, w, (hout, x.shape[1]), x)
+        check_weight(name, w, (hout, x.shape[1]), x, dtypes=_TORCH_DTYPES)
         if w.dtype != x.dtype:
             raise ValueError(f"{name} has dtype {w.dtype} but x has {x.dtype}")
     for name, b in (("bias_und", bias_und), ("bias_gen", bias_gen)):
         if b is not None:
-            _check_weight(name, b, (hout,), x)
+            check_weight(name, b, (hout,), x, dtypes=_TORCH_DTYPES)
             if b.dtype != x.dtype:
                 raise ValueError(f"{name} has dtype {b.dtype} but x has {x.dtype}")
 
 
-def _check_index_args(x, index) -> None:
-    """``index`` is an int32/int64 permutation of ``range(x.shape[0])`` on x's device."""
+def _check_index_args(x, index, values: bool = True) -> None:
+    """``index`` is an int32/int64 permutation of ``range(x.shape[0])`` on x's device (``values``:
+    the permutation's values too, one host sync, where they can be read)."""
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"index must be a 1-D int32/int64 tensor, got {index.dtype} {tuple(index.shape)}")
     if index.shape[0] != x.shape[0]:
         raise ValueError(f"index has {index.shape[0]} entries but x has {x.shape[0]} rows")
-    _check_same_device("x", x, index=index)
-    _check_permutation(index, x.shape[0])
+    check_same_device("x", x, index=index)
+    if values and has_values(index):
+        _check_permutation(index, x.shape[0])
 
 
 # ============================================================================================ plain torch math
@@ -322,6 +299,9 @@ def _mot_rms_norm_op(x: Tensor, n_und: int, weight_und: Tensor, weight_gen: Tens
 
 @_mot_rms_norm_op.register_fake
 def _(x, n_und, weight_und, weight_gen, eps):
+    # every fake checks what its op checks short of values (devices above all: the dispatcher runs the
+    # fake whenever one argument is on meta, and an unchecked fake would hand back uninitialised memory)
+    _op_check("mot_rms_norm", _check_rms_kernel_args, x, n_und, weight_und, weight_gen)
     return x.new_empty(x.shape, dtype=_norm_out_dtype(x.dtype, weight_und.dtype))
 
 
@@ -332,7 +312,7 @@ def _mot_rms_norm_bwd_op(
     from .mot_triton import rms_norm_bwd
 
     _op_check("mot_rms_norm_backward", _check_rms_kernel_args, x, n_und, weight_und, weight_gen)
-    _op_check("mot_rms_norm_backward", _check_like, "dy", dy, x, "x")
+    _op_check("mot_rms_norm_backward", check_like, "dy", dy, x, "x", _KERNEL_DTYPES)
     w = torch.stack((weight_und, weight_gen))
     dx, dwu, dwg = rms_norm_bwd(_unit_last(dy), _unit_last(x), n_und, w, eps)
     return dx, dwu.to(weight_und.dtype), dwg.to(weight_gen.dtype)
@@ -340,6 +320,8 @@ def _mot_rms_norm_bwd_op(
 
 @_mot_rms_norm_bwd_op.register_fake
 def _(dy, x, n_und, weight_und, weight_gen, eps):
+    _op_check("mot_rms_norm_backward", _check_rms_kernel_args, x, n_und, weight_und, weight_gen)
+    _op_check("mot_rms_norm_backward", check_like, "dy", dy, x, "x", _KERNEL_DTYPES)
     return (
         x.new_empty(x.shape),
         weight_und.new_empty(weight_und.shape),
@@ -372,7 +354,7 @@ def mot_rms_norm(
     x: ``[N, H]`` (any row stride); weights ``[H]``, same dtype as each other. Output ``[N, H]`` in
     ``promote_types(x.dtype, weight.dtype)``. One launch for both experts."""
     _check_rms_args(x, n_und, weight_und, weight_gen)
-    _check_eps(eps)
+    eps = as_float(eps, "eps", min_value=0.0)
     be = _resolve_backend(backend, x.device, x.dtype, x.shape[1])
     if be == "triton":
         return _mot_rms_norm_op(x, n_und, weight_und, weight_gen, float(eps))
@@ -442,6 +424,7 @@ def _mot_qk_norm_rope_op(*inputs) -> tuple[Tensor, Tensor]:
 @_mot_qk_norm_rope_op.register_fake
 def _(*inputs):
     a = _QKInputs(*inputs)
+    _op_check("mot_qk_norm_rope", _check_qk_kernel_args, a.q, a.k, a.n_und, a.weights(), a.cos, a.sin)
     dt = _qk_out_dtype(a)
     return a.q.new_empty(a.q.shape, dtype=dt), a.k.new_empty(a.k.shape, dtype=dt)
 
@@ -463,8 +446,8 @@ def _mot_qk_norm_rope_bwd_op(dq_out: Tensor, dk_out: Tensor, *inputs_need_cos_si
     *inputs, need_cos_sin = inputs_need_cos_sin
     a = _QKInputs(*inputs)
     args = _qk_kernel_args(op, a)
-    _op_check(op, _check_like, "dq_out", dq_out, a.q, "q")
-    _op_check(op, _check_like, "dk_out", dk_out, a.k, "k")
+    _op_check(op, check_like, "dq_out", dq_out, a.q, "q", _KERNEL_DTYPES)
+    _op_check(op, check_like, "dk_out", dk_out, a.k, "k", _KERNEL_DTYPES)
     dq, dk, *dw, dcos, dsin = qk_norm_rope_bwd(_unit_last(dq_out), _unit_last(dk_out), args, need_cos_sin)
     wdt = a.q_weight_und.dtype
     return (dq, dk, *(g.to(wdt) for g in dw), dcos.to(a.cos.dtype), dsin.to(a.sin.dtype))
@@ -474,6 +457,10 @@ def _mot_qk_norm_rope_bwd_op(dq_out: Tensor, dk_out: Tensor, *inputs_need_cos_si
 def _(dq_out, dk_out, *inputs_need_cos_sin):
     *inputs, need_cos_sin = inputs_need_cos_sin
     a = _QKInputs(*inputs)
+    op = "mot_qk_norm_rope_backward"
+    _op_check(op, _check_qk_kernel_args, a.q, a.k, a.n_und, a.weights(), a.cos, a.sin)
+    _op_check(op, check_like, "dq_out", dq_out, a.q, "q", _KERNEL_DTYPES)
+    _op_check(op, check_like, "dk_out", dk_out, a.k, "k", _KERNEL_DTYPES)
     cs = a.cos.shape if need_cos_sin else (0,)
     return (
         a.q.new_empty(a.q.shape),
@@ -528,7 +515,7 @@ def mot_qk_norm_rope(
     One launch covers q and k of both experts, forward and backward."""
     weights = (q_weight_und, q_weight_gen, k_weight_und, k_weight_gen)
     _check_qk_args(q, k, n_und, weights, cos, sin)
-    _check_eps(eps)
+    eps = as_float(eps, "eps", min_value=0.0)
     be = _resolve_backend(backend, q.device, q.dtype, _qk_row_width(q, k))
     if be == "triton":
         return _mot_qk_norm_rope_op(
@@ -540,10 +527,6 @@ def mot_qk_norm_rope(
         n = torch.cat((qwen2_rms_norm(x[:n_und], wu, eps), qwen2_rms_norm(x[n_und:], wg, eps))).to(dt)
         outs.append(_rope(n, cos, sin))
     return outs[0], outs[1]
-
-
-def _next_pow2(n: int) -> int:  # triton.next_power_of_2 without importing triton
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 # ============================================================================================ rotary tables
@@ -572,8 +555,7 @@ def rope_cos_sin(
         raise ValueError(f"position_ids must hold integers, got dtype {position_ids.dtype}")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        raise ValueError(f"theta must be a positive number, got {theta!r}")
+    theta = as_float(theta, "theta", positive=True)  # inf would make RoPE the identity
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     return rope_tables(position_ids, _inv_freq(head_dim, float(theta), position_ids.device), dtype)
@@ -590,6 +572,7 @@ def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
 
 @_swiglu_op.register_fake
 def _(gate, up):
+    _op_check("swiglu", _check_swiglu_kernel_args, gate, up)
     return gate.new_empty(gate.shape)
 
 
@@ -598,12 +581,14 @@ def _swiglu_bwd_op(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor
     from .mot_triton import swiglu_bwd
 
     _op_check("swiglu_backward", _check_swiglu_kernel_args, gate, up)
-    _op_check("swiglu_backward", _check_like, "dy", dy, gate, "gate")
+    _op_check("swiglu_backward", check_like, "dy", dy, gate, "gate", _KERNEL_DTYPES)
     return swiglu_bwd(_unit_last(dy), _unit_last(gate), _unit_last(up))
 
 
 @_swiglu_bwd_op.register_fake
 def _(dy, gate, up):
+    _op_check("swiglu_backward", _check_swiglu_kernel_args, gate, up)
+    _op_check("swiglu_backward", check_like, "dy", dy, gate, "gate", _KERNEL_DTYPES)
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
@@ -682,6 +667,7 @@ def _mot_linear_op(*inputs) -> Tensor:
 
 @_mot_linear_op.register_fake
 def _(*inputs):
+    _op_check("mot_linear", _check_linear_args, *inputs)
     a = _LinearInputs(*inputs)
     return a.x.new_empty((a.x.shape[0], a.weight_und.shape[0]))
 
@@ -702,7 +688,7 @@ def _mot_linear_bwd_op(
     """Gradients the flags ask for (the others come back as empty ``[0]`` tensors)."""
     op = "mot_linear_backward"
     _op_check(op, _check_linear_args, x, n_und, weight_und, None, weight_gen, None)
-    _op_check(op, _check_weight, "dy", dy, (x.shape[0], weight_und.shape[0]), x)
+    _op_check(op, check_weight, "dy", dy, (x.shape[0], weight_und.shape[0]), x, "x", _TORCH_DTYPES)
     dx, dwu, dwg, dbu, dbg = (_empty_grad(x) for _ in range(5))
     dyu, dyg = dy[:n_und], dy[n_und:]
     if need_dx:
@@ -722,6 +708,9 @@ def _mot_linear_bwd_op(
 
 @_mot_linear_bwd_op.register_fake
 def _(dy, x, n_und, weight_und, weight_gen, need_dx, need_dw_und, need_dw_gen, need_db_und, need_db_gen):
+    op = "mot_linear_backward"
+    _op_check(op, _check_linear_args, x, n_und, weight_und, None, weight_gen, None)
+    _op_check(op, check_weight, "dy", dy, (x.shape[0], weight_und.shape[0]), x, "x", _TORCH_DTYPES)
     e = lambda: x.new_empty((0,))
     hout = weight_und.shape[0]
     return (
@@ -812,6 +801,7 @@ def _permute_rows_op(x: Tensor, index: Tensor) -> Tensor:
 
 @_permute_rows_op.register_fake
 def _(x, index):
+    _op_check("permute_rows", _check_index_args, x, index, False)
     return x.new_empty(x.shape)
 
 
@@ -826,6 +816,7 @@ def _scatter_rows_op(x: Tensor, index: Tensor) -> Tensor:
 
 @_scatter_rows_op.register_fake
 def _(x, index):
+    _op_check("scatter_rows", _check_index_args, x, index, False)
     return x.new_empty(x.shape)
 
 
@@ -858,7 +849,7 @@ def _permute_backend(x: Tensor, index: Tensor, backend: str) -> str:
         raise ValueError(f"index must be int32 or int64, got {index.dtype}")
     if index.shape[0] != x.shape[0]:
         raise ValueError(f"index has {index.shape[0]} entries but x has {x.shape[0]} rows")
-    _check_same_device("x", x, index=index)
+    check_same_device("x", x, index=index)
     return _resolve_backend(backend, x.device, x.dtype)  # auto: integer rows take plain indexing
 
 
@@ -891,18 +882,36 @@ class _PermuteRowsTrusted(torch.autograd.Function):
         return permute_rows_launch(_rows2d(dy), index, scatter=True).view(dy.shape), None
 
 
-def _permute_rows_trusted(x: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:
-    """:func:`permute_rows` for a permutation the caller built from indexes it validated itself (the
-    model's :func:`_grouped_order_trusted` of a checked partition): the same kernels and results, with
-    the cheap checks but no value check, so no host sync in the forward or the backward.
-
-    Private on purpose: it is not a registered op (``torch.ops.bagel_kernels.*`` stays checked), and
-    only eager calls take the unchecked Triton path; inside ``torch.compile`` the checked op runs."""
+def _group_rows(x: Tensor, index: Tensor, backend: str) -> Tensor:
+    """``x[index]`` through the Triton gather (or ``index_select``) for an index already validated as a
+    permutation (a :class:`GroupedOrder`'s): the cheap checks only, no value check, no host sync.
+    Inside ``torch.compile`` the checked op runs (it is what traces)."""
     if _permute_backend(x, index, backend) == "triton":
         if torch.compiler.is_compiling():
             return _permute_rows_op(x, index)
         return _PermuteRowsTrusted.apply(x, index.contiguous())
     return x.index_select(0, index)
+
+
+def group_rows(x: Tensor, order: GroupedOrder, *, backend: str = "auto") -> Tensor:
+    """``x[order.perm]``: the pack's rows grouped by expert (understanding rows first), for a
+    :class:`GroupedOrder` (validated when it was built: no value check here, no host sync). The same
+    kernels and results as :func:`permute_rows`; the backward scatters the gradient back."""
+    if not isinstance(order, GroupedOrder):
+        raise ValueError(f"order must be a GroupedOrder (from grouped_order), got {type(order).__name__}")
+    return _group_rows(x, order.perm, backend)
+
+
+def ungroup_rows(x: Tensor, order: GroupedOrder, *, backend: str = "auto") -> Tensor:
+    """``x[order.inv]``: grouped rows back in pack order (the inverse of :func:`group_rows`)."""
+    if not isinstance(order, GroupedOrder):
+        raise ValueError(f"order must be a GroupedOrder (from grouped_order), got {type(order).__name__}")
+    return _group_rows(x, order.inv, backend)
+
+
+def _permute_rows_trusted(x: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:
+    """Old private path, kept until bagel uses :func:`group_rows` / :func:`ungroup_rows`."""
+    return _group_rows(x, index, backend)
 
 
 def _inverse_permutation(perm: Tensor) -> Tensor:
@@ -911,9 +920,78 @@ def _inverse_permutation(perm: Tensor) -> Tensor:
     return inv
 
 
-def grouped_order(und_indexes: Tensor, gen_indexes: Tensor, total: int) -> tuple[Tensor, Tensor, int]:
+class GroupedOrder:
+    """The pack's rows grouped by expert: a validated value (building one IS the check).
+
+    ``GroupedOrder(und_indexes, gen_indexes, total)`` takes upstream's ``packed_und_token_indexes`` /
+    ``packed_gen_token_indexes`` (1-D integer tensors on one device, disjoint, together a partition of
+    ``range(total)``) and checks them once (one host sync on real tensors; skipped for meta and fake
+    tensors and while ``torch.compile`` traces, which hold no values to read). Attributes:
+
+        perm    int64 ``[total]``: ``grouped = x[perm]`` puts the understanding tokens first, in the
+                order given (upstream's are ascending, i.e. pack order), then the generation tokens
+        inv     int64 ``[total]``: ``x = grouped[inv]``; the attention kernel's row index (token ``i``
+                of the pack lives at grouped row ``inv[i]``)
+        n_und   the number of understanding rows
+        total   the number of tokens
+
+    It unpacks as ``perm, inv, n_und = order`` (and indexes like that tuple). Hand it on as is:
+    :func:`group_rows`, :func:`ungroup_rows` and :meth:`bagel_kernels.PackedMask.with_row_index` take it
+    without checking the values again."""
+
+    __slots__ = ("perm", "inv", "n_und", "total")
+
+    def __init__(self, und_indexes: Tensor, gen_indexes: Tensor, total: int) -> None:
+        total = as_int(total, "total")
+        if total < 0:
+            raise ValueError(f"total must be a non-negative int, got {total!r}")
+        for name, t in (("und_indexes", und_indexes), ("gen_indexes", gen_indexes)):
+            if not isinstance(t, Tensor) or t.dim() != 1:
+                raise ValueError(f"{name} must be a 1-D integer tensor")
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
+        check_same_device("und_indexes", und_indexes, gen_indexes=gen_indexes)
+        n_und = und_indexes.numel()
+        if n_und + gen_indexes.numel() != total:
+            raise ValueError(
+                f"und_indexes ({n_und}) and gen_indexes ({gen_indexes.numel()}) must together hold total={total} tokens"
+            )
+        perm = torch.cat((und_indexes, gen_indexes)).long()
+        if has_values(perm):
+            try:
+                _check_permutation(perm, total, "und_indexes + gen_indexes")
+            except ValueError:
+                raise ValueError(
+                    f"und_indexes and gen_indexes must be disjoint and together cover range({total}) exactly"
+                ) from None
+        object.__setattr__(self, "perm", perm)
+        object.__setattr__(self, "inv", _inverse_permutation(perm))
+        object.__setattr__(self, "n_und", n_und)
+        object.__setattr__(self, "total", total)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("GroupedOrder is immutable")
+
+    def _as_tuple(self) -> tuple[Tensor, Tensor, int]:
+        return self.perm, self.inv, self.n_und
+
+    def __iter__(self):
+        return iter(self._as_tuple())
+
+    def __getitem__(self, i):
+        return self._as_tuple()[i]
+
+    def __len__(self) -> int:
+        return 3
+
+    def __repr__(self) -> str:
+        return f"GroupedOrder(total={self.total}, n_und={self.n_und}, device={self.perm.device})"
+
+
+def grouped_order(und_indexes: Tensor, gen_indexes: Tensor, total: int) -> GroupedOrder:
     """From upstream's ``packed_und_token_indexes`` / ``packed_gen_token_indexes`` (disjoint, together
-    a partition of ``range(total)``) -> ``(perm, inv_perm, n_und)``, int64 on the indexes' device.
+    a partition of ``range(total)``) -> the validated :class:`GroupedOrder` ``(perm, inv_perm, n_und)``,
+    int64 on the indexes' device.
 
     ``grouped = x[perm]`` puts the understanding tokens first, in the order given (upstream's are
     ascending, i.e. pack order), then the generation tokens; ``x = grouped[inv_perm]``. ``inv_perm``
@@ -921,29 +999,10 @@ def grouped_order(und_indexes: Tensor, gen_indexes: Tensor, total: int) -> tuple
     ``inv_perm[i]``. Checked on the device (one host sync)."""
     if isinstance(total, bool) or not isinstance(total, int) or total < 0:
         raise ValueError(f"total must be a non-negative int, got {total!r}")
-    for name, t in (("und_indexes", und_indexes), ("gen_indexes", gen_indexes)):
-        if not isinstance(t, Tensor) or t.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D integer tensor")
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
-    _check_same_device("und_indexes", und_indexes, gen_indexes=gen_indexes)
-    n_und = und_indexes.numel()
-    if n_und + gen_indexes.numel() != total:
-        raise ValueError(
-            f"und_indexes ({n_und}) and gen_indexes ({gen_indexes.numel()}) must together hold total={total} tokens"
-        )
-    perm = torch.cat((und_indexes, gen_indexes)).long()
-    try:
-        _check_permutation(perm, total, "und_indexes + gen_indexes")
-    except ValueError:
-        raise ValueError(
-            f"und_indexes and gen_indexes must be disjoint and together cover range({total}) exactly"
-        ) from None
-    return perm, _inverse_permutation(perm), n_und
+    return GroupedOrder(und_indexes, gen_indexes, total)
 
 
 def _grouped_order_trusted(und_indexes: Tensor, gen_indexes: Tensor) -> tuple[Tensor, Tensor, int]:
-    """:func:`grouped_order` of 1-D integer indexes on one device that the caller has checked to
-    partition the sequence (the model validates once at its boundary): no check, no host sync."""
+    """Old private path, kept until bagel uses :class:`GroupedOrder`: no check, no host sync."""
     perm = torch.cat((und_indexes, gen_indexes)).long()
     return perm, _inverse_permutation(perm), und_indexes.numel()

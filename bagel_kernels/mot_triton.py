@@ -27,12 +27,13 @@ as tuples.
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .backends import interpreting
 
 __all__ = [
     "rms_norm_fwd",
@@ -69,7 +70,7 @@ _SM_COUNT = {90: 132, 80: 108}
 
 
 def _check_interpreter() -> None:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         from .attention_configs import check_interpreter
 
         check_interpreter()

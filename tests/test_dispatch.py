@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bagel import backend_names
 from bagel.model.backend import FAMILIES, BagelBackendConfig
 from bagel_kernels import PackedMask, mot, packed_attention
 from bagel_kernels import patch_embed as pe
 from bagel_kernels.attention import ATTENTION
-from bagel_kernels.dispatch import Backend, Family, Request
+from bagel_kernels import backends
+from bagel_kernels.dispatch import Backend, Family, Request, families
 
 CPU = torch.device("cpu")
 
@@ -91,13 +91,15 @@ def test_family_declarations_are_checked():
 
 # ---------------------------------------------------------------------------------------------- the families
 def test_names_come_from_the_families():
-    """BagelBackendConfig validates against the families; bagel.backend_names (the torch-free copy the
-    demo's argument parser uses) equals them."""
-    assert {f: fam.names for f, fam in FAMILIES.items()} == {
-        "attention": backend_names.ATTENTION_BACKENDS,
-        "mot": backend_names.MOT_BACKENDS,
-        "patch_embed": backend_names.PATCH_EMBED_BACKENDS,
+    """BagelBackendConfig validates against the registries, whose names are the torch-free declarations
+    of bagel_kernels.backends (what the demo's argument parser reads); a registry that differs from its
+    declaration refuses to build."""
+    assert {f: fam.names for f, fam in FAMILIES.items()} == {f: backends.names(f) for f in FAMILIES}
+    assert {name: fam.names for name, fam in families().items()} == {
+        name: backends.names(name) for name in backends.BACKEND_NAMES
     }
+    with pytest.raises(ValueError, match="differ from the names declared"):
+        Family("mot", {"torch": Backend("torch")}, auto={"*": ("torch",)})
     assert mot.BACKENDS == FAMILIES["mot"].names and pe.BACKENDS == FAMILIES["patch_embed"].names
     for field, fam in FAMILIES.items():
         for name in fam.names:
@@ -165,3 +167,62 @@ def test_patch_embed_refusal_lists_every_backend():
     assert "cuda: runs on cuda tensors (got cpu)" in msg and "cpu_ext: " in msg and "torch: accepts" in msg
     with pytest.raises(ValueError, match="unknown patch_embed backend 'triton'"):
         pe.fused_patch_embed(x, w, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------- registries
+def test_registries_declare_row_index_preparation_and_compile_specs():
+    """Everything about a backend is in its family's registry: prepare_attention runs the declared
+    preparation, packed_attention gathers rows only for backends that do not read the row index, and
+    compile_check's module list is the registries' compile specs."""
+    from bagel_kernels.compile_check import MODULES
+
+    assert [n for n, be in ATTENTION.backends.items() if be.row_index] == ["triton"]
+    assert ATTENTION.backends["flex"].prepare is not None and ATTENTION.backends["sdpa"].prepare is None
+    declared = [be.compile_specs for fam in families().values() for be in fam.backends.values()]
+    assert [m for m in declared if m] == [m for m in MODULES if m in declared]
+    assert MODULES[:2] == ["bagel_kernels.attention_triton", "bagel_kernels.mot_triton"]
+
+
+def test_backend_names_module_imports_no_torch():
+    """The names and the interpreter switch load without torch (command lines refuse bad names at once)."""
+    import subprocess
+    import sys
+
+    code = "import sys, bagel_kernels.backends as b; print(b.names('mot'), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "('auto', 'triton', 'torch') False"
+
+
+@pytest.mark.parametrize(
+    "value", ["1", "true", "TRUE", "On", "yes", "Y", "0", "false", "off", "", " 1", "2", "t"]
+)
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value):
+    """Issue 23 item 18: TRITON_INTERPRET=true is on for Triton, so it is on for the package too (and the
+    dispatcher lets an interpreted backend take CPU tensors); values Triton reads as off stay off."""
+    knobs = pytest.importorskip("triton.knobs")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backends.interpreting() == bool(knobs.runtime.interpret)
+    kern = _toy().backends["kern"]
+    reasons = kern.reasons(Request(CPU, torch.float16, {"width": 8}))
+    assert (reasons == []) == backends.interpreting()
+
+
+def test_available_backends_on_cuda_without_a_gpu(monkeypatch):
+    """Issue 23 item 3: with no CUDA device visible, no backend is available on "cuda"."""
+    from bagel_kernels import available_backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert available_backends("cuda") == [] and available_backends("cuda:1") == []
+    assert available_backends("cpu")[:1] == ["sdpa"]
+
+
+def test_flex_on_meta_is_refused_with_a_reason():
+    """Issue 23 item 17: the dispatcher says why flex cannot take meta tensors, instead of accepting them
+    and failing deep inside FlexAttention."""
+    mask = PackedMask.from_splits([5], [5], ["causal"]).to("meta")
+    q = torch.empty(5, 2, 16, device="meta")
+    with pytest.raises(ValueError, match="flex: FlexAttention cannot run on meta tensors"):
+        packed_attention(q, q, q, mask, backend="flex")
+    out = packed_attention(q, q, q, mask, backend="sdpa")  # the reference runs on meta: shapes only
+    assert out.shape == (5, 2, 16) and out.device.type == "meta"

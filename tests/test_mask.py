@@ -124,7 +124,7 @@ def test_truncated_drops_pad_rows_and_refuses_cuts():
 def test_row_index_validation():
     mask = PackedMask.from_splits([4], [4], ["causal"])
     good = mask.with_row_index(torch.tensor([2, 0, 3, 1]))
-    assert good.row_index.dtype == torch.int32 and good.kv_lo is mask.kv_lo
+    assert good.row_index.dtype == torch.int32 and good.vectors().kv_lo is mask.vectors().kv_lo
     with pytest.raises(ValueError, match="permutation"):
         mask.with_row_index(torch.tensor([0, 0, 1, 2]))
     with pytest.raises(ValueError, match="permutation"):

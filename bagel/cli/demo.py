@@ -560,7 +560,7 @@ def _positive_float(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from bagel.backend_names import ATTENTION_BACKENDS, MOT_BACKENDS, PATCH_EMBED_BACKENDS  # no torch
+    from bagel_kernels.backends import names  # the registries' names, declared torch-free
 
     p = OneLineParser(prog="bagel-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=_int_at_least(1, MAX_STEPS), default=300)
@@ -572,9 +572,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="bagel-demo-out", help="output folder (created; must be writable)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS)
-    p.add_argument("--mot", default="auto", choices=MOT_BACKENDS)
-    p.add_argument("--patch-embed", dest="patch_embed", default="auto", choices=PATCH_EMBED_BACKENDS)
+    p.add_argument("--attention", default="auto", choices=names("attention"))
+    p.add_argument("--mot", default="auto", choices=names("mot"))
+    p.add_argument("--patch-embed", dest="patch_embed", default="auto", choices=names("patch_embed"))
     p.add_argument(
         "--hidden", type=_int_at_least(8, MAX_HIDDEN), default=64, help="LLM width (a multiple of 8)"
     )
@@ -607,7 +607,9 @@ def _check_device(device: str | None) -> None:
 def _check_backends(args) -> None:
     """Combinations refused before any work (each would fail at the first step on the CPU)."""
     needs_gpu = []
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    from bagel_kernels.backends import interpreting as triton_interprets  # no torch
+
+    interpreting = triton_interprets()
     for flag, value in (("--attention", args.attention), ("--mot", args.mot)):
         if value == "triton" and not interpreting:
             needs_gpu.append(f"{flag} triton needs a GPU (or TRITON_INTERPRET=1 to interpret on the CPU)")

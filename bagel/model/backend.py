@@ -2,24 +2,22 @@
 
 ``"auto"`` picks the fastest backend the inputs allow (Triton / CUDA on GPUs, the reference elsewhere);
 the reference values (``sdpa`` / ``torch`` / ``torch``) are the pure-PyTorch paths that every kernel is
-tested against. The allowed names are the kernels' own: each op family's backends as declared to the
-dispatcher (:mod:`bagel_kernels.dispatch`).
+tested against. The allowed names are the kernels' own: each op family's backends as declared in its
+registry (:func:`bagel_kernels.dispatch.family`), whose names :mod:`bagel_kernels.backends` lists.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bagel_kernels.attention import ATTENTION
-from bagel_kernels.mot import MOT
-from bagel_kernels.patch_embed import PATCH_EMBED
+from bagel_kernels.dispatch import family
 
 __all__ = ["BagelBackendConfig", "ATTENTION_BACKENDS", "MOT_BACKENDS", "PATCH_EMBED_BACKENDS"]
 
-FAMILIES = {"attention": ATTENTION, "mot": MOT, "patch_embed": PATCH_EMBED}  # config field -> family
-ATTENTION_BACKENDS = ATTENTION.names
-MOT_BACKENDS = MOT.names
-PATCH_EMBED_BACKENDS = PATCH_EMBED.names
+FAMILIES = {name: family(name) for name in ("attention", "mot", "patch_embed")}  # config field -> registry
+ATTENTION_BACKENDS = FAMILIES["attention"].names
+MOT_BACKENDS = FAMILIES["mot"].names
+PATCH_EMBED_BACKENDS = FAMILIES["patch_embed"].names
 
 
 @dataclass(frozen=True)
@@ -51,8 +49,8 @@ class BagelBackendConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
-        for field, family in FAMILIES.items():
-            value, allowed = getattr(self, field), family.names
+        for field, registry in FAMILIES.items():
+            value, allowed = getattr(self, field), registry.names
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(
                     f"{field}={value!r} is not a valid backend; allowed values: {', '.join(map(repr, allowed))}"
