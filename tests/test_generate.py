@@ -264,7 +264,7 @@ def test_mixed_chunk_prefill_matches_recompute(model):
 
 
 def test_kv_cache_forks_and_growth(model):
-    """Decoding token by token past the buffer's first capacity (64 rows) regrows it, and a fork never
+    """Decoding token by token past the buffer's first capacity (5 + 64 rows) regrows it, and a fork never
     sees the other copy's later tokens (copy on write): each token's hidden state equals that of the
     same tokens as one causal chunk through the recompute path (one training forward)."""
     from bagel.generate.context import token_chunk
