@@ -509,3 +509,28 @@ def test_moe_layers_and_module_hooks():
         handle.remove()
     torch.testing.assert_close(hooked, ref, atol=ATOL, rtol=RTOL)
     assert (hooked - plain).abs().max() > 1e-4
+
+
+def test_fsdp2_sharded_model_samples_like_the_plain_one(model, vae, tmp_path):
+    """A model sharded with bagel.train.distributed.apply_fsdp2 (one process, gloo): the Generator
+    gathers the units, draws the same latents as the unsharded model, and leaves them sharded."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from bagel.train.distributed import apply_fsdp2, free_port
+
+    sharded = _model()
+    sharded.load_state_dict(model.state_dict())
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        apply_fsdp2(sharded, activation_checkpointing=False)
+        assert any(isinstance(m, FSDPModule) for m in sharded.modules())
+        kw = dict(height=32, width=48, num_timesteps=3, cfg_interval=(0.0, 1.0), seed=5)
+        got = Generator(sharded, vae).text_to_image([4, 5, 6], **kw)
+        assert isinstance(sharded.model.vae2llm.weight, DTensor)  # resharded after
+        files = Generator(sharded, vae).save_samples([[4, 5, 6]], tmp_path, 1, **kw | {"seed": 0})
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(got.latent, Generator(model, vae).text_to_image([4, 5, 6], **kw).latent)
+    assert len(files) == 1

@@ -19,6 +19,8 @@ A training runner can keep one Generator and call it every N steps::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import time
@@ -35,7 +37,13 @@ from bagel.generate.images import fit_size, resize, to_pil, to_tensor
 from bagel.generate.sampler import Branches, sample_latent_tokens, unpatchify_latent
 from bagel.generate.text import generate_text
 
-__all__ = ["Generator", "GeneratedImage", "VLM_THINK_SYSTEM_PROMPT", "GEN_THINK_SYSTEM_PROMPT"]
+__all__ = [
+    "Generator",
+    "GeneratedImage",
+    "VLM_THINK_SYSTEM_PROMPT",
+    "GEN_THINK_SYSTEM_PROMPT",
+    "gathered_parameters",
+]
 
 # The system prompts BAGEL was trained with for its "think" mode (upstream's inferencer.py, verbatim:
 # the model reacts to these exact words).
@@ -63,6 +71,43 @@ class GeneratedImage:
 
     def to_pil(self):
         return to_pil(self.image)
+
+
+@contextlib.contextmanager
+def gathered_parameters(model: nn.Module):
+    """For a model sharded with FSDP2 (:func:`bagel.train.distributed.apply_fsdp2`): every unit unsharded
+    for the duration (the sampler calls submodules directly, outside FSDP2's forward hooks), resharded
+    after. Unsharding is an all-gather: every rank must enter together. Any other model: nothing."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        FSDPModule = None
+    units = [m for m in model.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def _full_weights(method):
+    """Run a public sampling method under :func:`gathered_parameters`, once for the outermost call
+    (save_samples calls the others)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if getattr(self, "_gathering", False):
+            return method(self, *args, **kwargs)
+        self._gathering = True
+        try:
+            with gathered_parameters(self.model):
+                return method(self, *args, **kwargs)
+        finally:
+            self._gathering = False
+
+    return run
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -200,6 +245,7 @@ class Generator:
         return GeneratedImage(image=image, latent=latent, thinking=thinking)
 
     # -------------------------------------------------------------- public
+    @_full_weights
     @torch.no_grad()
     def text_to_image(
         self,
@@ -261,6 +307,7 @@ class Generator:
             progress=progress,
         )
 
+    @_full_weights
     @torch.no_grad()
     def edit(
         self,
@@ -350,6 +397,7 @@ class Generator:
             )
         )
 
+    @_full_weights
     @torch.no_grad()
     def answer_ids(
         self,
@@ -382,6 +430,7 @@ class Generator:
             generator=self._rng(seed, generator),
         )
 
+    @_full_weights
     def save_samples(
         self,
         prompts: Sequence[Any],
@@ -397,8 +446,14 @@ class Generator:
         ``folder/samples/step{step:08d}_{i:02d}.png`` (temporary name, then renamed) and appends one JSON
         line per image to ``folder/samples.jsonl`` (step, index, prompt, file, seconds). The model is in
         eval mode while sampling and back in its previous mode after. Returns the files written.
+
+        A model sharded with FSDP2: call it on every rank at the same step (the weights are gathered by
+        an all-gather, :func:`gathered_parameters`); rank 0 draws and writes, the others return ``[]``.
         ``kwargs`` go to :meth:`text_to_image` / :meth:`edit` (``num_timesteps=25`` ...; an edit keeps its
         image's size and ignores ``height`` / ``width``)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_rank() != 0:
+                return []  # the weights were gathered with the other ranks; rank 0 draws and writes
         out_dir = os.path.join(os.fspath(folder), "samples")
         os.makedirs(out_dir, exist_ok=True)
         was_training = self.model.training
