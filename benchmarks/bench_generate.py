@@ -12,8 +12,8 @@ language model's depth, default all 28) and the FLUX VAE (random weights) for th
                      instruction]; three branches (cfg_text 4, cfg_img 2)
     answer           context [ViT image 980 px, 32-token question], greedy decoding
 
-Rows: "prefill" (building the guidance contexts, ViT and VAE-image embedding included), "step <backend>"
-(one guided Euler step: every branch in one batched forward, median ms) for each step backend of
+Rows: "prefill <backend>" (building the guidance contexts, ViT and VAE-image embedding included) and
+"step <backend>" (one guided Euler step: every branch in one batched forward, median ms) for each backend of
 :mod:`bagel.model.inference` ("sdpa", "packed" = our packed-attention kernel over [cache; chunk],
 "flash" when flash-attn is installed) and "step recompute" (no cache: the whole context through the
 training forward every step), "image" (a whole image: prefill + ``--timesteps - 1`` steps + VAE decode,
@@ -159,14 +159,20 @@ def run(args) -> str:
         write()
 
     for case in cases(args, model.config):
-        try:
-            peak_reset()
-            ms = time_ms(
-                lambda c=case: contexts(model, c, "auto", True, device), device, reps, warmup, wall=True
-            )
-            row(case, "prefill", ms)
-        except Exception as exc:  # noqa: BLE001 - one failed row must not lose the others
-            fail(case, "prefill", exc)
+        for backend in backends:
+            name = f"prefill {backend}"
+            try:
+                peak_reset()
+                ms = time_ms(
+                    lambda c=case, b=backend: contexts(model, c, b, True, device),
+                    device,
+                    reps,
+                    warmup,
+                    wall=True,
+                )
+                row(case, name, ms)
+            except Exception as exc:  # noqa: BLE001 - one failed row must not lose the others
+                fail(case, name, exc)
         if case["task"] == "answer":
             for use_cache, n in ((True, args.tokens), (False, min(args.tokens, 4))):
                 name = "token cached" if use_cache else "token recompute"
