@@ -288,7 +288,9 @@ def test_bf16_checkpoint_still_loads_into_fp32(ckpt, tmp_path):
     save_file(tensors, tmp_path / "ema.safetensors")
     model = random_model(seed=5)
     load_checkpoint_into(model, tmp_path, stage=2)
-    assert torch.equal(model.model.state_dict()["connector.fc1.weight"], tensors["connector.fc1.weight"].float())
+    assert torch.equal(
+        model.model.state_dict()["connector.fc1.weight"], tensors["connector.fc1.weight"].float()
+    )
 
 
 @pytest.mark.parametrize("kind", ["parent", "absolute", "symlink"])
@@ -435,3 +437,182 @@ def test_config_json_with_wrong_fields_names_file_and_field(tmp_path, section, f
     with pytest.raises(ValueError, match=needle) as info:
         BagelConfig.from_pretrained(tmp_path)
     assert "config.json" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- loading in the target dtype
+class _Fp32Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every fp32 tensor of at least ``min_numel`` elements that an op allocates (views and
+    in-place results, e.g. of the memory-mapped file, are not allocations)."""
+
+    def __init__(self, min_numel: int):
+        super().__init__()
+        self.min_numel, self.seen = min_numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view or an in-place op: no new memory
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            real = isinstance(t, torch.Tensor) and not t.is_meta
+            if real and t.dtype == torch.float32 and t.numel() >= self.min_numel:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+def _wide_config():
+    # every weight matrix has >= 64 * 64 elements; the fp32 buffers (RoPE inverse frequencies) are tiny
+    return BagelConfig.tiny(llm_hidden=128, vocab_size=256, vit_hidden=96)
+
+
+@pytest.mark.parametrize("saved_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_load_has_no_fp32_transient(tmp_path, monkeypatch, saved_dtype):
+    """from_pretrained(dtype=bf16) builds on meta, materialises in bf16 and reads each tensor straight
+    into its parameter (an fp32 file in chunks of rows): no fp32 tensor of a weight's size ever exists,
+    and the weights equal the saved ones cast to bf16."""
+    import bagel.io.checkpoint as ckpt_io
+
+    model = random_model(_wide_config()).to(saved_dtype)
+    save_checkpoint(model, tmp_path, config=model.config)
+    want = {k: v.to(torch.bfloat16) for k, v in model.model.state_dict().items()}
+    monkeypatch.setattr(ckpt_io, "READ_CHUNK_BYTES", 2048)  # an fp32 chunk holds at most 512 values
+    with _Fp32Allocations(min_numel=1024) as mode:
+        got = BagelForUnifiedMultimodal.from_pretrained(
+            tmp_path, stage=2, strict=True, dtype="bfloat16", **REF
+        )
+    assert mode.seen == [], mode.seen[:5]
+    for k, v in got.model.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, want[k]), k
+    inv = [b for n, b in got.named_buffers() if n.endswith("inv_freq")]
+    assert inv and all(b.dtype == torch.float32 for b in inv)  # RoPE frequencies stay fp32
+    torch.testing.assert_close(
+        inv[0], got.model.language_model.model.rotary_emb.compute_inv_freq(), atol=0, rtol=0
+    )
+
+
+def test_read_into_rows_and_dtype(ckpt):
+    """The per-tensor reader the sharded loader uses: any row range of a stored tensor, into a tensor
+    of another dtype, in chunks; the Conv2d patch weight converted on the way."""
+    import contextlib
+
+    from bagel.io.checkpoint import PATCH_EMBED_KEY, open_checkpoint, read_into
+
+    path, sd = ckpt
+    (file,) = find_weight_files(path)
+    key = "language_model.model.embed_tokens.weight"
+    with contextlib.ExitStack() as stack:
+        handle = open_checkpoint([file], stack)[file]
+        out = torch.empty(5, sd[key].shape[1], dtype=torch.bfloat16)
+        assert read_into(handle, key, out, row_start=3) is False
+        assert torch.equal(out, sd[key][3:8].to(torch.bfloat16))
+        with pytest.raises(ValueError, match="outside the stored"):
+            read_into(handle, key, out, row_start=sd[key].shape[0] - 2)
+    conv = torch.randn(48, 3, 4, 4)
+    save_file({PATCH_EMBED_KEY: conv}, str(path.parent / "conv.safetensors"))
+    with contextlib.ExitStack() as stack:
+        f = str(path.parent / "conv.safetensors")
+        out = torch.empty(48, 48)
+        assert read_into(open_checkpoint([f], stack)[f], PATCH_EMBED_KEY, out) is True
+        assert torch.equal(out, conv.permute(0, 2, 3, 1).reshape(48, 48))
+
+
+def test_from_pretrained_initialises_only_missing(tmp_path):
+    """Keys the checkpoint lacks are initialised (not left as to_empty's garbage); the others load."""
+    model = random_model()
+    sd = model.model.state_dict()
+    drop = {"llm2vae.weight", "llm2vae.bias", "language_model.model.norm.weight"}
+    save_checkpoint(model, tmp_path, config=model.config, keys=[k for k in sd if k not in drop])
+    got = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, **REF)
+    assert set(got.load_report.missing) == drop
+    new = got.model.state_dict()
+    assert torch.equal(new["llm2vae.weight"], torch.zeros_like(sd["llm2vae.weight"]))
+    assert torch.equal(
+        new["language_model.model.norm.weight"], torch.ones_like(sd["language_model.model.norm.weight"])
+    )
+    for k in sd.keys() - drop:
+        assert torch.equal(new[k], sd[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- issue 23: saving, strict, arguments
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that fails (weights or config) leaves the previous checkpoint loadable with strict=True."""
+    import safetensors.torch
+
+    old = random_model(seed=1)
+    save_checkpoint(old, tmp_path, config=old.config)
+    new = random_model(BagelConfig.tiny(max_latent_size=6), seed=2)  # a config the old weights do not fit
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(BagelConfig, "to_json_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "ema.safetensors"]  # no temporary left
+    back = BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, strict=True, **REF)
+    for k, v in old.model.state_dict().items():
+        assert torch.equal(back.model.state_dict()[k], v), k
+    new.save_pretrained(tmp_path)  # and a save that works replaces both
+    assert (
+        BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, strict=True, **REF).max_latent_size == 6
+    )
+
+
+@pytest.mark.parametrize("kept", [0, 0.5])
+def test_strict_refuses_missing_keys(tmp_path, kept):
+    model = random_model()
+    keys = list(model.model.state_dict())
+    save_checkpoint(model, tmp_path, config=model.config, keys=keys[: int(kept * len(keys))])
+    with pytest.raises(ValueError, match="strict=True: .* missing from the checkpoint"):
+        BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=2, strict=True, **REF)
+    # stage 1 needs only the understanding keys: a stage-2 checkpoint without generation keys is complete
+    und = [k for k in keys if classify_key(k) == "und"]
+    save_checkpoint(model, tmp_path, config=model.config, keys=und)
+    BagelForUnifiedMultimodal.from_pretrained(tmp_path, stage=1, strict=True, **REF)
+
+
+def test_meta_device_loads_nothing(ckpt):
+    path, sd = ckpt
+    model = BagelForUnifiedMultimodal.from_pretrained(path, stage=2, device="meta", **REF)
+    r = model.load_report
+    assert r.loaded == [] and set(r.on_meta) == set(sd) and not r.missing
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_from_pretrained_arguments(ckpt, tmp_path):
+    path, _ = ckpt
+    with pytest.raises(ValueError, match="max_latent_sise.*did you mean 'max_latent_size'"):
+        BagelForUnifiedMultimodal.from_pretrained(path, stage=2, max_latent_sise=4, **REF)
+    with pytest.raises(ValueError, match="max_latent_sise"):
+        BagelConfig.from_pretrained(path, max_latent_sise=4)
+    assert (
+        BagelForUnifiedMultimodal.from_pretrained(
+            path, stage=2, dtype="torch.float16", **REF
+        ).model.vae2llm.weight.dtype
+        == torch.float16
+    )
+    for bad in ("bfloat17", "int8", torch.int64, 3):
+        with pytest.raises(ValueError, match="dtype="):
+            BagelForUnifiedMultimodal.from_pretrained(path, stage=2, dtype=bad, **REF)
+    with pytest.raises(ValueError, match="device="):
+        BagelForUnifiedMultimodal.from_pretrained(path, stage=2, device="gpu0", **REF)
+    for bad in ("²", "stage²", "٢", 2.0, None):
+        with pytest.raises(ValueError, match="stage"):
+            BagelForUnifiedMultimodal.from_pretrained(path, stage=bad, **REF)
+    with pytest.raises(ValueError, match="strict must be a bool"):
+        BagelForUnifiedMultimodal.from_pretrained(path, stage=2, strict="yes", **REF)
+
+
+def test_upstream_layout_with_a_0d_position_table(ckpt, tmp_path):
+    path, _ = ckpt
+    cfg = BagelConfig.from_pretrained(path)
+    with open(tmp_path / "llm_config.json", "w") as f:
+        json.dump(cfg.text_config.to_dict(), f)
+    for table in (torch.tensor(3.0), torch.zeros(10, 64)):  # 0-d; 10 rows: not a square grid
+        save_file({"latent_pos_embed.pos_embed": table}, str(tmp_path / "ema.safetensors"))
+        with pytest.raises(ValueError, match="latent_pos_embed.pos_embed.*square grid"):
+            BagelConfig.from_pretrained(tmp_path)

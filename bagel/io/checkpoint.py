@@ -24,25 +24,40 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from bagel.extras import needs_extra
-from bagel.io.files import ST_FLOAT_DTYPES, WEIGHTS_NAME, find_weight_files, read_safetensors_header
+from bagel.io.files import (
+    ST_FLOAT_DTYPES,
+    ST_ITEMSIZE,
+    WEIGHTS_NAME,
+    find_weight_files,
+    read_safetensors_header,
+)
 
 __all__ = [
     "LoadReport",
     "classify_key",
     "load_checkpoint_into",
+    "load_into",
+    "open_checkpoint",
+    "read_into",
+    "READ_CHUNK_BYTES",
     "save_checkpoint",
     "WEIGHTS_NAME",
 ]
 
 logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
 
 
 _LAYER = r"^language_model\.model\.layers\.\d+\."
@@ -102,6 +117,8 @@ class LoadReport:
         converted: keys whose layout was converted on load (Conv2d patch embedding -> Linear).
         recomputed: known non-parameter keys the model computes itself instead of loading (upstream's
             ViT RoPE tables ``vit_model.vision_model.rope.{cos,sin}_{h,w}``); never an error.
+        on_meta: keys the checkpoint holds for targets on the ``meta`` device: validated, not copied
+            (a meta tensor has no storage).
         files: the weight files read.
     """
 
@@ -112,11 +129,20 @@ class LoadReport:
     vae: list[str] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
     recomputed: list[str] = field(default_factory=list)
+    on_meta: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"loaded {len(self.loaded)}"]
-        for name in ("missing", "unexpected", "skipped_by_stage", "vae", "converted", "recomputed"):
+        for name in (
+            "missing",
+            "unexpected",
+            "skipped_by_stage",
+            "vae",
+            "converted",
+            "recomputed",
+            "on_meta",
+        ):
             keys = getattr(self, name)
             if keys:
                 parts.append(f"{name} {len(keys)} (e.g. {', '.join(keys[:3])})")
@@ -151,44 +177,131 @@ def _checkpoint_root(model: torch.nn.Module) -> torch.nn.Module:
     return model.checkpoint_module() if callable(getter) else model
 
 
+def open_checkpoint(files: Iterable[str], stack: contextlib.ExitStack) -> dict[str, Any]:
+    """``{file: safetensors handle}`` for ``files``, each opened (header checked by safetensors) and
+    closed when ``stack`` closes; ValueError naming a file safetensors refuses."""
+    with needs_extra():
+        from safetensors import safe_open
+
+    handles = {}
+    for file in files:
+        try:
+            handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"{file}: safetensors cannot open it: {exc}") from None
+    return handles
+
+
+def read_into(handle, key: str, out: torch.Tensor, *, row_start: int = 0) -> bool:
+    """Copy checkpoint tensor ``key`` (rows ``[row_start, row_start + out.shape[0])`` of its first
+    dimension; the whole tensor for a 0-d ``out``) from the open safetensors ``handle`` into ``out``,
+    converting to ``out``'s dtype on the way. Reads in chunks of rows of at most
+    :data:`READ_CHUNK_BYTES` in the file's dtype, so no transient larger than that exists (a bf16 load
+    of an fp32 file never holds an fp32 copy of a parameter). ``out`` may be any view (a DTensor's
+    local shard, a slice of a flat buffer) on any device. Returns True when the stored tensor had the
+    Conv2d layout of the patch embedding and was converted to the Linear layout."""
+    sl = handle.get_slice(key)
+    shape = tuple(sl.get_shape())
+    conv = key == PATCH_EMBED_KEY and len(shape) == 4
+    with torch.no_grad():
+        if out.dim() == 0 or len(shape) == 0:
+            t = handle.get_tensor(key)
+            out.copy_(t.reshape(out.shape))
+            return conv
+        rows = out.shape[0]
+        if row_start < 0 or row_start + rows > shape[0]:
+            raise ValueError(
+                f"{key}: rows [{row_start}, {row_start + rows}) outside the stored {shape[0]} rows"
+            )
+        row_bytes = max(1, math.prod(shape[1:]) * ST_ITEMSIZE.get(sl.get_dtype(), 4))
+        step = max(1, READ_CHUNK_BYTES // row_bytes)
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            part = sl[row_start + a : row_start + b]
+            if conv:
+                part = _conv_to_linear_weight(part)
+            out[a:b].copy_(part.reshape(out[a:b].shape))
+    return conv
+
+
+READ_CHUNK_BYTES = 64 * 1024 * 1024  # largest transient read_into holds, in the file's dtype
+
+
+def load_into(
+    targets: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    stage: int,
+    strict: bool = False,
+    before_copy: Callable[[LoadReport], None] | None = None,
+) -> LoadReport:
+    """Copy a BAGEL checkpoint's tensors into ``targets`` (``{checkpoint key: tensor}``, e.g. a
+    ``BagelModel``'s ``state_dict(keep_vars=True)``), tensor by tensor, each straight into its target in
+    the target's dtype (:func:`read_into`), filtered by ``stage``.
+
+    1. Every file's header is read and validated against the targets (shape; floating data only into
+       floating tensors), the keys sorted into the report; nothing is read yet.
+    2. ``strict``: ValueError when a checkpoint key matches no target, or a target the stage needs is
+       not in the checkpoint (as ``load_state_dict(strict=True)``; VAE keys, recomputed tables and
+       stage-filtered generation keys never count).
+    3. ``before_copy(report)`` runs (``report.missing`` is final: e.g. initialise just those), every file
+       is opened, then the tensors are copied. Targets on the ``meta`` device hold no data: their keys
+       are validated and listed in ``report.on_meta``, never in ``report.loaded``.
+
+    Any error before step 3 leaves the targets as they were."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage={stage!r} must be 1 or 2")
+    files = find_weight_files(path)
+    report = LoadReport(files=files)
+    plan = _plan_load(files, targets, stage, report)  # 1. every header validated, nothing read yet
+    planned = {k for keys in plan.values() for k in keys}
+    report.missing = [k for k in targets if k not in planned]
+    if strict and (report.unexpected or report.missing):
+        problems = []
+        for what, keys in (
+            ("checkpoint key(s) match no model parameter", report.unexpected),
+            ("model key(s) the stage needs are missing from the checkpoint", report.missing),
+        ):
+            if keys:
+                problems.append(
+                    f"{len(keys)} {what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                )
+        raise ValueError(f"strict=True: {'; '.join(problems)} ({path})")
+    if before_copy is not None:
+        before_copy(report)
+    with contextlib.ExitStack() as stack:
+        handles = open_checkpoint(plan, stack)  # 2. every file opened before the first copy
+        for file, keys in plan.items():
+            for key in keys:
+                out = targets[key]
+                if out.is_meta:
+                    report.on_meta.append(key)
+                    continue
+                if read_into(handles[file], key, out.data if isinstance(out, torch.nn.Parameter) else out):
+                    report.converted.append(key)
+                report.loaded.append(key)
+    _log_report(path, report)
+    return report
+
+
 def load_checkpoint_into(
     model: torch.nn.Module,
     path: str | os.PathLike,
     *,
     stage: int,
     strict: bool = False,
+    before_copy: Callable[[LoadReport], None] | None = None,
 ) -> LoadReport:
-    """Copy a BAGEL checkpoint's tensors into ``model`` (names map identity), filtered by ``stage``.
-
-    Args:
-        model: a module whose ``state_dict()`` keys are BAGEL checkpoint keys (a ``BagelModel``), or a
-            ``BagelForUnifiedMultimodal`` (its ``.model`` is loaded).
-        path: a checkpoint directory (or one ``.safetensors`` file).
-        stage: 1 loads the understanding keys only; 2 loads generation keys too.
-        strict: raise ValueError (before touching the model) when a checkpoint key matches no model
-            parameter. VAE keys and stage-filtered generation keys never count as errors.
+    """:func:`load_into` the state dict of ``model`` (a module whose ``state_dict()`` keys are BAGEL
+    checkpoint keys, a ``BagelModel``, or a ``BagelForUnifiedMultimodal``, whose ``.model`` is loaded).
 
     Shape mismatches always raise ValueError. A 4-D (Conv2d) patch embedding is converted to the
     Linear layout on the fly. Returns a :class:`LoadReport`."""
-    if stage not in (1, 2):
-        raise ValueError(f"stage={stage!r} must be 1 or 2")
-    files = find_weight_files(path)
     targets = _checkpoint_root(model).state_dict(keep_vars=True)
-    report = LoadReport(files=files)
-    plan = _plan_load(files, targets, stage, report)  # 1. every header validated, nothing read yet
-    if strict and report.unexpected:
-        raise ValueError(
-            f"strict=True: {len(report.unexpected)} checkpoint key(s) match no model parameter: "
-            f"{', '.join(report.unexpected[:10])}{' ...' if len(report.unexpected) > 10 else ''}"
-        )
-    _copy_planned(plan, targets, report)  # 2. every file opened, then 3. copied
-    loaded = set(report.loaded)
-    report.missing = [k for k in targets if k not in loaded]
-    _log_report(path, report)
-    return report
+    return load_into(targets, path, stage=stage, strict=strict, before_copy=before_copy)
 
 
-def _plan_load(files: list[str], targets: dict, stage: int, report: LoadReport) -> dict[str, list[str]]:
+def _plan_load(files: list[str], targets: Mapping, stage: int, report: LoadReport) -> dict[str, list[str]]:
     """Validate every shard's header against the model (shape, dtype, duplicates) and sort its keys
     into the report; returns the keys to load, by file. Reads no tensor data."""
     plan: dict[str, list[str]] = {}
@@ -229,28 +342,6 @@ def _check_fits(file: str, key: str, meta: dict, target: torch.Tensor) -> None:
         )
 
 
-def _copy_planned(plan: dict[str, list[str]], targets: dict, report: LoadReport) -> None:
-    """Open every planned file (safetensors checks its own header) before the first copy, then copy."""
-    with needs_extra():
-        from safetensors import safe_open
-
-    with contextlib.ExitStack() as stack, torch.no_grad():
-        handles = {}
-        for file in plan:
-            try:
-                handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-            except Exception as exc:  # safetensors raises its own error types
-                raise ValueError(f"{file}: safetensors cannot open it: {exc}") from None
-        for file, keys in plan.items():
-            for key in keys:
-                t = handles[file].get_tensor(key)
-                if key == PATCH_EMBED_KEY and t.dim() == 4:
-                    t = _conv_to_linear_weight(t)
-                    report.converted.append(key)
-                targets[key].data.copy_(t)
-                report.loaded.append(key)
-
-
 def _log_report(path, report: LoadReport) -> None:
     for level, keys, what in (
         (logging.WARNING, report.missing, "model key(s) missing, e.g. %s"),
@@ -275,14 +366,18 @@ def save_checkpoint(
     (of ``model.model`` for a ``BagelForUnifiedMultimodal``: the checkpoint keys).
 
     ``extra_tensors`` are added as-is (e.g. VAE weights in tests); ``keys`` restricts the saved keys.
-    Returns the weight file's path."""
+    Returns the weight file's path.
+
+    The save is atomic per file and ordered so that a failure never pairs a new config with old
+    weights: both files are first written in full under temporary names in the folder, then renamed
+    over the old ones (``os.replace``), the weights first. A failure while writing (a full disk, a
+    tensor that cannot be saved, a kill) leaves the previous checkpoint as it was; the temporary files
+    are removed."""
     with needs_extra():
         from safetensors.torch import save_file
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    if config is not None:
-        config.save_pretrained(path)
     sd = _checkpoint_root(model).state_dict()
     if keys is not None:
         keys = list(keys)
@@ -291,5 +386,18 @@ def save_checkpoint(
     for k, v in (extra_tensors or {}).items():
         tensors[k] = v.detach().to("cpu").contiguous().clone()
     file = os.path.join(path, WEIGHTS_NAME)
-    save_file(tensors, file, metadata={"format": "pt"})
+    config_file = os.path.join(path, CONFIG_NAME)
+    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_weights, tmp_config = file + tag, config_file + tag
+    try:
+        save_file(tensors, tmp_weights, metadata={"format": "pt"})
+        if config is not None:
+            config.to_json_file(tmp_config)
+        os.replace(tmp_weights, file)
+        if config is not None:
+            os.replace(tmp_config, config_file)
+    finally:
+        for tmp in (tmp_weights, tmp_config):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
     return file

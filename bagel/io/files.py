@@ -17,6 +17,7 @@ import struct
 __all__ = [
     "WEIGHTS_NAME",
     "ST_FLOAT_DTYPES",
+    "ST_ITEMSIZE",
     "find_weight_files",
     "read_json",
     "read_safetensors_header",
@@ -52,7 +53,7 @@ def read_json(file: str | os.PathLike) -> dict:
 
 
 # safetensors dtype name -> bytes per element
-_ST_ITEMSIZE = {
+ST_ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }  # fmt: skip
@@ -173,7 +174,7 @@ def read_safetensors_header(file: str) -> dict:
         if not isinstance(info, dict):
             raise ValueError(f"{where}: expected an object with dtype, shape and data_offsets")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _ST_ITEMSIZE:
+        if dtype not in ST_ITEMSIZE:
             raise ValueError(f"{where}: field 'dtype' = {dtype!r} is not a safetensors dtype")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -189,7 +190,7 @@ def read_safetensors_header(file: str) -> dict:
                 f"{where}: field 'data_offsets' = {offsets!r} must be [begin, end] within the file's "
                 f"{data_len} data bytes (a file cut short?)"
             )
-        nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]
+        nbytes = math.prod(shape) * ST_ITEMSIZE[dtype]
         if offsets[1] - offsets[0] != nbytes:
             raise ValueError(
                 f"{where}: field 'data_offsets' = {offsets} spans {offsets[1] - offsets[0]} bytes but "

@@ -19,6 +19,8 @@ select-layer offset is applied exactly once, however many times a config is save
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import os
 from typing import Any
@@ -347,7 +349,9 @@ class BagelConfig(PretrainedConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> BagelConfig:
         """Read ``config.json`` (model_type "bagel"), or upstream's ``llm_config.json`` + ``vit_config.json``.
 
-        Keyword arguments override config fields (e.g. ``visual_gen=False``, ``max_latent_size=64``)."""
+        Keyword arguments override config fields (e.g. ``visual_gen=False``, ``max_latent_size=64``); a
+        name that is not a field is a ValueError (a misspelt override would otherwise be kept silently)."""
+        _check_overrides(kwargs)
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isfile(path):
             return cls._from_json_dict(read_json(path), kwargs, source=path)
@@ -393,10 +397,12 @@ class BagelConfig(PretrainedConfig):
             "vit_max_num_patch_per_side": 70,
         }
         shapes = _checkpoint_shapes(path, ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"))
-        if "latent_pos_embed.pos_embed" in shapes:
-            fields["max_latent_size"] = math.isqrt(shapes["latent_pos_embed.pos_embed"][0])
-        if "vit_pos_embed.pos_embed" in shapes:
-            fields["vit_max_num_patch_per_side"] = math.isqrt(shapes["vit_pos_embed.pos_embed"][0])
+        for key, field in (
+            ("latent_pos_embed.pos_embed", "max_latent_size"),
+            ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side"),
+        ):
+            if key in shapes:
+                fields[field] = _grid_side(path, key, shapes[key])
         fields.update(overrides)
         try:
             return cls(**fields)
@@ -522,6 +528,38 @@ class BagelConfig(PretrainedConfig):
         )
         fields.update(kwargs)
         return cls(**fields)
+
+
+def _grid_side(path: str, key: str, shape: tuple[int, ...]) -> int:
+    """The side of the square position grid of a ``[side**2, hidden]`` table stored as ``key``."""
+    side = math.isqrt(shape[0]) if len(shape) == 2 else 0
+    if side <= 0 or side * side != shape[0]:
+        raise ValueError(
+            f"{path}: checkpoint tensor {key!r} has shape {list(shape)}; expected [side**2, hidden] "
+            "(a position table over a square grid)"
+        )
+    return side
+
+
+def _config_fields() -> frozenset[str]:
+    """The names a config override may set: :class:`BagelConfig`'s own fields and the common
+    ``PretrainedConfig`` attributes."""
+    own = {
+        name
+        for name, p in inspect.signature(BagelConfig.__init__).parameters.items()
+        if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    return frozenset(own | set(PretrainedConfig().to_dict()))
+
+
+def _check_overrides(overrides: dict) -> None:
+    unknown = sorted(set(overrides) - _config_fields())
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(_config_fields()), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"unknown BagelConfig field(s) in the overrides: {', '.join(hints)}")
 
 
 def _checkpoint_shapes(path: str, keys: tuple[str, ...]) -> dict[str, tuple[int, ...]]:

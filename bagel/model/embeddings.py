@@ -61,7 +61,7 @@ class PositionEmbedding(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         table = get_2d_sincos_pos_embed(self.hidden_size, self.max_num_patch_per_side)
-        self.pos_embed.copy_(torch.from_numpy(table).float())
+        self.pos_embed.copy_(torch.from_numpy(table))  # float64 -> the parameter's dtype, one rounding
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         return self.pos_embed[position_ids]

@@ -43,8 +43,10 @@ custom ops only, which ``torch.compile(fullgraph=True, dynamic=True)`` traces::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -76,6 +78,38 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _every_module(module: nn.Module) -> bool:
+    return True
+
+
+def _as_float_dtype(dtype) -> torch.dtype | None:
+    """``dtype`` of :meth:`BagelForUnifiedMultimodal.from_pretrained`: None, a floating ``torch.dtype``, or
+    its name (``"bfloat16"``, ``"torch.float16"``)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        value = dtype
+    elif isinstance(dtype, str):
+        value = getattr(torch, dtype.strip().removeprefix("torch."), None)
+    else:
+        value = None
+    if dtype is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(
+            f"dtype={dtype!r}: expected a floating torch.dtype or its name, e.g. torch.bfloat16 or 'bfloat16'"
+        )
+    return value
+
+
+def _as_device(device) -> torch.device:
+    """``device`` of :meth:`BagelForUnifiedMultimodal.from_pretrained` (default: the CPU)."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ValueError(f"device={device!r}: expected a torch.device, a device string or a CUDA index")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device={device!r}: {exc}") from None
+
+
 def _stage_to_int(stage: int | str) -> int:
     """``1`` or ``2`` from ``1``, ``2``, ``"1"``, ``"2"``, ``"stage1"``, ``"stage2"`` (any case); else ValueError."""
     if isinstance(stage, bool):
@@ -84,7 +118,7 @@ def _stage_to_int(stage: int | str) -> int:
         value = stage
     elif isinstance(stage, str):
         s = stage.strip().lower().removeprefix("stage").strip()
-        value = int(s) if s.isdigit() else None
+        value = {"1": 1, "2": 2}.get(s)  # not int(s): str.isdigit() is true for "²", which int() refuses
     else:
         value = None
     if value not in (1, 2):
@@ -293,30 +327,47 @@ class BagelForUnifiedMultimodal(nn.Module):
         by ``torch.compile``."""
 
     @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """(Re)initialise every weight, e.g. after materialising a meta-device model with ``to_empty``:
+    def initialize_weights(self, only: Collection[str] | None = None) -> None:
+        """(Re)initialise the weights, e.g. after materialising a meta-device model with ``to_empty``:
         the Qwen2 LM and the SigLIP tower with their HF initialisers, the connector / timestep embedder /
         vae2llm with PyTorch's Linear default, the position tables with their sin-cos values, llm2vae
-        with zeros. Non-persistent buffers (RoPE inverse frequencies) are recomputed."""
+        with zeros. Non-persistent buffers (RoPE inverse frequencies) are always recomputed, in fp32.
+
+        ``only``: checkpoint keys (``self.model``'s state-dict keys); then just the modules that hold
+        one of them are initialised (all their own tensors), the others keep their values.
+        :meth:`from_pretrained` passes the keys the checkpoint lacks. Every initialiser works in the
+        parameters' own dtype and device (no fp32 copy of a bf16 model)."""
         m = self.model
+        if only is None:
+            want = _every_module
+        else:
+            only = set(only)
+            ids = {id(t) for n, t in m.state_dict(keep_vars=True).items() if n in only}
+
+            def want(mod: nn.Module) -> bool:
+                own = itertools.chain(mod.parameters(recurse=False), mod.buffers(recurse=False))
+                return any(id(t) in ids for t in own)
+
         lm = m.language_model
-        lm.init_weights()
+        lm.init_weights(want)
         for mod in lm.modules():
             if isinstance(mod, Qwen2RotaryEmbedding):
                 mod.reset_parameters()
         bagel_linears = []
         if self.config.visual_und:
-            m.vit_model.init_weights()
-            m.vit_pos_embed.reset_parameters()
+            m.vit_model.init_weights(want)
+            if want(m.vit_pos_embed):
+                m.vit_pos_embed.reset_parameters()
             bagel_linears.append(m.connector)
         if self.config.visual_gen:
-            m.latent_pos_embed.reset_parameters()
+            if want(m.latent_pos_embed):
+                m.latent_pos_embed.reset_parameters()
             bagel_linears += [m.time_embedder, m.vae2llm]
         for module in bagel_linears:
             for mod in module.modules():
-                if isinstance(mod, nn.Linear):
+                if isinstance(mod, nn.Linear) and want(mod):
                     mod.reset_parameters()
-        if self.config.visual_gen:
+        if self.config.visual_gen and want(m.llm2vae):
             m.llm2vae.weight.zero_()
             m.llm2vae.bias.zero_()
 
@@ -335,31 +386,48 @@ class BagelForUnifiedMultimodal(nn.Module):
         Args:
             pretrained_model_name_or_path: the checkpoint directory.
             stage: ``1`` / ``"stage1"`` (understanding subset) or ``2`` / ``"stage2"`` (also generation).
-            strict: raise ValueError when a checkpoint key matches no model parameter (VAE keys and
-                generation keys skipped by stage 1 never count).
-            kwargs: ``backend`` (a :class:`BagelBackendConfig`), ``language_model_cls``, ``dtype`` and
-                ``device`` (where the weights are materialised; default float32 on the CPU); the rest
-                override :class:`BagelConfig` fields.
+            strict: raise ValueError when a checkpoint key matches no model parameter or a parameter
+                the stage needs is missing from the checkpoint (VAE keys and generation keys skipped
+                by stage 1 never count), before any weight is read.
+            kwargs: ``backend`` (a :class:`BagelBackendConfig`), ``language_model_cls``, ``dtype`` (a
+                floating ``torch.dtype`` or its name, e.g. ``"bfloat16"``) and ``device`` (where the
+                weights are materialised; default float32 on the CPU); the rest override
+                :class:`BagelConfig` fields (an unknown name is a ValueError).
+
+        The model is built on ``meta``, materialised once on ``device`` in ``dtype``, and each
+        checkpoint tensor is copied straight into its parameter (:func:`bagel.io.checkpoint.read_into`),
+        so a bf16 load never holds an fp32 copy of the model; only the parameters the checkpoint lacks
+        are initialised. The RoPE inverse frequencies (non-persistent buffers) stay fp32 whatever
+        ``dtype`` is: in bf16 the angles of far positions would lose their precision. With
+        ``device="meta"`` nothing is read: the checkpoint is validated and its keys are reported in
+        ``load_report.on_meta``.
 
         The :class:`bagel.io.checkpoint.LoadReport` (loaded / missing / unexpected / VAE keys ...) is attached
         as ``model.load_report`` and summarised in the log."""
         stage_int = _stage_to_int(stage)
+        if not isinstance(strict, bool):
+            raise ValueError(f"strict must be a bool, got {strict!r}")
         backend = kwargs.pop("backend", None)
         lm_cls = kwargs.pop("language_model_cls", None)
-        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
-        device = kwargs.pop("device", None)
+        dtype = _as_float_dtype(kwargs.pop("dtype", kwargs.pop("torch_dtype", None)))
+        device = _as_device(kwargs.pop("device", None))
         config = BagelConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
         config.stage = stage_int
-        # built on the meta device and materialised once, directly on `device` in `dtype` (no fp32 copy
-        # of a 14B-parameter model on the host); weights the checkpoint lacks keep initialize_weights()
+        # built on the meta device, cast there (free), then materialised once, directly on `device` in
+        # `dtype`: no fp32 copy of a 14B-parameter model on the host for a bf16 load
         with torch.device("meta"):
             model = cls(config, backend=backend, language_model_cls=lm_cls)
-        model.to_empty(device=torch.device("cpu") if device is None else device)
         if dtype is not None:
             model.to(dtype)
-        model.initialize_weights()
+        model.to_empty(device=device)
+        # each checkpoint tensor is read straight into its parameter, in the parameter's dtype; just
+        # before the copies, the tensors the checkpoint lacks (and the RoPE buffers) are initialised
         report = load_checkpoint_into(
-            model.model, pretrained_model_name_or_path, stage=stage_int, strict=strict
+            model.model,
+            pretrained_model_name_or_path,
+            stage=stage_int,
+            strict=strict,
+            before_copy=lambda r: model.initialize_weights(only=r.missing),
         )
         model.load_report = report
         logger.info(

@@ -233,11 +233,9 @@ def prepare_pack(model: nn.Module, inputs: PackInputs) -> GroupedPack | Referenc
 
 
 def _lengths(inputs: PackInputs) -> tuple[int, list[int]]:
-    L = inputs.sequence_length
-    if isinstance(L, torch.Tensor):
-        L = int(L)
-    if not isinstance(L, int) or isinstance(L, bool) or L <= 0:
-        raise ValueError(f"sequence_length must be a positive int, got {L!r}")
+    L = _as_int(inputs.sequence_length, "sequence_length")  # 83.7, True, [L, L] refused, never truncated
+    if L <= 0:
+        raise ValueError(f"sequence_length must be a positive int, got {L}")
     sample_lens = _as_int_list(inputs.sample_lens, "sample_lens")  # strict: 2.5, 2.0, bools, strings refused
     if sum(sample_lens) < L:
         raise ValueError(f"sum(sample_lens) = {sum(sample_lens)} is less than sequence_length = {L}")
@@ -246,6 +244,12 @@ def _lengths(inputs: PackInputs) -> tuple[int, list[int]]:
 
 def _attention_mask(inputs: PackInputs, sample_lens: list[int], device: torch.device) -> PackedMask:
     if inputs.nested_attention_masks is not None:
+        given = [n for n in ("split_lens", "attn_modes") if getattr(inputs, n) is not None]
+        if given:
+            raise ValueError(
+                f"nested_attention_masks and {' / '.join(given)} both given: they are two forms of the "
+                "same mask, give one"
+            )
         mask = PackedMask.from_dense(inputs.nested_attention_masks, device=device)
         if list(mask.sample_lens) != sample_lens:
             raise ValueError(
@@ -312,6 +316,11 @@ def _vit(model: nn.Module, inputs: PackInputs, device: torch.device, checks: Dev
             f"packed_vit_tokens must be [num_patches, {emb.patch_dim}] (3*patch_size**2), got "
             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}"
         )
+    if not tokens.is_floating_point():
+        raise ValueError(
+            f"packed_vit_tokens must be floating point (normalised pixel patches), got {tokens.dtype}: "
+            "raw integer pixels are not normalised"
+        )
     N = tokens.shape[0]
     idx = as_index(inputs.packed_vit_token_indexes, "packed_vit_token_indexes", device)
     pos = as_index(inputs.packed_vit_position_ids, "packed_vit_position_ids", device)
@@ -361,6 +370,10 @@ def _latents(model: nn.Module, inputs: PackInputs, device: torch.device, checks:
                 f"{name} has {n} entries but patchified_vae_latent_shapes give {n_tok} latent tokens"
             )
     checks.in_range(pos, "packed_latent_position_ids", model.max_latent_size**2, "max_latent_size ** 2")
+    checks.add(
+        torch.isnan(timesteps),
+        "packed_timesteps has NaN entries: give a logit per noised token and -inf for a clean image",
+    )
     t = torch.sigmoid(timesteps.to(device))
     s = model.timestep_shift
     t = s * t / (1 + (s - 1) * t)  # shifted flow-matching time in [0, 1]; 0 for clean (-inf) tokens
@@ -373,6 +386,10 @@ def _latent_shapes(padded_latent, shapes, C: int, p: int) -> list[tuple[int, int
         raise ValueError(
             f"padded_latent must be [num_images, {C}, H, W] (z_channels={C}), got "
             f"{tuple(padded_latent.shape) if isinstance(padded_latent, torch.Tensor) else type(padded_latent).__name__}"
+        )
+    if not padded_latent.is_floating_point():
+        raise ValueError(
+            f"padded_latent must be a floating-point tensor (VAE latents), got {padded_latent.dtype}"
         )
     try:
         shapes = [(_as_int(h, "h"), _as_int(w, "w")) for h, w in shapes]

@@ -43,7 +43,7 @@ heads, D = head dim, I = MLP intermediate size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,10 +52,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from bagel.model.backend import BagelBackendConfig
-from bagel.model.fusion import fusable
+from bagel.model.fusion import float_dtype, fusable
 from bagel.model.validation import DeviceChecks, HasBackend, as_index
 from bagel_kernels import PackedMask, mot
 from bagel_kernels.attention import packed_attention, prepare_attention
+from bagel_kernels.mask import _as_int, _as_int_list
 from bagel_kernels.reference import apply_rope, qwen2_rms_norm, rope_inv_freq, rope_tables
 
 __all__ = [
@@ -672,6 +673,13 @@ def check_sequence(model: Qwen2Model, packed_sequence) -> None:
         )
     if not packed_sequence.is_floating_point():
         raise ValueError(f"packed_sequence must be floating point, got {packed_sequence.dtype}")
+    weights = float_dtype(model)
+    if packed_sequence.dtype.itemsize > weights.itemsize:
+        # (a lower precision than the weights' is fine: FSDP2's mixed precision casts them when it runs)
+        raise ValueError(
+            f"packed_sequence has dtype {packed_sequence.dtype} but the model's weights are {weights}: "
+            f"cast the embeddings to {weights}"
+        )
 
 
 def check_context_inputs(L: int, device, sample_lens, attention_mask, packed_position_ids):
@@ -690,9 +698,9 @@ def check_context_inputs(L: int, device, sample_lens, attention_mask, packed_pos
             f"attention_mask covers {attention_mask.total_len} tokens, fewer than the sequence's {L}"
         )
     attention_mask = attention_mask.to(device)
-    if sample_lens is not None and int(sum(int(s) for s in sample_lens)) != attention_mask.total_len:
+    if sample_lens is not None and sum(_as_int_list(sample_lens, "sample_lens")) != attention_mask.total_len:
         raise ValueError(
-            f"sample_lens sum to {sum(int(s) for s in sample_lens)} but attention_mask covers {attention_mask.total_len}"
+            f"sample_lens sum to {sum(sample_lens)} but attention_mask covers {attention_mask.total_len}"
         )
     if not isinstance(packed_position_ids, torch.Tensor) or packed_position_ids.shape != (L,):
         raise ValueError(
@@ -769,7 +777,9 @@ class Qwen2Model(HasBackend, nn.Module):
         (``ctx.perm`` / ``ctx.inv``), the mask truncated to the sequence with its row index and the
         kernels' block tables, RoPE tables in grouped row order. Everything :meth:`decode` reads, so
         that :meth:`decode` holds only tensor work."""
-        L = int(sequence_length)
+        L = _as_int(sequence_length, "sequence_length")
+        if L <= 0:
+            raise ValueError(f"sequence_length must be positive, got {L}")
         mask, pos = check_context_inputs(L, device, sample_lens, attention_mask, packed_position_ids)
         checks = DeviceChecks()
         routing = None
@@ -956,10 +966,12 @@ class Qwen2ForCausalLM(nn.Module):
         elif isinstance(module, Qwen2RMSNorm):
             module.weight.fill_(1.0)
 
-    def init_weights(self) -> None:
-        """HF Qwen2 initialisation: Linear/Embedding ~ N(0, initializer_range), biases 0, norms 1."""
+    def init_weights(self, want: Callable[[nn.Module], bool] | None = None) -> None:
+        """HF Qwen2 initialisation: Linear/Embedding ~ N(0, initializer_range), biases 0, norms 1.
+        ``want(module)``: initialise only the modules it accepts (default: all)."""
         for m in self.modules():
-            self._init_module(m)
+            if want is None or want(m):
+                self._init_module(m)
 
     @torch.no_grad()
     def init_moe(self) -> None:

@@ -25,6 +25,7 @@ Shapes: N = patches in the pack, E = ViT hidden size, h = heads, d = E / h.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint
@@ -35,6 +36,7 @@ from bagel.model.backend import BagelBackendConfig
 from bagel.model.fusion import float_dtype, fusable
 from bagel.model.validation import HasBackend
 from bagel_kernels import PackedMask, packed_attention
+from bagel_kernels.mask import _as_int_list
 from bagel_kernels.patch_embed import fused_patch_embed
 from bagel_kernels.reference import apply_rope, patch_embed_reference, rope_inv_freq, rope_tables
 
@@ -310,18 +312,23 @@ class SiglipVisionModel(HasBackend, nn.Module):
         return self.vision_model.embeddings.patch_embedding
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, want: Callable[[nn.Module], bool] | None = None) -> None:
         """HF SigLIP initialisation: position embedding ~ N(0, 1/E), attention projections Xavier-uniform
         with zero bias, MLP Xavier-uniform with N(0, 1e-6) bias, patch embedding LeCun-normal with zero
-        bias, LayerNorms (1, 0)."""
+        bias, LayerNorms (1, 0). ``want(module)``: initialise only the modules it accepts (default: all)."""
+
+        def wanted(mod: nn.Module) -> bool:
+            return want is None or want(mod)
+
         vm = self.vision_model
         emb = vm.embeddings
         pe = emb.patch_embedding
-        # LeCun normal: truncated N(0, 1/fan_in) at 2 std, rescaled for the truncation (as HF/JAX)
-        std = math.sqrt(1.0 / emb.patch_dim) / 0.87962566103423978
-        nn.init.trunc_normal_(pe.weight, std=std, a=-2.0 * std, b=2.0 * std)
-        nn.init.zeros_(pe.bias)
-        if not emb.use_rope:
+        if wanted(pe):
+            # LeCun normal: truncated N(0, 1/fan_in) at 2 std, rescaled for the truncation (as HF/JAX)
+            std = math.sqrt(1.0 / emb.patch_dim) / 0.87962566103423978
+            nn.init.trunc_normal_(pe.weight, std=std, a=-2.0 * std, b=2.0 * std)
+            nn.init.zeros_(pe.bias)
+        if not emb.use_rope and wanted(emb.position_embedding):
             nn.init.normal_(emb.position_embedding.weight, std=1.0 / math.sqrt(emb.embed_dim))
         for layer in vm.encoder.layers:
             for lin in (
@@ -330,13 +337,15 @@ class SiglipVisionModel(HasBackend, nn.Module):
                 layer.self_attn.v_proj,
                 layer.self_attn.out_proj,
             ):
-                nn.init.xavier_uniform_(lin.weight)
-                nn.init.zeros_(lin.bias)
+                if wanted(lin):
+                    nn.init.xavier_uniform_(lin.weight)
+                    nn.init.zeros_(lin.bias)
             for lin in (layer.mlp.fc1, layer.mlp.fc2):
-                nn.init.xavier_uniform_(lin.weight)
-                nn.init.normal_(lin.bias, std=1e-6)
+                if wanted(lin):
+                    nn.init.xavier_uniform_(lin.weight)
+                    nn.init.normal_(lin.bias, std=1e-6)
         for m in vm.modules():
-            if isinstance(m, nn.LayerNorm):
+            if isinstance(m, nn.LayerNorm) and wanted(m):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -356,14 +365,7 @@ class SiglipVisionModel(HasBackend, nn.Module):
         if mask is None:
             if vit_token_seqlens is None:
                 raise ValueError("vit_token_seqlens is required (patches per image)")
-            lens = [
-                int(v)
-                for v in (
-                    vit_token_seqlens.tolist()
-                    if isinstance(vit_token_seqlens, torch.Tensor)
-                    else vit_token_seqlens
-                )
-            ]
+            lens = _as_int_list(vit_token_seqlens, "vit_token_seqlens")
             mask = PackedMask.from_splits(lens, lens, ["full"] * len(lens), device=packed_pixel_values.device)
         return self.vision_model(
             packed_pixel_values, packed_flattened_position_ids, mask, self.backend, fused_patch_embed
