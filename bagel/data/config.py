@@ -34,6 +34,7 @@ __all__ = [
     "GroupSpec",
     "DatasetInfo",
     "load_groups",
+    "field_docs",
 ]
 
 # group kind -> file format of its datasets

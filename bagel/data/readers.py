@@ -44,6 +44,7 @@ __all__ = [
     "JsonlSource",
     "SampleBuilder",
     "parquet_files",
+    "build_sources",
     "PARQUET_COLUMNS",
 ]
 
