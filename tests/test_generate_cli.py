@@ -130,7 +130,8 @@ def test_bench_generate_tiny(tmp_path, capsys):
     md = (tmp_path / "bench_generate.md").read_text()
     assert "failed" not in md
     for row in (
-        "prefill",
+        "prefill sdpa",
+        "prefill packed",
         "step sdpa",
         "step packed",
         "step recompute",
