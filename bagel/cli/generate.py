@@ -1,4 +1,4 @@
-"""``bagel-generate``: look at what a checkpoint does — draw from a prompt, edit an image, answer a question.
+"""``bagel-generate``: see what a checkpoint does: draw from a prompt, edit an image, answer a question.
 
     bagel-generate --model DIR --prompt "a red fox" --out fox.png [--steps 50 --cfg-text 4 --seed 0]
     bagel-generate --model DIR --prompt "make it night" --image in.png --edit --out out.png [--cfg-img 2]

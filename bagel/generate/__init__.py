@@ -1,8 +1,8 @@
 """Sampling from BAGEL: text-to-image and editing with the flow-matching Euler sampler and classifier-free
 guidance, understanding (text generation), and the :class:`Generator` API behind ``bagel-generate``.
 
-Modules: :mod:`~bagel.generate.context` (what the model has seen, as a KV cache), :mod:`~bagel.generate.guidance`
-(the CFG formulas), :mod:`~bagel.generate.sampler` (timesteps and the Euler loop), :mod:`~bagel.generate.text`
+Modules: :mod:`~bagel.generate.context` (what the model has seen, as a KV cache),
+:mod:`~bagel.generate.guidance` (the CFG formulas), :mod:`~bagel.generate.sampler` (timesteps and the Euler loop), :mod:`~bagel.generate.text`
 (greedy / top-p decoding), :mod:`~bagel.generate.images` (PIL and resizing), :mod:`~bagel.generate.generator`
 (the API). The language model's cache and cached steps live in :mod:`bagel.model.inference`.
 """

@@ -72,10 +72,10 @@ class KVCache:
     (:class:`bagel.generate.context.Context` keeps it).
 
     Storage grows geometrically (by a quarter), so that decoding a token costs one row write per layer
-    rather than a copy of the whole cache. :meth:`fork` is a cheap independent copy that shares the rows seen so far: the
-    guidance branches share their common prefix. A cache writes in place only into buffers it owns
-    alone; after a fork, the first append of either copy moves its rows into a new buffer (copy on
-    write), so forks never see each other's later tokens."""
+    rather than a copy of the whole cache. :meth:`fork` is a cheap independent copy that shares the rows
+    seen so far: the guidance branches share their common prefix. A cache writes in place only into
+    buffers it owns alone; after a fork, the first append of either copy moves its rows into a new
+    buffer (copy on write), so forks never see each other's later tokens."""
 
     _MIN_CAPACITY = 64
 
