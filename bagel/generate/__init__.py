@@ -2,9 +2,10 @@
 guidance, understanding (text generation), and the :class:`Generator` API behind ``bagel-generate``.
 
 Modules: :mod:`~bagel.generate.context` (what the model has seen, as a KV cache),
-:mod:`~bagel.generate.guidance` (the CFG formulas), :mod:`~bagel.generate.sampler` (timesteps and the Euler loop), :mod:`~bagel.generate.text`
-(greedy / top-p decoding), :mod:`~bagel.generate.images` (PIL and resizing), :mod:`~bagel.generate.generator`
-(the API). The language model's cache and cached steps live in :mod:`bagel.model.inference`.
+:mod:`~bagel.generate.guidance` (the CFG formulas), :mod:`~bagel.generate.sampler` (timesteps and the
+Euler loop), :mod:`~bagel.generate.text` (greedy / top-p decoding), :mod:`~bagel.generate.images` (PIL
+and resizing), :mod:`~bagel.generate.generator` (the API). The language model's cache and cached steps
+live in :mod:`bagel.model.inference`.
 """
 
 from bagel.generate.context import Context, run_chunks
