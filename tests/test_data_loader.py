@@ -34,7 +34,7 @@ from bagel.data import (
     sample_num_tokens,
     tiny_tokenizer,
 )
-from bagel.data.convert import convert_folder, main
+from bagel.data.convert import convert_edits, convert_folder, main
 from bagel.data.example import write_example_dataset
 from bagel.data.readers import SampleBuilder
 from bagel.data.transforms import ImageTransform
@@ -406,3 +406,34 @@ def test_convert_folder_and_its_command(tmp_path, tok, cfg, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(src), str(tmp_path / "out4"), "--rows-per-file", "0"])
     assert e.value.code == 2
+
+
+def test_convert_edits(tmp_path, tok, cfg):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(image_bytes(32, 32, seed=i))
+    lines = [
+        {"source": "0.png", "target": "1.png", "instruction": "make it blue"},
+        {"images": ["0.png", "1.png", "2.png"], "instructions": [["turn it", "rotate it"], "shift it"]},
+        {"source": "1.png", "target": "2.png", "instruction": ""},
+    ]
+    write_jsonl(str(tmp_path / "edits.jsonl"), lines)
+    res = convert_edits(
+        tmp_path / "edits.jsonl",
+        tmp_path / "out",
+        vit_patch_size=4,
+        vit_max_image_size=16,
+        vit_min_image_size=8,
+    )
+    assert res.num_rows == 2 and res.num_without_caption == 1
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(res.files[0]).to_pylist()
+    assert table[1]["instruction_list"] == [["turn it", "rotate it"], ["shift it"]]
+    assert table[0]["image_list"][1] == (tmp_path / "1.png").read_bytes()
+    loader = build_loader(data_config(res.yaml_path), cfg, tok)
+    kinds = [type(s).__name__ for s in next(iter(loader)).samples[0]]
+    assert kinds[:2] == ["VaeImage", "VitImage"] and kinds[-1] == "VaeImage"
+    assert main(["--edit", str(tmp_path / "edits.jsonl"), str(tmp_path / "out2"), "--name", "e"]) == 0
+    write_jsonl(str(tmp_path / "bad.jsonl"), [{"source": "0.png"}])
+    with pytest.raises(ValueError, match="bad.jsonl:1: needs 'source' and 'target'"):
+        convert_edits(tmp_path / "bad.jsonl", tmp_path / "out3")

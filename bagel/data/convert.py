@@ -13,7 +13,11 @@ Inputs (``source``):
 Images without a caption are left out and counted; nothing is decoded or re-encoded (a bad image is
 found and skipped by the loader). Files are written to temporary names and renamed when complete.
 
-    bagel-convert SOURCE OUT [--name NAME] [--rows-per-file N] [--row-group-size N]
+Edits (``--edit``, :func:`convert_edits`): a JSONL of ``{"source", "target", "instruction"}`` (or chains
+``{"images": [...], "instructions": [...]}``) becomes ``unified_edit`` parquet (``image_list``,
+``instruction_list``).
+
+    bagel-convert SOURCE OUT [--edit] [--name NAME] [--rows-per-file N] [--row-group-size N]
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["convert_folder", "ConvertResult", "main", "IMAGE_EXTENSIONS"]
+__all__ = ["convert_folder", "convert_edits", "ConvertResult", "main", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -96,6 +101,65 @@ def _positive(value: int, name: str) -> int:
     return value
 
 
+def _read(path: str) -> bytes:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path!r} does not exist")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write_dataset(
+    out: str,
+    name: str,
+    group: str,
+    rows: list,
+    to_columns,
+    rows_per_file: int,
+    row_group_size: int,
+    group_entry: dict,
+) -> tuple[str, list[str]]:
+    """Parquet files ``out/<name>/part-NNNNN.parquet`` (``to_columns(chunk)`` -> column dict), then
+    ``out/dataset_info.yaml`` (merged with an existing one) and ``out/<name>.yaml`` (one group)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    data_dir = os.path.join(out, name)
+    os.makedirs(data_dir, exist_ok=True)
+    files = []
+    for k in range(0, len(rows), rows_per_file):
+        dest = os.path.join(data_dir, f"part-{k // rows_per_file:05d}.parquet")
+        table = pa.table(to_columns(rows[k : k + rows_per_file]))
+        pq.write_table(table, dest + ".tmp", row_group_size=row_group_size)
+        os.replace(dest + ".tmp", dest)
+        files.append(dest)
+    info_path = os.path.join(out, "dataset_info.yaml")
+    info = {}
+    if os.path.isfile(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            info = yaml.safe_load(f) or {}
+    info.setdefault(group, {})[name] = {
+        "data_dir": name,
+        "num_files": len(files),
+        "num_total_samples": len(rows),
+    }
+    spec = {group: {"dataset_names": [name], **group_entry, "num_used_data": [len(files)], "weight": 1}}
+    yaml_path = os.path.join(out, f"{name}.yaml")
+    for path, data in ((info_path, info), (yaml_path, spec)):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            yaml.safe_dump(data, f, sort_keys=False)
+        os.replace(path + ".tmp", path)
+    return yaml_path, files
+
+
+def _check_common(out: Any, name: str, rows_per_file: int, row_group_size: int) -> str:
+    _positive(rows_per_file, "rows_per_file")
+    _positive(row_group_size, "row_group_size")
+    if not isinstance(name, str) or not name or os.sep in name or name.startswith("."):
+        raise ValueError(f"name must be a plain folder name, got {name!r}")
+    return os.fspath(out)
+
+
 def convert_folder(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -112,15 +176,8 @@ def convert_folder(
     every file, with the given transform sizes). Returns a :class:`ConvertResult`.
 
     Raises FileNotFoundError for a missing source or image, ValueError when nothing has a caption."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import yaml
-
-    source, out = os.fspath(source), os.fspath(out)
-    _positive(rows_per_file, "rows_per_file")
-    _positive(row_group_size, "row_group_size")
-    if not name or os.sep in name or name.startswith("."):
-        raise ValueError(f"name must be a plain folder name, got {name!r}")
+    out = _check_common(out, name, rows_per_file, row_group_size)
+    source = os.fspath(source)
     if os.path.isdir(source):
         pairs, missing = _pairs_from_folder(source)
     elif os.path.isfile(source):
@@ -129,53 +186,106 @@ def convert_folder(
         raise FileNotFoundError(f"source {source!r} is neither a folder nor a JSONL file")
     if not pairs:
         raise ValueError(f"{source!r}: no image with a caption found ({missing} image(s) without one)")
-    data_dir = os.path.join(out, name)
-    os.makedirs(data_dir, exist_ok=True)
-    files = []
-    for k in range(0, len(pairs), rows_per_file):
-        chunk = pairs[k : k + rows_per_file]
-        images, captions = [], []
-        for path, cap in chunk:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"image {path!r} does not exist")
-            with open(path, "rb") as f:
-                images.append(f.read())
-            captions.append(json.dumps(cap if isinstance(cap, dict) else {"caption": cap}))
-        dest = os.path.join(data_dir, f"part-{k // rows_per_file:05d}.parquet")
-        pq.write_table(
-            pa.table({"image": images, "captions": captions}), dest + ".tmp", row_group_size=row_group_size
-        )
-        os.replace(dest + ".tmp", dest)
-        files.append(dest)
-    info_path = os.path.join(out, "dataset_info.yaml")
-    info = {}
-    if os.path.isfile(info_path):
-        with open(info_path, encoding="utf-8") as f:
-            info = yaml.safe_load(f) or {}
-    info.setdefault("t2i_pretrain", {})[name] = {
-        "data_dir": name,
-        "num_files": len(files),
-        "num_total_samples": len(pairs),
-    }
-    group = {
-        "t2i_pretrain": {
-            "dataset_names": [name],
-            "image_transform_args": {
-                "image_stride": image_stride,
-                "max_image_size": max_image_size,
-                "min_image_size": min_image_size,
-            },
-            "is_mandatory": True,
-            "num_used_data": [len(files)],
-            "weight": 1,
+
+    def columns(chunk: list) -> dict:
+        return {
+            "image": [_read(path) for path, _ in chunk],
+            "captions": [json.dumps(cap if isinstance(cap, dict) else {"caption": cap}) for _, cap in chunk],
         }
-    }
-    yaml_path = os.path.join(out, f"{name}.yaml")
-    for path, data in ((info_path, info), (yaml_path, group)):
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            yaml.safe_dump(data, f, sort_keys=False)
-        os.replace(path + ".tmp", path)
+
+    args = {"image_stride": image_stride, "max_image_size": max_image_size, "min_image_size": min_image_size}
+    entry = {"image_transform_args": args, "is_mandatory": True}
+    yaml_path, files = _write_dataset(
+        out, name, "t2i_pretrain", pairs, columns, rows_per_file, row_group_size, entry
+    )
     return ConvertResult(yaml_path, files, len(pairs), missing)
+
+
+def convert_edits(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    name: str = "my_edit",
+    rows_per_file: int = 1000,
+    row_group_size: int = 100,
+    image_stride: int = 16,
+    max_image_size: int = 1024,
+    min_image_size: int = 512,
+    vit_patch_size: int = 14,
+    vit_max_image_size: int = 518,
+    vit_min_image_size: int = 224,
+) -> ConvertResult:
+    """Write a JSONL of edits as ``unified_edit`` parquet files (``image_list``, ``instruction_list``)
+    under ``out/<name>/``, plus ``out/dataset_info.yaml`` and ``out/<name>.yaml``.
+
+    A line is ``{"source": path, "target": path, "instruction": str or [phrasings]}``, or a chain
+    ``{"images": [p0, p1, ...], "instructions": [i01, i12, ...]}`` (each instruction a string or a list
+    of phrasings); paths are relative to the JSONL's folder. A line without instruction text is left
+    out and counted (``num_without_caption``)."""
+    out = _check_common(out, name, rows_per_file, row_group_size)
+    source = os.fspath(source)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"source {source!r} is not a JSONL file")
+    base = os.path.dirname(os.path.abspath(source))
+    rows, missing = [], 0
+    with open(source, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{source}:{n}: not JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{source}:{n}: a line must be a JSON object")
+            if "images" in rec:
+                images, instructions = rec["images"], rec.get("instructions")
+            else:
+                images, instructions = [rec.get("source"), rec.get("target")], [rec.get("instruction")]
+            if (
+                not isinstance(images, list)
+                or len(images) < 2
+                or not all(isinstance(p, str) and p for p in images)
+            ):
+                raise ValueError(
+                    f"{source}:{n}: needs 'source' and 'target' paths (or 'images', two or more)"
+                )
+            if not isinstance(instructions, list) or len(instructions) != len(images) - 1:
+                raise ValueError(f"{source}:{n}: needs one instruction per edit ({len(images) - 1})")
+            phrasings = [[x] if isinstance(x, str) else x for x in instructions]
+            if not all(
+                isinstance(x, list) and any(isinstance(t, str) and t.strip() for t in x) for x in phrasings
+            ):
+                missing += 1
+                continue
+            paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in images]
+            rows.append((paths, [[t for t in x if isinstance(t, str) and t.strip()] for x in phrasings]))
+    if not rows:
+        raise ValueError(f"{source!r}: no edit with an instruction found ({missing} without one)")
+
+    def columns(chunk: list) -> dict:
+        return {
+            "image_list": [[_read(p) for p in paths] for paths, _ in chunk],
+            "instruction_list": [instr for _, instr in chunk],
+        }
+
+    entry = {
+        "image_transform_args": {
+            "image_stride": image_stride,
+            "max_image_size": max_image_size,
+            "min_image_size": min_image_size,
+        },
+        "vit_image_transform_args": {
+            "image_stride": vit_patch_size,
+            "max_image_size": vit_max_image_size,
+            "min_image_size": vit_min_image_size,
+        },
+        "is_mandatory": False,
+    }
+    yaml_path, files = _write_dataset(
+        out, name, "unified_edit", rows, columns, rows_per_file, row_group_size, entry
+    )
+    return ConvertResult(yaml_path, files, len(rows), missing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,17 +295,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "source", help="a folder of images with same-stem .txt captions (or metadata.jsonl), or a JSONL"
     )
     parser.add_argument("out", help="output folder (parquet files, dataset_info.yaml, NAME.yaml)")
-    parser.add_argument("--name", default="my_t2i", help="dataset name (default my_t2i)")
+    parser.add_argument(
+        "--edit", action="store_true", help="SOURCE is a JSONL of edits (source, target, instruction)"
+    )
+    parser.add_argument("--name", default=None, help="dataset name (default my_t2i, or my_edit with --edit)")
     parser.add_argument("--rows-per-file", type=int, default=1000)
     parser.add_argument("--row-group-size", type=int, default=100)
     args = parser.parse_args(argv)
     if args.rows_per_file < 1 or args.row_group_size < 1:
         parser.error("--rows-per-file and --row-group-size must be positive")
+    convert = convert_edits if args.edit else convert_folder
+    name = args.name or ("my_edit" if args.edit else "my_t2i")
     try:
-        res = convert_folder(
+        res = convert(
             args.source,
             args.out,
-            name=args.name,
+            name=name,
             rows_per_file=args.rows_per_file,
             row_group_size=args.row_group_size,
         )
@@ -203,8 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bagel-convert: {e}", file=sys.stderr)
         return 1
     print(
-        f"wrote {res.num_rows} rows in {len(res.files)} file(s); {res.num_without_caption} image(s) without a caption "
-        f"left out; dataset config: {res.yaml_path}"
+        f"wrote {res.num_rows} rows in {len(res.files)} file(s); {res.num_without_caption} "
+        f"{'edit(s) without an instruction' if args.edit else 'image(s) without a caption'} left out; "
+        f"dataset config: {res.yaml_path}"
     )
     return 0
 
