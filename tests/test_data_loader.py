@@ -293,6 +293,14 @@ def test_a_group_can_opt_out_of_resuming(tmp_path, tok, cfg):
     assert [p.sample_ids for p in take(resumed, 3)] == [p.sample_ids for p in fresh]
 
 
+def test_the_stream_pickles_for_spawned_workers(example, tok, cfg):
+    loader = build_loader(example_config(example), cfg, tok)
+    first = take(loader, 2)  # sources now hold an open JSONL file and a cached row group
+    stream = pickle.loads(pickle.dumps(loader.stream))
+    packer = stream.packer(0)
+    assert [s.id for s in packer.next_pack()] == first[0].sample_ids
+
+
 def test_restore_refuses_another_layout(example, tok, cfg):
     loader = build_loader(example_config(example), cfg, tok)
     take(loader, 2)

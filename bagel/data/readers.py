@@ -117,6 +117,9 @@ class ParquetSource:
     def describe(self) -> str:
         return ", ".join(sorted(set(self.files))[:8])
 
+    def __getstate__(self) -> dict[str, Any]:  # worker processes start without the cached row group
+        return {**self.__dict__, "_cache": None}
+
     def read(self, unit: int, row: int) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
@@ -177,6 +180,9 @@ class JsonlSource:
 
     def describe(self) -> str:
         return self.path
+
+    def __getstate__(self) -> dict[str, Any]:  # an open file does not travel to a spawned worker
+        return {**self.__dict__, "_fh": None}
 
     def read(self, unit: int, row: int) -> Any:
         pid = os.getpid()
