@@ -112,6 +112,19 @@ def test_missing_vae_and_stage1(ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "stage-1" in err
     assert main(["--model", stage1, "--ask", "what", "--max-new-tokens", "2"]) == 0  # it still answers
+    # a config that claims generation but weights without it (an understanding-only ema.safetensors)
+    import json
+
+    cfg_file = os.path.join(stage1, "config.json")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    cfg["visual_gen"] = True
+    with open(cfg_file, "w") as f:
+        json.dump(cfg, f)
+    capsys.readouterr()
+    assert main(["--model", stage1, "--prompt", "x", "--out", str(tmp_path / "o.png"), "--steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "lacks the generation weights" in err and err.count("bagel-generate: error") == 1
     # a height the model cannot draw is found once the model is read: still a one-line usage error
     assert main(["--model", ckpt, "--prompt", "x", "--out", str(tmp_path / "o.png"), "--height", "40"]) == 2
     assert "--height" in capsys.readouterr().err
