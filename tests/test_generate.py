@@ -157,14 +157,17 @@ def test_euler_inverts_the_training_noising():
     m.model.vae2llm.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
     m.model.vae2llm.append(embed)
     ctx = Context(m).add_text([1, 2, 3])
+    times_seen = []  # what the time embedder gets: the training forward's t, one per latent token
+    m.model.time_embedder.register_forward_hook(lambda mod, inp, out: times_seen.append(inp[0].clone()))
     out = sample_latent_tokens(
         m, Branches(ctx), (2, 2), num_timesteps=5, timestep_shift=2.0, initial_noise=eps
     )
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=1e-5)
     times = timestep_schedule(5, 2.0)
     assert len(seen) == 4
-    for t, x in zip(times[:-1], seen, strict=True):
+    for t, x, ts in zip(times[:-1], seen, times_seen, strict=True):
         torch.testing.assert_close(x, (1 - t) * x0 + t * eps, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ts, torch.full((4,), float(t)))
 
 
 def _t2i_branches(model, use_cache, backend="sdpa"):
