@@ -295,6 +295,23 @@ def test_kv_cache_forks_and_growth(model):
         torch.testing.assert_close(torch.cat(hidden), ref, atol=ATOL, rtol=RTOL)
 
 
+def test_add_inputs_in_one_forward_equals_one_by_one(model):
+    g = torch.Generator().manual_seed(7)
+    latent, pixels = torch.randn(4, 6, 4, generator=g), torch.rand(3, 12, 16, generator=g) * 2 - 1
+    items = [("text", [3, 4]), ("vae", latent), ("vit", pixels), ("text", [5, 6, 7])]
+    one = Context(model).add_inputs(items)
+    steps = Context(model)
+    for kind, value in items:
+        {"text": steps.add_text, "vae": steps.add_vae_image, "vit": steps.add_vit_image}[kind](value)
+    assert one.next_position == steps.next_position == 4 + 1 + 1 + 5
+    assert one.num_tokens == steps.num_tokens
+    for i in range(len(model.model.language_model.model.layers)):
+        for a, b in zip(one.cache.layer(i), steps.cache.layer(i), strict=True):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="kind"):
+        Context(model).add_inputs([("audio", [1])])
+
+
 def test_step_backend_choice(model):
     chunk = Chunk(torch.zeros(2, 64), torch.arange(2), torch.zeros(2, dtype=torch.bool), [2], ["causal"])
     cache = KVCache.empty(2)

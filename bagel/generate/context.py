@@ -14,6 +14,7 @@ The embeddings call the model's modules: ``embed_tokens`` (through ``get_input_e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,15 @@ from bagel.data.packing import SpecialTokens, flattened_position_ids, patchify
 from bagel.model.fusion import float_dtype
 from bagel.model.inference import Chunk, KVCache, forward_cached, forward_recompute
 
-__all__ = ["Context", "run_chunks", "text_chunk", "token_chunk", "vit_chunk", "latent_chunk"]
+__all__ = [
+    "Context",
+    "run_chunks",
+    "text_chunk",
+    "token_chunk",
+    "vit_chunk",
+    "vae_image_chunk",
+    "latent_chunk",
+]
 
 
 def _embed_ids(model: nn.Module, ids: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -119,6 +128,31 @@ def latent_chunk(
     return _bracketed(model, tokens, emb, position, gen=True, mode=mode)
 
 
+@torch.no_grad()
+def vae_image_chunk(model: nn.Module, tokens: SpecialTokens, latent: torch.Tensor, position: int) -> Chunk:
+    """A clean VAE image ``latent [C, h*p, w*p]`` (as the VAE encodes it) at ``position``: a full split,
+    time 0."""
+    cfg = model.config
+    if not cfg.visual_gen:
+        raise ValueError("a VAE image needs the generation weights: this model is stage 1 (visual_gen=False)")
+    p, C, top = cfg.latent_patch_size, cfg.latent_channels, cfg.max_latent_size
+    if (
+        not isinstance(latent, torch.Tensor)
+        or latent.dim() != 3
+        or latent.shape[0] != C
+        or not latent.is_floating_point()
+        or latent.shape[1] % p
+        or latent.shape[2] % p
+        or not (0 < latent.shape[1] <= top * p and 0 < latent.shape[2] <= top * p)
+    ):
+        got = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+        raise ValueError(
+            f"a VAE latent must be a float [{C}, h*{p}, w*{p}] with h, w in 1..{top} (max_latent_size), got {got}"
+        )
+    grid = (latent.shape[-2] // p, latent.shape[-1] // p)
+    return latent_chunk(model, tokens, patchify(latent, p), grid, 0.0, position, "full")
+
+
 def _bracketed(
     model, tokens: SpecialTokens, emb: torch.Tensor, position: int, *, gen: bool, mode: str
 ) -> Chunk:
@@ -181,40 +215,50 @@ class Context:
     # -------------------------------------------------------------- inputs
     def add_text(self, ids: Sequence[int]) -> Context:
         """Append ``[bos] + ids + [eos]``."""
-        chunk = text_chunk(self.model, self.tokens, ids, self._next_position)
-        self._append(chunk, advance=len(chunk))
-        return self
+        return self.add_inputs([("text", ids)])
 
     def add_vit_image(self, pixels: torch.Tensor) -> Context:
         """Append an image for the ViT (``[3, H, W]`` in [-1, 1], sides multiples of the patch size)."""
-        self._append(vit_chunk(self.model, self.tokens, pixels, self._next_position), advance=1)
-        return self
+        return self.add_inputs([("vit", pixels)])
 
     def add_vae_image(self, latent: torch.Tensor) -> Context:
         """Append a clean VAE image: ``latent [C, h*p, w*p]`` as the VAE encodes it (time 0)."""
-        cfg = self.model.config
-        if not cfg.visual_gen:
-            raise ValueError(
-                "a VAE image needs the generation weights: this model is stage 1 (visual_gen=False)"
+        return self.add_inputs([("vae", latent)])
+
+    def add_inputs(self, items: Sequence[tuple[str, Any]]) -> Context:
+        """Append several inputs with ONE prefill forward: a chunk of one split per input, attended by
+        packed attention under the training mask (the same result as adding them one by one). Items:
+        ``("text", ids)``, ``("vit", pixels)``, ``("vae", latent)``, in order."""
+        parts, advance = [], 0
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise ValueError(f"an input is a (kind, value) pair, got {item!r}")
+            kind, value = item
+            position = self._next_position + advance
+            if kind == "text":
+                chunk = text_chunk(self.model, self.tokens, value, position)
+                advance += len(chunk)
+            elif kind == "vit":
+                chunk = vit_chunk(self.model, self.tokens, value, position)
+                advance += 1
+            elif kind == "vae":
+                chunk = vae_image_chunk(self.model, self.tokens, value, position)
+                advance += 1
+            else:
+                raise ValueError(f"unknown input kind {kind!r}: use 'text', 'vit' or 'vae'")
+            parts.append(chunk)
+        if not parts:
+            return self
+        chunk = parts[0]
+        if len(parts) > 1:
+            chunk = Chunk(
+                torch.cat([c.embeds for c in parts]),
+                torch.cat([c.positions for c in parts]),
+                torch.cat([c.gen for c in parts]),
+                [n for c in parts for n in c.split_lens],
+                [m for c in parts for m in c.attn_modes],
             )
-        p, C, top = cfg.latent_patch_size, cfg.latent_channels, cfg.max_latent_size
-        if (
-            not isinstance(latent, torch.Tensor)
-            or latent.dim() != 3
-            or latent.shape[0] != C
-            or not latent.is_floating_point()
-            or latent.shape[1] % p
-            or latent.shape[2] % p
-            or not (0 < latent.shape[1] <= top * p and 0 < latent.shape[2] <= top * p)
-        ):
-            got = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
-            raise ValueError(
-                f"a VAE latent must be a float [{C}, h*{p}, w*{p}] with h, w in 1..{top} (max_latent_size), got {got}"
-            )
-        grid = (latent.shape[-2] // p, latent.shape[-1] // p)
-        toks = patchify(latent, p)
-        chunk = latent_chunk(self.model, self.tokens, toks, grid, 0.0, self._next_position, "full")
-        self._append(chunk, advance=1)
+        self._append(chunk, advance)
         return self
 
     def add_chunk(self, chunk: Chunk, advance: int) -> torch.Tensor:

@@ -343,7 +343,7 @@ class Generator:
         if think:
             base.add_text(self.encode(GEN_THINK_SYSTEM_PROMPT))
         img_uncond = base.fork().add_text(ids)
-        cond = base.add_vae_image(latent).add_vit_image(vit_px)
+        cond = base.add_inputs([("vae", latent), ("vit", vit_px)])  # one prefill forward
         text_uncond = cond.fork()
         cond.add_text(ids)
         thinking = None
