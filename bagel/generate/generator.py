@@ -180,6 +180,8 @@ class Generator:
 
     def _vit_size(self, height: int, width: int) -> tuple[int, int]:
         cfg = self.model.config
+        if not cfg.visual_und:
+            raise ValueError("the model has no ViT (visual_und=False): it cannot look at an image")
         p = cfg.vision_config.patch_size
         top = min(980, cfg.vit_max_num_patch_per_side * p)
         return fit_size(height, width, top, min(224, top // 2), p)
