@@ -230,4 +230,3 @@ def test_trusted_paths_compute_what_the_checked_ones_compute():
     trusted = mask._with_row_index_trusted(inv)
     inv.zero_()  # the mask owns its copy
     assert sorted(trusted.row_index.tolist()) == list(range(10))
-    assert torch.equal(mask._truncated_trusted(6).kv_hi, mask.truncated(6).kv_hi)

@@ -8,7 +8,8 @@ host sync and no Python that depends on the data (``torch.compile(fullgraph=True
 The steps, top to bottom (each raises ValueError naming the field on bad input):
 
     _lengths          sequence_length, sample_lens
-    _attention_mask   the pack's PackedMask (nested dense masks, or split_lens / attn_modes)
+    _attention_mask   the pack's PackedMask (nested dense masks, or split_lens / attn_modes), and its
+                      truncation to sequence_length (checked on the mask's host copy: no device read)
     _present_inputs   which optional groups are given (ViT, VAE), complete, and supported by the model
     _text             text ids and indexes
     _vit              ViT patches, indexes, position ids, the ViT's own mask (one full split per image)
@@ -21,9 +22,9 @@ The steps, top to bottom (each raises ValueError naming the field on bad input):
     _vit_fields, _gen_fields    ViT kernel tables and fusion plan; patchified latents and the noise
 
 Host checks raise as soon as they fail; value checks (index ranges, the partition, labels, the MSE
-rows, the mask cut at ``sequence_length``) run on the device and are read back once, after which the
-grouping builds on the validated tensors through trusted paths that check nothing again
-(``Qwen2Model.build_context``). Shapes: L = sequence_length, N = ViT patches, V = VAE latent tokens,
+rows, NaN timesteps) run on the tensors' device and are read back once, after which the grouping
+builds on the validated tensors without checking them again (``Qwen2Model.build_context``). Under
+``FakeTensorMode`` the preparation runs outside the mode, on the real batch (:mod:`bagel.model.fake`). Shapes: L = sequence_length, N = ViT patches, V = VAE latent tokens,
 P = p*p*C latent patch size.
 """
 
@@ -38,11 +39,11 @@ import torch
 from torch import nn
 
 from bagel.model.fusion import float_device, float_dtype
-from bagel.model.qwen2 import PackContext, Qwen2ForCausalLM, add_cut_check
+from bagel.model.qwen2 import PackContext, Qwen2ForCausalLM
 from bagel.model.validation import DeviceChecks, as_index
 from bagel_kernels import PackedMask
 from bagel_kernels.attention import prepare_attention
-from bagel_kernels.mask import _as_int, _as_int_list
+from bagel_kernels.checks import as_int, as_int_list
 from bagel_kernels.reference import patchify
 
 __all__ = [
@@ -198,6 +199,7 @@ def prepare_pack(model: nn.Module, inputs: PackInputs) -> GroupedPack | Referenc
     device, dtype = float_device(emb), float_dtype(emb)
     L, sample_lens = _lengths(inputs)
     mask = _attention_mask(inputs, sample_lens, device)
+    lm_mask = mask.truncated(L)  # host check: the pad rows beyond L must form whole splits
     has_vit, has_gen = _present_inputs(inputs, cfg)
 
     # host checks raise at once; value checks are collected and read back in ONE synchronisation
@@ -212,11 +214,10 @@ def prepare_pack(model: nn.Module, inputs: PackInputs) -> GroupedPack | Referenc
     _check_partition(L, text.idx, vit and vit.idx, gen and gen.idx, checks)
     ce_idx, labels = _ce_indexes(inputs, L, cfg.text_config.vocab_size, device, checks)
     mse_idx, mse_target_rows = _mse_indexes(inputs, L, gen, device, checks)
-    add_cut_check(mask, L, checks)
     checks.raise_first()
 
     und = text.idx if vit is None else torch.cat([text.idx, vit.idx])
-    lm = _group_for_lm(model, L, sample_lens, mask, pos_ids, und, gen and gen.idx, device, dtype)
+    lm = _group_for_lm(model, sample_lens, mask, lm_mask, pos_ids, und, gen and gen.idx, device, dtype)
     rows = lm.inv.long() if isinstance(lm, PackContext) and lm.inv is not None else None
 
     def row(idx: torch.Tensor | None) -> torch.Tensor | None:
@@ -233,10 +234,10 @@ def prepare_pack(model: nn.Module, inputs: PackInputs) -> GroupedPack | Referenc
 
 
 def _lengths(inputs: PackInputs) -> tuple[int, list[int]]:
-    L = _as_int(inputs.sequence_length, "sequence_length")  # 83.7, True, [L, L] refused, never truncated
+    L = as_int(inputs.sequence_length, "sequence_length")  # 83.7, True, [L, L] refused, never truncated
     if L <= 0:
         raise ValueError(f"sequence_length must be a positive int, got {L}")
-    sample_lens = _as_int_list(inputs.sample_lens, "sample_lens")  # strict: 2.5, 2.0, bools, strings refused
+    sample_lens = as_int_list(inputs.sample_lens, "sample_lens")  # strict: 2.5, 2.0, bools, strings refused
     if sum(sample_lens) < L:
         raise ValueError(f"sum(sample_lens) = {sum(sample_lens)} is less than sequence_length = {L}")
     return L, sample_lens
@@ -324,7 +325,7 @@ def _vit(model: nn.Module, inputs: PackInputs, device: torch.device, checks: Dev
     N = tokens.shape[0]
     idx = as_index(inputs.packed_vit_token_indexes, "packed_vit_token_indexes", device)
     pos = as_index(inputs.packed_vit_position_ids, "packed_vit_position_ids", device)
-    lens = _as_int_list(inputs.vit_token_seqlens, "vit_token_seqlens")
+    lens = as_int_list(inputs.vit_token_seqlens, "vit_token_seqlens")
     if pos.numel() != N:
         raise ValueError(
             f"packed_vit_position_ids has {pos.numel()} entries but packed_vit_tokens {N} patches"
@@ -392,7 +393,7 @@ def _latent_shapes(padded_latent, shapes, C: int, p: int) -> list[tuple[int, int
             f"padded_latent must be a floating-point tensor (VAE latents), got {padded_latent.dtype}"
         )
     try:
-        shapes = [(_as_int(h, "h"), _as_int(w, "w")) for h, w in shapes]
+        shapes = [(as_int(h, "h"), as_int(w, "w")) for h, w in shapes]
     except (TypeError, ValueError):
         raise ValueError(
             f"patchified_vae_latent_shapes must be a list of (h, w) int pairs, got {shapes!r}"
@@ -481,7 +482,9 @@ def _mse_indexes(
     return mse_idx, rows.clamp_min(0)
 
 
-def _group_for_lm(model, L, sample_lens, mask, pos_ids, und, vae_idx, device, dtype) -> PackContext | tuple:
+def _group_for_lm(
+    model, sample_lens, mask, lm_mask, pos_ids, und, vae_idx, device, dtype
+) -> PackContext | tuple:
     """The language model's side of the pack, from validated inputs: the grouped path's
     :class:`PackContext` (grouping by expert, the mask truncated to L with its row index and kernel
     tables, RoPE tables), or the arguments after the hidden states of a language model's own
@@ -493,7 +496,7 @@ def _group_for_lm(model, L, sample_lens, mask, pos_ids, und, vae_idx, device, dt
     if model.use_moe:
         gen = vae_idx if vae_idx is not None else torch.zeros(0, dtype=torch.long, device=device)
         routing = (und, gen)
-    return lm.model.build_context(mask._truncated_trusted(L), pos_ids, routing, device=device, dtype=dtype)
+    return lm.model.build_context(lm_mask, pos_ids, routing, device=device, dtype=dtype)
 
 
 def _grouped_lm(lm: nn.Module) -> bool:

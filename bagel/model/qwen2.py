@@ -56,7 +56,7 @@ from bagel.model.fusion import float_dtype, fusable
 from bagel.model.validation import DeviceChecks, HasBackend, as_index
 from bagel_kernels import PackedMask, mot
 from bagel_kernels.attention import packed_attention, prepare_attention
-from bagel_kernels.mask import _as_int, _as_int_list
+from bagel_kernels.checks import as_int, as_int_list
 from bagel_kernels.reference import apply_rope, qwen2_rms_norm, rope_inv_freq, rope_tables
 
 __all__ = [
@@ -83,7 +83,6 @@ __all__ = [
     "check_inputs",
     "check_sequence",
     "check_context_inputs",
-    "add_cut_check",
 ]
 
 # decoder-block classes by ``config.layer_module`` name, filled by @decoder_layer (the config's check
@@ -691,14 +690,14 @@ def check_context_inputs(L: int, device, sample_lens, attention_mask, packed_pos
             f"attention_mask must be a bagel_kernels.PackedMask (or a list of per-sample dense masks), got "
             f"{type(attention_mask).__name__}"
         )
-    if attention_mask._row_index is not None:
+    if attention_mask.has_row_index:
         raise ValueError("attention_mask must not carry a row_index: the model attaches its own")
     if attention_mask.total_len < L:
         raise ValueError(
             f"attention_mask covers {attention_mask.total_len} tokens, fewer than the sequence's {L}"
         )
     attention_mask = attention_mask.to(device)
-    if sample_lens is not None and sum(_as_int_list(sample_lens, "sample_lens")) != attention_mask.total_len:
+    if sample_lens is not None and sum(as_int_list(sample_lens, "sample_lens")) != attention_mask.total_len:
         raise ValueError(
             f"sample_lens sum to {sum(sample_lens)} but attention_mask covers {attention_mask.total_len}"
         )
@@ -710,18 +709,6 @@ def check_context_inputs(L: int, device, sample_lens, attention_mask, packed_pos
     if packed_position_ids.is_floating_point():
         raise ValueError(f"packed_position_ids must hold integers, got {packed_position_ids.dtype}")
     return attention_mask, packed_position_ids.to(device)
-
-
-def add_cut_check(mask: PackedMask, L: int, checks: DeviceChecks) -> None:
-    """Add to ``checks`` that ``mask`` may be truncated to its first ``L`` tokens (the rows beyond form
-    whole splits): :meth:`PackedMask.truncated`'s check, read back with the other checks; a failure
-    raises ``truncated``'s own message."""
-    if L < mask.total_len:
-        checks.add(
-            mask._cut_flags(L),
-            "sequence length cuts the pack inside an attention span",
-            lambda: mask.truncated(L),
-        )
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -777,7 +764,7 @@ class Qwen2Model(HasBackend, nn.Module):
         (``ctx.perm`` / ``ctx.inv``), the mask truncated to the sequence with its row index and the
         kernels' block tables, RoPE tables in grouped row order. Everything :meth:`decode` reads, so
         that :meth:`decode` holds only tensor work."""
-        L = _as_int(sequence_length, "sequence_length")
+        L = as_int(sequence_length, "sequence_length")
         if L <= 0:
             raise ValueError(f"sequence_length must be positive, got {L}")
         mask, pos = check_context_inputs(L, device, sample_lens, attention_mask, packed_position_ids)
@@ -785,9 +772,8 @@ class Qwen2Model(HasBackend, nn.Module):
         routing = None
         if self.use_moe or (self.freeze_und and packed_und_token_indexes is not None):
             routing = routing_indexes(L, packed_und_token_indexes, packed_gen_token_indexes, device, checks)
-        add_cut_check(mask, L, checks)
         checks.raise_first()
-        return self.build_context(mask._truncated_trusted(L), pos, routing, device=device, dtype=dtype)
+        return self.build_context(mask.truncated(L), pos, routing, device=device, dtype=dtype)
 
     def build_context(
         self,
@@ -808,6 +794,8 @@ class Qwen2Model(HasBackend, nn.Module):
         perm = inv = None
         if 0 < n_und < L:
             # group once: understanding rows [0, n_und), generation rows [n_und, L); un-permute at exit
+            # private kernel paths (justified): the caller's ONE read-back validated the partition;
+            # mot.grouped_order would read the values back a second time (see bagel.model.validation)
             perm, inv, n_und = mot._grouped_order_trusted(*routing)
             pos = pos[perm]
             mask = mask._with_row_index_trusted(inv)

@@ -36,7 +36,7 @@ from bagel.model.backend import BagelBackendConfig
 from bagel.model.fusion import float_dtype, fusable
 from bagel.model.validation import HasBackend
 from bagel_kernels import PackedMask, packed_attention
-from bagel_kernels.mask import _as_int_list
+from bagel_kernels.checks import as_int_list
 from bagel_kernels.patch_embed import fused_patch_embed
 from bagel_kernels.reference import apply_rope, patch_embed_reference, rope_inv_freq, rope_tables
 
@@ -365,7 +365,7 @@ class SiglipVisionModel(HasBackend, nn.Module):
         if mask is None:
             if vit_token_seqlens is None:
                 raise ValueError("vit_token_seqlens is required (patches per image)")
-            lens = _as_int_list(vit_token_seqlens, "vit_token_seqlens")
+            lens = as_int_list(vit_token_seqlens, "vit_token_seqlens")
             mask = PackedMask.from_splits(lens, lens, ["full"] * len(lens), device=packed_pixel_values.device)
         return self.vision_model(
             packed_pixel_values, packed_flattened_position_ids, mask, self.backend, fused_patch_embed
