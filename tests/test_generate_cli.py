@@ -81,6 +81,9 @@ def test_draw_edit_answer(ckpt, tmp_path, capsys):
     answer = capsys.readouterr().out
     assert answer.strip()  # the tiny random model's words (byte-level BPE of random ids)
     assert main(["--model", ckpt, "--ask", "describe the image", "--max-new-tokens", "3", "--do-sample"]) == 0
+    think = [*common, "--prompt", "a fox", "--out", str(out), "--height", "32", "--width", "32", "--think"]
+    assert main([*think, "--max-think-tokens", "3"]) == 0  # the plan is printed, then the image written
+    assert Image.open(out).size == (32, 32)
 
 
 @pytest.mark.parametrize(
