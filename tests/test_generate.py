@@ -237,6 +237,22 @@ def test_step_backends_agree(model, backend):
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
 
 
+def test_packed_step_on_the_triton_kernel():
+    """The "packed" step backend through bagel_kernels' Triton kernel (under the interpreter on a CPU):
+    the GPU's default for a prefill onto an empty cache, and a choice for the steps."""
+    from bagel import BagelBackendConfig
+
+    m = _model(seed=5)
+    noise = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(
+        num_timesteps=2, initial_noise=noise, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0)
+    )
+    ref = sample_latent_tokens(m, _edit_branches(m, True, "sdpa"), (2, 3), **kw)
+    m.backend = BagelBackendConfig(attention="triton")
+    got = sample_latent_tokens(m, _edit_branches(m, True, "packed"), (2, 3), **kw)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+
+
 def test_mixed_chunk_prefill_matches_recompute(model):
     """One chunk holding a text, an image and a text (three splits) onto a non-empty cache, with the
     cache updated: the chunk's rows and the next step agree with the recompute path."""
