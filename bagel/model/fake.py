@@ -15,7 +15,10 @@ implementation) only. The recipe:
 3. run ``forward_prepared`` and the backward INSIDE the mode (``allow_non_fake_inputs=True`` turns the
    pack's real tensors into fakes as they enter).
 
-:func:`fake_forward_backward` does steps 2 and 3. A trainer adds what it measures around step 3 (for
+:func:`fake_forward_backward` does steps 2 and 3. ``model(**batch)`` also runs whole inside the mode:
+the value checks (which have no values to read there) are then skipped, so validate the batch on its
+real tensors as step 2 does. On a CPU-only build of torch, fake tensors must be on the CPU ("cuda"
+fakes fail in some ops). A trainer adds what it measures around step 3 (for
 example FSDP2 on a fake process group and ``torch.distributed._tools.fsdp2_mem_tracker``). The pack is
 prepared for the model's device; a fake model on the CPU with the Triton backends (under
 ``TRITON_INTERPRET=1``) runs the same custom ops, with the same output shapes, as on a GPU.

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from bagel.model.backend import BagelBackendConfig
+from bagel_kernels.checks import has_values
 
 __all__ = ["DeviceChecks", "as_index", "backend_property", "check_backend", "HasBackend"]
 
@@ -44,8 +45,11 @@ class DeviceChecks:
         self.add((t < 0) | (t >= hi), f"{name} has entries outside [0, {hi}) ({what})")
 
     def raise_first(self) -> None:
-        """The one host synchronisation: raises ValueError for the first failing check, else nothing."""
-        if not self._flags:
+        """The one host synchronisation: raises ValueError for the first failing check, else nothing.
+        Flags without values (fake or meta tensors: a forward under ``FakeTensorMode``) cannot be read
+        and are skipped, as the kernels skip their value checks (``bagel_kernels.checks.has_values``);
+        validate such a batch on its real tensors first (:func:`bagel.model.fake.fake_forward_backward`)."""
+        if not self._flags or not has_values(*self._flags):
             return
         bad = torch.cat([f.to(self._flags[0].device) for f in self._flags]).tolist()
         for failed, (message, explain) in zip(bad, self._errors, strict=True):
