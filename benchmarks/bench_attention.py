@@ -55,7 +55,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 import traceback
@@ -72,7 +71,7 @@ import torch.nn.functional as F  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from common import CompileTimeout, Report, first_call_s, time_ms, use_checkout  # noqa: E402
+from common import CompileTimeout, Report, first_call_s, git_commit, time_ms, use_checkout  # noqa: E402
 
 use_checkout()
 from bagel_kernels import PackedMask, packed_attention  # noqa: E402
@@ -507,12 +506,7 @@ def goals(rows: list[Row]) -> list[str]:
 
 
 def _run_header(args, dtype) -> list[str]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except Exception:
-        commit = "?"
+    commit = git_commit()  # BAGEL_COMMIT where the tree has no .git (a device copy)
     import triton
 
     card = (

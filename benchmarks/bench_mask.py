@@ -17,6 +17,7 @@ Runs on CPU (the default here) or CUDA. Median wall time of a few repeats after 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -89,15 +90,10 @@ def _tensor_bytes(obj) -> int:
         return obj.numel() * obj.element_size()
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(o) for o in obj)
-    if isinstance(obj, PackedMask):
-        n = obj.kv_lo.numel() * 8
-        for bt in obj._tables.values():
-            n += sum(
-                _tensor_bytes(getattr(bt, f))
-                for f in bt.__dataclass_fields__
-                if isinstance(getattr(bt, f), torch.Tensor)
-            )
-        return n
+    if isinstance(obj, PackedMask):  # its two int32 interval vectors (block tables: returned beside it)
+        return 2 * obj.total_len * 4
+    if dataclasses.is_dataclass(obj):  # BlockTables
+        return sum(_tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     if hasattr(obj, "kv_num_blocks"):  # a flex BlockMask
         return sum(
             _tensor_bytes(getattr(obj, f))
@@ -144,11 +140,9 @@ def _methods(layout, device, with_compile: bool) -> list[tuple[str, object]]:
     args3 = (layout.sample_lens, layout.split_lens, layout.attn_modes)
     n = layout.total_len
 
-    def ours():
+    def ours():  # the mask and the two tile tables the Triton kernels read
         m = PackedMask.from_splits(*args3, device=device)
-        m.block_tables(128, 64)
-        m.block_tables(64, 128)
-        return m
+        return m, m.block_tables(128, 64), m.block_tables(64, 128)
 
     def flex(compile: bool):
         with warnings.catch_warnings():

@@ -171,7 +171,7 @@ def _finite(obj):
 
 def write_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary name and a rename: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)

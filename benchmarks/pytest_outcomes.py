@@ -2,8 +2,8 @@
 
     python -m pytest -p pytest_outcomes --outcomes-jsonl PATH ...      (benchmarks/ on PYTHONPATH)
 
-One line per test phase that did not simply pass (setup/teardown errors, failures, skips) and one per
-passed test call: ``{"nodeid", "when", "outcome", "seconds", "message"}``. Written as the run goes,
+One line per test phase that did not simply pass (setup/teardown errors, failures, skips), one per
+test module that failed to import (``when: collect``) and one per passed test call: ``{"nodeid", "when", "outcome", "seconds", "message"}``. Written as the run goes,
 so that a run cut off by a timeout still says which tests passed and which failed. Under pytest-xdist
 only the controller writes (the workers' reports reach it).
 """
@@ -33,21 +33,35 @@ def _first_line(report) -> str:
 
 
 def pytest_runtest_logreport(report):
+    if report.passed and report.when != "call":
+        return
+    _write(
+        {
+            "nodeid": report.nodeid,
+            "when": report.when,
+            "outcome": report.outcome,
+            "seconds": round(float(report.duration), 3),
+            "message": _first_line(report),
+        }
+    )
+
+
+def _write(record: dict) -> None:
     config = _STATE.get("config")
     if config is None or hasattr(config, "workerinput"):  # an xdist worker: the controller writes
         return
     path = config.getoption("outcomes_jsonl")
-    if not path or (report.passed and report.when != "call"):
-        return
-    record = {
-        "nodeid": report.nodeid,
-        "when": report.when,
-        "outcome": report.outcome,
-        "seconds": round(float(report.duration), 3),
-        "message": _first_line(report),
-    }
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def pytest_collectreport(report):
+    """A test module that fails to import (an optional dependency missing on the machine): recorded as a
+    collect error, so that the summary says which tests never ran."""
+    if report.failed:
+        _write({"nodeid": report.nodeid, "when": "collect", "outcome": "failed", "seconds": 0.0,
+                "message": _first_line(report)})  # fmt: skip
 
 
 def pytest_configure(config):

@@ -61,8 +61,10 @@ from common import device_info, git_commit, time_ms, use_checkout, write_atomic 
 use_checkout()
 from bagel_kernels import PackedMask, packed_attention  # noqa: E402
 from bagel_kernels import attention_configs as ac  # noqa: E402
-from bagel_kernels.attention import _packed_attention_bwd, _packed_attention_fwd  # noqa: E402
-from bagel_kernels.attention_triton import _op_params, prepare_mask  # noqa: E402
+from bagel_kernels.attention_triton import op_params as _op_params  # noqa: E402
+from bagel_kernels.attention_triton import packed_attention_bwd as _packed_attention_bwd  # noqa: E402
+from bagel_kernels.attention_triton import packed_attention_fwd as _packed_attention_fwd  # noqa: E402
+from bagel_kernels.attention_triton import prepare_mask  # noqa: E402
 from bagel_kernels.testing import random_pack, realistic_pack, tolerance  # noqa: E402
 
 # candidates per architecture family: forward (block_m, block_n, warps, stages); backward
@@ -181,7 +183,7 @@ class _Op:
         )  # fmt: skip
 
 
-def _check(cfg, shape: Shape, device, kind: str) -> str:
+def check_candidate(cfg, shape: Shape, device, kind: str) -> str:
     """'' when the candidate matches the fp32 SDPA backend on the check pack, else why not."""
     q, k, v, mask = make_inputs(shape, shape.check_mask, device, seed=7)
     op = _Op(cfg, kind, q, k, v, mask)
@@ -204,7 +206,7 @@ def _check(cfg, shape: Shape, device, kind: str) -> str:
     return ""
 
 
-def _time(cfg, shape: Shape, device, kind: str, reps: int, warmup: int) -> float:
+def time_candidate(cfg, shape: Shape, device, kind: str, reps: int, warmup: int) -> float:
     q, k, v, mask = make_inputs(shape, shape.mask, device, seed=3)
     op = _Op(cfg, kind, q, k, v, mask)
     if kind == "fwd":
@@ -331,14 +333,14 @@ def tune(args) -> int:
                     )
                     continue
                 try:
-                    why = _check(cand, shape, device, kind)
+                    why = check_candidate(cand, shape, device, kind)
                     if why:
                         emit(f"| {shape.name} | {kind} | {label} | FAIL: {why} | - | - |")
                         record(
                             shape=shape.name, program=kind, candidate=label, ok=False, check=f"FAIL: {why}"
                         )
                         continue
-                    ms = _time(cand, shape, device, kind, reps, warmup)
+                    ms = time_candidate(cand, shape, device, kind, reps, warmup)
                 except Exception as exc:  # compile errors, out of resources: skip the candidate
                     err = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
                     emit(f"| {shape.name} | {kind} | {label} | error: {err} | - | - |")

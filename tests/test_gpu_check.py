@@ -184,6 +184,35 @@ def test_phase_stopped_by_sigterm_stops_its_step_and_keeps_its_files(tmp_path):
     assert gpu_check.check_out_dir(str(out), gpu_check.out_files("fast")) == []
 
 
+def test_pytest_outcomes_plugin_records_as_tests_finish(tmp_path):
+    (tmp_path / "test_a.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skip(reason='not here')\n"
+        "def test_skip(): pass\n"
+    )
+    (tmp_path / "test_b.py").write_text("import not_a_module_anywhere\n")
+    log = tmp_path / "outcomes.jsonl"
+    env = dict(os.environ, PYTHONPATH=BENCH)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_outcomes",
+           "--continue-on-collection-errors", "--outcomes-jsonl", str(log), "-c", os.devnull, str(tmp_path)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 1, res.stdout[-2000:]
+    got = {
+        (r["nodeid"].split("::")[-1], r["when"], r["outcome"]): r
+        for r in map(json.loads, log.read_text().splitlines())
+    }
+    assert set(got) == {
+        ("test_b.py", "collect", "failed"), ("test_ok", "call", "passed"), ("test_bad", "call", "failed"),
+        ("test_skip", "setup", "skipped"),
+    }  # fmt: skip
+    assert "one is not two" in got[("test_bad", "call", "failed")]["message"]
+    assert "not_a_module_anywhere" in got[("test_b.py", "collect", "failed")]["message"]
+    summary = "\n".join(gpu_check.gpu_test_summary(list(got.values())))
+    assert "1 error, 1 failed, 1 passed, 1 skipped" in summary and "`" in summary
+
+
 # ------------------------------------------------------------------------------------------ install
 _FAKE_PYTHON = """#!/usr/bin/env bash
 # stands in for python: pip and the CUDA-extension probe answer as $PIP_RC / $EXT_RC say
@@ -205,9 +234,11 @@ def _run_install(tmp_path, pip_rc, ext_rc):
     py = tmp_path / "python"
     py.write_text(_FAKE_PYTHON)
     py.chmod(0o755)
-    script = gpu_check._install_script(str(py), str(tmp_path))
+    script = gpu_check.install_script(str(py), str(tmp_path))
     env = dict(os.environ, PIP_RC=str(pip_rc), EXT_RC=str(ext_rc))
-    return subprocess.run(["bash", "-c", script], cwd=tree, capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        ["bash", "-c", script], cwd=tree, capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_install_step_requires_cuda_and_reuses_a_warm_build(tmp_path):
@@ -261,7 +292,7 @@ def test_tune_fails_when_every_candidate_fails(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("PassManager::run failed")
 
-    monkeypatch.setattr(tune_attention, "_check", broken)
+    monkeypatch.setattr(tune_attention, "check_candidate", broken)
     md, jsonl = tmp_path / "t.md", tmp_path / "t.jsonl"
     args = argparse.Namespace(
         dry_run=True,
