@@ -151,4 +151,7 @@ def test_sharded_load_peak_host_ram_below_1_3x_the_bf16_share(tmp_path):
     for r in rows:
         assert r["dtypes"] == ["torch.bfloat16"] and not r["bad"], r
         assert abs(r["local_bytes"] - share) < 0.01 * share  # each rank holds half of the weights
+        print(
+            f"rank {r['rank']}: peak RSS growth {r['growth'] / 2**20:.0f} MiB = {r['growth'] / share:.3f} x the bf16 share"
+        )
         assert r["growth"] < 1.3 * share, (r["growth"] / share, r)

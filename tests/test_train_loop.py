@@ -166,6 +166,17 @@ def _worker(rank: int, port: int, root: str) -> None:
     result["d_outputs"] = _outputs(d["model"], d["model"].config)
     result["d_trainable"] = sorted(n for n, p in d["model"].named_parameters() if p.requires_grad)
     del d
+    # E/F: start from A's export (the sliced loader inside the loop), plain and hybrid sharding (2-D mesh:
+    # 2 replicas of a 1-rank shard group); same data, so the same losses up to reduction order
+    for name, hybrid in (("e", 0), ("f", 1)):
+        r = train(
+            _cfg(f"{root}/{name}", f"model.path={root}/a/export", f"distributed.hybrid_shard_size={hybrid}",
+                 "schedule.steps=2", "checkpoint.every=1", "export.at_end=false", "ema.enabled=false"),
+            keep_model=True,
+        )  # fmt: skip
+        result[name] = [(x["loss"], x["grad_norm"]) for x in r["losses"]]
+        result[f"{name}_placements"] = sorted({str(p.placements) for p in r["model"].parameters()})
+        del r
     _ema_formula(rank, result)
     gathered = [None] * WORLD
     torch.distributed.all_gather_object(gathered, result)
@@ -313,6 +324,18 @@ def test_export_loads_strict_and_gives_the_same_outputs(session):
     got = _outputs(model, model.config)
     for key, want in results[0]["a_outputs"].items():
         torch.testing.assert_close(got[key], want, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_plain_and_hybrid_sharding_load_the_export_and_agree(session):
+    _, results = session
+    for r in results:
+        assert r["e_placements"] == ["(Shard(dim=0),)"]
+        assert r["f_placements"] == ["(Replicate(), Shard(dim=0))"]
+        assert len(r["e"]) == len(r["f"]) == 2
+        for (le, ge), (lf, gf) in zip(r["e"], r["f"], strict=True):
+            assert lf == pytest.approx(le, rel=1e-6) and gf == pytest.approx(ge, rel=1e-5)
+    # the first step starts from A's trained weights: its loss is A's last loss range, not the init's
+    assert results[0]["e"][0][0] < results[0]["a"][0][1]
 
 
 def test_ema_matches_its_formula_on_shards(session):

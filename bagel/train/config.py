@@ -230,6 +230,21 @@ class LoggingSection:
         "auto", "TensorBoard event files in <output_dir>/tensorboard: auto = when tensorboard is installed."
     )
     plot: bool = doc(True, "Write <output_dir>/losses.png (CE and MSE per step) at the end.")
+    sample_every: int = doc(
+        0,
+        "Draw logging.sample_prompts with bagel.generate every this many steps (0: never) into "
+        "<output_dir>/samples/ (needs data.source example or files: the VAE and the tokenizer). Every rank "
+        "gathers the full weights while sampling.",
+    )
+    sample_prompts: list = doc(
+        ["a portrait of grace hopper", "a blue present pack"],
+        "Text-to-image prompts of the periodic samples.",
+    )
+    sample_timesteps: int = doc(25, "Flow-matching steps per periodic sample.")
+    sample_size: int | None = doc(
+        None,
+        "Side in pixels of the periodic samples (null: the largest the model takes, max_latent_size x 8).",
+    )
     peak_tflops: float | None = doc(
         None, "Dense bf16 peak per device for MFU (null: 989 on H100/H200/H800, 312 on A100, none on CPU)."
     )
@@ -319,6 +334,13 @@ class TrainConfig:
         need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         need(self.logging.every >= 1, "logging.every", "must be >= 1")
+        need(self.logging.sample_every >= 0, "logging.sample_every", "must be >= 0 (0: never)")
+        need(
+            self.logging.sample_every == 0 or self.data.source != "synthetic",
+            "logging.sample_every",
+            "sampling needs data.source example or files (a VAE and a tokenizer)",
+        )
+        need(self.logging.sample_timesteps >= 1, "logging.sample_timesteps", "must be >= 1")
         need(self.loss.ce_weight >= 0, "loss.ce_weight", "must be >= 0")
         need(self.loss.mse_weight >= 0, "loss.mse_weight", "must be >= 0")
         need(self.vae.micro_batch_size >= 1, "vae.micro_batch_size", "must be >= 1")

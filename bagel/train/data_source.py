@@ -110,6 +110,7 @@ class PipelineSource:
         self.model_config = model_config
         self.loader = build_loader(data_config, model_config, tokenizer, rank=rank, world_size=world)
         self.vae = vae
+        self.tokenizer = tokenizer
         self.micro_batch_size = micro_batch_size
         self.rank = rank
         self.device = device

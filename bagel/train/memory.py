@@ -153,16 +153,20 @@ def estimate_step_memory(case: MemoryCase, *, config=None, steps: int = 2) -> di
     body = type(model).forward_prepared
     model.forward = types.MethodType(lambda self, pack: body(self, pack), model)
     pack = model.prepare_pack(**batch)  # real host data, outside the mode (reused by every step)
-    tracker = FSDPMemTracker(mod=model, optm=opt)
-    with mode, tracker:
-        for i in range(steps):
-            if i:
-                tracker.reset_mod_stats()  # per-module stats of the last step; the peak stays
-            out = model(pack)
-            loss = sum(v.float().sum() for v in out.values() if v is not None)
-            loss.backward()
+
+    def step(track: bool) -> None:
+        out = model(pack)
+        loss = sum(v.float().sum() for v in out.values() if v is not None)
+        loss.backward()
+        if not track:  # the optimizer step on DTensor shards runs outside the tracker (see below)
             opt.step()
             opt.zero_grad()
+
+    with mode:
+        step(track=False)  # creates the optimizer states (exp_avg, exp_avg_sq on this rank's shards)
+        tracker = FSDPMemTracker(mod=model, optm=opt)
+        with tracker:  # counts the states, then a whole forward and backward
+            step(track=True)
     snap = tracker.get_tracker_snapshot("peak")
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in params)

@@ -308,6 +308,12 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, keep_model: bool =
             if step % cfg.logging.every == 0 or step == cfg.schedule.steps:
                 log.log(rec)
             log.progress(step, rec)
+            if cfg.logging.sample_every and (
+                step % cfg.logging.sample_every == 0 or step == cfg.schedule.steps
+            ):
+                files = _draw_samples(model, data, cfg, step)
+                if files:
+                    log.write(f"bagel-train: step {step}: samples {', '.join(files)}")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.schedule.steps:
                 last_ckpt = _save(save_checkpoint, ckpt_dir, step, model, opt, ema, sched, data, cfg)
         finished = (start + done) >= cfg.schedule.steps
@@ -333,6 +339,32 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, keep_model: bool =
     if keep_model:
         summary.update(model=model, ema=ema)
     return summary
+
+
+def _draw_samples(model, data, cfg: TrainConfig, step: int) -> list[str]:
+    """The periodic samples (every rank calls; rank 0 writes). The RNG states are restored after, so a
+    run with samples trains exactly as one without."""
+    from bagel.train.checkpoint import capture_rng, restore_rng
+
+    vae = getattr(data, "vae", None)
+    if vae is None:
+        return []
+    from bagel.generate import Generator
+
+    side = cfg.logging.sample_size or model.config.max_latent_size * vae.config.downsample_factor
+    state = capture_rng()
+    try:
+        gen = Generator(model, vae, data.tokenizer)
+        return gen.save_samples(
+            list(cfg.logging.sample_prompts),
+            cfg.output_dir,
+            step,
+            num_timesteps=cfg.logging.sample_timesteps,
+            height=side,
+            width=side,
+        )
+    finally:
+        restore_rng(state)
 
 
 def _save(save_checkpoint, ckpt_dir, step, model, opt, ema, sched, data, cfg) -> str:
