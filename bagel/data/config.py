@@ -35,6 +35,9 @@ __all__ = [
     "DatasetInfo",
     "load_groups",
     "field_docs",
+    "MAX_NUM_TOKENS",
+    "MAX_BUFFER_SIZE",
+    "MAX_PREFETCH_FACTOR",
 ]
 
 # group kind -> file format of its datasets
@@ -46,11 +49,19 @@ GROUP_KINDS = {
 }
 
 
-def _check_int(value: Any, name: str, minimum: int | None = 0) -> int:
+# upper bounds on knobs whose huge values would hang or exhaust memory instead of failing
+MAX_NUM_TOKENS = 2**30 - 2  # the attention kernels' limit on a packed sequence (int32 offsets, halved)
+MAX_BUFFER_SIZE = 1000  # samples (with their pixels) waiting in the overflow buffer; upstream uses 50
+MAX_PREFETCH_FACTOR = 64  # packs each worker prepares ahead (the stream is endless)
+
+
+def _check_int(value: Any, name: str, minimum: int | None = 0, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -136,10 +147,11 @@ class DataConfig:
                 f"DataConfig.dataset_info_file must be a path or None, got {self.dataset_info_file!r}"
             )
         for name in ("expected_num_tokens", "max_num_tokens", "max_num_tokens_per_sample"):
-            _check_int(getattr(self, name), f"DataConfig.{name}", 1)
-        for name in ("prefer_buffer_before", "max_buffer_size", "num_workers", "min_image_side"):
+            _check_int(getattr(self, name), f"DataConfig.{name}", 1, MAX_NUM_TOKENS)
+        for name in ("prefer_buffer_before", "num_workers", "min_image_side"):
             _check_int(getattr(self, name), f"DataConfig.{name}", 0)
-        _check_int(self.prefetch_factor, "DataConfig.prefetch_factor", 1)
+        _check_int(self.max_buffer_size, "DataConfig.max_buffer_size", 0, MAX_BUFFER_SIZE)
+        _check_int(self.prefetch_factor, "DataConfig.prefetch_factor", 1, MAX_PREFETCH_FACTOR)
         _check_int(self.seed, "DataConfig.seed", 0)
         _check_int(self.max_image_pixels, "DataConfig.max_image_pixels", 1)
         if self.max_num_tokens_per_sample > self.max_num_tokens:
@@ -256,17 +268,55 @@ _GROUP_KEYS = (
 _INFO_KEYS = ("data_dir", "jsonl_path", "num_files", "num_total_samples", "parquet_info_path")
 
 
+def _no_duplicates(pairs: list[tuple[Any, Any]], where: str) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(
+                f"{where}: the key {k!r} appears twice (the second would silently replace the first)"
+            )
+        out[k] = v
+    return out
+
+
+def _safe_load_unique(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that refuses a mapping with a repeated key (PyYAML keeps the last silently)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        pairs = [
+            (loader.construct_object(k, deep=True), loader.construct_object(v, deep=True))
+            for k, v in node.value
+        ]
+        return _no_duplicates(pairs, where)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_mapping(path: str, what: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith(".json"):
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, f"{what} {path!r}"))
+        else:
+            data = _safe_load_unique(text, f"{what} {path!r}")
+    except ValueError as e:  # JSON syntax, or a repeated key
+        raise ValueError(str(e) if path in str(e) else f"{what} {path!r} is not valid JSON: {e}") from None
+    except Exception as e:  # yaml.YAMLError: a syntax error, with its line and column
+        raise ValueError(f"{what} {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{what} {path!r} must be a non-empty mapping")
     return data
@@ -299,6 +349,12 @@ def load_groups(config: DataConfig) -> list[GroupSpec]:
         names = g.get("dataset_names")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{where}: dataset_names must be a non-empty list of names, got {names!r}")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"{where}: dataset_names lists {repeated} more than once (each dataset would be read twice "
+                "per epoch); list a dataset once and use num_used_data / weight to weigh it"
+            )
         used = g.get("num_used_data")
         if used is None:
             used = [None] * len(names)

@@ -26,7 +26,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,11 +68,14 @@ def _pairs_from_folder(folder: str) -> tuple[list[tuple[str, object]], int]:
     return pairs, missing
 
 
-def _pairs_from_jsonl(path: str) -> tuple[list[tuple[str, object]], int]:
-    base = os.path.dirname(os.path.abspath(path))
-    pairs, missing = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+def _jsonl_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line; ValueError naming ``path:line`` otherwise."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -80,18 +83,25 @@ def _pairs_from_jsonl(path: str) -> tuple[list[tuple[str, object]], int]:
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not JSON ({e})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: a line must be a JSON object")
-            img = rec.get("image", rec.get("file_name"))
-            cap = rec.get("caption", rec.get("text"))
-            if not isinstance(img, str) or not img:
-                raise ValueError(f"{path}:{n}: needs an 'image' (or 'file_name') path")
-            ok = (isinstance(cap, str) and cap.strip()) or (
-                isinstance(cap, dict) and any(isinstance(v, str) and v.strip() for v in cap.values())
-            )
-            if ok:
-                pairs.append((img if os.path.isabs(img) else os.path.join(base, img), cap))
-            else:
-                missing += 1
+                raise ValueError(f"{path}:{n}: a line must be a JSON object, got a {type(rec).__name__}")
+            yield n, rec
+
+
+def _pairs_from_jsonl(path: str) -> tuple[list[tuple[str, object]], int]:
+    base = os.path.dirname(os.path.abspath(path))
+    pairs, missing = [], 0
+    for n, rec in _jsonl_records(path):
+        img = rec.get("image", rec.get("file_name"))
+        cap = rec.get("caption", rec.get("text"))
+        if not isinstance(img, str) or not img:
+            raise ValueError(f"{path}:{n}: needs an 'image' (or 'file_name') path")
+        ok = (isinstance(cap, str) and cap.strip()) or (
+            isinstance(cap, dict) and any(isinstance(v, str) and v.strip() for v in cap.values())
+        )
+        if ok:
+            pairs.append((img if os.path.isabs(img) else os.path.join(base, img), cap))
+        else:
+            missing += 1
     return pairs, missing
 
 
@@ -134,10 +144,7 @@ def _write_dataset(
         os.replace(dest + ".tmp", dest)
         files.append(dest)
     info_path = os.path.join(out, "dataset_info.yaml")
-    info = {}
-    if os.path.isfile(info_path):
-        with open(info_path, encoding="utf-8") as f:
-            info = yaml.safe_load(f) or {}
+    info = _existing_info(info_path)
     info.setdefault(group, {})[name] = {
         "data_dir": name,
         "num_files": len(files),
@@ -152,12 +159,44 @@ def _write_dataset(
     return yaml_path, files
 
 
-def _check_common(out: Any, name: str, rows_per_file: int, row_group_size: int) -> str:
+def _existing_info(info_path: str) -> dict[str, Any]:
+    """The dataset info already in the output folder (merged into), checked before anything is written."""
+    import yaml
+
+    if not os.path.exists(info_path):
+        return {}
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(
+            f"{info_path} exists but is not readable YAML ({' '.join(str(e).split())[:200]}); "
+            "move it away or choose another output folder"
+        ) from None
+    if info is None:
+        return {}
+    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+        raise ValueError(
+            f"{info_path} exists but is not a dataset info (group -> dataset -> paths): "
+            f"{type(info).__name__}; move it away or choose another output folder"
+        )
+    return info
+
+
+def _check_common(
+    out: Any, name: str, rows_per_file: int, row_group_size: int, transforms: dict[str, dict[str, Any]]
+) -> str:
+    from bagel.data.config import ImageTransformArgs
+
     _positive(rows_per_file, "rows_per_file")
     _positive(row_group_size, "row_group_size")
     if not isinstance(name, str) or not name or os.sep in name or name.startswith("."):
         raise ValueError(f"name must be a plain folder name, got {name!r}")
-    return os.fspath(out)
+    for where, args in transforms.items():  # what the loader will check, checked before writing
+        ImageTransformArgs.from_dict(args, where)
+    out = os.fspath(out)
+    _existing_info(os.path.join(out, "dataset_info.yaml"))
+    return out
 
 
 def convert_folder(
@@ -176,7 +215,8 @@ def convert_folder(
     every file, with the given transform sizes). Returns a :class:`ConvertResult`.
 
     Raises FileNotFoundError for a missing source or image, ValueError when nothing has a caption."""
-    out = _check_common(out, name, rows_per_file, row_group_size)
+    args = {"image_stride": image_stride, "max_image_size": max_image_size, "min_image_size": min_image_size}
+    out = _check_common(out, name, rows_per_file, row_group_size, {"image_transform_args": args})
     source = os.fspath(source)
     if os.path.isdir(source):
         pairs, missing = _pairs_from_folder(source)
@@ -193,7 +233,6 @@ def convert_folder(
             "captions": [json.dumps(cap if isinstance(cap, dict) else {"caption": cap}) for _, cap in chunk],
         }
 
-    args = {"image_stride": image_stride, "max_image_size": max_image_size, "min_image_size": min_image_size}
     entry = {"image_transform_args": args, "is_mandatory": True}
     yaml_path, files = _write_dataset(
         out, name, "t2i_pretrain", pairs, columns, rows_per_file, row_group_size, entry
@@ -222,54 +261,7 @@ def convert_edits(
     ``{"images": [p0, p1, ...], "instructions": [i01, i12, ...]}`` (each instruction a string or a list
     of phrasings); paths are relative to the JSONL's folder. A line without instruction text is left
     out and counted (``num_without_caption``)."""
-    out = _check_common(out, name, rows_per_file, row_group_size)
-    source = os.fspath(source)
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"source {source!r} is not a JSONL file")
-    base = os.path.dirname(os.path.abspath(source))
-    rows, missing = [], 0
-    with open(source, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{source}:{n}: not JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{source}:{n}: a line must be a JSON object")
-            if "images" in rec:
-                images, instructions = rec["images"], rec.get("instructions")
-            else:
-                images, instructions = [rec.get("source"), rec.get("target")], [rec.get("instruction")]
-            if (
-                not isinstance(images, list)
-                or len(images) < 2
-                or not all(isinstance(p, str) and p for p in images)
-            ):
-                raise ValueError(
-                    f"{source}:{n}: needs 'source' and 'target' paths (or 'images', two or more)"
-                )
-            if not isinstance(instructions, list) or len(instructions) != len(images) - 1:
-                raise ValueError(f"{source}:{n}: needs one instruction per edit ({len(images) - 1})")
-            phrasings = [[x] if isinstance(x, str) else x for x in instructions]
-            if not all(
-                isinstance(x, list) and any(isinstance(t, str) and t.strip() for t in x) for x in phrasings
-            ):
-                missing += 1
-                continue
-            paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in images]
-            rows.append((paths, [[t for t in x if isinstance(t, str) and t.strip()] for x in phrasings]))
-    if not rows:
-        raise ValueError(f"{source!r}: no edit with an instruction found ({missing} without one)")
-
-    def columns(chunk: list) -> dict:
-        return {
-            "image_list": [[_read(p) for p in paths] for paths, _ in chunk],
-            "instruction_list": [instr for _, instr in chunk],
-        }
-
-    entry = {
+    transforms = {
         "image_transform_args": {
             "image_stride": image_stride,
             "max_image_size": max_image_size,
@@ -280,8 +272,44 @@ def convert_edits(
             "max_image_size": vit_max_image_size,
             "min_image_size": vit_min_image_size,
         },
-        "is_mandatory": False,
     }
+    out = _check_common(out, name, rows_per_file, row_group_size, transforms)
+    source = os.fspath(source)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"source {source!r} is not a JSONL file")
+    base = os.path.dirname(os.path.abspath(source))
+    rows, missing = [], 0
+    for n, rec in _jsonl_records(source):
+        if "images" in rec:
+            images, instructions = rec["images"], rec.get("instructions")
+        else:
+            images, instructions = [rec.get("source"), rec.get("target")], [rec.get("instruction")]
+        if (
+            not isinstance(images, list)
+            or len(images) < 2
+            or not all(isinstance(p, str) and p for p in images)
+        ):
+            raise ValueError(f"{source}:{n}: needs 'source' and 'target' paths (or 'images', two or more)")
+        if not isinstance(instructions, list) or len(instructions) != len(images) - 1:
+            raise ValueError(f"{source}:{n}: needs one instruction per edit ({len(images) - 1})")
+        phrasings = [[x] if isinstance(x, str) else x for x in instructions]
+        if not all(
+            isinstance(x, list) and any(isinstance(t, str) and t.strip() for t in x) for x in phrasings
+        ):
+            missing += 1
+            continue
+        paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in images]
+        rows.append((paths, [[t for t in x if isinstance(t, str) and t.strip()] for x in phrasings]))
+    if not rows:
+        raise ValueError(f"{source!r}: no edit with an instruction found ({missing} without one)")
+
+    def columns(chunk: list) -> dict:
+        return {
+            "image_list": [[_read(p) for p in paths] for paths, _ in chunk],
+            "instruction_list": [instr for _, instr in chunk],
+        }
+
+    entry = {**transforms, "is_mandatory": False}
     yaml_path, files = _write_dataset(
         out, name, "unified_edit", rows, columns, rows_per_file, row_group_size, entry
     )

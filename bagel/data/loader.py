@@ -320,11 +320,73 @@ class ShardPacker:
             "packs": self.packs,
         }
 
+    def _check_state(self, state: Any) -> None:
+        """Refuse a worker state that this shard could not have saved (ValueError naming the field): a
+        corrupted or hand-edited state would otherwise read other shards' records or crash later."""
+        where = "the saved data-loader state"
+        if not isinstance(state, dict):
+            raise ValueError(f"{where}: a worker's state must be a dict, got {type(state).__name__}")
+        missing = [
+            k for k in ("cursors", "good", "rng", "buffer", "pending", "skipped", "packs") if k not in state
+        ]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}")
+        n = len(self.groups)
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        cursors, good = state["cursors"], state["good"]
+        if not isinstance(cursors, (list, tuple)) or len(cursors) != n:
+            raise ValueError(f"{where} has cursors for {_count(cursors)} groups, the dataset config {n}")
+        for g, (c, r) in enumerate(zip(cursors, self.groups, strict=True)):
+            if (
+                not isinstance(c, (list, tuple))
+                or len(c) != 2
+                or not all(is_int(v) for v in c)
+                or c[0] < 0
+                or not r.lo <= c[1] <= r.hi
+            ):
+                raise ValueError(
+                    f"{where}: cursors[{g}] must be [epoch >= 0, position in [{r.lo}, {r.hi}]] for this "
+                    f"shard, got {c!r}"
+                )
+        if (
+            not isinstance(good, (list, tuple))
+            or len(good) != n
+            or not all(is_int(v) and v >= 0 for v in good)
+        ):
+            raise ValueError(f"{where}: good must be {n} ints >= 0, got {good!r:.80}")
+        for key, cap in (("buffer", self.config.max_buffer_size), ("pending", None)):
+            ids = state[key]
+            if not isinstance(ids, (list, tuple)) or (cap is not None and len(ids) > cap):
+                limit = "" if cap is None else f" of at most {cap}"
+                raise ValueError(f"{where}: {key} must be a list{limit} of sample ids, got {ids!r:.80}")
+            for i in ids:
+                ok = isinstance(i, (list, tuple)) and len(i) == 3 and all(is_int(v) for v in i)
+                if (
+                    not ok
+                    or not 0 <= i[0] < n
+                    or i[1] < 0
+                    or not self.groups[i[0]].lo <= i[2] < self.groups[i[0]].hi
+                ):
+                    raise ValueError(
+                        f"{where}: {key} holds {i!r}, not a sample id (group, epoch, position) of this shard"
+                    )
+        skipped = state["skipped"]
+        if not isinstance(skipped, dict) or not all(
+            k in SKIP_REASONS and is_int(v) and v >= 0 for k, v in skipped.items()
+        ):
+            raise ValueError(f"{where}: skipped must map skip reasons to counts >= 0, got {skipped!r:.80}")
+        if not is_int(state["packs"]) or state["packs"] < 0:
+            raise ValueError(f"{where}: packs must be an int >= 0, got {state['packs']!r}")
+        try:
+            random.Random().setstate(_as_rng_state(state["rng"]))
+        except (TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"{where}: rng is not a random.Random state ({e})") from None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["cursors"]) != len(self.groups):
-            raise ValueError(
-                f"the saved data state has {len(state['cursors'])} groups, the dataset config {len(self.groups)}"
-            )
+        self._check_state(state)
         self.cursors = [list(c) for c in state["cursors"]]
         self.good = list(state["good"])
         self.rng.setstate(_as_rng_state(state["rng"]))
@@ -337,6 +399,10 @@ class ShardPacker:
             self.good[g] = 0
         self.buffer = [self.reread(tuple(i)) for i in state["buffer"] if i[0] not in fresh]
         self.pending = [self.reread(tuple(i)) for i in state["pending"] if i[0] not in fresh]
+
+
+def _count(x: Any) -> Any:
+    return len(x) if isinstance(x, (list, tuple)) else repr(x)[:40]
 
 
 def _as_rng_state(s: Any) -> tuple:
@@ -496,14 +562,33 @@ class PackLoader:
                 + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
                 + "; an exact resume needs the same rank, world size, workers, seed and groups"
             )
-        states = {int(w): st for w, st in state["workers"].items()}
+        workers, next_worker = state.get("workers"), state.get("next_worker")
+        if not isinstance(workers, dict):
+            raise ValueError(f"the saved data-loader state: workers must be a dict, got {workers!r:.80}")
+        # JSON turns the int keys into strings; accept those, nothing else
+        if not all(
+            (isinstance(w, int) and not isinstance(w, bool)) or (isinstance(w, str) and w.isdigit())
+            for w in workers
+        ):
+            raise ValueError(
+                f"the saved data-loader state: worker ids must be ints, got {sorted(map(repr, workers))}"
+            )
+        if (
+            isinstance(next_worker, bool)
+            or not isinstance(next_worker, int)
+            or not 0 <= next_worker < self._workers
+        ):
+            raise ValueError(
+                f"the saved data-loader state: next_worker must be an int in [0, {self._workers}), got {next_worker!r}"
+            )
+        states = {int(w): st for w, st in workers.items()}
         for w, st in states.items():  # re-read buffered samples now: a changed dataset fails here
             if not 0 <= w < self._workers:
                 raise ValueError(f"the saved state has worker {w}; this loader has {self._workers}")
             s.packer(w).load_state_dict(st)
         self._states = states
         self._skipped = {w: dict(st["skipped"]) for w, st in states.items()}
-        self._next_worker = int(state["next_worker"]) % self._workers
+        self._next_worker = next_worker
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -550,6 +635,15 @@ def build_loader(
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     if rank >= world_size:
         raise ValueError(f"rank {rank} is not below world_size {world_size}")
+    if not callable(getattr(tokenizer, "get_vocab", None)) or not callable(
+        getattr(tokenizer, "encode", None)
+    ):
+        raise TypeError(
+            f"tokenizer must be a transformers tokenizer (bagel.data.load_tokenizer / tiny_tokenizer), got "
+            f"{type(tokenizer).__name__}"
+        )
+    if not hasattr(model_config, "text_config") or not hasattr(model_config, "visual_gen"):
+        raise TypeError(f"model_config must be a bagel.BagelConfig, got {type(model_config).__name__}")
     special = _special_tokens(tokenizer, model_config)
     specs = load_groups(data_config)
     sources, builders = [], []

@@ -50,6 +50,8 @@ __all__ = [
 
 logger = logging.getLogger("bagel.data")
 
+MAX_FILE_REPEATS = 1000  # num_used_data may cycle through a dataset's parquet files at most this many times
+
 PARQUET_COLUMNS = {"t2i_pretrain": ("image", "captions"), "unified_edit": ("image_list", "instruction_list")}
 
 
@@ -65,6 +67,13 @@ def parquet_files(info: DatasetInfo, num_used: int | None) -> list[str]:
         raise ValueError(f"dataset {info.name!r}: no .parquet files in {d!r}")
     if num_used is None:
         return files
+    if num_used > len(files) * MAX_FILE_REPEATS:
+        # cycling is upstream's way to weigh a dataset up; past this it only builds a huge list
+        raise ValueError(
+            f"dataset {info.name!r}: num_used_data={num_used} would read each of its {len(files)} "
+            f"parquet file(s) {num_used // len(files)} times per epoch (at most {MAX_FILE_REPEATS}); "
+            "use the group's weight to sample it more often"
+        )
     return (files * (num_used // len(files) + 1))[:num_used]
 
 

@@ -97,6 +97,14 @@ def open_image(source: bytes | str | os.PathLike, *, min_side: int, max_pixels: 
 def _to_rgb(img: Any) -> Any:
     from PIL import Image
 
+    if img.mode == "F":
+        # PIL's convert clips floats to 0..255, so an image in [0, 1] would come out black
+        raise SkipSample("corrupt_image", "a floating-point image (mode F) has no defined pixel range")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit samples (PNG/TIFF; PIL reads them as I;16 or I): PIL's convert clips them to 0..255,
+        # which turns almost every pixel white, so scale 0..65535 to 0..255 instead
+        arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -115,6 +123,11 @@ def target_size(
     """``(new_width, new_height)``, multiples of ``args.image_stride``, for a ``width x height`` image.
 
     Upstream's rule, then ``max_side`` (a multiple of the stride) caps the long side."""
+    for name, v in (("width", width), ("height", height), ("img_num", img_num)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"target_size: {name} must be a positive int, got {v!r}")
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+        raise ValueError(f"target_size: max_side must be a positive int or None, got {max_side!r}")
     s = args.image_stride
     max_size = args.max_image_size if max_side is None else min(args.max_image_size, max_side)
     if max_size < s:

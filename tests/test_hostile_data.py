@@ -1,0 +1,296 @@
+"""Hostile input to the data pipeline (issue 23's rule: no crash, no hang, no silent wrong sample; a bad
+argument is a ValueError/TypeError naming the field; a bad sample is skipped and counted).
+
+Each test here failed before its fix. Datasets are tiny files written in the test's folder."""
+
+import copy
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from data_helpers import (
+    data_config,
+    image_bytes,
+    model_config,
+    t2i_group,
+    write_config,
+    write_parquet,
+)
+
+from bagel.data import DataConfig, build_loader, tiny_tokenizer
+from bagel.data.config import load_groups
+from bagel.data.convert import convert_edits, convert_folder
+from bagel.data.convert import main as convert_main
+from bagel.data.transforms import ImageTransformArgs, SkipSample, open_image, target_size
+
+INFO = {"t2i_pretrain": {"t2i": {"data_dir": "t2i"}}}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def cfg(tok):
+    return model_config(tok)
+
+
+def t2i_dataset(folder, groups=None, n=8, info=INFO):
+    rows = [image_bytes(32, 32, seed=i) for i in range(n)]
+    caps = [json.dumps({"c": f"a photo number {i}"}) for i in range(n)]
+    write_parquet(os.path.join(folder, "t2i", "part0.parquet"), {"image": rows, "captions": caps})
+    return write_config(folder, groups or {"t2i_pretrain": t2i_group(files=1)}, info)
+
+
+def png(img, fmt="PNG"):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- images
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16bit_grey_image_keeps_its_tones(fmt):
+    """A 16-bit greyscale image (PIL mode I;16 / I) came out almost all white: PIL's convert clips
+    0..65535 to 0..255. It must map 0..65535 onto 0..255."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
+    img = Image.fromarray(ramp.astype(np.uint16)) if fmt == "PNG" else Image.fromarray(ramp.astype(np.int32))
+    out = np.asarray(open_image(png(img, fmt), min_side=1, max_pixels=10**6)).astype(np.float64)
+    expected = np.round(ramp / 257.0)
+    assert out.shape == (64, 64, 3)
+    assert np.abs(out[..., 0] - expected).max() <= 1
+    assert abs(out.mean() - 127.5) < 1
+
+
+def test_float_image_is_skipped_not_blackened():
+    """A mode-F (float) TIFF with values in [0, 1] became black (clipped); now it is a counted skip."""
+    from PIL import Image
+
+    img = Image.fromarray(np.linspace(0, 1, 32 * 32).reshape(32, 32).astype(np.float32), mode="F")
+    with pytest.raises(SkipSample, match="floating-point") as e:
+        open_image(png(img, "TIFF"), min_side=1, max_pixels=10**6)
+    assert e.value.reason == "corrupt_image"
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(width=0, height=8), dict(width=8, height=0), dict(width=8, height=8, img_num=0)]
+)
+def test_target_size_refuses_empty_sizes(kw):
+    """Used to be a ZeroDivisionError."""
+    args = ImageTransformArgs(16, 64, 16)
+    with pytest.raises(ValueError, match="must be a positive int"):
+        target_size(kw.pop("width"), kw.pop("height"), args, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_buffer_size", 10**12),  # with prefer_buffer_before < expected this filled the buffer forever
+        ("prefetch_factor", 10**12),  # the DataLoader asked the endless stream for 10**12 packs at once
+        ("max_num_tokens", 2**40),  # past the attention kernels' limit: a pack that never closes
+    ],
+)
+def test_data_config_refuses_unbounded_values(field, value):
+    kw = {field: value}
+    if field == "max_num_tokens":
+        kw.update(expected_num_tokens=1, max_num_tokens_per_sample=1)
+    with pytest.raises(ValueError, match=f"DataConfig.{field} must be <="):
+        DataConfig(**kw)
+
+
+def test_huge_buffer_no_longer_hangs(tmp_path, tok, cfg):
+    """expected = max = 100 tokens, samples ~14 tokens, prefer_buffer_before 0: every sample that did
+    not fit went to the buffer, which was allowed to grow to 10**12: the first pack never came."""
+    yp = t2i_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match="max_buffer_size"):
+        build_loader(
+            data_config(
+                yp,
+                expected_num_tokens=100,
+                max_num_tokens=100,
+                max_num_tokens_per_sample=100,
+                max_buffer_size=10**12,
+            ),
+            cfg,
+            tok,
+        )
+
+
+def test_num_used_data_huge_is_refused_not_memory_error(tmp_path, tok, cfg):
+    yp = t2i_dataset(str(tmp_path), {"t2i_pretrain": t2i_group(files=10**12)})
+    with pytest.raises(ValueError, match="num_used_data=1000000000000.*weight"):
+        build_loader(data_config(yp), cfg, tok)
+
+
+def test_num_used_data_cycling_still_works(tmp_path, tok, cfg):
+    yp = t2i_dataset(str(tmp_path), {"t2i_pretrain": t2i_group(files=3)})
+    loader = build_loader(data_config(yp), cfg, tok)
+    assert len(loader.stream.sources[0][0].files) == 3
+
+
+def test_duplicate_dataset_names_refused(tmp_path, tok, cfg):
+    """[t2i, t2i] silently read every record twice per epoch."""
+    group = {**t2i_group(files=1), "dataset_names": ["t2i", "t2i"], "num_used_data": [1, 1]}
+    yp = t2i_dataset(str(tmp_path), {"t2i_pretrain": group})
+    with pytest.raises(ValueError, match=r"dataset_names lists \['t2i'\] more than once"):
+        build_loader(data_config(yp), cfg, tok)
+
+
+def test_duplicate_yaml_keys_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: the first group vanished without a word."""
+    t2i_dataset(str(tmp_path))
+    text = yaml.safe_dump({"t2i_pretrain": t2i_group(files=1)})
+    path = tmp_path / "twice.yaml"
+    path.write_text(text + text.replace("weight: 1", "weight: 5"))
+    with pytest.raises(ValueError, match="'t2i_pretrain' appears twice"):
+        load_groups(data_config(str(path)))
+    info = tmp_path / "info.json"
+    info.write_text('{"t2i_pretrain": {"t2i": {"data_dir": "t2i"}}, "t2i_pretrain": {}}')
+    with pytest.raises(ValueError, match="appears twice"):
+        load_groups(data_config(str(tmp_path / "groups.yaml"), dataset_info_file=str(info)))
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"t2i_pretrain: [unclosed\n", "is not valid YAML"),  # was yaml.ParserError, no file named
+        (b"t2i_pretrain:\n  dataset_names: [\xff\xfe]\n", "is not UTF-8"),  # was UnicodeDecodeError
+    ],
+)
+def test_unreadable_yaml_names_the_file(tmp_path, content, match):
+    t2i_dataset(str(tmp_path))
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as e:
+        load_groups(data_config(str(path)))
+    assert str(path) in str(e.value)
+
+
+def test_bad_json_info_and_folder_paths_name_the_problem(tmp_path):
+    yp = t2i_dataset(str(tmp_path))
+    bad = tmp_path / "info.json"
+    bad.write_text("{bad")
+    with pytest.raises(ValueError, match="is not valid JSON") as e:  # was a bare JSONDecodeError
+        load_groups(data_config(yp, dataset_info_file=str(bad)))
+    assert str(bad) in str(e.value)
+    with pytest.raises(ValueError, match="is a folder, not a file"):  # said "does not exist"
+        load_groups(data_config(str(tmp_path)))
+
+
+def test_build_loader_refuses_wrong_tokenizer_and_model_config(tmp_path, tok, cfg):
+    yp = t2i_dataset(str(tmp_path))
+    with pytest.raises(TypeError, match="tokenizer must be"):  # was AttributeError: get_vocab
+        build_loader(data_config(yp), cfg, None)
+    with pytest.raises(TypeError, match="model_config must be"):  # was AttributeError: text_config
+        build_loader(data_config(yp), {"vocab_size": 10}, tok)
+
+
+# ---------------------------------------------------------------------------------------------- state
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tok, cfg):
+    folder = str(tmp_path_factory.mktemp("state"))
+    yp = t2i_dataset(folder, n=12)
+    loader = build_loader(data_config(yp), cfg, tok)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    return yp, loader.state_dict()
+
+
+def _edit(key, value):
+    def f(state):
+        state["workers"][0][key] = value
+
+    return f
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_edit("cursors", [[0, 100]]), "cursors"),  # was accepted: jumped to the next epoch silently
+        (_edit("cursors", [[0, -5]]), "cursors"),  # was IndexError
+        (_edit("cursors", [[0, 2.5]]), "cursors"),  # was a numpy IndexError
+        (_edit("cursors", [[-3, 2]]), "cursors"),  # was numpy's "expected non-negative integer"
+        (lambda s: s["workers"][0].pop("good"), "lacks"),  # was KeyError
+        (_edit("rng", [1, 2, 3]), "rng"),  # was TypeError
+        (_edit("pending", [[5, 0, 0]]), "pending"),  # was IndexError
+        (_edit("pending", [[0, 0, 10**9]]), "pending"),  # was IndexError
+        (_edit("skipped", {"bogus": "x"}), "skipped"),  # was accepted, then broke skip_counts()
+        (_edit("packs", "x"), "packs"),  # was a raw int() error
+        (lambda s: s.__setitem__("workers", [1]), "workers"),  # was AttributeError
+        (lambda s: s.__setitem__("workers", {"a": {}}), "worker ids"),  # was a raw int() error
+        (lambda s: s.__setitem__("next_worker", 2.5), "next_worker"),  # was truncated to 2
+    ],
+)
+def test_corrupted_loader_state_is_refused(saved, tok, cfg, edit, match):
+    yp, state = saved
+    bad = copy.deepcopy(state)
+    edit(bad)
+    loader = build_loader(data_config(yp), cfg, tok)
+    with pytest.raises(ValueError, match=match):
+        loader.load_state_dict(bad)
+
+
+def test_intact_state_still_restores(saved, tok, cfg):
+    yp, state = saved
+    loader = build_loader(data_config(yp), cfg, tok)
+    loader.load_state_dict(json.loads(json.dumps(state)))  # through JSON: string keys, lists
+    assert next(iter(loader)).sample_ids == [(0, 0, 3)]
+
+
+# ---------------------------------------------------------------------------------------------- convert
+def _folder_with_captions(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        (src / f"im{i}.png").write_bytes(image_bytes(32, 32, seed=i))
+        (src / f"im{i}.txt").write_text(f"caption {i}")
+    return src
+
+
+@pytest.mark.parametrize("info", ["- a list\n", "{not yaml: [\n", "42\n"])
+def test_convert_with_garbage_dataset_info_is_a_clean_error(tmp_path, capsys, info):
+    """An existing out/dataset_info.yaml that is a list or broken YAML: AttributeError / YAMLError
+    traceback from bagel-convert."""
+    src = _folder_with_captions(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dataset_info.yaml").write_text(info)
+    with pytest.raises(ValueError, match="dataset_info.yaml"):
+        convert_folder(src, out)
+    assert convert_main([str(src), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "dataset_info.yaml" in err and "Traceback" not in err
+
+
+def test_convert_refuses_bad_transform_sizes(tmp_path):
+    """image_stride=2.5 (or 0, or min > max) was written into the YAML; the loader refused it later."""
+    src = _folder_with_captions(tmp_path)
+    for kw, match in (
+        (dict(image_stride=2.5), "image_stride"),
+        (dict(image_stride=0), "image_stride"),
+        (dict(min_image_size=2048), "min_image_size"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=match):
+            convert_folder(src, tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()
+    jsonl = tmp_path / "edits.jsonl"
+    jsonl.write_text(json.dumps({"source": "src/im0.png", "target": "src/im1.png", "instruction": "x"}))
+    with pytest.raises((TypeError, ValueError), match="vit_patch_size|image_stride"):
+        convert_edits(jsonl, tmp_path / "out", vit_patch_size=True)
+
+
+def test_convert_non_utf8_jsonl_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "caps.jsonl"
+    bad.write_bytes(b'{"image": "a.png", "caption": "ok"}\n\xff\xfe{"image": "b.png"}\n')
+    with pytest.raises(ValueError, match=r"caps.jsonl:2: not UTF-8"):
+        convert_folder(bad, tmp_path / "out")
+    assert convert_main([str(bad), str(tmp_path / "out")]) == 1
+    assert "caps.jsonl:2" in capsys.readouterr().err
