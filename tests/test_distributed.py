@@ -71,7 +71,9 @@ def _worker(rank: int, port: int, backend: BagelBackendConfig, prepared: bool, r
     # FSDP2's sharded (DTensor) weights and its unit hooks leave the fused kernels in place
     plan = model.model.language_model.model.fusion_plan()
     assert (
-        all(all(vars(p).values()) for p in plan.layers) and plan.norm and model.model.vit_model.fusion_plan()
+        all(not p.called and not p.all_called for p in plan.layers)
+        and plan.norm
+        and model.model.vit_model.fusion_plan()
     )
     calls = {"llm": 0, "vit": 0}  # forward calls of one LLM and one ViT layer: 2 per step = recomputed
     layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("llm", calls["llm"] + 1))

@@ -31,9 +31,9 @@ from bagel import (
 )
 from bagel.model.embeddings import get_2d_sincos_pos_embed
 from bagel.model.modeling import (
-    _convert_patch_embedding_for_packed_vit,
-    _prepare_config_for_stage,
-    _stage_to_int,
+    convert_patch_embedding_for_packed_vit,
+    prepare_config_for_stage,
+    stage_to_int,
 )
 from bagel.model.siglip import SiglipVisionEmbeddings, vit_rope_cos_sin
 from bagel_kernels.reference import dense_mask_from_rule, patchify
@@ -139,7 +139,7 @@ def test_conv_to_linear_patch_embedding():
     torch.testing.assert_close(lin_out, conv_out, atol=1e-5, rtol=1e-5)
     model = reference_model()
     w = model.model.vit_model.vision_model.embeddings.patch_embedding.weight.clone()
-    _convert_patch_embedding_for_packed_vit(model.model, model.config)  # already Linear: no-op
+    convert_patch_embedding_for_packed_vit(model.model, model.config)  # already Linear: no-op
     assert torch.equal(model.model.vit_model.vision_model.embeddings.patch_embedding.weight, w)
 
 
@@ -328,18 +328,18 @@ def test_stage2_understanding_only_pack():
 
 
 def test_stage_helpers():
-    assert [_stage_to_int(s) for s in (1, 2, "1", "stage2", "Stage1", " STAGE2 ")] == [1, 2, 1, 2, 1, 2]
+    assert [stage_to_int(s) for s in (1, 2, "1", "stage2", "Stage1", " STAGE2 ")] == [1, 2, 1, 2, 1, 2]
     for bad in (0, 3, "stage3", "gen", None, True, 1.0):
         with pytest.raises(ValueError, match="stage"):
-            _stage_to_int(bad)
+            stage_to_int(bad)
     cfg = BagelConfig.tiny(stage=2, layer_module="Qwen2DecoderLayer")
-    _prepare_config_for_stage(cfg)
+    prepare_config_for_stage(cfg)
     assert cfg.visual_gen and cfg.text_config.layer_module == "Qwen2MoTDecoderLayer"
     cfg = BagelConfig.tiny(stage=2, layer_module="Qwen2MoEDecoderLayer")
-    _prepare_config_for_stage(cfg)
+    prepare_config_for_stage(cfg)
     assert cfg.text_config.layer_module == "Qwen2MoEDecoderLayer"
     n = cfg.vision_config.num_hidden_layers
-    _prepare_config_for_stage(cfg)  # idempotent; vit_select_layer is never folded into the config
+    prepare_config_for_stage(cfg)  # idempotent; vit_select_layer is never folded into the config
     assert cfg.vision_config.num_hidden_layers == n and cfg.vit_num_layers == n - 1
     with pytest.raises(ValueError, match="stage"):
         BagelForUnifiedMultimodal(BagelConfig.tiny(stage="stage3"))

@@ -68,9 +68,9 @@ __all__ = [
     "BagelForUnifiedMultimodal",
     "PreparedPack",
     "PackInputs",
-    "_stage_to_int",
-    "_prepare_config_for_stage",
-    "_convert_patch_embedding_for_packed_vit",
+    "stage_to_int",
+    "prepare_config_for_stage",
+    "convert_patch_embedding_for_packed_vit",
     "patchify_latents",
 ]
 
@@ -110,7 +110,7 @@ def _as_device(device) -> torch.device:
         raise ValueError(f"device={device!r}: {exc}") from None
 
 
-def _stage_to_int(stage: int | str) -> int:
+def stage_to_int(stage: int | str) -> int:
     """``1`` or ``2`` from ``1``, ``2``, ``"1"``, ``"2"``, ``"stage1"``, ``"stage2"`` (any case); else ValueError."""
     if isinstance(stage, bool):
         raise ValueError(f"stage={stage!r}: expected 1, 2, 'stage1' or 'stage2'")
@@ -132,7 +132,7 @@ def _routed(layer_module) -> bool:
     return cls is not None and bool(cls.routed_attention or cls.routed_mlp)
 
 
-def _prepare_config_for_stage(config: BagelConfig) -> None:
+def prepare_config_for_stage(config: BagelConfig) -> None:
     """Apply the stage to ``config`` in place, before the modules are built (idempotent).
 
     - stage 1: ``visual_gen = False`` and dense ``Qwen2DecoderLayer`` layers (no ``*_moe_gen`` weights:
@@ -145,7 +145,7 @@ def _prepare_config_for_stage(config: BagelConfig) -> None:
     reloading a config never applies it twice."""
     tc = config.text_config
     if config.stage is not None:
-        stage = _stage_to_int(config.stage)
+        stage = stage_to_int(config.stage)
         config.stage = stage
         if stage == 1:
             config.visual_gen = False
@@ -161,7 +161,7 @@ def _prepare_config_for_stage(config: BagelConfig) -> None:
     config.validate()
 
 
-def _convert_patch_embedding_for_packed_vit(model: BagelModel, config: BagelConfig) -> None:
+def convert_patch_embedding_for_packed_vit(model: BagelModel, config: BagelConfig) -> None:
     """Swap the SigLIP Conv2d patch embedding for a Linear ``[hidden, 3*p*p]`` (the checkpoint's layout)
     that computes the same on BAGEL-patchified pixels (no-op without ``visual_und`` or when done)."""
     if not config.visual_und:
@@ -181,7 +181,7 @@ class BagelModel(nn.Module):
     The VAE itself is not part of the model: ``forward`` takes its latents.
 
     Args:
-        config: the :class:`BagelConfig` (used as is; see :func:`_prepare_config_for_stage`).
+        config: the :class:`BagelConfig` (used as is; see :func:`prepare_config_for_stage`).
         backend: kernel choice given to the language model and the ViT (default: all ``"auto"``);
             :attr:`BagelForUnifiedMultimodal.backend` changes it later.
         language_model_cls: class of the language model (default :class:`bagel.model.qwen2.Qwen2ForCausalLM`;
@@ -230,7 +230,7 @@ class BagelForUnifiedMultimodal(nn.Module):
 
     ``visual_gen=False`` is the stage-1 understanding-only model (dense decoder layers, CE only);
     stage 2 adds the MoT ``*_moe_gen`` weights, the flow-matching embedding of VAE latents and the MSE
-    head. ``config.stage`` (1 / 2 / None) is applied by :func:`_prepare_config_for_stage` (in place).
+    head. ``config.stage`` (1 / 2 / None) is applied by :func:`prepare_config_for_stage` (in place).
 
     The submodules live in ``.model``, a :class:`BagelModel` whose ``state_dict()`` keys are the
     checkpoint keys (this module's own keys carry the ``model.`` prefix): ``model.model.language_model``,
@@ -258,10 +258,10 @@ class BagelForUnifiedMultimodal(nn.Module):
         super().__init__()
         if not isinstance(config, BagelConfig):
             raise ValueError(f"config must be a BagelConfig, got {type(config).__name__}")
-        _prepare_config_for_stage(config)
+        prepare_config_for_stage(config)
         self.config = config
         self.model = BagelModel(config, backend, language_model_cls=language_model_cls)
-        _convert_patch_embedding_for_packed_vit(self.model, config)
+        convert_patch_embedding_for_packed_vit(self.model, config)
         self._backend = BagelBackendConfig() if backend is None else backend
         self.hidden_size = config.text_config.hidden_size
         self.num_heads = config.text_config.num_attention_heads
@@ -404,7 +404,7 @@ class BagelForUnifiedMultimodal(nn.Module):
 
         The :class:`bagel.io.checkpoint.LoadReport` (loaded / missing / unexpected / VAE keys ...) is attached
         as ``model.load_report`` and summarised in the log."""
-        stage_int = _stage_to_int(stage)
+        stage_int = stage_to_int(stage)
         if not isinstance(strict, bool):
             raise ValueError(f"strict must be a bool, got {strict!r}")
         backend = kwargs.pop("backend", None)
@@ -537,12 +537,22 @@ class BagelForUnifiedMultimodal(nn.Module):
     def _forward_prepared(self, pack: PreparedPack) -> dict[str, torch.Tensor | None]:
         # (forward calls this one: under FSDP2 the public forward_prepared is wrapped with the root
         # unit's hooks, which forward has already run)
-        x, tie = self._embed(pack)  # [L, H], rows in the language model's order
+        # 1. embed: text, ViT and noised-latent embeddings at their rows    [L, H], the LM's row order
+        x, tie = self._embed(pack)
+        # 2. decoder layers and final norm(s)                                  [L, H]
         if isinstance(pack, GroupedPack):
             hidden = self.model.language_model.model.decode(x, pack.lm)  # grouped rows
         else:
             hidden = self.model.language_model.forward_train(x, *pack.lm_args)  # pack order
+        # 3. heads: lm_head + CE at the CE rows, llm2vae + MSE at the MSE rows
         ce, mse = self._losses(pack, hidden)
+        ce, mse = self._tie_unused(ce, mse, tie)
+        return dict(ce=ce, mse=mse)
+
+    def _tie_unused(self, ce, mse, tie):
+        """Add ``0 * (sum of parameters the pack left unused)`` to a loss, so that every parameter gets a
+        (zero) gradient: the FSDP2 ViT stand-in's output ``tie``, and with ``zero_grad_prefixes`` the
+        parameters outside the root unit (see ``__init__``)."""
         if self.zero_grad_prefixes is not None and self.training and torch.is_grad_enabled():
             touch = sum(
                 p.sum()
@@ -550,12 +560,12 @@ class BagelForUnifiedMultimodal(nn.Module):
                 if p.requires_grad and not n.startswith(self.zero_grad_prefixes)
             )
             tie = touch if tie is None else tie + touch
-        if tie is not None:  # outputs computed only so that their parameters get a (zero) gradient
+        if tie is not None:
             if ce is not None:
                 ce = ce + 0.0 * tie
             elif mse is not None:
                 mse = mse + 0.0 * tie
-        return dict(ce=ce, mse=mse)
+        return ce, mse
 
     def _embed(self, pack: PreparedPack) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The language model's input ``[L, H]``: text, ViT and noised-latent embeddings at their rows.
