@@ -16,23 +16,21 @@ the device, that accepts the inputs, and a refusal lists every backend's reasons
                                                (inside torch.compile: one SDPA over the pack's dense mask)
     (+ float64 too, for references)
 
-The Triton backend's registered ops (``bagel_kernels::packed_attention_fwd`` and ``_bwd``, with their
-fake and autograd registrations) and :func:`triton_packed_attention` live here, like the MoT family's
-ops in :mod:`bagel_kernels.mot`; its kernels, launchers and block tables in
-:mod:`bagel_kernels.attention_triton`.
+This module holds the public function, the family's registry (:data:`ATTENTION`: what each backend
+runs on, whether it reads the row index itself, what it prepares from a mask, where its compile specs
+are) and the two reference backends (sdpa, flex). The Triton backend's whole chain (kernels,
+launchers, block tables, the registered ops ``bagel_kernels::packed_attention_fwd``/``_bwd`` and
+:func:`triton_packed_attention`) lives in :mod:`bagel_kernels.attention_triton`, imported on first use.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .attention_configs import AttnConfig
-from .checks import as_int
+from .checks import as_bool, as_int, check_softmax_scale
 from .dispatch import Backend, Family, Request
 from .mask import PackedMask, derived
 
@@ -46,7 +44,6 @@ __all__ = [
     "flex_block_mask",
     "flex_kv_blocks",
     "flex_compiled",
-    "triton_packed_attention",
 ]
 
 MAX_HEAD_DIM = 256
@@ -240,175 +237,6 @@ def _flex_reasons(req: Request) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- triton
-# The Triton kernels' registered ops (kernels, launchers and block tables: bagel_kernels.attention_triton,
-# imported when an op runs). The tables travel as tensor lists and the tiles as int lists, which is what
-# a torch.library schema takes; inside, they are typed (attention_triton.FwdTables/BwdTables/KernelArgs,
-# attention_configs.Blocks/Launch). The schemas' flat argument lists are a documented exception to the
-# ~10-parameter rule (as are the Triton kernels' pointer and stride lists).
-@torch.library.custom_op("bagel_kernels::packed_attention_fwd", mutates_args=())
-def _packed_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    kv_lo: torch.Tensor, kv_hi: torch.Tensor, row_index: torch.Tensor | None,
-    fwd_tables: list[torch.Tensor], bwd_tables: list[torch.Tensor],
-    scale: float, blocks: list[int], launch: list[int],
-    dsplit: bool = True, tma: bool = False, onepass: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Returns ``(out [N, Hq, D], lse [Hq, N] fp32)``. ``bwd_tables`` and ``onepass`` are unused
-    here; they ride along so that autograd can hand them to the backward op (``onepass``: the
-    one-pass backward, ``bwd_tables`` then being built for its tiles, see
-    :func:`~bagel_kernels.attention_triton.prepare_mask`). ``dsplit``: head-dim split
-    (:func:`~bagel_kernels.attention_configs.dim_split`); ``tma``: K/V through tensor descriptors
-    where usable."""
-    from . import attention_triton as at
-
-    given = at.KernelArgs(kv_lo, kv_hi, row_index, None, scale, blocks, launch)
-    args = at._check_op_inputs(q, k, v, given, fwd_tables, bwd_tables)
-    args = args._replace(tables=at.FwdTables(*fwd_tables), dsplit=dsplit, tma=tma)
-    N, Hq, D = q.shape
-    q, k, v = at._row_major(q), at._row_major(k), at._row_major(v)
-    out = torch.empty((N, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((Hq, N), dtype=torch.float32, device=q.device)
-    at._launch_fwd(q, k, v, out, lse, args)
-    return out, lse
-
-
-@_packed_attention_fwd.register_fake
-def _(q, k, v, kv_lo, kv_hi, row_index, fwd_tables, bwd_tables, scale, blocks, launch, dsplit=True, tma=False,
-      onepass=False):  # fmt: skip
-    N, Hq, D = q.shape
-    return q.new_empty((N, Hq, D)), q.new_empty((Hq, N), dtype=torch.float32)
-
-
-def _check_fwd_results(q: torch.Tensor, grad_out, out, lse) -> None:
-    """The backward op's ``grad_out``, ``out`` and ``lse`` against q's shape, dtype and device."""
-    N, Hq, _ = q.shape
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.device != q.device:
-            raise ValueError(f"{name} must be shaped and placed like q {tuple(q.shape)} on {q.device}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
-    if out.dtype != q.dtype:
-        raise ValueError(f"out has dtype {out.dtype}, q {q.dtype}")
-    if (
-        not isinstance(lse, torch.Tensor)
-        or lse.shape != (Hq, N)
-        or lse.dtype != torch.float32
-        or lse.device != q.device
-    ):
-        raise ValueError(f"lse must be a float32 [{Hq}, {N}] tensor on {q.device}")
-
-
-@torch.library.custom_op("bagel_kernels::packed_attention_bwd", mutates_args=())
-def _packed_attention_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    kv_lo: torch.Tensor, kv_hi: torch.Tensor, row_index: torch.Tensor | None, bwd_tables: list[torch.Tensor],
-    scale: float, blocks: list[int], launch: list[int], dsplit: bool = True, onepass: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Returns ``(dq, dk, dv)`` shaped like q, k, v. ``onepass``: the one-pass backward (dQ by fp32
-    atomics, not bit-reproducible) over the first five ``bwd_tables`` with the tiles ``block_m1 x
-    block_n1`` of ``blocks``; else the deterministic two-program backward."""
-    from . import attention_triton as at
-
-    given = at.KernelArgs(kv_lo, kv_hi, row_index, None, scale, blocks, launch)
-    args = at._check_op_inputs(q, k, v, given, bwd_tables=bwd_tables)
-    args = args._replace(tables=at.BwdTables(*bwd_tables), dsplit=dsplit, onepass=onepass)
-    _check_fwd_results(q, grad_out, out, lse)
-    grad_out = grad_out.to(q.dtype)
-    q, k, v, out, grad_out = (at._row_major(t) for t in (q, k, v, out, grad_out))
-    lse = lse.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    at._launch_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, args)
-    return dq, dk, dv
-
-
-@_packed_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dsplit=True,
-      onepass=False):  # fmt: skip
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, kv_lo, kv_hi, row_index, _fwd_tables, bwd_tables, scale, blocks, launch, *flags = inputs
-    dsplit, _tma, onepass = (list(flags) + [True, False, False][len(flags) :])[:3]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_lo, kv_hi, row_index, *bwd_tables)
-    ctx.scale, ctx.blocks, ctx.launch = scale, blocks, launch
-    ctx.dsplit, ctx.onepass = dsplit, onepass
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kv_lo, kv_hi, row_index, *bwd_tables = ctx.saved_tensors
-    dq, dk, dv = _packed_attention_bwd(
-        grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, ctx.scale, ctx.blocks, ctx.launch,
-        ctx.dsplit, ctx.onepass,
-    )  # fmt: skip
-    grads = (dq, dk, dv, None, None, None, [None] * 4, [None] * 9, None, None, None)
-    # the dispatcher drops trailing arguments equal to their defaults: one gradient per input it kept
-    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
-
-
-_packed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def triton_packed_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: PackedMask,
-    scale: float | None = None,
-    deterministic: bool = False,
-    *,
-    config: AttnConfig | None = None,
-) -> torch.Tensor:
-    """Packed attention with the Triton kernels: ``[N, Hq, D]`` in q's dtype, differentiable in q, k, v.
-
-    q: ``[N, Hq, D]``, k/v: ``[N, Hkv, D]`` with ``N == mask.total_len`` (the dispatcher truncates
-    the mask to the tokens present), ``Hq % Hkv == 0``, ``D <= 256``, fp16/bf16/fp32, any strides.
-    Rows listed by ``mask.row_index`` are read and written through it. Rows that see no key give
-    zeros and zero gradients. ``config`` overrides the tile shapes and variants (tests, tuning).
-
-    ``deterministic=True`` always runs the two-program backward (no atomics: bit-identical across
-    runs). ``deterministic=False`` runs the one-pass backward (dQ accumulated with fp32 atomics)
-    where the configuration selects it (``AttnConfig.onepass``: off in the built-in defaults until a
-    GPU measurement decides, see :mod:`bagel_kernels.attention_configs`), else the same two-program
-    backward."""
-    from . import attention_triton as at
-
-    if not isinstance(mask, PackedMask):
-        raise ValueError(f"mask must be a PackedMask, got {type(mask).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if isinstance(t, torch.Tensor) and t.device != mask.device:
-            raise ValueError(f"{name} is on {t.device} but the mask is on {mask.device}")
-    at._check_qkv(q, k, v)
-    N, Hq, D = q.shape
-    if N != mask.total_len:
-        raise ValueError(f"q has {N} tokens but mask.total_len is {mask.total_len}; truncate the mask first")
-    scale = D**-0.5 if scale is None else float(scale)
-    at._check_scale(scale)
-    cfg = config if config is not None else at.default_config(q.device, q.dtype, D)
-    onepass = bool(cfg.onepass) and not deterministic
-    blocks, launch = at._op_params(cfg, onepass)
-    at._check_blocks(blocks, launch)
-    fwd_tables, bwd_tables = at.prepare_mask(mask, cfg, onepass)
-    out, _lse = _packed_attention_fwd(
-        q,
-        k,
-        v,
-        *mask.vectors(),  # the mask's own validated tensors (its attributes hand out copies)
-        list(fwd_tables),
-        list(bwd_tables),
-        scale,
-        list(blocks),
-        list(launch),
-        bool(cfg.dsplit),
-        bool(cfg.tma),
-        onepass,
-    )
-    return out
-
-
 def _triton_reasons(req: Request) -> list[str]:
     try:
         from . import attention_triton  # noqa: F401
@@ -418,6 +246,7 @@ def _triton_reasons(req: Request) -> list[str]:
 
 
 def _triton_prepare(mask: PackedMask, req: Request) -> None:
+    # (imported here: the module imports triton, and its registered ops are registered on first use)
     from .attention_triton import default_config, prepare_mask
 
     prepare_mask(mask, default_config(req.device, req.dtype, req.sizes["head_dim"]))
@@ -428,7 +257,18 @@ def _flex_prepare(mask: PackedMask, req: Request) -> None:
 
 
 def _triton_forward(q, k, v, mask: PackedMask, scale: float, deterministic: bool) -> torch.Tensor:
-    return triton_packed_attention(q, k, v, mask, scale, deterministic=deterministic)
+    from .attention_triton import run  # validated by packed_attention: the unchecked entry
+
+    return run(q, k, v, mask, scale, deterministic)
+
+
+def __getattr__(name: str):
+    # the Triton backend's public function lives with its kernels and ops (importing triton on first use)
+    if name == "triton_packed_attention":
+        from .attention_triton import triton_packed_attention
+
+        return triton_packed_attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -536,17 +376,6 @@ def _validate(q, k, v, mask) -> None:
         raise ValueError(f"mask carries a row_index over {mask.total_len} tokens but q has {T}")
 
 
-def _check_scale(softmax_scale) -> float:
-    """``softmax_scale`` as a float: a finite, non-negative real number, the same rule on every
-    backend (the Triton kernels fold the scale into the running max, which needs it >= 0)."""
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-        raise ValueError(f"softmax_scale must be a float (or None), got {type(softmax_scale).__name__}")
-    scale = float(softmax_scale)
-    if not (math.isfinite(scale) and scale >= 0.0):
-        raise ValueError(f"softmax_scale must be finite and non-negative, got {softmax_scale!r}")
-    return scale
-
-
 def packed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -584,12 +413,14 @@ def packed_attention(
     (inside ``torch.compile`` it runs one SDPA over the pack and shares that behaviour). Keep
     activations finite (as training does) or use eager ``sdpa`` to localise a bad sample.
     """
+    # the one check of the arguments on this path (the backends trust it; the Triton op checks again)
     _validate(q, k, v, mask)
     ATTENTION.check_name(backend)
+    deterministic = as_bool(deterministic, "deterministic")
     T = q.shape[0]
     if T < mask.total_len:
         mask = mask.truncated(T)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else _check_scale(softmax_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else check_softmax_scale(softmax_scale)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     be = ATTENTION.choose(backend, _request(q.device, q.dtype, q.shape[-1], backward)).backend
     if T == 0:

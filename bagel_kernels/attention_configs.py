@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 
 from .backends import interpreting
+from .checks import as_int
 
 __all__ = [
     "AttnConfig",
@@ -151,6 +152,41 @@ class AttnConfig:
             elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"AttnConfig field {k} must be a positive int, got {v!r}")
         return dataclasses.replace(base if base is not None else cls(), **d)
+
+    def check(self) -> AttnConfig:
+        """``self`` if the launchers take it (the rules of :func:`check_tiles`, for the two-program
+        tiles and the one-pass ones), else ValueError naming the field."""
+        check_tiles(self.blocks(), self.launch())
+        onepass = Blocks(self.block_m, self.block_n, self.onepass_block_m, self.onepass_block_n, 16, 16)
+        check_tiles(onepass, Launch(self.fwd_warps, self.fwd_stages, self.onepass_warps, self.onepass_stages),
+                    names=("block_m", "block_n", "onepass_block_m", "onepass_block_n", "-", "-"),
+                    launch_names=("fwd_warps", "fwd_stages", "onepass_warps", "onepass_stages"))  # fmt: skip
+        return self
+
+
+MAX_BLOCK = 256  # the widest tile side the kernels take
+WARPS = (1, 2, 4, 8, 16)
+MAX_STAGES = 8
+
+
+def check_tiles(blocks, launch, *, names=Blocks._fields, launch_names=Launch._fields) -> None:
+    """The launchers' rules for tiles and launch parameters (the registered ops check them, and so does
+    the tuned-table loader): six tile sides, each a power of two in ``[16, MAX_BLOCK]``; warps in
+    :data:`WARPS`; stages an int in ``[1, MAX_STAGES]``."""
+    if not isinstance(blocks, (list, tuple)) or len(blocks) != len(Blocks._fields):
+        raise ValueError(f"blocks must be 6 tile sizes ({', '.join(Blocks._fields)}), got {blocks!r}")
+    for name, b in zip(names, blocks, strict=True):
+        if not isinstance(b, int) or isinstance(b, bool) or b < 16 or b > MAX_BLOCK or b & (b - 1):
+            raise ValueError(f"{name}={b} must be a power of two between 16 and {MAX_BLOCK}")
+    if not isinstance(launch, (list, tuple)) or len(launch) != len(Launch._fields):
+        raise ValueError(f"launch must be [{', '.join(Launch._fields)}], got {launch!r}")
+    lp = Launch(*launch)
+    for name, w in ((launch_names[0], lp.fwd_warps), (launch_names[2], lp.bwd_warps)):
+        if isinstance(w, bool) or w not in WARPS:
+            raise ValueError(f"{name}={w} must be 1, 2, 4, 8 or 16")
+    for name, st in ((launch_names[1], lp.fwd_stages), (launch_names[3], lp.bwd_stages)):
+        if not isinstance(st, int) or isinstance(st, bool) or not 1 <= st <= MAX_STAGES:
+            raise ValueError(f"{name}={st} must be an int in [1, {MAX_STAGES}]")
 
 
 def _pad_dim(d: int) -> int:
@@ -291,9 +327,15 @@ _table_cache: dict[str, dict] = {}
 
 
 def table_key(arch: int, version: str, dtype: torch.dtype | str, head_dim: int) -> tuple[str, str, str, int]:
-    """``("sm90", "3.6", "bf16", 72)``: the key of a tuned-table entry."""
-    dt = dtype if isinstance(dtype, str) else _DTYPE_NAMES[dtype]
-    return (f"sm{arch_family(arch)}", ".".join(version.split(".")[:2]), dt, int(head_dim))
+    """``("sm90", "3.6", "bf16", 72)``: the key of a tuned-table entry (ValueError for a dtype the
+    kernels do not take, or a head dim that is not an int in ``[1, 256]``)."""
+    dt = dtype if isinstance(dtype, str) else _DTYPE_NAMES.get(dtype)
+    if dt not in _DTYPE_NAMES.values():
+        raise ValueError(f"dtype {dtype!r} is not one the kernels take ({', '.join(_DTYPE_NAMES.values())})")
+    d = as_int(head_dim, "head_dim")
+    if not 1 <= d <= MAX_BLOCK:
+        raise ValueError(f"head_dim {d} is outside [1, {MAX_BLOCK}]")
+    return (f"sm{arch_family(arch)}", ".".join(version.split(".")[:2]), dt, d)
 
 
 def _table_path() -> Path:
@@ -304,21 +346,35 @@ def _table_path() -> Path:
 def load_tuned_table(path: str | os.PathLike | None = None) -> dict[tuple, dict]:
     """``{key: config fields}`` of a tuned table (empty when the file does not exist). A malformed
     file raises ValueError naming it."""
+    named = path is not None or bool(os.environ.get(TABLE_ENV, "").strip())
     p = Path(path) if path is not None else _table_path()
+    if p.is_dir():
+        raise ValueError(f"tuned attention table {p} is a directory, not a JSON file")
     if not p.exists():
+        if named and path is None:  # named by the environment variable: say so, never silently ignore it
+            raise ValueError(f"tuned attention table {p} (from {TABLE_ENV}) does not exist")
         return {}
     try:
         data = json.loads(p.read_text())
         if data.get("format") != TABLE_FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {TABLE_FORMAT}")
         out = {}
-        for e in data["entries"]:
-            key = table_key(int(e["arch"].removeprefix("sm")), e["triton"], e["dtype"], e["head_dim"])
-            AttnConfig.from_dict(e["config"])  # validate now, not at the first launch
+        for i, e in enumerate(data["entries"]):
+            try:
+                key = table_key(int(e["arch"].removeprefix("sm")), e["triton"], e["dtype"], e["head_dim"])
+                # validated now with the launchers' own rules, not at the first launch
+                AttnConfig.from_dict(e["config"]).check()
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"entry {i}: {exc}") from None
             out[key] = dict(e["config"])
         return out
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"tuned attention table {p} is malformed: {exc}") from exc
+
+
+def clear_table_cache() -> None:
+    """Forget the tuned tables read so far (the next configuration lookup reads the file again)."""
+    _table_cache.clear()
 
 
 def _tuned() -> dict[tuple, dict]:
@@ -326,7 +382,7 @@ def _tuned() -> dict[tuple, dict]:
     hit = _table_cache.get(p)
     if hit is None:
         try:
-            hit = load_tuned_table(p)
+            hit = load_tuned_table()  # (None: the environment variable or the packaged table)
         except ValueError as exc:  # a broken table must not stop training: warn, use the defaults
             warnings.warn(f"{exc}; using the built-in tile defaults", stacklevel=3)
             hit = {}

@@ -51,20 +51,21 @@ Under ``TRITON_INTERPRET=1`` (CPU tests) every operand is upcast to fp32 right a
 (bf16/fp16 arithmetic is unreliable in the interpreter); on the GPU ``tl.dot`` takes fp16/bf16
 operands with fp32 accumulation, and fp32 inputs use ``input_precision="ieee"`` (exact fp32).
 
-This module holds the kernels, their launchers, the block tables (:func:`prepare_mask`) and the compile
-specs (:func:`compile_cases`, :func:`compile_specs`). The registered ops that call the launchers,
+This module holds the Triton backend's whole chain, in call order: the kernels, their launchers
+(:func:`launch_fwd`, :func:`launch_bwd`), the block tables (:func:`prepare_mask`), the registered ops
 ``bagel_kernels::packed_attention_fwd`` and ``bagel_kernels::packed_attention_bwd``
-(``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``), and the public
-``triton_packed_attention`` live in :mod:`bagel_kernels.attention`; the tables travel as tensor
-arguments, so ``torch.compile(fullgraph=True)`` traces through ``triton_packed_attention`` once the
-mask's tables exist (:func:`prepare_mask` builds them ahead, outside the compiled region).
+(``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``; :func:`check_op_inputs` is
+what they and their fakes check), the public :func:`triton_packed_attention` (validates, then
+:func:`run`, which :func:`bagel_kernels.packed_attention` calls after its own validation), and the
+compile specs (:func:`compile_cases`, :func:`compile_specs`). The tables travel as tensor arguments, so
+``torch.compile(fullgraph=True)`` traces through ``triton_packed_attention`` once the mask's tables
+exist (:func:`prepare_mask` builds them ahead, outside the compiled region).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import astuple
 from typing import NamedTuple
 
@@ -77,12 +78,14 @@ from .attention_configs import (
     Blocks,
     Launch,
     check_interpreter,
+    check_tiles,
     config_for,
     default_for,
     device_arch,
     dim_split,
 )
 from .backends import interpreting
+from .checks import as_bool, check_range, check_softmax_scale, check_vector, has_values
 from .mask import PackedMask, derived
 
 __all__ = [
@@ -90,7 +93,18 @@ __all__ = [
     "FwdTables",
     "KernelArgs",
     "default_config",
+    "op_params",
     "prepare_mask",
+    "check_qkv",
+    "check_op_inputs",
+    "stride_align",
+    "tma_usable",
+    "launch_fwd",
+    "launch_bwd",
+    "packed_attention_fwd",
+    "packed_attention_bwd",
+    "triton_packed_attention",
+    "run",
     "compile_cases",
     "compile_specs",
 ]
@@ -681,7 +695,7 @@ def default_config(device: torch.device | str, dtype: torch.dtype, head_dim: int
     return config_for(arch, dtype, head_dim)
 
 
-def _op_params(config: AttnConfig, onepass: bool) -> tuple[Blocks, Launch]:
+def op_params(config: AttnConfig, onepass: bool) -> tuple[Blocks, Launch]:
     """``(blocks, launch)`` handed to the ops: the dK/dV slots (``block_m1``/``block_n1``,
     ``bwd_warps``/``bwd_stages``) carry the one-pass program's tiles and launch parameters when ``onepass``."""
     blocks, launch = config.blocks(), config.launch()
@@ -772,7 +786,7 @@ class KernelArgs(NamedTuple):
     """What the launchers take besides the tensors they read and write: the mask's interval vectors and
     row index (mask order), the block tables (:class:`FwdTables` or :class:`BwdTables`), the softmax
     scale, the tiles and launch parameters, and the variants (``dsplit``: head-dim split, see
-    :func:`dim_split`; ``tma``: the forward's K/V through tensor descriptors where :func:`_tma_usable`
+    :func:`dim_split`; ``tma``: the forward's K/V through tensor descriptors where :func:`tma_usable`
     allows; ``onepass``: the one-pass backward)."""
 
     kv_lo: torch.Tensor
@@ -787,47 +801,7 @@ class KernelArgs(NamedTuple):
     onepass: bool = False
 
 
-def _check_blocks(blocks, launch) -> None:
-    if not isinstance(blocks, (list, tuple)) or len(blocks) != len(Blocks._fields):
-        raise ValueError(f"blocks must be 6 tile sizes ({', '.join(Blocks._fields)}), got {blocks!r}")
-    for name, b in zip(Blocks._fields, blocks, strict=True):
-        if not isinstance(b, int) or b < 16 or b > 256 or b & (b - 1):
-            raise ValueError(f"{name}={b} must be a power of two between 16 and 256")
-    if not isinstance(launch, (list, tuple)) or len(launch) != len(Launch._fields):
-        raise ValueError(f"launch must be [{', '.join(Launch._fields)}], got {launch!r}")
-    lp = Launch(*launch)
-    for name, w in (("fwd_warps", lp.fwd_warps), ("bwd_warps", lp.bwd_warps)):
-        if w not in (1, 2, 4, 8, 16):
-            raise ValueError(f"{name}={w} must be 1, 2, 4, 8 or 16")
-    for name, st in (("fwd_stages", lp.fwd_stages), ("bwd_stages", lp.bwd_stages)):
-        if not isinstance(st, int) or not 1 <= st <= 8:
-            raise ValueError(f"{name}={st} must be an int in [1, 8]")
-
-
-def _check_vector(name: str, t, n: int, device, *, optional: bool = False) -> None:
-    if t is None and optional:
-        return
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int32:
-        got = (
-            f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        )
-        raise ValueError(f"{name} must be a 1-D int32 tensor, got {got}")
-    if t.numel() != n:
-        raise ValueError(f"{name} has {t.numel()} entries, expected {n}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, q on {device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
-def _check_range(name: str, t: torch.Tensor, lo: int, hi: int) -> None:
-    """Values in [lo, hi] (only for CPU tensors: checking CUDA values would cost a device sync;
-    the kernels clamp what they read from tables instead)."""
-    if t.device.type == "cpu" and t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
-        raise ValueError(f"{name} holds values outside [{lo}, {hi}]: min {int(t.min())}, max {int(t.max())}")
-
-
-def _check_qkv(q, k, v) -> None:
+def check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a [N, heads, head_dim] tensor")
@@ -849,24 +823,19 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"q has {N} tokens, beyond the int32 token indices of the kernels")
 
 
-def _check_scale(scale) -> None:
-    if not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale >= 0.0):
-        raise ValueError(f"softmax_scale must be finite and non-negative for the Triton backend, got {scale}")
-
-
 def _check_csr(prefix: str, tables, nm: int, nn: int, dev) -> None:
     """A CSR table set ``(q_kv_ptr, q_kv_idx, q_kv_full, m_order)`` for ``nm`` query and ``nn`` key blocks."""
     ptr, idx, full, order = tables
-    _check_vector(f"{prefix}q_kv_ptr", ptr, nm + 1, dev)
+    check_vector(f"{prefix}q_kv_ptr", ptr, nm + 1, dev)
     if not isinstance(idx, torch.Tensor):
         raise ValueError(f"{prefix}q_kv_idx must be a tensor")
     nnz = idx.numel()
-    _check_vector(f"{prefix}q_kv_idx", idx, nnz, dev)
-    _check_vector(f"{prefix}q_kv_full", full, nnz, dev)
-    _check_vector(f"{prefix}m_order", order, nm, dev)
-    _check_range(f"{prefix}q_kv_ptr", ptr, 0, nnz)
-    _check_range(f"{prefix}q_kv_idx", idx, 0, nn - 1)
-    _check_range(f"{prefix}m_order", order, 0, nm - 1)
+    check_vector(f"{prefix}q_kv_idx", idx, nnz, dev)
+    check_vector(f"{prefix}q_kv_full", full, nnz, dev)
+    check_vector(f"{prefix}m_order", order, nm, dev)
+    check_range(f"{prefix}q_kv_ptr", ptr, 0, nnz)
+    check_range(f"{prefix}q_kv_idx", idx, 0, nn - 1)
+    check_range(f"{prefix}m_order", order, 0, nm - 1)
 
 
 def _check_fwd_tables(fwd_tables, n: int, blocks: Blocks, dev) -> None:
@@ -887,10 +856,10 @@ def _check_bwd_tables(bwd_tables, n: int, blocks: Blocks, dev) -> None:
     names = BwdTables._fields
     try:
         for name, t in zip(names[:5], bwd_tables[:5], strict=True):
-            _check_vector(f"bwd_tables.{name}", t, nn1, dev)
+            check_vector(f"bwd_tables.{name}", t, nn1, dev)
         for name, t in zip(names[:2], bwd_tables[:2], strict=True):
-            _check_range(f"bwd_tables.{name}", t, 0, nm1)
-        _check_range("bwd_tables.n_order", bwd_tables[4], 0, nn1 - 1)
+            check_range(f"bwd_tables.{name}", t, 0, nm1)
+        check_range("bwd_tables.n_order", bwd_tables[4], 0, nn1 - 1)
         _check_csr("bwd_tables.", bwd_tables[5:], triton.cdiv(n, bm2), triton.cdiv(n, bn2), dev)
     except ValueError as exc:
         raise ValueError(
@@ -899,24 +868,24 @@ def _check_bwd_tables(bwd_tables, n: int, blocks: Blocks, dev) -> None:
         ) from None
 
 
-def _check_op_inputs(q, k, v, args: KernelArgs, fwd_tables=None, bwd_tables=None) -> KernelArgs:
+def check_op_inputs(q, k, v, args: KernelArgs, fwd_tables=None, bwd_tables=None) -> KernelArgs:
     """Everything the registered ops are handed (they are public: ``torch.ops.bagel_kernels.*``):
     shapes, dtypes and devices always; the values of the index vectors and tables when they are on
     the CPU (on a GPU that would cost a device sync; the kernels clamp table values instead, so bad
     ones give a wrong answer but no access outside the tensors). ``args`` carries the op's arguments
     as given (its ``tables`` unused: the tables are checked before they are typed). Returns ``args``
     with its tiles and launch parameters typed (:class:`Blocks`, :class:`Launch`)."""
-    _check_qkv(q, k, v)
-    _check_scale(args.scale)
-    _check_blocks(args.blocks, args.launch)
+    check_qkv(q, k, v)
+    check_softmax_scale(args.scale)
+    check_tiles(args.blocks, args.launch)  # the launchers' rules (the tuned-table loader's too)
     n, dev = q.shape[0], q.device
-    _check_vector("kv_lo", args.kv_lo, n, dev)
-    _check_vector("kv_hi", args.kv_hi, n, dev)
-    _check_vector("row_index", args.row_index, n, dev, optional=True)
-    _check_range("kv_lo", args.kv_lo, 0, n)
-    _check_range("kv_hi", args.kv_hi, 0, n)
+    check_vector("kv_lo", args.kv_lo, n, dev)
+    check_vector("kv_hi", args.kv_hi, n, dev)
+    check_vector("row_index", args.row_index, n, dev, optional=True)
+    check_range("kv_lo", args.kv_lo, 0, n)
+    check_range("kv_hi", args.kv_hi, 0, n)
     row_index = args.row_index
-    if row_index is not None and row_index.device.type == "cpu" and n:
+    if row_index is not None and row_index.device.type == "cpu" and n and has_values(row_index):
         counts = torch.bincount(row_index.long().clamp(-1, n) + 1, minlength=n + 2)
         if counts[0] or counts[-1] or (counts[1:-1] != 1).any():
             raise ValueError(f"row_index must be a permutation of range({n})")
@@ -950,7 +919,7 @@ def _kernel_flags(q: torch.Tensor) -> dict:
     return {"LOWP_DOT": lowp, "DOT_PREC": "ieee" if (q.dtype == torch.float32 or not lowp) else "tf32"}
 
 
-def _stride_align(tensors) -> int:
+def stride_align(tensors) -> int:
     """Largest power of two (at most one 16-byte vector) dividing the row and head strides of every
     tensor: the kernels take strides divided by it and multiply it back as a constexpr, so that the
     compiler can vectorise and pipeline the row loads. Exact by construction: never a false hint."""
@@ -969,7 +938,7 @@ def _dq_transposed(q) -> bool:
     return arch is None or arch >= 90
 
 
-def _tma_usable(q, k, v, row_index, align: int) -> bool:
+def tma_usable(q, k, v, row_index, align: int) -> bool:
     """K/V can be read through tensor descriptors: no row index, Hopper or newer (or the interpreter),
     and the 16-byte alignment TMA needs (base addresses and the row and head strides)."""
     if row_index is not None or align * k.element_size() != 16:
@@ -989,6 +958,8 @@ def _tma_allocator(device: torch.device, on: bool):
     if not on or device.type != "cuda":
         yield
         return
+    # private name, justified: Triton has no public way to ask whether the user set an allocator (only
+    # triton.set_allocator); one of the repository's few cross-file private names, all third-party
     from triton.runtime import _allocation
 
     if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
@@ -1003,7 +974,7 @@ def _tma_allocator(device: torch.device, on: bool):
         _allocation._allocator.reset(token)
 
 
-def _launch_fwd(q, k, v, out, lse, args: KernelArgs) -> None:
+def launch_fwd(q, k, v, out, lse, args: KernelArgs) -> None:
     """Writes ``out`` [N, Hq, D] and ``lse`` [Hq, N] (fp32, log2 domain) over ``args.tables``
     (:class:`FwdTables`). Scale 0 (uniform weights over the visible keys) runs as q = 0 with scale 1:
     the kernels take the row max of unscaled scores."""
@@ -1016,9 +987,9 @@ def _launch_fwd(q, k, v, out, lse, args: KernelArgs) -> None:
         q, scale = torch.zeros_like(q), 1.0
     t, ridx, blocks, launch = args.tables, args.row_index, args.blocks, args.launch
     flags = _kernel_flags(q)
-    al = _stride_align((q, k, v, out))
+    al = stride_align((q, k, v, out))
     da, db = dim_split(D, args.dsplit)
-    use_tma = bool(args.tma) and _tma_usable(q, k, v, ridx, _stride_align((k, v)))
+    use_tma = bool(args.tma) and tma_usable(q, k, v, ridx, stride_align((k, v)))
     grid = (triton.cdiv(N, blocks.block_m) * Hq,)
     with _device_guard(q), _tma_allocator(q.device, use_tma):
         _attn_fwd_kernel[grid](
@@ -1033,7 +1004,7 @@ def _launch_fwd(q, k, v, out, lse, args: KernelArgs) -> None:
         )  # fmt: skip
 
 
-def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, args: KernelArgs) -> None:
+def launch_bwd(do, q, k, v, out, lse, dq, dk, dv, args: KernelArgs) -> None:
     """Writes ``dq``, ``dk``, ``dv`` over ``args.tables`` (:class:`BwdTables`). ``args.onepass``: the
     one-pass backward (dK/dV programs adding dQ into an fp32 accumulator with atomics, then one pass
     scaling and casting it into ``dq``), run over the tables' first five with the tiles
@@ -1057,7 +1028,7 @@ def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, args: KernelArgs) -> None:
         delta = torch.empty((Hq, N), dtype=torch.float32, device=q.device)
         # the one-pass backward's dQ accumulator, [Hq, N, D] in mask order, zeroed by the delta kernel
         dq_acc = torch.empty((Hq, N, D), dtype=torch.float32, device=q.device) if onepass else delta
-        al = _stride_align((out, do))
+        al = stride_align((out, do))
         _attn_bwd_delta_kernel[(triton.cdiv(N, _ROW_BLOCK), Hq)](
             out, do, delta, ridx, dq_acc,
             *(st // al for x in (out, do) for st in x.stride()[:2]),
@@ -1065,7 +1036,7 @@ def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, args: KernelArgs) -> None:
         )  # fmt: skip
         dkdv_tables = (t.kv_q_start, t.kv_q_end, t.kv_max_lo, t.kv_min_hi, t.n_order)
         if onepass:
-            al = _stride_align((q, k, v, do, dk, dv))
+            al = stride_align((q, k, v, do, dk, dv))
             _attn_bwd_onepass_kernel[(triton.cdiv(N, bn1) * Hkv,)](
                 q, k, v, do, dq_acc, dk, dv, lse, delta,
                 args.kv_lo, args.kv_hi, ridx, *dkdv_tables,
@@ -1075,7 +1046,7 @@ def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, args: KernelArgs) -> None:
                 HAS_ROW_IDX=has_ridx, **flags, DQ_TRANS=_dq_transposed(q),
                 num_warps=launch.bwd_warps, num_stages=launch.bwd_stages,
             )  # fmt: skip
-            al = _stride_align((dq,))
+            al = stride_align((dq,))
             _attn_dq_cast_kernel[(triton.cdiv(N, _ROW_BLOCK), Hq)](
                 dq_acc, dq, ridx,
                 *(st // al for st in dq.stride()[:2]),
@@ -1084,7 +1055,7 @@ def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, args: KernelArgs) -> None:
             return
         num_dkdv = triton.cdiv(N, bn1) * Hkv
         num_dq = triton.cdiv(N, bm2) * Hq
-        al = _stride_align((q, k, v, do, dq, dk, dv))
+        al = stride_align((q, k, v, do, dq, dk, dv))
         _attn_bwd_kernel[(num_dkdv + num_dq,)](
             q, k, v, do, dq, dk, dv, lse, delta,
             args.kv_lo, args.kv_hi, ridx, *dkdv_tables,
@@ -1096,6 +1067,199 @@ def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, args: KernelArgs) -> None:
             HAS_ROW_IDX=has_ridx, **flags,
             num_warps=launch.bwd_warps, num_stages=launch.bwd_stages,
         )  # fmt: skip
+
+
+# ================================================================================================ registered ops
+# The registered ops, which call the launchers above. The tables travel as tensor lists and the tiles as
+# int lists, which is what a torch.library schema takes; inside, they are typed (FwdTables/BwdTables/
+# KernelArgs, attention_configs.Blocks/Launch). The schemas' flat argument lists are a documented exception to the
+# ~10-parameter rule (as are the Triton kernels' pointer and stride lists).
+@torch.library.custom_op("bagel_kernels::packed_attention_fwd", mutates_args=())
+def packed_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_lo: torch.Tensor, kv_hi: torch.Tensor, row_index: torch.Tensor | None,
+    fwd_tables: list[torch.Tensor], bwd_tables: list[torch.Tensor],
+    scale: float, blocks: list[int], launch: list[int],
+    dsplit: bool = True, tma: bool = False, onepass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Returns ``(out [N, Hq, D], lse [Hq, N] fp32)``. ``bwd_tables`` and ``onepass`` are unused
+    here; they ride along so that autograd can hand them to the backward op (``onepass``: the
+    one-pass backward, ``bwd_tables`` then being built for its tiles, see
+    :func:`~bagel_kernels.attention_triton.prepare_mask`). ``dsplit``: head-dim split
+    (:func:`~bagel_kernels.attention_configs.dim_split`); ``tma``: K/V through tensor descriptors
+    where usable."""
+    given = KernelArgs(kv_lo, kv_hi, row_index, None, scale, blocks, launch)
+    args = check_op_inputs(q, k, v, given, fwd_tables, bwd_tables)
+    args = args._replace(tables=FwdTables(*fwd_tables), dsplit=dsplit, tma=tma)
+    N, Hq, D = q.shape
+    q, k, v = _row_major(q), _row_major(k), _row_major(v)
+    out = torch.empty((N, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, N), dtype=torch.float32, device=q.device)
+    launch_fwd(q, k, v, out, lse, args)
+    return out, lse
+
+
+@packed_attention_fwd.register_fake
+def _(q, k, v, kv_lo, kv_hi, row_index, fwd_tables, bwd_tables, scale, blocks, launch, dsplit=True, tma=False,
+      onepass=False):  # fmt: skip
+    # the op's own checks (values skipped: fakes hold none). The dispatcher runs the fake whenever one
+    # argument is on meta; unchecked, it would hand back uninitialised memory for kv_lo on meta.
+    check_op_inputs(
+        q, k, v, KernelArgs(kv_lo, kv_hi, row_index, None, scale, blocks, launch), fwd_tables, bwd_tables
+    )
+    N, Hq, D = q.shape
+    return q.new_empty((N, Hq, D)), q.new_empty((Hq, N), dtype=torch.float32)
+
+
+def _check_fwd_results(q: torch.Tensor, grad_out, out, lse) -> None:
+    """The backward op's ``grad_out``, ``out`` and ``lse`` against q's shape, dtype and device."""
+    N, Hq, _ = q.shape
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.device != q.device:
+            raise ValueError(f"{name} must be shaped and placed like q {tuple(q.shape)} on {q.device}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+    if out.dtype != q.dtype:
+        raise ValueError(f"out has dtype {out.dtype}, q {q.dtype}")
+    if (
+        not isinstance(lse, torch.Tensor)
+        or lse.shape != (Hq, N)
+        or lse.dtype != torch.float32
+        or lse.device != q.device
+    ):
+        raise ValueError(f"lse must be a float32 [{Hq}, {N}] tensor on {q.device}")
+
+
+@torch.library.custom_op("bagel_kernels::packed_attention_bwd", mutates_args=())
+def packed_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    kv_lo: torch.Tensor, kv_hi: torch.Tensor, row_index: torch.Tensor | None, bwd_tables: list[torch.Tensor],
+    scale: float, blocks: list[int], launch: list[int], dsplit: bool = True, onepass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Returns ``(dq, dk, dv)`` shaped like q, k, v. ``onepass``: the one-pass backward (dQ by fp32
+    atomics, not bit-reproducible) over the first five ``bwd_tables`` with the tiles ``block_m1 x
+    block_n1`` of ``blocks``; else the deterministic two-program backward."""
+    given = KernelArgs(kv_lo, kv_hi, row_index, None, scale, blocks, launch)
+    args = check_op_inputs(q, k, v, given, bwd_tables=bwd_tables)
+    args = args._replace(tables=BwdTables(*bwd_tables), dsplit=dsplit, onepass=onepass)
+    _check_fwd_results(q, grad_out, out, lse)
+    grad_out = grad_out.to(q.dtype)
+    q, k, v, out, grad_out = (_row_major(t) for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    launch_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, args)
+    return dq, dk, dv
+
+
+@packed_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, scale, blocks, launch, dsplit=True,
+      onepass=False):  # fmt: skip
+    check_op_inputs(
+        q, k, v, KernelArgs(kv_lo, kv_hi, row_index, None, scale, blocks, launch), bwd_tables=bwd_tables
+    )
+    _check_fwd_results(q, grad_out, out, lse)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_lo, kv_hi, row_index, _fwd_tables, bwd_tables, scale, blocks, launch, *flags = inputs
+    dsplit, _tma, onepass = (list(flags) + [True, False, False][len(flags) :])[:3]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_lo, kv_hi, row_index, *bwd_tables)
+    ctx.scale, ctx.blocks, ctx.launch = scale, blocks, launch
+    ctx.dsplit, ctx.onepass = dsplit, onepass
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kv_lo, kv_hi, row_index, *bwd_tables = ctx.saved_tensors
+    dq, dk, dv = packed_attention_bwd(
+        grad_out, q, k, v, out, lse, kv_lo, kv_hi, row_index, bwd_tables, ctx.scale, ctx.blocks, ctx.launch,
+        ctx.dsplit, ctx.onepass,
+    )  # fmt: skip
+    grads = (dq, dk, dv, None, None, None, [None] * 4, [None] * 9, None, None, None)
+    # the dispatcher drops trailing arguments equal to their defaults: one gradient per input it kept
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+
+packed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: PackedMask,
+    scale: float | None = None,
+    deterministic: bool = False,
+    *,
+    config: AttnConfig | None = None,
+) -> torch.Tensor:
+    """Packed attention with the Triton kernels: ``[N, Hq, D]`` in q's dtype, differentiable in q, k, v.
+
+    q: ``[N, Hq, D]``, k/v: ``[N, Hkv, D]`` with ``N == mask.total_len`` (the dispatcher truncates
+    the mask to the tokens present), ``Hq % Hkv == 0``, ``D <= 256``, fp16/bf16/fp32, any strides.
+    Rows listed by ``mask.row_index`` are read and written through it. Rows that see no key give
+    zeros and zero gradients. ``config`` (an :class:`AttnConfig`) overrides the tile shapes and
+    variants (tests, tuning).
+
+    ``deterministic=True`` always runs the two-program backward (no atomics: bit-identical across
+    runs). ``deterministic=False`` runs the one-pass backward (dQ accumulated with fp32 atomics)
+    where the configuration selects it (``AttnConfig.onepass``: off in the built-in defaults until a
+    GPU measurement decides, see :mod:`bagel_kernels.attention_configs`), else the same two-program
+    backward.
+
+    This public entry validates its arguments once; :func:`packed_attention` (which validates its own)
+    calls :func:`run` directly. The registered op checks again, since it can be called directly."""
+    if not isinstance(mask, PackedMask):
+        raise ValueError(f"mask must be a PackedMask, got {type(mask).__name__}")
+    check_qkv(q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.device != mask.device:
+            raise ValueError(f"{name} is on {t.device} but the mask is on {mask.device}")
+    N, _, D = q.shape
+    if N != mask.total_len:
+        raise ValueError(f"q has {N} tokens but mask.total_len is {mask.total_len}; truncate the mask first")
+    scale = D**-0.5 if scale is None else check_softmax_scale(scale)
+    deterministic = as_bool(deterministic, "deterministic")
+    if config is not None and not isinstance(config, AttnConfig):
+        raise ValueError(f"config must be an AttnConfig (or None), got {type(config).__name__}")
+    return run(q, k, v, mask, scale, deterministic, config=config)
+
+
+def run(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: PackedMask,
+    scale: float,
+    deterministic: bool,
+    *,
+    config: AttnConfig | None = None,
+) -> torch.Tensor:
+    """:func:`triton_packed_attention` for arguments its caller has validated (``packed_attention``
+    does, once, before it dispatches here): no check of q, k, v, the mask or the scale on this level
+    (the registered op still checks what its kernels index memory by)."""
+    cfg = config if config is not None else default_config(q.device, q.dtype, q.shape[2])
+    onepass = bool(cfg.onepass) and not deterministic
+    blocks, launch = op_params(cfg, onepass)
+    fwd_tables, bwd_tables = prepare_mask(mask, cfg, onepass)
+    out, _lse = packed_attention_fwd(
+        q,
+        k,
+        v,
+        *mask.vectors(),  # the mask's own validated tensors (its attributes hand out copies)
+        list(fwd_tables),
+        list(bwd_tables),
+        scale,
+        list(blocks),
+        list(launch),
+        bool(cfg.dsplit),
+        bool(cfg.tma),
+        onepass,
+    )
+    return out
 
 
 # ================================================================================================ compile specs
@@ -1128,7 +1292,7 @@ def _compile_case(
             base = default_config(meta, dtype, d)
         cfg = dataclasses.replace(base, **variant)
         onepass = bool(cfg.onepass)
-        blocks, launch = _op_params(cfg, onepass)
+        blocks, launch = op_params(cfg, onepass)
         fwd_t, bwd_t = prepare_mask(mask, cfg, onepass)
         fwd_t, bwd_t = FwdTables(*(t.to(meta) for t in fwd_t)), BwdTables(*(t.to(meta) for t in bwd_t))
         ridx = torch.randperm(n).to(torch.int32).to(meta) if row_index else None
@@ -1150,10 +1314,10 @@ def _compile_case(
             dsplit=bool(cfg.dsplit), tma=bool(cfg.tma), onepass=onepass,
         )  # fmt: skip
         if fwd:
-            _launch_fwd(q, k, v, out, lse, args)
+            launch_fwd(q, k, v, out, lse, args)
         if bwd:
             grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-            _launch_bwd(do, q, k, v, out, lse, *grads, args._replace(tables=bwd_t))
+            launch_bwd(do, q, k, v, out, lse, *grads, args._replace(tables=bwd_t))
 
     return run
 

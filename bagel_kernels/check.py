@@ -16,6 +16,9 @@ import random
 import sys
 import time
 
+MAX_TOKENS = 8192  # tokens per pack: the float64 dense reference holds [tokens, tokens] per head
+MAX_SEED = 2**32 - 1  # what every seeded generator here takes
+
 
 class _OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line (``prog: error: ...``, exit status 2), no usage block."""
@@ -47,10 +50,12 @@ def _parse(argv):
         if unknown or not names:
             p.error(f"--backends: unknown backend(s) {unknown}; choose from {', '.join(ATTENTION.backends)}")
         args.backends = ",".join(names)
-    if args.tokens is not None and args.tokens < 1:
-        p.error(f"--tokens {args.tokens} must be a positive int")
-    if args.seed < 0:
-        p.error(f"--seed {args.seed} must be >= 0")
+    if args.tokens is not None and not 1 <= args.tokens <= MAX_TOKENS:
+        p.error(
+            f"--tokens {args.tokens} must be in [1, {MAX_TOKENS}] (the dense float64 reference is quadratic in it)"
+        )
+    if not 0 <= args.seed <= MAX_SEED:
+        p.error(f"--seed {args.seed} must be in [0, {MAX_SEED}]")
     if args.device not in (None, "cpu"):
         kind, _, index = args.device.partition(":")
         if kind != "cuda" or (index and not index.isdigit()):

@@ -5,7 +5,7 @@ refused, so that ``2.5`` can never be truncated by accident), a float is a real 
 included, bools and strings refused), a flag is a bool. Every check raises ``ValueError`` naming the
 argument (a ``TypeError`` would name the same problem; one exception type keeps callers simple).
 
-    coercion   as_int, as_int_list, as_float, as_bool
+    coercion   as_int, as_int_list, as_float, as_bool, check_softmax_scale
     tensors    check_tensor, check_same_device, check_weight, check_like, check_vector, check_range
     values     has_values (False for meta / fake tensors and while torch.compile traces: value
                checks, which read device data, are skipped there; shapes, dtypes and devices are not)
@@ -29,6 +29,7 @@ __all__ = [
     "as_int_list",
     "as_float",
     "as_bool",
+    "check_softmax_scale",
     "check_tensor",
     "check_same_device",
     "check_weight",
@@ -103,6 +104,13 @@ def as_float(
     if positive and not out > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return out
+
+
+def check_softmax_scale(value, name: str = "softmax_scale") -> float:
+    """A softmax scale as a float: a finite, non-negative real number (bools, strings, NaN and inf
+    refused), the same rule on every attention backend (the Triton kernels fold the scale into the
+    running max, which needs it >= 0)."""
+    return as_float(value, name, min_value=0.0)
 
 
 def as_bool(value, name: str) -> bool:

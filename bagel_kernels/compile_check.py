@@ -352,7 +352,7 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRA = re.compile(r"\bBRA\s+(?:\w+\s+)?0x([0-9a-f]+)")
 
 
-def _sass_loops(sass: str) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
+def sass_loops(sass: str) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
     """Loops as ``[head, backward branch]`` address ranges, and ``(address, instruction)`` pairs."""
     insts = []
     for line in sass.splitlines():
@@ -393,7 +393,7 @@ def analyse(kernel, arch: int, ptxas_log: str, rep: KernelReport) -> None:
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
         sass = subprocess.run([_nv_tool("cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
-    loops, insts = _sass_loops(sass)
+    loops, insts = sass_loops(sass)
     rep.loops = len(loops)
 
     def in_loop(addr):
@@ -478,11 +478,31 @@ def format_report(reports: list[KernelReport]) -> str:
     return "\n".join(out)
 
 
+def _read_reports(path: str) -> list[KernelReport]:
+    """The reports of one ``--json`` file; ValueError naming the file when it is missing or not one."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise ValueError(f"--merge {path}: cannot be read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--merge {path}: not a JSON file ({exc})") from None
+    try:
+        if not isinstance(data, list):
+            raise TypeError(f"a list of kernel reports, got {type(data).__name__}")
+        return [KernelReport(**r) for r in data]
+    except TypeError as exc:
+        raise ValueError(f"--merge {path}: not a compile_check --json report ({exc})") from None
+
+
 def _merge(paths: list[str]) -> int:
     reports = []
     for p in paths:
-        with open(p) as f:
-            reports += [KernelReport(**r) for r in json.load(f)]
+        try:
+            reports += _read_reports(p)
+        except ValueError as exc:
+            print(f"compile_check: {exc}", file=sys.stderr)
+            return 2
     reports.sort(key=lambda r: (-r.arch, r.name, r.triton))
     print(format_report(reports))
     bad = [r for r in reports if not r.ok]
@@ -507,6 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         return _merge(args.merge)
+    if args.json:  # checked now, not after minutes of compiling
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            why = (
+                "is a folder"
+                if os.path.isdir(args.json)
+                else f"its folder {folder} does not exist or is not writable"
+            )
+            print(f"compile_check: --json {args.json}: {why}", file=sys.stderr)
+            return 2
 
     if interpreting():
         print(

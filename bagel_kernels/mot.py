@@ -786,7 +786,10 @@ def _check_permutation(index: Tensor, N: int, name: str = "index") -> None:
 
 
 def _rows2d(x: Tensor) -> Tensor:
-    return _unit_last(x.reshape(x.shape[0], -1))
+    width = 1
+    for n in x.shape[1:]:
+        width *= n
+    return _unit_last(x.reshape(x.shape[0], width))  # (no -1: ambiguous for zero rows)
 
 
 @torch.library.custom_op("bagel_kernels::permute_rows", mutates_args=())

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import as_int, check_same_device
 from .dispatch import Backend, Family, Request
 from .reference import (
     patch_embed_images_reference,
@@ -91,6 +92,9 @@ def image_patch_coords(
     0, 1, ... of a padded batch, all their patches in BAGEL's order (image by image, row-major);
     ``pos_ids`` are BAGEL's flattened ids ``row * max_num_patches_per_side + col``
     (``get_flattened_position_ids_extrapolate``; default side: the largest grid side)."""
+    patch_size = as_int(patch_size, "patch_size")
+    if patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size}")
     grids = [(h // patch_size, w // patch_size) for h, w in image_sizes]
     side = (
         max_num_patches_per_side
@@ -178,7 +182,7 @@ def _build_record() -> dict | None:
         return None
 
 
-def _build_summary(rec: dict | None) -> str:
+def build_summary(rec: dict | None) -> str:
     if not rec:
         return ""
     tries = ", ".join(
@@ -193,7 +197,7 @@ def _build_summary(rec: dict | None) -> str:
     )
 
 
-def _no_cuda_reason(rec: dict | None) -> str:
+def no_cuda_reason(rec: dict | None) -> str:
     if not rec:
         return "no CUDA kernel (built without CUDA: torch without CUDA or no toolkit at build time; no build record)"
     if rec.get("cuda") == "failed":
@@ -217,6 +221,8 @@ _warned: set[str] = set()
 
 
 def _op_exists() -> bool:
+    # torch._C, justified: the dispatcher's registry is the only place that knows whether the C++ op
+    # (and, below, a kernel for one dispatch key) is registered; torch has no public query for it
     try:
         torch._C._dispatch_find_schema_or_throw(_OP_NAME, "")
     except RuntimeError:
@@ -249,8 +255,8 @@ def _load() -> ExtensionStatus:
                 None,
                 f"{_EXT_MODULE} is not built {why}(install with `pip install --no-build-isolation -e .` "
                 "with torch present; BAGEL_KERNELS_SKIP_EXT=1 or a missing compiler skip it)"
-                + (f"; {_no_cuda_reason(rec)}" if rec and rec.get("cuda") == "failed" else ""),
-                _build_summary(rec),
+                + (f"; {no_cuda_reason(rec)}" if rec and rec.get("cuda") == "failed" else ""),
+                build_summary(rec),
             )
         path = spec.origin
         try:
@@ -264,10 +270,10 @@ def _load() -> ExtensionStatus:
     _register_python_parts()
     cpu, cuda = _has_kernel("CPU"), _has_kernel("CUDA")
     rec = _build_record()
-    missing = [] if cuda else [_no_cuda_reason(rec)]
+    missing = [] if cuda else [no_cuda_reason(rec)]
     if not cpu:
         missing.append("no CPU kernel")
-    return ExtensionStatus(True, cpu, cuda, path, "; ".join(missing), _build_summary(rec))
+    return ExtensionStatus(True, cpu, cuda, path, "; ".join(missing), build_summary(rec))
 
 
 def extension_status() -> ExtensionStatus:
@@ -314,7 +320,7 @@ BACKENDS = PATCH_EMBED.names
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str, dtype_name: str) -> str:
+def resolve_backend(backend: str, device_type: str, dtype_name: str) -> str:
     """Backend that runs for these arguments; records it for :func:`last_backend`. Evaluated eagerly
     (also while torch.compile traces), so loading and warnings stay out of compiled graphs."""
     global _last
@@ -340,6 +346,20 @@ def _resolve(backend: str, device_type: str, dtype_name: str) -> str:
 
 # --------------------------------------------------------------------------- torch.library: fake + autograd
 def _fake(input, weight, bias, pos_table, pos_ids, patch_coords, patch_size, check_indices):
+    # the dispatcher runs the fake whenever one argument is on meta: without this check it would hand
+    # back an uninitialised tensor on the pixels' device for, e.g., pos_ids on meta
+    try:
+        check_same_device(
+            "input",
+            input,
+            weight=weight,
+            bias=bias,
+            pos_table=pos_table,
+            pos_ids=pos_ids,
+            patch_coords=patch_coords,
+        )
+    except ValueError as exc:
+        raise ValueError(f"torch.ops.{_OP_NAME.replace('::', '.')}: {exc}") from None
     n = patch_coords.shape[0] if patch_coords is not None else input.shape[0]
     return input.new_empty((n, weight.shape[0]))
 
@@ -514,7 +534,7 @@ def fused_patch_embed(
     _validate(
         patches.shape[0], patches.shape[1], patches.device, patches.dtype, weight, bias, pos_table, pos_ids
     )
-    which = _resolve(backend, patches.device.type, str(patches.dtype).removeprefix("torch."))
+    which = resolve_backend(backend, patches.device.type, str(patches.dtype).removeprefix("torch."))
     if which == "torch":
         if check_indices and not torch.compiler.is_compiling():
             _check_ranges_torch(pos_table, pos_ids)
@@ -572,7 +592,7 @@ def fused_patch_embed_images(
         pos_table,
         pos_ids,
     )
-    which = _resolve(backend, images.device.type, str(images.dtype).removeprefix("torch."))
+    which = resolve_backend(backend, images.device.type, str(images.dtype).removeprefix("torch."))
     if which == "torch":
         if check_indices and not torch.compiler.is_compiling():
             _check_ranges_torch(pos_table, pos_ids, images, patch_coords, patch_size)

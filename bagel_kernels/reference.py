@@ -252,7 +252,7 @@ def patchify_images(images: Tensor, patch_coords: Tensor, patch_size: int) -> Te
     grid = patch_grid_view(images, patch_size)  # [B, Hp, Wp, p, p, C]
     coords = patch_coords.long()
     patches = grid[coords[:, 0], coords[:, 1], coords[:, 2]]  # [N, p, p, C]
-    return patches.reshape(patches.shape[0], -1)
+    return patches.reshape(patches.shape[0], patch_size * patch_size * images.shape[1])  # N = 0 too
 
 
 def patch_embed_reference(

@@ -1,5 +1,5 @@
 """Triton packed attention (kernels in ``bagel_kernels.attention_triton``, ops and
-``triton_packed_attention`` in ``bagel_kernels.attention``) against the float64 dense reference.
+``triton_packed_attention`` in ``bagel_kernels.attention_triton``) against the float64 dense reference.
 
 CPU: the kernels run under TRITON_INTERPRET=1 (set by conftest) in fp32 and fp16 on packs of a few
 hundred tokens, with the interpreter tile config (fwd 64x32, dK/dV 32x64, dQ 64x32: different on
@@ -16,15 +16,17 @@ import pytest
 import torch
 
 from bagel_kernels import PackedMask, packed_attention
-from bagel_kernels.attention import _packed_attention_bwd, _packed_attention_fwd, triton_packed_attention
 from bagel_kernels.attention_configs import AttnConfig, Blocks
 from bagel_kernels.attention_triton import (
     KernelArgs,
-    _launch_bwd,
-    _launch_fwd,
-    _op_params,
     default_config,
+    launch_bwd,
+    launch_fwd,
+    op_params,
+    packed_attention_bwd,
+    packed_attention_fwd,
     prepare_mask,
+    triton_packed_attention,
 )
 from bagel_kernels.reference import attention_reference
 from bagel_kernels.testing import random_pack, realistic_pack, tolerance
@@ -254,11 +256,11 @@ def test_nan_filled_output_buffers():
     out = torch.full((n, hq, d), float("nan"))
     lse = torch.full((hq, n), float("nan"))
     args = KernelArgs(mask.kv_lo, mask.kv_hi, None, fwd_t, d**-0.5, cfg.blocks(), cfg.launch())
-    _launch_fwd(q, k, v, out, lse, args)
+    launch_fwd(q, k, v, out, lse, args)
     assert not out.isnan().any() and not lse.isnan().any()
     do = torch.randn(n, hq, d)
     grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
-    _launch_bwd(do, q, k, v, out, lse, *grads, args._replace(tables=bwd_t))
+    launch_bwd(do, q, k, v, out, lse, *grads, args._replace(tables=bwd_t))
     for gr in grads:
         assert not gr.isnan().any()
     ref, rgrads = _reference(q, k, v, mask, None, do)
@@ -338,13 +340,13 @@ def _backward_paths(monkeypatch) -> list[bool]:
     """Records the ``onepass`` flag of every backward launch."""
     import bagel_kernels.attention_triton as at
 
-    seen, launch = [], at._launch_bwd
+    seen, launch = [], at.launch_bwd
 
     def spy(*args):
         seen.append(bool(args[-1].onepass))  # the KernelArgs
         return launch(*args)
 
-    monkeypatch.setattr(at, "_launch_bwd", spy)
+    monkeypatch.setattr(at, "launch_bwd", spy)
     return seen
 
 
@@ -444,12 +446,12 @@ def test_onepass_nan_filled_output_buffers():
     accumulator included (zeroed by the delta kernel, NaN would survive otherwise)."""
     mask = _mask(random_pack(random.Random(32), 4, text=(1, 30), image=(1, 40)))
     n, hq, hkv, d = mask.total_len, 4, 2, 24
-    blocks, launch = _op_params(ONEPASS, True)
+    blocks, launch = op_params(ONEPASS, True)
     fwd_t, bwd_t = prepare_mask(mask, ONEPASS, True)
     q, k, v = (t.detach() for t in _make_qkv(n, hq, hkv, d, torch.float32))
     out, lse = torch.empty(n, hq, d), torch.empty(hq, n)
     args = KernelArgs(mask.kv_lo, mask.kv_hi, None, fwd_t, d**-0.5, blocks, launch)
-    _launch_fwd(q, k, v, out, lse, args)
+    launch_fwd(q, k, v, out, lse, args)
     do = torch.randn(n, hq, d)
     grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
     real_empty = torch.empty
@@ -462,7 +464,7 @@ def test_onepass_nan_filled_output_buffers():
 
     at.torch.empty = nan_empty
     try:
-        _launch_bwd(do, q, k, v, out, lse, *grads, args._replace(tables=bwd_t, onepass=True))
+        launch_bwd(do, q, k, v, out, lse, *grads, args._replace(tables=bwd_t, onepass=True))
     finally:
         at.torch.empty = real_empty
     for gr in grads:
@@ -523,12 +525,12 @@ def test_tma_forward_under_interpreter(d, dtype):
     """``tma=1``: the forward reads K/V through tensor descriptors (two per tensor for a split head
     dim); views into NaN-filled buffers check that rows >= N and columns >= D come back as zeros.
     With a row index the launcher falls back to pointer loads."""
-    from bagel_kernels.attention_triton import _stride_align, _tma_usable
+    from bagel_kernels.attention_triton import stride_align, tma_usable
 
     mask = _mask(random_pack(random.Random(60 + d), 3, text=(1, 30), image=(1, 40)))
     q, k, v = _make_qkv(mask.total_len, 4, 2, d, dtype, nan_pad=True)
-    assert _tma_usable(q, k, v, None, _stride_align((k, v)))
-    assert not _tma_usable(q, k, v, mask.kv_lo, _stride_align((k, v)))
+    assert tma_usable(q, k, v, None, stride_align((k, v)))
+    assert not tma_usable(q, k, v, mask.kv_lo, stride_align((k, v)))
     _check_against_reference(q, k, v, mask, dtype, config=AttnConfig(tma=1))
 
 
@@ -556,7 +558,7 @@ def test_bad_inputs_raise_value_error():
     cfg = default_config("cpu", torch.float32, 16)
     fwd_t, bwd_t = prepare_mask(PackedMask.from_splits([300], [300], ["causal"]), cfg)
     with pytest.raises(ValueError, match="fwd_tables"):
-        _packed_attention_fwd(
+        packed_attention_fwd(
             q, kv, kv, mask.kv_lo, mask.kv_hi, None, list(fwd_t), list(bwd_t), 0.25, list(cfg.blocks()),
             list(cfg.launch()),
         )  # fmt: skip
@@ -587,15 +589,15 @@ def test_rows_whose_best_score_is_below_minus_1e30(one_hot):
 def test_stride_alignment_of_model_layouts():
     """The launchers pass strides divided by the largest power of two (at most one 16-byte vector)
     that divides all of them: SigLIP's fused-qkv views (3456, 72) give 8 for bf16; odd strides 1."""
-    from bagel_kernels.attention_triton import _stride_align
+    from bagel_kernels.attention_triton import stride_align
 
     qkv = torch.empty(10, 3456, dtype=torch.bfloat16)
     q = qkv[:, :1152].view(10, 16, 72)
-    assert _stride_align((q, torch.empty(10, 16, 72, dtype=torch.bfloat16))) == 8
-    assert _stride_align((torch.empty(10, 4, 128),)) == 4  # fp32: 4 elements per 16 bytes
-    assert _stride_align((torch.empty(10, 3, 37, dtype=torch.float16),)) == 1
-    assert _stride_align((torch.empty(10, 2, 36, dtype=torch.float16),)) == 4
-    assert _stride_align((torch.empty(10, 2, 64).expand(10, 2, 64)[:, :1],)) == 4
+    assert stride_align((q, torch.empty(10, 16, 72, dtype=torch.bfloat16))) == 8
+    assert stride_align((torch.empty(10, 4, 128),)) == 4  # fp32: 4 elements per 16 bytes
+    assert stride_align((torch.empty(10, 3, 37, dtype=torch.float16),)) == 1
+    assert stride_align((torch.empty(10, 2, 36, dtype=torch.float16),)) == 4
+    assert stride_align((torch.empty(10, 2, 64).expand(10, 2, 64)[:, :1],)) == 4
 
 
 # ------------------------------------------------------------------------------------------ registered ops: bad input
@@ -710,7 +712,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from bagel_kernels import PackedMask
 from bagel_kernels.attention_configs import AttnConfig, Blocks
-from bagel_kernels.attention_triton import BwdTables, FwdTables, KernelArgs, _launch_bwd, _launch_fwd, prepare_mask
+from bagel_kernels.attention_triton import BwdTables, FwdTables, KernelArgs, launch_bwd, launch_fwd, prepare_mask
 from bagel_kernels.testing import random_pack
 
 mask = PackedMask.from_splits(*random_pack(random.Random(3), 3, text=(1, 20), image=(1, 20)).as_tuple())
@@ -724,9 +726,9 @@ bad_bwd = BwdTables(*[big(t, 10**6) for t in bwd_t[:5]], big(bwd_t[5], -7), big(
 ridx = torch.full((n,), 10**6, dtype=torch.int32)
 out, lse = torch.zeros(n, 2, 16), torch.zeros(2, n)
 args = KernelArgs(mask.kv_lo, mask.kv_hi, ridx, bad_fwd, 0.25, cfg.blocks(), cfg.launch())
-_launch_fwd(q, k, v, out, lse, args)
+launch_fwd(q, k, v, out, lse, args)
 grads = [torch.zeros_like(t) for t in (q, k, v)]
-_launch_bwd(torch.randn(n, 2, 16), q, k, v, out, lse, *grads, args._replace(tables=bad_bwd))
+launch_bwd(torch.randn(n, 2, 16), q, k, v, out, lse, *grads, args._replace(tables=bad_bwd))
 print("survived", all(bool(torch.isfinite(t).all()) for t in [out, *grads]))
 """
 
@@ -760,7 +762,7 @@ def test_tuned_table_lookup(tmp_path, monkeypatch):
              "config": {"block_m": 64, "fwd_warps": 4}}  # fmt: skip
     path.write_text(json.dumps({"format": 1, "entries": [entry]}))
     monkeypatch.setenv(ac.TABLE_ENV, str(path))
-    ac._table_cache.clear()
+    ac.clear_table_cache()
     base = ac.default_for(90, False, 72, "3.6")
     got = ac.config_for((9, 0), torch.bfloat16, 72, "3.6.0")
     assert (got.block_m, got.fwd_warps) == (64, 4) and got.block_n == base.block_n
@@ -768,12 +770,12 @@ def test_tuned_table_lookup(tmp_path, monkeypatch):
     assert ac.config_for(90, torch.float16, 72, "3.6") == base
     assert ac.config_for(80, torch.bfloat16, 72, "3.6") == ac.default_for(80, False, 72, "3.6")
     path.write_text(json.dumps({"format": 1, "entries": [dict(entry, config={"block_q": 64})]}))
-    ac._table_cache.clear()
+    ac.clear_table_cache()
     with pytest.warns(UserWarning, match="malformed"):
         assert ac.config_for(90, torch.bfloat16, 72, "3.6") == base
     with pytest.raises(ValueError, match="unknown AttnConfig fields"):
         ac.load_tuned_table(path)
-    ac._table_cache.clear()
+    ac.clear_table_cache()
 
 
 def test_package_table_is_valid():
@@ -811,12 +813,12 @@ def test_config_variants_and_onepass_flip(tmp_path, monkeypatch):
     entry = {"arch": "sm90", "triton": "3.6", "dtype": "bf16", "head_dim": 128, "config": {"onepass": 1}}
     path.write_text(json.dumps({"format": 1, "entries": [entry]}))
     monkeypatch.setenv(ac.TABLE_ENV, str(path))
-    ac._table_cache.clear()
+    ac.clear_table_cache()
     try:
         assert ac.config_for(90, torch.bfloat16, 128, "3.6").onepass == 1
         assert ac.config_for(90, torch.bfloat16, 72, "3.6").onepass == 0
     finally:
-        ac._table_cache.clear()
+        ac.clear_table_cache()
 
 
 # ------------------------------------------------------------------------------------------ torch.library
@@ -838,7 +840,7 @@ def _op_args(n=40, hq=2, hkv=1, d=16):
 def test_opcheck_fwd():
     mask, cfg, fwd_t, bwd_t, q, k, v = _op_args()
     args = (q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, *_op_lists(cfg))
-    torch.library.opcheck(_packed_attention_fwd, args)
+    torch.library.opcheck(packed_attention_fwd, args)
 
 
 def test_opcheck_fwd_row_index():
@@ -846,7 +848,7 @@ def test_opcheck_fwd_row_index():
     ridx = torch.randperm(mask.total_len).to(torch.int32)
     args = (q, k, v, mask.kv_lo, mask.kv_hi, ridx, fwd_t, bwd_t, 0.25, *_op_lists(cfg))
     torch.library.opcheck(
-        _packed_attention_fwd,
+        packed_attention_fwd,
         args,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
@@ -855,12 +857,12 @@ def test_opcheck_fwd_row_index():
 def test_opcheck_bwd():
     mask, cfg, fwd_t, bwd_t, q, k, v = _op_args()
     q, k, v = (t.detach() for t in (q, k, v))
-    out, lse = _packed_attention_fwd(
+    out, lse = packed_attention_fwd(
         q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, *_op_lists(cfg)
     )
     do = torch.randn_like(out)
     args = (do, q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, 0.25, *_op_lists(cfg))
-    torch.library.opcheck(_packed_attention_bwd, args)
+    torch.library.opcheck(packed_attention_bwd, args)
 
 
 def test_opcheck_onepass_and_variants():
@@ -869,15 +871,15 @@ def test_opcheck_onepass_and_variants():
     mask, _, _, _, q, k, v = _op_args(d=24)
     cfg = _square_tiles(16, onepass=1, onepass_block_m=16, onepass_block_n=32)
     fwd_t, bwd_t = (list(t) for t in prepare_mask(mask, cfg, True))
-    blocks, launch = (list(t) for t in _op_params(cfg, True))
+    blocks, launch = (list(t) for t in op_params(cfg, True))
     args = (q, k, v, mask.kv_lo, mask.kv_hi, None, fwd_t, bwd_t, 0.25, blocks, launch, False, True, True)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(_packed_attention_fwd, args, test_utils=utils)
+    torch.library.opcheck(packed_attention_fwd, args, test_utils=utils)
     q, k, v = (t.detach() for t in (q, k, v))
-    out, lse = _packed_attention_fwd(q, k, v, *args[3:11])
+    out, lse = packed_attention_fwd(q, k, v, *args[3:11])
     bargs = (torch.randn_like(out), q, k, v, out, lse, mask.kv_lo, mask.kv_hi, None, bwd_t, 0.25, blocks, launch,
              True, True)  # fmt: skip
-    torch.library.opcheck(_packed_attention_bwd, bargs, test_utils=utils)
+    torch.library.opcheck(packed_attention_bwd, bargs, test_utils=utils)
 
 
 def test_torch_compile_fullgraph():

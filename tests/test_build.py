@@ -90,6 +90,6 @@ def test_failed_cuda_build_is_recorded(tmp_path):
     assert "fake_kernel.cu(1): error: this CUDA toolkit is a test double" in attempt["error_tail"]
     from bagel_kernels import patch_embed
 
-    reason = patch_embed._no_cuda_reason(rec)
+    reason = patch_embed.no_cuda_reason(rec)
     assert "the CUDA build FAILED" in reason and "test double" in reason and str(root) in reason
-    assert "cuda+cpu FAILED" in patch_embed._build_summary(rec)
+    assert "cuda+cpu FAILED" in patch_embed.build_summary(rec)

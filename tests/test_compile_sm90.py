@@ -128,7 +128,7 @@ def test_specs_specialise_like_the_runtime():
 
 
 def test_sass_loop_analysis():
-    from bagel_kernels.compile_check import _sass_loops
+    from bagel_kernels.compile_check import sass_loops
 
     sass = """
         /*0100*/                   MOV R1, R2 ;
@@ -138,7 +138,7 @@ def test_sass_loop_analysis():
         /*0140*/                   LDL R3, [R1] ;
         /*0150*/                   BRA 0x150;
     """
-    loops, insts = _sass_loops(sass)
+    loops, insts = sass_loops(sass)
     assert loops == [(0x110, 0x130)]
     assert [a for a, t in insts if "STL" in t or "LDL" in t] == [0x120, 0x140]
 

@@ -486,11 +486,11 @@ def test_fallback_reports_and_warns_once(monkeypatch):
         warnings.simplefilter("always")
         # "auto" falls back only where the extension would have run: CUDA tensors (resolved directly,
         # no GPU needed); on CPU "auto" is the torch path by choice, without a warning
-        assert pe._resolve("auto", "cuda", "float32") == "torch"
-        pe._resolve("auto", "cuda", "float32")
+        assert pe.resolve_backend("auto", "cuda", "float32") == "torch"
+        pe.resolve_backend("auto", "cuda", "float32")
         out = pe.fused_patch_embed(**kw)
         assert pe.last_backend() == ("torch", "auto: the torch path (BLAS) is the fastest on CPU")
-        pe._resolve("auto", "cuda", "float32")
+        pe.resolve_backend("auto", "cuda", "float32")
     fallbacks = [w for w in caught if "falls back" in str(w.message)]
     assert len(fallbacks) == 1 and "not built (test)" in str(fallbacks[0].message)
     name, why = pe.last_backend()
@@ -511,7 +511,7 @@ def test_disable_env_reports_reason_in_fresh_process():
         "with warnings.catch_warnings(record=True) as c:\n"
         "    warnings.simplefilter('always')\n"
         "    pe.fused_patch_embed(x, w)\n"
-        "    pe._resolve('auto', 'cuda', 'float32')\n"
+        "    pe.resolve_backend('auto', 'cuda', 'float32')\n"
         "assert pe.last_backend()[0] == 'torch' and any('falls back' in str(m.message) for m in c)\n"
         "print('ok')\n"
     )
