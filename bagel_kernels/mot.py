@@ -775,13 +775,21 @@ def mot_linear(
 
 
 # ============================================================================================ permutation
+def _not_permutation(index: Tensor, N: int) -> Tensor:
+    """bool ``[1]`` on index's device, True unless ``index`` (length N) is a permutation: every entry
+    in range and every row hit (no host sync)."""
+    if N == 0:
+        return torch.zeros(1, dtype=torch.bool, device=index.device)
+    seen = torch.zeros(N, dtype=torch.bool, device=index.device)
+    seen[index.long().clamp(0, N - 1)] = True
+    return (~(((index >= 0) & (index < N)).all() & seen.all())).reshape(1)
+
+
 def _check_permutation(index: Tensor, N: int, name: str = "index") -> None:
     """index (length N) is a permutation iff all entries are in range and every row is hit."""
     if N == 0:
         return
-    seen = torch.zeros(N, dtype=torch.bool, device=index.device)
-    seen[index.long().clamp(0, N - 1)] = True
-    if not bool(((index >= 0) & (index < N)).all() & seen.all()):  # one host sync
+    if bool(_not_permutation(index, N)):  # one host sync
         raise ValueError(f"{name} is not a permutation of range({N})")
 
 
@@ -944,7 +952,9 @@ class GroupedOrder:
 
     __slots__ = ("perm", "inv", "n_und", "total")
 
-    def __init__(self, und_indexes: Tensor, gen_indexes: Tensor, total: int) -> None:
+    def __init__(
+        self, und_indexes: Tensor, gen_indexes: Tensor, total: int, *, _values_checked: bool = False
+    ) -> None:
         total = as_int(total, "total")
         if total < 0:
             raise ValueError(f"total must be a non-negative int, got {total!r}")
@@ -960,7 +970,7 @@ class GroupedOrder:
                 f"und_indexes ({n_und}) and gen_indexes ({gen_indexes.numel()}) must together hold total={total} tokens"
             )
         perm = torch.cat((und_indexes, gen_indexes)).long()
-        if has_values(perm):
+        if not _values_checked and has_values(perm):
             try:
                 _check_permutation(perm, total, "und_indexes + gen_indexes")
             except ValueError:
@@ -971,6 +981,21 @@ class GroupedOrder:
         object.__setattr__(self, "inv", _inverse_permutation(perm))
         object.__setattr__(self, "n_und", n_und)
         object.__setattr__(self, "total", total)
+
+    @staticmethod
+    def partition_flags(und_indexes: Tensor, gen_indexes: Tensor, total: int) -> Tensor:
+        """bool ``[1]`` on the indexes' device, True unless ``und_indexes`` + ``gen_indexes`` partition
+        ``range(total)``: the check of the constructor as a device flag (no host sync), for a caller
+        that reads many checks back at once. Read it back, then build with :meth:`from_checked`."""
+        perm = torch.cat((und_indexes, gen_indexes)).long()
+        return _not_permutation(perm, as_int(total, "total"))
+
+    @classmethod
+    def from_checked(cls, und_indexes: Tensor, gen_indexes: Tensor, total: int) -> GroupedOrder:
+        """The order of indexes whose :meth:`partition_flags` the caller has read back as False (the
+        model's one read-back of all its input checks): every check of the constructor but the values
+        (no host sync). A partition that was not checked this way breaks the kernels' row addressing."""
+        return cls(und_indexes, gen_indexes, total, _values_checked=True)
 
     def __setattr__(self, name, value):
         raise AttributeError("GroupedOrder is immutable")

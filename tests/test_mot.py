@@ -331,6 +331,40 @@ def test_grouped_order_edge_cases_and_types():
         mot.grouped_order(torch.arange(3), torch.arange(0), -1)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_grouped_order_is_a_validated_value(backend):
+    """A GroupedOrder is checked once when built (or its partition flags read back by the caller:
+    from_checked); group_rows/ungroup_rows and PackedMask.with_row_index then take it without a value
+    check, with the same results as the checked functions, gradients included."""
+    from bagel_kernels import PackedMask
+
+    total = 12
+    gen = torch.tensor([1, 4, 5, 9])
+    und = torch.tensor([i for i in range(total) if i not in (1, 4, 5, 9)])
+    order = mot.grouped_order(und, gen, total)
+    assert isinstance(order, mot.GroupedOrder) and order.total == total and order.n_und == 8
+    assert not bool(mot.GroupedOrder.partition_flags(und, gen, total))
+    assert bool(mot.GroupedOrder.partition_flags(und, torch.tensor([1, 4, 5, 5]), total))
+    checked = mot.GroupedOrder.from_checked(und, gen, total)
+    assert all(torch.equal(a, b) for a, b in zip(order[:2], checked[:2], strict=True))
+    with pytest.raises(AttributeError, match="immutable"):
+        order.n_und = 3
+    x = torch.randn(total, 3, 2, requires_grad=True)
+    g = torch.randn(total, 3, 2)
+    y = mot.group_rows(x, order, backend=backend)
+    (dx,) = torch.autograd.grad(y, x, g)
+    y_ref = mot.permute_rows(x, order.perm, backend=backend)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, g)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    assert torch.equal(mot.ungroup_rows(y, order, backend=backend), x)
+    mask = PackedMask.from_splits([total], [total], ["causal"])
+    assert torch.equal(mask.with_row_index(order).row_index, mask.with_row_index(order.inv).row_index)
+    with pytest.raises(ValueError, match="covers 12 tokens"):
+        PackedMask.from_splits([5], [5], ["causal"]).with_row_index(order)
+    with pytest.raises(ValueError, match="order must be a GroupedOrder"):
+        mot.group_rows(x, order.perm)
+
+
 # ============================================================================================ validation
 def _bad_calls():
     x = torch.randn(6, 8)
