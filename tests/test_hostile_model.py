@@ -114,3 +114,5 @@ def test_siglip_refuses_fractional_seqlens(model):
     for bad in ([2.5, 1.5], [2.0, 2.0], ["2", "2"], torch.tensor([2.5, 1.5])):
         with pytest.raises(ValueError, match="vit_token_seqlens"):
             vit(patches, ids, vit_token_seqlens=bad)
+    with pytest.raises(ValueError, match="packed_pixel_values must be floating point"):
+        vit((patches * 255).to(torch.uint8), ids, vit_token_seqlens=[2, 2])

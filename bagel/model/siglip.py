@@ -362,7 +362,15 @@ class SiglipVisionModel(HasBackend, nn.Module):
         Give either ``vit_token_seqlens`` (patches per image) or a prebuilt ``mask``.
         ``fused_patch_embed``: the pack's :meth:`fusion_plan` (decided once per pack, outside a
         compiled region); None decides now."""
-        if mask is None:
+        if mask is None:  # called on its own: check here (the BAGEL model passes a prepared pack's mask)
+            width = self.vision_model.embeddings.patch_dim
+            if not isinstance(packed_pixel_values, torch.Tensor) or packed_pixel_values.dim() != 2:
+                raise ValueError(f"packed_pixel_values must be a [num_patches, {width}] tensor")
+            if packed_pixel_values.shape[1] != width or not packed_pixel_values.is_floating_point():
+                raise ValueError(
+                    f"packed_pixel_values must be floating point [num_patches, {width}] (normalised pixel "
+                    f"patches), got {packed_pixel_values.dtype} {tuple(packed_pixel_values.shape)}"
+                )
             if vit_token_seqlens is None:
                 raise ValueError("vit_token_seqlens is required (patches per image)")
             lens = as_int_list(vit_token_seqlens, "vit_token_seqlens")
