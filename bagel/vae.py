@@ -75,6 +75,7 @@ AE_KEY_COUNT = 244  # tensors in FLUX.1's ae.safetensors (106 encoder + 138 deco
 _GROUPS = 32  # GroupNorm groups, fixed in the published architecture
 _EPS = 1e-6
 _LOGVAR_RANGE = (-30.0, 20.0)
+_PIXEL_SLACK = 1e-2  # images may exceed [-1, 1] by this much (rounding, a clamped resize)
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,13 @@ class _Decoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- the autoencoder
+def _check_sample_args(sample: Any, generator: Any) -> None:
+    if not isinstance(sample, bool):  # sample="no" would be truthy
+        raise TypeError(f"sample must be a bool, got {sample!r} ({type(sample).__name__})")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def _positive_int_or_none(value: Any, name: str) -> int | None:
     if value is None:
         return None
@@ -351,7 +359,9 @@ class FluxVAE(nn.Module):
         every dtype, up to rounding): convolutions ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for weight and
         bias, GroupNorm ``weight = 1 + 0.1 N(0, 1)``, ``bias = 0.1 N(0, 1)`` (not the identity, so that a
         test notices a norm loaded into the wrong place). Returns ``self``."""
-        gen = torch.Generator().manual_seed(int(seed))
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        gen = torch.Generator().manual_seed(seed)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 bound = 1.0 / math.sqrt(module.weight[0].numel())
@@ -425,6 +435,9 @@ class FluxVAE(nn.Module):
                 t = f.get_tensor(k)
                 if not t.is_floating_point():
                     raise ValueError(f"{file}: {k} has dtype {t.dtype}, expected a floating dtype")
+                if not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise ValueError(f"{file}: {k} holds {bad} NaN/inf value(s): the file is corrupt")
                 state[k] = t.to(device=device, dtype=dtype)
                 del t
         model.load_state_dict(state, strict=True, assign=True)
@@ -446,7 +459,17 @@ class FluxVAE(nn.Module):
                 f"{name} has shape {list(images.shape)}: B must be >= 1 and H, W positive multiples of {f} "
                 f"(the VAE's downsampling factor)"
             )
-        return images.to(device=self.device, dtype=self.dtype)
+        x = images.to(device=self.device, dtype=self.dtype)
+        # pixels in [0, 255] or [0, 1]-then-shifted-twice encode to plausible-looking wrong latents; NaN
+        # pixels to NaN latents: both are refused (a small slack for rounding in low precision)
+        lo, hi = torch.aminmax(images.detach().float())
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1 - _PIXEL_SLACK or hi > 1 + _PIXEL_SLACK:
+            raise ValueError(
+                f"{name} must hold finite values in [-1, 1], got values in [{lo:g}, {hi:g}] "
+                "(uint8 pixels map as x / 127.5 - 1)"
+            )
+        return x
 
     @torch.no_grad()
     def encode(
@@ -462,6 +485,7 @@ class FluxVAE(nn.Module):
         from ``generator``, on the generator's device, for the whole batch at once) or the posterior
         mean (``sample=False``). ``micro_batch_size`` encodes ``B`` in chunks of that many images; the
         result does not depend on it."""
+        _check_sample_args(sample, generator)
         x = self._check_images(images, "images")
         mbs = _positive_int_or_none(micro_batch_size, "micro_batch_size")
         f, zc = self.config.downsample_factor, self.config.z_channels
@@ -500,6 +524,8 @@ class FluxVAE(nn.Module):
             raise ValueError(f"latents must be [B, {zc}, h, w] with B, h, w >= 1, got {list(latents.shape)}")
         if not latents.is_floating_point():
             raise TypeError(f"latents must be a floating tensor, got {latents.dtype}")
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents hold NaN or inf values")
         mbs = _positive_int_or_none(micro_batch_size, "micro_batch_size")
         z = (
             latents.to(device=self.device, dtype=self.dtype) / self.config.scale_factor
@@ -531,7 +557,10 @@ class FluxVAE(nn.Module):
         the latent sides must be multiples of it (the latent patch size)."""
         if isinstance(images, Tensor) or not isinstance(images, Sequence) or len(images) == 0:
             raise ValueError("images must be a non-empty list of [3, H, W] tensors")
+        _check_sample_args(sample, generator)
         mbs = _positive_int_or_none(micro_batch_size, "micro_batch_size")
+        if _positive_int_or_none(multiple_of, "multiple_of") is None:
+            raise ValueError("multiple_of must be a positive int, got None")
         f, zc = self.config.downsample_factor, self.config.z_channels
         side = f * multiple_of
         checked = []
@@ -693,6 +722,7 @@ def to_diffusers_state_dict(
 
 # ---------------------------------------------------------------------------------------------- bagel-encode
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_MAX_IMAGE_SIDE = 8192  # --image-size: larger sides only exhaust memory in the encoder
 
 
 @dataclass
@@ -710,31 +740,71 @@ class _EncodeArgs:
     column: str
 
 
+def _rgb(img: Any) -> Any:
+    """An opened PIL image -> RGB, the way the data pipeline does it (``bagel.data.transforms``):
+    16-bit samples scaled to 8 bits (PIL's convert clips them, whitening the image), transparent
+    pixels over white; a float (mode F) image has no pixel range and is refused."""
+    import numpy as np
+    from PIL import Image
+
+    img.load()
+    if img.mode == "F":
+        raise ValueError("a floating-point image (mode F) has no defined pixel range")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return img.convert("RGB")
+
+
 def _iter_images(source: str, column: str) -> Iterator[tuple[str, Any]]:
-    """``(name, PIL image)`` for every image file of a folder (sorted by name) or every row of a
-    parquet file's ``column`` (bytes, or a ``{"bytes": ...}`` struct as Hugging Face datasets write)."""
+    """``(name, PIL image or the reason it is unusable)`` for every image file of a folder (sorted by
+    name) or every row of a parquet file's ``column`` (bytes, or a ``{"bytes": ...}`` struct as Hugging
+    Face datasets write). An unreadable image comes as a string (it is skipped and counted)."""
     import io
 
     with needs_extra():
         from PIL import Image
 
+    def opened(fp: Any) -> Any:
+        try:
+            with Image.open(fp) as img:
+                return _rgb(img)
+        except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+            return f"{type(e).__name__}: {e}"
+
     if os.path.isdir(source):
         for name in sorted(os.listdir(source)):
             if name.lower().endswith(_IMAGE_SUFFIXES):
-                with Image.open(os.path.join(source, name)) as img:
-                    yield os.path.splitext(name)[0], img.convert("RGB")
+                path = os.path.join(source, name)
+                stem = os.path.splitext(name)[0]
+                yield stem, opened(path) if os.path.isfile(path) else "not a regular file"
         return
     with needs_extra():
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-    table = pq.read_table(source, columns=[column])
-    for row, value in enumerate(table.column(column).to_pylist()):
-        if isinstance(value, dict):
-            value = value.get("bytes")
-        if not isinstance(value, (bytes, bytearray)):
-            raise ValueError(f"{source}: row {row} of column {column!r} holds no image bytes")
-        with Image.open(io.BytesIO(value)) as img:
-            yield f"{row:08d}", img.convert("RGB")
+    try:
+        pf = pq.ParquetFile(source)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{source} is not a readable parquet file ({e})") from None
+    if column not in pf.schema_arrow.names:
+        raise ValueError(f"{source} has no column {column!r} (columns: {pf.schema_arrow.names})")
+    row = 0
+    for rg in range(pf.num_row_groups):  # one row group in memory at a time
+        for value in pf.read_row_group(rg, columns=[column]).column(column).to_pylist():
+            if isinstance(value, dict):
+                value = value.get("bytes")
+            name = f"{row:08d}"
+            row += 1
+            if not isinstance(value, (bytes, bytearray)) or not value:
+                yield name, f"row {name} of column {column!r} holds no image bytes"
+            else:
+                yield name, opened(io.BytesIO(value))
 
 
 def _to_tensor(img: Any, size: tuple[int, int] | None, multiple: int) -> Tensor:
@@ -777,6 +847,22 @@ def _parse_encode_args(argv: Sequence[str] | None) -> _EncodeArgs:
     parser.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
     parser.add_argument("--column", default="image", help="the parquet column that holds the image bytes")
     ns = parser.parse_args(argv)
+    for flag, value in (("--seed", ns.seed), ("--tiny-random", ns.tiny_random)):
+        if value is not None and not 0 <= value < 2**64:
+            parser.error(f"{flag} must be in [0, 2**64), got {value}")
+    try:
+        device = torch.device(ns.device)
+    except (RuntimeError, ValueError) as e:
+        parser.error(f"--device {ns.device!r} is not a device ({e})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {ns.device!r}: CUDA is not available on this machine")
+    if ns.image_size is not None and max(ns.image_size) > _MAX_IMAGE_SIDE:
+        parser.error(f"--image-size sides must be at most {_MAX_IMAGE_SIDE}, got {ns.image_size}")
+    out_dir = os.path.dirname(os.path.abspath(ns.output))
+    if os.path.isdir(ns.output):
+        parser.error(f"output {ns.output!r} is a folder")
+    if not os.path.isdir(out_dir):  # found before encoding, not after
+        parser.error(f"the folder of output {ns.output!r} does not exist")
     if not os.path.exists(ns.source):
         parser.error(f"source {ns.source!r} does not exist")
     if not os.path.isdir(ns.source) and not ns.source.endswith(".parquet"):
@@ -787,6 +873,10 @@ def _parse_encode_args(argv: Sequence[str] | None) -> _EncodeArgs:
         parser.error(f"--batch-size must be positive, got {ns.batch_size}")
     if ns.image_size is not None and min(ns.image_size) <= 0:
         parser.error(f"--image-size must be positive, got {ns.image_size}")
+    if ns.image_size is not None and any(v % 8 for v in ns.image_size):
+        parser.error(
+            f"--image-size sides must be multiples of 8 (the VAE's downsampling), got {ns.image_size}"
+        )
     return _EncodeArgs(
         source=ns.source,
         output=ns.output,
@@ -806,8 +896,18 @@ def encode_main(argv: Sequence[str] | None = None) -> int:
     """``bagel-encode SOURCE OUTPUT (--ae FILE | --tiny-random SEED) [...]``: encode every image of a
     folder or parquet file and write the latents (scaled and shifted, as :meth:`FluxVAE.encode` returns
     them) to one safetensors file, with the VAE config and scale/shift in its metadata. Images are
-    resized to ``--image-size`` when given, else center-cropped to multiples of 8. Returns 0."""
+    resized to ``--image-size`` when given, else center-cropped to multiples of 8; an image that does
+    not decode (or is smaller than 8 pixels) is skipped and counted. Returns 0, 1 when encoding fails
+    (one line on stderr), exits 2 on a usage error."""
     args = _parse_encode_args(argv)
+    try:
+        return _encode(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"bagel-encode: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
+
+def _encode(args: _EncodeArgs) -> int:
     with needs_extra():
         from safetensors.torch import save_file
     if args.ae is not None:
@@ -819,6 +919,7 @@ def encode_main(argv: Sequence[str] | None = None) -> int:
     f = vae.config.downsample_factor
     out: dict[str, Tensor] = {}
     batch: list[tuple[str, Tensor]] = []
+    skipped: list[str] = []
 
     def flush() -> None:
         names, imgs = zip(*batch, strict=True)
@@ -826,18 +927,33 @@ def encode_main(argv: Sequence[str] | None = None) -> int:
         out.update((n, lat.contiguous().cpu()) for n, lat in zip(names, lats, strict=True))
         batch.clear()
 
+    seen: set[str] = set()
     for name, img in _iter_images(args.source, args.column):
-        if name in out or any(name == n for n, _ in batch):
+        if name in seen:
             raise ValueError(f"{args.source}: two images share the name {name!r}")
+        seen.add(name)
+        if isinstance(img, str):
+            skipped.append(f"{name} ({img})")
+            continue
+        W, H = img.size if args.image_size is None else args.image_size[::-1]
+        if min(H, W) < f:
+            skipped.append(f"{name} ({W}x{H} pixels, a side below {f})")
+            continue
         batch.append((name, _to_tensor(img, args.image_size, f)))
         if len(batch) == args.batch_size:
             flush()
     if batch:
         flush()
+    if skipped:
+        print(
+            f"bagel-encode: skipped {len(skipped)} unusable image(s): {_listing(skipped, 5)}",
+            file=sys.stderr,
+        )
     if not out:
-        raise ValueError(f"{args.source}: no images found")
+        raise ValueError(f"{args.source}: no usable images found")
     meta = {k: str(v) for k, v in asdict(vae.config).items()}
     meta["sampled"] = str(args.sample)
+    meta["skipped"] = str(len(skipped))
     save_file(out, args.output, metadata=meta)
     print(f"bagel-encode: {len(out)} latents -> {args.output}", file=sys.stderr)
     return 0
