@@ -198,35 +198,39 @@ def test_prepare_routing_reads_once_and_keeps_its_errors():
         prepare_routing(L, torch.tensor([0, 1, 2, 3, 5, 6, 8]), gen, "cpu")
 
 
-def test_trusted_paths_compute_what_the_checked_ones_compute():
-    """The model's unchecked paths (private, used after its one validation) give bit for bit what the
-    public, checked functions give; the public ones keep refusing bad input."""
+def test_validated_grouping_computes_what_the_checked_paths_compute():
+    """The grouping the model builds after its one read-back (GroupedOrder.from_checked, group_rows,
+    ungroup_rows, with_row_index(order)) gives bit for bit what the checked functions give, and reads
+    nothing back; the checked ones keep refusing bad input."""
     und, gen = torch.tensor([0, 2, 3, 5]), torch.tensor([1, 4])
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(
-            mot.grouped_order(und, gen, 6)[:2], mot._grouped_order_trusted(und, gen)[:2], strict=True
-        )
-    )
+    assert not mot.GroupedOrder.partition_flags(und, gen, 6).any()
+    assert mot.GroupedOrder.partition_flags(und, torch.tensor([1, 1]), 6).any()
+    with HostReads() as reads:
+        order = mot.GroupedOrder.from_checked(und, gen, 6)
+    assert reads.where == []
+    checked = mot.grouped_order(und, gen, 6)
+    assert all(torch.equal(a, b) for a, b in zip(order[:2], checked[:2], strict=True))
     backends = ["torch"] + (["triton"] if TRITON else [])
-    perm = torch.randperm(37)
+    und, gen = torch.arange(0, 37, 2), torch.arange(1, 37, 2)
+    order = mot.GroupedOrder.from_checked(und, gen, 37)
     for backend in backends:
         x1 = torch.randn(37, 5, 3, requires_grad=True)
         x2 = x1.detach().clone().requires_grad_()
         g = torch.randn(37, 5, 3)
-        y1 = mot.permute_rows(x1, perm, backend=backend)
+        y1 = mot.permute_rows(x1, order.perm, backend=backend)
         with HostReads() as reads:
-            y2 = mot._permute_rows_trusted(x2, perm, backend=backend)
+            y2 = mot.group_rows(x2, order, backend=backend)
             y2.backward(g)
+            back = mot.ungroup_rows(y2.detach(), order, backend=backend)
         assert reads.where == [], (backend, reads.where)
         y1.backward(g)
-        assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad), backend
+        assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad) and torch.equal(back, x1.detach()), (
+            backend
+        )
         with pytest.raises(ValueError, match="not a permutation"):
             mot.permute_rows(x1, torch.zeros(37, dtype=torch.long), backend=backend)
     mask = PackedMask.from_splits([6, 4], [2, 4, 4], ["causal", "full", "causal"])
     with pytest.raises(ValueError, match="not a permutation"):
         mask.with_row_index(torch.zeros(10, dtype=torch.long))
-    inv = torch.randperm(10)
-    trusted = mask._with_row_index_trusted(inv)
-    inv.zero_()  # the mask owns its copy
-    assert sorted(trusted.row_index.tolist()) == list(range(10))
+    order = mot.GroupedOrder.from_checked(torch.tensor([0, 1, 2, 3, 6, 7]), torch.tensor([4, 5, 8, 9]), 10)
+    assert torch.equal(mask.with_row_index(order).row_index, mask.with_row_index(order.inv).row_index)

@@ -41,7 +41,7 @@ from torch import nn
 from bagel.model.fusion import float_device, float_dtype
 from bagel.model.qwen2 import PackContext, Qwen2ForCausalLM
 from bagel.model.validation import DeviceChecks, as_index
-from bagel_kernels import PackedMask
+from bagel_kernels import PackedMask, mot
 from bagel_kernels.attention import prepare_attention
 from bagel_kernels.checks import as_int, as_int_list
 from bagel_kernels.reference import patchify
@@ -426,10 +426,12 @@ def _check_partition(L: int, text_idx: torch.Tensor, vit_idx, vae_idx, checks: D
         )
     for n, t in parts:
         checks.in_range(t, n, L, "sequence_length")
-    # L indexes in range partition range(L) iff sorted they are 0..L-1 (no bincount: it syncs on CUDA)
-    every = torch.sort(torch.cat([t for _, t in parts])).values
+    # the grouping's own partition check (understanding = text + ViT, generation = VAE), as a device
+    # flag read back with the others; Qwen2Model.build_context then builds GroupedOrder.from_checked
+    und = torch.cat([t for n, t in parts if n != "packed_vae_token_indexes"])
+    gen = vae_idx if vae_idx is not None else und.new_zeros(0)
     checks.add(
-        every != torch.arange(L, device=every.device),
+        mot.GroupedOrder.partition_flags(und, gen, L),
         "packed_text_indexes, packed_vit_token_indexes and packed_vae_token_indexes overlap: "
         "they must partition range(sequence_length)",
     )

@@ -344,11 +344,19 @@ class PackContext:
     mask: PackedMask
     backend: BagelBackendConfig
     freeze_und: bool = False
-    # grouped row -> token (``perm``) and token -> grouped row (``inv``, = ``mask.row_index``); None
-    # when the grouped order is the pack order
-    perm: torch.Tensor | None = None
-    inv: torch.Tensor | None = None
+    # the grouping by expert (validated), or None when the grouped order is the pack order
+    order: mot.GroupedOrder | None = None
     fusion: FusionPlan | None = None
+
+    @property
+    def perm(self) -> torch.Tensor | None:
+        """Grouped row -> token (None: the pack order)."""
+        return None if self.order is None else self.order.perm
+
+    @property
+    def inv(self) -> torch.Tensor | None:
+        """Token -> grouped row (= the mask's row index; None: the pack order)."""
+        return None if self.order is None else self.order.inv
 
     def layer_fusion(self, layer_idx: int | None, owner: nn.Module) -> LayerFusion:
         """The plan of layer ``layer_idx``; decided now from ``owner`` when the pack has no plan."""
@@ -623,10 +631,8 @@ def routing_indexes(
             _raise_cover(und.numel(), gen.numel(), L)
     for name, t in (("packed_und_token_indexes", und), ("packed_gen_token_indexes", gen)):
         checks.add((t < 0) | (t >= L), f"{name} has entries outside [0, {L})")
-    # in range and L of them: a partition iff sorted they are 0..L-1 (no bincount: it syncs on CUDA)
-    every = torch.sort(torch.cat([und, gen])).values
     checks.add(
-        every != torch.arange(every.numel(), device=every.device),
+        mot.GroupedOrder.partition_flags(und, gen, L),
         "packed_und_token_indexes and packed_gen_token_indexes overlap or repeat an index: "
         "they must partition range(sequence_length)",
     )
@@ -791,14 +797,13 @@ class Qwen2Model(HasBackend, nn.Module):
         one read-back)."""
         L = mask.total_len
         n_und = L if routing is None else routing[0].numel()
-        perm = inv = None
+        order = None
         if 0 < n_und < L:
-            # group once: understanding rows [0, n_und), generation rows [n_und, L); un-permute at exit
-            # private kernel paths (justified): the caller's ONE read-back validated the partition;
-            # mot.grouped_order would read the values back a second time (see bagel.model.validation)
-            perm, inv, n_und = mot._grouped_order_trusted(*routing)
-            pos = pos[perm]
-            mask = mask._with_row_index_trusted(inv)
+            # group once: understanding rows [0, n_und), generation rows [n_und, L); un-permute at exit.
+            # from_checked: the caller read GroupedOrder.partition_flags back with its other checks
+            order = mot.GroupedOrder.from_checked(*routing, L)
+            pos = pos[order.perm]
+            mask = mask.with_row_index(order)
         # else: all rows on one side, the pack order is already grouped
         prepare_attention(mask, device, dtype, self.head_dim, self.backend.attention)
         # [L, D] each, in grouped row order
@@ -810,8 +815,7 @@ class Qwen2Model(HasBackend, nn.Module):
             mask=mask,
             backend=self.backend,
             freeze_und=self.freeze_und,
-            perm=perm,
-            inv=inv,
+            order=order,
             fusion=self.fusion_plan(),
         )
 
@@ -858,8 +862,8 @@ class Qwen2Model(HasBackend, nn.Module):
             dtype=packed_sequence.dtype,
         )
         x = packed_sequence
-        if ctx.perm is not None:
-            x = mot._permute_rows_trusted(packed_sequence, ctx.perm, backend=ctx.backend.mot)
+        if ctx.order is not None:
+            x = mot.group_rows(packed_sequence, ctx.order, backend=ctx.backend.mot)
         return x, ctx, ctx.inv
 
     def decode(self, x: torch.Tensor, ctx: PackContext) -> torch.Tensor:
@@ -888,8 +892,8 @@ class Qwen2Model(HasBackend, nn.Module):
         :meth:`prepare_pack`, :meth:`decode`, un-permute."""
         x, ctx, inv = self.prepare_pack(*args, **kwargs)
         x = self.decode(x, ctx)
-        if inv is not None:
-            x = mot._permute_rows_trusted(x, inv, backend=ctx.backend.mot)
+        if ctx.order is not None:
+            x = mot.ungroup_rows(x, ctx.order, backend=ctx.backend.mot)
         return x
 
     def forward(self, *args, **kwargs) -> torch.Tensor:

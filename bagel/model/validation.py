@@ -5,11 +5,9 @@ partition of the sequence, ...) run on the tensors' device and are collected in 
 :class:`DeviceChecks`, which reads them all back in ONE host synchronisation. A public entry point
 (``BagelForUnifiedMultimodal.forward`` / ``prepare_pack``, ``Qwen2Model.prepare_context``,
 :func:`bagel.model.qwen2.prepare_routing`) validates once this way and then builds on the validated tensors
-without checking them again (the mask's truncation is checked on its host copy, with no device read).
-The one exception to "no private name across files" is the grouping by expert: until
-:mod:`bagel_kernels.mot` offers a grouped order built from indexes the caller validated in its own
-read-back, ``Qwen2Model.build_context`` uses ``mot._grouped_order_trusted``,
-``PackedMask._with_row_index_trusted`` and ``mot._permute_rows_trusted`` (see the comment there).
+without checking them again: the mask's truncation is checked on its host copy (no device read), and
+the grouping by expert is built with ``bagel_kernels.mot.GroupedOrder.from_checked`` after its
+``partition_flags`` were read back with the other checks.
 """
 
 from __future__ import annotations
