@@ -43,7 +43,7 @@ Every Triton path is a ``torch.library.custom_op`` in the ``bagel_kernels`` name
 from __future__ import annotations
 
 import importlib.util
-from typing import NamedTuple, get_type_hints
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -164,15 +164,6 @@ def _op_check(op: str, fn, *args) -> None:
         fn(*args)
     except ValueError as exc:
         raise ValueError(f"torch.ops.bagel_kernels.{op}: {exc}") from None
-
-
-# torch.library's schema types of the annotations the ops' inputs use (what infer_schema gives them)
-_SCHEMA_TYPES = {Tensor: "Tensor", Tensor | None: "Tensor?", int: "SymInt", float: "float"}
-
-
-def _schema_args(inputs: type) -> str:
-    """The schema's argument list of an op whose inputs the NamedTuple ``inputs`` declares, in order."""
-    return ", ".join(f"{_SCHEMA_TYPES[t]} {name}" for name, t in get_type_hints(inputs).items())
 
 
 def _check_rows(x: Tensor, n_und, width: int, *, ref_name: str = "x") -> None:
@@ -366,10 +357,9 @@ def mot_rms_norm(
 
 # ============================================================================================ q/k norm + rope
 class _QKInputs(NamedTuple):
-    """The inputs of the q/k op, in its schema's order; the backward op takes them too, after the
-    output gradients. The two ops' schemas are built from this one declaration (:data:`_QK_SCHEMA`),
-    so their Python bodies take ``*inputs``. (Flat parameter lists stay where they are the documented
-    API: :func:`mot_qk_norm_rope` and its reference.)"""
+    """The inputs of the q/k op, in its schema's order, bundled inside the op bodies (every op of the
+    package is declared one way: a flat, typed Python signature from which torch.library infers the
+    schema; op schemas are the documented exception to the ~10-parameter rule)."""
 
     q: Tensor
     k: Tensor
@@ -384,9 +374,6 @@ class _QKInputs(NamedTuple):
 
     def weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.q_weight_und, self.q_weight_gen, self.k_weight_und, self.k_weight_gen
-
-
-_QK_SCHEMA = _schema_args(_QKInputs)
 
 
 def _qk_kernel_args(op: str, a: _QKInputs):
@@ -411,40 +398,36 @@ def _qk_out_dtype(a: _QKInputs) -> torch.dtype:
     return _norm_out_dtype(a.q.dtype, a.q_weight_und.dtype)
 
 
-@torch.library.custom_op(
-    "bagel_kernels::mot_qk_norm_rope", mutates_args=(), schema=f"({_QK_SCHEMA}) -> (Tensor, Tensor)"
-)
-def _mot_qk_norm_rope_op(*inputs) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("bagel_kernels::mot_qk_norm_rope", mutates_args=())
+def _mot_qk_norm_rope_op(
+    q: Tensor, k: Tensor, n_und: int, q_weight_und: Tensor, q_weight_gen: Tensor, k_weight_und: Tensor,
+    k_weight_gen: Tensor, cos: Tensor, sin: Tensor, eps: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     from .mot_triton import qk_norm_rope_fwd
 
-    a = _QKInputs(*inputs)
+    a = _QKInputs(q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps)
     return qk_norm_rope_fwd(_qk_kernel_args("mot_qk_norm_rope", a), _qk_out_dtype(a))
 
 
 @_mot_qk_norm_rope_op.register_fake
-def _(*inputs):
-    a = _QKInputs(*inputs)
+def _(q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps):
+    a = _QKInputs(q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps)
     _op_check("mot_qk_norm_rope", _check_qk_kernel_args, a.q, a.k, a.n_und, a.weights(), a.cos, a.sin)
     dt = _qk_out_dtype(a)
     return a.q.new_empty(a.q.shape, dtype=dt), a.k.new_empty(a.k.shape, dtype=dt)
 
 
-_QK_GRADS = ", ".join(["Tensor"] * 8)  # dq, dk, the four weights' gradients, dcos, dsin
-
-
-@torch.library.custom_op(
-    "bagel_kernels::mot_qk_norm_rope_backward",
-    mutates_args=(),
-    schema=f"(Tensor dq_out, Tensor dk_out, {_QK_SCHEMA}, bool need_cos_sin) -> ({_QK_GRADS})",
-)
-def _mot_qk_norm_rope_bwd_op(dq_out: Tensor, dk_out: Tensor, *inputs_need_cos_sin) -> tuple[Tensor, ...]:
+@torch.library.custom_op("bagel_kernels::mot_qk_norm_rope_backward", mutates_args=())
+def _mot_qk_norm_rope_bwd_op(
+    dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, n_und: int, q_weight_und: Tensor, q_weight_gen: Tensor,
+    k_weight_und: Tensor, k_weight_gen: Tensor, cos: Tensor, sin: Tensor, eps: float, need_cos_sin: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients of q, k, the four weights (their dtype) and, when ``need_cos_sin``, cos and sin
     (else empty ``[0]`` tensors)."""
     from .mot_triton import qk_norm_rope_bwd
 
     op = "mot_qk_norm_rope_backward"
-    *inputs, need_cos_sin = inputs_need_cos_sin
-    a = _QKInputs(*inputs)
+    a = _QKInputs(q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps)
     args = _qk_kernel_args(op, a)
     _op_check(op, check_like, "dq_out", dq_out, a.q, "q", _KERNEL_DTYPES)
     _op_check(op, check_like, "dk_out", dk_out, a.k, "k", _KERNEL_DTYPES)
@@ -454,9 +437,9 @@ def _mot_qk_norm_rope_bwd_op(dq_out: Tensor, dk_out: Tensor, *inputs_need_cos_si
 
 
 @_mot_qk_norm_rope_bwd_op.register_fake
-def _(dq_out, dk_out, *inputs_need_cos_sin):
-    *inputs, need_cos_sin = inputs_need_cos_sin
-    a = _QKInputs(*inputs)
+def _(dq_out, dk_out, q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps,
+      need_cos_sin):  # fmt: skip
+    a = _QKInputs(q, k, n_und, q_weight_und, q_weight_gen, k_weight_und, k_weight_gen, cos, sin, eps)
     op = "mot_qk_norm_rope_backward"
     _op_check(op, _check_qk_kernel_args, a.q, a.k, a.n_und, a.weights(), a.cos, a.sin)
     _op_check(op, check_like, "dq_out", dq_out, a.q, "q", _KERNEL_DTYPES)
@@ -641,24 +624,16 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> None:
         torch.addmm(bias, a, b, out=out)
 
 
-class _LinearInputs(NamedTuple):
-    """The inputs of the routed-linear op, in its schema's order (the schema is built from this
-    declaration, as for the q/k op; :func:`mot_linear` keeps the documented flat parameters)."""
-
-    x: Tensor
-    n_und: int
-    weight_und: Tensor
-    bias_und: Tensor | None
-    weight_gen: Tensor
-    bias_gen: Tensor | None
-
-
-@torch.library.custom_op(
-    "bagel_kernels::mot_linear", mutates_args=(), schema=f"({_schema_args(_LinearInputs)}) -> Tensor"
-)
-def _mot_linear_op(*inputs) -> Tensor:
-    x, n_und, weight_und, bias_und, weight_gen, bias_gen = inputs
-    _op_check("mot_linear", _check_linear_args, *inputs)
+@torch.library.custom_op("bagel_kernels::mot_linear", mutates_args=())
+def _mot_linear_op(
+    x: Tensor,
+    n_und: int,
+    weight_und: Tensor,
+    bias_und: Tensor | None,
+    weight_gen: Tensor,
+    bias_gen: Tensor | None,
+) -> Tensor:
+    _op_check("mot_linear", _check_linear_args, x, n_und, weight_und, bias_und, weight_gen, bias_gen)
     out = x.new_empty((x.shape[0], weight_und.shape[0]))
     _mm_into(out[:n_und], x[:n_und], weight_und.t(), bias_und)
     _mm_into(out[n_und:], x[n_und:], weight_gen.t(), bias_gen)
@@ -666,10 +641,9 @@ def _mot_linear_op(*inputs) -> Tensor:
 
 
 @_mot_linear_op.register_fake
-def _(*inputs):
-    _op_check("mot_linear", _check_linear_args, *inputs)
-    a = _LinearInputs(*inputs)
-    return a.x.new_empty((a.x.shape[0], a.weight_und.shape[0]))
+def _(x, n_und, weight_und, bias_und, weight_gen, bias_gen):
+    _op_check("mot_linear", _check_linear_args, x, n_und, weight_und, bias_und, weight_gen, bias_gen)
+    return x.new_empty((x.shape[0], weight_und.shape[0]))
 
 
 @torch.library.custom_op("bagel_kernels::mot_linear_backward", mutates_args=())
