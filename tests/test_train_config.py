@@ -167,3 +167,39 @@ def test_cli_usage_errors_and_help_config(tmp_path):
         env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
         res = _cli("--example", env={**env, **bad})
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_example_and_stage1_lora_runs_through_the_cli(tmp_path):
+    """``bagel-train --example`` (the README's main job, cut to 6 steps): the real data pipeline over the
+    built-in images, the random FLUX VAE, one process; then a stage-1 LoRA run on synthetic packs with
+    the ViT frozen and adapters on the ViT too. Both write their logs, plot, checkpoint and export."""
+    import json
+    import os
+
+    out = tmp_path / "example"
+    res = _cli(
+        "--example", f"output_dir={out}", "schedule.steps=6", "checkpoint.every=3", "logging.progress=false"
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert all(r["ce_tokens"] > 0 and r["mse_tokens"] > 0 and isinstance(r["skipped"], dict) for r in recs)
+    assert (out / "losses.png").stat().st_size > 1000
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000003", "step_00000006"]
+    assert sorted(os.listdir(out / "export")) == ["config.json", "ema.safetensors"]
+    assert (out / "example-data" / "example.yaml").is_file()
+    out = tmp_path / "stage1"
+    res = _cli(
+        f"output_dir={out}", "model.stage=1", "data.kinds=[und,text]", "finetune.mode=lora",
+        "finetune.lora_targets=[llm_attn,vit]", "schedule.steps=2", "checkpoint.every=0",
+        "data.loader.max_num_tokens=160", "data.loader.expected_num_tokens=160",
+        "data.loader.max_num_tokens_per_sample=160", "model.attention=sdpa", "model.mot=torch",
+        "model.patch_embed=torch", "logging.progress=false",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mse"] is None and r["mse_tokens"] == 0 for r in recs)
+    assert sorted(os.listdir(out / "export")) == ["adapter", "merged"]
+    adapter = json.loads((out / "export" / "adapter" / "adapter_config.json").read_text())
+    assert "vit_model" in adapter["target_modules"] and adapter["r"] == 16

@@ -177,6 +177,17 @@ def _worker(rank: int, port: int, root: str) -> None:
         result[name] = [(x["loss"], x["grad_norm"]) for x in r["losses"]]
         result[f"{name}_placements"] = sorted({str(p.placements) for p in r["model"].parameters()})
         del r
+    # E again, one step more: resumes from its step-2 checkpoint, the frozen position tables from model.path
+    r = train(
+        _cfg(f"{root}/e", f"model.path={root}/a/export", "schedule.steps=3", "checkpoint.every=1",
+             "export.at_end=false", "ema.enabled=false"),
+        keep_model=True,
+    )  # fmt: skip
+    result["e_resumed_start"] = r["start_step"]
+    result["e_frozen"] = {
+        n: p.full_tensor().clone() for n, p in r["model"].named_parameters() if not p.requires_grad
+    }
+    del r
     _ema_formula(rank, result)
     gathered = [None] * WORLD
     torch.distributed.all_gather_object(gathered, result)
@@ -336,6 +347,18 @@ def test_plain_and_hybrid_sharding_load_the_export_and_agree(session):
             assert lf == pytest.approx(le, rel=1e-6) and gf == pytest.approx(ge, rel=1e-5)
     # the first step starts from A's trained weights: its loss is A's last loss range, not the init's
     assert results[0]["e"][0][0] < results[0]["a"][0][1]
+
+
+def test_resume_reads_frozen_parameters_from_the_source(session):
+    from safetensors.torch import load_file
+
+    root, results = session
+    exported = load_file(f"{root}/a/export/ema.safetensors")
+    for r in results:
+        assert r["e_resumed_start"] == 2
+        assert r["e_frozen"]  # the sin-cos position tables are frozen parameters
+        for name, t in r["e_frozen"].items():
+            assert torch.equal(t, exported[name.removeprefix("model.")]), name
 
 
 def test_ema_matches_its_formula_on_shards(session):

@@ -36,9 +36,11 @@ EXAMPLE = [
     "data.loader.max_num_tokens_per_sample=512",
     "data.loader.num_workers=0",
     "vae.dtype=float32",
+    "vae.tiny.ch_mult=[1,1,1,1]",  # the FLUX architecture at 32 channels: 8x down, 16 latent channels
+    "vae.tiny.num_res_blocks=1",
     "vae.micro_batch_size=16",
-    "schedule.steps=300",
-    "schedule.warmup_steps=15",
+    "schedule.steps=200",
+    "schedule.warmup_steps=10",
     "schedule.kind=cosine",
     "optim.lr=2e-3",
     "optim.eps=1e-8",
@@ -122,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return memory_main()
     try:
         path, overrides = _split(args)
-        if path is None and not args.example:
-            p.error("give a CONFIG.yaml, or --example")
+        if path is None and not args.example and not overrides:
+            p.error("give a CONFIG.yaml (and/or section.field=value overrides), or --example")
         if args.example:
             overrides = example_overrides() + overrides
         cfg = load_config(path, overrides)

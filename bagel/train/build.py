@@ -240,10 +240,10 @@ def _recompute_buffers(model: nn.Module) -> None:
             mod.inv_freq = mod.compute_inv_freq(mod.inv_freq.device)
 
 
-def build_model(cfg: TrainConfig, device: torch.device, mesh, *, load_weights: bool = True) -> BuiltModel:
+def build_model(cfg: TrainConfig, device: torch.device, mesh, *, frozen_only: bool = False) -> BuiltModel:
     """The run's model, sharded with FSDP2 over ``mesh``, its weights loaded (``model.path``) or randomly
-    initialised, freezing and LoRA applied. ``load_weights=False`` skips reading the checkpoint (the
-    caller restores every parameter from a resumable checkpoint instead); allocation only."""
+    initialised, freezing and LoRA applied. ``frozen_only``: read only the frozen parameters from
+    ``model.path`` (a resumed run restores the trainable ones from its checkpoint)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from bagel import BagelBackendConfig, BagelForUnifiedMultimodal
@@ -290,8 +290,8 @@ def build_model(cfg: TrainConfig, device: torch.device, mesh, *, load_weights: b
     if from_checkpoint:
         model.to_empty(device=device)
         _recompute_buffers(model)
-        if load_weights:
-            load_sharded_checkpoint(model, cfg.model.path, stage=cfg.model.stage)
+        only = {n for n, p in model.named_parameters() if not p.requires_grad} if frozen_only else None
+        load_sharded_checkpoint(model, cfg.model.path, stage=cfg.model.stage, only=only)
     if lora is not None:
         _init_lora(model, cfg.model.init_seed)
     model.train()
@@ -301,12 +301,14 @@ def build_model(cfg: TrainConfig, device: torch.device, mesh, *, load_weights: b
         n_params=n_params,
         lora_config=lora,
         frozen=frozen,
-        loaded_from=cfg.model.path if from_checkpoint and load_weights else None,
+        loaded_from=cfg.model.path if from_checkpoint else None,
     )
 
 
 @torch.no_grad()
-def load_sharded_checkpoint(model: nn.Module, path: str, *, stage: int, strict: bool = True) -> dict:
+def load_sharded_checkpoint(
+    model: nn.Module, path: str, *, stage: int, strict: bool = True, only: set[str] | None = None
+) -> dict:
     """Read this rank's rows of every parameter of the sharded ``model`` (a
     :class:`bagel.BagelForUnifiedMultimodal`, PEFT adapters allowed: they are not in the checkpoint)
     from the BAGEL checkpoint at ``path``, converting from the file's dtype chunk by chunk.
@@ -314,7 +316,8 @@ def load_sharded_checkpoint(model: nn.Module, path: str, *, stage: int, strict: 
     Checkpoint keys are classified as :func:`bagel.io.checkpoint.load_checkpoint_into` does (VAE keys,
     recomputed RoPE tables, ``_extra_state`` and, at stage 1, generation keys are skipped). A model
     parameter the checkpoint lacks, a shape that does not match, and (``strict``) a checkpoint key that
-    matches no parameter are ValueErrors, raised before any data is read. Returns a small report."""
+    matches no parameter are ValueErrors, raised before any data is read. ``only``: parameter names to
+    read (the others keep their values; everything is still validated). Returns a small report."""
     from bagel.io.checkpoint import PATCH_EMBED_KEY, classify_key
     from bagel.io.files import find_weight_files
     from bagel.train.tensor_files import TensorFile
@@ -363,7 +366,10 @@ def load_sharded_checkpoint(model: nn.Module, path: str, *, stage: int, strict: 
                 raise ValueError(
                     f"{where[key].path}: {key!r} is {where[key].dtype(key)}, the model's {p.dtype}"
                 )
+        names = {checkpoint_key(n): n for n, _ in model.named_parameters()}
         for key, p in params.items():
+            if only is not None and names[key] not in only:
+                continue
             tf = where[key]
             start, stop = local_rows(p)
             local = _local(p)

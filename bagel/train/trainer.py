@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from bagel.train.config import TrainConfig, config_to_dict
 
-__all__ = ["train", "lr_lambda", "step_losses"]
+__all__ = ["train", "lr_lambda", "step_losses", "use_fused_ce"]
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -98,21 +98,25 @@ def _total_norm(params, max_norm: float) -> float:
     return float(norm)
 
 
-def _use_fused_ce(model, cfg: TrainConfig, log) -> None:
-    """Route the CE through the chunked linear cross-entropy (``loss.ce=fused``)."""
-    if cfg.loss.ce != "fused":
-        return
+def use_fused_ce(model, chunk_size: int | None = None) -> bool:
+    """Route ``model``'s CE through the chunked linear cross-entropy
+    (:func:`bagel_kernels.linear_cross_entropy.lm_head_cross_entropy`: the LM head never materialises
+    the logits of all CE tokens at once; a LoRA'd or hooked head is called instead). Returns False when
+    the model has no ``ce_loss_fn`` hook (it then computes lm_head + F.cross_entropy itself)."""
     if not hasattr(model, "ce_loss_fn"):
-        log("bagel-train: note: this model has no ce_loss_fn hook yet; the CE uses lm_head + F.cross_entropy")
-        return
+        return False
     from bagel_kernels.linear_cross_entropy import lm_head_cross_entropy
 
-    chunk = cfg.loss.ce_chunk_size
-
     def ce_loss_fn(head, hidden, labels):
-        return lm_head_cross_entropy(head, hidden, labels, reduction="none", chunk_size=chunk)
+        return lm_head_cross_entropy(head, hidden, labels, reduction="none", chunk_size=chunk_size)
 
     model.ce_loss_fn = ce_loss_fn
+    return True
+
+
+def _use_fused_ce(model, cfg: TrainConfig, log) -> None:
+    if cfg.loss.ce == "fused" and not use_fused_ce(model, cfg.loss.ce_chunk_size):
+        log("bagel-train: note: this model has no ce_loss_fn hook yet; the CE uses lm_head + F.cross_entropy")
 
 
 def _memory_record(device: torch.device) -> dict:
@@ -176,9 +180,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, keep_model: bool =
     dist.barrier()
     say = print if rank == 0 else (lambda *a, **k: None)
     resume = _resume_path(cfg, ckpt_dir)
-    partial = cfg.finetune.mode == "lora" or bool(cfg.finetune.freeze)
     t0 = time.perf_counter()
-    built = build_model(cfg, device, mesh, load_weights=resume is None or partial)
+    # resuming: the trainable parameters come from the checkpoint, only the frozen ones from model.path
+    built = build_model(cfg, device, mesh, frozen_only=resume is not None)
     model = built.model
     _use_fused_ce(model, cfg, say)
     params = [p for p in model.parameters() if p.requires_grad]
