@@ -523,3 +523,40 @@ def test_bench_mot_pack_has_about_half_generation_tokens():
     assert modes.count("noise") == noise_tokens
     # positions: every token of an image shares one position, text advances by one
     assert bool((pos[gen] == pos[gen - 1]).all())
+
+
+def test_a_new_decoder_block_is_one_class():
+    """A new block variant is one decorated subclass: the config check, the grouped forward, the fusion
+    plan, the gather/scatter reference and the checkpoint's key groups all take it (here: routed norms
+    and attention around one shared MLP)."""
+    from bagel.io.checkpoint import classify_key
+    from bagel.model.config import BagelConfig
+    from bagel.model.qwen2 import DECODER_LAYERS, PackedAttentionMoT, Qwen2DecoderLayer, decoder_layer
+
+    @decoder_layer
+    class Qwen2SharedMLPDecoderLayer(Qwen2DecoderLayer):
+        routed_attention = True
+
+        def __init__(self, config, layer_idx=None):
+            super().__init__(config, layer_idx)
+            self.input_layernorm_moe_gen = type(self.input_layernorm)(config.hidden_size, config.rms_norm_eps)
+            self.post_attention_layernorm_moe_gen = type(self.input_layernorm)(
+                config.hidden_size, config.rms_norm_eps
+            )
+
+        def _attention_module(self, config):
+            return PackedAttentionMoT(config, self.layer_idx)
+
+    try:
+        name = "Qwen2SharedMLPDecoderLayer"
+        assert BagelConfig.tiny(layer_module=name).text_config.layer_module == name
+        for mot_backend in ("torch", "triton"):
+            lm = make_model(make_config(name), BagelBackendConfig(attention="sdpa", mot=mot_backend))
+            assert lm.model.use_moe and hasattr(lm.model, "norm_moe_gen")
+            keys = [f"language_model.{k}" for k in lm.state_dict()]
+            assert "unknown" not in {classify_key(k) for k in keys}
+            assert not any("mlp_moe_gen" in k for k in keys)
+            layout, mask, L, pos, und, gen = make_pack(seed=11, small=mot_backend == "triton")
+            compare(lm, layout, mask, L, pos, und, gen)
+    finally:
+        DECODER_LAYERS.pop("Qwen2SharedMLPDecoderLayer", None)

@@ -127,12 +127,19 @@ def _layer_body(layer: Qwen2DecoderLayer, x: torch.Tensor, ctx: ReferenceContext
         a[und] = a[und].detach()
     x = residual + a
     residual = x
-    if ra:
+    if ra and rm:
         m = x.new_zeros(x.shape)
         m[und] = layer.mlp(layer.post_attention_layernorm(x[und]))
         if frz:
             m[und] = m[und].detach()
         m[gen] = layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(x[gen]))
+    elif ra:  # routed norms around one shared MLP (a block variant; upstream has none)
+        h = gather_scatter(
+            x, und, gen, layer.post_attention_layernorm, layer.post_attention_layernorm_moe_gen
+        )
+        m = layer.mlp(h)
+        if frz:
+            m[und] = m[und].detach()
     elif rm:
         h = layer.post_attention_layernorm(x)
         m = gather_scatter(h, und, gen, layer.mlp, layer.mlp_moe_gen)
