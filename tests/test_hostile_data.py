@@ -294,3 +294,78 @@ def test_convert_non_utf8_jsonl_names_the_file_and_line(tmp_path, capsys):
         convert_folder(bad, tmp_path / "out")
     assert convert_main([str(bad), str(tmp_path / "out")]) == 1
     assert "caps.jsonl:2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@pytest.mark.parametrize("n", [10**12, 2**64, -1, 2.0])
+def test_tiny_tokenizer_num_merges_bounded(n):
+    """num_merges=10**12 aborted the whole process (the BPE trainer's Rust allocation failed)."""
+    with pytest.raises(ValueError, match="num_merges must be an int in"):
+        tiny_tokenizer(n)
+
+
+def test_load_tokenizer_path_errors(tmp_path):
+    from bagel.data import load_tokenizer
+
+    f = tmp_path / "tokenizer.json"
+    f.write_text("{}")
+    with pytest.raises(ValueError, match="is a file"):  # said the folder "does not exist"
+        load_tokenizer(f)
+    with pytest.raises(TypeError, match="path must be"):  # was fspath's "expected str, bytes or ..."
+        load_tokenizer(None)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(num_t2i=10**12), "num_t2i"),  # ran for ever
+        (dict(num_t2i=0), "num_t2i"),  # wrote a YAML the loader refused later
+        (dict(num_vlm=-1), "num_vlm"),
+        (dict(num_edit=2.5), "num_edit"),  # raw "'float' object cannot be interpreted as an integer"
+        (dict(seed=2.5), "seed"),  # accepted
+        (dict(seed="x"), "seed"),  # accepted
+    ],
+)
+def test_write_example_dataset_arguments(tmp_path, kw, match):
+    from bagel.data.example import write_example_dataset
+
+    with pytest.raises(ValueError, match=match):
+        write_example_dataset(tmp_path / "ex", None, **kw)
+    with pytest.raises(TypeError, match="model_config"):  # AttributeError: latent_downsample
+        write_example_dataset(tmp_path / "ex", "tiny")
+    assert not (tmp_path / "ex").exists()
+
+
+def test_encode_vae_images_arguments():
+    import torch
+
+    from bagel.data import VaeImage, encode_vae_images
+    from bagel.vae import FluxVAE, FluxVAEConfig
+
+    vae = FluxVAE(FluxVAEConfig.tiny(ch_mult=(1, 2)))
+    samples = [[VaeImage(pixels=torch.zeros(3, 16, 16))]]
+    with pytest.raises(TypeError, match="dtype must be a floating"):  # int64 truncated the latents
+        encode_vae_images(samples, vae, dtype=torch.int64)
+    with pytest.raises(TypeError, match="dtype must be a floating"):  # "Invalid device string"
+        encode_vae_images(samples, vae, dtype="float16")
+    with pytest.raises(TypeError, match="vae must be"):  # AttributeError
+        encode_vae_images(samples, None)
+    with pytest.raises(TypeError, match="samples must be"):  # "abc" came back as [['a'], ['b'], ['c']]
+        encode_vae_images("abc", vae)
+    out = encode_vae_images(samples, vae, dtype=torch.float16)
+    assert out[0][0].latent.dtype == torch.float16 and out[0][0].latent.shape == (16, 8, 8)
+
+
+def test_sample_num_tokens_checks_segments(cfg):
+    import torch
+
+    from bagel.data import Text, VaeImage, VitImage, sample_num_tokens
+
+    with pytest.raises(ValueError, match="1-d"):  # len() of a 0-d tensor
+        sample_num_tokens([Text(torch.tensor(5))], cfg)
+    with pytest.raises(ValueError, match="ViT pixels must be a tensor"):  # AttributeError: shape
+        sample_num_tokens([VitImage([[1]])], cfg)
+    with pytest.raises(ValueError, match="VAE pixels must be"):  # a [3, 5] "image" counted 2 tokens
+        sample_num_tokens([VaeImage(pixels=torch.zeros(3, 5))], cfg)
+    s = cfg.latent_downsample
+    assert sample_num_tokens([Text([1, 2, 3]), VaeImage(pixels=torch.zeros(3, 2 * s, 3 * s))], cfg) == 5 + 8

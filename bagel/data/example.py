@@ -32,6 +32,7 @@ _MAPS = (
     ("terrain", "jacksboro_fault_dem.npz", "elevation", "gist_earth"),
     ("bathymetry", "topobathy.npz", "topo", "terrain"),
 )
+_MAX_EXAMPLES = 10_000  # per kind: each is an image written to disk (10**12 ran for ever)
 _DESCRIPTIONS = {
     "hopper": "a portrait of grace hopper",
     "pack": "a blue present pack",
@@ -150,7 +151,21 @@ def write_example_dataset(
     BAGEL-7B-MoT's). Images are at most 8 latent / ViT patches a side, so packs stay small."""
     import yaml
 
+    counts = {"num_t2i": num_t2i, "num_edit": num_edit, "num_vlm": num_vlm, "num_text": num_text}
+    for name, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= _MAX_EXAMPLES:
+            raise ValueError(f"{name} must be an int in [1, {_MAX_EXAMPLES}], got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if model_config is not None and not all(
+        hasattr(model_config, a) for a in ("latent_downsample", "max_latent_size", "vision_config")
+    ):
+        raise TypeError(
+            f"model_config must be a bagel.BagelConfig or None, got {type(model_config).__name__}"
+        )
     folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"folder {folder!r} exists and is not a folder")
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
     pics = example_images()

@@ -708,6 +708,18 @@ def encode_vae_images(
     images of the pack in one call, same-size images batched, ``micro_batch_size`` at a time) and
     return new samples whose :class:`VaeImage` carry the latent (``[16, H/8, W/8]`` on the VAE's
     device, in ``dtype`` or the VAE's dtype) instead of the pixels. Other segments are passed through."""
+    if not callable(getattr(vae, "encode_images", None)):
+        raise TypeError(f"vae must be a bagel.vae.FluxVAE, got {type(vae).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        # dtype=torch.int64 truncated every latent; "float16" said "Invalid device string"
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    if isinstance(samples, (str, bytes)) or not isinstance(samples, Sequence):
+        raise TypeError(
+            f"samples must be a list of samples (lists of segments), got {type(samples).__name__}"
+        )
+    for si, segs in enumerate(samples):
+        if isinstance(segs, (str, bytes)) or not isinstance(segs, Sequence):
+            raise TypeError(f"samples[{si}] must be a list of segments, got {type(segs).__name__}")
     todo = []
     for si, segs in enumerate(samples):
         for j, seg in enumerate(segs):

@@ -302,21 +302,29 @@ def sample_num_tokens(sample: Any, config) -> int:
     n = 0
     for seg in _segments(sample):
         if isinstance(seg, Text):
-            if isinstance(seg.ids, (str, bytes)):
-                raise ValueError(f"text ids must be a sequence of ints, got the string {seg.ids!r}")
-            n += len(seg.ids) + 2
+            ids = seg.ids
+            if isinstance(ids, (str, bytes)):
+                raise ValueError(f"text ids must be a sequence of ints, got the string {ids!r}")
+            if isinstance(ids, (torch.Tensor, np.ndarray)) and ids.ndim != 1:
+                raise ValueError(f"text ids must be 1-d, got shape {tuple(ids.shape)}")
+            if not isinstance(ids, (Sequence, torch.Tensor, np.ndarray)):
+                raise ValueError(f"text ids must be a sequence of ints, got {type(ids).__name__}")
+            n += len(ids) + 2
         elif isinstance(seg, VitImage):
             p = config.vision_config.patch_size
-            n += (seg.pixels.shape[-2] // p) * (seg.pixels.shape[-1] // p) + 2
+            c = config.vision_config.num_channels
+            h, w = _image(seg.pixels, "ViT pixels", c, p, f"H and W multiples of the ViT patch size {p}")
+            n += h * w + 2
         elif isinstance(seg, VaeImage):
             if seg.latent is None:
                 if seg.pixels is None:
                     raise ValueError("a VaeImage needs a latent or pixels")
                 s = config.latent_downsample
-                n += (seg.pixels.shape[-2] // s) * (seg.pixels.shape[-1] // s) + 2
+                h, w = _image(seg.pixels, "VAE pixels", 3, s, f"H and W multiples of latent_downsample {s}")
             else:
                 p = config.latent_patch_size
-                n += (seg.latent.shape[-2] // p) * (seg.latent.shape[-1] // p) + 2
+                h, w = _image(seg.latent, "latent", config.latent_channels, p, f"latent_patch_size {p}")
+            n += h * w + 2
     return n
 
 

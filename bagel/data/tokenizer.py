@@ -42,7 +42,11 @@ def load_tokenizer(path: str | os.PathLike) -> tuple[Any, SpecialTokens]:
     """The tokenizer in the folder ``path`` (a BAGEL/Qwen2 checkpoint: ``tokenizer.json`` or
     ``vocab.json`` + ``merges.txt``), loaded with ``transformers`` from local files only, plus BAGEL's
     special-token ids. A missing folder or tokenizer is a FileNotFoundError naming the path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be the tokenizer's folder, got {type(path).__name__}")
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"tokenizer path {path!r} is a file; give the checkpoint folder that holds it")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
     names = set(os.listdir(path))
@@ -77,6 +81,9 @@ _TINY_CORPUS = (
 )
 
 
+_MAX_MERGES = 4096  # far more than the corpus below can give; the BPE trainer allocates for all of them
+
+
 def tiny_tokenizer(num_merges: int = 64) -> Any:
     """A small Qwen2-style tokenizer built in code: byte-level BPE (all 256 bytes, so any text encodes)
     with ``num_merges`` merges learnt from a fixed English corpus, then ``<|endoftext|>`` and BAGEL's
@@ -91,8 +98,9 @@ def tiny_tokenizer(num_merges: int = 64) -> Any:
         from transformers import Qwen2TokenizerFast as _Qwen2Fast
     except ImportError:  # pragma: no cover - older/newer transformers layouts
         _Qwen2Fast = PreTrainedTokenizerFast
-    if isinstance(num_merges, bool) or not isinstance(num_merges, int) or num_merges < 0:
-        raise ValueError(f"num_merges must be an int >= 0, got {num_merges!r}")
+    if isinstance(num_merges, bool) or not isinstance(num_merges, int) or not 0 <= num_merges <= _MAX_MERGES:
+        # the trainer allocates for vocab_size up front: 10**12 aborted the process (Rust OOM)
+        raise ValueError(f"num_merges must be an int in [0, {_MAX_MERGES}], got {num_merges!r}")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
