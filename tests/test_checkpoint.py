@@ -600,6 +600,9 @@ def test_from_pretrained_arguments(ckpt, tmp_path):
             BagelForUnifiedMultimodal.from_pretrained(path, stage=2, dtype=bad, **REF)
     with pytest.raises(ValueError, match="device="):
         BagelForUnifiedMultimodal.from_pretrained(path, stage=2, device="gpu0", **REF)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            BagelForUnifiedMultimodal.from_pretrained(path, stage=2, device="cuda", **REF)
     for bad in ("²", "stage²", "٢", 2.0, None):
         with pytest.raises(ValueError, match="stage"):
             BagelForUnifiedMultimodal.from_pretrained(path, stage=bad, **REF)

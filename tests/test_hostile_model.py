@@ -71,10 +71,11 @@ def _bad_forward_inputs(b: dict) -> list[tuple[str, dict, str]]:
         ),
         # item 17: integer latents
         ("int64 latents", dict(padded_latent=b["padded_latent"].long()), "padded_latent must be a floating"),
+        ("None timesteps", dict(packed_timesteps=[None] * len(clean)), "packed_timesteps must be"),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(12))
 def test_forward_refuses(model, batch, case):
     name, change, match = _bad_forward_inputs(batch)[case]
     with pytest.raises(ValueError, match=match):
@@ -116,3 +117,10 @@ def test_siglip_refuses_fractional_seqlens(model):
             vit(patches, ids, vit_token_seqlens=bad)
     with pytest.raises(ValueError, match="packed_pixel_values must be floating point"):
         vit((patches * 255).to(torch.uint8), ids, vit_token_seqlens=[2, 2])
+
+
+def test_model_construction_arguments():
+    with pytest.raises(ValueError, match="language_model_cls must be an nn.Module subclass"):
+        BagelForUnifiedMultimodal(BagelConfig.tiny(), backend=REF, language_model_cls=int)
+    with pytest.raises(ValueError, match="backend must be a BagelBackendConfig"):
+        BagelForUnifiedMultimodal(BagelConfig.tiny(), backend="sdpa")

@@ -105,9 +105,12 @@ def _as_device(device) -> torch.device:
     if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
         raise ValueError(f"device={device!r}: expected a torch.device, a device string or a CUDA index")
     try:
-        return torch.device(device)
+        value = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"device={device!r}: {exc}") from None
+    if value.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+    return value
 
 
 def stage_to_int(stage: int | str) -> int:
@@ -203,6 +206,8 @@ class BagelModel(nn.Module):
         self.config = config
         hidden = config.text_config.hidden_size
         lm_cls = Qwen2ForCausalLM if language_model_cls is None else language_model_cls
+        if not (isinstance(lm_cls, type) and issubclass(lm_cls, nn.Module)):
+            raise ValueError(f"language_model_cls must be an nn.Module subclass, got {lm_cls!r}")
         self.language_model = lm_cls(config.text_config, backend=backend)
         if config.visual_und:
             vc = config.vision_config

@@ -356,7 +356,12 @@ def _latents(model: nn.Module, inputs: PackInputs, device: torch.device, checks:
     pos = as_index(inputs.packed_latent_position_ids, "packed_latent_position_ids", device)
     timesteps = inputs.packed_timesteps
     if not isinstance(timesteps, torch.Tensor):
-        timesteps = torch.as_tensor(timesteps, dtype=torch.float32)
+        try:
+            timesteps = torch.as_tensor(timesteps, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(
+                f"packed_timesteps must be a 1-D float tensor (logits; -inf = clean): {exc}"
+            ) from None
     if timesteps.dim() != 1 or not timesteps.is_floating_point():
         raise ValueError(
             f"packed_timesteps must be a 1-D float tensor (logits; -inf = clean), got {timesteps.dtype} {tuple(timesteps.shape)}"
