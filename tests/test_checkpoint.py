@@ -506,6 +506,10 @@ def test_read_into_rows_and_dtype(ckpt):
         assert torch.equal(out, sd[key][3:8].to(torch.bfloat16))
         with pytest.raises(ValueError, match="outside the stored"):
             read_into(handle, key, out, row_start=sd[key].shape[0] - 2)
+        with pytest.raises(ValueError, match="does not fit a target"):
+            read_into(handle, key, torch.empty(5, sd[key].shape[1] + 1), row_start=0)
+        with pytest.raises(ValueError, match="row_start must be an int"):
+            read_into(handle, key, out, row_start=1.5)
     conv = torch.randn(48, 3, 4, 4)
     save_file({PATCH_EMBED_KEY: conv}, str(path.parent / "conv.safetensors"))
     with contextlib.ExitStack() as stack:

@@ -209,6 +209,13 @@ def read_into(handle, key: str, out: torch.Tensor, *, row_start: int = 0) -> boo
             out.copy_(t.reshape(out.shape))
             return conv
         rows = out.shape[0]
+        inner = (math.prod(shape[1:]),) if conv else shape[1:]
+        if tuple(out.shape[1:]) != tuple(inner) or out.dim() != len(inner) + 1:
+            raise ValueError(
+                f"{key}: stored shape {list(shape)} does not fit a target of shape {list(out.shape)}"
+            )
+        if isinstance(row_start, bool) or not isinstance(row_start, int):
+            raise ValueError(f"row_start must be an int, got {row_start!r}")
         if row_start < 0 or row_start + rows > shape[0]:
             raise ValueError(
                 f"{key}: rows [{row_start}, {row_start + rows}) outside the stored {shape[0]} rows"
