@@ -266,7 +266,10 @@ def build_model(cfg: TrainConfig, device: torch.device, mesh, *, frozen_only: bo
     frozen = apply_freeze(model, list(cfg.finetune.freeze)) if cfg.finetune.mode == "full" else []
     lora = _apply_lora(model, cfg) if cfg.finetune.mode == "lora" else None
     if lora is not None:
-        model.to(param_dtype)  # adapters in the model's dtype
+        adapter_dtype = param_dtype if cfg.finetune.lora_dtype == "param" else DTYPES[cfg.finetune.lora_dtype]
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(adapter_dtype)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: finetune.freeze froze every parameter")
     n_params = sum(p.numel() for p in model.parameters())

@@ -265,6 +265,11 @@ class FinetuneSection:
     lora_r: int = doc(16, "LoRA rank r: the adapters' inner dimension (A is r x in, B is out x r).")
     lora_alpha: float = doc(32.0, "LoRA alpha (scale alpha / r).")
     lora_dropout: float = doc(0.0, "Dropout on the LoRA branch's input.")
+    lora_dtype: Literal["float32", "param"] = doc(
+        "float32",
+        "dtype of the LoRA adapters and their optimizer states: float32 (as peft does by default) on a base "
+        "of model.param_dtype, or param (the base's dtype).",
+    )
     lora_targets: list = doc(
         ["llm_attn", "llm_mlp"],
         "Modules that get adapters. Presets: llm_attn (q/k/v/o of both experts), llm_mlp (gate/up/down of "

@@ -40,7 +40,7 @@ class MemoryCase:
 
 
 CASES = [
-    MemoryCase("LoRA r=64, 1x80 GB, 16k tokens", "lora", 1, 16384, "bfloat16"),
+    MemoryCase("LoRA r=64 (fp32 adapters), 1x80 GB, 16k tokens", "lora", 1, 16384, "bfloat16"),
     MemoryCase("full fine-tune, 8x80 GB, 32k tokens/GPU", "full", 8, 32768, "float32"),
 ]
 
@@ -124,17 +124,22 @@ def estimate_step_memory(case: MemoryCase, *, config=None, steps: int = 2) -> di
     mode = fake_mode()
 
     def build():
-        model = BagelForUnifiedMultimodal(config, backend=backend)
-        if case.mode == "lora":  # adapters on meta too, materialised with the model
+        model = BagelForUnifiedMultimodal(config, backend=backend).to(dtype)
+        if (
+            case.mode == "lora"
+        ):  # adapters on meta too, fp32 (finetune.lora_dtype), materialised with the model
             from peft import LoraConfig, inject_adapter_in_model
 
             targets = lora_target_regex(["llm_attn", "llm_mlp"])
             inject_adapter_in_model(
                 LoraConfig(r=case.lora_r, lora_alpha=2 * case.lora_r, target_modules=targets), model
             )
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
         return model
 
-    model = fake_model(build, mode, dtype=dtype)
+    model = fake_model(build, mode)
     for n, p in model.named_parameters():
         p.requires_grad_(case.mode == "full" or "lora_" in n)
     mp = MixedPrecisionPolicy(
