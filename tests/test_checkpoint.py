@@ -623,3 +623,13 @@ def test_upstream_layout_with_a_0d_position_table(ckpt, tmp_path):
         save_file({"latent_pos_embed.pos_embed": table}, str(tmp_path / "ema.safetensors"))
         with pytest.raises(ValueError, match="latent_pos_embed.pos_embed.*square grid"):
             BagelConfig.from_pretrained(tmp_path)
+
+
+def test_save_refuses_meta_tensors_and_unknown_keys(tmp_path):
+    with torch.device("meta"):
+        model = BagelForUnifiedMultimodal(BagelConfig.tiny(), **REF)
+    with pytest.raises(ValueError, match="meta device"):
+        model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="keys: 1 name"):
+        save_checkpoint(random_model(), tmp_path, keys=["vae2llm.weight", "nope"])
+    assert os.listdir(tmp_path) == []

@@ -384,11 +384,20 @@ def save_checkpoint(
         from safetensors.torch import save_file
 
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     sd = _checkpoint_root(model).state_dict()
     if keys is not None:
         keys = list(keys)
+        unknown = [k for k in keys if k not in sd]
+        if unknown:
+            raise ValueError(f"keys: {len(unknown)} name(s) the model does not hold, e.g. {unknown[:3]}")
         sd = {k: sd[k] for k in keys}
+    on_meta = [k for k, v in sd.items() if v.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"cannot save {len(on_meta)} tensor(s) on the meta device (no data), e.g. {on_meta[:3]}: "
+            "materialise the model first (to_empty + initialize_weights, or from_pretrained)"
+        )
+    os.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     for k, v in (extra_tensors or {}).items():
         tensors[k] = v.detach().to("cpu").contiguous().clone()
