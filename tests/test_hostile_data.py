@@ -369,3 +369,34 @@ def test_sample_num_tokens_checks_segments(cfg):
         sample_num_tokens([VaeImage(pixels=torch.zeros(3, 5))], cfg)
     s = cfg.latent_downsample
     assert sample_num_tokens([Text([1, 2, 3]), VaeImage(pixels=torch.zeros(3, 2 * s, 3 * s))], cfg) == 5 + 8
+
+
+def test_convert_skips_and_counts_unreadable_images(tmp_path, capsys):
+    """A dangling symlink (a loop) with a caption aborted the whole conversion ("does not exist")."""
+    src = _folder_with_captions(tmp_path)
+    os.symlink(src / "loop.png", src / "loop.png")
+    (src / "loop.txt").write_text("a caption")
+    res = convert_folder(src, tmp_path / "out")
+    assert (res.num_rows, res.num_unreadable, res.num_without_caption) == (2, 1, 0)
+    assert convert_main([str(src), str(tmp_path / "out2")]) == 0
+    assert "1 with a missing or unreadable image" in capsys.readouterr().out
+    jsonl = tmp_path / "edits.jsonl"
+    lines = [
+        {"source": "src/im0.png", "target": "src/im1.png", "instruction": "swap"},
+        {"source": "src/im0.png", "target": "src/loop.png", "instruction": "loop"},
+        {"source": "src/im0.png", "target": "src", "instruction": "a folder"},
+    ]
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = convert_edits(jsonl, tmp_path / "out3")
+    assert (res.num_rows, res.num_unreadable) == (1, 2)
+
+
+@pytest.mark.parametrize("flag", ["--row-group-size", "--rows-per-file"])
+def test_convert_huge_row_counts_are_usage_errors(tmp_path, capsys, flag):
+    """--row-group-size 2**70: OverflowError traceback from pyarrow."""
+    src = _folder_with_captions(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        convert_main([str(src), str(tmp_path / "out"), flag, str(2**70)])
+    assert e.value.code == 2 and f"{flag} must be in" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="row_group_size must be an int in"):
+        convert_folder(src, tmp_path / "out", row_group_size=2**70)

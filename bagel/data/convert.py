@@ -10,8 +10,9 @@ Inputs (``source``):
 - a JSONL file: ``{"image": path, "caption": str}`` (also ``file_name`` / ``text``; paths relative to
   the JSONL's folder); ``caption`` may also be a mapping of several captions.
 
-Images without a caption are left out and counted; nothing is decoded or re-encoded (a bad image is
-found and skipped by the loader). Files are written to temporary names and renamed when complete.
+Images without a caption, and images that are missing or not readable files (a dangling symlink, a
+folder named ``x.png``), are left out and counted; nothing is decoded or re-encoded (an image that
+does not decode is found and skipped by the loader). Files are written to temporary names and renamed when complete.
 
 Edits (``--edit``, :func:`convert_edits`): a JSONL of ``{"source", "target", "instruction"}`` (or chains
 ``{"images": [...], "instructions": [...]}``) becomes ``unified_edit`` parquet (``image_list``,
@@ -43,6 +44,7 @@ class ConvertResult:
     files: list[str]
     num_rows: int
     num_without_caption: int
+    num_unreadable: int = 0  # rows left out because an image is missing, not a file, or unreadable
 
 
 def _pairs_from_folder(folder: str) -> tuple[list[tuple[str, object]], int]:
@@ -105,10 +107,18 @@ def _pairs_from_jsonl(path: str) -> tuple[list[tuple[str, object]], int]:
     return pairs, missing
 
 
+_MAX_ROWS = 2**31 - 1  # pyarrow takes row counts as C longs: 2**70 was an OverflowError traceback
+
+
 def _positive(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_ROWS:
+        raise ValueError(f"{name} must be an int in [1, {_MAX_ROWS}], got {value!r}")
     return value
+
+
+def _usable(path: str) -> bool:
+    """A regular file we may read (a dangling symlink, a symlink loop or a folder named .png is not)."""
+    return os.path.isfile(path) and os.access(path, os.R_OK)
 
 
 def _read(path: str) -> bytes:
@@ -190,7 +200,13 @@ def _check_common(
 
     _positive(rows_per_file, "rows_per_file")
     _positive(row_group_size, "row_group_size")
-    if not isinstance(name, str) or not name or os.sep in name or name.startswith("."):
+    if (
+        not isinstance(name, str)
+        or not name
+        or os.sep in name
+        or name.startswith(".")
+        or not name.isprintable()
+    ):
         raise ValueError(f"name must be a plain folder name, got {name!r}")
     for where, args in transforms.items():  # what the loader will check, checked before writing
         ImageTransformArgs.from_dict(args, where)
@@ -214,7 +230,7 @@ def convert_folder(
     ``out/<name>/`` and ``out/dataset_info.yaml`` + ``out/<name>.yaml`` (one ``t2i_pretrain`` group using
     every file, with the given transform sizes). Returns a :class:`ConvertResult`.
 
-    Raises FileNotFoundError for a missing source or image, ValueError when nothing has a caption."""
+    Raises FileNotFoundError for a missing source, ValueError when no readable image has a caption."""
     args = {"image_stride": image_stride, "max_image_size": max_image_size, "min_image_size": min_image_size}
     out = _check_common(out, name, rows_per_file, row_group_size, {"image_transform_args": args})
     source = os.fspath(source)
@@ -224,8 +240,14 @@ def convert_folder(
         pairs, missing = _pairs_from_jsonl(source)
     else:
         raise FileNotFoundError(f"source {source!r} is neither a folder nor a JSONL file")
+    usable = [pair for pair in pairs if _usable(pair[0])]
+    unreadable = len(pairs) - len(usable)
+    pairs = usable
     if not pairs:
-        raise ValueError(f"{source!r}: no image with a caption found ({missing} image(s) without one)")
+        raise ValueError(
+            f"{source!r}: no image with a caption found ({missing} image(s) without one, {unreadable} "
+            "missing or unreadable)"
+        )
 
     def columns(chunk: list) -> dict:
         return {
@@ -237,7 +259,7 @@ def convert_folder(
     yaml_path, files = _write_dataset(
         out, name, "t2i_pretrain", pairs, columns, rows_per_file, row_group_size, entry
     )
-    return ConvertResult(yaml_path, files, len(pairs), missing)
+    return ConvertResult(yaml_path, files, len(pairs), missing, unreadable)
 
 
 def convert_edits(
@@ -260,7 +282,8 @@ def convert_edits(
     A line is ``{"source": path, "target": path, "instruction": str or [phrasings]}``, or a chain
     ``{"images": [p0, p1, ...], "instructions": [i01, i12, ...]}`` (each instruction a string or a list
     of phrasings); paths are relative to the JSONL's folder. A line without instruction text is left
-    out and counted (``num_without_caption``)."""
+    out and counted (``num_without_caption``), as is one with a missing or unreadable image
+    (``num_unreadable``)."""
     transforms = {
         "image_transform_args": {
             "image_stride": image_stride,
@@ -300,8 +323,14 @@ def convert_edits(
             continue
         paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in images]
         rows.append((paths, [[t for t in x if isinstance(t, str) and t.strip()] for x in phrasings]))
+    usable = [row for row in rows if all(_usable(p) for p in row[0])]
+    unreadable = len(rows) - len(usable)
+    rows = usable
     if not rows:
-        raise ValueError(f"{source!r}: no edit with an instruction found ({missing} without one)")
+        raise ValueError(
+            f"{source!r}: no edit with an instruction found ({missing} without one, {unreadable} with a "
+            "missing or unreadable image)"
+        )
 
     def columns(chunk: list) -> dict:
         return {
@@ -313,7 +342,7 @@ def convert_edits(
     yaml_path, files = _write_dataset(
         out, name, "unified_edit", rows, columns, rows_per_file, row_group_size, entry
     )
-    return ConvertResult(yaml_path, files, len(rows), missing)
+    return ConvertResult(yaml_path, files, len(rows), missing, unreadable)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,8 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows-per-file", type=int, default=1000)
     parser.add_argument("--row-group-size", type=int, default=100)
     args = parser.parse_args(argv)
-    if args.rows_per_file < 1 or args.row_group_size < 1:
-        parser.error("--rows-per-file and --row-group-size must be positive")
+    for flag, value in (("--rows-per-file", args.rows_per_file), ("--row-group-size", args.row_group_size)):
+        if not 1 <= value <= _MAX_ROWS:
+            parser.error(f"{flag} must be in [1, {_MAX_ROWS}], got {value}")
     convert = convert_edits if args.edit else convert_folder
     name = args.name or ("my_edit" if args.edit else "my_t2i")
     try:
@@ -347,8 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(
         f"wrote {res.num_rows} rows in {len(res.files)} file(s); {res.num_without_caption} "
-        f"{'edit(s) without an instruction' if args.edit else 'image(s) without a caption'} left out; "
-        f"dataset config: {res.yaml_path}"
+        f"{'edit(s) without an instruction' if args.edit else 'image(s) without a caption'} and "
+        f"{res.num_unreadable} with a missing or unreadable image left out; dataset config: {res.yaml_path}"
     )
     return 0
 
