@@ -392,6 +392,12 @@ class FluxVAE(nn.Module):
             from safetensors import SafetensorError, safe_open
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        try:
+            target = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"device {device!r} is not a device ({e})") from None
+        if target.type == "meta":  # nothing would be read: a "loaded" model without weights
+            raise ValueError("device='meta' loads no weights; build FluxVAE(config, device='meta') instead")
         file = os.fspath(path)
         if os.path.isdir(file):
             inner = os.path.join(file, "ae.safetensors")

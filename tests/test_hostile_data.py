@@ -400,3 +400,41 @@ def test_convert_huge_row_counts_are_usage_errors(tmp_path, capsys, flag):
     assert e.value.code == 2 and f"{flag} must be in" in capsys.readouterr().err
     with pytest.raises(ValueError, match="row_group_size must be an int in"):
         convert_folder(src, tmp_path / "out", row_group_size=2**70)
+
+
+def test_huge_transform_sizes_refused(tmp_path):
+    """min_image_size = max_image_size = 10**6 with max_pixels 10**13 was accepted: with the model's
+    grid uncapped (interpolate_pos) every image would be resized to terapixels."""
+    args = {"image_stride": 16, "max_image_size": 10**6, "min_image_size": 10**6, "max_pixels": 10**13}
+    yp = t2i_dataset(str(tmp_path), {"t2i_pretrain": {**t2i_group(files=1), "image_transform_args": args}})
+    with pytest.raises(ValueError, match="max_image_size must be <="):
+        load_groups(data_config(yp))
+
+
+def test_jsonl_path_that_is_a_folder(tmp_path, tok, cfg):
+    (tmp_path / "x.jsonl").mkdir()
+    yp = write_config(
+        str(tmp_path),
+        {"text_pretrain": {"dataset_names": ["x"], "num_used_data": [None]}},
+        {"text_pretrain": {"x": {"jsonl_path": "x.jsonl"}}},
+    )
+    with pytest.raises(ValueError, match="is a folder, not a file"):  # said "does not exist"
+        build_loader(data_config(yp), cfg, tok)
+
+
+def test_restoring_over_changed_data_is_a_value_error(tmp_path, tok, cfg):
+    """A waiting sample that no longer reads: SkipSample (an internal exception) escaped load_state_dict."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(4)))
+    yp = write_config(
+        str(tmp_path),
+        {"text_pretrain": {"dataset_names": ["t"], "num_used_data": [None]}},
+        {"text_pretrain": {"t": {"jsonl_path": "t.jsonl"}}},
+    )
+    loader = build_loader(data_config(yp), cfg, tok)
+    next(iter(loader))
+    state = loader.state_dict()
+    state["workers"][0]["pending"] = [[0, 0, 2]]
+    path.write_text("".join("{not json}\n" for _ in range(4)))  # same lines, now unreadable
+    with pytest.raises(ValueError, match=r"sample \(0, 0, 2\) was usable when the state was saved"):
+        build_loader(data_config(yp), cfg, tok).load_state_dict(state)

@@ -208,3 +208,16 @@ def test_encode_failures_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert match in err and "Traceback" not in err, (argv, err)
     assert not os.path.exists(out)
+
+
+def test_from_pretrained_on_meta_is_refused(tmp_path, vae):
+    """device="meta" "loaded" a model that holds no weights."""
+    path = tmp_path / "ae.safetensors"
+    safetensors_torch.save_file(dict(vae.state_dict()), str(path))
+    with pytest.raises(ValueError, match="device='meta' loads no weights"):
+        FluxVAE.from_pretrained(path, config=vae.config, device="meta")
+    with pytest.raises(ValueError, match="is not a device"):  # a raw RuntimeError
+        FluxVAE.from_pretrained(path, config=vae.config, device="bogus")
+    loaded = FluxVAE.from_pretrained(path, config=vae.config)
+    x = torch.zeros(1, 3, 8, 8)
+    torch.testing.assert_close(loaded.encode(x, sample=False), vae.encode(x, sample=False), rtol=0, atol=0)

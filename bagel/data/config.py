@@ -38,6 +38,8 @@ __all__ = [
     "MAX_NUM_TOKENS",
     "MAX_BUFFER_SIZE",
     "MAX_PREFETCH_FACTOR",
+    "MAX_TRANSFORM_SIDE",
+    "MAX_TRANSFORM_PIXELS",
 ]
 
 # group kind -> file format of its datasets
@@ -53,6 +55,8 @@ GROUP_KINDS = {
 MAX_NUM_TOKENS = 2**30 - 2  # the attention kernels' limit on a packed sequence (int32 offsets, halved)
 MAX_BUFFER_SIZE = 1000  # samples (with their pixels) waiting in the overflow buffer; upstream uses 50
 MAX_PREFETCH_FACTOR = 64  # packs each worker prepares ahead (the stream is endless)
+MAX_TRANSFORM_SIDE = 2**15  # image_transform_args sides and stride, in pixels
+MAX_TRANSFORM_PIXELS = 2**26  # image_transform_args.max_pixels (an 8192 x 8192 image)
 
 
 def _check_int(value: Any, name: str, minimum: int | None = 0, maximum: int | None = None) -> int:
@@ -208,7 +212,10 @@ class ImageTransformArgs:
             raise ValueError(f"{where} is missing {missing}")
         out = cls(**d)
         for n in names:
-            _check_int(getattr(out, n), f"{where}.{n}", 1)
+            # bounded: with the model's grid uncapped (interpolate_pos) a huge min_image_size and
+            # max_pixels would resize every image to gigapixels and exhaust memory
+            limit = MAX_TRANSFORM_PIXELS if n == "max_pixels" else MAX_TRANSFORM_SIDE
+            _check_int(getattr(out, n), f"{where}.{n}", 1, limit)
         if out.min_image_size > out.max_image_size:
             raise ValueError(
                 f"{where}: min_image_size {out.min_image_size} > max_image_size {out.max_image_size}"

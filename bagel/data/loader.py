@@ -232,9 +232,15 @@ class ShardPacker:
     def reread(self, gid: tuple[int, int, int]) -> RawSample:
         """The sample ``gid`` again (for restored buffers): same records, same randomness."""
         g, epoch, pos = gid
-        s = self._finish(gid, self.groups[g].read(epoch, pos))
+        try:
+            segs = self.groups[g].read(epoch, pos)
+        except SkipSample as e:  # a SkipSample escaping load_state_dict would look like a data bug
+            raise ValueError(
+                f"sample {gid} was usable when the state was saved but is not now ({e}): the data changed"
+            ) from None
+        s = self._finish(gid, segs)
         if s is None:
-            raise RuntimeError(f"sample {gid} was packable when saved but is not now: the data changed")
+            raise ValueError(f"sample {gid} was packable when saved but is not now: the data changed")
         return s
 
     def draw(self, g: int) -> RawSample:

@@ -166,7 +166,8 @@ class JsonlSource:
         shuffle_seed: int = 0,
     ):
         if not os.path.isfile(path):
-            raise ValueError(f"dataset {name!r}: jsonl_path {path!r} does not exist")
+            what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+            raise ValueError(f"dataset {name!r}: jsonl_path {path!r} {what}")
         offsets = []
         with open(path, "rb") as f:
             pos = 0
