@@ -50,6 +50,7 @@ BASE = [
     "logging.plot=false",
     "logging.tensorboard=off",
     "ema.decay=0.5",
+    "export.dtype=param",  # lossless: the exports are compared with the trained model's outputs
 ]
 STEPS = 4
 

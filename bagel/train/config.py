@@ -217,6 +217,11 @@ class CheckpointSection:
 class ExportSection:
     at_end: bool = doc(True, "Export after the last step to <output_dir>/export.")
     use_ema: bool = doc(True, "Export the EMA weights (the current weights when the EMA is off).")
+    dtype: Literal["bfloat16", "float32", "param"] = doc(
+        "bfloat16",
+        "dtype of the exported weights: bfloat16 (as the published ema.safetensors), float32, or param "
+        "(each parameter's own: lossless for fp32 master weights).",
+    )
     merge_lora: bool = doc(
         True, "Under LoRA: also write the merged model (config.json + ema.safetensors) beside the adapter."
     )

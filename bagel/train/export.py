@@ -63,16 +63,22 @@ def _lora_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def export_model(
-    model: nn.Module, out_dir: str, *, ema=None, use_ema: bool = True, merge_lora: bool = True
+    model: nn.Module,
+    out_dir: str,
+    *,
+    ema=None,
+    use_ema: bool = True,
+    merge_lora: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """Write ``out_dir/config.json`` + ``out_dir/ema.safetensors`` (checkpoint keys only; LoRA adapters
-    merged into their base weights: ``W + (alpha / r) * B @ A``, from the EMA when ``use_ema``). A
-    collective: every rank calls it. Returns ``out_dir``."""
+    merged into their base weights: ``W + (alpha / r) * B @ A``, from the EMA when ``use_ema``), in
+    ``dtype`` (default: each parameter's own). A collective: every rank calls it. Returns ``out_dir``."""
     rank = dist.get_rank()
     tmp = _tmp_dir(out_dir)
     lora = _lora_modules(model) if merge_lora else {}
     params = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
-    entries = [(checkpoint_key(n), p.dtype, tuple(p.shape)) for n, p in params]
+    entries = [(checkpoint_key(n), dtype or p.dtype, tuple(p.shape)) for n, p in params]
     writer = SafetensorsWriter(os.path.join(tmp, "ema.safetensors"), entries) if rank == 0 else None
     try:
         names = dict(model.named_parameters())
@@ -102,7 +108,7 @@ def export_model(
                     delta = (b.float() @ a.float()) * float(mod.scaling[adapter])
                     full = (full.float() + delta).to(p.dtype)
             if writer is not None:
-                writer.write(key, full)
+                writer.write(key, full.to(dtype or p.dtype))
             del full
         if writer is not None:
             writer.close()

@@ -387,15 +387,21 @@ def _save(save_checkpoint, ckpt_dir, step, model, opt, ema, sched, data, cfg) ->
 def _export(model, built, ema, cfg: TrainConfig) -> str:
     from bagel.train.export import export_lora_adapter, export_model
 
+    dtype = {"param": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.export.dtype]
     base = os.path.join(cfg.output_dir, "export")
     if built.lora_config is None:
-        return export_model(model, base, ema=ema, use_ema=cfg.export.use_ema)
+        return export_model(model, base, ema=ema, use_ema=cfg.export.use_ema, dtype=dtype)
     export_lora_adapter(
         model, built.lora_config, os.path.join(base, "adapter"), ema=ema, use_ema=cfg.export.use_ema
     )
     if cfg.export.merge_lora:
         export_model(
-            model, os.path.join(base, "merged"), ema=ema, use_ema=cfg.export.use_ema, merge_lora=True
+            model,
+            os.path.join(base, "merged"),
+            ema=ema,
+            use_ema=cfg.export.use_ema,
+            merge_lora=True,
+            dtype=dtype,
         )
     return base
 
