@@ -97,7 +97,8 @@ def as_float(
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     out = float(value)
-    if math.isnan(out) or (finite and math.isinf(out)):
+    # comparisons, not math.isnan/isinf: they also hold for the symbolic floats torch.compile traces
+    if out != out or (finite and (out == math.inf or out == -math.inf)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if min_value is not None and out < min_value:
         raise ValueError(f"{name} must be >= {min_value}, got {value!r}")

@@ -19,7 +19,6 @@ Block tables for tiled kernels are derived from these vectors in O(N + tiles).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -33,6 +32,7 @@ __all__ = [
     "PackedMask",
     "BlockTables",
     "MaskVectors",
+    "Derived",
     "derived",
     "ATTN_MODES",
     "TILE_EMPTY",
@@ -51,11 +51,6 @@ _as_int = as_int
 _as_int_list = as_int_list
 _MAX_BLOCK = 1 << 16  # largest tile side block_tables takes (a bigger block only pads the tables)
 
-# Values derived from a mask (block tables, truncations, each backend's preparations), kept OUTSIDE the
-# immutable mask: one dict per mask, dropped with it. Masks that share interval vectors (a mask and
-# its row-indexed copy) share the dict, since nothing in it depends on the row index.
-_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 def _host(x: np.ndarray) -> np.ndarray:
     """A read-only int32 copy of host interval values (never handed to torch.from_numpy)."""
@@ -64,14 +59,20 @@ def _host(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def derived(mask: PackedMask) -> dict:
-    """The cache of values derived from ``mask`` (block tables, a backend's prepared tables, ...),
-    kept outside the mask and freed with it. Keys are the caller's; values must depend only on the
-    mask's intervals and sample lengths (never on its row index)."""
-    d = _DERIVED.get(mask)
-    if d is None:
-        d = _DERIVED[mask] = {}
-    return d
+class Derived(dict):
+    """The memo of values derived from one mask's intervals (block tables, truncations, each backend's
+    preparations): not part of the mask's value (the mask is immutable and never reads it), freed with
+    the mask, shared by the masks that share its intervals (a mask and its row-indexed copies: nothing
+    in it depends on the row index). Reached through :func:`derived` only. (It hangs off the mask
+    object rather than a global table, so that ``torch.compile`` guards on it through the mask, an
+    input of the compiled region, and one graph serves every pack.)"""
+
+
+def derived(mask: PackedMask) -> Derived:
+    """The memo of values derived from ``mask`` (block tables, a backend's prepared tables, ...). Keys
+    are the caller's; values must depend only on the mask's intervals and sample lengths (never on its
+    row index)."""
+    return mask._derived  # the one accessor of the memo, in the mask's own module
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ class PackedMask:
     do not reach the mask.
     """
 
-    _FIELDS = ("_lo", "_hi", "_lo_host", "_hi_host", "_row_index", "_sample_lens", "_total_len")
+    _FIELDS = ("_lo", "_hi", "_lo_host", "_hi_host", "_row_index", "_sample_lens", "_total_len", "_derived")
 
     def __init__(self, kv_lo: torch.Tensor, kv_hi: torch.Tensor, sample_lens: Sequence[int]):
         for name, t in (("kv_lo", kv_lo), ("kv_hi", kv_hi)):
@@ -228,7 +229,8 @@ class PackedMask:
         )
 
     def _init(self, lo: torch.Tensor, hi: torch.Tensor, lo_host: np.ndarray, hi_host: np.ndarray,
-              sample_lens: tuple[int, ...], row_index: torch.Tensor | None = None) -> None:  # fmt: skip
+              sample_lens: tuple[int, ...], row_index: torch.Tensor | None = None,
+              derived_memo: Derived | None = None) -> None:  # fmt: skip
         """Sets every field once: owned int32 contiguous vectors on the device, their read-only numpy copy
         on the host, the sample lengths and the row index (an owned int32 copy or None)."""
         self._lo, self._hi = lo, hi
@@ -236,6 +238,7 @@ class PackedMask:
         self._sample_lens = sample_lens
         self._total_len = int(sum(sample_lens))
         self._row_index = row_index
+        self._derived = derived_memo if derived_memo is not None else Derived()
 
     def __setattr__(self, name, value):
         if name in self.__dict__ or name not in PackedMask._FIELDS:
@@ -529,9 +532,15 @@ class PackedMask:
             if not bool(ok):  # one host sync
                 raise ValueError("row_index is not a permutation of range(total_len)")
         out = PackedMask.__new__(PackedMask)
-        out._init(self._lo, self._hi, self._lo_host, self._hi_host, self._sample_lens,
-                  idx.to(torch.int32).contiguous())  # fmt: skip
-        _DERIVED[out] = derived(self)  # shared: nothing derived depends on the row index
+        out._init(
+            self._lo,
+            self._hi,
+            self._lo_host,
+            self._hi_host,
+            self._sample_lens,
+            idx.to(torch.int32).contiguous(),
+            self._derived,
+        )  # fmt: skip (memo shared: see Derived)
         return out
 
     def sample_bounds(self) -> list[tuple[int, int]]:
@@ -555,8 +564,7 @@ class PackedMask:
     def _with_row_index_trusted(self, row_index: torch.Tensor) -> PackedMask:
         out = PackedMask.__new__(PackedMask)
         idx = row_index.detach().to(torch.int32, copy=True).contiguous()
-        out._init(self._lo, self._hi, self._lo_host, self._hi_host, self._sample_lens, idx)
-        _DERIVED[out] = derived(self)
+        out._init(self._lo, self._hi, self._lo_host, self._hi_host, self._sample_lens, idx, self._derived)
         return out
 
     # ------------------------------------------------------------------ block tables
