@@ -438,3 +438,100 @@ def test_restoring_over_changed_data_is_a_value_error(tmp_path, tok, cfg):
     path.write_text("".join("{not json}\n" for _ in range(4)))  # same lines, now unreadable
     with pytest.raises(ValueError, match=r"sample \(0, 0, 2\) was usable when the state was saved"):
         build_loader(data_config(yp), cfg, tok).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+def _sample(cfg, **over):
+    import torch
+
+    from bagel.data import Text, VaeImage, VitImage
+
+    p, lp, c = cfg.vision_config.patch_size, cfg.latent_patch_size, cfg.latent_channels
+    segs = {
+        "text": Text([1, 2, 3], loss=True),
+        "vit": VitImage(torch.rand(3, 2 * p, 2 * p) * 2 - 1),
+        "vae": VaeImage(torch.randn(c, 2 * lp, 2 * lp), noised=True, timestep=0.3),
+    }
+    segs.update(over)
+    return list(segs.values())
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(max_num_tokens=10**12), "max_num_tokens must be in"),  # a trillion-token pad split
+        (dict(max_num_tokens=-1), "max_num_tokens must be in"),  # "the samples need 17 tokens"
+        (dict(rng="x"), "rng must be an int"),  # used as a string seed
+        (dict(rng=2.5), "rng must be an int"),  # used as a float seed
+        (dict(device="bogus"), "device='bogus' is not a device"),  # raw RuntimeError
+        (dict(special_tokens="qwen"), "special_tokens must be a SpecialTokens"),  # AttributeError
+    ],
+)
+def test_pack_samples_arguments(cfg, kw, match):
+    from bagel.data import pack_samples
+
+    with pytest.raises(ValueError, match=match):
+        pack_samples([_sample(cfg)], cfg, **kw)
+
+
+def test_pack_samples_special_tokens_must_be_distinct_ints(cfg):
+    """bos=1.5 was truncated to 1 when the ids became a tensor; four equal ids were accepted."""
+    from bagel.data import SpecialTokens, pack_samples
+
+    with pytest.raises(ValueError, match=r"special_tokens.bos=1.5 must be an int"):
+        pack_samples([_sample(cfg)], cfg, special_tokens=SpecialTokens(1.5, 2, 3, 4))
+    with pytest.raises(ValueError, match="four different ids"):
+        pack_samples([_sample(cfg)], cfg, special_tokens=SpecialTokens(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("where", ["vit", "vae"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "meta"])
+def test_pack_samples_refuses_non_finite_and_meta_images(cfg, where, bad):
+    """NaN/inf pixels or latents were packed (the loss then is NaN); meta ViT pixels gave meta tokens
+    and meta latents a NotImplementedError."""
+    import torch
+
+    from bagel.data import VaeImage, VitImage, pack_samples
+
+    good = _sample(cfg)
+    x = (good[1].pixels if where == "vit" else good[2].latent).clone()
+    if bad == "meta":
+        x = x.to("meta")
+    else:
+        x[0, 1, 1] = float(bad)
+    seg = VitImage(x) if where == "vit" else VaeImage(x, noised=True, timestep=0.3)
+    sample = _sample(cfg, **{where: seg})
+    what = "ViT pixels" if where == "vit" else "latent"
+    match = "is on the meta device" if bad == "meta" else "holds NaN or inf"
+    with pytest.raises(ValueError, match=rf"samples\[1\] {what} {match}"):
+        pack_samples([_sample(cfg), sample], cfg)
+    assert torch.isfinite(pack_samples([_sample(cfg)], cfg)["padded_latent"]).all()
+
+
+def test_packing_helpers_refuse_bad_numbers(cfg):
+    import random
+
+    from bagel.data import DroppedImage
+    from bagel.data.packing import flattened_position_ids, len2weight, synthetic_sample, synthetic_samples
+
+    with pytest.raises(ValueError, match="DroppedImage.kind"):  # "bogus" was kept
+        DroppedImage("bogus")
+    for args, kw in (
+        ((0, 2, 4), {"interpolate": True}),
+        ((2, 2, 0), {"interpolate": True}),
+        ((2.5, 2, 4), {}),
+    ):
+        with pytest.raises(ValueError, match="flattened_position_ids"):  # ZeroDivisionError / float ids
+            flattened_position_ids(*args, **kw)
+    for n in (-4, 2.5):
+        with pytest.raises(ValueError, match="n must be an int"):  # math domain error / accepted
+            len2weight(n)
+    rng = random.Random(0)
+    with pytest.raises(TypeError, match="rng must be a random.Random"):  # AttributeError: getrandbits
+        synthetic_sample("text", cfg, 5)
+    with pytest.raises(ValueError, match="text_len"):  # 10**9 ran for ever; (-5, -1) gave no text
+        synthetic_sample("text", cfg, rng, text_len=(10**9, 10**9))
+    with pytest.raises(ValueError, match="vit_side"):  # a [3, 0, 0] image
+        synthetic_sample("und", cfg, rng, vit_side=(0, 0))
+    with pytest.raises(ValueError, match="seed must be an int"):  # a float seed
+        synthetic_samples(["text"], cfg, seed=2.5)

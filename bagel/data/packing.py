@@ -78,6 +78,8 @@ class SpecialTokens:
     @classmethod
     def for_config(cls, config) -> SpecialTokens:
         """Qwen2.5 ids for a full-size vocabulary; for a small (test/demo) vocabulary its last four ids."""
+        if not hasattr(config, "text_config"):
+            raise TypeError(f"config must be a bagel.BagelConfig, got {type(config).__name__}")
         vocab = int(config.text_config.vocab_size)
         if vocab > 151653:
             return cls.qwen2()
@@ -129,6 +131,10 @@ class DroppedImage:
     ViT or VAE image. ``kind`` ("vit" or "vae") is kept for the record."""
 
     kind: str = "vit"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vit", "vae"):
+            raise ValueError(f"DroppedImage.kind must be 'vit' or 'vae', got {self.kind!r}")
 
 
 Segment = Text | VitImage | VaeImage | DroppedImage
@@ -207,6 +213,15 @@ def flattened_position_ids(
 
     Extrapolation (default) keeps rows/columns as they are; interpolation maps the grid onto the whole
     ``max_side`` range (upstream's ``get_flattened_position_ids_interpolate``)."""
+    for name, v in (
+        ("num_h", num_h),
+        ("num_w", num_w),
+        ("max_num_patches_per_side", max_num_patches_per_side),
+    ):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= _MAX_GRID_SIDE:
+            raise ValueError(
+                f"flattened_position_ids: {name} must be an int in [1, {_MAX_GRID_SIDE}], got {v!r}"
+            )
     m = max_num_patches_per_side
     if interpolate:
         boundaries = torch.arange(1 / m, 1.0, 1 / m)
@@ -220,10 +235,14 @@ def flattened_position_ids(
 
 
 LOSS_REDUCTIONS = ("square", "sample", "token")
+_MAX_NUM_TOKENS = 2**30 - 2  # the attention kernels' limit on a packed sequence (bagel.data.config)
+_MAX_GRID_SIDE = 2**15  # patches along one side of an image (a 2**30-token image)
 
 
 def len2weight(n: int, reduction: str = "square") -> float:
     """Upstream's CE weight of a text split of ``n`` tokens: 1 ("token"), 1/n ("sample"), 1/sqrt(n) ("square")."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"len2weight: n must be an int >= 0 (a token count), got {n!r}")
     if n == 0:
         return 0.0
     if reduction == "token":
@@ -271,6 +290,21 @@ def _image(x, name: str, channels: int, multiple: int, what: str) -> tuple[int, 
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     return x.shape[1] // multiple, x.shape[2] // multiple
+
+
+def _not_meta(x: torch.Tensor, name: str) -> None:
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device: it holds no values")
+
+
+def _check_finite(parts: list[torch.Tensor], whole: torch.Tensor, owners: list[int], what: str) -> None:
+    """NaN/inf pixels or latents would train on NaN without a word: one check over the packed tensor,
+    then the first offending image is named."""
+    if bool(torch.isfinite(whole).all()):
+        return
+    for x, si in zip(parts, owners, strict=True):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"samples[{si}] {what} holds NaN or inf values")
 
 
 def _segments(sample: Any) -> list[Segment]:
@@ -367,15 +401,31 @@ def pack_samples(
         max_num_tokens = _as_int(max_num_tokens, "max_num_tokens")
     if not isinstance(loss_reduction, str) or loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction={loss_reduction!r} must be one of {', '.join(LOSS_REDUCTIONS)}")
-    if not isinstance(rng, random.Random):
-        rng = random.Random(rng)
+    if max_num_tokens is not None and not 1 <= max_num_tokens <= _MAX_NUM_TOKENS:
+        # 10**12 was accepted: a pad split of a trillion tokens for the forward to allocate
+        raise ValueError(f"max_num_tokens must be in [1, {_MAX_NUM_TOKENS}], got {max_num_tokens}")
+    if rng is not None and not isinstance(rng, random.Random):
+        # random.Random takes strings and floats as seeds too: rng="x" or 2.5 were accepted silently
+        rng = random.Random(_as_int(rng, "rng"))
+    elif rng is None:
+        rng = random.Random()
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"device={device!r} is not a device ({e})") from None
+    if special_tokens is not None and not isinstance(special_tokens, SpecialTokens):
+        raise ValueError(f"special_tokens must be a SpecialTokens, got {type(special_tokens).__name__}")
     tok = special_tokens if special_tokens is not None else SpecialTokens.for_config(config)
     vocab = int(config.text_config.vocab_size)
     for name in ("bos", "eos", "start_of_image", "end_of_image"):
-        if not 0 <= getattr(tok, name) < vocab:
-            raise ValueError(
-                f"special_tokens.{name}={getattr(tok, name)} is outside the vocabulary [0, {vocab})"
-            )
+        value = getattr(tok, name)
+        # bos=1.5 was accepted and truncated to 1 when the ids became a tensor
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < vocab:
+            raise ValueError(f"special_tokens.{name}={value!r} must be an int in the vocabulary [0, {vocab})")
+    ids = [int(getattr(tok, n)) for n in ("bos", "eos", "start_of_image", "end_of_image")]
+    if len(set(ids)) != 4:
+        raise ValueError(f"special_tokens must be four different ids, got {tok}")
     pack = _PackBuilder(config, tok, rng, loss_reduction, nested=mask_format == "nested")
     for si, sample in enumerate(samples):
         pack.add_sample(si, sample)
@@ -429,6 +479,7 @@ class _VitImages:
     pos: list[torch.Tensor] = field(default_factory=list)
     lens: list[int] = field(default_factory=list)
     idx: list[int] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)  # the sample of each image (for error messages)
 
 
 @dataclass
@@ -439,6 +490,7 @@ class _VaeImages:
     idx: list[int] = field(default_factory=list)
     timesteps: list[float] = field(default_factory=list)
     mse_idx: list[int] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
 
 
 class _PackBuilder:
@@ -542,6 +594,7 @@ class _PackBuilder:
             p,
             f"H and W multiples of the ViT patch size {p}",
         )
+        _not_meta(seg.pixels, f"samples[{si}] ViT pixels")
         toks = patchify(seg.pixels.float(), p)
         start = self.curr
         self._text_token(self.tok.start_of_image)
@@ -549,6 +602,7 @@ class _PackBuilder:
         self.vit.idx += range(self.curr, self.curr + n)
         self.curr += n
         self.vit.tokens.append(toks)
+        self.vit.owners.append(si)
         self.vit.lens.append(n)
         self.vit.pos.append(
             flattened_position_ids(nh, nw, config.vit_max_num_patch_per_side, bool(config.interpolate_pos))
@@ -572,6 +626,7 @@ class _PackBuilder:
             )
         p = config.latent_patch_size
         h, w = _image(lat, f"samples[{si}] latent", config.latent_channels, p, f"latent_patch_size {p}")
+        _not_meta(lat, f"samples[{si}] latent")
         if vae.latents and lat.dtype != vae.latents[0].dtype:
             raise ValueError(
                 f"samples[{si}] latent has dtype {lat.dtype} but an earlier latent of the pack has "
@@ -580,6 +635,7 @@ class _PackBuilder:
         start = self.curr
         self._text_token(self.tok.start_of_image)
         vae.latents.append(lat)
+        vae.owners.append(si)
         vae.shapes.append((h, w))
         vae.pos.append(flattened_position_ids(h, w, config.max_latent_size, bool(config.interpolate_pos)))
         vae.idx += range(self.curr, self.curr + h * w)
@@ -640,8 +696,10 @@ class _PackBuilder:
 
     def _vit_inputs(self) -> dict[str, torch.Tensor]:
         vit = self.vit
+        tokens = torch.cat(vit.tokens)
+        _check_finite(vit.tokens, tokens, vit.owners, "ViT pixels")
         return dict(
-            packed_vit_tokens=torch.cat(vit.tokens),
+            packed_vit_tokens=tokens,
             packed_vit_token_indexes=torch.tensor(vit.idx, dtype=torch.long),
             packed_vit_position_ids=torch.cat(vit.pos),
             vit_token_seqlens=torch.tensor(vit.lens, dtype=torch.int32),
@@ -655,6 +713,7 @@ class _PackBuilder:
         padded = torch.zeros(len(vae.latents), C, H, W, dtype=vae.latents[0].dtype)
         for i, x in enumerate(vae.latents):
             padded[i, :, : x.shape[1], : x.shape[2]] = x
+        _check_finite(vae.latents, padded, vae.owners, "latent")
         return dict(
             padded_latent=padded,
             patchified_vae_latent_shapes=vae.shapes,
@@ -681,6 +740,19 @@ def synthetic_sample(
     ``text_len``: token counts (inclusive range); ``vit_side`` / ``latent_side``: patch-grid sides of
     ViT images / latent token-grid sides of VAE images (inclusive ranges, each side drawn separately).
     Token ids avoid the special tokens; pixels and latents are standard normal (seeded by ``rng``)."""
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
+    for name, bounds, lo_min, cap in (
+        ("text_len", text_len, 0, 1 << 20),
+        ("vit_side", vit_side, 1, 1 << 10),
+        ("latent_side", latent_side, 1, 1 << 10),
+    ):
+        ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2
+        ok = ok and all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+        if not ok or not lo_min <= bounds[0] <= bounds[1] <= cap:
+            raise ValueError(
+                f"{name} must be (lo, hi) ints with {lo_min} <= lo <= hi <= {cap}, got {bounds!r}"
+            )
     tok = special_tokens if special_tokens is not None else SpecialTokens.for_config(config)
     hi = min(tok.bos, tok.eos, tok.start_of_image, tok.end_of_image, config.text_config.vocab_size)
     gen = torch.Generator().manual_seed(rng.getrandbits(31))
@@ -715,5 +787,7 @@ def synthetic_sample(
 
 def synthetic_samples(kinds: Sequence[str], config, seed: int = 0, **kwargs: Any) -> list[Any]:
     """One :func:`synthetic_sample` per entry of ``kinds``, from one seeded generator."""
-    rng = random.Random(seed)
+    if isinstance(kinds, str):
+        raise ValueError(f"kinds must be a list of sample kinds, got the string {kinds!r}")
+    rng = random.Random(_as_int(seed, "seed"))
     return [synthetic_sample(k, config, rng, **kwargs) for k in kinds]
