@@ -46,7 +46,8 @@ TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
 _BIG = np.iinfo(np.int32).max
 
 
-# the coercion checks moved to bagel_kernels.checks; these private aliases stay until bagel has switched
+# the coercion checks moved to bagel_kernels.checks; these private aliases stay until bagel/data/packing.py
+# (the data helper's, being edited) has switched to checks.as_int / checks.as_int_list
 _as_int = as_int
 _as_int_list = as_int_list
 _MAX_BLOCK = 1 << 16  # largest tile side block_tables takes (a bigger block only pads the tables)
@@ -549,22 +550,6 @@ class PackedMask:
         for n in self.sample_lens:
             out.append((s, s + n))
             s += n
-        return out
-
-    # ------------------------------------------------------------------ old private paths (aliases)
-    # kept until the bagel package has switched to the public API (truncated, with_row_index of a
-    # mot.GroupedOrder, has_row_index); see /work/notes/kernels_api.md
-    def _cut_flags(self, length: int) -> torch.Tensor:
-        tail_lo, tail_hi = self._lo_host[length:], self._hi_host[length:]
-        return torch.from_numpy((tail_lo < length) & (tail_hi > tail_lo))
-
-    def _truncated_trusted(self, length: int) -> PackedMask:
-        return self.truncated(length)
-
-    def _with_row_index_trusted(self, row_index: torch.Tensor) -> PackedMask:
-        out = PackedMask.__new__(PackedMask)
-        idx = row_index.detach().to(torch.int32, copy=True).contiguous()
-        out._init(self._lo, self._hi, self._lo_host, self._hi_host, self._sample_lens, idx, self._derived)
         return out
 
     # ------------------------------------------------------------------ block tables

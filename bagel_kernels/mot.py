@@ -894,11 +894,6 @@ def ungroup_rows(x: Tensor, order: GroupedOrder, *, backend: str = "auto") -> Te
     return _group_rows(x, order.inv, backend)
 
 
-def _permute_rows_trusted(x: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:
-    """Old private path, kept until bagel uses :func:`group_rows` / :func:`ungroup_rows`."""
-    return _group_rows(x, index, backend)
-
-
 def _inverse_permutation(perm: Tensor) -> Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -1002,9 +997,3 @@ def grouped_order(und_indexes: Tensor, gen_indexes: Tensor, total: int) -> Group
     if isinstance(total, bool) or not isinstance(total, int) or total < 0:
         raise ValueError(f"total must be a non-negative int, got {total!r}")
     return GroupedOrder(und_indexes, gen_indexes, total)
-
-
-def _grouped_order_trusted(und_indexes: Tensor, gen_indexes: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Old private path, kept until bagel uses :class:`GroupedOrder`: no check, no host sync."""
-    perm = torch.cat((und_indexes, gen_indexes)).long()
-    return perm, _inverse_permutation(perm), und_indexes.numel()
