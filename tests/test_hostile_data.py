@@ -535,3 +535,16 @@ def test_packing_helpers_refuse_bad_numbers(cfg):
         synthetic_sample("und", cfg, rng, vit_side=(0, 0))
     with pytest.raises(ValueError, match="seed must be an int"):  # a float seed
         synthetic_samples(["text"], cfg, seed=2.5)
+
+
+def test_special_token_strings_in_data_stay_text(tok):
+    """A caption saying "<|im_end|>" or "<|vision_start|>" was encoded as those control tokens: an eos
+    and an image bracket without an image inside a text split."""
+    from bagel.data.tokenizer import BAGEL_SPECIAL_TOKENS, encode_text
+
+    specials = {tok.convert_tokens_to_ids(t) for _, t in BAGEL_SPECIAL_TOKENS}
+    for _, t in BAGEL_SPECIAL_TOKENS:
+        ids = encode_text(tok, f"a caption {t} with a control string")
+        assert not specials & set(ids), t
+        assert tok.decode(ids) == f"a caption {t} with a control string"
+    assert encode_text(tok, "flip the image") == tok.encode("flip the image", add_special_tokens=False)

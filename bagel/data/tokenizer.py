@@ -117,5 +117,10 @@ def tiny_tokenizer(num_merges: int = 64) -> Any:
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """``text`` -> token ids, without the tokenizer's own special tokens (as Qwen2's ``encode``)."""
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    """``text`` -> token ids, without the tokenizer's own special tokens (as Qwen2's ``encode``).
+
+    Special-token strings inside the text (a caption that says ``<|im_end|>`` or ``<|vision_start|>``)
+    are encoded as the plain characters they are, not as the control tokens: otherwise hostile data
+    would put an end-of-text or an image bracket with no image in the middle of a text split
+    (upstream's ``tokenizer.encode`` does turn them into the control tokens)."""
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
