@@ -331,7 +331,11 @@ class FluxVAE(nn.Module):
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.config = config
-        with torch.device(device if device is not None else "cpu"):
+        try:
+            device = torch.device(device if device is not None else "cpu")
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"device {device!r} is not a device ({e})") from None
+        with device:
             self.encoder = _Encoder(config)
             self.decoder = _Decoder(config)
         if dtype is not None:
@@ -398,6 +402,8 @@ class FluxVAE(nn.Module):
             raise ValueError(f"device {device!r} is not a device ({e})") from None
         if target.type == "meta":  # nothing would be read: a "loaded" model without weights
             raise ValueError("device='meta' loads no weights; build FluxVAE(config, device='meta') instead")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be ae.safetensors or its folder, got {type(path).__name__}")
         file = os.fspath(path)
         if os.path.isdir(file):
             inner = os.path.join(file, "ae.safetensors")
@@ -693,6 +699,8 @@ def diffusers_config(config: FluxVAEConfig | None = None) -> dict[str, Any]:
 def _diffusers_key(key: str, n_levels: int) -> str:
     parts = key.split(".")
     side, rest = parts[0], parts[1:]
+    if side not in ("encoder", "decoder") or len(rest) < 2:
+        raise ValueError(f"{key!r} is not a key of the FLUX VAE's state dict (encoder.* / decoder.*)")
     if rest[0] in ("down", "up"):
         i, kind = int(rest[1]), rest[2]
         # diffusers numbers decoder blocks in the order they run (widest first)
@@ -851,7 +859,9 @@ def _parse_encode_args(argv: Sequence[str] | None) -> _EncodeArgs:
     parser.add_argument("--mean", action="store_true", help="store the posterior mean instead of a sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
     parser.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
-    parser.add_argument("--column", default="image", help="the parquet column that holds the image bytes")
+    parser.add_argument(
+        "--column", default=None, help="the parquet column that holds the image bytes (default: image)"
+    )
     ns = parser.parse_args(argv)
     for flag, value in (("--seed", ns.seed), ("--tiny-random", ns.tiny_random)):
         if value is not None and not 0 <= value < 2**64:
@@ -873,6 +883,8 @@ def _parse_encode_args(argv: Sequence[str] | None) -> _EncodeArgs:
         parser.error(f"source {ns.source!r} does not exist")
     if not os.path.isdir(ns.source) and not ns.source.endswith(".parquet"):
         parser.error(f"source {ns.source!r} is neither a folder nor a .parquet file")
+    if ns.column is not None and os.path.isdir(ns.source):
+        parser.error("--column names a parquet column; the source is a folder of images")
     if not ns.output.endswith(".safetensors"):
         parser.error(f"output {ns.output!r} must end in .safetensors")
     if ns.batch_size <= 0:
@@ -894,7 +906,7 @@ def _parse_encode_args(argv: Sequence[str] | None) -> _EncodeArgs:
         sample=not ns.mean,
         seed=ns.seed,
         batch_size=ns.batch_size,
-        column=ns.column,
+        column=ns.column or "image",
     )
 
 

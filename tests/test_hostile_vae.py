@@ -221,3 +221,18 @@ def test_from_pretrained_on_meta_is_refused(tmp_path, vae):
     loaded = FluxVAE.from_pretrained(path, config=vae.config)
     x = torch.zeros(1, 3, 8, 8)
     torch.testing.assert_close(loaded.encode(x, sample=False), vae.encode(x, sample=False), rtol=0, atol=0)
+
+
+def test_vae_argument_errors_name_the_argument(tmp_path, capsys):
+    from bagel.vae import to_diffusers_state_dict
+
+    with pytest.raises(TypeError, match="path must be"):  # fspath's "expected str, bytes or ..."
+        FluxVAE.from_pretrained(None)
+    with pytest.raises(ValueError, match="device 'bogus' is not a device"):  # raw RuntimeError
+        FluxVAE(FluxVAEConfig.tiny(ch_mult=(1,)), device="bogus")
+    with pytest.raises(ValueError, match="'foo' is not a key"):  # IndexError
+        to_diffusers_state_dict({"foo": torch.zeros(1)})
+    # --column with a folder was ignored without a word
+    with pytest.raises(SystemExit) as e:
+        encode_main([str(tmp_path), str(tmp_path / "o.safetensors"), "--tiny-random", "0", "--column", "x"])
+    assert e.value.code == 2 and "--column names a parquet column" in capsys.readouterr().err
