@@ -548,3 +548,31 @@ def test_special_token_strings_in_data_stay_text(tok):
         assert not specials & set(ids), t
         assert tok.decode(ids) == f"a caption {t} with a control string"
     assert encode_text(tok, "flip the image") == tok.encode("flip the image", add_special_tokens=False)
+
+
+def test_records_that_break_the_decoders_are_skipped(tmp_path, tok, cfg):
+    """One record could stop training: captions or a JSONL line nested 200000 deep (RecursionError
+    escaped the loader), a caption or text with a lone surrogate "\\ud800" (the tokenizer's TypeError)."""
+    deep = "[" * 200000 + "]" * 200000
+    good = json.dumps({"c": "a good caption"})
+    rows = [image_bytes(32, 32, seed=i) for i in range(3)]
+    caps = [good, deep, json.dumps({"c": "a \ud800 b"})]
+    write_parquet(str(tmp_path / "t2i" / "part0.parquet"), {"image": rows, "captions": caps})
+    (tmp_path / "x.jsonl").write_text(
+        "\n".join([json.dumps({"text": "fine"}), deep, '{"text": "bad \\ud800 text"}']) + "\n"
+    )
+    groups = {
+        "t2i_pretrain": {**t2i_group(files=1), "is_mandatory": True},
+        "text_pretrain": {"dataset_names": ["x"], "num_used_data": [None], "is_mandatory": True},
+    }
+    info = {**INFO, "text_pretrain": {"x": {"jsonl_path": "x.jsonl"}}}
+    yp = write_config(str(tmp_path), groups, info)
+    loader = build_loader(data_config(yp), cfg, tok)
+    it = iter(loader)
+    packs = [next(it) for _ in range(4)]
+    assert all(len(p.samples) == 2 for p in packs)
+    assert set(loader.skip_counts()) == {"bad_record"} and loader.skip_counts()["bad_record"] >= 4
+    bad = tmp_path / "deep.jsonl"
+    bad.write_text(json.dumps({"image": "a.png", "caption": "x"}) + "\n" + deep + "\n")
+    with pytest.raises(ValueError, match=r"deep.jsonl:2: not JSON \(RecursionError"):
+        convert_folder(bad, tmp_path / "out")

@@ -82,8 +82,8 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
+                raise ValueError(f"{path}:{n}: not JSON ({type(e).__name__}: {e})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: a line must be a JSON object, got a {type(rec).__name__}")
             yield n, rec

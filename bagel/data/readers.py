@@ -203,8 +203,8 @@ class JsonlSource:
         line = fh.readline()
         try:
             rec = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SkipSample("bad_record", f"{self.path}: not JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # deep nesting: RecursionError
+            raise SkipSample("bad_record", f"{self.path}: not JSON ({type(e).__name__}: {e})") from None
         if not isinstance(rec, dict):
             raise SkipSample("bad_record", f"{self.path}: a line is a {type(rec).__name__}, not an object")
         return rec
@@ -263,10 +263,16 @@ class SampleBuilder:
             raise SkipSample("unknown_field", f"{what} must be a string, got {type(text).__name__}")
         if not text.strip():
             raise SkipSample("empty_text", what)
-        ids = encode_text(self.tokenizer, text)
+        ids = self._encode(text, what)
         if not ids:
             raise SkipSample("empty_text", f"{what} tokenizes to nothing")
         return ids
+
+    def _encode(self, text: str, what: str) -> list[int]:
+        try:
+            return encode_text(self.tokenizer, text)
+        except ValueError as e:  # not valid Unicode (a lone surrogate from a JSON escape)
+            raise SkipSample("bad_record", f"{what}: {e}") from None
 
     def _image(self, source: Any) -> Any:
         if isinstance(source, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
@@ -291,7 +297,7 @@ class SampleBuilder:
             raw = raw.decode("utf-8", errors="replace")
         try:
             caps = json.loads(raw) if isinstance(raw, str) else raw
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep for the decoder
             raise SkipSample("bad_record", "captions is not a JSON object") from None
         if not isinstance(caps, dict):
             raise SkipSample("unknown_field", f"captions must be a JSON object, got {type(caps).__name__}")
@@ -405,13 +411,13 @@ class SampleBuilder:
         k = 0
         for t in turns:
             if t["from"] == "gpt":
-                ids = encode_text(self.tokenizer, t["value"])
+                ids = self._encode(t["value"], "a gpt turn")
                 if ids:
                     segs.append(Text(ids, loss=True))
                 continue
             parts = t["value"].split("<image>")
             for j, part in enumerate(parts):
-                ids = encode_text(self.tokenizer, part.strip()) if part.strip() else []
+                ids = self._encode(part.strip(), "a human turn") if part.strip() else []
                 if ids:
                     segs.append(Text(ids, loss=False))
                 if j < len(parts) - 1:

@@ -123,4 +123,10 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     are encoded as the plain characters they are, not as the control tokens: otherwise hostile data
     would put an end-of-text or an image bracket with no image in the middle of a text split
     (upstream's ``tokenizer.encode`` does turn them into the control tokens)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON allows "\ud800"): the tokenizer's TypeError
+        raise ValueError(f"text is not valid Unicode ({e.reason} at character {e.start})") from None
     return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
