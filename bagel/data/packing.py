@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from bagel_kernels import PackedMask
-from bagel_kernels.mask import _as_int, _as_int_list
+from bagel_kernels.checks import as_int, as_int_list
 from bagel_kernels.reference import patchify
 
 __all__ = [
@@ -257,7 +257,7 @@ def len2weight(n: int, reduction: str = "square") -> float:
 def _ids(x, name: str, vocab: int) -> list[int]:
     """Token ids as ints: a sequence of ints or an integer tensor/array. Floats (``1.7``), bools and
     strings (``"12"`` is not ``[1, 2]``) are refused, never coerced."""
-    ids = _as_int_list(x, name)
+    ids = as_int_list(x, name)
     bad = [v for v in ids if not 0 <= v < vocab]
     if bad:
         raise ValueError(f"{name} holds token ids outside [0, {vocab}): {bad[:5]}")
@@ -398,7 +398,7 @@ def pack_samples(
     if mask_format == "nested" and max_num_tokens is not None:
         raise ValueError("max_num_tokens (flex-style padding) needs mask_format='splits'")
     if max_num_tokens is not None:
-        max_num_tokens = _as_int(max_num_tokens, "max_num_tokens")
+        max_num_tokens = as_int(max_num_tokens, "max_num_tokens")
     if not isinstance(loss_reduction, str) or loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction={loss_reduction!r} must be one of {', '.join(LOSS_REDUCTIONS)}")
     if max_num_tokens is not None and not 1 <= max_num_tokens <= _MAX_NUM_TOKENS:
@@ -406,7 +406,7 @@ def pack_samples(
         raise ValueError(f"max_num_tokens must be in [1, {_MAX_NUM_TOKENS}], got {max_num_tokens}")
     if rng is not None and not isinstance(rng, random.Random):
         # random.Random takes strings and floats as seeds too: rng="x" or 2.5 were accepted silently
-        rng = random.Random(_as_int(rng, "rng"))
+        rng = random.Random(as_int(rng, "rng"))
     elif rng is None:
         rng = random.Random()
     if device is not None:
@@ -789,5 +789,5 @@ def synthetic_samples(kinds: Sequence[str], config, seed: int = 0, **kwargs: Any
     """One :func:`synthetic_sample` per entry of ``kinds``, from one seeded generator."""
     if isinstance(kinds, str):
         raise ValueError(f"kinds must be a list of sample kinds, got the string {kinds!r}")
-    rng = random.Random(_as_int(seed, "seed"))
+    rng = random.Random(as_int(seed, "seed"))
     return [synthetic_sample(k, config, rng, **kwargs) for k in kinds]
