@@ -7,7 +7,7 @@ argument (a ``TypeError`` would name the same problem; one exception type keeps 
 
     coercion   as_int, as_int_list, as_float, as_bool, check_softmax_scale
     tensors    check_tensor, check_same_device, check_weight, check_like, check_vector, check_range
-    values     has_values (False for meta / fake tensors and while torch.compile traces: value
+    values     to_device (meta/fake aware), has_values (False for meta / fake tensors and while torch.compile traces: value
                checks, which read device data, are skipped there; shapes, dtypes and devices are not)
     sizes      next_pow2, pad_dim
     switches   interpreting (the TRITON_INTERPRET test, read as Triton reads it)
@@ -37,6 +37,7 @@ __all__ = [
     "check_vector",
     "check_range",
     "has_values",
+    "to_device",
     "next_pow2",
     "pad_dim",
     "interpreting",
@@ -198,9 +199,30 @@ def has_values(*tensors: torch.Tensor) -> bool:
     where this is True; shape, dtype and device checks always run."""
     if torch.compiler.is_compiling():
         return False
+    return not any(t.device.type == "meta" or _fake(t) for t in tensors)
+
+
+def _fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor  # torch's own class; no public alias exists
 
-    return not any(t.device.type == "meta" or isinstance(t, FakeTensor) for t in tensors)
+    return isinstance(t, FakeTensor)
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)``, except for a tensor without data (meta or fake, or any tensor while a
+    ``FakeTensorMode`` is active), which becomes an empty tensor of its shape and dtype on ``device``:
+    there is nothing to copy, and a fake CPU tensor cannot move to a device the torch build lacks (a
+    CPU-only build planning CUDA shapes under ``FakeTensorMode``, where only factories take the device)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.device.type != "meta" and not _fake(t):
+        try:
+            return t.to(device)
+        except RuntimeError:
+            if not _fake(torch.empty(0)):  # no FakeTensorMode active: a real error
+                raise
+    return torch.empty(t.shape, dtype=t.dtype, device=device)
 
 
 # ============================================================================================ sizes

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .checks import as_int, as_int_list, has_values
+from .checks import as_int, as_int_list, has_values, to_device
 
 __all__ = [
     "PackedMask",
@@ -115,7 +115,7 @@ class BlockTables:
     def to(self, device: torch.device | str) -> BlockTables:
         """The same tables on ``device``."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved.update({k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
+        moved.update({k: to_device(v, device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
         return BlockTables(**moved)
 
     def tile_kinds(self) -> torch.Tensor:
@@ -428,9 +428,14 @@ class PackedMask:
         if device == self.device:
             return self
         out = PackedMask.__new__(PackedMask)
-        ridx = None if self._row_index is None else self._row_index.to(device)  # validated, owned by the copy
+        ridx = None if self._row_index is None else to_device(self._row_index, device)  # validated, owned
         out._init(
-            self._lo.to(device), self._hi.to(device), self._lo_host, self._hi_host, self._sample_lens, ridx
+            to_device(self._lo, device),
+            to_device(self._hi, device),
+            self._lo_host,
+            self._hi_host,
+            self._sample_lens,
+            ridx,
         )
         return out
 
@@ -486,10 +491,13 @@ class PackedMask:
         # keys before the cut seen only by rows after it get an empty interval inside their sample
         hi_h = np.minimum(self._hi_host[:length], length)
         lo_h = np.minimum(self._lo_host[:length], hi_h)
-        hi = torch.clamp(self._hi[:length], max=length)
-        lo = torch.minimum(self._lo[:length], hi)
+        lo_h, hi_h = _host(lo_h), _host(hi_h)
+        # the device vectors from the host ones (one small copy; no device op, so fake tensors and meta
+        # masks take the same path)
+        lo = to_device(torch.from_numpy(lo_h.copy()), self.device)
+        hi = to_device(torch.from_numpy(hi_h.copy()), self.device)
         out = PackedMask.__new__(PackedMask)
-        out._init(lo.contiguous(), hi.contiguous(), _host(lo_h), _host(hi_h), tuple(lens))
+        out._init(lo, hi, lo_h, hi_h, tuple(lens))
         cache[("truncated", length)] = out
         return out
 

@@ -870,9 +870,10 @@ class _PermuteRowsTrusted(torch.autograd.Function):
 def _group_rows(x: Tensor, index: Tensor, backend: str) -> Tensor:
     """``x[index]`` through the Triton gather (or ``index_select``) for an index already validated as a
     permutation (a :class:`GroupedOrder`'s): the cheap checks only, no value check, no host sync.
-    Inside ``torch.compile`` the checked op runs (it is what traces)."""
+    Inside ``torch.compile`` and on meta or fake tensors the registered op runs (it is what traces, and
+    its fake implementation what fake tensors reach); it skips the value check there too."""
     if _permute_backend(x, index, backend) == "triton":
-        if torch.compiler.is_compiling():
+        if not has_values(x, index):  # traced or fake: the registered op (its fake) stands in for the kernels
             return _permute_rows_op(x, index)
         return _PermuteRowsTrusted.apply(x, index.contiguous())
     return x.index_select(0, index)

@@ -262,3 +262,41 @@ def test_numpy_float_eps_is_accepted():
         warnings.simplefilter("error")
         want = mot.mot_rms_norm(x, 2, w, w, eps=float(np.float32(1e-6)))
     assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------ issue 20: no device reads
+def _kernel_step(dev: str, attention: str, mot_backend: str):
+    """Mask from splits, truncation, grouped order, row index, preparation, the MoT permutation and
+    RMSNorm, packed attention, and a backward: everything the model's forward asks of the kernels."""
+    mask = PackedMask.from_splits([6, 5, 4], [2, 4, 5, 4], ["causal", "full", "noise", "causal"], device=dev)
+    T = 11
+    und = torch.tensor([0, 1, 2, 3, 4, 5, 10], device=dev)
+    gen = torch.tensor([6, 7, 8, 9], device=dev)
+    order = mot.grouped_order(und, gen, T)
+    pmask = mask.truncated(T).with_row_index(order)
+    prepare_attention(pmask, torch.device(dev), torch.float32, 16, attention)
+    q = torch.randn(T, 4, 16, device=dev, requires_grad=True)
+    k = torch.randn(T, 2, 16, device=dev, requires_grad=True)
+    x = torch.randn(T, 32, device=dev, requires_grad=True)
+    w = torch.ones(32, device=dev, requires_grad=True)
+    h = mot.mot_rms_norm(
+        mot.group_rows(x, order, backend=mot_backend), order.n_und, w, w, backend=mot_backend
+    )
+    out = packed_attention(q, k, k, pmask, backend=attention)
+    (out.sum() + mot.ungroup_rows(h, order, backend=mot_backend).sum()).backward()
+    return out, q.grad, k.grad, x.grad, w.grad
+
+
+@pytest.mark.parametrize("attention,mot_backend", [("sdpa", "torch"), ("triton", "triton")])
+def test_kernel_side_of_a_forward_runs_under_fake_tensors(attention, mot_backend):
+    """Under FakeTensorMode (shapes, no data) nothing on the kernel side reads a tensor's values: the mask
+    is checked and its tables built from its host copy, value checks skip tensors without data, and the
+    Triton paths run their registered ops' fakes. (On meta tensors too, with the reference backends.)"""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        got = _kernel_step("cpu", attention, mot_backend)
+    assert all(isinstance(t, FakeTensor) for t in got)
+    assert [tuple(t.shape) for t in got] == [(11, 4, 16), (11, 4, 16), (11, 2, 16), (11, 32), (32,)]
+    if attention == "sdpa":
+        assert all(t.device.type == "meta" for t in _kernel_step("meta", attention, mot_backend))
