@@ -576,3 +576,18 @@ def test_records_that_break_the_decoders_are_skipped(tmp_path, tok, cfg):
     bad.write_text(json.dumps({"image": "a.png", "caption": "x"}) + "\n" + deep + "\n")
     with pytest.raises(ValueError, match=r"deep.jsonl:2: not JSON \(RecursionError"):
         convert_folder(bad, tmp_path / "out")
+
+
+def test_restoring_over_a_grown_dataset_is_refused(tmp_path, tok, cfg):
+    """12 rows saved, 16 rows now: the saved positions were restored into a reshuffled epoch."""
+    yp = t2i_dataset(str(tmp_path), n=12)
+    loader = build_loader(data_config(yp), cfg, tok)
+    it = iter(loader)
+    next(it)
+    state = json.loads(json.dumps(loader.state_dict()))
+    t2i_dataset(str(tmp_path), n=16)
+    with pytest.raises(ValueError, match=r"group_records: \[12\] vs \[16\]"):
+        build_loader(data_config(yp), cfg, tok).load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "group_records"}  # older states: no record
+    t2i_dataset(str(tmp_path), n=12)
+    build_loader(data_config(yp), cfg, tok).load_state_dict(legacy)

@@ -546,9 +546,14 @@ class PackLoader:
             "num_workers": s.num_workers,
             "seed": s.seed,
             "groups": [g.name for g in s.specs],
+            "group_records": self._group_records(),
             "next_worker": self._next_worker,
             "workers": {int(w): st for w, st in self._states.items()},
         }
+
+    def _group_records(self) -> list[int]:
+        """Records per group per epoch (all shards): a changed dataset changes them."""
+        return [int(sum(int(x.unit_sizes.sum()) for x in sources)) for sources in self.stream.sources]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         s = self.stream
@@ -561,12 +566,16 @@ class PackLoader:
             "seed": s.seed,
             "groups": [g.name for g in s.specs],
         }
+        if "group_records" in state:  # states saved before it was recorded are taken on trust
+            # rows added to or removed from a dataset reshuffle every shard: the saved positions would
+            # silently point at other records
+            mine["group_records"] = self._group_records()
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             raise ValueError(
                 "the saved data-loader state does not match this loader (saved, now): "
                 + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
-                + "; an exact resume needs the same rank, world size, workers, seed and groups"
+                + "; an exact resume needs the same rank, world size, workers, seed, groups and data"
             )
         workers, next_worker = state.get("workers"), state.get("next_worker")
         if not isinstance(workers, dict):
