@@ -591,3 +591,15 @@ def test_restoring_over_a_grown_dataset_is_refused(tmp_path, tok, cfg):
     legacy = {k: v for k, v in state.items() if k != "group_records"}  # older states: no record
     t2i_dataset(str(tmp_path), n=12)
     build_loader(data_config(yp), cfg, tok).load_state_dict(legacy)
+
+
+def test_dataset_info_shapes_are_named(tmp_path):
+    yp = t2i_dataset(str(tmp_path), info={"t2i_pretrain": ["t2i"]})
+    with pytest.raises(ValueError, match="'t2i_pretrain' must map dataset names to paths, got list"):
+        load_groups(data_config(yp))  # said "no entry for group 't2i_pretrain'" while listing it
+    yp = t2i_dataset(str(tmp_path), info={1: {}, "vlm_sft": {}})
+    with pytest.raises(ValueError, match="no entry for group 't2i_pretrain'"):  # sorted() TypeError
+        load_groups(data_config(yp))
+    yp = t2i_dataset(str(tmp_path), info={"t2i_pretrain": {1: {}, "x": {}}})
+    with pytest.raises(ValueError, match="has no dataset 't2i'"):  # sorted() TypeError
+        load_groups(data_config(yp))

@@ -380,14 +380,20 @@ def load_groups(config: DataConfig) -> list[GroupSpec]:
         ):
             raise ValueError(f"{where}: weight must be a number >= 0, got {weight!r}")
         group_info = info_raw.get(gname)
+        if gname in info_raw and not isinstance(group_info, dict):
+            raise ValueError(
+                f"{info_path}: group {gname!r} must map dataset names to paths, got {type(group_info).__name__}"
+            )
         if not isinstance(group_info, dict):
-            raise ValueError(f"{info_path}: no entry for group {gname!r} (groups there: {sorted(info_raw)})")
+            raise ValueError(
+                f"{info_path}: no entry for group {gname!r} (groups there: {sorted(map(str, info_raw))})"
+            )
         datasets = []
         for n in names:
             d = group_info.get(n)
             if not isinstance(d, dict):
                 raise ValueError(
-                    f"{info_path}: group {gname!r} has no dataset {n!r} (has: {sorted(group_info)})"
+                    f"{info_path}: group {gname!r} has no dataset {n!r} (has: {sorted(map(str, group_info))})"
                 )
             dwhere = f"{info_path}: {gname}/{n}"
             _refuse_unknown(d, _INFO_KEYS, dwhere)
