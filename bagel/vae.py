@@ -972,6 +972,12 @@ def _encode(args: _EncodeArgs) -> int:
     meta = {k: str(v) for k, v in asdict(vae.config).items()}
     meta["sampled"] = str(args.sample)
     meta["skipped"] = str(len(skipped))
-    save_file(out, args.output, metadata=meta)
+    tmp = f"{args.output}.tmp-{os.getpid()}"
+    try:  # written whole, then renamed: an interrupted run never leaves a half file under the name
+        save_file(out, tmp, metadata=meta)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"bagel-encode: {len(out)} latents -> {args.output}", file=sys.stderr)
     return 0

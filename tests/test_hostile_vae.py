@@ -236,3 +236,22 @@ def test_vae_argument_errors_name_the_argument(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         encode_main([str(tmp_path), str(tmp_path / "o.safetensors"), "--tiny-random", "0", "--column", "x"])
     assert e.value.code == 2 and "--column names a parquet column" in capsys.readouterr().err
+
+
+def test_encode_output_is_written_atomically(tmp_path, monkeypatch):
+    """A failure while writing left a partial file under the output name; the old file is kept now."""
+    import safetensors.torch as st
+
+    src = _folder(tmp_path)
+    out = tmp_path / "lat.safetensors"
+    out.write_bytes(b"previous")
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", broken)
+    assert encode_main([str(src), str(out), "--tiny-random", "0"]) == 1
+    assert out.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("lat.")] == ["lat.safetensors"]
