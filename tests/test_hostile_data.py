@@ -222,6 +222,7 @@ def _edit(key, value):
         (_edit("rng", [1, 2, 3]), "rng"),  # was TypeError
         (_edit("pending", [[5, 0, 0]]), "pending"),  # was IndexError
         (_edit("pending", [[0, 0, 10**9]]), "pending"),  # was IndexError
+        (_edit("pending", [[0, 0, 3]] * 10**5), "at most 2"),  # re-read 10**5 copies of one sample
         (_edit("skipped", {"bogus": "x"}), "skipped"),  # was accepted, then broke skip_counts()
         (_edit("packs", "x"), "packs"),  # was a raw int() error
         (lambda s: s.__setitem__("workers", [1]), "workers"),  # was AttributeError

@@ -363,7 +363,9 @@ class ShardPacker:
             or not all(is_int(v) and v >= 0 for v in good)
         ):
             raise ValueError(f"{where}: good must be {n} ints >= 0, got {good!r:.80}")
-        for key, cap in (("buffer", self.config.max_buffer_size), ("pending", None)):
+        # pending holds at most one sample per group (see next_pack); +1 for slack. A huge list would
+        # make the restore re-read that many samples
+        for key, cap in (("buffer", self.config.max_buffer_size), ("pending", n + 1)):
             ids = state[key]
             if not isinstance(ids, (list, tuple)) or (cap is not None and len(ids) > cap):
                 limit = "" if cap is None else f" of at most {cap}"
