@@ -647,3 +647,25 @@ def test_gpu_bf16_auto_backends_match_reference():
         assert rel < 5e-2 or g0.float().norm() < 1e-3 * max(x.float().norm() for x in g_ref.values()), (
             f"{name}: rel L2 {rel:.3e}"
         )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_lm_head_cross_entropy_hook_matches_the_plain_head(stage2_batch, stage2_reference, backend):
+    """``model.ce_loss_fn`` (what bagel-train sets: the chunked linear cross-entropy, which never holds every
+    CE token's logits) gives the per-token CE and every gradient of the plain lm_head + F.cross_entropy."""
+    from bagel_kernels.linear_cross_entropy import lm_head_cross_entropy
+
+    state, out_ref, grads_ref = stage2_reference
+    model = reference_model()
+    model.load_state_dict(state)
+    calls = []
+
+    def ce_loss_fn(head, hidden, labels):
+        calls.append(hidden.shape[0])
+        return lm_head_cross_entropy(head, hidden, labels, reduction="none", chunk_size=7, backend=backend)
+
+    model.ce_loss_fn = ce_loss_fn
+    out, grads = run(model, stage2_batch)
+    assert calls == [out_ref["ce"].shape[0]]  # the hook ran, on every CE row at once (chunked inside)
+    assert_out_close(out, out_ref)
+    assert_grads_close(grads, grads_ref)

@@ -288,6 +288,12 @@ class BagelForUnifiedMultimodal(nn.Module):
         # image: under FSDP2 with one unit per ViT layer every rank must run every unit (each unit's
         # all-gather is a collective). Set by bagel.train.distributed.apply_fsdp2.
         self.vit_stand_in = False
+        # The CE of the training forward: None computes ``F.cross_entropy(lm_head(h), labels)`` on the
+        # full ``[n_ce, V]`` logits; a callable ``ce_loss_fn(lm_head_module, h, labels) -> [n_ce]`` fp32
+        # per-token CE replaces it, e.g. bagel_kernels.linear_cross_entropy.lm_head_cross_entropy, which
+        # never materialises every CE token's logits at once (bagel-train sets it). The head module is
+        # handed over, not its weight, so an adapted or hooked head keeps working.
+        self.ce_loss_fn = None
 
     # the kernel choice; setting it (checked) updates the language model and the ViT
     backend = backend_property(
@@ -607,8 +613,11 @@ class BagelForUnifiedMultimodal(nn.Module):
         """Per-token CE at the CE rows and per-element flow-matching MSE at the MSE rows (None without)."""
         ce = mse = None
         if pack.ce_rows is not None:
-            logits = self.get_output_embeddings()(hidden[pack.ce_rows])
-            ce = F.cross_entropy(logits, pack.labels, reduction="none")
+            head, h = self.get_output_embeddings(), hidden[pack.ce_rows]
+            if self.ce_loss_fn is not None:
+                ce = self.ce_loss_fn(head, h, pack.labels)
+            else:
+                ce = F.cross_entropy(head(h), pack.labels, reduction="none")
         if pack.mse_rows is not None:
             preds = self.model.llm2vae(hidden[pack.mse_rows])
             target = pack.noise - pack.clean  # flow-matching velocity dx_t/dt, from data to noise
