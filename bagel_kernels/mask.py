@@ -46,10 +46,6 @@ TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
 _BIG = np.iinfo(np.int32).max
 
 
-# the coercion checks moved to bagel_kernels.checks; these private aliases stay until bagel/data/packing.py
-# (the data helper's, being edited) has switched to checks.as_int / checks.as_int_list
-_as_int = as_int
-_as_int_list = as_int_list
 _MAX_BLOCK = 1 << 16  # largest tile side block_tables takes (a bigger block only pads the tables)
 
 
