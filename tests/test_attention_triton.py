@@ -568,15 +568,18 @@ def test_bad_inputs_raise_value_error():
 
 @pytest.mark.parametrize("one_hot", [False, True], ids=["uniform", "one-hot"])
 def test_rows_whose_best_score_is_below_minus_1e30(one_hot):
-    """The running max starts at -inf: q = 1e15, k = -q gives scaled scores near -4e30 for every pair
-    (a start at -1e30 returned 0 for these rows); with ``one_hot`` the keys' scores differ by ~1e28, so
-    each row attends to its least negative visible key only. The forward against float64. (Gradients
-    are not compared: at |scores| ~ 1e30 an fp32 log-sum-exp cannot hold log2 of the row sum, one ulp
-    being ~1e23, so no fp32 backward that recomputes P from it is meaningful there.)"""
+    """The running max starts at -inf: q = 2**50, k = -q gives scaled scores of -2**102 (about -5e30)
+    for every pair (a start at -1e30 returned 0 for these rows); with ``one_hot`` the keys' scores differ
+    by ~1e28, so each row attends to its least negative visible key only. The forward against float64.
+    Powers of two make every product and partial sum of ``q . k`` exact in fp32, so the scores of a row
+    are equal whatever order a matmul sums in (with q = 1e15 they differed by an ulp, ~1e23, between the
+    interpreter's BLAS blocks, which turned "uniform" rows one-hot). (Gradients are not compared: at
+    |scores| ~ 1e30 an fp32 log-sum-exp cannot hold log2 of the row sum, one ulp being ~1e23, so no fp32
+    backward that recomputes P from it is meaningful there.)"""
     mask = _mask(random_pack(random.Random(23), 3, text=(1, 30), image=(1, 40)))
     n, d = mask.total_len, 16
-    q = torch.full((n, 2, d), 1e15)
-    k = -torch.full((n, 1, d), 1e15)
+    q = torch.full((n, 2, d), 2.0**50)
+    k = -torch.full((n, 1, d), 2.0**50)
     if one_hot:
         k = k * (1 + 0.01 * torch.rand(n, 1, 1))
     v = torch.randn(n, 1, d)
