@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from bagel.model.backend import FAMILIES, BagelBackendConfig
-from bagel_kernels import PackedMask, mot, packed_attention
+from bagel_kernels import PackedMask, backends, mot, packed_attention
 from bagel_kernels import patch_embed as pe
 from bagel_kernels.attention import ATTENTION
-from bagel_kernels import backends
 from bagel_kernels.dispatch import Backend, Family, Request, families
 
 CPU = torch.device("cpu")
