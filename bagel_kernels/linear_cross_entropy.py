@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import Backend, Family, Request, interpreting
+from .backends import interpreting
+from .dispatch import Backend, Family, Request
 
 __all__ = [
     "linear_cross_entropy",
@@ -103,7 +104,12 @@ LINEAR_CROSS_ENTROPY = Family(
     "linear_cross_entropy",
     {
         "triton": Backend(
-            "triton", devices=("cuda",), dtypes=_KERNEL_DTYPES, interpreted=True, hook=_triton_reasons
+            "triton",
+            devices=("cuda",),
+            dtypes=_KERNEL_DTYPES,
+            interpreted=True,
+            hook=_triton_reasons,
+            compile_specs="bagel_kernels.linear_cross_entropy",
         ),
         "torch": Backend("torch", dtypes=_TORCH_DTYPES),
     },

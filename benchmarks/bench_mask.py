@@ -112,7 +112,7 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def _dense_per_sample(layout, device):
+def dense_per_sample(layout, device):
     """Upstream's nested masks: one float [L, L] per sample, 0 = attend, -inf = masked."""
     out = []
     split_iter = iter(zip(layout.split_lens, layout.attn_modes, strict=True))
@@ -155,7 +155,7 @@ def _methods(layout, device, with_compile: bool) -> list[tuple[str, object]]:
     ]
     if with_compile:
         methods.append(("flex create_block_mask (compiled)", lambda: flex(True)))
-    methods.append(("dense per-sample float masks", lambda: _dense_per_sample(layout, device)))
+    methods.append(("dense per-sample float masks", lambda: dense_per_sample(layout, device)))
     if n <= 16384 or device.type == "cuda":
         methods.append(
             ("dense [N, N] bool", lambda: PackedMask.from_splits(*args3, device=device).to_dense())

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from bench_mask import _dense_per_sample  # noqa: E402
+from bench_mask import dense_per_sample  # noqa: E402
 
 from bagel_kernels import PackedMask, mot, packed_attention  # noqa: E402
 from bagel_kernels.reference import gather_scatter, qwen2_rms_norm  # noqa: E402
@@ -52,7 +52,7 @@ def test_mask_packed(benchmark, layout8k):
 
 @pytest.mark.benchmark(group="mask")
 def test_mask_dense_per_sample(benchmark, layout8k):
-    benchmark(_dense_per_sample, layout8k, torch.device("cpu"))
+    benchmark(dense_per_sample, layout8k, torch.device("cpu"))
 
 
 @pytest.mark.benchmark(group="attention")

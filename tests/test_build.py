@@ -69,10 +69,7 @@ def test_failed_cuda_build_is_recorded(tmp_path):
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(os.path.join(ROOT, name), proj / name)
     shutil.copytree(os.path.join(ROOT, "csrc"), proj / "csrc")
-    # setup.py installs the benchmark scripts as data (bagel-bench without a checkout): they are part of the tree
-    shutil.copytree(
-        os.path.join(ROOT, "benchmarks"), proj / "benchmarks", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    # no benchmarks/ folder: setup.py ships the scripts when they are there and installs without them
     (proj / "bagel_kernels").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
     env.update(

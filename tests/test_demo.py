@@ -4,7 +4,7 @@ import csv
 
 import torch
 
-from bagel.cli.demo import DemoData, _parser, train
+from bagel.cli.demo import DemoData, make_parser, train
 
 
 def test_demo_data_packs_to_the_budget():
@@ -23,7 +23,7 @@ def test_demo_data_packs_to_the_budget():
 
 
 def test_demo_trains_a_few_steps(tmp_path):
-    args = _parser().parse_args(
+    args = make_parser().parse_args(
         ["--steps", "4", "--tokens", "256", "--out", str(tmp_path), "--device", "cpu"]
     )
     result = train(args)
@@ -152,8 +152,8 @@ def test_min_tokens_is_the_largest_sample():
     reached by the largest crops and never exceeded, and packs of exactly min_tokens() always build."""
     from bagel.data.packing import sample_num_tokens
 
-    args = demo._parser().parse_args([])
-    config = demo._demo_config(args)
+    args = demo.make_parser().parse_args([])
+    config = demo.demo_config(args)
     big = demo.DemoData(config, seed=3, side_units=(demo.DEMO_SIDE_UNITS[1],) * 2)
     sizes = [sample_num_tokens(big.sample(), config) for _ in range(40)]
     assert max(sizes) == demo.min_tokens()

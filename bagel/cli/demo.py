@@ -71,7 +71,7 @@ WORDS = (
 )
 
 
-# The demo's model: BagelConfig.tiny with these image settings (see _demo_config).
+# The demo's model: BagelConfig.tiny with these image settings (see demo_config).
 DEMO_VIT_PATCH = 4
 DEMO_VAE = {"z_channels": 4, "downsample": 4}
 DEMO_LATENT_PATCH = 2
@@ -277,7 +277,7 @@ def _plot(path: str, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def _demo_config(args):
+def demo_config(args):
     from bagel import BagelConfig
 
     return BagelConfig.tiny(
@@ -408,7 +408,7 @@ def _build_model(args, world: int, device):
     from bagel import BagelBackendConfig, BagelForUnifiedMultimodal
 
     backend = BagelBackendConfig(attention=args.attention, mot=args.mot, patch_embed=args.patch_embed)
-    model = BagelForUnifiedMultimodal(_demo_config(args), backend=backend).to(device)
+    model = BagelForUnifiedMultimodal(demo_config(args), backend=backend).to(device)
     model.initialize_weights()
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -559,7 +559,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def make_parser() -> argparse.ArgumentParser:
     from bagel_kernels.backends import names  # the registries' names, declared torch-free
 
     p = OneLineParser(prog="bagel-demo", description=__doc__.split("\n\n")[0])
@@ -655,7 +655,7 @@ def check_args(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = _parser()
+    p = make_parser()
     args = p.parse_args(argv)
     try:
         check_args(args)
