@@ -247,6 +247,7 @@ def test_default_chunk_size():
 
 # ============================================================================================ bad input
 def _bad_cases():
+    torch.manual_seed(0)  # collected at import: every pytest-xdist worker must see the same cases
     h, w = torch.randn(4, 8), torch.randn(10, 8)
     y = torch.tensor([1, 2, -100, 9])
     return [
@@ -268,7 +269,10 @@ def _bad_cases():
     ], (h, w, y)
 
 
-@pytest.mark.parametrize("match,override", _bad_cases()[0], ids=lambda x: str(x)[:24])
+_BAD = _bad_cases()[0]
+
+
+@pytest.mark.parametrize("match,override", _BAD, ids=[f"{i}-{m}" for i, (m, _) in enumerate(_BAD)])
 def test_bad_input_raises_value_error(match, override):
     h, w, y = _bad_cases()[1]
     args = dict(hidden=h, weight=w, labels=y, bias=None)
