@@ -83,6 +83,8 @@ from bagel import (  # noqa: E402
     UnderstandingSample,
     pack_samples,
 )
+from bagel.train.metrics import lm_flops as bagel_lm_flops  # noqa: E402  (BAGEL's MFU formula, one copy)
+from bagel.train.metrics import peak_tflops  # noqa: E402
 
 sample_num_tokens = bagel_name("sample_num_tokens")
 
@@ -106,47 +108,6 @@ PUBLISHED = [
     ("official BAGEL (32xH100, published)", 176.9, 0.179),
     ("Megatron-Bridge BAGEL (32xH100, published)", 234.3, 0.237),
 ]
-
-
-def bagel_lm_flops(llm_config, sequence_length: int, sample_lens) -> float:
-    """Training FLOPs (forward + backward) of one pack, counted as upstream BAGEL's training script counts
-    them for its MFU log: ``qwen2_flop_coefficients`` and the ``flops_all_token`` line of
-    ``train/pretrain_unified_navit.py`` in github.com/ByteDance-Seed/Bagel (added by PR #274, "add MFU &
-    gradient accumulation"). Written here from that definition:
-
-        per-token weights  N = L * (3 * H * I  +  H * (Hq*D + 2 * Hkv*D + Hq*D))  +  2 * V * H
-        FLOPs              = 6 * N * sequence_length  +  12 * D * Hq * L * sum(sample_len ** 2)
-
-    (MLP gate/up/down, q/k/v/o projections, embedding and LM head; 6 = 2 forward + 4 backward per
-    weight; the attention term counts every (query, key) pair of a sample as if unmasked, like the
-    upstream log, with ``sample_lens`` as the batch carries them, pad sample included). Only the
-    language model counts: the ViT, connector and flow-matching head are not in the formula. Each
-    token goes through one expert's weights, so the MoT doubling of parameters does not appear."""
-    H = llm_config.hidden_size
-    V = llm_config.vocab_size
-    L = llm_config.num_hidden_layers
-    Hq = llm_config.num_attention_heads
-    Hkv = llm_config.num_key_value_heads
-    I = llm_config.intermediate_size  # noqa: E741
-    D = getattr(llm_config, "head_dim", None) or H // Hq
-    per_token = L * (3 * H * I + H * (2 * Hq * D + 2 * Hkv * D)) + 2 * V * H
-    square = sum(int(n) ** 2 for n in sample_lens)
-    return 6.0 * per_token * float(sequence_length) + 12.0 * D * Hq * L * float(square)
-
-
-def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
-    """Dense bf16 peak per GPU used for MFU: the values upstream BAGEL's script uses (H100/H200/H800
-    989, A100/A800 312), ``override`` when given, None when unknown (no MFU printed)."""
-    if override:
-        return float(override)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).upper()
-    if any(t in name for t in ("H100", "H200", "H800")):
-        return 989.0
-    if any(t in name for t in ("A100", "A800")):
-        return 312.0
-    return None
 
 
 def flops_cells(flops: float, ms: float, peak: float | None) -> tuple[str, str]:
